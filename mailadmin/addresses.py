@@ -1,0 +1,45 @@
+"""Validation and normalisation of domain names and mailbox addresses."""
+
+import re
+
+MAX_DOMAIN_LENGTH = 253  # RFC 1035 section 2.3.4, without the trailing dot
+MAX_LOCAL_PART_LENGTH = 64  # RFC 5321 section 4.5.3.1.1
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+# RFC 5322 dot-atom text: atext characters separated by single dots.
+_LOCAL_PART = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
+
+
+def normalise_domain(name: str) -> str:
+    """Return the lower-case A-label form of ``name`` or raise ValueError saying what is wrong."""
+    candidate = name.strip().rstrip(".").lower()
+    if not candidate:
+        raise ValueError("domain name is empty")
+    try:
+        ascii_name = candidate.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"{name!r} is not a valid internationalised domain name") from None
+    if len(ascii_name) > MAX_DOMAIN_LENGTH:
+        raise ValueError(f"domain name longer than {MAX_DOMAIN_LENGTH} characters")
+    labels = ascii_name.split(".")
+    if len(labels) < 2:
+        raise ValueError(f"{name!r} is not a fully qualified domain name")
+    for label in labels:
+        if not _LABEL.match(label):
+            raise ValueError(f"{name!r} has an invalid label {label!r}")
+    return ascii_name
+
+
+def normalise_address(address: str) -> str:
+    """Return ``local@domain`` lower-cased with an A-label domain, or raise ValueError."""
+    candidate = address.strip()
+    local, at, domain = candidate.rpartition("@")
+    if not at or not local:
+        raise ValueError(f"{address!r} is not an address of the form local@domain")
+    local = local.lower()
+    if len(local) > MAX_LOCAL_PART_LENGTH or not _LOCAL_PART.match(local):
+        raise ValueError(f"{address!r} has an invalid local part")
+    return f"{local}@{normalise_domain(domain)}"
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2]

@@ -1,0 +1,73 @@
+"""Create (or refresh) the demo admin, domain and mailbox that `make run` prints."""
+
+import json
+import secrets
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+
+from mailadmin import store
+from mailadmin.delivery import deliver
+
+DEMO_DOMAIN = "example.test"
+DEMO_ADDRESS = f"demo@{DEMO_DOMAIN}"
+ADMIN_USERNAME = "admin"
+DEMO_MESSAGES = [
+    ("Welcome to mailadmin", "This mailbox was created by `make run`.\nFetch it with any POP3 client.\n"),
+    ("A line starting with a dot", "The next line starts with a dot:\n.hidden\n.\nand the message goes on.\n"),
+    ("Quota", "Every message counts against the mailbox's quota of 100 MiB.\n"),
+]
+
+
+class Command(BaseCommand):
+    help = "Create the demo superuser, domain and mailbox with a few messages, and print credentials."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--http-port", type=int, default=8000)
+
+    def handle(self, *args, http_port: int, **options):
+        credentials = self._credentials()
+        self._ensure_admin(credentials["admin"])
+        self._ensure_mailbox(credentials["mailbox"])
+        self.stdout.write(
+            "\n".join(
+                [
+                    "",
+                    f"  Web admin:  http://127.0.0.1:{http_port}/admin/",
+                    f"              user {ADMIN_USERNAME}, password {credentials['admin']}",
+                    f"  Mailbox:    {DEMO_ADDRESS}, password {credentials['mailbox']}",
+                    f"  TLS files:  {settings.VAR_DIR / 'tls'}/cert.pem, key.pem (self-signed)",
+                    "  POP3 and LMTP listeners are not built yet; see the README.",
+                    "",
+                ]
+            )
+        )
+
+    def _credentials(self) -> dict[str, str]:
+        """Random passwords, made once and kept in var/ so every `make run` prints the same."""
+        path = settings.VAR_DIR / "demo-credentials.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        credentials = {"admin": secrets.token_urlsafe(9), "mailbox": secrets.token_urlsafe(9)}
+        path.write_text(json.dumps(credentials))
+        path.chmod(0o600)
+        return credentials
+
+    def _ensure_admin(self, password: str) -> None:
+        user_model = get_user_model()
+        admin, _ = user_model.objects.get_or_create(username=ADMIN_USERNAME)
+        admin.is_staff = admin.is_superuser = True
+        admin.set_password(password)
+        admin.save()
+
+    def _ensure_mailbox(self, password: str) -> None:
+        try:
+            store.get_mailbox(DEMO_ADDRESS)
+        except store.MailboxNotFound:
+            store.create_mailbox(DEMO_ADDRESS, password=password, quota_bytes=100 * 1024**2, create_domain=True)
+            for subject, body in DEMO_MESSAGES:
+                message = f"From: mailadmin <postmaster@{DEMO_DOMAIN}>\nTo: {DEMO_ADDRESS}\nSubject: {subject}\n\n{body}"
+                deliver([DEMO_ADDRESS], [message.encode()], sender=f"postmaster@{DEMO_DOMAIN}")
+        else:
+            store.set_password(DEMO_ADDRESS, password)

@@ -1,0 +1,207 @@
+"""Turning an incoming byte stream into a stored-message candidate, without holding it in memory.
+
+A message is stored exactly as POP3 will send it before dot-stuffing: every line ends in CRLF
+(bare LF and bare CR become CRLF), and a non-empty message always ends in CRLF. Normalising
+while spooling makes the stored size the exact octet count that LIST and STAT report.
+"""
+
+import email.parser
+import email.policy
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from django.conf import settings
+
+READ_SIZE = 64 * 1024
+SUMMARY_FIELD_LENGTH = 255
+
+
+class MessageTooLarge(Exception):
+    """The message exceeds the configured maximum size; nothing was stored."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        super().__init__(f"message exceeds the maximum size of {limit_bytes} bytes")
+        self.limit_bytes = limit_bytes
+
+
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+
+class CrlfNormaliser:
+    """Incremental line-ending normaliser: feed() pieces, then finish() once.
+
+    A CR at the end of a piece is held back, since it may be the first half of a CRLF split
+    across two reads.
+    """
+
+    def __init__(self) -> None:
+        self._held_cr = False
+        self._ends_with_crlf = True  # vacuously: an empty message stays empty
+        self._empty = True
+
+    def feed(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        if self._held_cr:
+            data = b"\r" + data
+            self._held_cr = False
+        if data.endswith(b"\r"):
+            self._held_cr = True
+            data = data[:-1]
+        if not data:
+            return b""
+        out = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        self._empty = False
+        self._ends_with_crlf = out.endswith(b"\r\n")
+        return out
+
+    def finish(self) -> bytes:
+        if self._held_cr:
+            self._held_cr = False
+            self._empty = False
+            self._ends_with_crlf = True
+            return b"\r\n"
+        if self._empty or self._ends_with_crlf:
+            return b""
+        self._ends_with_crlf = True
+        return b"\r\n"
+
+
+def normalise(data: bytes) -> bytes:
+    """Normalise a whole (small) message at once."""
+    normaliser = CrlfNormaliser()
+    return normaliser.feed(data) + normaliser.finish()
+
+
+class HeaderScanner:
+    """Finds where the header block ends (the first empty line) in normalised pieces."""
+
+    def __init__(self, cache_limit: int) -> None:
+        self._cache_limit = cache_limit
+        self._cached = bytearray()
+        self._seen = 0
+        self._tail = b""
+        self.header_size: int | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self.header_size is not None or not data:
+            return
+        if self._seen == 0 and data.startswith(b"\r\n"):
+            self._finish_at(2, data)
+            return
+        window = self._tail + data
+        position = window.find(b"\r\n\r\n")
+        if position >= 0:
+            self._finish_at(self._seen - len(self._tail) + position + 4, data)
+            return
+        self._cache(data)
+        self._seen += len(data)
+        self._tail = window[-3:]
+
+    def _finish_at(self, header_size: int, data: bytes) -> None:
+        self._cache(data[: header_size - self._seen])
+        self._seen = header_size
+        self.header_size = header_size
+
+    def _cache(self, data: bytes) -> None:
+        room = self._cache_limit - len(self._cached)
+        if room > 0:
+            self._cached += data[:room]
+
+    def result(self, total_size: int) -> tuple[bytes, int]:
+        """(cached header bytes, full header size); a message without an empty line is all header."""
+        header_size = self.header_size if self.header_size is not None else total_size
+        return bytes(self._cached[:header_size]), header_size
+
+
+@dataclass(frozen=True)
+class HeaderSummary:
+    subject: str
+    from_header: str
+
+
+def summarise_headers(header_block: bytes) -> HeaderSummary:
+    """Decoded Subject and From for listings; never raises on malformed input."""
+    try:
+        parsed = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(header_block)
+        subject = str(parsed.get("Subject", "") or "")
+        from_header = str(parsed.get("From", "") or "")
+    except Exception:  # noqa: BLE001 - a summary must never stop a delivery
+        subject = from_header = ""
+    return HeaderSummary(_one_line(subject), _one_line(from_header))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:SUMMARY_FIELD_LENGTH]
+
+
+class SpooledMessage:
+    """A normalised message spooled to memory (up to one chunk) or to a temporary file.
+
+    Use as a context manager; ``chunks()`` may be read any number of times, once per recipient.
+    """
+
+    def __init__(self, spool: BinaryIO, size_bytes: int, headers: bytes, header_size_bytes: int) -> None:
+        self._spool = spool
+        self.size_bytes = size_bytes
+        self.headers = headers
+        self.header_size_bytes = header_size_bytes
+        self.summary = summarise_headers(headers)
+
+    def chunks(self, chunk_size: int) -> Iterator[bytes]:
+        self._spool.seek(0)
+        while piece := self._spool.read(chunk_size):
+            yield piece
+
+    def close(self) -> None:
+        self._spool.close()
+
+    def __enter__(self) -> "SpooledMessage":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _pieces(source: Readable | Iterable[bytes]) -> Iterator[bytes]:
+    if hasattr(source, "read"):
+        while piece := source.read(READ_SIZE):
+            yield piece
+    else:
+        yield from source
+
+
+def spool_message(source: Readable | Iterable[bytes], max_size_bytes: int | None = None) -> SpooledMessage:
+    """Read ``source`` (a binary file or an iterable of bytes) into a normalised spool.
+
+    Raises MessageTooLarge as soon as the normalised size passes ``max_size_bytes`` (default:
+    the MAILADMIN_MAX_MESSAGE_SIZE_BYTES setting); the rest of the source is left unread.
+    """
+    limit = settings.MAILADMIN_MAX_MESSAGE_SIZE_BYTES if max_size_bytes is None else max_size_bytes
+    spool = tempfile.SpooledTemporaryFile(max_size=settings.MAILADMIN_CHUNK_SIZE_BYTES)
+    normaliser = CrlfNormaliser()
+    scanner = HeaderScanner(settings.MAILADMIN_HEADER_CACHE_BYTES)
+    size = 0
+    try:
+        for piece in _pieces(source):
+            size += _write(spool, scanner, normaliser.feed(piece))
+            if size > limit:
+                raise MessageTooLarge(limit)
+        size += _write(spool, scanner, normaliser.finish())
+        if size > limit:
+            raise MessageTooLarge(limit)
+    except BaseException:
+        spool.close()
+        raise
+    headers, header_size = scanner.result(size)
+    return SpooledMessage(spool, size, headers, header_size)
+
+
+def _write(spool: BinaryIO, scanner: HeaderScanner, data: bytes) -> int:
+    if data:
+        scanner.feed(data)
+        spool.write(data)
+    return len(data)

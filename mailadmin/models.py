@@ -1,0 +1,151 @@
+"""Domains, mailboxes and stored messages.
+
+Counters (``used_bytes``, ``used_messages``, ``next_uid``) are written only by
+``mailadmin.store``, always with conditional ``UPDATE`` statements in the same transaction
+as the message rows they count; nothing else should save them.
+"""
+
+import time
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+from django.db.models import Q
+
+from mailadmin.addresses import normalise_domain
+
+
+def _unix_time_now() -> int:
+    return int(time.time())
+
+
+class Domain(models.Model):
+    name = models.CharField(
+        max_length=253, unique=True, help_text="Lower-case; internationalised names are stored as A-labels."
+    )
+    active = models.BooleanField(default=True)
+    quota_bytes = models.BigIntegerField(
+        default=0, help_text="Cap on the total size of all mail in the domain; 0 = unlimited."
+    )
+    used_bytes = models.BigIntegerField(default=0, editable=False)
+    max_mailboxes = models.PositiveIntegerField(default=0, help_text="0 = unlimited.")
+    default_mailbox_quota_bytes = models.BigIntegerField(
+        default=0, help_text="Quota given to new mailboxes when none is named; 0 = unlimited."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(condition=Q(quota_bytes__gte=0), name="domain_quota_not_negative"),
+            models.CheckConstraint(
+                condition=Q(default_mailbox_quota_bytes__gte=0), name="domain_default_quota_not_negative"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        try:
+            self.name = normalise_domain(self.name)
+        except ValueError as error:
+            raise ValidationError({"name": str(error)}) from None
+
+
+class MailboxQuerySet(models.QuerySet):
+    def for_address(self, address: str) -> "MailboxQuerySet":
+        return self.filter(user__username=address.strip().lower())
+
+
+class Mailbox(models.Model):
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="mailbox")
+    domain = models.ForeignKey(Domain, on_delete=models.PROTECT, related_name="mailboxes")
+    active = models.BooleanField(default=True)
+    quota_bytes = models.BigIntegerField(default=0, help_text="0 = unlimited.")
+    quota_messages = models.PositiveIntegerField(default=0, help_text="0 = unlimited.")
+    used_bytes = models.BigIntegerField(default=0, editable=False)
+    used_messages = models.PositiveIntegerField(default=0, editable=False)
+    # UIDs are never reused: the next one comes from this counter, bumped in the delivering
+    # transaction. uid_validity makes UIDLs of a re-created mailbox differ from the old one's.
+    next_uid = models.BigIntegerField(default=1, editable=False)
+    uid_validity = models.BigIntegerField(default=_unix_time_now, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = MailboxQuerySet.as_manager()
+
+    class Meta:
+        verbose_name_plural = "mailboxes"
+        ordering = ["user__username"]
+        constraints = [
+            models.CheckConstraint(condition=Q(quota_bytes__gte=0), name="mailbox_quota_not_negative"),
+            models.CheckConstraint(condition=Q(used_bytes__gte=0), name="mailbox_used_not_negative"),
+        ]
+
+    def __str__(self) -> str:
+        return self.address
+
+    @property
+    def address(self) -> str:
+        return self.user.username
+
+    def usage_percent(self) -> float | None:
+        """Share of the byte quota in use, or None when the mailbox is unlimited."""
+        if not self.quota_bytes:
+            return None
+        return 100.0 * self.used_bytes / self.quota_bytes
+
+
+class MessageQuerySet(models.QuerySet):
+    def for_maildrop(self, mailbox: Mailbox | int) -> "MessageQuerySet":
+        """The mailbox's messages in delivery order: the order POP3 numbers them."""
+        return self.filter(mailbox=mailbox).order_by("id")
+
+
+class Message(models.Model):
+    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="messages")
+    uidl = models.CharField(max_length=70, help_text="POP3 unique-id: 1-70 printable characters, no '/'.")
+    size_bytes = models.BigIntegerField(help_text="Exact octets of the CRLF-normalised message.")
+    received_at = models.DateTimeField()
+    envelope_sender = models.CharField(max_length=320, blank=True)
+    # The header block (through the empty line) when it is at most MAILADMIN_HEADER_CACHE_BYTES;
+    # header_size_bytes is the full header length either way, so TOP knows where the body starts.
+    headers = models.BinaryField(editable=False)
+    header_size_bytes = models.BigIntegerField()
+    subject = models.CharField(max_length=255, blank=True)
+    from_header = models.CharField(max_length=255, blank=True)
+    # Identifies where an imported message came from so a re-run skips it.
+    import_key = models.CharField(max_length=200, null=True, blank=True, editable=False)
+
+    objects = MessageQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["mailbox", "uidl"], name="message_uidl_unique_per_mailbox"),
+            models.UniqueConstraint(
+                fields=["mailbox", "import_key"],
+                condition=Q(import_key__isnull=False),
+                name="message_import_key_unique_per_mailbox",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.uidl} ({self.size_bytes} bytes)"
+
+    @property
+    def headers_complete(self) -> bool:
+        return len(self.headers) == self.header_size_bytes
+
+
+class MessageChunk(models.Model):
+    """One slice of a message body; a message's chunks, in ``seq`` order, are its exact bytes."""
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="chunks")
+    seq = models.PositiveIntegerField()
+    data = models.BinaryField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["message", "seq"], name="chunk_seq_unique")]
+
+    def __str__(self) -> str:
+        return f"chunk {self.seq} of message {self.message_id}"

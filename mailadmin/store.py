@@ -1,0 +1,419 @@
+"""The mail store: the one module that writes mailboxes' messages, chunks and counters.
+
+Invariants kept here (and checked by ``recalculate_quota``):
+
+* a mailbox's ``used_bytes`` / ``used_messages`` equal the sum / count of its messages, and a
+  domain's ``used_bytes`` the sum over its mailboxes, after every committed transaction;
+* quota is charged by one conditional ``UPDATE`` per counter row (``used + size <= quota``) in
+  the same transaction as the message insert, so concurrent deliveries can never overshoot,
+  on PostgreSQL (row locks) and on SQLite (``BEGIN IMMEDIATE``) alike;
+* UIDs come from ``Mailbox.next_uid`` in that same UPDATE, so a UIDL is never reused.
+"""
+
+import secrets
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import get_hasher, identify_hasher
+from django.db import IntegrityError, transaction
+from django.db.models import Count, F, Q, Sum
+from django.utils import timezone
+
+from mailadmin.addresses import domain_of, normalise_address, normalise_domain
+from mailadmin.messagefile import SpooledMessage
+from mailadmin.models import Domain, Mailbox, Message, MessageChunk
+
+# A batch of ids small enough for SQLite's bound-parameter limit.
+ID_BATCH_SIZE = 500
+GENERATED_PASSWORD_BYTES = 18
+
+
+class StoreError(Exception):
+    """A request the store refuses; the message is fit to show an operator as it is."""
+
+
+class DomainNotFound(StoreError):
+    pass
+
+
+class MailboxNotFound(StoreError):
+    pass
+
+
+class AlreadyExists(StoreError):
+    pass
+
+
+class LimitReached(StoreError):
+    pass
+
+
+class OverQuota(StoreError):
+    pass
+
+
+class InvalidInput(StoreError):
+    pass
+
+
+# --- Domains and mailboxes -------------------------------------------------------------------
+
+
+def create_domain(
+    name: str, *, quota_bytes: int = 0, max_mailboxes: int = 0, default_mailbox_quota_bytes: int = 0
+) -> Domain:
+    domain_name = _checked(normalise_domain, name)
+    _require_non_negative(quota_bytes=quota_bytes, default_mailbox_quota_bytes=default_mailbox_quota_bytes)
+    try:
+        with transaction.atomic():
+            return Domain.objects.create(
+                name=domain_name,
+                quota_bytes=quota_bytes,
+                max_mailboxes=max_mailboxes,
+                default_mailbox_quota_bytes=default_mailbox_quota_bytes,
+            )
+    except IntegrityError:
+        raise AlreadyExists(f"domain {domain_name} already exists") from None
+
+
+def get_domain(name: str) -> Domain:
+    domain_name = _checked(normalise_domain, name)
+    try:
+        return Domain.objects.get(name=domain_name)
+    except Domain.DoesNotExist:
+        raise DomainNotFound(f"no such domain: {domain_name}") from None
+
+
+def get_mailbox(address: str) -> Mailbox:
+    normalised = _checked(normalise_address, address)
+    try:
+        return Mailbox.objects.select_related("user", "domain").for_address(normalised).get()
+    except Mailbox.DoesNotExist:
+        raise MailboxNotFound(f"no such mailbox: {normalised}") from None
+
+
+@dataclass(frozen=True)
+class NewMailbox:
+    mailbox: Mailbox
+    generated_password: str | None
+
+
+def create_mailbox(
+    address: str,
+    *,
+    password: str | None = None,
+    password_hash: str | None = None,
+    quota_bytes: int | None = None,
+    quota_messages: int = 0,
+    create_domain: bool = False,
+) -> NewMailbox:
+    """Create the login user and its mailbox.
+
+    With neither ``password`` nor ``password_hash`` a random password is generated and
+    returned once in ``generated_password``. ``quota_bytes=None`` takes the domain's default.
+    """
+    normalised = _checked(normalise_address, address)
+    if password is not None and password_hash is not None:
+        raise InvalidInput("give a password or a password hash, not both")
+    if password_hash is not None:
+        check_password_hash(password_hash)
+    generated = None
+    if password is None and password_hash is None:
+        generated = password = secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
+    if quota_bytes is not None:
+        _require_non_negative(quota_bytes=quota_bytes)
+    with transaction.atomic():
+        domain = _domain_for_new_mailbox(domain_of(normalised), create_domain)
+        user_model = get_user_model()
+        if user_model.objects.filter(username=normalised).exists():
+            raise AlreadyExists(f"mailbox {normalised} already exists")
+        user = user_model(username=normalised, email=normalised)
+        if password_hash is not None:
+            user.password = password_hash
+        else:
+            user.set_password(password)
+        user.save()
+        mailbox = Mailbox.objects.create(
+            user=user,
+            domain=domain,
+            quota_bytes=domain.default_mailbox_quota_bytes if quota_bytes is None else quota_bytes,
+            quota_messages=quota_messages,
+        )
+    return NewMailbox(mailbox, generated)
+
+
+def _domain_for_new_mailbox(domain_name: str, create_missing: bool) -> Domain:
+    """The domain, row-locked so two concurrent creations cannot both take its last slot."""
+    domain = Domain.objects.select_for_update().filter(name=domain_name).first()
+    if domain is None:
+        if not create_missing:
+            raise DomainNotFound(f"no such domain: {domain_name} (create it first, or pass --create-domain)")
+        domain = Domain.objects.create(name=domain_name)
+    if domain.max_mailboxes and domain.mailboxes.count() >= domain.max_mailboxes:
+        raise LimitReached(f"domain {domain_name} already has its maximum of {domain.max_mailboxes} mailboxes")
+    return domain
+
+
+def check_password_hash(password_hash: str) -> None:
+    """Raise InvalidInput unless one of the configured hashers understands ``password_hash``."""
+    try:
+        hasher = identify_hasher(password_hash)
+        get_hasher(hasher.algorithm)
+        hasher.decode(password_hash)
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise InvalidInput("password hash is not in a format the configured hashers accept") from None
+
+
+def set_password(address: str, password: str) -> None:
+    mailbox = get_mailbox(address)
+    mailbox.user.set_password(password)
+    mailbox.user.save(update_fields=["password"])
+
+
+def set_quota(address: str, *, quota_bytes: int) -> Mailbox:
+    _require_non_negative(quota_bytes=quota_bytes)
+    mailbox = get_mailbox(address)
+    Mailbox.objects.filter(pk=mailbox.pk).update(quota_bytes=quota_bytes)
+    mailbox.quota_bytes = quota_bytes
+    return mailbox
+
+
+def set_mailbox_active(address: str, active: bool) -> None:
+    mailbox = get_mailbox(address)
+    Mailbox.objects.filter(pk=mailbox.pk).update(active=active)
+
+
+def delete_mailbox(address: str) -> int:
+    """Delete a mailbox, its login and all its mail; return the number of messages removed."""
+    mailbox = get_mailbox(address)
+    with transaction.atomic():
+        totals = Message.objects.filter(mailbox=mailbox).aggregate(count=Count("id"), size=Sum("size_bytes"))
+        MessageChunk.objects.filter(message__mailbox=mailbox).delete()
+        Message.objects.filter(mailbox=mailbox).only("id").delete()
+        Domain.objects.filter(pk=mailbox.domain_id).update(used_bytes=F("used_bytes") - (totals["size"] or 0))
+        mailbox.delete()
+        get_user_model().objects.filter(pk=mailbox.user_id).delete()
+    return totals["count"]
+
+
+def mailbox_listing(domain_name: str | None = None) -> list[Mailbox]:
+    mailboxes = Mailbox.objects.select_related("user", "domain").order_by("domain__name", "user__username")
+    if domain_name is not None:
+        mailboxes = mailboxes.filter(domain=get_domain(domain_name))
+    return list(mailboxes)
+
+
+# --- Messages --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    message_id: int
+    uidl: str
+    size_bytes: int
+
+
+def format_uidl(uid: int, uid_validity: int) -> str:
+    """Dovecot's default pop3_uidl_format (%08Xu%08Xv), so migrated and new UIDLs look alike."""
+    return f"{uid:08X}{uid_validity:08X}"
+
+
+def append_message(
+    mailbox: Mailbox,
+    message: SpooledMessage,
+    *,
+    prefix: bytes = b"",
+    envelope_sender: str = "",
+    received_at: datetime | None = None,
+    uidl: str | None = None,
+    uid: int | None = None,
+    import_key: str | None = None,
+) -> StoredMessage:
+    """Store ``prefix + message`` in ``mailbox``; raise OverQuota and store nothing if it won't fit.
+
+    ``prefix`` is already-normalised header lines (Return-Path, Delivered-To). Imports pass the
+    ``uidl`` clients already know, and the ``uid`` it was derived from so new UIDs stay above it.
+    Runs in its own transaction, or in the caller's when one is open.
+    """
+    size = len(prefix) + message.size_bytes
+    if uidl is not None:
+        validate_uidl(uidl)
+    with transaction.atomic():
+        next_uid = _charge_quota(mailbox, size, imported_uid=uid)
+        stored = Message.objects.create(
+            mailbox_id=mailbox.pk,
+            uidl=uidl if uidl is not None else format_uidl(next_uid, mailbox.uid_validity),
+            size_bytes=size,
+            received_at=received_at or timezone.now(),
+            envelope_sender=envelope_sender,
+            headers=(prefix + message.headers)[: settings.MAILADMIN_HEADER_CACHE_BYTES],
+            header_size_bytes=len(prefix) + message.header_size_bytes,
+            subject=message.summary.subject,
+            from_header=message.summary.from_header,
+            import_key=import_key,
+        )
+        _write_chunks(stored.pk, _prefixed(prefix, message))
+    return StoredMessage(stored.pk, stored.uidl, size)
+
+
+def _charge_quota(mailbox: Mailbox, size: int, *, imported_uid: int | None) -> int:
+    """Charge one message of ``size`` bytes to the mailbox and its domain; return its UID.
+
+    Each counter moves by a single conditional UPDATE, so the check and the charge are one
+    statement: two deliveries racing for the last bytes cannot both pass.
+    """
+    uid_update = F("next_uid") + 1
+    if imported_uid is not None:
+        # Keep new UIDs above every imported one; Greatest() is not portable to older SQLite.
+        Mailbox.objects.filter(pk=mailbox.pk, next_uid__lte=imported_uid).update(next_uid=imported_uid + 1)
+        uid_update = F("next_uid")
+    fits_mailbox = (Q(quota_bytes=0) | Q(used_bytes__lte=F("quota_bytes") - size)) & (
+        Q(quota_messages=0) | Q(used_messages__lt=F("quota_messages"))
+    )
+    charged = Mailbox.objects.filter(fits_mailbox, pk=mailbox.pk).update(
+        used_bytes=F("used_bytes") + size, used_messages=F("used_messages") + 1, next_uid=uid_update
+    )
+    if not charged:
+        raise OverQuota(f"mailbox {mailbox.address} is over quota")
+    fits_domain = Q(quota_bytes=0) | Q(used_bytes__lte=F("quota_bytes") - size)
+    if not Domain.objects.filter(fits_domain, pk=mailbox.domain_id).update(used_bytes=F("used_bytes") + size):
+        raise OverQuota(f"domain of {mailbox.address} is over quota")
+    if imported_uid is not None:
+        return imported_uid
+    return Mailbox.objects.filter(pk=mailbox.pk).values_list("next_uid", flat=True).get() - 1
+
+
+def _prefixed(prefix: bytes, message: SpooledMessage) -> Iterator[bytes]:
+    if prefix:
+        yield prefix
+    yield from message.chunks(settings.MAILADMIN_CHUNK_SIZE_BYTES)
+
+
+def _write_chunks(message_id: int, pieces: Iterable[bytes]) -> None:
+    """Re-cut ``pieces`` into chunk rows of exactly the configured size (the last may be shorter)."""
+    chunk_size = settings.MAILADMIN_CHUNK_SIZE_BYTES
+    buffer = bytearray()
+    seq = 0
+    for piece in pieces:
+        buffer += piece
+        while len(buffer) >= chunk_size:
+            MessageChunk.objects.create(message_id=message_id, seq=seq, data=bytes(buffer[:chunk_size]))
+            del buffer[:chunk_size]
+            seq += 1
+    if buffer:
+        MessageChunk.objects.create(message_id=message_id, seq=seq, data=bytes(buffer))
+
+
+def validate_uidl(uidl: str) -> None:
+    """RFC 1939 section 7: 1-70 characters in the range 0x21-0x7E; we also forbid '/'."""
+    if not 1 <= len(uidl) <= 70 or any(not 0x21 <= ord(c) <= 0x7E or c == "/" for c in uidl):
+        raise InvalidInput(f"invalid UIDL {uidl!r}: 1-70 printable characters without '/'")
+
+
+def iter_message_bytes(message_id: int) -> Iterator[bytes]:
+    """Yield a message's bytes chunk by chunk, one row in memory at a time."""
+    seq = 0
+    while True:
+        rows = list(MessageChunk.objects.filter(message_id=message_id, seq=seq).values_list("data", flat=True))
+        if not rows:
+            return
+        yield bytes(rows[0])
+        seq += 1
+
+
+def delete_messages(mailbox: Mailbox, message_ids: Iterable[int]) -> tuple[int, int]:
+    """Delete messages of one mailbox and release their quota; return (count, bytes).
+
+    Ids that are already gone (or belong to another mailbox) are skipped, so a retried commit
+    is harmless. Runs in its own transaction, or in the caller's when one is open.
+    """
+    ids = list(message_ids)
+    count = size = 0
+    with transaction.atomic():
+        for start in range(0, len(ids), ID_BATCH_SIZE):
+            batch = Message.objects.filter(mailbox_id=mailbox.pk, pk__in=ids[start : start + ID_BATCH_SIZE])
+            totals = batch.aggregate(count=Count("id"), size=Sum("size_bytes"))
+            MessageChunk.objects.filter(message__in=batch.values("pk")).delete()
+            batch.only("id").delete()
+            count += totals["count"]
+            size += totals["size"] or 0
+        if count:
+            Mailbox.objects.filter(pk=mailbox.pk).update(
+                used_bytes=F("used_bytes") - size, used_messages=F("used_messages") - count
+            )
+            Domain.objects.filter(pk=mailbox.domain_id).update(used_bytes=F("used_bytes") - size)
+    return count, size
+
+
+# --- Quota recalculation ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Drift:
+    """A counter that disagreed with the stored messages, and the value it was corrected to."""
+
+    subject: str
+    counter: str
+    recorded: int
+    actual: int
+
+
+def recalculate_quota(address: str | None = None) -> list[Drift]:
+    """Recompute usage counters from the messages, correct them, and report what drifted."""
+    if address is not None:
+        mailboxes = [get_mailbox(address)]
+    else:
+        mailboxes = list(Mailbox.objects.select_related("user", "domain"))
+    drifts: list[Drift] = []
+    for mailbox in mailboxes:
+        drifts += _recalculate_mailbox(mailbox.pk)
+    domain_ids = {mailbox.domain_id for mailbox in mailboxes}
+    if address is None:
+        domain_ids |= set(Domain.objects.values_list("pk", flat=True))
+    for domain_id in sorted(domain_ids):
+        drifts += _recalculate_domain(domain_id)
+    return drifts
+
+
+def _recalculate_mailbox(mailbox_id: int) -> list[Drift]:
+    with transaction.atomic():
+        mailbox = Mailbox.objects.select_for_update().select_related("user").get(pk=mailbox_id)
+        totals = Message.objects.filter(mailbox_id=mailbox_id).aggregate(count=Count("id"), size=Sum("size_bytes"))
+        actual = {"used_bytes": totals["size"] or 0, "used_messages": totals["count"]}
+        drifts = [
+            Drift(mailbox.address, counter, getattr(mailbox, counter), value)
+            for counter, value in actual.items()
+            if getattr(mailbox, counter) != value
+        ]
+        if drifts:
+            Mailbox.objects.filter(pk=mailbox_id).update(**actual)
+    return drifts
+
+
+def _recalculate_domain(domain_id: int) -> list[Drift]:
+    with transaction.atomic():
+        domain = Domain.objects.select_for_update().get(pk=domain_id)
+        actual = Message.objects.filter(mailbox__domain_id=domain_id).aggregate(size=Sum("size_bytes"))["size"] or 0
+        if domain.used_bytes == actual:
+            return []
+        Domain.objects.filter(pk=domain_id).update(used_bytes=actual)
+    return [Drift(domain.name, "used_bytes", domain.used_bytes, actual)]
+
+
+# --- Helpers ---------------------------------------------------------------------------------
+
+
+def _checked(normalise, value: str) -> str:
+    try:
+        return normalise(value)
+    except ValueError as error:
+        raise InvalidInput(str(error)) from None
+
+
+def _require_non_negative(**values: int) -> None:
+    for name, value in values.items():
+        if value < 0:
+            raise InvalidInput(f"{name.replace('_', ' ')} must not be negative")

@@ -1,0 +1,52 @@
+"""Shared fixtures: mailboxes made through the store, and a URL for worker processes."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from mailadmin import store
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def make_mailbox(db):
+    """Create a mailbox (and its domain when missing) through the store."""
+
+    def make(address: str = "alice@example.test", *, quota_bytes: int = 0, **options):
+        return store.create_mailbox(
+            address, password="correct horse", quota_bytes=quota_bytes, create_domain=True, **options
+        ).mailbox
+
+    return make
+
+
+def database_url() -> str:
+    """A DATABASE_URL naming the database this test runs against, for child processes."""
+    settings = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{settings['NAME']}"
+    user = settings.get("USER") or ""
+    password = f":{settings['PASSWORD']}" if settings.get("PASSWORD") else ""
+    credentials = f"{user}{password}@" if user else ""
+    return f"postgres://{credentials}{settings.get('HOST') or ''}:{settings.get('PORT') or 5432}/{settings['NAME']}"
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    return {**os.environ, "DATABASE_URL": database_url(), "DEBUG": "1", **extra}
+
+
+def run_manage(*args: str, input: bytes = b"", **extra_env: str) -> subprocess.CompletedProcess:
+    """Run ``manage.py`` in a real child process against the test database."""
+    return subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "manage.py"), *args],
+        input=input,
+        capture_output=True,
+        env=child_environment(**extra_env),
+        cwd=PROJECT_DIR,
+        timeout=120,
+    )

@@ -1,0 +1,196 @@
+"""Store and delivery rules: exact sizes, CRLF, UIDLs, counters, quota."""
+
+import pytest
+from django.db.models import Sum
+
+from mailadmin import store
+from mailadmin.delivery import DeliveryStatus, deliver, trace_headers
+from mailadmin.messagefile import normalise, spool_message
+from mailadmin.models import Domain, Mailbox, Message, MessageChunk
+
+pytestmark = pytest.mark.django_db
+
+
+def stored_bytes(message_id: int) -> bytes:
+    return b"".join(store.iter_message_bytes(message_id))
+
+
+def assert_counters_exact(mailbox: Mailbox) -> None:
+    mailbox.refresh_from_db()
+    totals = Message.objects.filter(mailbox=mailbox).aggregate(size=Sum("size_bytes"))
+    assert mailbox.used_bytes == (totals["size"] or 0)
+    assert mailbox.used_messages == Message.objects.filter(mailbox=mailbox).count()
+    domain_total = Message.objects.filter(mailbox__domain=mailbox.domain).aggregate(size=Sum("size_bytes"))
+    assert Domain.objects.get(pk=mailbox.domain_id).used_bytes == (domain_total["size"] or 0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalised"),
+    [
+        (b"a\nb\n", b"a\r\nb\r\n"),
+        (b"a\r\nb\r\n", b"a\r\nb\r\n"),
+        (b"a\rb\r", b"a\r\nb\r\n"),
+        (b"a\r\n\nb", b"a\r\n\r\nb\r\n"),
+        (b"no final newline", b"no final newline\r\n"),
+        (b"", b""),
+    ],
+)
+def test_line_endings_are_normalised_to_crlf(raw, normalised):
+    assert normalise(raw) == normalised
+
+
+def test_normaliser_handles_crlf_split_across_reads():
+    pieces = [b"Subject: x\r", b"\n\r", b"\nbody\r", b"", b"\n"]
+    with spool_message(pieces) as spooled:
+        assert b"".join(spooled.chunks(4)) == b"Subject: x\r\n\r\nbody\r\n"
+        assert spooled.header_size_bytes == len(b"Subject: x\r\n\r\n")
+
+
+def test_delivery_stores_exact_crlf_bytes_with_trace_headers(make_mailbox):
+    mailbox = make_mailbox("bob@example.test")
+    [result] = deliver(["Bob@Example.TEST"], [b"Subject: hi\nFrom: a@b.test\n\nline\n.\nend"], sender="a@b.test")
+    assert result.status is DeliveryStatus.DELIVERED
+    message = Message.objects.get(mailbox=mailbox)
+    expected = (
+        b"Return-Path: <a@b.test>\r\nDelivered-To: bob@example.test\r\n"
+        b"Subject: hi\r\nFrom: a@b.test\r\n\r\nline\r\n.\r\nend\r\n"
+    )
+    assert stored_bytes(message.pk) == expected
+    assert message.size_bytes == len(expected) == 102
+    assert message.uidl == result.uidl
+    assert message.subject == "hi"
+    assert message.from_header == "a@b.test"
+    assert bytes(message.headers) == expected[: expected.index(b"\r\n\r\n") + 4]
+    assert message.header_size_bytes == 88
+    assert_counters_exact(mailbox)
+
+
+def test_trace_headers_cannot_inject_lines():
+    assert trace_headers("evil\r\nX-Injected: 1", "bob@example.test") == (
+        b"Return-Path: <evilX-Injected:1>\r\nDelivered-To: bob@example.test\r\n"
+    )
+
+
+def test_large_message_is_cut_into_chunks_of_the_configured_size(make_mailbox, settings):
+    settings.MAILADMIN_CHUNK_SIZE_BYTES = 1000
+    mailbox = make_mailbox()
+    body = b"".join(b"line %05d\r\n" % n for n in range(500))
+    [result] = deliver([mailbox.address], [body])
+    message = Message.objects.get(uidl=result.uidl)
+    sizes = list(MessageChunk.objects.filter(message=message).order_by("seq").values_list("data", flat=True))
+    assert [len(chunk) for chunk in sizes[:-1]] == [1000] * (len(sizes) - 1)
+    assert stored_bytes(message.pk).endswith(body)
+    assert message.size_bytes == len(body) + len(trace_headers("", mailbox.address))
+
+
+def test_uidls_are_unique_and_never_reused_after_deletion(make_mailbox):
+    mailbox = make_mailbox()
+    first = [deliver([mailbox.address], [b"m%d\r\n" % n])[0].uidl for n in range(3)]
+    store.delete_messages(mailbox, Message.objects.filter(mailbox=mailbox).values_list("pk", flat=True))
+    later = deliver([mailbox.address], [b"again\r\n"])[0].uidl
+    mailbox.refresh_from_db()
+    assert len(set(first)) == 3
+    assert later not in first
+    assert later == store.format_uidl(4, mailbox.uid_validity)
+    assert first[0] == store.format_uidl(1, mailbox.uid_validity)
+    assert_counters_exact(mailbox)
+
+
+def test_counters_track_every_delivery_and_deletion(make_mailbox):
+    mailbox = make_mailbox()
+    for size in (10, 200, 3000):
+        deliver([mailbox.address], [b"x" * size])
+        assert_counters_exact(mailbox)
+    ids = list(Message.objects.for_maildrop(mailbox).values_list("pk", flat=True))
+    assert store.delete_messages(mailbox, ids[:2]) == (2, 10 + 200 + 2 * len(trace_headers("", mailbox.address)) + 4)
+    assert_counters_exact(mailbox)
+    assert store.delete_messages(mailbox, ids[:2]) == (0, 0)
+    assert MessageChunk.objects.filter(message_id__in=ids[:2]).count() == 0
+    assert_counters_exact(mailbox)
+
+
+def test_mailbox_quota_refuses_the_message_that_would_not_fit(make_mailbox):
+    overhead = len(trace_headers("", "q@example.test"))
+    mailbox = make_mailbox("q@example.test", quota_bytes=2 * (overhead + 100))
+    results = [deliver([mailbox.address], [b"y" * 98])[0].status for _ in range(3)]
+    assert results == [DeliveryStatus.DELIVERED, DeliveryStatus.DELIVERED, DeliveryStatus.OVER_QUOTA]
+    mailbox.refresh_from_db()
+    assert mailbox.used_bytes == mailbox.quota_bytes
+    assert Message.objects.filter(mailbox=mailbox).count() == 2
+    assert_counters_exact(mailbox)
+
+
+def test_message_count_quota(make_mailbox):
+    mailbox = make_mailbox(quota_messages=1)
+    assert [deliver([mailbox.address], [b"a"])[0].status for _ in range(2)] == [
+        DeliveryStatus.DELIVERED,
+        DeliveryStatus.OVER_QUOTA,
+    ]
+
+
+def test_domain_quota_caps_total_usage_across_mailboxes(make_mailbox):
+    a = make_mailbox("a@cap.test")
+    b = make_mailbox("b@cap.test")
+    Domain.objects.filter(name="cap.test").update(quota_bytes=300)
+    assert deliver([a.address], [b"x" * 200])[0].status is DeliveryStatus.DELIVERED
+    assert deliver([b.address], [b"x" * 200])[0].status is DeliveryStatus.OVER_QUOTA
+    assert Message.objects.filter(mailbox=b).count() == 0
+    assert_counters_exact(b)
+    assert_counters_exact(a)
+
+
+def test_per_recipient_results(make_mailbox):
+    good = make_mailbox("good@example.test")
+    off = make_mailbox("off@example.test")
+    store.set_mailbox_active(off.address, False)
+    full = make_mailbox("full@example.test", quota_bytes=10)
+    results = deliver(["good@example.test", "nobody@example.test", "off@example.test", full.address, "bad"], [b"hi"])
+    assert [r.status for r in results] == [
+        DeliveryStatus.DELIVERED,
+        DeliveryStatus.NO_SUCH_MAILBOX,
+        DeliveryStatus.MAILBOX_INACTIVE,
+        DeliveryStatus.OVER_QUOTA,
+        DeliveryStatus.NO_SUCH_MAILBOX,
+    ]
+    assert Message.objects.filter(mailbox=good).count() == 1
+
+
+def test_all_or_none_stores_nothing_when_one_recipient_fails(make_mailbox):
+    good = make_mailbox("good@example.test")
+    results = deliver([good.address, "nobody@example.test"], [b"hi"], all_or_none=True)
+    assert [r.status for r in results] == [DeliveryStatus.NOT_ATTEMPTED, DeliveryStatus.NO_SUCH_MAILBOX]
+    assert Message.objects.count() == 0
+    assert_counters_exact(good)
+
+
+def test_message_too_large_is_refused_for_every_recipient(make_mailbox, settings):
+    settings.MAILADMIN_MAX_MESSAGE_SIZE_BYTES = 1000
+    mailbox = make_mailbox()
+    results = deliver([mailbox.address, mailbox.address], [b"z" * 999, b"\n"])
+    assert [r.status for r in results] == [DeliveryStatus.TOO_LARGE] * 2
+    assert deliver([mailbox.address], [b"z" * 998])[0].status is DeliveryStatus.DELIVERED
+
+
+def test_deleting_a_mailbox_releases_domain_usage(make_mailbox):
+    a = make_mailbox("a@example.test")
+    b = make_mailbox("b@example.test")
+    deliver([a.address], [b"x" * 100])
+    deliver([b.address], [b"x" * 50])
+    assert store.delete_mailbox(a.address) == 1
+    assert Message.objects.count() == 1
+    assert_counters_exact(b)
+
+
+def test_recalculate_quota_reports_and_fixes_drift(make_mailbox):
+    mailbox = make_mailbox()
+    deliver([mailbox.address], [b"x" * 100])
+    Mailbox.objects.filter(pk=mailbox.pk).update(used_bytes=7, used_messages=9)
+    drifts = store.recalculate_quota(mailbox.address)
+    mailbox.refresh_from_db()
+    size = Message.objects.get().size_bytes
+    assert [(d.subject, d.counter, d.recorded, d.actual) for d in drifts] == [
+        ("alice@example.test", "used_bytes", 7, size),
+        ("alice@example.test", "used_messages", 9, 1),
+    ]
+    assert store.recalculate_quota() == []
+    assert_counters_exact(mailbox)
