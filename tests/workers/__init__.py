@@ -1,0 +1,1 @@
+"""Scripts the tests run as separate processes (``python -m tests.workers.NAME``)."""
