@@ -1,4 +1,5 @@
 # Entry points: `make run` (demo on a fresh machine) and `make test` (the whole suite).
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -29,10 +30,7 @@ $(TLS_DIR)/cert.pem:
 run: install $(TLS_DIR)/cert.pem
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py setupdemo --http-port $(HTTP_PORT)
-	@# One process group: Ctrl-C (or any child exiting) stops them all.
-	trap 'kill 0' INT TERM EXIT; \
-	$(VENV)/bin/daphne -b 127.0.0.1 -p $(HTTP_PORT) mailadmin.asgi:application & \
-	wait -n
+	$(PY) manage.py runall --http-port $(HTTP_PORT)
 
 test: install test-only
 

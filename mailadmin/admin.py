@@ -108,6 +108,13 @@ class MailboxAdmin(admin.ModelAdmin):
         obj.pk, obj.user, obj.domain = created.mailbox.pk, created.mailbox.user, created.mailbox.domain
         obj._state.adding = False
 
+    def get_deleted_objects(self, objs, request: HttpRequest):
+        """Summarise each mailbox's mail instead of listing (and permission-checking) every message."""
+        mailboxes = list(objs)
+        summary = [f"{mailbox}: {mailbox.used_messages} messages, {format_size(mailbox.used_bytes)}" for mailbox in mailboxes]
+        model_count = {"mailboxes": len(mailboxes), "messages": sum(m.used_messages for m in mailboxes)}
+        return summary, model_count, set(), []
+
     def delete_model(self, request: HttpRequest, obj: Mailbox) -> None:
         store.delete_mailbox(obj.address)
 

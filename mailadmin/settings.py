@@ -161,6 +161,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)
 # Serve the admin's assets straight from the apps in development; run collectstatic otherwise.
 WHITENOISE_USE_FINDERS = DEBUG
 
