@@ -18,6 +18,8 @@ from datetime import datetime
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import get_hasher, identify_hasher
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 from django.db.backends.utils import CursorWrapper
 from django.db.models import Count, F, Q, Sum
@@ -29,6 +31,8 @@ from mailadmin.models import Domain, Mailbox, Message, MessageChunk
 
 # A batch of ids small enough for SQLite's bound-parameter limit.
 ID_BATCH_SIZE = 500
+MAX_BIGINT = 2**63 - 1
+MAX_INT32 = 2**31 - 1  # PositiveIntegerField on PostgreSQL
 GENERATED_PASSWORD_BYTES = 18
 
 
@@ -67,7 +71,8 @@ def create_domain(
     name: str, *, quota_bytes: int = 0, max_mailboxes: int = 0, default_mailbox_quota_bytes: int = 0
 ) -> Domain:
     domain_name = _checked(normalise_domain, name)
-    _require_non_negative(quota_bytes=quota_bytes, default_mailbox_quota_bytes=default_mailbox_quota_bytes)
+    _require_in_range(quota_bytes=quota_bytes, default_mailbox_quota_bytes=default_mailbox_quota_bytes)
+    _require_in_range(MAX_INT32, max_mailboxes=max_mailboxes)
     try:
         with transaction.atomic():
             return Domain.objects.create(
@@ -125,7 +130,10 @@ def create_mailbox(
     if password is None and password_hash is None:
         generated = password = secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
     if quota_bytes is not None:
-        _require_non_negative(quota_bytes=quota_bytes)
+        _require_in_range(quota_bytes=quota_bytes)
+    _require_in_range(MAX_INT32, quota_messages=quota_messages)
+    if password is not None:
+        _validate_password(password, normalised)
     with transaction.atomic():
         domain = _domain_for_new_mailbox(domain_of(normalised), create_domain)
         user_model = get_user_model()
@@ -170,12 +178,13 @@ def check_password_hash(password_hash: str) -> None:
 
 def set_password(address: str, password: str) -> None:
     mailbox = get_mailbox(address)
+    _validate_password(password, mailbox.address)
     mailbox.user.set_password(password)
     mailbox.user.save(update_fields=["password"])
 
 
 def set_quota(address: str, *, quota_bytes: int) -> Mailbox:
-    _require_non_negative(quota_bytes=quota_bytes)
+    _require_in_range(quota_bytes=quota_bytes)
     mailbox = get_mailbox(address)
     Mailbox.objects.filter(pk=mailbox.pk).update(quota_bytes=quota_bytes)
     mailbox.quota_bytes = quota_bytes
@@ -432,7 +441,54 @@ def _checked(normalise, value: str) -> str:
         raise InvalidInput(str(error)) from None
 
 
-def _require_non_negative(**values: int) -> None:
+def _require_in_range(maximum: int = MAX_BIGINT, **values: int) -> None:
     for name, value in values.items():
-        if value < 0:
-            raise InvalidInput(f"{name.replace('_', ' ')} must not be negative")
+        if not 0 <= value <= maximum:
+            raise InvalidInput(f"{name.replace('_', ' ')} must be between 0 and {maximum}")
+
+
+def _validate_password(password: str, address: str) -> None:
+    """The configured AUTH_PASSWORD_VALIDATORS, for passwords an operator chooses."""
+    user = get_user_model()(username=address, email=address)
+    try:
+        validate_password(password, user)
+    except ValidationError as error:
+        raise InvalidInput("password rejected: " + " ".join(error.messages)) from None
+
+
+# --- Import and export -----------------------------------------------------------------------
+
+
+def existing_import_markers(mailbox: Mailbox) -> tuple[set[str], set[str]]:
+    """(UIDLs, import keys) already in ``mailbox``: what a re-run import must skip."""
+    uidls: set[str] = set()
+    import_keys: set[str] = set()
+    rows = Message.objects.filter(mailbox_id=mailbox.pk).values_list("uidl", "import_key")
+    for uidl, import_key in rows.iterator():
+        uidls.add(uidl)
+        if import_key is not None:
+            import_keys.add(import_key)
+    return uidls, import_keys
+
+
+@dataclass(frozen=True)
+class ExportEntry:
+    message_id: int
+    size_bytes: int
+    envelope_sender: str
+    received_at: datetime
+
+
+def iter_mailbox_messages_for_export(mailbox: Mailbox) -> Iterator[ExportEntry]:
+    """The mailbox's messages in delivery order, read in batches so no cursor stays open.
+
+    Read the bytes with ``iter_message_bytes``; a message deleted meanwhile yields fewer than
+    ``size_bytes``, which is how an exporter tells it was removed mid-read.
+    """
+    last_id = 0
+    fields = ("pk", "size_bytes", "envelope_sender", "received_at")
+    while batch := list(
+        Message.objects.for_maildrop(mailbox).filter(pk__gt=last_id).values_list(*fields)[:ID_BATCH_SIZE]
+    ):
+        yield from (ExportEntry(*row) for row in batch)
+        last_id = batch[-1][0]

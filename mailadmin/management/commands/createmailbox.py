@@ -1,0 +1,58 @@
+"""``createmailbox ADDRESS``: add a mailbox and its login."""
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from mailadmin import store
+from mailadmin.management.commandutils import count, quota_text, read_password, size, store_errors
+
+
+class Command(BaseCommand):
+    help = "Create a mailbox. Without --password-stdin a random password is generated and printed once."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "address", metavar="ADDRESS", help="Mailbox address, local@domain; it is also the POP3 login."
+        )
+        parser.add_argument(
+            "--quota",
+            type=size,
+            metavar="SIZE",
+            help="Byte quota, e.g. 500M; 0 = unlimited (default: the domain's).",
+        )
+        parser.add_argument(
+            "--quota-messages",
+            type=count,
+            metavar="N",
+            default=0,
+            help="Most messages kept (default: unlimited).",
+        )
+        parser.add_argument(
+            "--password-stdin", action="store_true", help="Read the password from the first line of stdin."
+        )
+        parser.add_argument(
+            "--create-domain", action="store_true", help="Create the domain first if it is missing."
+        )
+
+    def handle(
+        self,
+        *args,
+        address: str,
+        quota: int | None,
+        quota_messages: int,
+        password_stdin: bool,
+        create_domain: bool,
+        **options,
+    ) -> None:
+        password = read_password() if password_stdin else None
+        with store_errors():
+            created = store.create_mailbox(
+                address,
+                password=password,
+                quota_bytes=quota,
+                quota_messages=quota_messages,
+                create_domain=create_domain,
+            )
+        mailbox = created.mailbox
+        self.stdout.write(f"created mailbox {mailbox.address} (quota {quota_text(mailbox.quota_bytes)})")
+        if created.generated_password is not None:
+            self.stdout.write(f"password: {created.generated_password}")

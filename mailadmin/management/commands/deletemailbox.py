@@ -1,0 +1,32 @@
+"""``deletemailbox ADDRESS``: remove a mailbox, its login and all its mail."""
+
+import sys
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from mailadmin import store
+from mailadmin.management.commandutils import store_errors
+
+
+class Command(BaseCommand):
+    help = "Delete a mailbox, its login and all its messages."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("address", metavar="ADDRESS", help="Mailbox address.")
+        parser.add_argument("--no-input", action="store_true", help="Delete without asking for confirmation.")
+
+    def handle(self, *args, address: str, no_input: bool, **options) -> None:
+        with store_errors():
+            mailbox = store.get_mailbox(address)
+            if not no_input:
+                self._confirm(mailbox.address, mailbox.used_messages)
+            removed = store.delete_mailbox(mailbox.address)
+        self.stdout.write(f"deleted mailbox {mailbox.address} and {removed} messages")
+
+    def _confirm(self, address: str, messages: int) -> None:
+        if not sys.stdin.isatty():
+            raise CommandError("stdin is not a terminal, so nobody can confirm: pass --no-input to delete")
+        self.stdout.write(f"Delete mailbox {address} and its {messages} messages? [y/N] ", ending="")
+        self.stdout.flush()
+        if input().strip().lower() != "y":
+            raise CommandError("aborted: nothing deleted")

@@ -1,0 +1,45 @@
+"""``listmailboxes``: a table of mailboxes with their usage."""
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from mailadmin import store
+from mailadmin.management.commandutils import quota_text, store_errors
+from mailadmin.models import Mailbox
+from mailadmin.units import format_size
+
+HEADER = ("address", "active", "messages", "used", "quota", "percent")
+# Text columns read best left-aligned, numbers right-aligned.
+LEFT_ALIGNED = {"address", "active"}
+
+
+class Command(BaseCommand):
+    help = "List mailboxes with their message count, usage and quota."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--domain", metavar="NAME", help="Only list mailboxes of this domain.")
+
+    def handle(self, *args, domain: str | None, **options) -> None:
+        with store_errors():
+            mailboxes = store.mailbox_listing(domain)
+        rows = [HEADER, *(_row(mailbox) for mailbox in mailboxes)]
+        widths = [max(len(row[column]) for row in rows) for column in range(len(HEADER))]
+        for row in rows:
+            cells = [_align(name, cell, width) for name, cell, width in zip(HEADER, row, widths, strict=True)]
+            self.stdout.write("  ".join(cells).rstrip())
+        self.stdout.write(f"{len(mailboxes)} mailbox{'' if len(mailboxes) == 1 else 'es'}")
+
+
+def _row(mailbox: Mailbox) -> tuple[str, ...]:
+    percent = mailbox.usage_percent()
+    return (
+        mailbox.address,
+        "yes" if mailbox.active else "no",
+        str(mailbox.used_messages),
+        format_size(mailbox.used_bytes),
+        quota_text(mailbox.quota_bytes),
+        "-" if percent is None else f"{int(percent)}%",  # rounded down: 100% means full
+    )
+
+
+def _align(column: str, cell: str, width: int) -> str:
+    return cell.ljust(width) if column in LEFT_ALIGNED else cell.rjust(width)

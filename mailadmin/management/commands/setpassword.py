@@ -1,0 +1,29 @@
+"""``setpassword ADDRESS --password-stdin``: replace a mailbox's password."""
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from mailadmin import store
+from mailadmin.management.commandutils import read_password, store_errors
+
+
+class Command(BaseCommand):
+    help = "Set a mailbox's password, read from stdin."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("address", metavar="ADDRESS", help="Mailbox address.")
+        parser.add_argument(
+            "--password-stdin",
+            action="store_true",
+            help="Read the new password from the first line of stdin (required).",
+        )
+
+    def handle(self, *args, address: str, password_stdin: bool, **options) -> None:
+        if not password_stdin:
+            raise CommandError(
+                "pass --password-stdin and give the password on stdin "
+                "(a password on the command line would show in ps and shell history)"
+            )
+        with store_errors():
+            mailbox = store.get_mailbox(address)
+            store.set_password(mailbox.address, read_password())
+        self.stdout.write(f"password changed for {mailbox.address}")

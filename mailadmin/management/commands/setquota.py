@@ -1,0 +1,24 @@
+"""``setquota ADDRESS SIZE``: change a mailbox's byte quota."""
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from mailadmin import store
+from mailadmin.management.commandutils import quota_text, size, store_errors
+
+
+class Command(BaseCommand):
+    help = "Set a mailbox's byte quota."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("address", metavar="ADDRESS", help="Mailbox address.")
+        parser.add_argument(
+            "size",
+            type=size,
+            metavar="SIZE",
+            help="New quota: bytes or a number with K, M or G; 0 = unlimited.",
+        )
+
+    def handle(self, *args, address: str, size: int, **options) -> None:
+        with store_errors():
+            mailbox = store.set_quota(address, quota_bytes=size)
+        self.stdout.write(f"quota of {mailbox.address} set to {quota_text(mailbox.quota_bytes)}")
