@@ -1,0 +1,305 @@
+"""asyncio I/O for POP3: listeners (plain + STLS, implicit TLS), limits, flow control, shutdown.
+
+Each connection gets a :class:`_ClientProtocol`, an ``asyncio.Protocol`` with an explicit input
+queue instead of a ``StreamReader``. That matters for STLS: the session refuses the upgrade if
+any plaintext is queued behind the STLS line, and ``loop.start_tls`` takes the transport over
+before the event loop can deliver more, so no plaintext byte is ever read as if it came over
+TLS (CVE-2011-0411 class; a StreamReader would keep such bytes buffered across the upgrade).
+"""
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from pop3 import protocol
+from pop3.mailbox import Authenticator, ConnectionInfo, EndReason, SessionObserver
+from pop3.protocol import ResponseCode, err
+from pop3.session import ConnectionLost, Session, Timeouts
+
+logger = logging.getLogger(__name__)
+
+# Stop reading from a client that has this much unprocessed input queued (pipelining
+# backpressure, checklist G17); resume below the low mark.
+INPUT_HIGH_WATER = 64 * 1024
+INPUT_LOW_WATER = 16 * 1024
+# Modern AEAD suites for TLS 1.2; TLS 1.3 suites are fixed by OpenSSL and all fine.
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
+
+TEXT_TOO_MANY_CONNECTIONS = "Too many connections, try again later."
+
+
+def make_tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
+    """TLS 1.2+ with AEAD ciphers, no compression, no renegotiation (RFC 8314 s. 4, RFC 8996)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    # Advertised for ALPN-aware clients; CPython cannot refuse a mismatching client (ALPACA).
+    context.set_alpn_protocols(["pop3"])
+    context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    # None disables a listener; 0 binds an ephemeral port (see Pop3Server.addresses).
+    port: int | None = 1110  # plain, with STLS when a certificate is configured
+    tls_port: int | None = 1995  # implicit TLS; needs a certificate
+    certfile: str = ""
+    keyfile: str = ""
+    trusted_networks: Iterable[str] = ()
+    max_connections: int = 10000
+    max_connections_per_ip: int = 100
+    tls_handshake_timeout: float = 10.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    login_delay_seconds: int = 0
+    greeting: str = "POP3 server ready."
+
+
+class _ClientProtocol(asyncio.Protocol):
+    """The SessionIO of one connection."""
+
+    def __init__(self, server: "Pop3Server", implicit_tls: bool) -> None:
+        self._server = server
+        self._implicit_tls = implicit_tls
+        self._input: deque[bytes] = deque()
+        self._queued = 0
+        self._reading_paused = False
+        self._writing_paused = False
+        self._closed = False
+        self._data_waiter: asyncio.Future | None = None
+        self._drain_waiter: asyncio.Future | None = None
+        self.transport: asyncio.Transport | None = None
+        self.info: ConnectionInfo | None = None
+
+    # asyncio.Protocol callbacks --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is not None:
+            return  # start_tls hands the same protocol a new transport; nothing to redo
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername") or ("", 0)
+        local = transport.get_extra_info("sockname") or ("", 0)
+        self.info = ConnectionInfo(peer=(peer[0], peer[1]), local=(local[0], local[1]), implicit_tls=self._implicit_tls)
+        self._server._accept(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._input.append(data)
+        self._queued += len(data)
+        if self._queued > INPUT_HIGH_WATER and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake(self._data_waiter)
+
+    def eof_received(self) -> bool:
+        self._closed = True
+        self._wake(self._data_waiter)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._wake(self._data_waiter)
+        self._wake(self._drain_waiter)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake(self._drain_waiter)
+
+    # SessionIO -------------------------------------------------------------------------------
+
+    async def receive(self) -> bytes:
+        while not self._input:
+            if self._closed:
+                raise ConnectionLost("end of stream")
+            self._data_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._data_waiter
+            finally:
+                self._data_waiter = None
+        data = b"".join(self._input)
+        self._input.clear()
+        self._queued = 0
+        if self._reading_paused and not self._closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self._closed or self.transport.is_closing():
+            raise ConnectionLost("write after close")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        while self._writing_paused:
+            if self._closed:
+                raise ConnectionLost("closed while writing")
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+        if self._closed:
+            raise ConnectionLost("closed while writing")
+
+    async def start_tls(self) -> tuple[str, str]:
+        if self._input:
+            raise ConnectionLost("plaintext queued behind STLS")
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self.transport,
+                self,
+                self._server.tls_context,
+                server_side=True,
+                ssl_handshake_timeout=self._server.config.tls_handshake_timeout,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as error:
+            raise ConnectionLost(f"TLS handshake failed: {error}") from None
+        if transport is None:
+            raise ConnectionLost("closed during the TLS handshake")
+        self.transport = transport
+        return self.tls_details()
+
+    def tls_details(self) -> tuple[str, str]:
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return "", ""
+        cipher = ssl_object.cipher()
+        return ssl_object.version() or "", cipher[0] if cipher else ""
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    @staticmethod
+    def _wake(waiter: asyncio.Future | None) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Pop3Server:
+    """The listeners and every live session of one process."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        authenticator: Authenticator,
+        make_observer: Callable[[Session], SessionObserver] | None = None,
+    ) -> None:
+        self.config = config
+        self.authenticator = authenticator
+        self._make_observer = make_observer
+        self.tls_context: ssl.SSLContext | None = None
+        if config.certfile:
+            self.tls_context = make_tls_context(config.certfile, config.keyfile)
+        self._trusted = [ipaddress.ip_network(net, strict=False) for net in config.trusted_networks]
+        self._listeners: dict[str, asyncio.Server] = {}
+        self._sessions: dict[_ClientProtocol, tuple[Session, asyncio.Task]] = {}
+        self._per_ip: dict[str, int] = {}
+        self._accepting = True
+
+    @property
+    def sessions(self) -> list[Session]:
+        return [session for session, _ in self._sessions.values()]
+
+    @property
+    def addresses(self) -> dict[str, tuple[str, int]]:
+        """Bound addresses by listener kind ("plain", "tls"), useful with port 0 in tests."""
+        return {kind: server.sockets[0].getsockname()[:2] for kind, server in self._listeners.items()}
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.config.port is not None:
+            server = await loop.create_server(lambda: _ClientProtocol(self, False), self.config.host, self.config.port)
+            self._listeners["plain"] = server
+        if self.config.tls_port is not None:
+            if self.tls_context is None:
+                raise ValueError("the implicit-TLS listener needs a certificate and key")
+            self._listeners["tls"] = await loop.create_server(
+                lambda: _ClientProtocol(self, True),
+                self.config.host,
+                self.config.tls_port,
+                ssl=self.tls_context,
+                ssl_handshake_timeout=self.config.tls_handshake_timeout,
+            )
+
+    def reload_tls(self) -> None:
+        """Load the certificate files again (SIGHUP); new handshakes use them at once."""
+        if self.tls_context is not None:
+            self.tls_context.load_cert_chain(self.config.certfile, self.config.keyfile)
+            logger.info("reloaded TLS certificate from %s", self.config.certfile)
+
+    async def shutdown(self, grace: float = 10.0) -> None:
+        """Stop accepting, end every session without applying its deletions, wait for them."""
+        self._accepting = False
+        for listener in self._listeners.values():
+            listener.close()
+        for session, _ in list(self._sessions.values()):
+            session.kick(EndReason.SHUTDOWN)
+        tasks = [task for _, task in self._sessions.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        for listener in self._listeners.values():
+            await listener.wait_closed()
+
+    # Connection bookkeeping ------------------------------------------------------------------
+
+    def _accept(self, client: _ClientProtocol) -> None:
+        host = client.info.peer[0]
+        if not self._accepting or not self._has_room(host):
+            client.transport.write(err(TEXT_TOO_MANY_CONNECTIONS, ResponseCode.SYS_TEMP))
+            client.transport.close()
+            return
+        self._per_ip[host] = self._per_ip.get(host, 0) + 1
+        session = Session(
+            client,
+            self.authenticator,
+            policy=self._policy_for(client),
+            timeouts=self.config.timeouts,
+            greeting=self.config.greeting,
+        )
+        if self._make_observer is not None:
+            session.observer = self._make_observer(session)
+        task = asyncio.get_running_loop().create_task(self._run(client, session))
+        self._sessions[client] = (session, task)
+
+    def _has_room(self, host: str) -> bool:
+        if len(self._sessions) >= self.config.max_connections:
+            return False
+        return self._per_ip.get(host, 0) < self.config.max_connections_per_ip
+
+    async def _run(self, client: _ClientProtocol, session: Session) -> None:
+        try:
+            await session.run()
+        finally:
+            del self._sessions[client]
+            host = client.info.peer[0]
+            self._per_ip[host] -= 1
+            if not self._per_ip[host]:
+                del self._per_ip[host]
+
+    def _policy_for(self, client: _ClientProtocol) -> protocol.Policy:
+        return protocol.Policy(
+            tls_active=client.info.implicit_tls,
+            stls_available=self.tls_context is not None and not client.info.implicit_tls,
+            cleartext_trusted=self.is_trusted(client.info.peer[0]),
+            login_delay_seconds=self.config.login_delay_seconds,
+        )
+
+    def is_trusted(self, host: str) -> bool:
+        """Loopback and configured networks may log in without TLS (RFC 2595 s. 2.2)."""
+        try:
+            address = ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return address.is_loopback or any(address in network for network in self._trusted)

@@ -1,0 +1,357 @@
+"""One POP3 client session: protocol events in, maildrop and authenticator calls, replies out.
+
+The session owns the protocol :class:`~pop3.protocol.Connection` and talks to the network
+only through a :class:`SessionIO` (implemented by ``pop3.server``), so it can be driven by
+tests without sockets. DELE only marks; the maildrop is changed only by ``commit()`` in the
+UPDATE state after QUIT. Every other way out (drop, timeout, kick, shutdown, error) releases
+the maildrop without applying anything (RFC 1939 sections 6 and 8).
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pop3 import protocol
+from pop3.mailbox import (
+    Authenticator,
+    ConnectionInfo,
+    EndReason,
+    LoginFailure,
+    LoginRequest,
+    Maildrop,
+    MaildropError,
+    MessageInfo,
+    NullObserver,
+    SessionObserver,
+    SessionStats,
+)
+from pop3.protocol import ResponseCode, err, multiline, ok
+
+logger = logging.getLogger(__name__)
+
+GREETING = "POP3 server ready."
+TEXT_LOGGED_IN = "Logged in."
+TEXT_NO_SUCH_MESSAGE = "No such message."
+TEXT_DELETED = "Message is deleted."
+TEXT_MARKED = "Marked to be deleted."
+TEXT_STORE_FAILED = "Mail store temporarily unavailable."
+TEXT_LOGOUT = "Logging out."
+TEXT_LOGOUT_DELETED = "Logging out, messages deleted."
+TEXT_COMMIT_FAILED = "Some deleted messages were not removed."
+TEXT_SHUTTING_DOWN = "Server shutting down."
+TEXT_KICKED = "Disconnected by an administrator."
+
+LOGIN_FAILURE_REPLIES = {
+    LoginFailure.BAD_CREDENTIALS: (protocol.TEXT_AUTH_FAILED, ResponseCode.AUTH),
+    LoginFailure.IN_USE: ("Mailbox is locked by another POP3 session.", ResponseCode.IN_USE),
+    LoginFailure.TOO_MANY_SESSIONS: ("Too many sessions for this user from this address.", ResponseCode.IN_USE),
+    LoginFailure.LOGIN_DELAY: ("Logged in too recently; try again later.", ResponseCode.LOGIN_DELAY),
+    LoginFailure.TEMPORARY: ("Temporary authentication failure.", ResponseCode.SYS_TEMP),
+}
+
+
+class ConnectionLost(Exception):
+    """The client went away."""
+
+
+class SessionIO(Protocol):
+    """The network side of a session, as ``pop3.server`` provides it."""
+
+    info: ConnectionInfo
+
+    async def receive(self) -> bytes:
+        """The next bytes from the client; raises ConnectionLost at end of stream."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None:
+        """Wait while the client is not reading (flow control); raises ConnectionLost."""
+
+    async def start_tls(self) -> tuple[str, str]:
+        """Upgrade to TLS; return (version, cipher). Raises ConnectionLost if it fails."""
+
+    def tls_details(self) -> tuple[str, str]:
+        """(version, cipher) of the TLS layer, or empty strings without one."""
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds. RFC 1939 section 3: an autologout timer is at least 10 minutes."""
+
+    login: float = 180.0  # total time before login, as Dovecot's login processes allow
+    idle: float = 600.0
+
+
+class Session:
+    def __init__(
+        self,
+        io: SessionIO,
+        authenticator: Authenticator,
+        *,
+        policy: protocol.Policy,
+        observer: SessionObserver | None = None,
+        timeouts: Timeouts = Timeouts(),
+        greeting: str = GREETING,
+    ) -> None:
+        self.io = io
+        self.authenticator = authenticator
+        self.observer = observer or NullObserver()
+        self.conn = protocol.Connection(policy)
+        self.stats = SessionStats()
+        self.username = ""
+        self._timeouts = timeouts
+        self._greeting = greeting
+        self._maildrop: Maildrop | None = None
+        self._deleted: set[int] = set()
+        self._live = (0, 0)  # (count, octets) of messages not marked deleted
+        self._login_deadline = 0.0
+        self._end_reason: EndReason | None = None
+        self._updating = False
+        self._task: asyncio.Task | None = None
+
+    # Life cycle ------------------------------------------------------------------------------
+
+    async def run(self) -> EndReason:
+        self._task = asyncio.current_task()
+        self._login_deadline = time.monotonic() + self._timeouts.login
+        self.observer.opened(self.io.info)
+        if self.io.info.implicit_tls:
+            self.observer.tls_established(*self.io.tls_details())
+        reason = EndReason.ERROR
+        try:
+            self._write(ok(self._greeting))
+            reason = await self._serve()
+        except asyncio.CancelledError:
+            reason = self._end_reason or EndReason.SHUTDOWN
+            self._say_goodbye(reason)
+        except ConnectionLost:
+            reason = EndReason.DROPPED
+        except TimeoutError:
+            reason = EndReason.TIMEOUT  # RFC 1939 section 3: close without a response
+        except Exception:
+            logger.exception("POP3 session failed")
+            reason = EndReason.ERROR
+        finally:
+            await self._release()
+            self.conn.closed()
+            self.observer.closed(reason, self.stats)
+            self.io.close()
+        return reason
+
+    def kick(self, reason: EndReason = EndReason.KICKED) -> bool:
+        """End the session from outside (admin kick, shutdown) without applying deletions.
+
+        Returns False when the session is already committing its QUIT, which is left to finish.
+        """
+        if self._updating or self._task is None or self._task.done():
+            return False
+        self._end_reason = reason
+        self._task.cancel()
+        return True
+
+    def _say_goodbye(self, reason: EndReason) -> None:
+        text = TEXT_KICKED if reason is EndReason.KICKED else TEXT_SHUTTING_DOWN
+        try:
+            self._write(err(text, ResponseCode.SYS_TEMP))
+        except ConnectionLost:
+            pass
+
+    async def _release(self) -> None:
+        if self._maildrop is not None:
+            maildrop, self._maildrop = self._maildrop, None
+            await asyncio.shield(maildrop.release())
+
+    # The command loop ------------------------------------------------------------------------
+
+    async def _serve(self) -> EndReason:
+        while True:
+            event = self.conn.next_event()
+            if event is protocol.NEED_DATA:
+                await self._receive()
+                continue
+            self.stats.commands += 1
+            if isinstance(event, protocol.Close):
+                self._write(event.data)
+                return EndReason.QUIT if event.reason == "quit" else EndReason.ERROR
+            if isinstance(event, protocol.Quit):
+                await self._update()
+                return EndReason.QUIT
+            await self._dispatch(event)
+            await self.io.drain()
+            self.observer.progress(self.stats)
+
+    async def _receive(self) -> None:
+        if self.conn.state is protocol.State.AUTHORIZATION:
+            timeout = max(0.0, self._login_deadline - time.monotonic())
+        else:
+            timeout = self._timeouts.idle
+        async with asyncio.timeout(timeout):
+            data = await self.io.receive()
+        self.stats.bytes_in += len(data)
+        self.conn.receive_data(data)
+
+    def _write(self, data: bytes) -> None:
+        self.stats.bytes_out += len(data)
+        self.io.write(data)
+
+    async def _dispatch(self, event: protocol.Event) -> None:
+        match event:
+            case protocol.Reply(data=data):
+                self._write(data)
+            case protocol.StartTls(data=data):
+                await self._start_tls(data)
+            case protocol.Credentials():
+                await self._login(event)
+            case protocol.AuthRejected(mechanism=mechanism, reason=reason):
+                await self._reject(mechanism, reason)
+            case protocol.Stat():
+                self._write(ok("{} {}".format(*self._live)))
+            case protocol.ListMessages(number=None):
+                self._write(self._listing(lambda n, info: f"{n} {info.size}"))
+            case protocol.ListMessages(number=number):
+                self._with_message(number, lambda n, info: ok(f"{n} {info.size}"))
+            case protocol.Uidl(number=None):
+                self._write(self._listing(lambda n, info: f"{n} {info.uidl}"))
+            case protocol.Uidl(number=number):
+                self._with_message(number, lambda n, info: ok(f"{n} {info.uidl}"))
+            case protocol.Retr(number=number):
+                await self._send_message(number, None)
+            case protocol.Top(number=number, lines=lines):
+                await self._send_message(number, lines)
+            case protocol.Dele(number=number):
+                self._with_message(number, self._mark_deleted)
+            case protocol.Noop():
+                self._write(ok())
+            case protocol.Rset():
+                self._deleted.clear()
+                self._live = (len(self._messages), sum(info.size for info in self._messages))
+                self._write(ok("maildrop has {} messages ({} octets)".format(*self._live)))
+            case _:
+                raise protocol.LocalProtocolError(f"unhandled event {event!r}")
+
+    # AUTHORIZATION ---------------------------------------------------------------------------
+
+    async def _start_tls(self, data: bytes) -> None:
+        self._write(data)
+        if self.conn.buffered_bytes:
+            raise ConnectionLost("plaintext arrived behind STLS")
+        version, cipher = await self.io.start_tls()
+        self.conn.tls_started()
+        self.observer.tls_established(version, cipher)
+
+    async def _login(self, event: protocol.Credentials) -> None:
+        request = LoginRequest(
+            username=event.username,
+            password=event.password,
+            mechanism=event.mechanism,
+            peer_host=self.io.info.peer[0],
+            secure=self.conn.policy.tls_active,
+        )
+        result = await self.authenticator.authenticate(request)
+        self.username = result.username or event.username
+        self.observer.login_attempted(self.username, result.failure, event.mechanism)
+        if result.maildrop is None:
+            text, code = LOGIN_FAILURE_REPLIES[result.failure or LoginFailure.TEMPORARY]
+            self._write(err(text, code))
+            return
+        self._maildrop = result.maildrop
+        self.conn.login_succeeded()
+        self._live = (len(self._messages), sum(info.size for info in self._messages))
+        self.stats.message_count, self.stats.message_bytes = self._live
+        self._write(ok(TEXT_LOGGED_IN))
+
+    async def _reject(self, mechanism: str, reason: str) -> None:
+        await self.authenticator.reject(self.io.info.peer[0], mechanism, reason)
+        self.observer.login_attempted(self.username, LoginFailure.BAD_CREDENTIALS, mechanism)
+        self._write(err(protocol.TEXT_AUTH_FAILED, ResponseCode.AUTH))
+
+    # TRANSACTION -----------------------------------------------------------------------------
+
+    @property
+    def _messages(self) -> Sequence[MessageInfo]:
+        assert self._maildrop is not None
+        return self._maildrop.messages
+
+    def _listing(self, line) -> bytes:
+        lines = (line(n, info) for n, info in enumerate(self._messages, 1) if n not in self._deleted)
+        return multiline("{} messages ({} octets)".format(*self._live), lines)
+
+    def _lookup(self, number: int) -> MessageInfo | bytes:
+        """The message numbered ``number``, or the -ERR reply to send instead."""
+        if number > len(self._messages):
+            return err(TEXT_NO_SUCH_MESSAGE)
+        if number in self._deleted:
+            return err(TEXT_DELETED)
+        return self._messages[number - 1]
+
+    def _with_message(self, number: int, reply) -> None:
+        found = self._lookup(number)
+        self._write(found if isinstance(found, bytes) else reply(number, found))
+
+    def _mark_deleted(self, number: int, info: MessageInfo) -> bytes:
+        self._deleted.add(number)
+        self._live = (self._live[0] - 1, self._live[1] - info.size)
+        return ok(TEXT_MARKED)
+
+    async def _send_message(self, number: int, top_lines: int | None) -> None:
+        found = self._lookup(number)
+        if isinstance(found, bytes):
+            self._write(found)
+            return
+        assert self._maildrop is not None
+        limiter = protocol.TopLimiter(found.header_size, top_lines) if top_lines is not None else None
+        stuffer = protocol.DotStuffer()
+        chunks = self._maildrop.read(found)
+        try:
+            first = await anext(chunks, b"")
+        except MaildropError:
+            self._write(err(TEXT_STORE_FAILED, ResponseCode.SYS_TEMP))
+            return
+        status = ok(f"{found.size} octets") if limiter is None else ok()
+        sent = len(status)
+        self._write(status)
+        chunk = first
+        try:
+            while chunk:
+                piece = limiter.feed(chunk) if limiter else chunk
+                out = stuffer.feed(piece)
+                sent += len(out)
+                self._write(out)
+                await self.io.drain()
+                if limiter and limiter.done:
+                    break
+                chunk = await anext(chunks, b"")
+        finally:
+            await chunks.aclose()
+        self._write(stuffer.finish())
+        if limiter is None:
+            self.stats.retr_count += 1
+            self.stats.retr_bytes += sent
+        else:
+            self.stats.top_count += 1
+            self.stats.top_bytes += sent
+
+    # UPDATE ----------------------------------------------------------------------------------
+
+    async def _update(self) -> None:
+        self.conn.quit_in_transaction()
+        assert self._maildrop is not None
+        deleted = [self._messages[n - 1] for n in sorted(self._deleted)]
+        self._updating = True
+        try:
+            if deleted:
+                await self._maildrop.commit(deleted)
+        except MaildropError:
+            logger.warning("UPDATE failed for %s", self.username)
+            self._write(err(TEXT_COMMIT_FAILED, ResponseCode.SYS_TEMP))
+            return
+        finally:
+            self._updating = False
+        self.stats.deleted_count = len(deleted)
+        self.stats.deleted_bytes = sum(info.size for info in deleted)
+        self._write(ok(TEXT_LOGOUT_DELETED if deleted else TEXT_LOGOUT))
