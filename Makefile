@@ -30,7 +30,8 @@ $(TLS_DIR)/cert.pem:
 run: install $(TLS_DIR)/cert.pem
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py setupdemo --http-port $(HTTP_PORT)
-	$(PY) manage.py runall --http-port $(HTTP_PORT)
+	POP3_TLS_CERTFILE=$(TLS_DIR)/cert.pem POP3_TLS_KEYFILE=$(TLS_DIR)/key.pem \
+		$(PY) manage.py runall --http-port $(HTTP_PORT)
 
 test: install test-only
 

@@ -149,3 +149,124 @@ class MessageChunk(models.Model):
 
     def __str__(self) -> str:
         return f"chunk {self.seq} of message {self.message_id}"
+
+
+class MaildropLease(models.Model):
+    """The POP3 lock on a mailbox: one row per locked mailbox, valid until ``expires_at``.
+
+    Taken with a conditional UPDATE (or an INSERT that the unique mailbox refuses), kept alive
+    by the holder's heartbeat, checked by owner token in the UPDATE-state transaction. A holder
+    that dies stops heartbeating and the lease lapses; times come from the database clock so
+    hosts with skewed clocks agree.
+    """
+
+    mailbox = models.OneToOneField(Mailbox, on_delete=models.CASCADE, related_name="lease")
+    owner = models.CharField(max_length=64, unique=True)
+    node = models.CharField(max_length=200)
+    acquired_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"lease on {self.mailbox_id} by {self.node}"
+
+
+class Pop3Node(models.Model):
+    """A running runpop3 process; its heartbeat says whether its open sessions are real."""
+
+    name = models.CharField(max_length=200, primary_key=True, help_text="host:pid")
+    started_at = models.DateTimeField()
+    heartbeat_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Pop3SessionQuerySet(models.QuerySet):
+    def open(self) -> "Pop3SessionQuerySet":
+        """Sessions not yet ended, including those of a process that died (see ``running``)."""
+        return self.filter(ended_at__isnull=True)
+
+
+class Pop3Session(models.Model):
+    """One POP3 connection, written by the runpop3 process that serves it, as it runs."""
+
+    class EndReason(models.TextChoices):
+        QUIT = "quit"
+        DROPPED = "dropped"
+        TIMEOUT = "timeout"
+        KICKED = "kicked"
+        SHUTDOWN = "shutdown"
+        ERROR = "error"
+        LOST = "lost", "lost (its server stopped heartbeating)"
+
+    id = models.UUIDField(primary_key=True, editable=False)
+    node = models.CharField(max_length=200, help_text="host:pid of the runpop3 process.")
+    username = models.CharField(max_length=320, blank=True, help_text="The login name given, if any.")
+    mailbox = models.ForeignKey(Mailbox, null=True, blank=True, on_delete=models.SET_NULL, related_name="pop3_sessions")
+    peer_host = models.CharField(max_length=64)
+    peer_port = models.PositiveIntegerField()
+    local_host = models.CharField(max_length=64)
+    local_port = models.PositiveIntegerField()
+    implicit_tls = models.BooleanField(default=False)
+    tls_version = models.CharField(max_length=32, blank=True)
+    tls_cipher = models.CharField(max_length=100, blank=True)
+    started_at = models.DateTimeField()
+    authenticated_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    end_reason = models.CharField(max_length=16, choices=EndReason.choices, blank=True)
+    kick_requested_at = models.DateTimeField(null=True, blank=True)
+    commands = models.PositiveIntegerField(default=0)
+    bytes_in = models.BigIntegerField(default=0)
+    bytes_out = models.BigIntegerField(default=0)
+    retr_count = models.PositiveIntegerField(default=0)
+    retr_bytes = models.BigIntegerField(default=0)
+    top_count = models.PositiveIntegerField(default=0)
+    top_bytes = models.BigIntegerField(default=0)
+    deleted_count = models.PositiveIntegerField(default=0)
+    deleted_bytes = models.BigIntegerField(default=0)
+    message_count = models.PositiveIntegerField(default=0)
+    message_bytes = models.BigIntegerField(default=0)
+
+    objects = Pop3SessionQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "POP3 session"
+        ordering = ["-started_at"]
+        indexes = [
+            models.Index(fields=["node", "ended_at"], name="pop3session_node_live"),
+            models.Index(fields=["mailbox", "ended_at"], name="pop3session_mailbox_live"),
+            models.Index(fields=["-started_at"], name="pop3session_started"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.username or '(no login)'} from {self.peer_host}"
+
+
+class AuthFailure(models.Model):
+    """A failed POP3 login: who tried, from where, why. Never the password.
+
+    ``source`` groups addresses the way the penalty does (an IPv4 address, an IPv6 /48), and
+    ``attempt`` is a keyed hash of the tried credentials, so repeating the same wrong password
+    does not grow the penalty (as in Dovecot).
+    """
+
+    created_at = models.DateTimeField(db_index=True)
+    # No database constraint: the failure row may be written before its session row is flushed.
+    session = models.ForeignKey(
+        Pop3Session, null=True, blank=True, on_delete=models.DO_NOTHING, db_constraint=False, related_name="+"
+    )
+    username = models.CharField(max_length=320, blank=True)
+    peer_host = models.CharField(max_length=64)
+    source = models.CharField(max_length=64)
+    mechanism = models.CharField(max_length=16)
+    reason = models.CharField(max_length=64)
+    attempt = models.CharField(max_length=32, blank=True)
+    # Credential failures grow the source's penalty; a locked mailbox or a session cap does not.
+    penalised = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["source", "created_at"], name="authfailure_source_time")]
+
+    def __str__(self) -> str:
+        return f"{self.username or '?'} from {self.peer_host}: {self.reason}"

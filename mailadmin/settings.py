@@ -173,6 +173,50 @@ MAILADMIN_MAX_MESSAGE_SIZE_BYTES = _env_int("MAILADMIN_MAX_MESSAGE_SIZE_BYTES", 
 # Header blocks up to this size are kept on the message row for TOP and the admin.
 MAILADMIN_HEADER_CACHE_BYTES = 64 * 1024
 
+# --- POP3 (runpop3) -------------------------------------------------------------------------
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {value!r}") from None
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+POP3_BIND = os.environ.get("POP3_BIND", "127.0.0.1")
+POP3_PORT = _env_int("POP3_PORT", 1110)
+POP3S_PORT = _env_int("POP3S_PORT", 1995)
+POP3_TLS_CERTFILE = os.environ.get("POP3_TLS_CERTFILE", "")
+POP3_TLS_KEYFILE = os.environ.get("POP3_TLS_KEYFILE", "")
+POP3_TLS_HANDSHAKE_TIMEOUT = _env_float("POP3_TLS_HANDSHAKE_TIMEOUT", 10.0)
+# Networks (CIDR) allowed to log in without TLS, besides loopback.
+POP3_TRUSTED_NETWORKS = _env_list("POP3_TRUSTED_NETWORKS")
+POP3_GREETING = os.environ.get("POP3_GREETING", "POP3 server ready.")
+POP3_LOGIN_TIMEOUT = _env_float("POP3_LOGIN_TIMEOUT", 180.0)
+POP3_IDLE_TIMEOUT = _env_float("POP3_IDLE_TIMEOUT", 600.0)
+POP3_MAX_CONNECTIONS = _env_int("POP3_MAX_CONNECTIONS", 10000)
+POP3_MAX_CONNECTIONS_PER_IP = _env_int("POP3_MAX_CONNECTIONS_PER_IP", 100)
+POP3_MAX_USERIP_SESSIONS = _env_int("POP3_MAX_USERIP_SESSIONS", 10)
+# Seconds before a failed login is answered, and the cap of the per-source penalty added to it
+# for repeated failures (Dovecot: 2 s, growing 2-4-8 up to 15 s).
+POP3_AUTH_FAILURE_DELAY = _env_float("POP3_AUTH_FAILURE_DELAY", 2.0)
+POP3_AUTH_PENALTY_MAX = _env_float("POP3_AUTH_PENALTY_MAX", 15.0)
+POP3_AUTH_PENALTY_WINDOW = _env_int("POP3_AUTH_PENALTY_WINDOW", 900)
+# Concurrent password verifications: Django's argon2 parameters cost ~100 MiB and ~0.1 s each.
+POP3_AUTH_THREADS = _env_int("POP3_AUTH_THREADS", 2)
+POP3_DB_THREADS = _env_int("POP3_DB_THREADS", 8)
+# Minimum seconds between two logins of one mailbox; advertised as LOGIN-DELAY. 0 = off.
+POP3_LOGIN_DELAY = _env_int("POP3_LOGIN_DELAY", 0)
+# A mailbox lock lapses this many seconds after its holder's last heartbeat.
+POP3_LEASE_TTL = _env_float("POP3_LEASE_TTL", 60.0)
+# How often a runpop3 process writes session rows, heartbeats and looks for kicks.
+POP3_MONITOR_INTERVAL = _env_float("POP3_MONITOR_INTERVAL", 1.0)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -13,7 +13,7 @@ Invariants kept here (and checked by ``recalculate_quota``):
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -22,12 +22,13 @@ from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 from django.db.backends.utils import CursorWrapper
-from django.db.models import Count, F, Q, Sum
+from django.db.models import Count, DateTimeField, ExpressionWrapper, F, Q, Sum
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.messagefile import SpooledMessage
-from mailadmin.models import Domain, Mailbox, Message, MessageChunk
+from mailadmin.models import Domain, Mailbox, MaildropLease, Message, MessageChunk
 
 # A batch of ids small enough for SQLite's bound-parameter limit.
 ID_BATCH_SIZE = 500
@@ -342,14 +343,17 @@ def validate_uidl(uidl: str) -> None:
 def iter_message_bytes(message_id: int) -> Iterator[bytes]:
     """Yield a message's bytes chunk by chunk, one row in memory at a time."""
     seq = 0
-    while True:
-        with _chunk_cursor() as cursor:
-            cursor.execute(_SELECT_CHUNK, [message_id, seq])
-            row = cursor.fetchone()
-        if row is None:
-            return
-        yield bytes(row[0])
+    while (chunk := read_chunk(message_id, seq)) is not None:
+        yield chunk
         seq += 1
+
+
+def read_chunk(message_id: int, seq: int) -> bytes | None:
+    """Chunk ``seq`` of a message, or None past its end (or when the message is gone)."""
+    with _chunk_cursor() as cursor:
+        cursor.execute(_SELECT_CHUNK, [message_id, seq])
+        row = cursor.fetchone()
+    return None if row is None else bytes(row[0])
 
 
 def delete_messages(mailbox: Mailbox, message_ids: Iterable[int]) -> tuple[int, int]:
@@ -374,6 +378,78 @@ def delete_messages(mailbox: Mailbox, message_ids: Iterable[int]) -> tuple[int, 
             )
             Domain.objects.filter(pk=mailbox.domain_id).update(used_bytes=F("used_bytes") - size)
     return count, size
+
+
+# --- POP3 maildrops and leases ------------------------------------------------------------
+
+
+class LeaseLost(StoreError):
+    """The session no longer holds the mailbox lock (it lapsed and was taken over)."""
+
+
+def _lease_expiry(ttl_seconds: float):
+    return ExpressionWrapper(Now() + timedelta(seconds=ttl_seconds), output_field=DateTimeField())
+
+
+def acquire_lease(mailbox_id: int, owner: str, node: str, ttl_seconds: float) -> bool:
+    """Lock a mailbox for one POP3 session; False when another live session holds it.
+
+    A lapsed lease is taken over with one conditional UPDATE; otherwise the INSERT either
+    creates the lease or hits the unique mailbox and fails. Either way only one taker wins.
+    """
+    with transaction.atomic():
+        taken_over = MaildropLease.objects.filter(mailbox_id=mailbox_id, expires_at__lt=Now()).update(
+            owner=owner, node=node, acquired_at=Now(), expires_at=_lease_expiry(ttl_seconds)
+        )
+        if taken_over:
+            return True
+        try:
+            with transaction.atomic():
+                MaildropLease.objects.create(
+                    mailbox_id=mailbox_id,
+                    owner=owner,
+                    node=node,
+                    acquired_at=Now(),
+                    expires_at=_lease_expiry(ttl_seconds),
+                )
+        except IntegrityError:
+            return False
+    return True
+
+
+def renew_leases(owners: Iterable[str], ttl_seconds: float) -> int:
+    """Heartbeat: push the expiry of the given leases forward; return how many still exist."""
+    owners = list(owners)
+    renewed = 0
+    for start in range(0, len(owners), ID_BATCH_SIZE):
+        batch = owners[start : start + ID_BATCH_SIZE]
+        renewed += MaildropLease.objects.filter(owner__in=batch).update(expires_at=_lease_expiry(ttl_seconds))
+    return renewed
+
+
+def release_lease(owner: str) -> None:
+    MaildropLease.objects.filter(owner=owner).delete()
+
+
+def maildrop_snapshot(mailbox_id: int) -> list[tuple[int, int, str, int]]:
+    """(message id, size, UIDL, header size) of every message, in POP3 order."""
+    return list(
+        Message.objects.for_maildrop(mailbox_id).values_list("pk", "size_bytes", "uidl", "header_size_bytes")
+    )
+
+
+def commit_maildrop(mailbox_id: int, owner: str, message_ids: Iterable[int]) -> tuple[int, int]:
+    """The POP3 UPDATE state: delete the messages if ``owner`` still holds the lock.
+
+    The ownership check is an UPDATE of the lease row inside the same transaction as the
+    deletions, so a lease taken over meanwhile makes the whole commit fail (LeaseLost) and
+    nothing is removed.
+    """
+    with transaction.atomic():
+        if not MaildropLease.objects.filter(mailbox_id=mailbox_id, owner=owner).update(acquired_at=F("acquired_at")):
+            raise LeaseLost(f"mailbox {mailbox_id}: the POP3 lock was lost before QUIT")
+        mailbox = Mailbox.objects.get(pk=mailbox_id)
+        return delete_messages(mailbox, message_ids)
 
 
 # --- Quota recalculation ---------------------------------------------------------------------

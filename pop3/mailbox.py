@@ -73,6 +73,7 @@ class LoginRequest:
     mechanism: str
     peer_host: str
     secure: bool
+    session_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class Authenticator(Protocol):
 
     async def authenticate(self, request: LoginRequest) -> LoginResult: ...
 
-    async def reject(self, peer_host: str, mechanism: str, reason: str) -> None: ...
+    async def reject(self, session_id: str, peer_host: str, mechanism: str, reason: str) -> None: ...
 
 
 @dataclass
@@ -125,6 +126,7 @@ class ConnectionInfo:
     peer: tuple[str, int]
     local: tuple[str, int]
     implicit_tls: bool
+    session_id: str = ""  # unique per connection, for logs and session records
 
 
 class SessionObserver(Protocol):
@@ -134,7 +136,9 @@ class SessionObserver(Protocol):
 
     def tls_established(self, version: str, cipher: str) -> None: ...
 
-    def login_attempted(self, username: str, failure: LoginFailure | None, mechanism: str) -> None: ...
+    def login_failed(self, username: str, failure: LoginFailure, mechanism: str) -> None: ...
+
+    def logged_in(self, username: str, mechanism: str, maildrop: Maildrop) -> None: ...
 
     def progress(self, stats: SessionStats) -> None: ...
 
@@ -148,7 +152,10 @@ class NullObserver:
     def tls_established(self, version: str, cipher: str) -> None:
         pass
 
-    def login_attempted(self, username: str, failure: LoginFailure | None, mechanism: str) -> None:
+    def login_failed(self, username: str, failure: LoginFailure, mechanism: str) -> None:
+        pass
+
+    def logged_in(self, username: str, mechanism: str, maildrop: Maildrop) -> None:
         pass
 
     def progress(self, stats: SessionStats) -> None:
@@ -224,7 +231,7 @@ class MemoryAuthenticator:
             return LoginResult(username=request.username, failure=LoginFailure.IN_USE)
         return LoginResult(maildrop=maildrop, username=request.username)
 
-    async def reject(self, peer_host: str, mechanism: str, reason: str) -> None:
+    async def reject(self, session_id: str, peer_host: str, mechanism: str, reason: str) -> None:
         self.rejections.append(reason)
 
 

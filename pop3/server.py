@@ -11,6 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import ssl
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -85,7 +86,12 @@ class _ClientProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername") or ("", 0)
         local = transport.get_extra_info("sockname") or ("", 0)
-        self.info = ConnectionInfo(peer=(peer[0], peer[1]), local=(local[0], local[1]), implicit_tls=self._implicit_tls)
+        self.info = ConnectionInfo(
+            peer=(peer[0], peer[1]),
+            local=(local[0], local[1]),
+            implicit_tls=self._implicit_tls,
+            session_id=uuid.uuid4().hex,
+        )
         self._server._accept(self)
 
     def data_received(self, data: bytes) -> None:

@@ -251,14 +251,17 @@ class Session:
             mechanism=event.mechanism,
             peer_host=self.io.info.peer[0],
             secure=self.conn.policy.tls_active,
+            session_id=self.io.info.session_id,
         )
         result = await self.authenticator.authenticate(request)
         self.username = result.username or event.username
-        self.observer.login_attempted(self.username, result.failure, event.mechanism)
         if result.maildrop is None:
-            text, code = LOGIN_FAILURE_REPLIES[result.failure or LoginFailure.TEMPORARY]
+            failure = result.failure or LoginFailure.TEMPORARY
+            self.observer.login_failed(self.username, failure, event.mechanism)
+            text, code = LOGIN_FAILURE_REPLIES[failure]
             self._write(err(text, code))
             return
+        self.observer.logged_in(self.username, event.mechanism, result.maildrop)
         self._maildrop = result.maildrop
         self.conn.login_succeeded()
         self._live = (len(self._messages), sum(info.size for info in self._messages))
@@ -266,8 +269,8 @@ class Session:
         self._write(ok(TEXT_LOGGED_IN))
 
     async def _reject(self, mechanism: str, reason: str) -> None:
-        await self.authenticator.reject(self.io.info.peer[0], mechanism, reason)
-        self.observer.login_attempted(self.username, LoginFailure.BAD_CREDENTIALS, mechanism)
+        await self.authenticator.reject(self.io.info.session_id, self.io.info.peer[0], mechanism, reason)
+        self.observer.login_failed(self.username, LoginFailure.BAD_CREDENTIALS, mechanism)
         self._write(err(protocol.TEXT_AUTH_FAILED, ResponseCode.AUTH))
 
     # TRANSACTION -----------------------------------------------------------------------------

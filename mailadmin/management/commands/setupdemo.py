@@ -38,7 +38,8 @@ class Command(BaseCommand):
                     f"              user {ADMIN_USERNAME}, password {credentials['admin']}",
                     f"  Mailbox:    {DEMO_ADDRESS}, password {credentials['mailbox']}",
                     f"  TLS files:  {settings.VAR_DIR / 'tls'}/cert.pem, key.pem (self-signed)",
-                    "  POP3 and LMTP listeners are not built yet; see the README.",
+                    f"  POP3:       127.0.0.1:{settings.POP3_PORT} (STLS), POP3S 127.0.0.1:{settings.POP3S_PORT}",
+                    "  LMTP:       not built yet; see the README",
                     "",
                 ]
             )

@@ -1,0 +1,184 @@
+"""POP3 authentication policy over django.contrib.auth.
+
+Order of work for one attempt, as in Dovecot:
+
+1. the per-source penalty (grows with distinct recent failures from the same IPv4 address or
+   IPv6 /48, recorded in the database so every runpop3 process sees them) is slept off
+   *before* any hashing, so a flood cannot buy verifications;
+2. ``django.contrib.auth.authenticate`` runs on the small hashing executor, so at most
+   POP3_AUTH_THREADS argon2 verifications (~100 MiB each) run at once in this process. It
+   hashes for unknown users too and upgrades outdated hashes on success, off the event loop;
+3. the mailbox and its domain must be active: unknown user, wrong password and inactive
+   mailbox all cost the same work and get the same answer after the same failure delay;
+4. session limits, LOGIN-DELAY and the maildrop lease are checked on the database executor.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import unicodedata
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.contrib.auth import authenticate as django_authenticate
+from django.db import DatabaseError
+from django.db.models import Max
+from django.utils import timezone
+
+from mailadmin import live, store
+from mailadmin.executors import BoundedExecutor
+from mailadmin.maildrop import OrmMaildrop
+from mailadmin.models import AuthFailure, Mailbox, Pop3Session
+from pop3.mailbox import LoginFailure, LoginRequest, LoginResult
+
+MAX_USERNAME_LENGTH = 320
+PENALTY_INITIAL_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class AuthPolicy:
+    node: str
+    failure_delay: float = 2.0
+    penalty_max: float = 15.0
+    penalty_window_seconds: int = 900
+    max_userip_sessions: int = 10
+    login_delay_seconds: int = 0
+    lease_ttl_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class VerifiedUser:
+    mailbox_id: int
+    username: str
+    password_fingerprint: str
+
+
+class Pop3Authenticator:
+    """``pop3.mailbox.Authenticator`` against Django users with an active mailbox."""
+
+    def __init__(self, policy: AuthPolicy, *, database: BoundedExecutor, hashing: BoundedExecutor) -> None:
+        self.policy = policy
+        self.database = database
+        self.hashing = hashing
+        self._attempt_key = secrets.token_bytes(32)
+
+    async def authenticate(self, request: LoginRequest) -> LoginResult:
+        source = penalty_source(request.peer_host)
+        try:
+            await asyncio.sleep(await self.database.run(penalty_seconds, source, self.policy))
+            username = normalise_login(request.username)
+            verified = await self.hashing.run(verify_credentials, username, request.password) if username else None
+        except DatabaseError:
+            await asyncio.sleep(self.policy.failure_delay)
+            return LoginResult(failure=LoginFailure.TEMPORARY)
+        if verified is None:
+            await self._fail(request, source, "bad credentials", self._attempt(request))
+            return LoginResult(username=username or "", failure=LoginFailure.BAD_CREDENTIALS)
+        owner = secrets.token_hex(16)
+        try:
+            failure, rows = await self.database.run(open_maildrop, verified.mailbox_id, request.peer_host, owner, self.policy)
+        except DatabaseError:
+            return LoginResult(username=verified.username, failure=LoginFailure.TEMPORARY)
+        if failure is not None:
+            return LoginResult(username=verified.username, failure=failure)
+        maildrop = OrmMaildrop(self.database, verified.mailbox_id, owner, rows, verified.password_fingerprint)
+        return LoginResult(maildrop=maildrop, username=verified.username)
+
+    async def reject(self, session_id: str, peer_host: str, mechanism: str, reason: str) -> None:
+        source = penalty_source(peer_host)
+        request = LoginRequest("", "", mechanism, peer_host, False, session_id)
+        try:
+            await asyncio.sleep(await self.database.run(penalty_seconds, source, self.policy))
+        except DatabaseError:
+            pass
+        await self._fail(request, source, reason, "")
+
+    async def _fail(self, request: LoginRequest, source: str, reason: str, attempt: str) -> None:
+        try:
+            await self.database.run(record_failure, request, source, reason, attempt)
+        except DatabaseError:
+            pass  # the failure still costs its delay; only the record is lost
+        await asyncio.sleep(self.policy.failure_delay)
+
+    def _attempt(self, request: LoginRequest) -> str:
+        """A keyed hash of the tried credentials: equal attempts match, nothing is recoverable."""
+        material = f"{request.username}\0{request.password}".encode("utf-8", "surrogatepass")
+        return hmac.new(self._attempt_key, material, hashlib.sha256).hexdigest()[:32]
+
+
+def normalise_login(username: str) -> str | None:
+    """Django's NFKC username normalisation, lower-cased as our login names are; None if unusable."""
+    name = unicodedata.normalize("NFKC", username).strip().lower()
+    if not name or len(name) > MAX_USERNAME_LENGTH or any(ord(c) < 0x21 or c == "\x7f" for c in name):
+        return None
+    return name
+
+
+def penalty_source(peer_host: str) -> str:
+    """The penalty groups IPv6 clients by /48, as Dovecot does; IPv4 addresses stand alone."""
+    try:
+        address = ipaddress.ip_address(peer_host.split("%")[0])
+    except ValueError:
+        return peer_host[:64]
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/48", strict=False))
+    return str(address)
+
+
+# --- Sync units, run on the executors --------------------------------------------------------
+
+
+def penalty_seconds(source: str, policy: AuthPolicy) -> float:
+    """2 s after the first recent failure, doubling per distinct failure, capped (Dovecot's)."""
+    if not policy.penalty_max:
+        return 0.0
+    since = timezone.now() - timedelta(seconds=policy.penalty_window_seconds)
+    recent = AuthFailure.objects.filter(source=source, created_at__gte=since)
+    distinct = recent.exclude(attempt="").values("attempt").distinct().count() + recent.filter(attempt="").count()
+    if not distinct:
+        return 0.0
+    return min(PENALTY_INITIAL_SECONDS * 2 ** (distinct - 1), policy.penalty_max)
+
+
+def verify_credentials(username: str, password: str) -> VerifiedUser | None:
+    user = django_authenticate(username=username, password=password)
+    if user is None:
+        return None
+    mailbox = Mailbox.objects.select_related("domain").filter(user=user).first()
+    if mailbox is None or not (mailbox.active and mailbox.domain.active):
+        return None
+    return VerifiedUser(mailbox.pk, user.username, live.password_fingerprint(user.password))
+
+
+def open_maildrop(
+    mailbox_id: int, peer_host: str, owner: str, policy: AuthPolicy
+) -> tuple[LoginFailure | None, list[tuple[int, int, str, int]]]:
+    """Session limits, LOGIN-DELAY, then the lease and the snapshot; in that order."""
+    sessions = Pop3Session.objects.filter(mailbox_id=mailbox_id)
+    if policy.max_userip_sessions:
+        if live.running(sessions.filter(peer_host=peer_host)).count() >= policy.max_userip_sessions:
+            return LoginFailure.TOO_MANY_SESSIONS, []
+    if policy.login_delay_seconds:
+        last = sessions.aggregate(last=Max("authenticated_at"))["last"]
+        if last and timezone.now() - last < timedelta(seconds=policy.login_delay_seconds):
+            return LoginFailure.LOGIN_DELAY, []
+    if not store.acquire_lease(mailbox_id, owner, policy.node, policy.lease_ttl_seconds):
+        return LoginFailure.IN_USE, []
+    return None, store.maildrop_snapshot(mailbox_id)
+
+
+def record_failure(request: LoginRequest, source: str, reason: str, attempt: str) -> None:
+    AuthFailure.objects.create(
+        created_at=timezone.now(),
+        session_id=request.session_id or None,
+        username=live.printable(request.username)[:MAX_USERNAME_LENGTH],
+        peer_host=request.peer_host[:64],
+        source=source,
+        mechanism=request.mechanism[:16],
+        reason=reason[:64],
+        attempt=attempt,
+    )

@@ -1,0 +1,38 @@
+"""Bounded thread pools that keep ORM work and password hashing off the event loop.
+
+Django's ``a*`` ORM methods funnel through one shared thread and ``aauthenticate`` hashes on
+the loop itself (Django ticket #36439), so the POP3 server runs each unit of database work as
+one sync function on a pool of its own, with ``close_old_connections()`` around it: a broken
+connection (a PostgreSQL restart) is dropped and the next unit reconnects.
+"""
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from django.db import close_old_connections
+
+T = TypeVar("T")
+
+
+class BoundedExecutor:
+    """A fixed number of threads; work beyond them queues instead of running at once."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+
+    async def run(self, function: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, _database_unit, function, args)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _database_unit(function: Callable[..., T], args: tuple) -> T:
+    close_old_connections()
+    try:
+        return function(*args)
+    finally:
+        close_old_connections()

@@ -1,0 +1,320 @@
+"""POP3 sessions as database rows, written by the runpop3 process that serves them.
+
+The database is the truth every process shares: the web admin reads these rows, and a kick
+is a mark on a row. Each runpop3 process runs one :class:`Pop3Monitor`, which once per
+POP3_MONITOR_INTERVAL, in one unit on the database executor:
+
+* writes what its sessions' :class:`SessionRecorder` observers queued (new rows, progress,
+  endings), so a busy session costs at most one UPDATE per interval;
+* heartbeats its :class:`~mailadmin.models.Pop3Node` row and its sessions' maildrop leases;
+* finds its sessions to end: kicked (``kick_requested_at`` set by the admin, the API or
+  ``kickpop3``), mailbox or domain deactivated, login disabled, password changed, mailbox
+  deleted; and ends them with no UPDATE applied;
+* now and then marks sessions of processes that stopped heartbeating as ``lost``.
+"""
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from django.db import DatabaseError, transaction
+from django.db.models import F, QuerySet
+from django.utils import timezone
+
+from mailadmin import store
+from mailadmin.executors import BoundedExecutor
+from mailadmin.maildrop import OrmMaildrop
+from mailadmin.models import AuthFailure, Pop3Node, Pop3Session
+from pop3.mailbox import ConnectionInfo, EndReason, LoginFailure, Maildrop, SessionStats
+from pop3.session import Session
+
+logger = logging.getLogger("mailadmin.pop3")
+
+# A process whose heartbeat is older than this many monitor intervals is taken for dead.
+STALE_INTERVALS = 10
+MIN_STALE_SECONDS = 10.0
+SWEEP_EVERY_TICKS = 30
+ID_BATCH_SIZE = 500
+
+STAT_FIELDS = (
+    "commands",
+    "bytes_in",
+    "bytes_out",
+    "retr_count",
+    "retr_bytes",
+    "top_count",
+    "top_bytes",
+    "deleted_count",
+    "deleted_bytes",
+    "message_count",
+    "message_bytes",
+)
+
+
+def node_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def password_fingerprint(password_hash: str) -> str:
+    """Enough of a password hash to notice it changed, without copying the hash around."""
+    return hashlib.sha256(password_hash.encode()).hexdigest()[:32]
+
+
+def printable(text: str) -> str:
+    """Client-supplied text made safe for logs and listings: non-printables become '?'."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def stale_after(interval: float) -> timedelta:
+    return timedelta(seconds=max(MIN_STALE_SECONDS, STALE_INTERVALS * interval))
+
+
+def running(sessions: QuerySet, interval: float = 1.0) -> QuerySet:
+    """Open sessions whose process is still heartbeating."""
+    alive = Pop3Node.objects.filter(heartbeat_at__gte=timezone.now() - stale_after(interval))
+    return sessions.open().filter(node__in=alive.values("name"))
+
+
+def request_kick(*, address: str | None = None, session_id: str | None = None) -> int:
+    """Mark open sessions of a mailbox (or one session) to be ended; return how many."""
+    sessions = Pop3Session.objects.open().filter(kick_requested_at__isnull=True)
+    if address is not None:
+        sessions = sessions.filter(mailbox=store.get_mailbox(address))
+    if session_id is not None:
+        sessions = sessions.filter(pk=session_id)
+    return sessions.update(kick_requested_at=timezone.now())
+
+
+@dataclass
+class _Outbox:
+    """Row writes queued by recorders since the last tick."""
+
+    inserts: list[dict] = field(default_factory=list)
+    updates: dict[str, dict] = field(default_factory=dict)
+    failures: list[dict] = field(default_factory=list)
+
+    def update(self, session_id: str, **fields) -> None:
+        self.updates.setdefault(session_id, {}).update(fields)
+
+    def __bool__(self) -> bool:
+        return bool(self.inserts or self.updates or self.failures)
+
+
+class SessionRecorder:
+    """The SessionObserver of one session: queues its row writes and logs its end."""
+
+    def __init__(self, monitor: "Pop3Monitor", session: Session) -> None:
+        self.monitor = monitor
+        self.session = session
+        self.session_id = ""
+        self.username = ""
+        self.info: ConnectionInfo | None = None
+        self.tls = ""
+        self.maildrop: OrmMaildrop | None = None
+
+    def opened(self, info: ConnectionInfo) -> None:
+        self.info = info
+        self.session_id = info.session_id
+        self.monitor.outbox.inserts.append(
+            {
+                "id": info.session_id,
+                "node": self.monitor.node,
+                "peer_host": info.peer[0],
+                "peer_port": info.peer[1],
+                "local_host": info.local[0],
+                "local_port": info.local[1],
+                "implicit_tls": info.implicit_tls,
+                "started_at": timezone.now(),
+            }
+        )
+
+    def tls_established(self, version: str, cipher: str) -> None:
+        self.tls = version
+        self.monitor.outbox.update(self.session_id, tls_version=version, tls_cipher=cipher)
+
+    def login_failed(self, username: str, failure: LoginFailure, mechanism: str) -> None:
+        self.username = printable(username)[:320]
+        self.monitor.outbox.update(self.session_id, username=self.username)
+        if failure is not LoginFailure.BAD_CREDENTIALS:  # credential failures are recorded by the authenticator
+            self.monitor.outbox.failures.append(
+                {
+                    "created_at": timezone.now(),
+                    "session_id": self.session_id,
+                    "username": self.username,
+                    "peer_host": self.info.peer[0],
+                    "source": self.info.peer[0],
+                    "mechanism": mechanism,
+                    "reason": failure.value,
+                    "penalised": False,
+                }
+            )
+
+    def logged_in(self, username: str, mechanism: str, maildrop: Maildrop) -> None:
+        self.username = printable(username)[:320]
+        fields = {"username": self.username, "authenticated_at": timezone.now()}
+        if isinstance(maildrop, OrmMaildrop):
+            self.maildrop = maildrop
+            fields["mailbox_id"] = maildrop.mailbox_id
+        self.monitor.outbox.update(self.session_id, **fields)
+        self.monitor.track(self)
+
+    def progress(self, stats: SessionStats) -> None:
+        self.monitor.outbox.update(self.session_id, **_stat_fields(stats))
+
+    def closed(self, reason: EndReason, stats: SessionStats) -> None:
+        self.monitor.untrack(self)
+        self.monitor.outbox.update(
+            self.session_id, ended_at=timezone.now(), end_reason=reason.value, **_stat_fields(stats)
+        )
+        logger.info(
+            "session=<%s> user=<%s> rip=%s lip=%s%s: %s top=%d/%d, retr=%d/%d, del=%d/%d, size=%d, in=%d, out=%d",
+            self.session_id,
+            self.username,
+            self.info.peer[0],
+            self.info.local[0],
+            f" {self.tls}" if self.tls else "",
+            reason.value,
+            stats.top_count,
+            stats.top_bytes,
+            stats.retr_count,
+            stats.retr_bytes,
+            stats.deleted_count,
+            stats.deleted_bytes,
+            stats.message_bytes,
+            stats.bytes_in,
+            stats.bytes_out,
+        )
+
+
+def _stat_fields(stats: SessionStats) -> dict[str, int]:
+    return {name: getattr(stats, name) for name in STAT_FIELDS}
+
+
+class Pop3Monitor:
+    """One per runpop3 process; see the module docstring."""
+
+    def __init__(self, executor: BoundedExecutor, *, node: str, interval: float, lease_ttl: float) -> None:
+        self.executor = executor
+        self.node = node
+        self.interval = interval
+        self.lease_ttl = lease_ttl
+        self.outbox = _Outbox()
+        self._tracked: dict[str, SessionRecorder] = {}
+        self._ticks = 0
+
+    def recorder(self, session: Session) -> SessionRecorder:
+        return SessionRecorder(self, session)
+
+    def track(self, recorder: SessionRecorder) -> None:
+        self._tracked[recorder.session_id] = recorder
+
+    def untrack(self, recorder: SessionRecorder) -> None:
+        self._tracked.pop(recorder.session_id, None)
+
+    async def run(self) -> None:
+        await self.executor.run(register_node, self.node)
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.tick()
+
+    async def tick(self) -> None:
+        outbox, self.outbox = self.outbox, _Outbox()
+        tracked = {
+            session_id: recorder.maildrop
+            for session_id, recorder in self._tracked.items()
+            if recorder.maildrop is not None
+        }
+        self._ticks += 1
+        sweep = self._ticks % SWEEP_EVERY_TICKS == 1
+        try:
+            kicks = await self.executor.run(sync_node, self.node, outbox, tracked, self.lease_ttl, self.interval, sweep)
+        except DatabaseError:
+            logger.warning("could not write POP3 session rows; retrying next tick", exc_info=True)
+            self._requeue(outbox)
+            return
+        for session_id in kicks:
+            recorder = self._tracked.get(session_id)
+            if recorder is not None:
+                recorder.session.kick(EndReason.KICKED)
+
+    async def stop(self) -> None:
+        """Write what is still queued and take this process off the node list."""
+        await self.tick()
+        await self.executor.run(unregister_node, self.node)
+
+    def _requeue(self, outbox: _Outbox) -> None:
+        newer = self.outbox
+        self.outbox = outbox
+        self.outbox.inserts += newer.inserts
+        for session_id, fields in newer.updates.items():
+            self.outbox.update(session_id, **fields)
+        self.outbox.failures += newer.failures
+
+
+# --- Sync units -------------------------------------------------------------------------------
+
+
+def register_node(node: str) -> None:
+    now = timezone.now()
+    Pop3Node.objects.update_or_create(name=node, defaults={"started_at": now, "heartbeat_at": now})
+
+
+def unregister_node(node: str) -> None:
+    Pop3Node.objects.filter(name=node).delete()
+
+
+def sync_node(
+    node: str, outbox: _Outbox, tracked: dict[str, OrmMaildrop], lease_ttl: float, interval: float, sweep: bool
+) -> list[str]:
+    """One monitor tick's database work; returns the ids of sessions to end."""
+    now = timezone.now()
+    with transaction.atomic():
+        if outbox.inserts:
+            Pop3Session.objects.bulk_create([Pop3Session(**fields) for fields in outbox.inserts])
+        for session_id, fields in outbox.updates.items():
+            Pop3Session.objects.filter(pk=session_id).update(**fields)
+        if outbox.failures:
+            AuthFailure.objects.bulk_create([AuthFailure(**fields) for fields in outbox.failures])
+        Pop3Node.objects.update_or_create(name=node, defaults={"heartbeat_at": now}, create_defaults={"started_at": now, "heartbeat_at": now})
+    store.renew_leases([maildrop.owner for maildrop in tracked.values()], lease_ttl)
+    if sweep:
+        sweep_lost_sessions(interval)
+    return sessions_to_end(tracked)
+
+
+def sessions_to_end(tracked: dict[str, OrmMaildrop]) -> list[str]:
+    ids = list(tracked)
+    doomed = []
+    for start in range(0, len(ids), ID_BATCH_SIZE):
+        rows = Pop3Session.objects.filter(pk__in=ids[start : start + ID_BATCH_SIZE]).values_list(
+            "pk",
+            "kick_requested_at",
+            "mailbox__active",
+            "mailbox__domain__active",
+            "mailbox__user__is_active",
+            "mailbox__user__password",
+        )
+        for session_id, kick_requested_at, active, domain_active, user_active, password in rows:
+            key = session_id.hex
+            if (
+                kick_requested_at is not None
+                or not (active and domain_active and user_active)
+                or password_fingerprint(password) != tracked[key].password_fingerprint
+            ):
+                doomed.append(key)
+    return doomed
+
+
+def sweep_lost_sessions(interval: float) -> int:
+    """End the open sessions of processes that stopped heartbeating, and forget those processes."""
+    dead = Pop3Node.objects.filter(heartbeat_at__lt=timezone.now() - stale_after(interval))
+    lost = Pop3Session.objects.open().filter(node__in=dead.values("name"))
+    count = lost.update(ended_at=timezone.now(), end_reason=Pop3Session.EndReason.LOST)
+    orphans = Pop3Session.objects.open().exclude(node__in=Pop3Node.objects.values("name"))
+    count += orphans.update(ended_at=F("started_at"), end_reason=Pop3Session.EndReason.LOST)
+    dead.delete()
+    return count

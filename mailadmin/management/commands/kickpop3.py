@@ -1,0 +1,31 @@
+"""``kickpop3 ADDRESS|SESSION``: end live POP3 sessions without applying their deletions."""
+
+import uuid
+
+from django.core.management.base import BaseCommand
+
+from mailadmin import live
+from mailadmin.management.commandutils import store_errors
+
+
+class Command(BaseCommand):
+    help = "End the POP3 sessions of a mailbox, or one session by id, on whichever server holds them."
+
+    def add_arguments(self, parser):
+        parser.add_argument("target", metavar="ADDRESS|SESSION", help="A mailbox address or a session id.")
+
+    def handle(self, *args, target: str, **options):
+        with store_errors():
+            if _is_session_id(target):
+                count = live.request_kick(session_id=target)
+            else:
+                count = live.request_kick(address=target)
+        self.stdout.write(f"kick requested for {count} session{'s' if count != 1 else ''}")
+
+
+def _is_session_id(target: str) -> bool:
+    try:
+        uuid.UUID(target)
+    except ValueError:
+        return False
+    return True

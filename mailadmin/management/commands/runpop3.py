@@ -1,0 +1,95 @@
+"""``runpop3``: the POP3 (plain + STLS) and POP3S listeners over the mail store.
+
+Wiring only: options and settings in, a pop3.server.Pop3Server with the ORM authenticator and
+session recorder out, signals hooked up, ``asyncio.run``.
+"""
+
+import asyncio
+import signal
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from mailadmin.auth import AuthPolicy, Pop3Authenticator
+from mailadmin.executors import BoundedExecutor
+from mailadmin.live import Pop3Monitor, node_name
+from pop3.server import Pop3Server, ServerConfig
+from pop3.session import Timeouts
+
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+class Command(BaseCommand):
+    help = "Serve POP3 (with STLS) and POP3S from the mail store until SIGTERM or Ctrl-C."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--bind", default=settings.POP3_BIND, help="Address to listen on (POP3_BIND).")
+        parser.add_argument(
+            "--port", type=int, default=settings.POP3_PORT, help="Plain POP3 + STLS port; 0 disables (POP3_PORT)."
+        )
+        parser.add_argument(
+            "--tls-port", type=int, default=settings.POP3S_PORT, help="Implicit-TLS port; 0 disables (POP3S_PORT)."
+        )
+        parser.add_argument("--certfile", default=settings.POP3_TLS_CERTFILE, help="PEM certificate chain.")
+        parser.add_argument("--keyfile", default=settings.POP3_TLS_KEYFILE, help="PEM private key.")
+
+    def handle(self, *args, bind: str, port: int, tls_port: int, certfile: str, keyfile: str, **options):
+        if bool(certfile) != bool(keyfile):
+            raise CommandError("give both --certfile and --keyfile, or neither")
+        if tls_port and not certfile:
+            tls_port = 0
+            self.stderr.write("no certificate configured: POP3S disabled and STLS not offered")
+        config = ServerConfig(
+            host=bind,
+            port=port or None,
+            tls_port=tls_port or None,
+            certfile=certfile,
+            keyfile=keyfile,
+            trusted_networks=settings.POP3_TRUSTED_NETWORKS,
+            max_connections=settings.POP3_MAX_CONNECTIONS,
+            max_connections_per_ip=settings.POP3_MAX_CONNECTIONS_PER_IP,
+            tls_handshake_timeout=settings.POP3_TLS_HANDSHAKE_TIMEOUT,
+            timeouts=Timeouts(login=settings.POP3_LOGIN_TIMEOUT, idle=settings.POP3_IDLE_TIMEOUT),
+            login_delay_seconds=settings.POP3_LOGIN_DELAY,
+            greeting=settings.POP3_GREETING,
+        )
+        if config.port is None and config.tls_port is None:
+            raise CommandError("both listeners are disabled")
+        try:
+            asyncio.run(self._serve(config))
+        except OSError as error:
+            raise CommandError(f"cannot listen: {error}") from None
+
+    async def _serve(self, config: ServerConfig) -> None:
+        node = node_name()
+        database = BoundedExecutor(settings.POP3_DB_THREADS, "pop3-db")
+        hashing = BoundedExecutor(settings.POP3_AUTH_THREADS, "pop3-auth")
+        policy = AuthPolicy(
+            node=node,
+            failure_delay=settings.POP3_AUTH_FAILURE_DELAY,
+            penalty_max=settings.POP3_AUTH_PENALTY_MAX,
+            penalty_window_seconds=settings.POP3_AUTH_PENALTY_WINDOW,
+            max_userip_sessions=settings.POP3_MAX_USERIP_SESSIONS,
+            login_delay_seconds=settings.POP3_LOGIN_DELAY,
+            lease_ttl_seconds=settings.POP3_LEASE_TTL,
+        )
+        monitor = Pop3Monitor(
+            database, node=node, interval=settings.POP3_MONITOR_INTERVAL, lease_ttl=settings.POP3_LEASE_TTL
+        )
+        server = Pop3Server(config, Pop3Authenticator(policy, database=database, hashing=hashing), monitor.recorder)
+        await server.start()
+        monitor_task = asyncio.create_task(monitor.run())
+        for kind, (host, port) in server.addresses.items():
+            self.stdout.write(f"runpop3 {node}: {'POP3S' if kind == 'tls' else 'POP3'} listening on {host}:{port}")
+        self.stdout.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+        await stop.wait()
+        await server.shutdown(SHUTDOWN_GRACE_SECONDS)
+        monitor_task.cancel()
+        await monitor.stop()
+        database.shutdown()
+        hashing.shutdown()
