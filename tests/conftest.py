@@ -14,8 +14,8 @@ PROJECT_DIR = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def make_mailbox(db):
-    """Create a mailbox (and its domain when missing) through the store."""
+def make_mailbox():
+    """Create a mailbox (and its domain when missing) through the store; needs a django_db mark."""
 
     def make(address: str = "alice@example.test", *, quota_bytes: int = 0, **options):
         return store.create_mailbox(

@@ -1,0 +1,166 @@
+"""One contract, two maildrops: the in-memory reference and the ORM one runpop3 uses."""
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+
+from mailadmin import store
+from mailadmin.delivery import deliver
+from mailadmin.executors import BoundedExecutor
+from mailadmin.maildrop import OrmMaildrop
+from mailadmin.models import Mailbox, MaildropLease, Message
+from pop3.mailbox import Maildrop, MaildropError, MemoryStore
+
+MESSAGES = [
+    b"Subject: one\r\n\r\nfirst body\r\n",
+    b"Subject: two\r\n\r\n" + b"x" * 5000 + b"\r\n",
+    b"Subject: three\r\n\r\n.dot line\r\n",
+]
+
+
+@dataclass
+class Harness:
+    open: Callable[[], Maildrop | None]  # a new session's maildrop, or None when locked
+    stored: Callable[[], list[bytes]]  # what the mailbox holds now, in order
+    add: Callable[[bytes], None]  # a delivery from outside the session
+    steal_lock: Callable[[], None]  # another holder takes the lock over
+
+
+def memory_harness() -> Harness:
+    memory = MemoryStore([(f"uid{n}", data) for n, data in enumerate(MESSAGES)])
+    owners = iter(range(100))
+
+    def steal() -> None:
+        memory.lock_owner = "thief"
+
+    return Harness(
+        open=lambda: memory.acquire(f"session-{next(owners)}"),
+        stored=lambda: [data for _, data in memory.messages],
+        add=lambda data: memory.messages.append((f"new{len(memory.messages)}", data)),
+        steal_lock=steal,
+    )
+
+
+def orm_harness(make_mailbox) -> Harness:
+    mailbox = make_mailbox("contract@example.test")
+    for data in MESSAGES:
+        deliver([mailbox.address], [data])
+    # Trace headers differ per delivery; strip them so both harnesses hold the same bytes.
+    prefix = len(b"Return-Path: <>\r\nDelivered-To: contract@example.test\r\n")
+    executor = BoundedExecutor(2, "test-db")
+    owners = iter(range(100))
+
+    def open_maildrop() -> Maildrop | None:
+        owner = f"owner-{next(owners)}"
+        if not store.acquire_lease(mailbox.pk, owner, "test", 60):
+            return None
+        return StrippedMaildrop(executor, mailbox.pk, owner, store.maildrop_snapshot(mailbox.pk), prefix)
+
+    def stored() -> list[bytes]:
+        ids = Message.objects.for_maildrop(mailbox).values_list("pk", flat=True)
+        return [b"".join(store.iter_message_bytes(pk))[prefix:] for pk in ids]
+
+    def steal() -> None:
+        MaildropLease.objects.filter(mailbox=mailbox).update(owner="thief")
+
+    return Harness(
+        open=open_maildrop,
+        stored=stored,
+        add=lambda data: deliver([mailbox.address], [data]),
+        steal_lock=steal,
+    )
+
+
+class StrippedMaildrop(OrmMaildrop):
+    """The ORM maildrop with the per-delivery trace headers cut off, for byte comparisons."""
+
+    def __init__(self, executor, mailbox_id, owner, rows, prefix: int) -> None:
+        super().__init__(executor, mailbox_id, owner, rows)
+        self.prefix = prefix
+
+    async def read(self, info):
+        skip = self.prefix
+        async for chunk in super().read(info):
+            piece, skip = chunk[skip:], max(0, skip - len(chunk))
+            if piece:
+                yield piece
+
+
+@pytest.fixture(params=["memory", pytest.param("orm", marks=pytest.mark.django_db(transaction=True))])
+def harness(request, settings, make_mailbox) -> Harness:
+    if request.param == "memory":
+        return memory_harness()
+    settings.MAILADMIN_CHUNK_SIZE_BYTES = 1024  # several chunks for the 5 KB message
+    return orm_harness(make_mailbox)
+
+
+async def read_all(maildrop: Maildrop, number: int) -> bytes:
+    return b"".join([chunk async for chunk in maildrop.read(maildrop.messages[number - 1])])
+
+
+def contents(maildrop: Maildrop) -> list[bytes]:
+    return [asyncio.run(read_all(maildrop, n)) for n in range(1, len(maildrop.messages) + 1)]
+
+
+def test_snapshot_lists_every_message_in_delivery_order_with_exact_bytes(harness):
+    maildrop = harness.open()
+    assert contents(maildrop) == MESSAGES
+    sizes = [info.size for info in maildrop.messages]
+    prefix = getattr(maildrop, "prefix", 0)
+    assert sizes == [len(data) + prefix for data in MESSAGES]
+    assert len({info.uidl for info in maildrop.messages}) == 3
+
+
+def test_a_second_session_cannot_open_a_locked_maildrop_until_release(harness):
+    first = harness.open()
+    assert harness.open() is None
+    asyncio.run(first.release())
+    second = harness.open()
+    assert second is not None
+    assert contents(second) == MESSAGES
+
+
+def test_commit_removes_exactly_the_deleted_messages(harness):
+    maildrop = harness.open()
+    asyncio.run(maildrop.commit([maildrop.messages[0], maildrop.messages[2]]))
+    asyncio.run(maildrop.release())
+    assert harness.stored() == [MESSAGES[1]]
+
+
+def test_release_without_commit_changes_nothing(harness):
+    maildrop = harness.open()
+    asyncio.run(maildrop.release())
+    assert harness.stored() == MESSAGES
+
+
+def test_snapshot_stays_fixed_while_mail_arrives(harness):
+    maildrop = harness.open()
+    harness.add(b"Subject: late\r\n\r\nlate\r\n")
+    assert len(maildrop.messages) == 3
+    assert contents(maildrop) == MESSAGES
+    asyncio.run(maildrop.commit([maildrop.messages[0]]))
+    asyncio.run(maildrop.release())
+    assert len(harness.stored()) == 3
+    assert harness.stored()[-1] == b"Subject: late\r\n\r\nlate\r\n"
+
+
+def test_commit_after_the_lock_was_taken_over_fails_and_removes_nothing(harness):
+    maildrop = harness.open()
+    harness.steal_lock()
+    with pytest.raises(MaildropError):
+        asyncio.run(maildrop.commit([maildrop.messages[0]]))
+    assert harness.stored() == MESSAGES
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_commit_releases_quota_exactly(make_mailbox):
+    harness = orm_harness(make_mailbox)
+    before = Mailbox.objects.get(user__username="contract@example.test").used_bytes
+    maildrop = harness.open()
+    removed = maildrop.messages[1].size
+    asyncio.run(maildrop.commit([maildrop.messages[1]]))
+    mailbox = Mailbox.objects.get(user__username="contract@example.test")
+    assert mailbox.used_bytes == before - removed
+    assert mailbox.used_messages == 2
