@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
+import logging
 import secrets
 import unicodedata
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from mailadmin.executors import BoundedExecutor
 from mailadmin.maildrop import OrmMaildrop
 from mailadmin.models import AuthFailure, Mailbox, Pop3Session
 from pop3.mailbox import LoginFailure, LoginRequest, LoginResult
+
+logger = logging.getLogger(__name__)
 
 MAX_USERNAME_LENGTH = 320
 PENALTY_INITIAL_SECONDS = 2.0
@@ -82,6 +85,7 @@ class Pop3Authenticator:
         except DatabaseError:
             return LoginResult(username=verified.username, failure=LoginFailure.TEMPORARY)
         if failure is not None:
+            await self._record(request, source, failure.value, penalised=False)
             return LoginResult(username=verified.username, failure=failure)
         maildrop = OrmMaildrop(self.database, verified.mailbox_id, owner, rows, verified.password_fingerprint)
         return LoginResult(maildrop=maildrop, username=verified.username)
@@ -96,11 +100,14 @@ class Pop3Authenticator:
         await self._fail(request, source, reason, "")
 
     async def _fail(self, request: LoginRequest, source: str, reason: str, attempt: str) -> None:
-        try:
-            await self.database.run(record_failure, request, source, reason, attempt)
-        except DatabaseError:
-            pass  # the failure still costs its delay; only the record is lost
+        await self._record(request, source, reason, attempt=attempt)
         await asyncio.sleep(self.policy.failure_delay)
+
+    async def _record(self, request: LoginRequest, source: str, reason: str, **fields) -> None:
+        try:
+            await self.database.run(record_failure, request, source, reason, fields)
+        except DatabaseError:
+            logger.warning("could not record a failed login from %s", request.peer_host)
 
     def _attempt(self, request: LoginRequest) -> str:
         """A keyed hash of the tried credentials: equal attempts match, nothing is recoverable."""
@@ -137,7 +144,7 @@ def penalty_seconds(source: str, policy: AuthPolicy) -> float:
     if not policy.penalty_max:
         return 0.0
     since = timezone.now() - timedelta(seconds=policy.penalty_window_seconds)
-    recent = AuthFailure.objects.filter(source=source, created_at__gte=since)
+    recent = AuthFailure.objects.filter(source=source, created_at__gte=since, penalised=True)
     distinct = recent.exclude(attempt="").values("attempt").distinct().count() + recent.filter(attempt="").count()
     if not distinct:
         return 0.0
@@ -171,7 +178,7 @@ def open_maildrop(
     return None, store.maildrop_snapshot(mailbox_id)
 
 
-def record_failure(request: LoginRequest, source: str, reason: str, attempt: str) -> None:
+def record_failure(request: LoginRequest, source: str, reason: str, fields: dict) -> None:
     AuthFailure.objects.create(
         created_at=timezone.now(),
         session_id=request.session_id or None,
@@ -180,5 +187,5 @@ def record_failure(request: LoginRequest, source: str, reason: str, attempt: str
         source=source,
         mechanism=request.mechanism[:16],
         reason=reason[:64],
-        attempt=attempt,
+        **fields,
     )

@@ -28,7 +28,7 @@ from django.utils import timezone
 from mailadmin import store
 from mailadmin.executors import BoundedExecutor
 from mailadmin.maildrop import OrmMaildrop
-from mailadmin.models import AuthFailure, Pop3Node, Pop3Session
+from mailadmin.models import Pop3Node, Pop3Session
 from pop3.mailbox import ConnectionInfo, EndReason, LoginFailure, Maildrop, SessionStats
 from pop3.session import Session
 
@@ -95,13 +95,9 @@ class _Outbox:
 
     inserts: list[dict] = field(default_factory=list)
     updates: dict[str, dict] = field(default_factory=dict)
-    failures: list[dict] = field(default_factory=list)
 
     def update(self, session_id: str, **fields) -> None:
         self.updates.setdefault(session_id, {}).update(fields)
-
-    def __bool__(self) -> bool:
-        return bool(self.inserts or self.updates or self.failures)
 
 
 class SessionRecorder:
@@ -137,21 +133,9 @@ class SessionRecorder:
         self.monitor.outbox.update(self.session_id, tls_version=version, tls_cipher=cipher)
 
     def login_failed(self, username: str, failure: LoginFailure, mechanism: str) -> None:
+        """The authenticator records the failure itself; the session row learns the name tried."""
         self.username = printable(username)[:320]
         self.monitor.outbox.update(self.session_id, username=self.username)
-        if failure is not LoginFailure.BAD_CREDENTIALS:  # credential failures are recorded by the authenticator
-            self.monitor.outbox.failures.append(
-                {
-                    "created_at": timezone.now(),
-                    "session_id": self.session_id,
-                    "username": self.username,
-                    "peer_host": self.info.peer[0],
-                    "source": self.info.peer[0],
-                    "mechanism": mechanism,
-                    "reason": failure.value,
-                    "penalised": False,
-                }
-            )
 
     def logged_in(self, username: str, mechanism: str, maildrop: Maildrop) -> None:
         self.username = printable(username)[:320]
@@ -252,7 +236,6 @@ class Pop3Monitor:
         self.outbox.inserts += newer.inserts
         for session_id, fields in newer.updates.items():
             self.outbox.update(session_id, **fields)
-        self.outbox.failures += newer.failures
 
 
 # --- Sync units -------------------------------------------------------------------------------
@@ -277,8 +260,6 @@ def sync_node(
             Pop3Session.objects.bulk_create([Pop3Session(**fields) for fields in outbox.inserts])
         for session_id, fields in outbox.updates.items():
             Pop3Session.objects.filter(pk=session_id).update(**fields)
-        if outbox.failures:
-            AuthFailure.objects.bulk_create([AuthFailure(**fields) for fields in outbox.failures])
         Pop3Node.objects.update_or_create(name=node, defaults={"heartbeat_at": now}, create_defaults={"started_at": now, "heartbeat_at": now})
     store.renew_leases([maildrop.owner for maildrop in tracked.values()], lease_ttl)
     if sweep:

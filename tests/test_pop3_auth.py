@@ -1,0 +1,241 @@
+"""POP3 authentication policy and the session registry, against the real database."""
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import make_password
+from django.core.management import call_command
+from django.utils import timezone
+
+from mailadmin import live, store
+from mailadmin.auth import AuthPolicy, Pop3Authenticator, normalise_login, penalty_seconds, penalty_source
+from mailadmin.delivery import deliver
+from mailadmin.executors import BoundedExecutor
+from mailadmin.models import AuthFailure, Domain, Mailbox, MaildropLease, Pop3Node, Pop3Session
+from pop3.mailbox import LoginFailure, LoginRequest
+
+PASSWORD = "correct horse"
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("  Alice@Example.TEST ", "alice@example.test"),
+        ("ＡＬＩＣＥ@example.test", "alice@example.test"),  # NFKC, as Django normalises usernames
+        ("", None),
+        ("a\x00b@example.test", None),
+        ("a b@example.test", None),
+        ("x" * 321, None),
+    ],
+)
+def test_login_names_are_normalised_like_django_usernames(given, expected):
+    assert normalise_login(given) == expected
+
+
+@pytest.mark.parametrize(
+    ("peer", "source"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2::5", "2001:db8:1::/48"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+        ("fe80::1%eth0", "fe80::/48"),
+    ],
+)
+def test_penalty_groups_ipv6_by_48(peer, source):
+    assert penalty_source(peer) == source
+
+
+def failure(source: str, attempt: str, *, age_seconds: int = 0, penalised: bool = True) -> None:
+    AuthFailure.objects.create(
+        created_at=timezone.now() - timedelta(seconds=age_seconds),
+        peer_host=source,
+        source=source,
+        mechanism="USER",
+        reason="bad credentials",
+        attempt=attempt,
+        penalised=penalised,
+    )
+
+
+@pytest.mark.django_db
+def test_penalty_doubles_per_distinct_failure_up_to_the_cap():
+    policy = AuthPolicy(node="test", penalty_max=15.0)
+    seen = [penalty_seconds("192.0.2.1", policy)]
+    for attempt in "abcd":
+        failure("192.0.2.1", attempt)
+        seen.append(penalty_seconds("192.0.2.1", policy))
+    assert seen == [0.0, 2.0, 4.0, 8.0, 15.0]
+
+
+@pytest.mark.django_db
+def test_repeating_the_same_wrong_password_does_not_grow_the_penalty():
+    policy = AuthPolicy(node="test")
+    for _ in range(5):
+        failure("192.0.2.2", "same")
+    assert penalty_seconds("192.0.2.2", policy) == 2.0
+
+
+@pytest.mark.django_db
+def test_penalty_ignores_old_failures_other_sources_and_unpenalised_rows():
+    policy = AuthPolicy(node="test", penalty_window_seconds=900)
+    failure("192.0.2.3", "old", age_seconds=1000)
+    failure("192.0.2.4", "other")
+    failure("192.0.2.3", "locked", penalised=False)
+    assert penalty_seconds("192.0.2.3", policy) == 0.0
+    assert penalty_seconds("192.0.2.3", AuthPolicy(node="test", penalty_max=0)) == 0.0
+
+
+def login(username: str, password: str, *, peer: str = "192.0.2.10", **policy):
+    """Run one authentication the way runpop3 does, on real executors."""
+    policy = AuthPolicy(node="test-node", failure_delay=0, penalty_max=0, **policy)
+    authenticator = Pop3Authenticator(
+        policy, database=BoundedExecutor(2, "test-db"), hashing=BoundedExecutor(1, "test-hash")
+    )
+    request = LoginRequest(username, password, "USER", peer, True, uuid.uuid4().hex)
+    return asyncio.run(authenticator.authenticate(request))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_good_credentials_lock_the_mailbox_and_snapshot_it(make_mailbox):
+    mailbox = make_mailbox("alice@example.test")
+    deliver([mailbox.address], [b"Subject: hi\r\n\r\nbody\r\n"])
+    result = login("Alice@Example.test", PASSWORD)
+    assert result.failure is None
+    assert result.username == "alice@example.test"
+    assert [info.uidl for info in result.maildrop.messages] == [store.format_uidl(1, mailbox.uid_validity)]
+    assert MaildropLease.objects.get().owner == result.maildrop.owner
+    second = login("alice@example.test", PASSWORD)
+    assert second.failure is LoginFailure.IN_USE
+    assert second.maildrop is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_unknown_user_wrong_password_and_inactive_mailbox_fail_alike(make_mailbox):
+    make_mailbox("alice@example.test")
+    off = make_mailbox("off@example.test")
+    Mailbox.objects.filter(pk=off.pk).update(active=False)
+    make_mailbox("bob@closed.test")
+    Domain.objects.filter(name="closed.test").update(active=False)
+    results = [
+        login("alice@example.test", "wrong"),
+        login("nobody@example.test", PASSWORD),
+        login("off@example.test", PASSWORD),
+        login("bob@closed.test", PASSWORD),
+        login("bad\x01name", PASSWORD),
+    ]
+    assert [(r.failure, r.maildrop) for r in results] == [(LoginFailure.BAD_CREDENTIALS, None)] * 5
+    rows = list(AuthFailure.objects.order_by("created_at").values_list("username", "reason", "source"))
+    assert rows[:4] == [
+        ("alice@example.test", "bad credentials", "192.0.2.10"),
+        ("nobody@example.test", "bad credentials", "192.0.2.10"),
+        ("off@example.test", "bad credentials", "192.0.2.10"),
+        ("bob@closed.test", "bad credentials", "192.0.2.10"),
+    ]
+    assert rows[4] == ("bad?name", "bad credentials", "192.0.2.10")
+    assert not MaildropLease.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_hash_django_wants_upgraded_is_upgraded_at_login(make_mailbox):
+    mailbox = make_mailbox("old@example.test")
+    get_user_model().objects.filter(pk=mailbox.user_id).update(password=make_password(PASSWORD, hasher="pbkdf2_sha256"))
+    assert login("old@example.test", PASSWORD).failure is None
+    assert get_user_model().objects.get(pk=mailbox.user_id).password.startswith("argon2$")
+
+
+def open_session_row(mailbox: Mailbox, peer: str = "192.0.2.10", *, node: str = "test-node", **fields) -> Pop3Session:
+    now = timezone.now()
+    Pop3Node.objects.update_or_create(name=node, defaults={"started_at": now, "heartbeat_at": now})
+    return Pop3Session.objects.create(
+        id=uuid.uuid4(),
+        node=node,
+        mailbox=mailbox,
+        username=mailbox.address,
+        peer_host=peer,
+        peer_port=1234,
+        local_host="127.0.0.1",
+        local_port=110,
+        started_at=now,
+        authenticated_at=now,
+        **fields,
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_session_cap_per_user_and_address_answers_in_use(make_mailbox):
+    mailbox = make_mailbox("capped@example.test")
+    open_session_row(mailbox)
+    assert login("capped@example.test", PASSWORD, max_userip_sessions=1).failure is LoginFailure.TOO_MANY_SESSIONS
+    assert login("capped@example.test", PASSWORD, max_userip_sessions=1, peer="192.0.2.99").failure is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sessions_of_a_dead_process_do_not_count_against_the_cap(make_mailbox):
+    mailbox = make_mailbox("capped@example.test")
+    open_session_row(mailbox, node="dead-node")
+    Pop3Node.objects.filter(name="dead-node").update(heartbeat_at=timezone.now() - timedelta(minutes=5))
+    assert login("capped@example.test", PASSWORD, max_userip_sessions=1).failure is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_login_delay_refuses_a_login_too_soon_after_the_last(make_mailbox):
+    mailbox = make_mailbox("slow@example.test")
+    open_session_row(mailbox, ended_at=timezone.now(), end_reason="quit")
+    assert login("slow@example.test", PASSWORD, login_delay_seconds=300).failure is LoginFailure.LOGIN_DELAY
+    Pop3Session.objects.update(authenticated_at=timezone.now() - timedelta(seconds=301))
+    assert login("slow@example.test", PASSWORD, login_delay_seconds=300).failure is None
+
+
+@pytest.mark.django_db
+def test_monitor_finds_kicked_deactivated_and_repassworded_sessions(make_mailbox):
+    boxes = {name: make_mailbox(f"{name}@example.test") for name in ("calm", "kicked", "off", "newpass", "gone")}
+    rows = {name: open_session_row(mailbox) for name, mailbox in boxes.items()}
+    tracked = {
+        row.pk.hex: type("Drop", (), {"password_fingerprint": live.password_fingerprint(boxes[name].user.password)})
+        for name, row in rows.items()
+    }
+    assert live.request_kick(address="kicked@example.test") == 1
+    Mailbox.objects.filter(pk=boxes["off"].pk).update(active=False)
+    store.set_password("newpass@example.test", "brand-new-horse")
+    store.delete_mailbox("gone@example.test")
+    doomed = set(live.sessions_to_end(tracked))
+    assert doomed == {rows[name].pk.hex for name in ("kicked", "off", "newpass", "gone")}
+
+
+@pytest.mark.django_db
+def test_sweep_ends_the_sessions_of_processes_that_stopped_heartbeating(make_mailbox):
+    mailbox = make_mailbox()
+    alive = open_session_row(mailbox, node="alive")
+    dead = open_session_row(mailbox, node="dead")
+    Pop3Node.objects.filter(name="dead").update(heartbeat_at=timezone.now() - timedelta(minutes=5))
+    assert live.sweep_lost_sessions(interval=1.0) == 1
+    dead.refresh_from_db()
+    alive.refresh_from_db()
+    assert (dead.end_reason, alive.end_reason) == ("lost", "")
+    assert list(Pop3Node.objects.values_list("name", flat=True)) == ["alive"]
+
+
+@pytest.mark.django_db
+def test_kickpop3_by_address_and_by_session_id(make_mailbox, capsys):
+    mailbox = make_mailbox("k@example.test")
+    first = open_session_row(mailbox)
+    second = open_session_row(mailbox)
+    call_command("kickpop3", str(first.pk))
+    assert capsys.readouterr().out == "kick requested for 1 session\n"
+    call_command("kickpop3", "K@example.test")
+    assert capsys.readouterr().out == "kick requested for 1 session\n"
+    assert Pop3Session.objects.filter(kick_requested_at__isnull=False).count() == 2
+    second.refresh_from_db()
+    assert second.kick_requested_at is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_locked_mailbox_is_recorded_but_does_not_grow_the_penalty(make_mailbox):
+    make_mailbox("busy@example.test")
+    assert login("busy@example.test", PASSWORD).failure is None
+    assert login("busy@example.test", PASSWORD).failure is LoginFailure.IN_USE
+    assert list(AuthFailure.objects.values_list("reason", "penalised")) == [("mailbox in use", False)]
+    assert penalty_seconds("192.0.2.10", AuthPolicy(node="test")) == 0.0
