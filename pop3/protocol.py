@@ -399,6 +399,8 @@ class Connection:
         except UnicodeDecodeError:
             return self._bad(err(TEXT_BAD_ENCODING))
         keyword, separator, argument = text.partition(" ")
+        if not keyword.isascii():  # "ſtat".upper() == "STAT": keywords are ASCII (RFC 1939 s. 3)
+            return self._bad(err(TEXT_UNKNOWN_COMMAND))
         keyword = keyword.upper()
         handler = _HANDLERS.get(keyword)
         if handler is None:
@@ -496,7 +498,7 @@ class Connection:
             mechanisms = SASL_MECHANISMS if self.cleartext_allowed else ()
             return Reply(multiline("Supported mechanisms follow.", mechanisms))
         mechanism, space, initial = argument.partition(" ")
-        mechanism = mechanism.upper()
+        mechanism = mechanism.upper() if mechanism.isascii() else ""
         if mechanism not in SASL_MECHANISMS:
             return Reply(err(TEXT_UNSUPPORTED_MECHANISM, ResponseCode.AUTH))
         if not self.cleartext_allowed:
@@ -612,6 +614,10 @@ def decode_sasl_base64(text: str) -> bytes | None:
     if text == "=":
         return b""
     if not text or len(text) % 4:
+        return None
+    # strict_mode still accepts a whole "====" group after an unpadded one.
+    data = text.rstrip("=")
+    if len(text) - len(data) > 2 or "=" in data:
         return None
     try:
         return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)

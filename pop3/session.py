@@ -182,7 +182,7 @@ class Session:
                 await self._update()
                 return EndReason.QUIT
             await self._dispatch(event)
-            await self.io.drain()
+            await self._drain()
             self.observer.progress(self.stats)
 
     async def _receive(self) -> None:
@@ -194,6 +194,11 @@ class Session:
             data = await self.io.receive()
         self.stats.bytes_in += len(data)
         self.conn.receive_data(data)
+
+    async def _drain(self) -> None:
+        """Wait for a client that is slow to read, but not forever (RFC 1939 autologout)."""
+        async with asyncio.timeout(self._timeouts.idle):
+            await self.io.drain()
 
     def _write(self, data: bytes) -> None:
         self.stats.bytes_out += len(data)
@@ -311,7 +316,7 @@ class Session:
         stuffer = protocol.DotStuffer()
         chunks = self._maildrop.read(found)
         try:
-            first = await anext(chunks, b"")
+            first = await anext(chunks, None)
         except MaildropError:
             self._write(err(TEXT_STORE_FAILED, ResponseCode.SYS_TEMP))
             return
@@ -320,15 +325,15 @@ class Session:
         self._write(status)
         chunk = first
         try:
-            while chunk:
+            while chunk is not None:
                 piece = limiter.feed(chunk) if limiter else chunk
                 out = stuffer.feed(piece)
                 sent += len(out)
                 self._write(out)
-                await self.io.drain()
+                await self._drain()
                 if limiter and limiter.done:
                     break
-                chunk = await anext(chunks, b"")
+                chunk = await anext(chunks, None)
         finally:
             await chunks.aclose()
         self._write(stuffer.finish())
