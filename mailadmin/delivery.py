@@ -4,17 +4,20 @@ It knows nothing of LMTP or exit codes; the doors (``manage.py deliver``, the LM
 translate its per-recipient results with small tables of their own.
 """
 
+import email.utils
 import enum
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db import DatabaseError, transaction
 
 from mailadmin import store
 from mailadmin.addresses import normalise_address
 from mailadmin.messagefile import MessageTooLarge, Readable, SpooledMessage, spool_message
 from mailadmin.models import Mailbox
+from mailadmin.units import format_size
 
 logger = logging.getLogger(__name__)
 
@@ -61,17 +64,48 @@ def deliver(
     the message or none does (a retry after failure can never duplicate it); otherwise each
     recipient is committed on its own. Returns only after the stored copies are committed.
     """
-    addresses = [_normalised_or_none(recipient) for recipient in recipients]
     try:
         message = spool_message(stream)
     except MessageTooLarge:
         return [RecipientResult(recipient, DeliveryStatus.TOO_LARGE) for recipient in recipients]
     with message:
-        if all_or_none:
-            return _deliver_all_or_none(recipients, addresses, message, sender)
-        return [
-            _deliver_one(recipient, address, message, sender) for recipient, address in zip(recipients, addresses)
-        ]
+        return deliver_spooled(recipients, message, sender=sender, all_or_none=all_or_none)
+
+
+def deliver_spooled(
+    recipients: Sequence[str], message: SpooledMessage, *, sender: str = "", all_or_none: bool = False
+) -> list[RecipientResult]:
+    """:func:`deliver` for a message already spooled (the LMTP listener spools while reading)."""
+    addresses = [_normalised_or_none(recipient) for recipient in recipients]
+    if all_or_none:
+        results = _deliver_all_or_none(recipients, addresses, message, sender)
+    else:
+        results = [_deliver_one(r, address, message, sender) for r, address in zip(recipients, addresses)]
+    for result, address in zip(results, addresses):
+        if result.delivered:
+            _warn_if_quota_crossed(address)
+    return results
+
+
+def recipient_status(recipient: str, size_hint: int = 0) -> DeliveryStatus:
+    """What a delivery to ``recipient`` would meet now: DELIVERED means it looks deliverable.
+
+    For LMTP's RCPT stage; the delivery itself checks everything again.
+    """
+    address = _normalised_or_none(recipient)
+    mailbox = _find(address) if address else None
+    if mailbox is None:
+        return DeliveryStatus.NO_SUCH_MAILBOX
+    if not _active(mailbox):
+        return DeliveryStatus.MAILBOX_INACTIVE
+    needed = max(size_hint, 1)
+    full = (mailbox.quota_bytes and mailbox.used_bytes + needed > mailbox.quota_bytes) or (
+        mailbox.quota_messages and mailbox.used_messages >= mailbox.quota_messages
+    )
+    domain = mailbox.domain
+    if full or (domain.quota_bytes and domain.used_bytes + needed > domain.quota_bytes):
+        return DeliveryStatus.OVER_QUOTA
+    return DeliveryStatus.DELIVERED
 
 
 def _deliver_one(recipient: str, address: str | None, message: SpooledMessage, sender: str) -> RecipientResult:
@@ -115,12 +149,10 @@ def _deliver_all_or_none(
 
 
 def _store_copy(address: str | None, message: SpooledMessage, sender: str) -> str:
-    if address is None:
-        raise _RecipientRefused(DeliveryStatus.NO_SUCH_MAILBOX)
-    mailbox = Mailbox.objects.select_related("user", "domain").for_address(address).first()
+    mailbox = _find(address) if address else None
     if mailbox is None:
         raise _RecipientRefused(DeliveryStatus.NO_SUCH_MAILBOX)
-    if not (mailbox.active and mailbox.domain.active and mailbox.user.is_active):
+    if not _active(mailbox):
         raise _RecipientRefused(DeliveryStatus.MAILBOX_INACTIVE)
     try:
         stored = store.append_message(
@@ -129,6 +161,60 @@ def _store_copy(address: str | None, message: SpooledMessage, sender: str) -> st
     except store.OverQuota:
         raise _RecipientRefused(DeliveryStatus.OVER_QUOTA) from None
     return stored.uidl
+
+
+def _find(address: str) -> Mailbox | None:
+    return Mailbox.objects.select_related("user", "domain").for_address(address).first()
+
+
+def _active(mailbox: Mailbox) -> bool:
+    return mailbox.active and mailbox.domain.active and mailbox.user.is_active
+
+
+def _warn_if_quota_crossed(address: str) -> None:
+    """Deliver one warning when usage first reaches a warning percentage (80 %, 95 %).
+
+    The announced percentage is moved with a conditional UPDATE, so concurrent deliveries
+    crossing the same line send one warning between them. When usage falls (mail was
+    fetched and deleted) the mark falls with it, and the next crossing warns again.
+    """
+    try:
+        mailbox = _find(address)
+        if mailbox is None or not mailbox.quota_bytes:
+            return
+        reached = [p for p in mailbox.domain.warning_percents() if 100 * mailbox.used_bytes >= p * mailbox.quota_bytes]
+        percent = max(reached, default=0)
+        marks = Mailbox.objects.filter(pk=mailbox.pk)
+        if percent < mailbox.quota_warning_percent:
+            marks.filter(quota_warning_percent__gt=percent).update(quota_warning_percent=percent)
+        elif percent > mailbox.quota_warning_percent:
+            if marks.filter(quota_warning_percent__lt=percent).update(quota_warning_percent=percent):
+                _deliver_warning(mailbox, percent)
+    except DatabaseError:
+        logger.exception("quota warning for %s failed", address)
+
+
+def _deliver_warning(mailbox: Mailbox, percent: int) -> None:
+    values = {
+        "address": mailbox.address,
+        "percent": percent,
+        "used": format_size(mailbox.used_bytes),
+        "quota": format_size(mailbox.quota_bytes),
+    }
+    sender = f"{settings.MAILADMIN_QUOTA_WARNING_FROM}@{mailbox.domain.name}"
+    text = (
+        f"From: {sender}\nTo: {mailbox.address}\n"
+        f"Subject: {settings.MAILADMIN_QUOTA_WARNING_SUBJECT.format(**values)}\n"
+        f"Date: {email.utils.formatdate(localtime=False)}\n"
+        f"Message-ID: {email.utils.make_msgid(domain=mailbox.domain.name)}\n"
+        "Auto-Submitted: auto-generated\nContent-Type: text/plain; charset=utf-8\n\n"
+        f"{settings.MAILADMIN_QUOTA_WARNING_BODY.format(**values)}"
+    )
+    with spool_message([text.encode()]) as warning:
+        # A warning must reach a nearly full mailbox: it is charged but not refused.
+        store.append_message(
+            mailbox, warning, prefix=trace_headers("", mailbox.address), envelope_sender="", enforce_quota=False
+        )
 
 
 def trace_headers(sender: str, recipient: str) -> bytes:

@@ -174,34 +174,52 @@ def _pieces(source: Readable | Iterable[bytes]) -> Iterator[bytes]:
         yield from source
 
 
+class MessageSpooler:
+    """Incremental form of :func:`spool_message`, for callers that receive the message in pieces.
+
+    ``write()`` raises MessageTooLarge once the normalised size passes the limit; after that
+    the spooler must be closed and dropped.
+    """
+
+    def __init__(self, max_size_bytes: int | None = None) -> None:
+        self.limit = settings.MAILADMIN_MAX_MESSAGE_SIZE_BYTES if max_size_bytes is None else max_size_bytes
+        self.size = 0
+        self._spool = tempfile.SpooledTemporaryFile(max_size=settings.MAILADMIN_CHUNK_SIZE_BYTES)
+        self._normaliser = CrlfNormaliser()
+        self._scanner = HeaderScanner(settings.MAILADMIN_HEADER_CACHE_BYTES)
+
+    def write(self, data: bytes) -> None:
+        self._append(self._normaliser.feed(data))
+
+    def finish(self) -> SpooledMessage:
+        self._append(self._normaliser.finish())
+        headers, header_size = self._scanner.result(self.size)
+        return SpooledMessage(self._spool, self.size, headers, header_size)
+
+    def close(self) -> None:
+        self._spool.close()
+
+    def _append(self, data: bytes) -> None:
+        if not data:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            raise MessageTooLarge(self.limit)
+        self._scanner.feed(data)
+        self._spool.write(data)
+
+
 def spool_message(source: Readable | Iterable[bytes], max_size_bytes: int | None = None) -> SpooledMessage:
     """Read ``source`` (a binary file or an iterable of bytes) into a normalised spool.
 
     Raises MessageTooLarge as soon as the normalised size passes ``max_size_bytes`` (default:
     the MAILADMIN_MAX_MESSAGE_SIZE_BYTES setting); the rest of the source is left unread.
     """
-    limit = settings.MAILADMIN_MAX_MESSAGE_SIZE_BYTES if max_size_bytes is None else max_size_bytes
-    spool = tempfile.SpooledTemporaryFile(max_size=settings.MAILADMIN_CHUNK_SIZE_BYTES)
-    normaliser = CrlfNormaliser()
-    scanner = HeaderScanner(settings.MAILADMIN_HEADER_CACHE_BYTES)
-    size = 0
+    spooler = MessageSpooler(max_size_bytes)
     try:
         for piece in _pieces(source):
-            size += _write(spool, scanner, normaliser.feed(piece))
-            if size > limit:
-                raise MessageTooLarge(limit)
-        size += _write(spool, scanner, normaliser.finish())
-        if size > limit:
-            raise MessageTooLarge(limit)
+            spooler.write(piece)
+        return spooler.finish()
     except BaseException:
-        spool.close()
+        spooler.close()
         raise
-    headers, header_size = scanner.result(size)
-    return SpooledMessage(spool, size, headers, header_size)
-
-
-def _write(spool: BinaryIO, scanner: HeaderScanner, data: bytes) -> int:
-    if data:
-        scanner.feed(data)
-        spool.write(data)
-    return len(data)

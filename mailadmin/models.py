@@ -19,6 +19,17 @@ def _unix_time_now() -> int:
     return int(time.time())
 
 
+def parse_percents(text: str) -> list[int]:
+    """'80, 95' -> [80, 95]; each between 1 and 100."""
+    try:
+        percents = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of percentages") from None
+    if any(not 1 <= percent <= 100 for percent in percents):
+        raise ValueError("warning percentages must be between 1 and 100")
+    return percents
+
+
 class Domain(models.Model):
     name = models.CharField(
         max_length=253, unique=True, help_text="Lower-case; internationalised names are stored as A-labels."
@@ -31,6 +42,11 @@ class Domain(models.Model):
     max_mailboxes = models.PositiveIntegerField(default=0, help_text="0 = unlimited.")
     default_mailbox_quota_bytes = models.BigIntegerField(
         default=0, help_text="Quota given to new mailboxes when none is named; 0 = unlimited."
+    )
+    quota_warning_percents = models.CharField(
+        max_length=50,
+        blank=True,
+        help_text="Usage percentages whose crossing delivers a warning, e.g. '80,95'; blank = the default.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -51,6 +67,13 @@ class Domain(models.Model):
             self.name = normalise_domain(self.name)
         except ValueError as error:
             raise ValidationError({"name": str(error)}) from None
+        try:
+            parse_percents(self.quota_warning_percents)
+        except ValueError as error:
+            raise ValidationError({"quota_warning_percents": str(error)}) from None
+
+    def warning_percents(self) -> list[int]:
+        return parse_percents(self.quota_warning_percents or settings.MAILADMIN_QUOTA_WARNING_PERCENTS)
 
 
 class MailboxQuerySet(models.QuerySet):
@@ -68,6 +91,8 @@ class Mailbox(models.Model):
     used_messages = models.PositiveIntegerField(default=0, editable=False)
     # UIDs are never reused: the next one comes from this counter, bumped in the delivering
     # transaction. uid_validity makes UIDLs of a re-created mailbox differ from the old one's.
+    # The highest warning percentage already announced; lowered again when usage falls.
+    quota_warning_percent = models.PositiveSmallIntegerField(default=0, editable=False)
     next_uid = models.BigIntegerField(default=1, editable=False)
     uid_validity = models.BigIntegerField(default=_unix_time_now, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -170,6 +170,18 @@ WHITENOISE_USE_FINDERS = DEBUG
 # small enough that no code path holds more than one chunk of a message in memory.
 MAILADMIN_CHUNK_SIZE_BYTES = _env_int("MAILADMIN_CHUNK_SIZE_BYTES", 256 * 1024)
 MAILADMIN_MAX_MESSAGE_SIZE_BYTES = _env_int("MAILADMIN_MAX_MESSAGE_SIZE_BYTES", 50 * 1024 * 1024)
+# Crossing one of these usage percentages delivers a warning into the mailbox (per-domain
+# override in the admin). {address}, {percent}, {used} and {quota} are filled in.
+MAILADMIN_QUOTA_WARNING_PERCENTS = os.environ.get("MAILADMIN_QUOTA_WARNING_PERCENTS", "80,95")
+MAILADMIN_QUOTA_WARNING_FROM = os.environ.get("MAILADMIN_QUOTA_WARNING_FROM", "postmaster")
+MAILADMIN_QUOTA_WARNING_SUBJECT = os.environ.get(
+    "MAILADMIN_QUOTA_WARNING_SUBJECT", "Your mailbox is {percent}% full"
+)
+MAILADMIN_QUOTA_WARNING_BODY = os.environ.get(
+    "MAILADMIN_QUOTA_WARNING_BODY",
+    "Your mailbox {address} uses {used} of its {quota} ({percent}%).\n"
+    "When it is full, new mail will be refused. Please delete messages you no longer need.\n",
+)
 # Header blocks up to this size are kept on the message row for TOP and the admin.
 MAILADMIN_HEADER_CACHE_BYTES = 64 * 1024
 

@@ -22,7 +22,7 @@ def spawn(module: str, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", f"tests.workers.{module}", *args],
         cwd=PROJECT_DIR,
-        env=child_environment(),
+        env=child_environment(MAILADMIN_QUOTA_WARNING_PERCENTS=""),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -109,7 +109,8 @@ def test_counters_track_every_delivery_and_deletion(make_mailbox):
     assert_counters_exact(mailbox)
 
 
-def test_mailbox_quota_refuses_the_message_that_would_not_fit(make_mailbox):
+def test_mailbox_quota_refuses_the_message_that_would_not_fit(make_mailbox, settings):
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
     overhead = len(trace_headers("", "q@example.test"))
     mailbox = make_mailbox("q@example.test", quota_bytes=2 * (overhead + 100))
     results = [deliver([mailbox.address], [b"y" * 98])[0].status for _ in range(3)]
@@ -194,3 +195,40 @@ def test_recalculate_quota_reports_and_fixes_drift(make_mailbox):
     ]
     assert store.recalculate_quota() == []
     assert_counters_exact(mailbox)
+
+
+def warnings_in(mailbox: Mailbox) -> list[str]:
+    return list(Message.objects.for_maildrop(mailbox).filter(subject__contains="% full").values_list("subject", flat=True))
+
+
+def test_crossing_80_then_95_percent_delivers_exactly_two_warnings(make_mailbox):
+    mailbox = make_mailbox("w@example.test", quota_bytes=100_000)
+    body = b"x" * 9_900  # with trace headers, each delivery is just under 10 % of the quota
+    statuses = [deliver([mailbox.address], [body])[0].status for _ in range(9)]
+    assert statuses == [DeliveryStatus.DELIVERED] * 9
+    assert warnings_in(mailbox) == ["Your mailbox is 80% full"]
+    deliver([mailbox.address], [b"y" * 5_500])  # now past 95 % (the warning itself counts too)
+    assert warnings_in(mailbox) == ["Your mailbox is 80% full", "Your mailbox is 95% full"]
+    mailbox.refresh_from_db()
+    assert mailbox.quota_warning_percent == 95
+    deliver([mailbox.address], [b"z"])  # staying above does not repeat the warning
+    assert len(warnings_in(mailbox)) == 2
+    warning = Message.objects.filter(mailbox=mailbox, subject="Your mailbox is 95% full").get()
+    text = stored_bytes(warning.pk).decode()
+    assert "From: postmaster@example.test\r\n" in text
+    assert "Your mailbox w@example.test uses" in text
+    assert_counters_exact(mailbox)
+
+
+def test_a_warning_repeats_after_usage_falls_and_crosses_again(make_mailbox):
+    mailbox = make_mailbox("again@example.test", quota_bytes=10_000)
+    Domain.objects.filter(name="example.test").update(quota_warning_percents="50")
+    deliver([mailbox.address], [b"x" * 6000])
+    assert warnings_in(mailbox) == ["Your mailbox is 50% full"]
+    store.delete_messages(mailbox, Message.objects.filter(mailbox=mailbox).values_list("pk", flat=True))
+    deliver([mailbox.address], [b"small"])
+    mailbox.refresh_from_db()
+    assert mailbox.quota_warning_percent == 0
+    deliver([mailbox.address], [b"x" * 6000])
+    assert warnings_in(mailbox) == ["Your mailbox is 50% full"]
+    assert Message.objects.filter(mailbox=mailbox).count() == 3
