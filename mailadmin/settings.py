@@ -6,6 +6,7 @@ documented in the README under "Settings".
 
 import os
 import secrets
+import socket
 from pathlib import Path
 
 import dj_database_url
@@ -228,6 +229,20 @@ POP3_LOGIN_DELAY = _env_int("POP3_LOGIN_DELAY", 0)
 POP3_LEASE_TTL = _env_float("POP3_LEASE_TTL", 60.0)
 # How often a runpop3 process writes session rows, heartbeats and looks for kicks.
 POP3_MONITOR_INTERVAL = _env_float("POP3_MONITOR_INTERVAL", 1.0)
+
+# --- LMTP (runlmtp) -------------------------------------------------------------------------
+LMTP_BIND = os.environ.get("LMTP_BIND", "127.0.0.1")
+LMTP_PORT = _env_int("LMTP_PORT", 2424)
+LMTP_SOCKET = os.environ.get("LMTP_SOCKET", "")
+LMTP_SOCKET_MODE = int(os.environ.get("LMTP_SOCKET_MODE", "660"), 8)
+LMTP_HOSTNAME = os.environ.get("LMTP_HOSTNAME", "") or socket.gethostname()
+LMTP_MAX_RECIPIENTS = _env_int("LMTP_MAX_RECIPIENTS", 1000)
+LMTP_MAX_LINE_BYTES = _env_int("LMTP_MAX_LINE_BYTES", 64 * 1024)
+# Dovecot's quota_full_tempfail: by default a full mailbox is a temporary failure (452 4.2.2),
+# so the MTA retries while the user makes room; on, it is permanent (552 5.2.2) and bounces.
+LMTP_OVER_QUOTA_PERMANENT = _env_bool("LMTP_OVER_QUOTA_PERMANENT", False)
+LMTP_IDLE_TIMEOUT = _env_float("LMTP_IDLE_TIMEOUT", 300.0)
+LMTP_DB_THREADS = _env_int("LMTP_DB_THREADS", 4)
 
 LOGGING = {
     "version": 1,

@@ -1,0 +1,366 @@
+"""An LMTP listener (RFC 2033) for Postfix and Exim, over ``mailadmin.delivery``.
+
+A small asyncio server of our own rather than aiosmtpd: after DATA, LMTP owes one reply per
+accepted recipient, in RCPT order, on the error paths too (message too large, line too long,
+database down), and the message must reach the store in bounded memory. aiosmtpd answers
+those error paths with a single line (aio-libs/aiosmtpd#517) and buffers about three copies
+of the message.
+
+The DATA stream is un-dot-stuffed line by line straight into a
+:class:`~mailadmin.messagefile.MessageSpooler` (one chunk in memory, the rest in a temporary
+file); the delivery runs on the database executor, and each ``250`` is sent only after its
+copy is committed. A connection that drops mid-DATA leaves nothing behind.
+"""
+
+import asyncio
+import functools
+import logging
+import re
+from collections import deque
+from dataclasses import dataclass, field
+
+from django.db import DatabaseError
+
+from mailadmin.delivery import DeliveryStatus, deliver_spooled, recipient_status
+from mailadmin.executors import BoundedExecutor
+from mailadmin.messagefile import MessageSpooler, MessageTooLarge
+
+logger = logging.getLogger(__name__)
+
+# RFC 5321 section 4.5.3.1.4: command lines up to 512 octets.
+MAX_COMMAND_LINE = 512
+# Stop reading from a client with this much unprocessed input (pipelining backpressure).
+INPUT_HIGH_WATER = 256 * 1024
+
+# Per-recipient replies after DATA (RFC 2033 section 4.2), and at RCPT.
+REPLY_DELIVERED = "250 2.0.0 <{rcpt}> Saved"
+REPLIES = {
+    DeliveryStatus.NO_SUCH_MAILBOX: "550 5.1.1 <{rcpt}> User unknown",
+    DeliveryStatus.MAILBOX_INACTIVE: "550 5.2.1 <{rcpt}> Mailbox disabled",
+    DeliveryStatus.TOO_LARGE: "552 5.3.4 Message too big for system",
+    DeliveryStatus.TEMPORARY_FAILURE: "451 4.3.0 <{rcpt}> Temporary internal failure",
+}
+REPLY_OVER_QUOTA_TEMPORARY = "452 4.2.2 <{rcpt}> Mailbox is full"
+REPLY_OVER_QUOTA_PERMANENT = "552 5.2.2 <{rcpt}> Mailbox is full"
+REPLY_LINE_TOO_LONG = "500 5.5.2 Message line too long"
+REPLY_DATABASE_DOWN = "451 4.3.0 Temporary internal failure"
+
+_PATH = re.compile(r"^(FROM|TO):\s*<([^<>]*)>(.*)$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class LmtpConfig:
+    hostname: str
+    max_message_bytes: int
+    max_recipients: int = 1000
+    max_data_line_bytes: int = 64 * 1024
+    over_quota_permanent: bool = False
+    idle_timeout: float = 300.0
+
+
+@dataclass
+class _Transaction:
+    sender: str | None = None
+    size_hint: int = 0
+    recipients: list[str] = field(default_factory=list)
+
+
+class ConnectionClosed(Exception):
+    pass
+
+
+class LmtpSession(asyncio.Protocol):
+    """One LMTP client."""
+
+    def __init__(self, config: LmtpConfig, executor: BoundedExecutor, sessions: set) -> None:
+        self.config = config
+        self.executor = executor
+        self._sessions = sessions
+        self._input: deque[bytes] = deque()
+        self._buffer = bytearray()
+        self._queued = 0
+        self._paused = False
+        self._closed = False
+        self._waiter: asyncio.Future | None = None
+        self._greeted = False
+        self._transaction = _Transaction()
+        self.task: asyncio.Task | None = None
+        self.busy = False  # inside DATA: a shutdown lets it finish rather than risk a duplicate
+
+    # asyncio.Protocol ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self._sessions.add(self)
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def data_received(self, data: bytes) -> None:
+        self._input.append(data)
+        self._queued += len(data)
+        if self._queued > INPUT_HIGH_WATER and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # Reading ---------------------------------------------------------------------------------
+
+    async def _fill(self) -> None:
+        while not self._input:
+            if self._closed:
+                raise ConnectionClosed()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(self.config.idle_timeout):
+                    await self._waiter
+            finally:
+                self._waiter = None
+        while self._input:
+            self._buffer += self._input.popleft()
+        self._queued = 0
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+
+    async def _read_line(self, limit: int) -> bytes | None:
+        """The next line with its line ending, or None if it exceeded ``limit`` (then skipped)."""
+        too_long = False
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline >= 0:
+                line = bytes(self._buffer[: newline + 1])
+                del self._buffer[: newline + 1]
+                return None if too_long or len(line) > limit else line
+            if len(self._buffer) > limit:
+                too_long = True
+                self._buffer.clear()
+            await self._fill()
+
+    def _reply(self, *lines: str) -> None:
+        if not self._closed:
+            self.transport.write("".join(line + "\r\n" for line in lines).encode())
+
+    # Commands --------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            self._reply(f"220 {self.config.hostname} LMTP ready")
+            while not self._closed:
+                line = await self._read_line(MAX_COMMAND_LINE)
+                if line is None:
+                    self._reply("500 5.5.2 Line too long")
+                    continue
+                if not await self._command(line.rstrip(b"\r\n")):
+                    break
+        except (ConnectionClosed, ConnectionError):
+            pass
+        except TimeoutError:
+            self._reply("421 4.4.2 Idle for too long, closing connection")
+        except asyncio.CancelledError:
+            self._reply("421 4.3.2 Shutting down")
+        except Exception:
+            logger.exception("LMTP session failed")
+            self._reply("421 4.3.0 Internal error")
+        finally:
+            self._sessions.discard(self)
+            self.transport.close()
+
+    async def _command(self, line: bytes) -> bool:
+        text = line.decode("utf-8", "replace")
+        verb, _, argument = text.partition(" ")
+        verb = verb.upper() if verb.isascii() else ""
+        if verb == "QUIT":
+            self._reply("221 2.0.0 Bye")
+            return False
+        handler = {
+            "LHLO": self._lhlo,
+            "MAIL": self._mail,
+            "RCPT": self._rcpt,
+            "DATA": self._data,
+            "RSET": self._rset,
+            "NOOP": self._noop,
+        }.get(verb)
+        if verb in ("HELO", "EHLO"):
+            self._reply("500 5.5.1 This is LMTP: use LHLO")
+        elif verb == "VRFY":
+            self._reply("502 5.5.1 VRFY is not supported")
+        elif handler is None:
+            self._reply("500 5.5.1 Unknown command")
+        else:
+            await handler(argument.strip())
+        return True
+
+    async def _lhlo(self, argument: str) -> None:
+        if not argument:
+            self._reply("501 5.5.4 LHLO needs a host name")
+            return
+        self._greeted = True
+        self._transaction = _Transaction()
+        self._reply(
+            f"250-{self.config.hostname}",
+            "250-PIPELINING",
+            "250-ENHANCEDSTATUSCODES",
+            "250-8BITMIME",
+            f"250 SIZE {self.config.max_message_bytes}",
+        )
+
+    async def _mail(self, argument: str) -> None:
+        if not self._greeted:
+            self._reply("503 5.5.1 Send LHLO first")
+            return
+        if self._transaction.sender is not None:
+            self._reply("503 5.5.1 Sender already given")
+            return
+        match = _PATH.match(argument)
+        if not match or match.group(1).upper() != "FROM":
+            self._reply("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        size_hint = 0
+        for parameter in match.group(3).split():
+            name, _, value = parameter.partition("=")
+            name = name.upper()
+            if name == "SIZE" and value.isdigit():
+                size_hint = int(value)
+            elif not (name == "BODY" and value.upper() in ("7BIT", "8BITMIME")):
+                self._reply("555 5.5.4 Unsupported MAIL parameter")
+                return
+        if size_hint > self.config.max_message_bytes:
+            self._reply("552 5.3.4 Message too big for system")
+            return
+        self._transaction = _Transaction(sender=match.group(2), size_hint=size_hint)
+        self._reply("250 2.1.0 Ok")
+
+    async def _rcpt(self, argument: str) -> None:
+        transaction = self._transaction
+        if transaction.sender is None:
+            self._reply("503 5.5.1 Send MAIL first")
+            return
+        match = _PATH.match(argument)
+        if not match or match.group(1).upper() != "TO" or match.group(3).strip():
+            self._reply("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        if len(transaction.recipients) >= self.config.max_recipients:
+            self._reply("452 4.5.3 Too many recipients")
+            return
+        recipient = match.group(2)
+        try:
+            status = await self.executor.run(recipient_status, recipient, transaction.size_hint)
+        except DatabaseError:
+            logger.warning("RCPT %s: database unavailable", recipient, exc_info=True)
+            self._reply(REPLY_DATABASE_DOWN)
+            return
+        if status is DeliveryStatus.DELIVERED:
+            transaction.recipients.append(recipient)
+            self._reply("250 2.1.5 Ok")
+        else:
+            self._reply(self._status_reply(status, recipient))
+
+    async def _rset(self, argument: str) -> None:
+        self._transaction = _Transaction()
+        self._reply("250 2.0.0 Ok")
+
+    async def _noop(self, argument: str) -> None:
+        self._reply("250 2.0.0 Ok")
+
+    async def _data(self, argument: str) -> None:
+        transaction = self._transaction
+        if transaction.sender is None:
+            self._reply("503 5.5.1 Send MAIL first")
+            return
+        if not transaction.recipients:
+            self._reply("503 5.5.1 No valid recipients")
+            return
+        self._reply("354 2.0.0 End data with <CR><LF>.<CR><LF>")
+        spooler = MessageSpooler(self.config.max_message_bytes)
+        self.busy = True
+        try:
+            error = await self._receive_data(spooler)
+            if error is None:
+                replies = await self._deliver(transaction, spooler)
+            else:
+                replies = [error.format(rcpt=recipient) for recipient in transaction.recipients]
+        finally:
+            spooler.close()
+            self.busy = False
+        self._transaction = _Transaction()
+        self._reply(*replies)
+
+    async def _receive_data(self, spooler: MessageSpooler) -> str | None:
+        """Read DATA to its end; return a reply for every recipient if the message was refused."""
+        error = None
+        while True:
+            line = await self._read_line(self.config.max_data_line_bytes)
+            if line is None:
+                error = error or REPLY_LINE_TOO_LONG
+                continue
+            if line in (b".\r\n", b".\n"):
+                return error
+            if error is None:
+                try:
+                    spooler.write(line[1:] if line.startswith(b".") else line)
+                except MessageTooLarge:
+                    error = REPLIES[DeliveryStatus.TOO_LARGE]
+
+    async def _deliver(self, transaction: _Transaction, spooler: MessageSpooler) -> list[str]:
+        message = spooler.finish()
+        try:
+            deliver = functools.partial(deliver_spooled, sender=transaction.sender or "")
+            results = await self.executor.run(deliver, transaction.recipients, message)
+        except DatabaseError:
+            logger.warning("delivery failed: database unavailable", exc_info=True)
+            return [REPLIES[DeliveryStatus.TEMPORARY_FAILURE].format(rcpt=r) for r in transaction.recipients]
+        return [self._status_reply(result.status, result.recipient) for result in results]
+
+    def _status_reply(self, status: DeliveryStatus, recipient: str) -> str:
+        if status is DeliveryStatus.DELIVERED:
+            return REPLY_DELIVERED.format(rcpt=recipient)
+        if status is DeliveryStatus.OVER_QUOTA:
+            template = REPLY_OVER_QUOTA_PERMANENT if self.config.over_quota_permanent else REPLY_OVER_QUOTA_TEMPORARY
+            return template.format(rcpt=recipient)
+        return REPLIES[status].format(rcpt=recipient)
+
+
+class LmtpServer:
+    def __init__(self, config: LmtpConfig, executor: BoundedExecutor) -> None:
+        self.config = config
+        self.executor = executor
+        self.sessions: set[LmtpSession] = set()
+        self._server: asyncio.Server | None = None
+
+    def _protocol(self) -> LmtpSession:
+        return LmtpSession(self.config, self.executor, self.sessions)
+
+    async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await asyncio.get_running_loop().create_server(self._protocol, host, port)
+        return self._server.sockets[0].getsockname()[:2]
+
+    async def listen_unix(self, path: str) -> None:
+        self._server = await asyncio.get_running_loop().create_unix_server(self._protocol, path)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, close idle sessions, give those inside DATA ``grace`` seconds to finish."""
+        if self._server is not None:
+            self._server.close()
+        busy = [session.task for session in self.sessions if session.busy and session.task]
+        for session in list(self.sessions):
+            if not session.busy and session.task:
+                session.task.cancel()
+        if busy:
+            _, pending = await asyncio.wait(busy, timeout=grace)
+            for task in pending:
+                task.cancel()
+        remaining = [session.task for session in self.sessions if session.task]
+        if remaining:
+            await asyncio.wait(remaining)

@@ -1,0 +1,72 @@
+"""``runlmtp``: the LMTP listener an MTA (Postfix, Exim) delivers into. Wiring only."""
+
+import asyncio
+import os
+import signal
+import stat
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from mailadmin.executors import BoundedExecutor
+from mailadmin.lmtp import LmtpConfig, LmtpServer
+
+SHUTDOWN_GRACE_SECONDS = 30.0
+SMTP_PORT = 25
+
+
+class Command(BaseCommand):
+    help = "Accept mail over LMTP (RFC 2033) on TCP or a unix socket until SIGTERM or Ctrl-C."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--bind", default=settings.LMTP_BIND, help="TCP address (LMTP_BIND).")
+        where = parser.add_mutually_exclusive_group()
+        where.add_argument("--port", type=int, default=settings.LMTP_PORT, help="TCP port (LMTP_PORT).")
+        where.add_argument("--socket", default=settings.LMTP_SOCKET, help="Unix socket path instead of TCP.")
+
+    def handle(self, *args, bind: str, port: int, socket: str, **options):
+        if not socket and port == SMTP_PORT:
+            raise CommandError("LMTP must never listen on port 25 (RFC 2033 section 5)")
+        config = LmtpConfig(
+            hostname=settings.LMTP_HOSTNAME,
+            max_message_bytes=settings.MAILADMIN_MAX_MESSAGE_SIZE_BYTES,
+            max_recipients=settings.LMTP_MAX_RECIPIENTS,
+            max_data_line_bytes=settings.LMTP_MAX_LINE_BYTES,
+            over_quota_permanent=settings.LMTP_OVER_QUOTA_PERMANENT,
+            idle_timeout=settings.LMTP_IDLE_TIMEOUT,
+        )
+        try:
+            asyncio.run(self._serve(config, bind, port, socket))
+        except OSError as error:
+            raise CommandError(f"cannot listen: {error}") from None
+
+    async def _serve(self, config: LmtpConfig, bind: str, port: int, socket_path: str) -> None:
+        executor = BoundedExecutor(settings.LMTP_DB_THREADS, "lmtp-db")
+        server = LmtpServer(config, executor)
+        if socket_path:
+            _remove_stale_socket(Path(socket_path))
+            await server.listen_unix(socket_path)
+            os.chmod(socket_path, settings.LMTP_SOCKET_MODE)
+            where = socket_path
+        else:
+            host, bound_port = await server.listen_tcp(bind, port)
+            where = f"{host}:{bound_port}"
+        self.stdout.write(f"runlmtp: LMTP listening on {where}")
+        self.stdout.flush()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        await stop.wait()
+        await server.shutdown(SHUTDOWN_GRACE_SECONDS)
+        executor.shutdown()
+        if socket_path:
+            Path(socket_path).unlink(missing_ok=True)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    if path.exists():
+        if not stat.S_ISSOCK(path.stat().st_mode):
+            raise CommandError(f"{path} exists and is not a socket")
+        path.unlink()
