@@ -39,7 +39,7 @@ class Command(BaseCommand):
                     f"  Mailbox:    {DEMO_ADDRESS}, password {credentials['mailbox']}",
                     f"  TLS files:  {settings.VAR_DIR / 'tls'}/cert.pem, key.pem (self-signed)",
                     f"  POP3:       127.0.0.1:{settings.POP3_PORT} (STLS), POP3S 127.0.0.1:{settings.POP3S_PORT}",
-                    "  LMTP:       not built yet; see the README",
+                    f"  LMTP:       127.0.0.1:{settings.LMTP_PORT}",
                     "",
                 ]
             )
