@@ -11,6 +11,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from django.conf import settings
 from django.db import close_old_connections
 
 T = TypeVar("T")
@@ -36,3 +37,14 @@ def _database_unit(function: Callable[..., T], args: tuple) -> T:
         return function(*args)
     finally:
         close_old_connections()
+
+
+def keep_connections_open(max_age_seconds: int) -> None:
+    """Let the daemons' fixed worker threads reuse their connections (health-checked).
+
+    Called by runpop3 and runlmtp before any thread connects: without it every unit of work
+    would open a new database connection, which on PostgreSQL means a new backend process.
+    """
+    for database in settings.DATABASES.values():
+        database["CONN_MAX_AGE"] = max_age_seconds
+        database["CONN_HEALTH_CHECKS"] = True

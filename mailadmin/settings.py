@@ -223,6 +223,8 @@ POP3_AUTH_PENALTY_WINDOW = _env_int("POP3_AUTH_PENALTY_WINDOW", 900)
 # Concurrent password verifications: Django's argon2 parameters cost ~100 MiB and ~0.1 s each.
 POP3_AUTH_THREADS = _env_int("POP3_AUTH_THREADS", 2)
 POP3_DB_THREADS = _env_int("POP3_DB_THREADS", 8)
+# runpop3 and runlmtp keep their worker threads' database connections this long (seconds).
+DAEMON_DB_CONN_MAX_AGE = _env_int("DAEMON_DB_CONN_MAX_AGE", 600)
 # Minimum seconds between two logins of one mailbox; advertised as LOGIN-DELAY. 0 = off.
 POP3_LOGIN_DELAY = _env_int("POP3_LOGIN_DELAY", 0)
 # A mailbox lock lapses this many seconds after its holder's last heartbeat.

@@ -9,7 +9,7 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from mailadmin.executors import BoundedExecutor
+from mailadmin.executors import BoundedExecutor, keep_connections_open
 from mailadmin.lmtp import LmtpConfig, LmtpServer
 
 SHUTDOWN_GRACE_SECONDS = 30.0
@@ -42,6 +42,7 @@ class Command(BaseCommand):
             raise CommandError(f"cannot listen: {error}") from None
 
     async def _serve(self, config: LmtpConfig, bind: str, port: int, socket_path: str) -> None:
+        keep_connections_open(settings.DAEMON_DB_CONN_MAX_AGE)
         executor = BoundedExecutor(settings.LMTP_DB_THREADS, "lmtp-db")
         server = LmtpServer(config, executor)
         if socket_path:

@@ -11,7 +11,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from mailadmin.auth import AuthPolicy, Pop3Authenticator
-from mailadmin.executors import BoundedExecutor
+from mailadmin.executors import BoundedExecutor, keep_connections_open
 from mailadmin.live import Pop3Monitor, node_name
 from pop3.server import Pop3Server, ServerConfig
 from pop3.session import Timeouts
@@ -61,6 +61,7 @@ class Command(BaseCommand):
             raise CommandError(f"cannot listen: {error}") from None
 
     async def _serve(self, config: ServerConfig) -> None:
+        keep_connections_open(settings.DAEMON_DB_CONN_MAX_AGE)
         node = node_name()
         database = BoundedExecutor(settings.POP3_DB_THREADS, "pop3-db")
         hashing = BoundedExecutor(settings.POP3_AUTH_THREADS, "pop3-auth")
