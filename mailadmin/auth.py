@@ -11,6 +11,14 @@ Order of work for one attempt, as in Dovecot:
 3. the mailbox and its domain must be active: unknown user, wrong password and inactive
    mailbox all cost the same work and get the same answer after the same failure delay;
 4. session limits, LOGIN-DELAY and the maildrop lease are checked on the database executor.
+
+POP3 clients log in on every poll, so a successful verification is remembered for
+POP3_AUTH_CACHE_TTL seconds (Dovecot's auth_cache makes the same trade): a keyed hash of the
+password, tied to a fingerprint of the stored password hash. A warm login re-reads the user's
+row (active flags, current hash) but skips argon2; a password change, a disabled login or an
+expired entry sends it back to a full verification. Failures are never cached, and the
+penalty is slept off before the cache is consulted. The cost: for up to the TTL, a process
+holds, in memory only, enough to recognise a password it has just verified.
 """
 
 import asyncio
@@ -19,6 +27,7 @@ import hmac
 import ipaddress
 import logging
 import secrets
+import time
 import unicodedata
 from dataclasses import dataclass
 from datetime import timedelta
@@ -43,6 +52,7 @@ PENALTY_INITIAL_SECONDS = 2.0
 @dataclass(frozen=True)
 class AuthPolicy:
     node: str
+    cache_ttl_seconds: float = 0.0
     failure_delay: float = 2.0
     penalty_max: float = 15.0
     penalty_window_seconds: int = 900
@@ -58,6 +68,40 @@ class VerifiedUser:
     password_fingerprint: str
 
 
+class CredentialCache:
+    """Recently verified logins: name -> (keyed password hash, stored-hash fingerprint, expiry)."""
+
+    def __init__(self, ttl_seconds: float, max_entries: int = 100_000) -> None:
+        self.ttl = ttl_seconds
+        self.max_entries = max_entries
+        self._key = secrets.token_bytes(32)
+        self._entries: dict[str, tuple[bytes, str, float]] = {}
+
+    def _digest(self, username: str, password: str) -> bytes:
+        material = f"{username}\0{password}".encode("utf-8", "surrogatepass")
+        return hmac.new(self._key, material, hashlib.sha256).digest()
+
+    def lookup(self, username: str, password: str) -> str | None:
+        """The fingerprint the password was verified against, if it is still fresh."""
+        entry = self._entries.get(username)
+        if entry is None:
+            return None
+        digest, fingerprint, expires = entry
+        if time.monotonic() >= expires or not hmac.compare_digest(digest, self._digest(username, password)):
+            return None
+        return fingerprint
+
+    def remember(self, username: str, password: str, fingerprint: str) -> None:
+        if not self.ttl:
+            return
+        if len(self._entries) >= self.max_entries:
+            self._entries.pop(next(iter(self._entries)))  # the oldest entry
+        self._entries[username] = (self._digest(username, password), fingerprint, time.monotonic() + self.ttl)
+
+    def forget(self, username: str) -> None:
+        self._entries.pop(username, None)
+
+
 class Pop3Authenticator:
     """``pop3.mailbox.Authenticator`` against Django users with an active mailbox."""
 
@@ -65,6 +109,7 @@ class Pop3Authenticator:
         self.policy = policy
         self.database = database
         self.hashing = hashing
+        self.cache = CredentialCache(policy.cache_ttl_seconds)
         self._attempt_key = secrets.token_bytes(32)
 
     async def authenticate(self, request: LoginRequest) -> LoginResult:
@@ -72,7 +117,7 @@ class Pop3Authenticator:
         try:
             await asyncio.sleep(await self.database.run(penalty_seconds, source, self.policy))
             username = normalise_login(request.username)
-            verified = await self.hashing.run(verify_credentials, username, request.password) if username else None
+            verified = await self._verify(username, request.password) if username else None
         except DatabaseError:
             await asyncio.sleep(self.policy.failure_delay)
             return LoginResult(failure=LoginFailure.TEMPORARY)
@@ -89,6 +134,18 @@ class Pop3Authenticator:
             return LoginResult(username=verified.username, failure=failure)
         maildrop = OrmMaildrop(self.database, verified.mailbox_id, owner, rows, verified.password_fingerprint)
         return LoginResult(maildrop=maildrop, username=verified.username)
+
+    async def _verify(self, username: str, password: str) -> "VerifiedUser | None":
+        cached = self.cache.lookup(username, password)
+        if cached is not None:
+            current = await self.database.run(current_user, username)
+            if current is not None and current.password_fingerprint == cached:
+                return current
+            self.cache.forget(username)
+        verified = await self.hashing.run(verify_credentials, username, password)
+        if verified is not None:
+            self.cache.remember(username, password, verified.password_fingerprint)
+        return verified
 
     async def reject(self, session_id: str, peer_host: str, mechanism: str, reason: str) -> None:
         source = penalty_source(peer_host)
@@ -152,6 +209,7 @@ def penalty_seconds(source: str, policy: AuthPolicy) -> float:
 
 
 def verify_credentials(username: str, password: str) -> VerifiedUser | None:
+    """The full check: Django's authenticate (argon2, upgrade on success), then the mailbox."""
     user = django_authenticate(username=username, password=password)
     if user is None:
         return None
@@ -159,6 +217,21 @@ def verify_credentials(username: str, password: str) -> VerifiedUser | None:
     if mailbox is None or not (mailbox.active and mailbox.domain.active):
         return None
     return VerifiedUser(mailbox.pk, user.username, live.password_fingerprint(user.password))
+
+
+def current_user(username: str) -> VerifiedUser | None:
+    """The login as it stands now, if it may log in at all: for checking a cached verification."""
+    row = (
+        Mailbox.objects.filter(
+            user__username=username, user__is_active=True, active=True, domain__active=True
+        )
+        .values_list("pk", "user__username", "user__password")
+        .first()
+    )
+    if row is None:
+        return None
+    mailbox_id, name, password = row
+    return VerifiedUser(mailbox_id, name, live.password_fingerprint(password))
 
 
 def open_maildrop(

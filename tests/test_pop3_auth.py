@@ -239,3 +239,64 @@ def test_a_locked_mailbox_is_recorded_but_does_not_grow_the_penalty(make_mailbox
     assert login("busy@example.test", PASSWORD).failure is LoginFailure.IN_USE
     assert list(AuthFailure.objects.values_list("reason", "penalised")) == [("mailbox in use", False)]
     assert penalty_seconds("192.0.2.10", AuthPolicy(node="test")) == 0.0
+
+
+class CountingHashing(BoundedExecutor):
+    """The hashing executor, counting full verifications."""
+
+    def __init__(self) -> None:
+        super().__init__(1, "test-hash")
+        self.calls = 0
+
+    async def run(self, function, *args):
+        self.calls += 1
+        return await super().run(function, *args)
+
+
+def cached_authenticator(ttl: float = 300) -> tuple[Pop3Authenticator, CountingHashing]:
+    hashing = CountingHashing()
+    policy = AuthPolicy(node="test-node", cache_ttl_seconds=ttl, failure_delay=0, penalty_max=0)
+    return Pop3Authenticator(policy, database=BoundedExecutor(2, "test-db"), hashing=hashing), hashing
+
+
+def cached_login(authenticator: Pop3Authenticator, username: str, password: str):
+    request = LoginRequest(username, password, "USER", "192.0.2.10", True, uuid.uuid4().hex)
+
+    async def attempt():
+        result = await authenticator.authenticate(request)
+        if result.maildrop is not None:
+            await result.maildrop.release()
+        return result.failure
+
+    return asyncio.run(attempt())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_warm_logins_skip_the_hash_until_the_password_changes(make_mailbox):
+    make_mailbox("warm@example.test")
+    authenticator, hashing = cached_authenticator()
+    assert [cached_login(authenticator, "warm@example.test", PASSWORD) for _ in range(3)] == [None] * 3
+    assert hashing.calls == 1
+    assert cached_login(authenticator, "warm@example.test", "wrong") is LoginFailure.BAD_CREDENTIALS
+    assert hashing.calls == 2  # a different password is never answered from the cache
+    store.set_password("warm@example.test", "another-horse-7")
+    assert cached_login(authenticator, "warm@example.test", PASSWORD) is LoginFailure.BAD_CREDENTIALS
+    assert cached_login(authenticator, "warm@example.test", "another-horse-7") is None
+    assert hashing.calls == 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cached_login_is_refused_once_the_mailbox_is_disabled(make_mailbox):
+    mailbox = make_mailbox("warm@example.test")
+    authenticator, hashing = cached_authenticator()
+    assert cached_login(authenticator, "warm@example.test", PASSWORD) is None
+    Mailbox.objects.filter(pk=mailbox.pk).update(active=False)
+    assert cached_login(authenticator, "warm@example.test", PASSWORD) is LoginFailure.BAD_CREDENTIALS
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cache_off_verifies_every_login(make_mailbox):
+    make_mailbox("cold@example.test")
+    authenticator, hashing = cached_authenticator(ttl=0)
+    assert [cached_login(authenticator, "cold@example.test", PASSWORD) for _ in range(2)] == [None, None]
+    assert hashing.calls == 2

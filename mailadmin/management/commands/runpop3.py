@@ -67,6 +67,7 @@ class Command(BaseCommand):
         hashing = BoundedExecutor(settings.POP3_AUTH_THREADS, "pop3-auth")
         policy = AuthPolicy(
             node=node,
+            cache_ttl_seconds=settings.POP3_AUTH_CACHE_TTL,
             failure_delay=settings.POP3_AUTH_FAILURE_DELAY,
             penalty_max=settings.POP3_AUTH_PENALTY_MAX,
             penalty_window_seconds=settings.POP3_AUTH_PENALTY_WINDOW,
