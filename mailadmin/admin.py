@@ -111,7 +111,10 @@ class MailboxAdmin(admin.ModelAdmin):
     def get_deleted_objects(self, objs, request: HttpRequest):
         """Summarise each mailbox's mail instead of listing (and permission-checking) every message."""
         mailboxes = list(objs)
-        summary = [f"{mailbox}: {mailbox.used_messages} messages, {format_size(mailbox.used_bytes)}" for mailbox in mailboxes]
+        summary = [
+            f"{mailbox}: {mailbox.used_messages} messages, {format_size(mailbox.used_bytes)}"
+            for mailbox in mailboxes
+        ]
         model_count = {"mailboxes": len(mailboxes), "messages": sum(m.used_messages for m in mailboxes)}
         return summary, model_count, set(), []
 

@@ -126,7 +126,9 @@ class Pop3Authenticator:
             return LoginResult(username=username or "", failure=LoginFailure.BAD_CREDENTIALS)
         owner = secrets.token_hex(16)
         try:
-            failure, rows = await self.database.run(open_maildrop, verified.mailbox_id, request.peer_host, owner, self.policy)
+            failure, rows = await self.database.run(
+                open_maildrop, verified.mailbox_id, request.peer_host, owner, self.policy
+            )
         except DatabaseError:
             return LoginResult(username=verified.username, failure=LoginFailure.TEMPORARY)
         if failure is not None:
@@ -202,7 +204,9 @@ def penalty_seconds(source: str, policy: AuthPolicy) -> float:
         return 0.0
     since = timezone.now() - timedelta(seconds=policy.penalty_window_seconds)
     recent = AuthFailure.objects.filter(source=source, created_at__gte=since, penalised=True)
-    distinct = recent.exclude(attempt="").values("attempt").distinct().count() + recent.filter(attempt="").count()
+    distinct = (
+        recent.exclude(attempt="").values("attempt").distinct().count() + recent.filter(attempt="").count()
+    )
     if not distinct:
         return 0.0
     return min(PENALTY_INITIAL_SECONDS * 2 ** (distinct - 1), policy.penalty_max)

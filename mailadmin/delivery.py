@@ -80,8 +80,11 @@ def deliver_spooled(
     if all_or_none:
         results = _deliver_all_or_none(recipients, addresses, message, sender)
     else:
-        results = [_deliver_one(r, address, message, sender) for r, address in zip(recipients, addresses)]
-    for result, address in zip(results, addresses):
+        results = [
+            _deliver_one(r, address, message, sender)
+            for r, address in zip(recipients, addresses, strict=True)
+        ]
+    for result, address in zip(results, addresses, strict=True):
         if result.delivered:
             _warn_if_quota_crossed(address)
     return results
@@ -108,7 +111,9 @@ def recipient_status(recipient: str, size_hint: int = 0) -> DeliveryStatus:
     return DeliveryStatus.DELIVERED
 
 
-def _deliver_one(recipient: str, address: str | None, message: SpooledMessage, sender: str) -> RecipientResult:
+def _deliver_one(
+    recipient: str, address: str | None, message: SpooledMessage, sender: str
+) -> RecipientResult:
     try:
         with transaction.atomic():
             uidl = _store_copy(address, message, sender)
@@ -141,10 +146,10 @@ def _deliver_all_or_none(
         logger.exception("delivery to %s failed", ", ".join(filter(None, addresses)))
         return [RecipientResult(recipient, DeliveryStatus.TEMPORARY_FAILURE) for recipient in recipients]
     if all(status is DeliveryStatus.DELIVERED for status in statuses):
-        return [RecipientResult(r, s, u) for r, s, u in zip(recipients, statuses, uidls)]
+        return [RecipientResult(r, s, u) for r, s, u in zip(recipients, statuses, uidls, strict=True)]
     return [
         RecipientResult(r, DeliveryStatus.NOT_ATTEMPTED if s is DeliveryStatus.DELIVERED else s)
-        for r, s in zip(recipients, statuses)
+        for r, s in zip(recipients, statuses, strict=True)
     ]
 
 
@@ -182,7 +187,11 @@ def _warn_if_quota_crossed(address: str) -> None:
         mailbox = _find(address)
         if mailbox is None or not mailbox.quota_bytes:
             return
-        reached = [p for p in mailbox.domain.warning_percents() if 100 * mailbox.used_bytes >= p * mailbox.quota_bytes]
+        reached = [
+            p
+            for p in mailbox.domain.warning_percents()
+            if 100 * mailbox.used_bytes >= p * mailbox.quota_bytes
+        ]
         percent = max(reached, default=0)
         marks = Mailbox.objects.filter(pk=mailbox.pk)
         if percent < mailbox.quota_warning_percent:
@@ -213,7 +222,11 @@ def _deliver_warning(mailbox: Mailbox, percent: int) -> None:
     with spool_message([text.encode()]) as warning:
         # A warning must reach a nearly full mailbox: it is charged but not refused.
         store.append_message(
-            mailbox, warning, prefix=trace_headers("", mailbox.address), envelope_sender="", enforce_quota=False
+            mailbox,
+            warning,
+            prefix=trace_headers("", mailbox.address),
+            envelope_sender="",
+            enforce_quota=False,
         )
 
 

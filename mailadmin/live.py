@@ -155,7 +155,8 @@ class SessionRecorder:
             self.session_id, ended_at=timezone.now(), end_reason=reason.value, **_stat_fields(stats)
         )
         logger.info(
-            "session=<%s> user=<%s> rip=%s lip=%s%s: %s top=%d/%d, retr=%d/%d, del=%d/%d, size=%d, in=%d, out=%d",
+            "session=<%s> user=<%s> rip=%s lip=%s%s: %s "
+            "top=%d/%d, retr=%d/%d, del=%d/%d, size=%d, in=%d, out=%d",
             self.session_id,
             self.username,
             self.info.peer[0],
@@ -215,7 +216,9 @@ class Pop3Monitor:
         self._ticks += 1
         sweep = self._ticks % SWEEP_EVERY_TICKS == 1
         try:
-            kicks = await self.executor.run(sync_node, self.node, outbox, tracked, self.lease_ttl, self.interval, sweep)
+            kicks = await self.executor.run(
+                sync_node, self.node, outbox, tracked, self.lease_ttl, self.interval, sweep
+            )
         except DatabaseError:
             logger.warning("could not write POP3 session rows; retrying next tick", exc_info=True)
             self._requeue(outbox)
@@ -251,7 +254,12 @@ def unregister_node(node: str) -> None:
 
 
 def sync_node(
-    node: str, outbox: _Outbox, tracked: dict[str, OrmMaildrop], lease_ttl: float, interval: float, sweep: bool
+    node: str,
+    outbox: _Outbox,
+    tracked: dict[str, OrmMaildrop],
+    lease_ttl: float,
+    interval: float,
+    sweep: bool,
 ) -> list[str]:
     """One monitor tick's database work; returns the ids of sessions to end."""
     now = timezone.now()
@@ -260,7 +268,11 @@ def sync_node(
             Pop3Session.objects.bulk_create([Pop3Session(**fields) for fields in outbox.inserts])
         for session_id, fields in outbox.updates.items():
             Pop3Session.objects.filter(pk=session_id).update(**fields)
-        Pop3Node.objects.update_or_create(name=node, defaults={"heartbeat_at": now}, create_defaults={"started_at": now, "heartbeat_at": now})
+        Pop3Node.objects.update_or_create(
+            name=node,
+            defaults={"heartbeat_at": now},
+            create_defaults={"started_at": now, "heartbeat_at": now},
+        )
     store.renew_leases([maildrop.owner for maildrop in tracked.values()], lease_ttl)
     if sweep:
         sweep_lost_sessions(interval)

@@ -327,7 +327,9 @@ class LmtpSession(asyncio.Protocol):
         if status is DeliveryStatus.DELIVERED:
             return REPLY_DELIVERED.format(rcpt=recipient)
         if status is DeliveryStatus.OVER_QUOTA:
-            template = REPLY_OVER_QUOTA_PERMANENT if self.config.over_quota_permanent else REPLY_OVER_QUOTA_TEMPORARY
+            template = (
+                REPLY_OVER_QUOTA_PERMANENT if self.config.over_quota_permanent else REPLY_OVER_QUOTA_TEMPORARY
+            )
             return template.format(rcpt=recipient)
         return REPLIES[status].format(rcpt=recipient)
 

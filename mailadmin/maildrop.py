@@ -44,7 +44,9 @@ class OrmMaildrop:
             seq += 1
 
     async def commit(self, deleted: Sequence[MessageInfo]) -> None:
-        await self._database(store.commit_maildrop, self.mailbox_id, self.owner, [info.key for info in deleted])
+        await self._database(
+            store.commit_maildrop, self.mailbox_id, self.owner, [info.key for info in deleted]
+        )
 
     async def release(self) -> None:
         try:

@@ -227,7 +227,9 @@ class Pop3Session(models.Model):
     id = models.UUIDField(primary_key=True, editable=False)
     node = models.CharField(max_length=200, help_text="host:pid of the runpop3 process.")
     username = models.CharField(max_length=320, blank=True, help_text="The login name given, if any.")
-    mailbox = models.ForeignKey(Mailbox, null=True, blank=True, on_delete=models.SET_NULL, related_name="pop3_sessions")
+    mailbox = models.ForeignKey(
+        Mailbox, null=True, blank=True, on_delete=models.SET_NULL, related_name="pop3_sessions"
+    )
     peer_host = models.CharField(max_length=64)
     peer_port = models.PositiveIntegerField()
     local_host = models.CharField(max_length=64)

@@ -186,6 +186,7 @@ MAILADMIN_QUOTA_WARNING_BODY = os.environ.get(
 # Header blocks up to this size are kept on the message row for TOP and the admin.
 MAILADMIN_HEADER_CACHE_BYTES = 64 * 1024
 
+
 # --- POP3 (runpop3) -------------------------------------------------------------------------
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)

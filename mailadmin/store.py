@@ -163,7 +163,9 @@ def _domain_for_new_mailbox(domain_name: str, create_missing: bool) -> Domain:
             raise DomainNotFound(f"no such domain: {domain_name} (create it first, or pass --create-domain)")
         domain = Domain.objects.create(name=domain_name)
     if domain.max_mailboxes and domain.mailboxes.count() >= domain.max_mailboxes:
-        raise LimitReached(f"domain {domain_name} already has its maximum of {domain.max_mailboxes} mailboxes")
+        raise LimitReached(
+            f"domain {domain_name} already has its maximum of {domain.max_mailboxes} mailboxes"
+        )
     return domain
 
 
@@ -449,7 +451,9 @@ def commit_maildrop(mailbox_id: int, owner: str, message_ids: Iterable[int]) -> 
     nothing is removed.
     """
     with transaction.atomic():
-        if not MaildropLease.objects.filter(mailbox_id=mailbox_id, owner=owner).update(acquired_at=F("acquired_at")):
+        if not MaildropLease.objects.filter(mailbox_id=mailbox_id, owner=owner).update(
+            acquired_at=F("acquired_at")
+        ):
             raise LeaseLost(f"mailbox {mailbox_id}: the POP3 lock was lost before QUIT")
         mailbox = Mailbox.objects.get(pk=mailbox_id)
         return delete_messages(mailbox, message_ids)
@@ -488,7 +492,9 @@ def recalculate_quota(address: str | None = None) -> list[Drift]:
 def _recalculate_mailbox(mailbox_id: int) -> list[Drift]:
     with transaction.atomic():
         mailbox = Mailbox.objects.select_for_update().select_related("user").get(pk=mailbox_id)
-        totals = Message.objects.filter(mailbox_id=mailbox_id).aggregate(count=Count("id"), size=Sum("size_bytes"))
+        totals = Message.objects.filter(mailbox_id=mailbox_id).aggregate(
+            count=Count("id"), size=Sum("size_bytes")
+        )
         actual = {"used_bytes": totals["size"] or 0, "used_messages": totals["count"]}
         drifts = [
             Drift(mailbox.address, counter, getattr(mailbox, counter), value)
@@ -503,7 +509,10 @@ def _recalculate_mailbox(mailbox_id: int) -> list[Drift]:
 def _recalculate_domain(domain_id: int) -> list[Drift]:
     with transaction.atomic():
         domain = Domain.objects.select_for_update().get(pk=domain_id)
-        actual = Message.objects.filter(mailbox__domain_id=domain_id).aggregate(size=Sum("size_bytes"))["size"] or 0
+        actual = (
+            Message.objects.filter(mailbox__domain_id=domain_id).aggregate(size=Sum("size_bytes"))["size"]
+            or 0
+        )
         if domain.used_bytes == actual:
             return []
         Domain.objects.filter(pk=domain_id).update(used_bytes=actual)

@@ -19,11 +19,8 @@ def format_size(size_bytes: int) -> str:
     """Human-readable binary size: ``512 B``, ``1.5 KiB``, ``10.0 MiB``."""
     if size_bytes < 1024:
         return f"{size_bytes} B"
-    value = size_bytes / 1024
-    for unit in ("KiB", "MiB", "GiB"):
-        if value < 1024:
-            break
+    value, units = size_bytes / 1024, ["KiB", "MiB", "GiB", "TiB"]
+    while value >= 1024 and len(units) > 1:
         value /= 1024
-    else:
-        unit = "TiB"
-    return f"{value:.1f} {unit}"
+        units.pop(0)
+    return f"{value:.1f} {units[0]}"

@@ -415,7 +415,11 @@ class Connection:
 
     def _bad(self, reply: bytes) -> Event:
         self._bad_commands += 1
-        limit = MAX_BAD_COMMANDS_BEFORE_LOGIN if self.state is State.AUTHORIZATION else MAX_BAD_COMMANDS_AFTER_LOGIN
+        limit = (
+            MAX_BAD_COMMANDS_BEFORE_LOGIN
+            if self.state is State.AUTHORIZATION
+            else MAX_BAD_COMMANDS_AFTER_LOGIN
+        )
         if self._bad_commands >= limit:
             return self._close(err(TEXT_TOO_MANY_BAD), "too many bad commands")
         return Reply(reply, bad_command=True)

@@ -224,7 +224,9 @@ class Pop3Server:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         if self.config.port is not None:
-            server = await loop.create_server(lambda: _ClientProtocol(self, False), self.config.host, self.config.port)
+            server = await loop.create_server(
+                lambda: _ClientProtocol(self, False), self.config.host, self.config.port
+            )
             self._listeners["plain"] = server
         if self.config.tls_port is not None:
             if self.tls_context is None:

@@ -42,7 +42,8 @@ class Command(BaseCommand):
         except CommandError:
             raise
         except Exception as error:  # noqa: BLE001 - an MTA must retry, never bounce, on our bugs
-            raise CommandError(f"temporary failure: {error.__class__.__name__}: {error}", returncode=EX_TEMPFAIL)
+            message = f"temporary failure: {error.__class__.__name__}: {error}"
+            raise CommandError(message, returncode=EX_TEMPFAIL) from error
 
     def handle(self, *args, recipients: list[str], sender: str, **options):
         results = deliver(recipients, sys.stdin.buffer, sender=sender, all_or_none=True)

@@ -43,7 +43,9 @@ class Command(BaseCommand):
 
     def _commands(self, bind: str, http_port: int) -> list[list[str]]:
         manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
-        commands = [[sys.executable, "-m", "daphne", "-b", bind, "-p", str(http_port), "mailadmin.asgi:application"]]
+        commands = [
+            [sys.executable, "-m", "daphne", "-b", bind, "-p", str(http_port), "mailadmin.asgi:application"]
+        ]
         available = get_commands()
         commands += [[*manage, name] for name in ("runpop3", "runlmtp") if name in available]
         return commands

@@ -25,10 +25,16 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--bind", default=settings.POP3_BIND, help="Address to listen on (POP3_BIND).")
         parser.add_argument(
-            "--port", type=int, default=settings.POP3_PORT, help="Plain POP3 + STLS port; 0 disables (POP3_PORT)."
+            "--port",
+            type=int,
+            default=settings.POP3_PORT,
+            help="Plain POP3 + STLS port; 0 disables (POP3_PORT).",
         )
         parser.add_argument(
-            "--tls-port", type=int, default=settings.POP3S_PORT, help="Implicit-TLS port; 0 disables (POP3S_PORT)."
+            "--tls-port",
+            type=int,
+            default=settings.POP3S_PORT,
+            help="Implicit-TLS port; 0 disables (POP3S_PORT).",
         )
         parser.add_argument("--certfile", default=settings.POP3_TLS_CERTFILE, help="PEM certificate chain.")
         parser.add_argument("--keyfile", default=settings.POP3_TLS_KEYFILE, help="PEM private key.")
@@ -78,11 +84,15 @@ class Command(BaseCommand):
         monitor = Pop3Monitor(
             database, node=node, interval=settings.POP3_MONITOR_INTERVAL, lease_ttl=settings.POP3_LEASE_TTL
         )
-        server = Pop3Server(config, Pop3Authenticator(policy, database=database, hashing=hashing), monitor.recorder)
+        server = Pop3Server(
+            config, Pop3Authenticator(policy, database=database, hashing=hashing), monitor.recorder
+        )
         await server.start()
         monitor_task = asyncio.create_task(monitor.run())
         for kind, (host, port) in server.addresses.items():
-            self.stdout.write(f"runpop3 {node}: {'POP3S' if kind == 'tls' else 'POP3'} listening on {host}:{port}")
+            self.stdout.write(
+                f"runpop3 {node}: {'POP3S' if kind == 'tls' else 'POP3'} listening on {host}:{port}"
+            )
         self.stdout.flush()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -15,7 +15,10 @@ DEMO_ADDRESS = f"demo@{DEMO_DOMAIN}"
 ADMIN_USERNAME = "admin"
 DEMO_MESSAGES = [
     ("Welcome to mailadmin", "This mailbox was created by `make run`.\nFetch it with any POP3 client.\n"),
-    ("A line starting with a dot", "The next line starts with a dot:\n.hidden\n.\nand the message goes on.\n"),
+    (
+        "A line starting with a dot",
+        "The next line starts with a dot:\n.hidden\n.\nand the message goes on.\n",
+    ),
     ("Quota", "Every message counts against the mailbox's quota of 100 MiB.\n"),
 ]
 
@@ -38,7 +41,8 @@ class Command(BaseCommand):
                     f"              user {ADMIN_USERNAME}, password {credentials['admin']}",
                     f"  Mailbox:    {DEMO_ADDRESS}, password {credentials['mailbox']}",
                     f"  TLS files:  {settings.VAR_DIR / 'tls'}/cert.pem, key.pem (self-signed)",
-                    f"  POP3:       127.0.0.1:{settings.POP3_PORT} (STLS), POP3S 127.0.0.1:{settings.POP3S_PORT}",
+                    f"  POP3:       127.0.0.1:{settings.POP3_PORT} (STLS)",
+                    f"  POP3S:      127.0.0.1:{settings.POP3S_PORT}",
                     f"  LMTP:       127.0.0.1:{settings.LMTP_PORT}",
                     "",
                 ]
@@ -66,9 +70,14 @@ class Command(BaseCommand):
         try:
             store.get_mailbox(DEMO_ADDRESS)
         except store.MailboxNotFound:
-            store.create_mailbox(DEMO_ADDRESS, password=password, quota_bytes=100 * 1024**2, create_domain=True)
+            store.create_mailbox(
+                DEMO_ADDRESS, password=password, quota_bytes=100 * 1024**2, create_domain=True
+            )
             for subject, body in DEMO_MESSAGES:
-                message = f"From: mailadmin <postmaster@{DEMO_DOMAIN}>\nTo: {DEMO_ADDRESS}\nSubject: {subject}\n\n{body}"
+                headers = (
+                    f"From: mailadmin <postmaster@{DEMO_DOMAIN}>\nTo: {DEMO_ADDRESS}\nSubject: {subject}\n"
+                )
+                message = f"{headers}\n{body}"
                 deliver([DEMO_ADDRESS], [message.encode()], sender=f"postmaster@{DEMO_DOMAIN}")
         else:
             store.set_password(DEMO_ADDRESS, password)
