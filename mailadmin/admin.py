@@ -8,10 +8,11 @@ from django import forms
 from django.contrib import admin
 from django.db.models import Count, QuerySet
 from django.http import HttpRequest
+from django.utils import timezone
 
 from mailadmin import store
 from mailadmin.addresses import domain_of, normalise_address
-from mailadmin.models import Domain, Mailbox, Message
+from mailadmin.models import AuthFailure, Domain, Mailbox, Message, Pop3Session
 from mailadmin.units import format_size
 
 
@@ -143,4 +144,76 @@ class MessageAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request: HttpRequest, obj: Message | None = None) -> bool:
+        return False
+
+
+class OpenSessionFilter(admin.SimpleListFilter):
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request, model_admin):
+        return [("open", "open"), ("ended", "ended")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "open":
+            return queryset.open()
+        if self.value() == "ended":
+            return queryset.filter(ended_at__isnull=False)
+        return queryset
+
+
+@admin.register(Pop3Session)
+class Pop3SessionAdmin(admin.ModelAdmin):
+    """Sessions are written by runpop3 only; an operator reads them and may kick open ones."""
+
+    list_display = [
+        "username",
+        "peer_host",
+        "node",
+        "tls_version",
+        "started_at",
+        "authenticated_at",
+        "ended_at",
+        "end_reason",
+        "retr_count",
+        "deleted_count",
+    ]
+    list_filter = [OpenSessionFilter, "end_reason", "implicit_tls"]
+    search_fields = ["username", "peer_host", "node"]
+    actions = ["kick"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Pop3Session | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Pop3Session | None = None) -> bool:
+        return False
+
+    @admin.action(description="Kick the selected open sessions (no deletions applied)")
+    def kick(self, request: HttpRequest, queryset: QuerySet[Pop3Session]) -> None:
+        count = (
+            queryset.open().filter(kick_requested_at__isnull=True).update(kick_requested_at=timezone.now())
+        )
+        self.message_user(request, f"Kick requested for {count} session{'s' if count != 1 else ''}.")
+
+    def get_actions(self, request: HttpRequest):
+        # Kicking is an operation on sessions, allowed to whoever may view them.
+        actions = super().get_actions(request)
+        if not self.has_view_permission(request):
+            actions.pop("kick", None)
+        return actions
+
+
+@admin.register(AuthFailure)
+class AuthFailureAdmin(admin.ModelAdmin):
+    list_display = ["created_at", "username", "peer_host", "mechanism", "reason"]
+    list_filter = ["reason", "mechanism"]
+    search_fields = ["username", "peer_host", "source"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: AuthFailure | None = None) -> bool:
         return False

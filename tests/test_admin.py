@@ -1,10 +1,13 @@
 """The Django admin: usage columns, read-only messages, mailbox creation through the store."""
 
+import uuid
+
 import pytest
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 
 from mailadmin.delivery import deliver
-from mailadmin.models import Domain, Mailbox, Message
+from mailadmin.models import Domain, Mailbox, Message, Pop3Session
 
 pytestmark = pytest.mark.django_db
 
@@ -42,7 +45,10 @@ def test_messages_are_read_only_and_show_no_body(staff_client, make_mailbox):
     assert "secret plans" in page
     assert "the body text" not in page
     assert staff_client.get("/admin/mailadmin/message/add/").status_code == 403
-    assert staff_client.post(f"/admin/mailadmin/message/{message.pk}/delete/", {"post": "yes"}).status_code == 403
+    assert (
+        staff_client.post(f"/admin/mailadmin/message/{message.pk}/delete/", {"post": "yes"}).status_code
+        == 403
+    )
     assert Message.objects.count() == 1
 
 
@@ -50,7 +56,12 @@ def test_admin_creates_a_mailbox_with_a_working_password(staff_client, make_mail
     make_mailbox("first@example.test")
     response = staff_client.post(
         "/admin/mailadmin/mailbox/add/",
-        {"address": "New@Example.test", "password": "s3cret-pass", "quota_bytes": "5000", "quota_messages": "0"},
+        {
+            "address": "New@Example.test",
+            "password": "s3cret-pass",
+            "quota_bytes": "5000",
+            "quota_messages": "0",
+        },
     )
     assert response.status_code == 302, response.content.decode()[:2000]
     mailbox = Mailbox.objects.select_related("user").get(user__username="new@example.test")
@@ -76,3 +87,27 @@ def test_deleting_a_mailbox_in_the_admin_releases_domain_usage(staff_client, mak
     assert Domain.objects.get(name="example.test").used_bytes == 0
     assert not get_user_model().objects.filter(username="gone@example.test").exists()
     assert Message.objects.count() == 0
+
+
+def test_admin_kick_action_marks_only_open_sessions(staff_client, make_mailbox):
+    mailbox = make_mailbox("k@example.test")
+    common = dict(
+        node="n:1", mailbox=mailbox, peer_host="192.0.2.1", peer_port=1, local_host="h", local_port=2
+    )
+    live = Pop3Session.objects.create(id=uuid.uuid4(), started_at=timezone.now(), **common)
+    ended = Pop3Session.objects.create(
+        id=uuid.uuid4(), started_at=timezone.now(), ended_at=timezone.now(), end_reason="quit", **common
+    )
+    response = staff_client.post(
+        "/admin/mailadmin/pop3session/",
+        {"action": "kick", "_selected_action": [str(live.pk), str(ended.pk)]},
+        follow=True,
+    )
+    assert "Kick requested for 1 session." in response.content.decode()
+    live.refresh_from_db()
+    ended.refresh_from_db()
+    assert live.kick_requested_at is not None
+    assert ended.kick_requested_at is None
+    page = staff_client.get("/admin/mailadmin/pop3session/?state=open").content.decode()
+    assert str(live.pk) in page
+    assert str(ended.pk) not in page
