@@ -111,6 +111,7 @@ class Pop3Authenticator:
         self.hashing = hashing
         self.cache = CredentialCache(policy.cache_ttl_seconds)
         self._attempt_key = secrets.token_bytes(32)
+        self._cleanups: set[asyncio.Future] = set()
 
     async def authenticate(self, request: LoginRequest) -> LoginResult:
         source = penalty_source(request.peer_host)
@@ -126,9 +127,7 @@ class Pop3Authenticator:
             return LoginResult(username=username or "", failure=LoginFailure.BAD_CREDENTIALS)
         owner = secrets.token_hex(16)
         try:
-            failure, rows = await self.database.run(
-                open_maildrop, verified.mailbox_id, request.peer_host, owner, self.policy
-            )
+            failure, rows = await self._open_maildrop(verified.mailbox_id, request.peer_host, owner)
         except DatabaseError:
             return LoginResult(username=verified.username, failure=LoginFailure.TEMPORARY)
         if failure is not None:
@@ -136,6 +135,37 @@ class Pop3Authenticator:
             return LoginResult(username=verified.username, failure=failure)
         maildrop = OrmMaildrop(self.database, verified.mailbox_id, owner, rows, verified.password_fingerprint)
         return LoginResult(maildrop=maildrop, username=verified.username)
+
+    async def _open_maildrop(self, mailbox_id: int, peer_host: str, owner: str):
+        """open_maildrop on the executor; a session cancelled meanwhile gives the lease back.
+
+        Cancelling the await does not stop the worker thread, which may still take the lease;
+        a background task waits for it and releases the lease, so the mailbox is not left
+        locked until the lease lapses. ``settle()`` waits for those tasks.
+        """
+        work = asyncio.ensure_future(
+            self.database.run(open_maildrop, mailbox_id, peer_host, owner, self.policy)
+        )
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            cleanup = asyncio.ensure_future(self._give_back(work, owner))
+            self._cleanups.add(cleanup)
+            cleanup.add_done_callback(self._cleanups.discard)
+            raise
+
+    async def _give_back(self, work: asyncio.Future, owner: str) -> None:
+        try:
+            failure, _ = await work
+            if failure is None:
+                await self.database.run(store.release_lease, owner)
+        except DatabaseError:
+            logger.warning("lease %s may linger until it lapses", owner)
+
+    async def settle(self) -> None:
+        """Wait until leases taken for cancelled logins have been given back."""
+        while self._cleanups:
+            await asyncio.wait(list(self._cleanups))
 
     async def _verify(self, username: str, password: str) -> "VerifiedUser | None":
         cached = self.cache.lookup(username, password)

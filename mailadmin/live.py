@@ -21,14 +21,14 @@ import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from django.db import DatabaseError, transaction
-from django.db.models import F, QuerySet
+from django.db import DatabaseError, IntegrityError, transaction
+from django.db.models import F, QuerySet, Subquery
 from django.utils import timezone
 
 from mailadmin import store
 from mailadmin.executors import BoundedExecutor
 from mailadmin.maildrop import OrmMaildrop
-from mailadmin.models import Pop3Node, Pop3Session
+from mailadmin.models import Mailbox, Pop3Node, Pop3Session
 from pop3.mailbox import ConnectionInfo, EndReason, LoginFailure, Maildrop, SessionStats
 from pop3.session import Session
 
@@ -190,6 +190,8 @@ class Pop3Monitor:
         self.outbox = _Outbox()
         self._tracked: dict[str, SessionRecorder] = {}
         self._ticks = 0
+        self._stopping: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
 
     def recorder(self, session: Session) -> SessionRecorder:
         return SessionRecorder(self, session)
@@ -200,11 +202,17 @@ class Pop3Monitor:
     def untrack(self, recorder: SessionRecorder) -> None:
         self._tracked.pop(recorder.session_id, None)
 
-    async def run(self) -> None:
+    def start(self) -> None:
+        self._stopping = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
         await self.executor.run(register_node, self.node)
-        while True:
-            await asyncio.sleep(self.interval)
-            await self.tick()
+        while not self._stopping.is_set():
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.interval)
+            except TimeoutError:
+                await self.tick()
 
     async def tick(self) -> None:
         outbox, self.outbox = self.outbox, _Outbox()
@@ -229,7 +237,12 @@ class Pop3Monitor:
                 recorder.session.kick(EndReason.KICKED)
 
     async def stop(self) -> None:
-        """Write what is still queued and take this process off the node list."""
+        """Finish the tick in flight, write what is still queued, give back leases, sign off.
+
+        Call after the sessions have ended.
+        """
+        self._stopping.set()
+        await self._task
         await self.tick()
         await self.executor.run(unregister_node, self.node)
 
@@ -261,22 +274,53 @@ def sync_node(
     interval: float,
     sweep: bool,
 ) -> list[str]:
-    """One monitor tick's database work; returns the ids of sessions to end."""
+    """One monitor tick's database work; returns the ids of sessions to end.
+
+    The heartbeat and lease renewal never depend on the row writes: a row that cannot be
+    written is logged and dropped, and must not stop this process from holding its locks.
+    """
     now = timezone.now()
-    with transaction.atomic():
-        if outbox.inserts:
-            Pop3Session.objects.bulk_create([Pop3Session(**fields) for fields in outbox.inserts])
-        for session_id, fields in outbox.updates.items():
-            Pop3Session.objects.filter(pk=session_id).update(**fields)
-        Pop3Node.objects.update_or_create(
-            name=node,
-            defaults={"heartbeat_at": now},
-            create_defaults={"started_at": now, "heartbeat_at": now},
-        )
+    write_session_rows(outbox)
+    Pop3Node.objects.update_or_create(
+        name=node, defaults={"heartbeat_at": now}, create_defaults={"started_at": now, "heartbeat_at": now}
+    )
     store.renew_leases([maildrop.owner for maildrop in tracked.values()], lease_ttl)
     if sweep:
         sweep_lost_sessions(interval)
     return sessions_to_end(tracked)
+
+
+def write_session_rows(outbox: _Outbox) -> None:
+    """Apply the queued inserts and updates; on a conflict, row by row, dropping bad ones."""
+    try:
+        with transaction.atomic():
+            _apply(outbox.inserts, outbox.updates.items())
+    except IntegrityError:
+        for fields in outbox.inserts:
+            _apply_alone([fields], [])
+        for item in outbox.updates.items():
+            _apply_alone([], [item])
+
+
+def _apply(inserts: list[dict], updates) -> None:
+    if inserts:
+        Pop3Session.objects.bulk_create([Pop3Session(**fields) for fields in inserts])
+    for session_id, fields in updates:
+        if "mailbox_id" in fields:
+            # The mailbox may be deleted before this write; then the row points nowhere.
+            fields = {
+                **fields,
+                "mailbox_id": Subquery(Mailbox.objects.filter(pk=fields["mailbox_id"]).values("pk")),
+            }
+        Pop3Session.objects.filter(pk=session_id).update(**fields)
+
+
+def _apply_alone(inserts: list[dict], updates) -> None:
+    try:
+        with transaction.atomic():
+            _apply(inserts, updates)
+    except IntegrityError:
+        logger.exception("dropped a POP3 session row write that the database refused")
 
 
 def sessions_to_end(tracked: dict[str, OrmMaildrop]) -> list[str]:

@@ -436,6 +436,11 @@ def release_lease(owner: str) -> None:
     MaildropLease.objects.filter(owner=owner).delete()
 
 
+def release_node_leases(node: str) -> int:
+    """A stopping runpop3 gives back whatever its sessions still hold."""
+    return MaildropLease.objects.filter(node=node).delete()[0]
+
+
 def maildrop_snapshot(mailbox_id: int) -> list[tuple[int, int, str, int]]:
     """(message id, size, UIDL, header size) of every message, in POP3 order."""
     return list(

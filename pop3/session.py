@@ -339,7 +339,9 @@ class Session:
                 chunk = await anext(chunks, None)
         finally:
             await chunks.aclose()
-        self._write(stuffer.finish())
+        tail = stuffer.finish()
+        sent += len(tail)
+        self._write(tail)
         if limiter is None:
             self.stats.retr_count += 1
             self.stats.retr_bytes += sent

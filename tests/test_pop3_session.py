@@ -916,17 +916,15 @@ def test_session_stats_count_commands_bytes_retrievals_and_deletions():
         bytes_in=len(io.sent),
         bytes_out=len(io.written),
         retr_count=1,
-        retr_bytes=len(b"+OK 47 octets\r\n")
-        + len(M2_ON_THE_WIRE)
-        - len(b".\r\n"),  # 65: terminator not counted
+        retr_bytes=len(b"+OK 47 octets\r\n") + len(M2_ON_THE_WIRE),  # 68: every byte of the reply
         top_count=1,
-        top_bytes=len(b"+OK\r\n") + 24 + len(b"l1\r\n"),  # 33
+        top_bytes=len(b"+OK\r\n") + 24 + len(b"l1\r\n") + len(b".\r\n"),  # 36
         deleted_count=1,
         deleted_bytes=23,
         message_count=3,
         message_bytes=106,
     )
-    assert (session.stats.retr_bytes, session.stats.top_bytes, session.stats.bytes_in) == (65, 33, 56)
+    assert (session.stats.retr_bytes, session.stats.top_bytes, session.stats.bytes_in) == (68, 36, 56)
     assert observer.final_stats == session.stats
     assert session.username == "alice"
 

@@ -13,6 +13,7 @@ from django.core.management.base import BaseCommand, CommandError
 from mailadmin.auth import AuthPolicy, Pop3Authenticator
 from mailadmin.executors import BoundedExecutor, keep_connections_open
 from mailadmin.live import Pop3Monitor, node_name
+from mailadmin.store import release_node_leases
 from pop3.server import Pop3Server, ServerConfig
 from pop3.session import Timeouts
 
@@ -84,11 +85,10 @@ class Command(BaseCommand):
         monitor = Pop3Monitor(
             database, node=node, interval=settings.POP3_MONITOR_INTERVAL, lease_ttl=settings.POP3_LEASE_TTL
         )
-        server = Pop3Server(
-            config, Pop3Authenticator(policy, database=database, hashing=hashing), monitor.recorder
-        )
+        authenticator = Pop3Authenticator(policy, database=database, hashing=hashing)
+        server = Pop3Server(config, authenticator, monitor.recorder)
         await server.start()
-        monitor_task = asyncio.create_task(monitor.run())
+        monitor.start()
         for kind, (host, port) in server.addresses.items():
             self.stdout.write(
                 f"runpop3 {node}: {'POP3S' if kind == 'tls' else 'POP3'} listening on {host}:{port}"
@@ -101,7 +101,8 @@ class Command(BaseCommand):
         loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
         await stop.wait()
         await server.shutdown(SHUTDOWN_GRACE_SECONDS)
-        monitor_task.cancel()
+        await authenticator.settle()
         await monitor.stop()
-        database.shutdown()
         hashing.shutdown()
+        await database.run(release_node_leases, node)
+        database.shutdown()
