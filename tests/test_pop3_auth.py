@@ -141,12 +141,16 @@ def test_unknown_user_wrong_password_and_inactive_mailbox_fail_alike(make_mailbo
 @pytest.mark.django_db(transaction=True)
 def test_a_hash_django_wants_upgraded_is_upgraded_at_login(make_mailbox):
     mailbox = make_mailbox("old@example.test")
-    get_user_model().objects.filter(pk=mailbox.user_id).update(password=make_password(PASSWORD, hasher="pbkdf2_sha256"))
+    get_user_model().objects.filter(pk=mailbox.user_id).update(
+        password=make_password(PASSWORD, hasher="pbkdf2_sha256")
+    )
     assert login("old@example.test", PASSWORD).failure is None
     assert get_user_model().objects.get(pk=mailbox.user_id).password.startswith("argon2$")
 
 
-def open_session_row(mailbox: Mailbox, peer: str = "192.0.2.10", *, node: str = "test-node", **fields) -> Pop3Session:
+def open_session_row(
+    mailbox: Mailbox, peer: str = "192.0.2.10", *, node: str = "test-node", **fields
+) -> Pop3Session:
     now = timezone.now()
     Pop3Node.objects.update_or_create(name=node, defaults={"started_at": now, "heartbeat_at": now})
     return Pop3Session.objects.create(
@@ -168,7 +172,10 @@ def open_session_row(mailbox: Mailbox, peer: str = "192.0.2.10", *, node: str = 
 def test_session_cap_per_user_and_address_answers_in_use(make_mailbox):
     mailbox = make_mailbox("capped@example.test")
     open_session_row(mailbox)
-    assert login("capped@example.test", PASSWORD, max_userip_sessions=1).failure is LoginFailure.TOO_MANY_SESSIONS
+    assert (
+        login("capped@example.test", PASSWORD, max_userip_sessions=1).failure
+        is LoginFailure.TOO_MANY_SESSIONS
+    )
     assert login("capped@example.test", PASSWORD, max_userip_sessions=1, peer="192.0.2.99").failure is None
 
 
@@ -191,10 +198,14 @@ def test_login_delay_refuses_a_login_too_soon_after_the_last(make_mailbox):
 
 @pytest.mark.django_db
 def test_monitor_finds_kicked_deactivated_and_repassworded_sessions(make_mailbox):
-    boxes = {name: make_mailbox(f"{name}@example.test") for name in ("calm", "kicked", "off", "newpass", "gone")}
+    boxes = {
+        name: make_mailbox(f"{name}@example.test") for name in ("calm", "kicked", "off", "newpass", "gone")
+    }
     rows = {name: open_session_row(mailbox) for name, mailbox in boxes.items()}
     tracked = {
-        row.pk.hex: type("Drop", (), {"password_fingerprint": live.password_fingerprint(boxes[name].user.password)})
+        row.pk.hex: type(
+            "Drop", (), {"password_fingerprint": live.password_fingerprint(boxes[name].user.password)}
+        )
         for name, row in rows.items()
     }
     assert live.request_kick(address="kicked@example.test") == 1

@@ -32,7 +32,9 @@ def serve(test, *, store: MemoryStore | None = None, **config):
 
     async def main():
         authenticator = MemoryAuthenticator({"alice": ("pw", store or MemoryStore())})
-        server = Pop3Server(ServerConfig(port=0, tls_port=0 if config.get("certfile") else None, **config), authenticator)
+        server = Pop3Server(
+            ServerConfig(port=0, tls_port=0 if config.get("certfile") else None, **config), authenticator
+        )
         await server.start()
         try:
             return await test(server)
