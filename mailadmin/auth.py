@@ -26,6 +26,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import random
 import secrets
 import time
 import unicodedata
@@ -120,8 +121,7 @@ class Pop3Authenticator:
             username = normalise_login(request.username)
             verified = await self._verify(username, request.password) if username else None
         except DatabaseError:
-            await asyncio.sleep(self.policy.failure_delay)
-            return LoginResult(failure=LoginFailure.TEMPORARY)
+            return await self._internal_failure("")
         if verified is None:
             await self._fail(request, source, "bad credentials", self._attempt(request))
             return LoginResult(username=username or "", failure=LoginFailure.BAD_CREDENTIALS)
@@ -129,7 +129,7 @@ class Pop3Authenticator:
         try:
             failure, rows = await self._open_maildrop(verified.mailbox_id, request.peer_host, owner)
         except DatabaseError:
-            return LoginResult(username=verified.username, failure=LoginFailure.TEMPORARY)
+            return await self._internal_failure(verified.username)
         if failure is not None:
             await self._record(request, source, failure.value, penalised=False)
             return LoginResult(username=verified.username, failure=failure)
@@ -187,6 +187,12 @@ class Pop3Authenticator:
         except DatabaseError:
             pass
         await self._fail(request, source, reason, "")
+
+    async def _internal_failure(self, username: str) -> LoginResult:
+        """[SYS/TEMP], never faster than a wrong password, with jitter against a thundering herd."""
+        logger.warning("login failed for lack of the database", exc_info=True)
+        await asyncio.sleep(self.policy.failure_delay * (1 + random.random() / 2))
+        return LoginResult(username=username, failure=LoginFailure.TEMPORARY)
 
     async def _fail(self, request: LoginRequest, source: str, reason: str, attempt: str) -> None:
         await self._record(request, source, reason, attempt=attempt)

@@ -1,6 +1,7 @@
 """POP3 authentication policy and the session registry, against the real database."""
 
 import asyncio
+import time
 import uuid
 from datetime import timedelta
 
@@ -8,6 +9,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import make_password
 from django.core.management import call_command
+from django.db import OperationalError
 from django.utils import timezone
 
 from mailadmin import live, store
@@ -311,3 +313,23 @@ def test_cache_off_verifies_every_login(make_mailbox):
     authenticator, hashing = cached_authenticator(ttl=0)
     assert [cached_login(authenticator, "cold@example.test", PASSWORD) for _ in range(2)] == [None, None]
     assert hashing.calls == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_database_trouble_is_a_temporary_failure_answered_no_faster_than_a_wrong_password(make_mailbox):
+    make_mailbox("t@example.test")
+
+    class BrokenDatabase(BoundedExecutor):
+        async def run(self, function, *args):
+            raise OperationalError("server closed the connection unexpectedly")
+
+    policy = AuthPolicy(node="test-node", failure_delay=0.2, penalty_max=0)
+    authenticator = Pop3Authenticator(
+        policy, database=BrokenDatabase(1, "broken"), hashing=BoundedExecutor(1, "h")
+    )
+    request = LoginRequest("t@example.test", PASSWORD, "USER", "192.0.2.10", True, uuid.uuid4().hex)
+    started = time.monotonic()
+    result = asyncio.run(authenticator.authenticate(request))
+    elapsed = time.monotonic() - started
+    assert (result.failure, result.maildrop) == (LoginFailure.TEMPORARY, None)
+    assert 0.2 <= elapsed < 2.0
