@@ -11,7 +11,11 @@ TLS_DIR := var/tls
 
 export DEBUG ?= 1
 
-.PHONY: install run test test-only bench clean
+# Real mail clients the end-to-end tests talk to (Debian package: command).
+CLIENT_PACKAGES := fetchmail:fetchmail getmail6:getmail mpop:mpop curl:curl openssl:openssl \
+	postfix:postfix swaks:swaks
+
+.PHONY: install system-deps run test test-only bench clean
 
 install: $(STAMP)
 
@@ -33,10 +37,33 @@ run: install $(TLS_DIR)/cert.pem
 	POP3_TLS_CERTFILE=$(TLS_DIR)/cert.pem POP3_TLS_KEYFILE=$(TLS_DIR)/key.pem \
 		$(PY) manage.py runall --http-port $(HTTP_PORT)
 
-test: install test-only
+# Installs missing client programs with apt-get when run as root; otherwise their tests skip.
+# Postfix is preseeded to "No configuration" (no questions, no main.cf, no system instance on
+# port 25); should the package start one anyway, it is stopped: the tests run their own.
+system-deps:
+	@missing=$$(for entry in $(CLIENT_PACKAGES); do command -v $${entry#*:} >/dev/null \
+		|| [ -x /usr/sbin/$${entry#*:} ] || echo $${entry%%:*}; done); \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing $$missing"; \
+		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		postfix stop 2>/dev/null || true; \
+	elif [ -n "$$missing" ]; then echo "not installed (their tests will skip): $$missing"; fi
+
+test: install system-deps test-only
 
 test-only:
 	$(PY) -m pytest -n $(TEST_JOBS) $(PYTEST_ARGS)
+
+# The benchmark suite (bench/, docs/benchmarks.md) against live runpop3/runlmtp: SQLite by
+# default, PostgreSQL with DATABASE_URL=postgres://...; e.g. BENCH_ARGS="--seconds 30".
+.PHONY: bench-smoke
+bench: install
+	$(PY) -m bench $(BENCH_ARGS)
+
+# Every scenario for about a second on tiny corpora, so the bench never rots (.ci/run).
+bench-smoke: install
+	$(PY) -m bench --smoke $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .hypothesis

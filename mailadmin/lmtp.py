@@ -86,6 +86,7 @@ class LmtpSession(asyncio.Protocol):
         self._transaction = _Transaction()
         self.task: asyncio.Task | None = None
         self.busy = False  # inside DATA: a shutdown lets it finish rather than risk a duplicate
+        self.closing = False  # set by a shutdown: end after the transaction in flight
 
     # asyncio.Protocol ------------------------------------------------------------------------
 
@@ -157,13 +158,16 @@ class LmtpSession(asyncio.Protocol):
     async def _run(self) -> None:
         try:
             self._reply(f"220 {self.config.hostname} LMTP ready")
-            while not self._closed:
+            while not self._closed and not self.closing:
                 line = await self._read_line(MAX_COMMAND_LINE)
                 if line is None:
                     self._reply("500 5.5.2 Line too long")
                     continue
                 if not await self._command(line.rstrip(b"\r\n")):
                     break
+            else:
+                if self.closing:
+                    self._reply("421 4.3.2 Shutting down")
         except (ConnectionClosed, ConnectionError):
             pass
         except TimeoutError:
@@ -357,6 +361,7 @@ class LmtpServer:
             self._server.close()
         busy = [session.task for session in self.sessions if session.busy and session.task]
         for session in list(self.sessions):
+            session.closing = True
             if not session.busy and session.task:
                 session.task.cancel()
         if busy:

@@ -3,6 +3,7 @@
 import asyncio
 import os
 import signal
+import socket
 import stat
 from pathlib import Path
 
@@ -26,7 +27,8 @@ class Command(BaseCommand):
         where.add_argument("--socket", default=settings.LMTP_SOCKET, help="Unix socket path instead of TCP.")
 
     def handle(self, *args, bind: str, port: int, socket: str, **options):
-        if not socket and port == SMTP_PORT:
+        socket_path = socket
+        if not socket_path and port == SMTP_PORT:
             raise CommandError("LMTP must never listen on port 25 (RFC 2033 section 5)")
         config = LmtpConfig(
             hostname=settings.LMTP_HOSTNAME,
@@ -37,28 +39,32 @@ class Command(BaseCommand):
             idle_timeout=settings.LMTP_IDLE_TIMEOUT,
         )
         try:
-            asyncio.run(self._serve(config, bind, port, socket))
+            asyncio.run(self._serve(config, bind, port, socket_path))
         except OSError as error:
             raise CommandError(f"cannot listen: {error}") from None
 
     async def _serve(self, config: LmtpConfig, bind: str, port: int, socket_path: str) -> None:
         keep_connections_open(settings.DAEMON_DB_CONN_MAX_AGE)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
         executor = BoundedExecutor(settings.LMTP_DB_THREADS, "lmtp-db")
         server = LmtpServer(config, executor)
         if socket_path:
             _remove_stale_socket(Path(socket_path))
-            await server.listen_unix(socket_path)
-            os.chmod(socket_path, settings.LMTP_SOCKET_MODE)
+            # Created with the final mode already: no moment where others may connect.
+            previous = os.umask(0o777 & ~settings.LMTP_SOCKET_MODE)
+            try:
+                await server.listen_unix(socket_path)
+            finally:
+                os.umask(previous)
             where = socket_path
         else:
             host, bound_port = await server.listen_tcp(bind, port)
             where = f"{host}:{bound_port}"
         self.stdout.write(f"runlmtp: LMTP listening on {where}")
         self.stdout.flush()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
         await stop.wait()
         await server.shutdown(SHUTDOWN_GRACE_SECONDS)
         executor.shutdown()
@@ -67,7 +73,17 @@ class Command(BaseCommand):
 
 
 def _remove_stale_socket(path: Path) -> None:
-    if path.exists():
-        if not stat.S_ISSOCK(path.stat().st_mode):
-            raise CommandError(f"{path} exists and is not a socket")
-        path.unlink()
+    """Remove a socket left by a server that died; refuse to take over a live one."""
+    if not path.exists():
+        return
+    if not stat.S_ISSOCK(path.stat().st_mode):
+        raise CommandError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+    else:
+        raise CommandError(f"{path} is in use by a running server")
+    finally:
+        probe.close()

@@ -87,6 +87,11 @@ class Command(BaseCommand):
         )
         authenticator = Pop3Authenticator(policy, database=database, hashing=hashing)
         server = Pop3Server(config, authenticator, monitor.recorder)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
         await server.start()
         monitor.start()
         for kind, (host, port) in server.addresses.items():
@@ -94,11 +99,6 @@ class Command(BaseCommand):
                 f"runpop3 {node}: {'POP3S' if kind == 'tls' else 'POP3'} listening on {host}:{port}"
             )
         self.stdout.flush()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
         await stop.wait()
         await server.shutdown(SHUTDOWN_GRACE_SECONDS)
         await authenticator.settle()

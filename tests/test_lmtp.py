@@ -1,0 +1,720 @@
+"""runlmtp (RFC 2033) over real sockets: raw LMTP and ``smtplib.LMTP`` against server processes.
+
+Every test starts its own ``manage.py runlmtp`` on the test database (``tests.lmtp_server``)
+and checks the exact replies and what reached the store: the stored bytes, the messages per
+mailbox, and the quota counters of the mailbox and its domain.
+"""
+
+import hashlib
+import signal
+import smtplib
+import socket
+import stat
+import struct
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailadmin import store
+from mailadmin.delivery import deliver
+from mailadmin.models import Mailbox, Message
+from mailadmin.store import iter_message_bytes
+from tests.conftest import run_manage
+from tests.lmtp_server import (
+    HOST,
+    HOSTNAME,
+    LmtpProcess,
+    RawLmtp,
+    lmtp_server_fixture,  # noqa: F401 (the lmtp_server fixture)
+    running_lmtp,
+)
+from tests.pop3_server import mebibytes, wait_for
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+
+SENDER = "sender@remote.test"
+DEFAULT_MAX_MESSAGE_BYTES = 50 * 1024 * 1024
+
+# Replies, exactly as an MTA reads them.
+GREETING = f"220 {HOSTNAME} LMTP ready"
+
+
+def lhlo_reply(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[str]:
+    return [
+        f"250-{HOSTNAME}",
+        "250-PIPELINING",
+        "250-ENHANCEDSTATUSCODES",
+        "250-8BITMIME",
+        f"250 SIZE {max_message_bytes}",
+    ]
+
+
+USE_LHLO = "500 5.5.1 This is LMTP: use LHLO"
+VRFY_REFUSED = "502 5.5.1 VRFY is not supported"
+UNKNOWN_COMMAND = "500 5.5.1 Unknown command"
+LHLO_FIRST = "503 5.5.1 Send LHLO first"
+MAIL_FIRST = "503 5.5.1 Send MAIL first"
+NO_VALID_RECIPIENTS = "503 5.5.1 No valid recipients"
+SENDER_OK = "250 2.1.0 Ok"
+RECIPIENT_OK = "250 2.1.5 Ok"
+OK = "250 2.0.0 Ok"
+BYE = "221 2.0.0 Bye"
+START_DATA = "354 2.0.0 End data with <CR><LF>.<CR><LF>"
+SAVED = "250 2.0.0 <{rcpt}> Saved"
+USER_UNKNOWN = "550 5.1.1 <{rcpt}> User unknown"
+MAILBOX_DISABLED = "550 5.2.1 <{rcpt}> Mailbox disabled"
+FULL_TEMPORARY = "452 4.2.2 <{rcpt}> Mailbox is full"
+FULL_PERMANENT = "552 5.2.2 <{rcpt}> Mailbox is full"
+TOO_BIG = "552 5.3.4 Message too big for system"
+LINE_TOO_LONG = "500 5.5.2 Message line too long"
+DATABASE_DOWN = "451 4.3.0 Temporary internal failure"
+SHUTTING_DOWN = "421 4.3.2 Shutting down"
+IDLE_TOO_LONG = "421 4.4.2 Idle for too long, closing connection"
+TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+COMMAND_TOO_LONG = "500 5.5.2 Line too long"
+PORT_25_REFUSED = "LMTP must never listen on port 25 (RFC 2033 section 5)"
+WARNING_SUBJECT = "Your mailbox is {percent}% full"
+
+# A message as sent on the wire (dot-stuffed, one bare-LF line), and the bytes the store must
+# keep after the trace lines: CRLF everywhere, one leading dot taken off each stuffed line.
+WIRE_MESSAGE = (
+    b"Subject: mixed\r\nFrom: <sender@remote.test>\r\n\r\n"
+    b"first line\r\n..leading dot\r\nbare line feed\n...\r\nlast\r\n.\r\n"
+)
+STORED_MESSAGE = (
+    b"Subject: mixed\r\nFrom: <sender@remote.test>\r\n\r\n"
+    b"first line\r\n.leading dot\r\nbare line feed\r\n..\r\nlast\r\n"
+)
+SMALL_MESSAGE = b"Subject: small\r\n\r\nsmall body\r\n"
+
+
+def trace(sender: str, recipient: str) -> bytes:
+    """The Return-Path and Delivered-To lines every stored copy starts with."""
+    return f"Return-Path: <{sender}>\r\nDelivered-To: {recipient}\r\n".encode()
+
+
+def stored_messages(address: str) -> list[bytes]:
+    mailbox = Mailbox.objects.get(user__username=address)
+    return [
+        b"".join(iter_message_bytes(pk))
+        for pk in Message.objects.for_maildrop(mailbox).values_list("pk", flat=True)
+    ]
+
+
+def counters(address: str) -> tuple[int, int, int]:
+    mailbox = Mailbox.objects.select_related("domain").get(user__username=address)
+    return mailbox.used_bytes, mailbox.used_messages, mailbox.domain.used_bytes
+
+
+def begin(
+    client: RawLmtp, recipients: list[str], *, sender: str = SENDER, mail_parameters: str = ""
+) -> list[str]:
+    """LHLO, MAIL and one RCPT per recipient; return the RCPT replies."""
+    client.send(b"LHLO client.test\r\n")
+    assert client.reply()[-1].startswith("250 SIZE ")
+    assert client.command(f"MAIL FROM:<{sender}>{mail_parameters}") == SENDER_OK
+    return [client.command(f"RCPT TO:<{recipient}>") for recipient in recipients]
+
+
+def transaction(client: RawLmtp, recipients: list[str], message: bytes, *, sender: str = SENDER) -> list[str]:
+    """MAIL, RCPT..., DATA (after LHLO): return the replies after the final dot, one per accepted RCPT.
+
+    ``message`` is sent as is, so it must carry its own dot-stuffing and final ``.`` line.
+    """
+    assert client.command(f"MAIL FROM:<{sender}>") == SENDER_OK
+    accepted = sum(client.command(f"RCPT TO:<{recipient}>") == RECIPIENT_OK for recipient in recipients)
+    assert client.command("DATA") == START_DATA
+    client.send(message)
+    return client.lines(accepted)
+
+
+def make_full_mailbox(make_mailbox, address: str, settings) -> None:
+    """A mailbox whose quota is exactly used up by one message delivered here."""
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""  # a warning would push usage past the quota
+    filler = b"Subject: filler\r\n\r\n" + b"x" * 100 + b"\r\n"
+    make_mailbox(address, quota_bytes=len(trace("", address)) + len(filler))
+    assert deliver([address], [filler])[0].delivered
+
+
+def message_of_size(size: int, *, subject: bytes = b"sized") -> bytes:
+    """A CRLF message of exactly ``size`` bytes (no line starts with a dot)."""
+    head = b"Subject: " + subject + b"\r\n\r\n"
+    line = b"y" * 78 + b"\r\n"
+    full_lines, rest = divmod(size - len(head), len(line))
+    body = line * full_lines
+    if rest:
+        assert rest >= 2
+        body += b"z" * (rest - 2) + b"\r\n"
+    message = head + body
+    assert len(message) == size
+    return message
+
+
+# --- Commands and their sequence ---------------------------------------------------------------
+
+
+def test_greeting_and_lhlo_list_exactly_pipelining_enhanced_codes_8bitmime_and_the_size_limit(
+    lmtp_server: LmtpProcess,
+) -> None:
+    with RawLmtp(socket.create_connection((HOST, lmtp_server.port), timeout=10)) as client:
+        assert client.line() == GREETING
+        client.send(b"LHLO client.test\r\n")
+        assert client.reply() == lhlo_reply()
+        assert client.command("QUIT") == BYE
+        assert client.read_until_closed() == b""
+
+
+def test_smtp_greetings_vrfy_and_unknown_verbs_are_refused(lmtp_server: LmtpProcess) -> None:
+    with lmtp_server.connect() as client:
+        assert client.command("HELO client.test") == USE_LHLO
+        assert client.command("EHLO client.test") == USE_LHLO
+        assert client.command("VRFY alice@example.test") == VRFY_REFUSED
+        assert client.command("XYZZY") == UNKNOWN_COMMAND
+        assert client.command("NOOP " + "n" * 600) == COMMAND_TOO_LONG  # RFC 5321: 512 octets
+        assert client.command("NOOP") == OK
+        assert client.command("QUIT") == BYE
+
+
+def test_mail_before_lhlo_rcpt_before_mail_and_data_without_a_valid_recipient_get_503(
+    lmtp_server: LmtpProcess, make_mailbox
+) -> None:
+    make_mailbox("alice@example.test")
+    with lmtp_server.connect() as client:
+        assert client.command(f"MAIL FROM:<{SENDER}>") == LHLO_FIRST
+        client.send(b"LHLO client.test\r\n")
+        assert client.reply() == lhlo_reply()
+        assert client.command("RCPT TO:<alice@example.test>") == MAIL_FIRST
+        assert client.command("DATA") == MAIL_FIRST
+        assert client.command(f"MAIL FROM:<{SENDER}>") == SENDER_OK
+        assert client.command("RCPT TO:<nobody@example.test>") == USER_UNKNOWN.format(
+            rcpt="nobody@example.test"
+        )
+        assert client.command("DATA") == NO_VALID_RECIPIENTS
+        # The transaction is still open: a good recipient can still be added and delivered to.
+        assert client.command("RCPT TO:<alice@example.test>") == RECIPIENT_OK
+        assert client.command("DATA") == START_DATA
+        client.send(WIRE_MESSAGE)
+        assert client.line() == SAVED.format(rcpt="alice@example.test")
+        assert client.command("QUIT") == BYE
+    assert stored_messages("alice@example.test") == [trace(SENDER, "alice@example.test") + STORED_MESSAGE]
+
+
+def test_rset_forgets_the_recipients_and_noop_changes_nothing(lmtp_server: LmtpProcess, make_mailbox) -> None:
+    make_mailbox("alice@example.test")
+    make_mailbox("bob@example.test")
+    with lmtp_server.connect() as client:
+        assert begin(client, ["alice@example.test"]) == [RECIPIENT_OK]
+        assert client.command("RSET") == OK
+        assert client.command("DATA") == MAIL_FIRST
+        assert client.command("NOOP") == OK
+        assert transaction(client, ["bob@example.test"], WIRE_MESSAGE) == [
+            SAVED.format(rcpt="bob@example.test")
+        ]
+        assert client.command("NOOP") == OK  # the very next line: DATA sent exactly one reply
+        assert client.command("QUIT") == BYE
+    assert stored_messages("alice@example.test") == []
+    assert stored_messages("bob@example.test") == [trace(SENDER, "bob@example.test") + STORED_MESSAGE]
+
+
+# --- One reply per recipient ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings_env", "full_reply"),
+    [({}, FULL_TEMPORARY), ({"LMTP_OVER_QUOTA_PERMANENT": "1"}, FULL_PERMANENT)],
+    ids=["over-quota-temporary", "over-quota-permanent"],
+)
+def test_mixed_recipients_get_their_own_rcpt_replies_and_one_data_reply_per_accepted_recipient(
+    tmp_path: Path, make_mailbox, settings, settings_env: dict[str, str], full_reply: str
+) -> None:
+    good, unknown, inactive, full, other = (
+        "good@example.test",
+        "unknown@example.test",
+        "inactive@example.test",
+        "full@example.test",
+        "other@example.test",
+    )
+    make_mailbox(good)
+    make_mailbox(other)
+    make_mailbox(inactive)
+    store.set_mailbox_active(inactive, False)
+    make_full_mailbox(make_mailbox, full, settings)
+    full_before = (counters(full)[:2], stored_messages(full))
+    with running_lmtp(tmp_path / "lmtp", **settings_env) as server, server.connect() as client:
+        assert begin(client, [good, unknown, inactive, full, other]) == [
+            RECIPIENT_OK,
+            USER_UNKNOWN.format(rcpt=unknown),
+            MAILBOX_DISABLED.format(rcpt=inactive),
+            full_reply.format(rcpt=full),
+            RECIPIENT_OK,
+        ]
+        assert client.command("DATA") == START_DATA
+        client.send(WIRE_MESSAGE)
+        assert client.lines(2) == [SAVED.format(rcpt=good), SAVED.format(rcpt=other)]
+        assert client.command("NOOP") == OK  # nothing more was sent for the refused recipients
+        assert client.command("QUIT") == BYE
+    assert stored_messages(good) == [trace(SENDER, good) + STORED_MESSAGE]
+    assert stored_messages(other) == [trace(SENDER, other) + STORED_MESSAGE]
+    assert stored_messages(inactive) == []
+    assert (counters(full)[:2], stored_messages(full)) == full_before
+    assert not Mailbox.objects.filter(user__username=unknown).exists()
+
+
+def test_recipient_that_fills_up_between_rcpt_and_the_final_dot_gets_452_and_the_others_250(
+    lmtp_server: LmtpProcess, make_mailbox, settings
+) -> None:
+    first, tight, last = "first@example.test", "tight@example.test", "last@example.test"
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
+    make_mailbox(first)
+    make_mailbox(last)
+    filler = b"Subject: filler\r\n\r\n" + b"f" * 500 + b"\r\n"
+    filler_size = len(trace("", tight)) + len(filler)
+    make_mailbox(tight, quota_bytes=filler_size)  # room for the filler, or for our message, not both
+    with lmtp_server.connect() as client:
+        assert begin(client, [first, tight, last]) == [RECIPIENT_OK] * 3
+        assert client.command("DATA") == START_DATA
+        client.send(WIRE_MESSAGE[:-3])  # all but the final dot
+        assert deliver([tight], [filler])[0].delivered
+        client.send(b".\r\n")
+        assert client.lines(3) == [
+            SAVED.format(rcpt=first),
+            FULL_TEMPORARY.format(rcpt=tight),
+            SAVED.format(rcpt=last),
+        ]
+        assert client.command("QUIT") == BYE
+    assert stored_messages(tight) == [trace("", tight) + filler]
+    assert counters(tight)[:2] == (filler_size, 1)
+    for address in (first, last):
+        assert stored_messages(address) == [trace(SENDER, address) + STORED_MESSAGE]
+
+
+def test_size_declared_in_mail_from_is_checked_against_the_room_left_at_rcpt(
+    lmtp_server: LmtpProcess, make_mailbox
+) -> None:
+    make_mailbox("small@example.test", quota_bytes=5000)
+    make_mailbox("roomy@example.test", quota_bytes=6000)
+    with lmtp_server.connect() as client:
+        assert begin(client, ["small@example.test", "roomy@example.test"], mail_parameters=" SIZE=5500") == [
+            FULL_TEMPORARY.format(rcpt="small@example.test"),
+            RECIPIENT_OK,
+        ]
+        assert client.command("QUIT") == BYE
+
+
+def test_pipelined_commands_and_message_are_answered_in_order(lmtp_server: LmtpProcess, make_mailbox) -> None:
+    recipients = ["one@example.test", "two@example.test", "three@example.test"]
+    for address in recipients:
+        make_mailbox(address)
+    with lmtp_server.connect() as client:
+        client.send(
+            b"LHLO client.test\r\nMAIL FROM:<> BODY=8BITMIME\r\n"
+            + b"".join(f"RCPT TO:<{address}>\r\n".encode() for address in recipients)
+            + b"DATA\r\n"
+        )
+        client.send(WIRE_MESSAGE + b"QUIT\r\n")  # without waiting for the 354
+        transcript = client.read_until_closed().decode()
+    expected = [
+        *lhlo_reply(),
+        SENDER_OK,
+        *[RECIPIENT_OK] * 3,
+        START_DATA,
+        *[SAVED.format(rcpt=address) for address in recipients],
+        BYE,
+    ]
+    assert transcript == "".join(line + "\r\n" for line in expected)
+    for address in recipients:
+        assert stored_messages(address) == [trace("", address) + STORED_MESSAGE]
+
+
+# --- Limits: message size, line length ------------------------------------------------------------
+
+
+def test_message_over_the_size_limit_gets_552_per_recipient_and_the_session_goes_on(
+    tmp_path: Path, make_mailbox
+) -> None:
+    limit = 10_000
+    recipients = ["one@example.test", "two@example.test", "three@example.test"]
+    for address in recipients:
+        make_mailbox(address)
+    oversized = message_of_size(limit + 1, subject=b"too big")
+    exact = message_of_size(limit, subject=b"just fits")
+    with running_lmtp(tmp_path / "lmtp", MAILADMIN_MAX_MESSAGE_SIZE_BYTES=str(limit)) as server:
+        with server.connect() as client:
+            client.send(b"LHLO client.test\r\n")
+            assert client.reply() == lhlo_reply(limit)
+            assert client.command(f"MAIL FROM:<{SENDER}> SIZE={limit + 1}") == TOO_BIG
+            assert transaction(client, recipients, oversized + b".\r\n") == [TOO_BIG] * 3
+            assert client.command("NOOP") == OK
+            assert all(stored_messages(address) == [] for address in recipients)
+            assert counters(recipients[0]) == (0, 0, 0)
+            assert client.command(f"MAIL FROM:<{SENDER}> SIZE={limit}") == SENDER_OK
+            assert [client.command(f"RCPT TO:<{address}>") for address in recipients] == [RECIPIENT_OK] * 3
+            assert client.command("DATA") == START_DATA
+            client.send(exact + b".\r\n")
+            assert client.lines(3) == [SAVED.format(rcpt=address) for address in recipients]
+            assert client.command("QUIT") == BYE
+    for address in recipients:
+        assert stored_messages(address) == [trace(SENDER, address) + exact]
+
+
+def test_over_long_line_in_data_gets_500_per_recipient_and_the_session_goes_on(
+    tmp_path: Path, make_mailbox
+) -> None:
+    limit = 2000  # bytes per line, CRLF included
+    recipients = ["one@example.test", "two@example.test", "three@example.test"]
+    for address in recipients:
+        make_mailbox(address)
+    head = b"Subject: lines\r\n\r\nbefore\r\n"
+    huge_line = b"h" * 100_000 + b"\r\n"  # many times the limit: arrives in many reads
+    one_too_many = b"o" * (limit - 1) + b"\r\n"
+    at_the_limit = b"a" * (limit - 2) + b"\r\n"
+    with (
+        running_lmtp(tmp_path / "lmtp", LMTP_MAX_LINE_BYTES=str(limit)) as server,
+        server.connect() as client,
+    ):
+        client.send(b"LHLO client.test\r\n")
+        assert client.reply() == lhlo_reply()
+        for line in (huge_line, one_too_many):
+            assert transaction(client, recipients, head + line + b"after\r\n.\r\n") == [LINE_TOO_LONG] * 3
+            assert client.command("NOOP") == OK
+        assert all(stored_messages(address) == [] for address in recipients)
+        assert counters(recipients[0]) == (0, 0, 0)
+        replies = transaction(client, recipients, head + at_the_limit + b"after\r\n.\r\n")
+        assert replies == [SAVED.format(rcpt=address) for address in recipients]
+        assert client.command("QUIT") == BYE
+    for address in recipients:
+        assert stored_messages(address) == [trace(SENDER, address) + head + at_the_limit + b"after\r\n"]
+
+
+# --- Failures: database down, dropped connections, a killed server ----------------------------------
+
+
+def test_rcpt_gets_451_while_the_database_is_unreachable(tmp_path: Path) -> None:
+    unreachable = "postgres://nobody@127.0.0.1:1/none"
+    with running_lmtp(tmp_path / "lmtp", DATABASE_URL=unreachable) as server, server.connect() as client:
+        assert begin(client, ["alice@example.test"]) == [DATABASE_DOWN]
+        assert client.command("DATA") == NO_VALID_RECIPIENTS
+        assert client.command("QUIT") == BYE
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def half_a_message() -> bytes:
+    return b"Subject: cut short\r\n\r\n" + b"0123456789" * 5000 + b"\r\n"
+
+
+def test_client_closing_its_side_mid_data_gets_no_reply_and_nothing_is_stored(
+    lmtp_server: LmtpProcess, make_mailbox
+) -> None:
+    make_mailbox("alice@example.test", quota_bytes=10**6)
+    before = counters("alice@example.test")
+    with lmtp_server.connect() as client:
+        assert begin(client, ["alice@example.test"]) == [RECIPIENT_OK]
+        assert client.command("DATA") == START_DATA
+        client.send(half_a_message())
+        client.sock.shutdown(socket.SHUT_WR)
+        assert client.read_until_closed() == b""  # the server ended the session without a word
+    assert stored_messages("alice@example.test") == []
+    assert counters("alice@example.test") == before
+
+
+def test_connection_reset_mid_data_stores_nothing_and_the_server_keeps_delivering(
+    lmtp_server: LmtpProcess, make_mailbox
+) -> None:
+    make_mailbox("alice@example.test", quota_bytes=10**6)
+    before = counters("alice@example.test")
+    with lmtp_server.connect() as client:
+        assert begin(client, ["alice@example.test"]) == [RECIPIENT_OK]
+        assert client.command("DATA") == START_DATA
+        client.send(half_a_message())
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+    assert counters("alice@example.test") == before
+    with lmtp_server.connect() as client:
+        client.send(b"LHLO client.test\r\n")
+        client.reply()
+        assert transaction(client, ["alice@example.test"], WIRE_MESSAGE) == [
+            SAVED.format(rcpt="alice@example.test")
+        ]
+    assert stored_messages("alice@example.test") == [trace(SENDER, "alice@example.test") + STORED_MESSAGE]
+    assert counters("alice@example.test")[:2] == (
+        len(trace(SENDER, "alice@example.test") + STORED_MESSAGE),
+        1,
+    )
+
+
+def test_server_killed_mid_data_stores_nothing_leaves_no_spool_file_and_a_new_one_delivers(
+    tmp_path: Path, make_mailbox
+) -> None:
+    make_mailbox("alice@example.test", quota_bytes=10**8)
+    before = counters("alice@example.test")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with running_lmtp(tmp_path / "lmtp", TMPDIR=str(spool)) as server, server.connect() as client:
+        assert begin(client, ["alice@example.test"], mail_parameters=" SIZE=6000000") == [RECIPIENT_OK]
+        assert client.command("DATA") == START_DATA
+        client.send(b"Subject: killed\r\n\r\n")
+        for _ in range(3000):  # 3 MB of a 6 MB message: well past one chunk, so it spools to disk
+            client.send(b"k" * 998 + b"\r\n")
+        server.kill()
+    assert stored_messages("alice@example.test") == []
+    assert counters("alice@example.test") == before
+    assert list(spool.iterdir()) == []
+    with running_lmtp(tmp_path / "lmtp-again") as server:
+        with server.smtplib_client() as lmtp:
+            assert lmtp.sendmail(SENDER, ["alice@example.test"], SMALL_MESSAGE) == {}
+    assert stored_messages("alice@example.test") == [trace(SENDER, "alice@example.test") + SMALL_MESSAGE]
+
+
+def test_recipients_beyond_the_limit_get_452_and_the_accepted_ones_are_delivered(
+    tmp_path: Path, make_mailbox
+) -> None:
+    recipients = ["one@example.test", "two@example.test", "three@example.test"]
+    for address in recipients:
+        make_mailbox(address)
+    with running_lmtp(tmp_path / "lmtp", LMTP_MAX_RECIPIENTS="2") as server, server.connect() as client:
+        assert begin(client, recipients) == [RECIPIENT_OK, RECIPIENT_OK, TOO_MANY_RECIPIENTS]
+        assert client.command("DATA") == START_DATA
+        client.send(WIRE_MESSAGE)
+        assert client.lines(2) == [SAVED.format(rcpt=address) for address in recipients[:2]]
+        assert client.command("QUIT") == BYE
+    assert [len(stored_messages(address)) for address in recipients] == [1, 1, 0]
+
+
+def test_client_stalling_mid_data_is_disconnected_with_421_and_nothing_is_stored(
+    tmp_path: Path, make_mailbox
+) -> None:
+    make_mailbox("alice@example.test")
+    with running_lmtp(tmp_path / "lmtp", LMTP_IDLE_TIMEOUT="0.5") as server, server.connect() as client:
+        assert begin(client, ["alice@example.test"]) == [RECIPIENT_OK]
+        assert client.command("DATA") == START_DATA
+        client.send(half_a_message())
+        assert client.read_until_closed() == f"{IDLE_TOO_LONG}\r\n".encode()
+    assert stored_messages("alice@example.test") == []
+    assert counters("alice@example.test") == (0, 0, 0)
+
+
+def test_sigterm_ends_an_idle_session_with_421_and_the_server_exits_0(lmtp_server: LmtpProcess) -> None:
+    with lmtp_server.connect() as client:
+        client.send(b"LHLO client.test\r\n")
+        assert client.reply() == lhlo_reply()
+        lmtp_server.process.send_signal(signal.SIGTERM)
+        assert client.read_until_closed() == f"{SHUTTING_DOWN}\r\n".encode()
+    assert lmtp_server.process.wait(timeout=30) == 0
+
+
+def test_sigterm_mid_data_delivers_that_message_then_closes_the_session(tmp_path: Path, make_mailbox) -> None:
+    make_mailbox("alice@example.test")
+    with running_lmtp(tmp_path / "lmtp") as server, server.connect(timeout=2) as client:
+        try:
+            assert begin(client, ["alice@example.test"]) == [RECIPIENT_OK]
+            assert client.command("DATA") == START_DATA
+            client.send(WIRE_MESSAGE[:-3])
+            server.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: refuses_connections(server.port))  # shutdown has begun
+            client.send(b".\r\n")
+            assert client.line() == SAVED.format(rcpt="alice@example.test")
+            assert client.read_until_closed() == f"{SHUTTING_DOWN}\r\n".encode()
+            assert server.process.wait(timeout=5) == 0
+        finally:
+            if server.process.poll() is None:
+                server.kill()
+    assert stored_messages("alice@example.test") == [trace(SENDER, "alice@example.test") + STORED_MESSAGE]
+
+
+# --- Concurrency, memory, quota warnings -------------------------------------------------------------
+
+
+def test_four_connections_never_overfill_a_mailbox_with_room_for_exactly_100(
+    tmp_path: Path, make_mailbox
+) -> None:
+    address = "race@example.test"
+    body = b"Subject: race\r\n\r\n" + b"r" * 200 + b"\r\n"
+    size = len(trace(SENDER, address)) + len(body)
+    make_mailbox(address, quota_bytes=100 * size)
+    outcomes: Counter[str] = Counter()
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def connection(server: LmtpProcess) -> None:
+        try:
+            with server.smtplib_client(timeout=60) as lmtp:
+                for _ in range(50):
+                    try:
+                        lmtp.sendmail(SENDER, [address], body)
+                        outcome = "250"
+                    except smtplib.SMTPRecipientsRefused as refused:
+                        code, text = refused.recipients[address]
+                        outcome = f"{code} {text.decode()}"
+                    except smtplib.SMTPDataError as error:
+                        outcome = f"{error.smtp_code} {error.smtp_error.decode()}"
+                    with lock:
+                        outcomes[outcome] += 1
+        except BaseException as error:  # noqa: BLE001 - reported by the main thread
+            errors.append(error)
+
+    with running_lmtp(tmp_path / "lmtp", MAILADMIN_QUOTA_WARNING_PERCENTS="") as server:
+        threads = [threading.Thread(target=connection, args=(server,)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert errors == []
+    assert outcomes == {"250": 100, FULL_TEMPORARY.format(rcpt=address): 100}
+    mailbox = Mailbox.objects.get(user__username=address)
+    assert Message.objects.filter(mailbox=mailbox).count() == 100
+    assert counters(address) == (100 * size, 100, 100 * size)
+    assert len(set(Message.objects.filter(mailbox=mailbox).values_list("uidl", flat=True))) == 100
+
+
+def big_message_blocks(total_bytes: int) -> tuple[bytes, bytes, int]:
+    """(block as sent, block as stored, repeat count): LF lines, one dot-stuffed line per block."""
+    lines = [b"0123456789abcdef" * 4 + b"\n"] * 1023
+    sent = b"..dot-stuffed line\n" + b"".join(lines)
+    stored = b".dot-stuffed line\r\n" + b"".join(line[:-1] + b"\r\n" for line in lines)
+    return sent, stored, total_bytes // len(stored)
+
+
+def test_a_30_mb_message_streams_into_the_store_in_bounded_server_memory(
+    lmtp_server: LmtpProcess, make_mailbox
+) -> None:
+    address = "big@example.test"
+    make_mailbox(address)
+    with lmtp_server.smtplib_client() as lmtp:  # warm-up: threads, imports and a connection exist
+        assert lmtp.sendmail(SENDER, [address], SMALL_MESSAGE) == {}
+    head = b"Subject: big\r\n\r\n"
+    sent_block, stored_block, repeats = big_message_blocks(30 * 1024 * 1024)
+    expected = hashlib.sha256(trace(SENDER, address) + head)
+    for _ in range(repeats):
+        expected.update(stored_block)
+    expected_size = len(trace(SENDER, address)) + len(head) + repeats * len(stored_block)
+    peak_before = lmtp_server.memory_kib("VmHWM")
+    baseline = lmtp_server.reset_peak_memory()
+    with lmtp_server.connect(timeout=120) as client:
+        assert begin(client, [address], mail_parameters=f" SIZE={expected_size}") == [RECIPIENT_OK]
+        assert client.command("DATA") == START_DATA
+        client.send(head)
+        for _ in range(repeats):
+            client.send(sent_block)
+        client.send(b".\r\n")
+        assert client.line() == SAVED.format(rcpt=address)
+        assert client.command("QUIT") == BYE
+    peak_after = lmtp_server.memory_kib("VmHWM")
+    growth = peak_after - baseline
+    print(
+        f"runlmtp VmHWM: {mebibytes(peak_before):.1f} MiB after warm-up, RSS {mebibytes(baseline):.1f} MiB "
+        f"at reset, {mebibytes(peak_after):.1f} MiB after a {expected_size} byte message: "
+        f"growth {mebibytes(growth):.1f} MiB"
+    )
+    assert growth < 32 * 1024
+    message = Message.objects.get(mailbox__user__username=address, subject="big")
+    assert message.size_bytes == expected_size
+    actual = hashlib.sha256()
+    stored_size = 0
+    for chunk in iter_message_bytes(message.pk):
+        actual.update(chunk)
+        stored_size += len(chunk)
+    assert (stored_size, actual.hexdigest()) == (expected_size, expected.hexdigest())
+
+
+def test_quota_warnings_arrive_once_at_80_and_once_at_95_percent(
+    lmtp_server: LmtpProcess, make_mailbox
+) -> None:
+    address = "warned@example.test"
+    body = b"Subject: filling\r\n\r\n" + b"w" * 400 + b"\r\n"
+    size = len(trace(SENDER, address)) + len(body)
+    quota = 80 * size
+    make_mailbox(address, quota_bytes=quota)
+    mailbox = Mailbox.objects.get(user__username=address)
+
+    def warnings() -> list[str]:
+        return list(
+            Message.objects.for_maildrop(mailbox)
+            .filter(subject__startswith="Your mailbox is")
+            .values_list("subject", flat=True)
+        )
+
+    steps: list[tuple[int, list[str]]] = []  # (usage before the delivery, warnings it brought)
+    with lmtp_server.smtplib_client() as lmtp:
+        while True:
+            used_before = counters(address)[0]
+            seen = warnings()
+            try:
+                lmtp.sendmail(SENDER, [address], body)
+            except smtplib.SMTPRecipientsRefused as refused:  # at RCPT, from the SIZE smtplib declares
+                assert refused.recipients[address] == (452, FULL_TEMPORARY.format(rcpt=address)[4:].encode())
+                break
+            except smtplib.SMTPDataError as error:  # at DATA: SIZE does not count the trace lines
+                assert (error.smtp_code, error.smtp_error.decode()) == (
+                    452,
+                    FULL_TEMPORARY.format(rcpt=address)[4:],
+                )
+                break
+            steps.append((used_before, warnings()[len(seen) :]))
+            assert len(steps) <= 80
+    for used_before, brought in steps:
+        crossed = [p for p in (80, 95) if 100 * used_before < p * quota <= 100 * (used_before + size)]
+        assert brought == ([WARNING_SUBJECT.format(percent=max(crossed))] if crossed else []), used_before
+    assert warnings() == [WARNING_SUBJECT.format(percent=80), WARNING_SUBJECT.format(percent=95)]
+    after_95 = next(
+        i for i, (_, brought) in enumerate(steps) if brought == [WARNING_SUBJECT.format(percent=95)]
+    )
+    assert len(steps) - after_95 - 1 >= 2  # deliveries above 95 % happened, and brought nothing
+    warning_rows = Message.objects.for_maildrop(mailbox).filter(subject__startswith="Your mailbox is")
+    assert set(warning_rows.values_list("from_header", "envelope_sender")) == {
+        ("postmaster@example.test", "")
+    }
+
+
+# --- Unix socket, port 25 ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def short_directory() -> Iterator[Path]:
+    """A directory with a short path: a unix socket path must fit in 108 bytes."""
+    with tempfile.TemporaryDirectory(prefix="lmtp-") as directory:
+        yield Path(directory)
+
+
+def test_unix_socket_gets_the_configured_mode_and_delivers(
+    tmp_path: Path, short_directory: Path, make_mailbox
+) -> None:
+    make_mailbox("alice@example.test")
+    path = short_directory / "lmtp.sock"
+    with running_lmtp(tmp_path / "lmtp", socket_path=path, LMTP_SOCKET_MODE="600") as server:
+        mode = path.stat().st_mode
+        assert stat.S_ISSOCK(mode)
+        assert stat.S_IMODE(mode) == 0o600
+        with server.smtplib_client() as lmtp:
+            assert lmtp.sendmail(SENDER, ["alice@example.test"], SMALL_MESSAGE) == {}
+    assert not path.exists()  # removed at shutdown
+    assert stored_messages("alice@example.test") == [trace(SENDER, "alice@example.test") + SMALL_MESSAGE]
+
+
+def test_second_server_on_a_live_socket_refuses_to_start_and_the_first_keeps_delivering(
+    tmp_path: Path, short_directory: Path, make_mailbox
+) -> None:
+    make_mailbox("alice@example.test")
+    path = short_directory / "lmtp.sock"
+    with running_lmtp(tmp_path / "first", socket_path=path) as first:
+        with pytest.raises(RuntimeError, match="runlmtp exited with"):
+            with running_lmtp(tmp_path / "second", socket_path=path) as second, second.connect() as client:
+                assert client.command("QUIT") == BYE  # the second server now owns the path
+        with first.smtplib_client() as lmtp:
+            assert lmtp.sendmail(SENDER, ["alice@example.test"], SMALL_MESSAGE) == {}
+    assert stored_messages("alice@example.test") == [trace(SENDER, "alice@example.test") + SMALL_MESSAGE]
+
+
+def test_runlmtp_refuses_port_25() -> None:
+    result = run_manage("runlmtp", "--port", "25")
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == f"CommandError: {PORT_25_REFUSED}"
