@@ -1,0 +1,579 @@
+"""The scenarios: each group runs on one freshly started server with the settings it needs.
+
+A group returns ``{scenario: figures}``. Figures are plain numbers (seconds, counts, rates,
+KiB) plus a few lists of samples; ``report`` turns them into the table and the JSON.
+"""
+
+import math
+import random
+import statistics
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import corpus
+from bench.clients import Pop3, ProtocolError, tls_context
+from bench.load import Tally, Task, Workers, lmtp_worker, login_worker, retr_worker
+from bench.servers import Environment, Server, start_lmtp, start_pop3
+
+MB = 1_000_000  # rates are in decimal megabytes, as Dovecot's figures are
+# Time for the (already running) workers to receive their tasks before the window opens.
+START_DELAY_SECONDS = 0.5
+# Time for the monitor (POP3_MONITOR_INTERVAL=1) to write its rows before memory is read.
+SETTLE_SECONDS = 1.5
+OPENING_THREADS = 4
+CACHE_ON_TTL = "300"
+
+
+@dataclass(frozen=True)
+class Options:
+    seconds: float
+    clients: int
+    idle_sessions: int
+    held_sessions: int
+    pipelined: int
+    repeats: int
+    only: frozenset[str] = frozenset()
+
+
+@dataclass
+class Bench:
+    """What every scenario needs: the environment, the corpus, the options, the certificate."""
+
+    env: Environment
+    spec: corpus.CorpusSpec
+    options: Options
+    certificate: tuple[Path, Path]
+    workers: Workers
+    servers: dict[str, dict] = field(default_factory=dict)
+
+    def wants(self, scenario: str) -> bool:
+        return not self.options.only or scenario in self.options.only
+
+    @property
+    def connection_limit(self) -> str:
+        return str(self.options.held_sessions + 2 * self.options.idle_sessions + 100)
+
+    @contextmanager
+    def pop3(self, name: str, cache_ttl: str) -> Iterator[Server]:
+        settings = {
+            "POP3_AUTH_CACHE_TTL": cache_ttl,
+            "POP3_MAX_CONNECTIONS": self.connection_limit,
+            "POP3_MAX_CONNECTIONS_PER_IP": self.connection_limit,
+        }
+        with self._running(start_pop3(self.env, name, self.certificate, **settings)) as server:
+            yield server
+
+    @contextmanager
+    def lmtp(self, name: str) -> Iterator[Server]:
+        with self._running(start_lmtp(self.env, name)) as server:
+            yield server
+
+    @contextmanager
+    def _running(self, server: Server) -> Iterator[Server]:
+        try:
+            yield server
+        finally:
+            alive = server.process.poll() is None
+            code = server.stop()
+            self.servers[server.name] = {
+                "settings": server.settings,
+                "alive_at_end": alive,
+                "exit_code": code,
+                "problems": server.problems()[:50],
+                "stderr": str(server.stderr_path),
+            }
+
+    def task(self, server: Server, users: list[str], start_at: float, *, tls: bool = False) -> Task:
+        return Task(
+            port=server.ports["tls" if tls else "plain"],
+            users=tuple(users),
+            password=corpus.PASSWORD,
+            start_at=start_at,
+            end_at=start_at + self.options.seconds,
+            cafile=str(self.certificate[0]) if tls else "",
+        )
+
+    def spread(self, users: list[str]) -> list[list[str]]:
+        """Mailboxes dealt out to the clients: a mailbox is locked by one session at a time."""
+        hands = [users[k :: self.options.clients] for k in range(self.options.clients)]
+        return [hand for hand in hands if hand]
+
+
+# --- Helpers ---------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None without samples."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    return round(numerator / denominator, 3) if denominator else None
+
+
+def sleep_until(moment: float) -> None:
+    time.sleep(max(0.0, moment - time.time()))
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """Server CPU seconds spent inside a window; system time is mostly loopback TCP copies."""
+
+    user: float
+    system: float
+
+    @property
+    def total(self) -> float:
+        return self.user + self.system
+
+    def figures(self) -> dict:
+        return {
+            "server_cpu_seconds": round(self.total, 3),
+            "server_cpu_user_seconds": round(self.user, 3),
+            "server_cpu_system_seconds": round(self.system, 3),
+        }
+
+
+def measure(
+    bench: Bench, server: Server, worker: Callable[[Task], Tally], tasks: list[Task]
+) -> tuple[Tally, Cpu]:
+    """Run the workers over their window; return their tally and the server's CPU in it."""
+    pending = bench.workers.start(worker, tasks)
+    sleep_until(tasks[0].start_at)
+    user_before, system_before = server.cpu_times()
+    sleep_until(tasks[0].end_at)
+    user_after, system_after = server.cpu_times()
+    return bench.workers.collect(pending), Cpu(user_after - user_before, system_after - system_before)
+
+
+def tally_figures(tally: Tally, seconds: float) -> dict:
+    return {
+        "seconds": seconds,
+        "errors": tally.errors,
+        "error_samples": tally.error_samples,
+        "late_start_seconds": round(tally.late_start_seconds, 3),
+    }
+
+
+def login_once(port: int, user: str, cafile: Path | None = None) -> None:
+    client = Pop3.connect(port, tls_context(cafile) if cafile else None)
+    client.login(user, corpus.PASSWORD)
+    client.quit()
+
+
+def warm_up(server: Server, users: list[str]) -> float:
+    """Log every user in once (filling the credential cache); return the seconds it took."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(OPENING_THREADS) as pool:
+        list(pool.map(lambda user: login_once(server.ports["plain"], user), users))
+    return round(time.perf_counter() - started, 2)
+
+
+def open_sessions(port: int, users: list[str], cafile: Path | None = None) -> tuple[list[Pop3], int]:
+    """Authenticated sessions held open, opened a few at a time; (sessions, failures)."""
+    context = tls_context(cafile) if cafile else None
+
+    def open_one(user: str) -> Pop3 | None:
+        try:
+            client = Pop3.connect(port, context)
+            client.login(user, corpus.PASSWORD)
+            return client
+        except (ProtocolError, OSError, EOFError):
+            return None
+
+    with ThreadPoolExecutor(OPENING_THREADS) as pool:
+        opened = list(pool.map(open_one, users))
+    sessions = [client for client in opened if client is not None]
+    return sessions, len(opened) - len(sessions)
+
+
+def quit_all(sessions: list[Pop3]) -> None:
+    with ThreadPoolExecutor(OPENING_THREADS) as pool:
+        list(pool.map(Pop3.quit, sessions))
+
+
+# --- Throughput: RETR and logins ---------------------------------------------------------------
+
+
+def retr(bench: Bench, server: Server, *, tls: bool = False) -> dict:
+    start_at = time.time() + START_DELAY_SECONDS
+    tasks = [bench.task(server, hand, start_at, tls=tls) for hand in bench.spread(bench.spec.corpus_users)]
+    tally, cpu = measure(bench, server, retr_worker, tasks)
+    seconds = bench.options.seconds
+    return {
+        "clients": len(tasks),
+        "sessions": tally.operations,
+        "messages": tally.messages,
+        "octets": tally.octets,
+        "msg_per_s": ratio(tally.messages, seconds),
+        "mb_per_s": ratio(tally.octets, seconds * MB),
+        **cpu.figures(),
+        "cpu_ms_per_mb": ratio(cpu.total * 1000, tally.octets / MB),
+        "login_p50_ms": ms(percentile(tally.latencies, 50)),
+        "login_p99_ms": ms(percentile(tally.latencies, 99)),
+        **tally_figures(tally, seconds),
+    }
+
+
+def logins(bench: Bench, server: Server) -> dict:
+    start_at = time.time() + START_DELAY_SECONDS
+    tasks = [bench.task(server, hand, start_at) for hand in bench.spread(bench.spec.corpus_users)]
+    tally, cpu = measure(bench, server, login_worker, tasks)
+    seconds = bench.options.seconds
+    return {
+        "clients": len(tasks),
+        "logins": tally.operations,
+        "logins_per_s": ratio(tally.operations, seconds),
+        "p50_ms": ms(percentile(tally.latencies, 50)),
+        "p99_ms": ms(percentile(tally.latencies, 99)),
+        "max_ms": ms(max(tally.latencies, default=None)),
+        **cpu.figures(),
+        "cpu_ms_per_login": ratio(cpu.total * 1000, tally.operations),
+        **tally_figures(tally, seconds),
+    }
+
+
+def group_cold(bench: Bench) -> dict[str, dict]:
+    """POP3_AUTH_CACHE_TTL=0: every login pays a full argon2 verification."""
+    results: dict[str, dict] = {}
+    with bench.pop3("runpop3-cold", cache_ttl="0") as server:
+        login_once(server.ports["plain"], bench.spec.user(0))  # imports and first queries paid here
+        _run(results, bench, "logins_cold", lambda: logins(bench, server))
+        _run(results, bench, "retr_cold", lambda: retr(bench, server))
+    return results
+
+
+def group_warm(bench: Bench) -> dict[str, dict]:
+    """The credential cache on and warmed: logins skip argon2, as polling clients' do."""
+    results: dict[str, dict] = {}
+    with bench.pop3("runpop3-warm", cache_ttl=CACHE_ON_TTL) as server:
+        users = bench.spec.corpus_users
+        if bench.spec.large_mailbox_messages:
+            users = users + [bench.spec.large_mailbox_user]
+        warm_up_seconds = warm_up(server, users)
+        _run(
+            results,
+            bench,
+            "logins_warm",
+            lambda: {**logins(bench, server), "warm_up_seconds": warm_up_seconds},
+        )
+        _run(results, bench, "retr_plain", lambda: retr(bench, server))
+        _run(results, bench, "retr_tls", lambda: retr(bench, server, tls=True))
+        if bench.spec.large_mailbox_messages:
+            _run(results, bench, "large_mailbox", lambda: large_mailbox(bench, server))
+        _run(results, bench, "pipelined", lambda: pipelined(bench, server))
+    return results
+
+
+# --- The large mailbox and pipelining --------------------------------------------------------
+
+
+def _timed(action: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def _large_mailbox_session(port: int, user: str) -> tuple[int, dict[str, float]]:
+    """One session's timings: PASS (the snapshot is taken at login), STAT, LIST, UIDL, RETR last."""
+    client = Pop3.connect(port)
+    client.command(f"USER {user}")
+    started = time.perf_counter()
+    client.command(f"PASS {corpus.PASSWORD}")
+    logged_in = time.perf_counter()
+    count, _ = client.stat()
+    stat_done = time.perf_counter()
+    timings = {
+        "pass": logged_in - started,
+        "stat": stat_done - logged_in,
+        "login_to_stat": stat_done - started,
+        "list": _timed(lambda: client.multiline("LIST")),
+        "uidl": _timed(lambda: client.multiline("UIDL")),
+        "retr_last": _timed(lambda: client.retr(count)),
+    }
+    client.quit()
+    return count, timings
+
+
+def large_mailbox(bench: Bench, server: Server) -> dict:
+    """The large mailbox's timings: the median over a few sessions (the cache is warm)."""
+    sessions = [
+        _large_mailbox_session(server.ports["plain"], bench.spec.large_mailbox_user)
+        for _ in range(bench.options.repeats)
+    ]
+    figures: dict = {"messages": sessions[0][0], "repeats": len(sessions)}
+    for name in sessions[0][1]:
+        figures[f"{name}_s"] = round(statistics.median(timings[name] for _, timings in sessions), 6)
+    figures["samples_s"] = {name: [round(t[name], 6) for _, t in sessions] for name in sessions[0][1]}
+    return figures
+
+
+def pipelined(bench: Bench, server: Server) -> dict:
+    """``pipelined`` alternating LIST n / UIDL n in one write: time until every reply arrived."""
+    user = bench.spec.large_mailbox_user if bench.spec.large_mailbox_messages else bench.spec.user(0)
+    client = Pop3.connect(server.ports["plain"])
+    client.login(user, corpus.PASSWORD)
+    count, _ = client.stat()
+    commands = [
+        f"{'LIST' if i % 2 == 0 else 'UIDL'} {i // 2 % count + 1}\r\n" for i in range(bench.options.pipelined)
+    ]
+    batch = "".join(commands).encode()
+
+    def exchange() -> None:
+        client.send(batch)
+        for _ in commands:
+            client.expect_ok(client.line())
+
+    exchange()  # the first round warms the code paths
+    samples = [_timed(exchange) for _ in range(bench.options.repeats)]
+    client.quit()
+    return {
+        "mailbox": user,
+        "commands": len(commands),
+        "bytes_sent": len(batch),
+        "seconds": round(statistics.median(samples), 6),
+        "samples_s": [round(s, 6) for s in samples],
+    }
+
+
+# --- Memory: idle and held sessions, concurrent large RETRs ----------------------------------
+
+
+def _memory(server: Server) -> dict[str, int]:
+    return {"rss_kib": server.status_kib("VmRSS"), "pss_kib": server.pss_kib()}
+
+
+def _per_session(before: dict[str, int], after: dict[str, int], sessions: int) -> dict:
+    return {
+        "sessions": sessions,
+        "before": before,
+        "after": after,
+        "pss_kib_per_session": ratio(after["pss_kib"] - before["pss_kib"], sessions),
+        "rss_kib_per_session": ratio(after["rss_kib"] - before["rss_kib"], sessions),
+    }
+
+
+def _idle(bench: Bench, server: Server, users: list[str], tls: bool) -> tuple[dict, list[Pop3]]:
+    before = _memory(server)
+    started = time.perf_counter()
+    port = server.ports["tls" if tls else "plain"]
+    sessions, failures = open_sessions(port, users, bench.certificate[0] if tls else None)
+    opening = time.perf_counter() - started
+    time.sleep(SETTLE_SECONDS)
+    figures = _per_session(before, _memory(server), len(sessions))
+    figures.update(requested=len(users), failures=failures, opening_seconds=round(opening, 2))
+    return figures, sessions
+
+
+def _sent_capa(clients: list[Pop3]) -> list[Pop3]:
+    """CAPA written to every connection first, so the server answers them all at once."""
+    for client in clients:
+        client.send(b"CAPA\r\n")
+    return clients
+
+
+def _answers_capa(client: Pop3) -> bool:
+    try:
+        client.expect_ok(client.line())
+        client.skip_body()
+    except (ProtocolError, OSError, EOFError):
+        return False
+    return True
+
+
+def held_sessions(bench: Bench, server: Server) -> dict:
+    """Greeted, unauthenticated plain connections held at once; is the server still serving?"""
+    before = _memory(server)
+    held: list[Pop3] = []
+    failure = ""
+    started = time.perf_counter()
+    try:
+        for _ in range(bench.options.held_sessions):
+            held.append(Pop3.connect(server.ports["plain"]))
+    except (ProtocolError, OSError, EOFError) as error:
+        failure = f"{type(error).__name__}: {error}"
+    opening = time.perf_counter() - started
+    try:
+        time.sleep(SETTLE_SECONDS)
+        figures = _per_session(before, _memory(server), len(held))
+        login_seconds = _timed(lambda: login_once(server.ports["plain"], bench.spec.user(0)))
+        answered = sum(_answers_capa(client) for client in _sent_capa(held))
+    finally:
+        for client in held:
+            client.close()
+    figures.update(
+        requested=bench.options.held_sessions,
+        held=len(held),
+        answered_capa=answered,
+        failure=failure,
+        opening_seconds=round(opening, 2),
+        login_while_held_ms=ms(login_seconds),
+    )
+    return figures
+
+
+def group_sessions(bench: Bench) -> dict[str, dict]:
+    """Idle sessions, plain and then TLS on top of them, then held connections.
+
+    TLS sessions open while the plain ones are still held, and on other mailboxes (a session
+    locks its mailbox), so neither figure benefits from memory the other freed.
+    """
+    results: dict[str, dict] = {}
+    count = bench.options.idle_sessions
+    opened: list[Pop3] = []
+    with bench.pop3("runpop3-sessions", cache_ttl=CACHE_ON_TTL) as server:
+
+        def idle(first: int, tls: bool) -> dict:
+            users = [bench.spec.idle_user(i) for i in range(first, first + count)]
+            figures, sessions = _idle(bench, server, users, tls)
+            opened.extend(sessions)
+            return figures
+
+        login_once(server.ports["plain"], bench.spec.user(0))
+        login_once(server.ports["tls"], bench.spec.user(0), bench.certificate[0])
+        time.sleep(SETTLE_SECONDS)
+        try:
+            _run(results, bench, "idle_plain", lambda: idle(0, tls=False))
+            _run(results, bench, "idle_tls", lambda: idle(count, tls=True))
+        finally:
+            quit_all(opened)
+        _run(results, bench, "held_sessions", lambda: held_sessions(bench, server))
+    return results
+
+
+def memory_25mb(bench: Bench, server: Server) -> dict:
+    """Peak RSS growth while every big user RETRs the big message at once."""
+    users = [bench.spec.big_user(i) for i in range(bench.spec.big_users)]
+    warm_up(server, users)  # argon2's 100 MiB per check must not land in the measured peak
+    time.sleep(SETTLE_SECONDS)
+    baseline = server.reset_peak_rss()
+    barrier = threading.Barrier(len(users))
+
+    def fetch(user: str) -> tuple[int, float]:
+        client = Pop3.connect(server.ports["plain"])
+        client.login(user, corpus.PASSWORD)
+        barrier.wait()
+        started = time.perf_counter()
+        octets = client.retr(1)
+        elapsed = time.perf_counter() - started
+        client.quit()
+        return octets, elapsed
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(len(users)) as pool:
+        fetched = list(pool.map(fetch, users))
+    wall = time.perf_counter() - started
+    peak = server.status_kib("VmHWM")
+    octets = sum(o for o, _ in fetched)
+    return {
+        "clients": len(users),
+        "message_octets": bench.spec.big_message_bytes,
+        "octets_received": octets,
+        "baseline_rss_kib": baseline,
+        "peak_rss_kib": peak,
+        "rss_after_kib": server.status_kib("VmRSS"),
+        "peak_growth_mib": round((peak - baseline) / 1024, 1),
+        "wall_seconds": round(wall, 3),
+        "slowest_retr_seconds": round(max(elapsed for _, elapsed in fetched), 3),
+        "mb_per_s": ratio(octets, wall * MB),
+    }
+
+
+def group_memory(bench: Bench) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    with bench.pop3("runpop3-memory", cache_ttl=CACHE_ON_TTL) as server:
+        _run(results, bench, "memory_25mb", lambda: memory_25mb(bench, server))
+    return results
+
+
+# --- LMTP --------------------------------------------------------------------------------------
+
+
+def lmtp(bench: Bench, server: Server) -> dict:
+    sinks = [bench.spec.sink_user(i) for i in range(bench.spec.sink_users)][: bench.options.clients]
+    message = corpus.text_message(random.Random(bench.spec.seed), sinks[0], 0, bench.spec.small_bytes)
+    start_at = time.time() + START_DELAY_SECONDS
+    tasks = [
+        Task(
+            port=server.ports["lmtp"],
+            users=(sink,),
+            password="",
+            start_at=start_at,
+            end_at=start_at + bench.options.seconds,
+            message=message,
+            sender=corpus.SENDER,
+        )
+        for sink in sinks
+    ]
+    tally, cpu = measure(bench, server, lmtp_worker, tasks)
+    seconds = bench.options.seconds
+    return {
+        "connections": len(tasks),
+        "message_octets": len(message),
+        "delivered": tally.operations,
+        "msg_per_s": ratio(tally.operations, seconds),
+        "p50_ms": ms(percentile(tally.latencies, 50)),
+        "p99_ms": ms(percentile(tally.latencies, 99)),
+        **cpu.figures(),
+        "cpu_ms_per_msg": ratio(cpu.total * 1000, tally.operations),
+        **tally_figures(tally, seconds),
+    }
+
+
+def group_lmtp(bench: Bench) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    with bench.lmtp("runlmtp") as server:
+        _run(results, bench, "lmtp", lambda: lmtp(bench, server))
+    return results
+
+
+# --- Running them -----------------------------------------------------------------------------
+
+
+def _run(results: dict[str, dict], bench: Bench, scenario: str, action: Callable[[], dict]) -> None:
+    """Run one scenario if selected; a failure is recorded with its traceback, not raised."""
+    if not bench.wants(scenario):
+        return
+    print(f"  {scenario} ...", flush=True)
+    started = time.perf_counter()
+    try:
+        results[scenario] = action()
+    except Exception:
+        results[scenario] = {"error": traceback.format_exc()}
+    results[scenario]["scenario_seconds"] = round(time.perf_counter() - started, 2)
+
+
+GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Bench], dict[str, dict]]]] = {
+    "cold": (("logins_cold", "retr_cold"), group_cold),
+    "warm": (("logins_warm", "retr_plain", "retr_tls", "large_mailbox", "pipelined"), group_warm),
+    "sessions": (("idle_plain", "idle_tls", "held_sessions"), group_sessions),
+    "memory": (("memory_25mb",), group_memory),
+    "lmtp": (("lmtp",), group_lmtp),
+}
+SCENARIOS = tuple(name for names, _ in GROUPS.values() for name in names)
+
+
+def run_all(bench: Bench) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    for group, (names, run_group) in GROUPS.items():
+        if not any(bench.wants(name) for name in names):
+            continue
+        print(f"[{group}]", flush=True)
+        try:
+            results.update(run_group(bench))
+        except Exception:
+            results[f"group_{group}"] = {"error": traceback.format_exc()}
+    return results
