@@ -40,9 +40,9 @@ from django.utils import timezone
 
 from mailadmin import live, store
 from mailadmin.executors import BoundedExecutor
-from mailadmin.maildrop import OrmMaildrop
+from mailadmin.maildrop import OrmMaildrop, snapshot
 from mailadmin.models import AuthFailure, Mailbox, Pop3Session
-from pop3.mailbox import LoginFailure, LoginRequest, LoginResult
+from pop3.mailbox import LoginFailure, LoginRequest, LoginResult, MessageInfo
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def current_user(username: str) -> VerifiedUser | None:
 
 def open_maildrop(
     mailbox_id: int, peer_host: str, owner: str, policy: AuthPolicy
-) -> tuple[LoginFailure | None, list[tuple[int, int, str, int]]]:
+) -> tuple[LoginFailure | None, list[MessageInfo]]:
     """Session limits, LOGIN-DELAY, then the lease and the snapshot; in that order."""
     sessions = Pop3Session.objects.filter(mailbox_id=mailbox_id)
     if policy.max_userip_sessions:
@@ -288,7 +288,7 @@ def open_maildrop(
             return LoginFailure.LOGIN_DELAY, []
     if not store.acquire_lease(mailbox_id, owner, policy.node, policy.lease_ttl_seconds):
         return LoginFailure.IN_USE, []
-    return None, store.maildrop_snapshot(mailbox_id)
+    return None, snapshot(mailbox_id)
 
 
 def record_failure(request: LoginRequest, source: str, reason: str, fields: dict) -> None:

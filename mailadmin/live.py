@@ -95,6 +95,8 @@ class _Outbox:
 
     inserts: list[dict] = field(default_factory=list)
     updates: dict[str, dict] = field(default_factory=dict)
+    # Sessions that ran commands since the last tick; their counters are read at the tick.
+    progress: dict[str, SessionStats] = field(default_factory=dict)
 
     def update(self, session_id: str, **fields) -> None:
         self.updates.setdefault(session_id, {}).update(fields)
@@ -147,7 +149,7 @@ class SessionRecorder:
         self.monitor.track(self)
 
     def progress(self, stats: SessionStats) -> None:
-        self.monitor.outbox.update(self.session_id, **_stat_fields(stats))
+        self.monitor.outbox.progress[self.session_id] = stats
 
     def closed(self, reason: EndReason, stats: SessionStats) -> None:
         self.monitor.untrack(self)
@@ -216,6 +218,8 @@ class Pop3Monitor:
 
     async def tick(self) -> None:
         outbox, self.outbox = self.outbox, _Outbox()
+        for session_id, stats in outbox.progress.items():
+            outbox.updates[session_id] = {**_stat_fields(stats), **outbox.updates.get(session_id, {})}
         tracked = {
             session_id: recorder.maildrop
             for session_id, recorder in self._tracked.items()
@@ -252,6 +256,7 @@ class Pop3Monitor:
         self.outbox.inserts += newer.inserts
         for session_id, fields in newer.updates.items():
             self.outbox.update(session_id, **fields)
+        self.outbox.progress.update(newer.progress)
 
 
 # --- Sync units -------------------------------------------------------------------------------

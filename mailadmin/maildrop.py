@@ -12,6 +12,11 @@ from pop3.mailbox import MaildropError, MessageGone, MessageInfo
 logger = logging.getLogger(__name__)
 
 
+def snapshot(mailbox_id: int) -> list[MessageInfo]:
+    """The login snapshot; call it on a database thread: 100,000 messages take a while."""
+    return [MessageInfo._make(row) for row in store.maildrop_snapshot(mailbox_id)]
+
+
 class OrmMaildrop:
     """Messages snapshotted at login; every database call runs on the bounded executor."""
 
@@ -20,7 +25,7 @@ class OrmMaildrop:
         executor: BoundedExecutor,
         mailbox_id: int,
         owner: str,
-        rows: Sequence[tuple[int, int, str, int]],
+        messages: Sequence[MessageInfo],
         password_fingerprint: str = "",
     ) -> None:
         self.executor = executor
@@ -28,19 +33,17 @@ class OrmMaildrop:
         self.owner = owner
         # What the password hash looked like at login: the monitor kicks the session if it changes.
         self.password_fingerprint = password_fingerprint
-        self.messages = [
-            MessageInfo(key=pk, size=size, uidl=uidl, header_size=header) for pk, size, uidl, header in rows
-        ]
+        self.messages = messages
 
     async def read(self, info: MessageInfo) -> AsyncIterator[bytes]:
-        seq = 0
-        while True:
+        """Chunk by chunk, stopping at the known size: no query just to find the end."""
+        seq, remaining = 0, info.size
+        while remaining > 0:
             chunk = await self._database(store.read_chunk, info.key, seq)
             if chunk is None:
-                if seq == 0 and info.size:
-                    raise MessageGone(f"message {info.uidl} is gone")
-                return
+                raise MessageGone(f"message {info.uidl} is gone")
             yield chunk
+            remaining -= len(chunk)
             seq += 1
 
     async def commit(self, deleted: Sequence[MessageInfo]) -> None:

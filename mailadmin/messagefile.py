@@ -7,6 +7,7 @@ while spooling makes the stored size the exact octet count that LIST and STAT re
 
 import email.parser
 import email.policy
+import functools
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -149,7 +150,11 @@ class SpooledMessage:
         self.size_bytes = size_bytes
         self.headers = headers
         self.header_size_bytes = header_size_bytes
-        self.summary = summarise_headers(headers)
+
+    @functools.cached_property
+    def summary(self) -> HeaderSummary:
+        """Parsed on first use, which is on a database thread, not on a listener's event loop."""
+        return summarise_headers(self.headers)
 
     def chunks(self, chunk_size: int) -> Iterator[bytes]:
         self._spool.seek(0)

@@ -222,8 +222,8 @@ def err(text: str, code: ResponseCode | None = None) -> bytes:
 
 def multiline(first_text: str, lines: Iterable[str]) -> bytes:
     """``+OK first_text``, the lines dot-stuffed, and the terminating dot line."""
-    body = b"".join(stuff_line(line.encode("utf-8")) + CRLF for line in lines)
-    return ok(first_text) + body + TERMINATOR
+    body = "".join(f".{line}\r\n" if line.startswith(".") else f"{line}\r\n" for line in lines)
+    return ok(first_text) + body.encode("utf-8") + TERMINATOR
 
 
 def stuff_line(line: bytes) -> bytes:
@@ -244,7 +244,7 @@ class DotStuffer:
     def feed(self, chunk: bytes) -> bytes:
         if not chunk:
             return b""
-        out = chunk.replace(b"\n.", b"\n..")
+        out = chunk.replace(b"\n.", b"\n..") if b"\n." in chunk else chunk
         if self._at_line_start and out.startswith(b"."):
             out = b"." + out
         self._at_line_start = chunk.endswith(b"\n")

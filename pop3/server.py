@@ -143,6 +143,10 @@ class _ClientProtocol(asyncio.Protocol):
             raise ConnectionLost("write after close")
         self.transport.write(data)
 
+    @property
+    def writable(self) -> bool:
+        return not self._writing_paused and not self._closed
+
     async def drain(self) -> None:
         while self._writing_paused:
             if self._closed:

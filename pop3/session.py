@@ -70,6 +70,10 @@ class SessionIO(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
+    @property
+    def writable(self) -> bool:
+        """True while the client keeps up: drain() would return at once."""
+
     async def drain(self) -> None:
         """Wait while the client is not reading (flow control); raises ConnectionLost."""
 
@@ -200,6 +204,8 @@ class Session:
 
     async def _drain(self) -> None:
         """Wait for a client that is slow to read, but not forever (RFC 1939 autologout)."""
+        if self.io.writable:
+            return
         async with asyncio.timeout(self._timeouts.idle):
             await self.io.drain()
 

@@ -9,7 +9,7 @@ import pytest
 from mailadmin import store
 from mailadmin.delivery import deliver
 from mailadmin.executors import BoundedExecutor
-from mailadmin.maildrop import OrmMaildrop
+from mailadmin.maildrop import OrmMaildrop, snapshot
 from mailadmin.models import Mailbox, MaildropLease, Message
 from pop3.mailbox import Maildrop, MaildropError, MemoryStore
 
@@ -56,7 +56,7 @@ def orm_harness(make_mailbox) -> Harness:
         owner = f"owner-{next(owners)}"
         if not store.acquire_lease(mailbox.pk, owner, "test", 60):
             return None
-        return StrippedMaildrop(executor, mailbox.pk, owner, store.maildrop_snapshot(mailbox.pk), prefix)
+        return StrippedMaildrop(executor, mailbox.pk, owner, snapshot(mailbox.pk), prefix)
 
     def stored() -> list[bytes]:
         ids = Message.objects.for_maildrop(mailbox).values_list("pk", flat=True)

@@ -10,7 +10,7 @@ from mailadmin import store
 from mailadmin.delivery import deliver
 from mailadmin.executors import BoundedExecutor
 from mailadmin.live import Pop3Monitor, printable
-from mailadmin.maildrop import OrmMaildrop
+from mailadmin.maildrop import OrmMaildrop, snapshot
 from mailadmin.models import Pop3Session
 from pop3.mailbox import ConnectionInfo, EndReason, LoginFailure, SessionStats
 
@@ -63,7 +63,7 @@ def test_maildrop_reads_survive_the_database_dropping_its_connections(make_mailb
     deliver([mailbox.address], [b"Subject: a\r\n\r\nsurvives\r\n"])
     executor = BoundedExecutor(1, "test-db")
     assert store.acquire_lease(mailbox.pk, "owner", "test", 60)
-    maildrop = OrmMaildrop(executor, mailbox.pk, "owner", store.maildrop_snapshot(mailbox.pk))
+    maildrop = OrmMaildrop(executor, mailbox.pk, "owner", snapshot(mailbox.pk))
 
     async def read() -> bytes:
         return b"".join([chunk async for chunk in maildrop.read(maildrop.messages[0])])

@@ -133,6 +133,10 @@ class ScriptedIO:
             raise ConnectionLost("write after close")
         self.written += data
 
+    @property
+    def writable(self) -> bool:
+        return not self.drain_stalled
+
     async def drain(self) -> None:
         if self.drain_stalled:
             await self._hang()
