@@ -77,16 +77,16 @@ def deliver_spooled(
 ) -> list[RecipientResult]:
     """:func:`deliver` for a message already spooled (the LMTP listener spools while reading)."""
     addresses = [_normalised_or_none(recipient) for recipient in recipients]
+    copies: list[_Copy] = []
     if all_or_none:
-        results = _deliver_all_or_none(recipients, addresses, message, sender)
+        results = _deliver_all_or_none(recipients, addresses, message, sender, copies)
     else:
         results = [
-            _deliver_one(r, address, message, sender)
+            _deliver_one(r, address, message, sender, copies)
             for r, address in zip(recipients, addresses, strict=True)
         ]
-    for result, address in zip(results, addresses, strict=True):
-        if result.delivered:
-            _warn_if_quota_crossed(address)
+    for copy in copies:
+        _warn_if_quota_crossed(copy)
     return results
 
 
@@ -112,33 +112,38 @@ def recipient_status(recipient: str, size_hint: int = 0) -> DeliveryStatus:
 
 
 def _deliver_one(
-    recipient: str, address: str | None, message: SpooledMessage, sender: str
+    recipient: str, address: str | None, message: SpooledMessage, sender: str, copies: list["_Copy"]
 ) -> RecipientResult:
     try:
         with transaction.atomic():
-            uidl = _store_copy(address, message, sender)
+            copy = _store_copy(address, message, sender)
     except _RecipientRefused as refusal:
         return RecipientResult(recipient, refusal.status)
     except DatabaseError:
         logger.exception("delivery to %s failed", address)
         return RecipientResult(recipient, DeliveryStatus.TEMPORARY_FAILURE)
-    return RecipientResult(recipient, DeliveryStatus.DELIVERED, uidl)
+    copies.append(copy)
+    return RecipientResult(recipient, DeliveryStatus.DELIVERED, copy.uidl)
 
 
 def _deliver_all_or_none(
-    recipients: Sequence[str], addresses: list[str | None], message: SpooledMessage, sender: str
+    recipients: Sequence[str],
+    addresses: list[str | None],
+    message: SpooledMessage,
+    sender: str,
+    copies: list["_Copy"],
 ) -> list[RecipientResult]:
     statuses: list[DeliveryStatus] = []
-    uidls: list[str | None] = []
+    stored: list[_Copy | None] = []
     try:
         with transaction.atomic():
             for address in addresses:
                 try:
                     with transaction.atomic():
-                        uidls.append(_store_copy(address, message, sender))
+                        stored.append(_store_copy(address, message, sender))
                     statuses.append(DeliveryStatus.DELIVERED)
                 except _RecipientRefused as refusal:
-                    uidls.append(None)
+                    stored.append(None)
                     statuses.append(refusal.status)
             if any(status is not DeliveryStatus.DELIVERED for status in statuses):
                 transaction.set_rollback(True)
@@ -146,11 +151,24 @@ def _deliver_all_or_none(
         logger.exception("delivery to %s failed", ", ".join(filter(None, addresses)))
         return [RecipientResult(recipient, DeliveryStatus.TEMPORARY_FAILURE) for recipient in recipients]
     if all(status is DeliveryStatus.DELIVERED for status in statuses):
-        return [RecipientResult(r, s, u) for r, s, u in zip(recipients, statuses, uidls, strict=True)]
+        copies.extend(copy for copy in stored if copy is not None)
+        return [
+            RecipientResult(r, DeliveryStatus.DELIVERED, copy.uidl if copy else None)
+            for r, copy in zip(recipients, stored, strict=True)
+        ]
     return [
         RecipientResult(r, DeliveryStatus.NOT_ATTEMPTED if s is DeliveryStatus.DELIVERED else s)
         for r, s in zip(recipients, statuses, strict=True)
     ]
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """One stored copy, with what the quota warning needs to know without asking again."""
+
+    uidl: str
+    mailbox: Mailbox
+    used_bytes: int
 
 
 def _store_copy(address: str | None, message: SpooledMessage, sender: str) -> str:
@@ -165,7 +183,7 @@ def _store_copy(address: str | None, message: SpooledMessage, sender: str) -> st
         )
     except store.OverQuota:
         raise _RecipientRefused(DeliveryStatus.OVER_QUOTA) from None
-    return stored.uidl
+    return _Copy(stored.uidl, mailbox, stored.mailbox_used_bytes)
 
 
 def _find(address: str) -> Mailbox | None:
@@ -176,38 +194,37 @@ def _active(mailbox: Mailbox) -> bool:
     return mailbox.active and mailbox.domain.active and mailbox.user.is_active
 
 
-def _warn_if_quota_crossed(address: str) -> None:
+def _warn_if_quota_crossed(copy: _Copy) -> None:
     """Deliver one warning when usage first reaches a warning percentage (80 %, 95 %).
 
     The announced percentage is moved with a conditional UPDATE, so concurrent deliveries
     crossing the same line send one warning between them. When usage falls (mail was
     fetched and deleted) the mark falls with it, and the next crossing warns again.
     """
+    mailbox = copy.mailbox
+    if not mailbox.quota_bytes:
+        return
+    reached = [
+        p for p in mailbox.domain.warning_percents() if 100 * copy.used_bytes >= p * mailbox.quota_bytes
+    ]
+    percent = max(reached, default=0)
+    if percent == mailbox.quota_warning_percent:
+        return
+    marks = Mailbox.objects.filter(pk=mailbox.pk)
     try:
-        mailbox = _find(address)
-        if mailbox is None or not mailbox.quota_bytes:
-            return
-        reached = [
-            p
-            for p in mailbox.domain.warning_percents()
-            if 100 * mailbox.used_bytes >= p * mailbox.quota_bytes
-        ]
-        percent = max(reached, default=0)
-        marks = Mailbox.objects.filter(pk=mailbox.pk)
         if percent < mailbox.quota_warning_percent:
             marks.filter(quota_warning_percent__gt=percent).update(quota_warning_percent=percent)
-        elif percent > mailbox.quota_warning_percent:
-            if marks.filter(quota_warning_percent__lt=percent).update(quota_warning_percent=percent):
-                _deliver_warning(mailbox, percent)
+        elif marks.filter(quota_warning_percent__lt=percent).update(quota_warning_percent=percent):
+            _deliver_warning(mailbox, percent, copy.used_bytes)
     except DatabaseError:
-        logger.exception("quota warning for %s failed", address)
+        logger.exception("quota warning for %s failed", mailbox.address)
 
 
-def _deliver_warning(mailbox: Mailbox, percent: int) -> None:
+def _deliver_warning(mailbox: Mailbox, percent: int, used_bytes: int) -> None:
     values = {
         "address": mailbox.address,
         "percent": percent,
-        "used": format_size(mailbox.used_bytes),
+        "used": format_size(used_bytes),
         "quota": format_size(mailbox.quota_bytes),
     }
     sender = f"{settings.MAILADMIN_QUOTA_WARNING_FROM}@{mailbox.domain.name}"

@@ -227,6 +227,7 @@ class StoredMessage:
     message_id: int
     uidl: str
     size_bytes: int
+    mailbox_used_bytes: int  # the mailbox's usage right after this message was charged
 
 
 def format_uidl(uid: int, uid_validity: int) -> str:
@@ -256,7 +257,7 @@ def append_message(
     if uidl is not None:
         validate_uidl(uidl)
     with transaction.atomic():
-        next_uid = _charge_quota(mailbox, size, imported_uid=uid, enforce=enforce_quota)
+        next_uid, used_bytes = _charge_quota(mailbox, size, imported_uid=uid, enforce=enforce_quota)
         stored = Message.objects.create(
             mailbox_id=mailbox.pk,
             uidl=uidl if uidl is not None else format_uidl(next_uid, mailbox.uid_validity),
@@ -270,36 +271,46 @@ def append_message(
             import_key=import_key,
         )
         _write_chunks(stored.pk, _prefixed(prefix, message))
-    return StoredMessage(stored.pk, stored.uidl, size)
+    return StoredMessage(stored.pk, stored.uidl, size, used_bytes)
 
 
-def _charge_quota(mailbox: Mailbox, size: int, *, imported_uid: int | None, enforce: bool) -> int:
-    """Charge one message of ``size`` bytes to the mailbox and its domain; return its UID.
+def _charge_quota(mailbox: Mailbox, size: int, *, imported_uid: int | None, enforce: bool) -> tuple[int, int]:
+    """Charge one message of ``size`` bytes to the mailbox and its domain.
 
-    Each counter moves by a single conditional UPDATE, so the check and the charge are one
-    statement: two deliveries racing for the last bytes cannot both pass.
+    Returns the message's UID and the mailbox's usage after the charge. Each counter moves by
+    a single conditional UPDATE, so the check and the charge are one statement: two
+    deliveries racing for the last bytes cannot both pass.
     """
-    uid_update = F("next_uid") + 1
     if imported_uid is not None:
         # Keep new UIDs above every imported one; Greatest() is not portable to older SQLite.
         Mailbox.objects.filter(pk=mailbox.pk, next_uid__lte=imported_uid).update(next_uid=imported_uid + 1)
-        uid_update = F("next_uid")
-    fits_mailbox = (Q(quota_bytes=0) | Q(used_bytes__lte=F("quota_bytes") - size)) & (
-        Q(quota_messages=0) | Q(used_messages__lt=F("quota_messages"))
-    )
-    fits_domain = Q(quota_bytes=0) | Q(used_bytes__lte=F("quota_bytes") - size)
-    if not enforce:
-        fits_mailbox = fits_domain = Q()
-    charged = Mailbox.objects.filter(fits_mailbox, pk=mailbox.pk).update(
-        used_bytes=F("used_bytes") + size, used_messages=F("used_messages") + 1, next_uid=uid_update
-    )
-    if not charged:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _CHARGE_MAILBOX if enforce else _CHARGE_MAILBOX_UNCHECKED,
+            {"size": size, "id": mailbox.pk, "uid_step": 0 if imported_uid is not None else 1},
+        )
+        row = cursor.fetchone()
+    if row is None:
         raise OverQuota(f"mailbox {mailbox.address} is over quota")
+    fits_domain = Q(quota_bytes=0) | Q(used_bytes__lte=F("quota_bytes") - size) if enforce else Q()
     if not Domain.objects.filter(fits_domain, pk=mailbox.domain_id).update(used_bytes=F("used_bytes") + size):
         raise OverQuota(f"domain of {mailbox.address} is over quota")
-    if imported_uid is not None:
-        return imported_uid
-    return Mailbox.objects.filter(pk=mailbox.pk).values_list("next_uid", flat=True).get() - 1
+    next_uid, used_bytes = row
+    return (imported_uid if imported_uid is not None else next_uid - 1), used_bytes
+
+
+# One statement checks the quota, charges it and hands out the UID (SQLite 3.35+ and PostgreSQL
+# both support RETURNING), so a delivery needs no second query to learn either.
+_MAILBOX_TABLE = Mailbox._meta.db_table
+_CHARGE = (
+    f"UPDATE {_MAILBOX_TABLE} SET used_bytes = used_bytes + %(size)s, used_messages = used_messages + 1, "
+    "next_uid = next_uid + %(uid_step)s WHERE id = %(id)s{condition} RETURNING next_uid, used_bytes"
+)
+_CHARGE_MAILBOX = _CHARGE.format(
+    condition=" AND (quota_bytes = 0 OR used_bytes + %(size)s <= quota_bytes)"
+    " AND (quota_messages = 0 OR used_messages < quota_messages)"
+)
+_CHARGE_MAILBOX_UNCHECKED = _CHARGE.format(condition="")
 
 
 def _prefixed(prefix: bytes, message: SpooledMessage) -> Iterator[bytes]:
