@@ -15,7 +15,7 @@ export DEBUG ?= 1
 CLIENT_PACKAGES := fetchmail:fetchmail getmail6:getmail mpop:mpop curl:curl openssl:openssl \
 	postfix:postfix swaks:swaks
 
-.PHONY: install system-deps run test test-only bench clean
+.PHONY: install system-deps run test test-only lint bench clean
 
 install: $(STAMP)
 
@@ -54,6 +54,10 @@ test: install system-deps test-only
 
 test-only:
 	$(PY) -m pytest -n $(TEST_JOBS) $(PYTEST_ARGS)
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # The benchmark suite (bench/, docs/benchmarks.md) against live runpop3/runlmtp: SQLite by
 # default, PostgreSQL with DATABASE_URL=postgres://...; e.g. BENCH_ARGS="--seconds 30".

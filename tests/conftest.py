@@ -33,7 +33,8 @@ def database_url() -> str:
     user = settings.get("USER") or ""
     password = f":{settings['PASSWORD']}" if settings.get("PASSWORD") else ""
     credentials = f"{user}{password}@" if user else ""
-    return f"postgres://{credentials}{settings.get('HOST') or ''}:{settings.get('PORT') or 5432}/{settings['NAME']}"
+    host, port = settings.get("HOST") or "", settings.get("PORT") or 5432
+    return f"postgres://{credentials}{host}:{port}/{settings['NAME']}"
 
 
 def child_environment(**extra: str) -> dict[str, str]:

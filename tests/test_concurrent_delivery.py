@@ -64,7 +64,9 @@ def test_a_30_mb_delivery_keeps_peak_memory_near_the_chunk_size(make_mailbox, tm
     report = finish(spawn("delivery_memory", mailbox.address, str(path)))
     assert report["status"] == "DELIVERED"
     message = Message.objects.get(mailbox=mailbox, subject="big")
-    expected_size = len(trace_headers("", mailbox.address)) + len(b"Subject: big\r\n\r\n") + lines * (len(line) + 1)
+    expected_size = (
+        len(trace_headers("", mailbox.address)) + len(b"Subject: big\r\n\r\n") + lines * (len(line) + 1)
+    )
     assert message.size_bytes == expected_size
     assert sum(len(chunk) for chunk in iter_message_bytes(message.pk)) == expected_size
     # 30 MiB went through; a bounded pipeline holds a few 256 KiB chunks at a time.

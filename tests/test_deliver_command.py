@@ -13,7 +13,9 @@ MESSAGE = b"From: someone@remote.test\nSubject: piped\n\nhello\n"
 def test_delivers_to_every_recipient_and_exits_0(make_mailbox):
     make_mailbox("one@example.test")
     make_mailbox("two@example.test")
-    result = run_manage("deliver", "--sender", "someone@remote.test", "one@example.test", "two@example.test", input=MESSAGE)
+    result = run_manage(
+        "deliver", "--sender", "someone@remote.test", "one@example.test", "two@example.test", input=MESSAGE
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(Message.objects.values_list("mailbox__user__username", flat=True)) == [
         "one@example.test",

@@ -68,7 +68,7 @@ def mboxrd(messages: list[bytes], senders: list[bytes] | None = None) -> bytes:
     senders = senders or [b"a@example.test"] * len(messages)
     return b"".join(
         b"From %s %s\n" % (sender, asctime(DATE)) + quoted(content) + b"\n"
-        for sender, content in zip(senders, messages)
+        for sender, content in zip(senders, messages, strict=True)
     )
 
 
@@ -76,7 +76,7 @@ def expected_export(messages: list[bytes], senders: list[bytes]) -> bytes:
     """What exportmail must write: the stored bytes with LF line ends, quoted, and a blank line after each."""
     return b"".join(
         b"From %s %s\n" % (sender, asctime(DATE)) + quoted(normalise(content).replace(b"\r\n", b"\n")) + b"\n"
-        for sender, content in zip(senders, messages)
+        for sender, content in zip(senders, messages, strict=True)
     )
 
 

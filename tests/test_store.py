@@ -48,7 +48,9 @@ def test_normaliser_handles_crlf_split_across_reads():
 
 def test_delivery_stores_exact_crlf_bytes_with_trace_headers(make_mailbox):
     mailbox = make_mailbox("bob@example.test")
-    [result] = deliver(["Bob@Example.TEST"], [b"Subject: hi\nFrom: a@b.test\n\nline\n.\nend"], sender="a@b.test")
+    [result] = deliver(
+        ["Bob@Example.TEST"], [b"Subject: hi\nFrom: a@b.test\n\nline\n.\nend"], sender="a@b.test"
+    )
     assert result.status is DeliveryStatus.DELIVERED
     message = Message.objects.get(mailbox=mailbox)
     expected = (
@@ -102,7 +104,10 @@ def test_counters_track_every_delivery_and_deletion(make_mailbox):
         deliver([mailbox.address], [b"x" * size])
         assert_counters_exact(mailbox)
     ids = list(Message.objects.for_maildrop(mailbox).values_list("pk", flat=True))
-    assert store.delete_messages(mailbox, ids[:2]) == (2, 10 + 200 + 2 * len(trace_headers("", mailbox.address)) + 4)
+    assert store.delete_messages(mailbox, ids[:2]) == (
+        2,
+        10 + 200 + 2 * len(trace_headers("", mailbox.address)) + 4,
+    )
     assert_counters_exact(mailbox)
     assert store.delete_messages(mailbox, ids[:2]) == (0, 0)
     assert MessageChunk.objects.filter(message_id__in=ids[:2]).count() == 0
@@ -145,7 +150,9 @@ def test_per_recipient_results(make_mailbox):
     off = make_mailbox("off@example.test")
     store.set_mailbox_active(off.address, False)
     full = make_mailbox("full@example.test", quota_bytes=10)
-    results = deliver(["good@example.test", "nobody@example.test", "off@example.test", full.address, "bad"], [b"hi"])
+    results = deliver(
+        ["good@example.test", "nobody@example.test", "off@example.test", full.address, "bad"], [b"hi"]
+    )
     assert [r.status for r in results] == [
         DeliveryStatus.DELIVERED,
         DeliveryStatus.NO_SUCH_MAILBOX,
@@ -198,7 +205,11 @@ def test_recalculate_quota_reports_and_fixes_drift(make_mailbox):
 
 
 def warnings_in(mailbox: Mailbox) -> list[str]:
-    return list(Message.objects.for_maildrop(mailbox).filter(subject__contains="% full").values_list("subject", flat=True))
+    return list(
+        Message.objects.for_maildrop(mailbox)
+        .filter(subject__contains="% full")
+        .values_list("subject", flat=True)
+    )
 
 
 def test_crossing_80_then_95_percent_delivers_exactly_two_warnings(make_mailbox):

@@ -13,9 +13,7 @@ def main(address: str, count: int, size: int) -> None:
     django.setup()
     from mailadmin.delivery import deliver
 
-    tally = collections.Counter(
-        deliver([address], [b"x" * size])[0].status.name for _ in range(count)
-    )
+    tally = collections.Counter(deliver([address], [b"x" * size])[0].status.name for _ in range(count))
     print(json.dumps(tally))
 
 
