@@ -221,9 +221,19 @@ def err(text: str, code: ResponseCode | None = None) -> bytes:
 
 
 def multiline(first_text: str, lines: Iterable[str]) -> bytes:
-    """``+OK first_text``, the lines dot-stuffed, and the terminating dot line."""
-    body = "".join(f".{line}\r\n" if line.startswith(".") else f"{line}\r\n" for line in lines)
-    return ok(first_text) + body.encode("utf-8") + TERMINATOR
+    """``+OK first_text``, the lines dot-stuffed, and the terminating dot line.
+
+    Lines must not contain CR or LF; stuffing then works on the joined text in one pass.
+    """
+    lines = list(lines)
+    if not lines:
+        return ok(first_text) + TERMINATOR
+    body = "\r\n".join(lines)
+    if "\r\n." in body:
+        body = body.replace("\r\n.", "\r\n..")
+    if body.startswith("."):
+        body = "." + body
+    return ok(first_text) + body.encode("utf-8") + CRLF + TERMINATOR
 
 
 def stuff_line(line: bytes) -> bytes:

@@ -226,11 +226,11 @@ class Session:
             case protocol.Stat():
                 self._write(ok("{} {}".format(*self._live)))
             case protocol.ListMessages(number=None):
-                self._write(self._listing(lambda n, info: f"{n} {info.size}"))
+                self._write(self._listing("size"))
             case protocol.ListMessages(number=number):
                 self._with_message(number, lambda n, info: ok(f"{n} {info.size}"))
             case protocol.Uidl(number=None):
-                self._write(self._listing(lambda n, info: f"{n} {info.uidl}"))
+                self._write(self._listing("uidl"))
             case protocol.Uidl(number=number):
                 self._with_message(number, lambda n, info: ok(f"{n} {info.uidl}"))
             case protocol.Retr(number=number):
@@ -294,8 +294,11 @@ class Session:
         assert self._maildrop is not None
         return self._maildrop.messages
 
-    def _listing(self, line) -> bytes:
-        lines = (line(n, info) for n, info in enumerate(self._messages, 1) if n not in self._deleted)
+    def _listing(self, field: str) -> bytes:
+        """LIST or UIDL of every message not marked deleted (one f-string a line: 100,000 lines)."""
+        column = MessageInfo._fields.index(field)
+        deleted = self._deleted
+        lines = [f"{n} {info[column]}" for n, info in enumerate(self._messages, 1) if n not in deleted]
         return multiline("{} messages ({} octets)".format(*self._live), lines)
 
     def _lookup(self, number: int) -> MessageInfo | bytes:
