@@ -11,29 +11,21 @@ servers call ``running_pop3`` themselves.
 """
 
 import hashlib
-import queue
-import signal
 import socket
 import ssl
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self, TypeVar
 
 import pytest
 import trustme
 
-from tests.conftest import PROJECT_DIR, child_environment
+from tests.daemons import HOST, DaemonProcess, RawClient, free_port, running_daemon, start_daemon
 
-HOST = "127.0.0.1"
 PASSWORD = "correct horse"
-STARTUP_TIMEOUT = 60.0
-STOP_TIMEOUT = 30.0
 SOCKET_TIMEOUT = 5.0
 
 FAST_SETTINGS = {
@@ -57,6 +49,14 @@ class Certificates:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
 
+def directory_certificates(directory: Path) -> Certificates:
+    """The certificates made earlier in ``directory``, or new ones."""
+    certificates_file = directory / "ca.pem"
+    if certificates_file.exists():
+        return Certificates(certificates_file, directory / "server-chain.pem", directory / "server-key.pem")
+    return make_certificates(directory)
+
+
 def make_certificates(directory: Path) -> Certificates:
     ca = trustme.CA()
     # A subject CN too: fetchmail refuses a certificate without one, whatever its SANs say.
@@ -73,19 +73,17 @@ def make_certificates(directory: Path) -> Certificates:
 
 
 @dataclass
-class Pop3Process:
+class Pop3Process(DaemonProcess):
     """One runpop3 child: its ports, certificates, output and memory figures."""
 
-    process: subprocess.Popen
+    command = "runpop3"
+
     port: int  # plain POP3 with STLS
     tls_port: int  # implicit TLS
     certificates: Certificates
-    stderr_path: Path
-    stdout_lines: list[str] = field(default_factory=list)
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
+    def label(self) -> str:
+        return f"runpop3 on port {self.port}"
 
     @property
     def ca_file(self) -> Path:
@@ -94,136 +92,43 @@ class Pop3Process:
     def client_context(self) -> ssl.SSLContext:
         return self.certificates.client_context()
 
-    def stderr_text(self) -> str:
-        try:
-            return self.stderr_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def memory_kib(self, key: str) -> int:
-        """A ``/proc/PID/status`` figure in KiB: VmRSS (now) or VmHWM (peak)."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1])
-        raise KeyError(key)
-
-    def reset_peak_memory(self) -> int:
-        """Reset VmHWM to the current RSS (Linux ``clear_refs`` 5); return that RSS in KiB."""
-        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
-        return self.memory_kib("VmHWM")
-
     def connect(self, *, tls: bool = False, timeout: float = SOCKET_TIMEOUT) -> "RawPop3":
         context = self.client_context() if tls else None
         return RawPop3.connect(self.tls_port if tls else self.port, context, timeout=timeout)
 
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=STOP_TIMEOUT)
 
-    def terminate(self) -> int:
-        """SIGTERM and wait; return the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=STOP_TIMEOUT)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
-
-def _pump_stdout(process: subprocess.Popen, lines: list[str], arrived: "queue.Queue[str]") -> None:
-    for raw in process.stdout:
-        line = raw.decode(errors="replace").rstrip("\n")
-        lines.append(line)
-        arrived.put(line)
-
-
-def _start(
-    directory: Path, certificates: Certificates, settings: dict[str, str], attempt: int
-) -> Pop3Process:
+def _start(directory: Path, settings: dict[str, str], attempt: int) -> Pop3Process:
+    certificates = directory_certificates(directory)  # made by the first attempt, kept by later ones
     port, tls_port = free_port(), free_port()
-    stderr_path = directory / f"runpop3-{port}-{attempt}.stderr"
-    command = [
-        sys.executable,
-        str(PROJECT_DIR / "manage.py"),
-        "runpop3",
-        "--bind",
-        HOST,
-        "--port",
-        str(port),
-        "--tls-port",
-        str(tls_port),
-        "--certfile",
-        str(certificates.cert_file),
-        "--keyfile",
-        str(certificates.key_file),
-    ]
-    environment = child_environment(PYTHONUNBUFFERED="1", **{**FAST_SETTINGS, **settings})
-    with stderr_path.open("wb") as stderr:
-        process = subprocess.Popen(
-            command, cwd=PROJECT_DIR, env=environment, stdout=subprocess.PIPE, stderr=stderr
-        )
-    server = Pop3Process(process, port, tls_port, certificates, stderr_path)
-    arrived: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_pump_stdout, args=(process, server.stdout_lines, arrived), daemon=True).start()
-    deadline = time.monotonic() + STARTUP_TIMEOUT
-    listening: set[str] = set()
-    while listening != {"POP3", "POP3S"}:
-        try:
-            line = arrived.get(timeout=0.1)
-        except queue.Empty:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"runpop3 exited with {process.returncode}:\n{server.stderr_text()}"
-                ) from None
-            if time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"runpop3 did not start listening:\n{server.stderr_text()}") from None
-            continue
-        if f"POP3 listening on {HOST}:{port}" in line:
-            listening.add("POP3")
-        elif f"POP3S listening on {HOST}:{tls_port}" in line:
-            listening.add("POP3S")
-    return server
+    return start_daemon(
+        Pop3Process,
+        [
+            "--bind",
+            HOST,
+            "--port",
+            str(port),
+            "--tls-port",
+            str(tls_port),
+            "--certfile",
+            str(certificates.cert_file),
+            "--keyfile",
+            str(certificates.key_file),
+        ],
+        stderr_path=directory / f"runpop3-{port}-{attempt}.stderr",
+        environment={**FAST_SETTINGS, **settings},
+        ready=[f"POP3 listening on {HOST}:{port}", f"POP3S listening on {HOST}:{tls_port}"],
+        port=port,
+        tls_port=tls_port,
+        certificates=certificates,
+    )
 
 
-@contextmanager
-def running_pop3(directory: Path, **settings: str) -> Iterator[Pop3Process]:
-    """Run ``manage.py runpop3`` for the duration of the block; it must exit 0 on SIGTERM.
+def running_pop3(directory: Path, **settings: str) -> AbstractContextManager[Pop3Process]:
+    """Run ``manage.py runpop3`` for the duration of a ``with`` block; it must exit 0 on SIGTERM.
 
     A test that ends the process itself (SIGKILL, its own SIGTERM) is not checked again.
     """
-    directory.mkdir(parents=True, exist_ok=True)
-    certificates_file = directory / "ca.pem"
-    certificates = (
-        Certificates(certificates_file, directory / "server-chain.pem", directory / "server-key.pem")
-        if certificates_file.exists()
-        else make_certificates(directory)
-    )
-    for attempt in range(3):  # a free port can be taken by someone else before the child binds it
-        try:
-            server = _start(directory, certificates, settings, attempt)
-            break
-        except RuntimeError as error:
-            if "cannot listen" not in str(error) or attempt == 2:
-                raise
-    stopped_by_test = False
-    try:
-        yield server
-        stopped_by_test = server.process.poll() is not None
-    except BaseException:
-        print(f"--- runpop3 on port {server.port} stderr (last 8000 characters) ---")
-        print(server.stderr_text()[-8000:])
-        raise
-    finally:
-        if server.process.poll() is None:
-            code = server.terminate()
-        else:
-            code = server.process.returncode
-    if not stopped_by_test:
-        assert code == 0, f"runpop3 exited with {code} on SIGTERM:\n{server.stderr_text()}"
+    return running_daemon(directory, lambda attempt: _start(directory, settings, attempt))
 
 
 @pytest.fixture(name="pop3_server")
@@ -241,13 +146,8 @@ def pop3_server_fixture(tmp_path: Path, transactional_db) -> Iterator[Pop3Proces
 # --- A tiny raw POP3 client -----------------------------------------------------------------
 
 
-class RawPop3:
+class RawPop3(RawClient):
     """Bytes over a socket, with just enough parsing to check exact server output."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = bytearray()
-        self.received = 0  # every byte read from the server, greeting included
 
     @classmethod
     def connect(
@@ -266,26 +166,6 @@ class RawPop3:
             line = client.line()
             assert line.startswith(b"+OK"), line
         return client
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self, size: int = 65536) -> bool:
-        data = self.sock.recv(size)
-        if not data:
-            return False
-        self.received += len(data)
-        self.buffer += data
-        return True
 
     def line(self) -> bytes:
         """One reply line including its CRLF; raises EOFError if the server closed first."""
@@ -332,21 +212,6 @@ class RawPop3:
         status = self.line()
         assert status.startswith(b"+OK"), status
         return status, self.multiline_body()
-
-    def read_until_closed(self) -> bytes:
-        """Everything the server sends until it closes; fails if it is still open after the timeout."""
-        try:
-            while self._fill():
-                pass
-        except (ConnectionResetError, ssl.SSLError):
-            pass  # closed abortively: still closed
-        except TimeoutError:
-            raise AssertionError(
-                f"the server kept the connection open; it sent {bytes(self.buffer)!r}"
-            ) from None
-        data = bytes(self.buffer)
-        self.buffer.clear()
-        return data
 
 
 def unstuff(body_with_terminator: bytes) -> bytes:
