@@ -254,7 +254,7 @@ class DotStuffer:
     def feed(self, chunk: bytes) -> bytes:
         if not chunk:
             return b""
-        out = chunk.replace(b"\n.", b"\n..") if b"\n." in chunk else chunk
+        out = chunk.replace(b"\n.", b"\n..")  # one scan; returns the chunk itself when nothing matches
         if self._at_line_start and out.startswith(b"."):
             out = b"." + out
         self._at_line_start = chunk.endswith(b"\n")
