@@ -254,7 +254,9 @@ class DotStuffer:
     def feed(self, chunk: bytes) -> bytes:
         if not chunk:
             return b""
-        out = chunk.replace(b"\n.", b"\n..")  # one scan; returns the chunk itself when nothing matches
+        # Looking for a dot at all is a memchr (~100 GB/s) where the two-byte search behind
+        # replace() runs at ~1 GB/s; attachments (base64) have no dots to stuff.
+        out = chunk.replace(b"\n.", b"\n..") if b"." in chunk else chunk
         if self._at_line_start and out.startswith(b"."):
             out = b"." + out
         self._at_line_start = chunk.endswith(b"\n")
