@@ -11,7 +11,7 @@ from mailadmin.delivery import deliver
 from mailadmin.executors import BoundedExecutor
 from mailadmin.maildrop import OrmMaildrop, snapshot
 from mailadmin.models import Mailbox, MaildropLease, Message
-from pop3.mailbox import Maildrop, MaildropError, MemoryStore
+from pop3.mailbox import Maildrop, MaildropError, MemoryStore, MessageGone
 
 MESSAGES = [
     b"Subject: one\r\n\r\nfirst body\r\n",
@@ -164,3 +164,50 @@ def test_orm_commit_releases_quota_exactly(make_mailbox):
     mailbox = Mailbox.objects.get(user__username="contract@example.test")
     assert mailbox.used_bytes == before - removed
     assert mailbox.used_messages == 2
+
+
+def counting(monkeypatch, name: str) -> list[tuple]:
+    """Record the arguments of every call to ``store.<name>`` (still calling it)."""
+    calls: list[tuple] = []
+    real = getattr(store, name)
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(store, name, spy)
+    return calls
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_reads_small_messages_ahead_in_one_query(make_mailbox, settings, monkeypatch):
+    settings.MAILADMIN_CHUNK_SIZE_BYTES = 1024
+    mailbox = make_mailbox("ahead@example.test")
+    bodies = [f"Subject: {n}\r\n\r\n{'y' * 200}\r\n".encode() for n in range(8)]
+    bodies[5] = b"Subject: big\r\n\r\n" + b"z" * 40_000 + b"\r\n"  # above the read-ahead size
+    for body in bodies:
+        deliver([mailbox.address], [body])
+    maildrop = OrmMaildrop(BoundedExecutor(1, "test-db"), mailbox.pk, "owner", snapshot(mailbox.pk))
+    runs = counting(monkeypatch, "read_first_chunks")
+    singles = counting(monkeypatch, "read_chunk")
+
+    read = [asyncio.run(read_all(maildrop, n)) for n in range(1, 9)]
+
+    assert [data.endswith(body) for data, body in zip(read, bodies, strict=True)] == [True] * 8
+    keys = [info.key for info in maildrop.messages]
+    assert runs == [(keys[0:5],), (keys[6:8],)]  # the big message stops the first run
+    assert [seq for _, seq in singles] == list(range(40))  # the big one, 1 KiB chunk by chunk
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_read_ahead_of_a_vanished_message_raises_message_gone(make_mailbox):
+    mailbox = make_mailbox("gone@example.test")
+    for n in range(3):
+        deliver([mailbox.address], [f"Subject: {n}\r\n\r\nbody\r\n".encode()])
+    maildrop = OrmMaildrop(BoundedExecutor(1, "test-db"), mailbox.pk, "owner", snapshot(mailbox.pk))
+    Message.objects.filter(pk=maildrop.messages[1].key).delete()
+
+    assert asyncio.run(read_all(maildrop, 1)).endswith(b"Subject: 0\r\n\r\nbody\r\n")
+    with pytest.raises(MessageGone):
+        asyncio.run(read_all(maildrop, 2))
+    assert asyncio.run(read_all(maildrop, 3)).endswith(b"Subject: 2\r\n\r\nbody\r\n")
