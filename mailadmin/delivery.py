@@ -90,13 +90,46 @@ def deliver_spooled(
     return results
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """One message for its recipients, as a member of :func:`deliver_group`."""
+
+    recipients: Sequence[str]
+    message: SpooledMessage
+    sender: str = ""
+
+
+def deliver_group(deliveries: Sequence[Delivery]) -> list[list[RecipientResult]]:
+    """Store several deliveries in one transaction: one commit (one fsync) for all of them.
+
+    Each recipient's copy is stored in a savepoint of its own, so a refusal or a failed copy
+    takes back only that copy, as with :func:`deliver_spooled`. Returns one result list per
+    delivery once the commit is done; when the commit itself fails, raises DatabaseError and
+    nothing was stored.
+    """
+    copies: list[_Copy] = []
+    with transaction.atomic():
+        results = [
+            [
+                _deliver_one(
+                    recipient, _normalised_or_none(recipient), delivery.message, delivery.sender, copies
+                )
+                for recipient in delivery.recipients
+            ]
+            for delivery in deliveries
+        ]
+    for copy in copies:
+        _warn_if_quota_crossed(copy)
+    return results
+
+
 def recipient_status(recipient: str, size_hint: int = 0) -> DeliveryStatus:
     """What a delivery to ``recipient`` would meet now: DELIVERED means it looks deliverable.
 
     For LMTP's RCPT stage; the delivery itself checks everything again.
     """
     address = _normalised_or_none(recipient)
-    mailbox = _find(address) if address else None
+    mailbox = store.find_mailbox(address) if address else None
     if mailbox is None:
         return DeliveryStatus.NO_SUCH_MAILBOX
     if not _active(mailbox):
@@ -172,7 +205,7 @@ class _Copy:
 
 
 def _store_copy(address: str | None, message: SpooledMessage, sender: str) -> str:
-    mailbox = _find(address) if address else None
+    mailbox = store.find_mailbox(address) if address else None
     if mailbox is None:
         raise _RecipientRefused(DeliveryStatus.NO_SUCH_MAILBOX)
     if not _active(mailbox):
@@ -184,10 +217,6 @@ def _store_copy(address: str | None, message: SpooledMessage, sender: str) -> st
     except store.OverQuota:
         raise _RecipientRefused(DeliveryStatus.OVER_QUOTA) from None
     return _Copy(stored.uidl, mailbox, stored.mailbox_used_bytes)
-
-
-def _find(address: str) -> Mailbox | None:
-    return Mailbox.objects.select_related("user", "domain").for_address(address).first()
 
 
 def _active(mailbox: Mailbox) -> bool:

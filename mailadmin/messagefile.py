@@ -5,6 +5,7 @@ A message is stored exactly as POP3 will send it before dot-stuffing: every line
 while spooling makes the stored size the exact octet count that LIST and STAT report.
 """
 
+import email.header
 import email.parser
 import email.policy
 import functools
@@ -125,14 +126,35 @@ class HeaderSummary:
 
 
 def summarise_headers(header_block: bytes) -> HeaderSummary:
-    """Decoded Subject and From for listings; never raises on malformed input."""
+    """Decoded Subject and From for listings; never raises on malformed input.
+
+    The compat32 parser and ``decode_header`` on just these two fields: the default policy
+    builds a structured header object for every field, which costs ten times as much on
+    every delivery. Raw 8-bit values (RFC 6532) are taken as UTF-8.
+    """
     try:
-        parsed = email.parser.BytesHeaderParser(policy=email.policy.default).parsebytes(header_block)
-        subject = str(parsed.get("Subject", "") or "")
-        from_header = str(parsed.get("From", "") or "")
+        parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(header_block)
     except Exception:  # noqa: BLE001 - a summary must never stop a delivery
-        subject = from_header = ""
-    return HeaderSummary(_one_line(subject), _one_line(from_header))
+        return HeaderSummary("", "")
+    return HeaderSummary(_one_line(_decoded(parsed.get("Subject"))), _one_line(_decoded(parsed.get("From"))))
+
+
+def _decoded(value: str | email.header.Header | None) -> str:
+    """RFC 2047 encoded words decoded; the value as it stands when they do not decode."""
+    if value is None:
+        return ""
+    try:
+        parts = email.header.decode_header(value)
+    except Exception:  # noqa: BLE001 - e.g. broken base64 in an encoded word
+        return str(value)
+    return "".join(part if isinstance(part, str) else _text(part, charset) for part, charset in parts)
+
+
+def _text(data: bytes, charset: str | None) -> str:
+    try:
+        return data.decode(charset if charset and charset != "unknown-8bit" else "utf-8", "replace")
+    except LookupError:  # a charset Python does not know
+        return data.decode("utf-8", "replace")
 
 
 def _one_line(text: str) -> str:

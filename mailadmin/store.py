@@ -10,6 +10,7 @@ Invariants kept here (and checked by ``recalculate_quota``):
 * UIDs come from ``Mailbox.next_uid`` in that same UPDATE, so a UIDL is never reused.
 """
 
+import functools
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 from django.db.backends.utils import CursorWrapper
 from django.db.models import Count, DateTimeField, ExpressionWrapper, F, Q, Sum
+from django.db.models.expressions import Col
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -100,6 +102,49 @@ def get_mailbox(address: str) -> Mailbox:
         return Mailbox.objects.select_related("user", "domain").for_address(normalised).get()
     except Mailbox.DoesNotExist:
         raise MailboxNotFound(f"no such mailbox: {normalised}") from None
+
+
+def find_mailbox(address: str) -> Mailbox | None:
+    """The mailbox of a normalised address with its user and domain, or None: one plain query.
+
+    What every delivery (LMTP's RCPT, then the store) asks first. The equivalent queryset
+    (``select_related`` and ``first()``) spends about a millisecond compiling its SQL each
+    time, half of an LMTP delivery's CPU; this SQL is built once, and the row is converted and
+    turned into model instances (``Model.from_db``) the way a queryset loads it.
+    """
+    sql, columns = _mailbox_lookup()
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [address])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    values = list(row)
+    for index, column in enumerate(columns):
+        for convert in connection.ops.get_db_converters(column) + column.get_db_converters(connection):
+            values[index] = convert(values[index], column, connection)
+    instances = []
+    for model in (Mailbox, get_user_model(), Domain):
+        names = [field.attname for field in model._meta.concrete_fields]
+        instances.append(model.from_db(connection.alias, names, values[: len(names)]))
+        values = values[len(names) :]
+    mailbox, mailbox.user, mailbox.domain = instances
+    return mailbox
+
+
+@functools.cache
+def _mailbox_lookup() -> tuple[str, list[Col]]:
+    tables = {alias: model for alias, model in zip("mud", (Mailbox, get_user_model(), Domain), strict=True)}
+    columns = [
+        field.get_col(alias) for alias, model in tables.items() for field in model._meta.concrete_fields
+    ]
+    quote = connection.ops.quote_name
+    selected = ", ".join(f"{column.alias}.{quote(column.target.column)}" for column in columns)
+    mailbox, user, domain = (quote(model._meta.db_table) for model in tables.values())
+    sql = (
+        f"SELECT {selected} FROM {mailbox} m JOIN {user} u ON u.id = m.user_id "
+        f"JOIN {domain} d ON d.id = m.domain_id WHERE u.username = %s"
+    )
+    return sql, columns
 
 
 @dataclass(frozen=True)

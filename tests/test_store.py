@@ -5,7 +5,7 @@ from django.db.models import Sum
 
 from mailadmin import store
 from mailadmin.delivery import DeliveryStatus, deliver, trace_headers
-from mailadmin.messagefile import normalise, spool_message
+from mailadmin.messagefile import normalise, spool_message, summarise_headers
 from mailadmin.models import Domain, Mailbox, Message, MessageChunk
 
 pytestmark = pytest.mark.django_db
@@ -243,3 +243,50 @@ def test_a_warning_repeats_after_usage_falls_and_crosses_again(make_mailbox):
     deliver([mailbox.address], [b"x" * 6000])
     assert warnings_in(mailbox) == ["Your mailbox is 50% full"]
     assert Message.objects.filter(mailbox=mailbox).count() == 3
+
+
+def test_find_mailbox_loads_what_the_orm_loads(make_mailbox):
+    make_mailbox("other@example.test")
+    created = make_mailbox("found@example.test", quota_bytes=5000)
+    deliver([created.address], [b"Subject: x\r\n\r\nbody\r\n"])
+    store.set_mailbox_active(created.address, False)
+    expected = Mailbox.objects.select_related("user", "domain").get(pk=created.pk)
+
+    found = store.find_mailbox("found@example.test")
+
+    assert (found.pk, found.address, found.domain.name) == (created.pk, "found@example.test", "example.test")
+    for model_instance, loaded in [
+        (expected, found),
+        (expected.user, found.user),
+        (expected.domain, found.domain),
+    ]:
+        fields = type(loaded)._meta.concrete_fields
+        assert [getattr(loaded, f.attname) for f in fields] == [
+            getattr(model_instance, f.attname) for f in fields
+        ]
+    assert found.active is False and found.user.is_active is True  # booleans, not SQLite's 0/1
+    assert found.created_at.tzinfo is not None
+    assert found.used_bytes == expected.used_bytes > 0
+    assert store.find_mailbox("nobody@example.test") is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "subject", "sender"),
+    [
+        (b"Subject: plain\r\nFrom: A <a@b.test>\r\n\r\n", "plain", "A <a@b.test>"),
+        (
+            b"Subject: =?utf-8?q?caf=C3=A9?= ok\r\nFrom: =?iso-8859-1?q?J=F6rg?= <j@x>\r\n",
+            "café ok",
+            "Jörg <j@x>",
+        ),
+        ("Subject: raw café\r\nFrom: Jörg <j@x>\r\n".encode(), "raw café", "Jörg <j@x>"),
+        (b"Subject: folded\r\n  line two\r\n\r\n", "folded line two", ""),
+        (b"Subject: bad \xff bytes\r\n\r\n", "bad \ufffd bytes", ""),
+        (b"Subject: =?utf-8?b?!!!notbase64?=\r\nFrom: x@y\r\n", "=?utf-8?b?!!!notbase64?=", "x@y"),
+        (b"Subject: =?no-such-charset?q?abc?=\r\n", "abc", ""),
+        (b"no header block at all", "", ""),
+    ],
+)
+def test_header_summary_decodes_subject_and_from(headers, subject, sender):
+    summary = summarise_headers(headers)
+    assert (summary.subject, summary.from_header) == (subject, sender)

@@ -37,6 +37,7 @@ class Command(BaseCommand):
             max_data_line_bytes=settings.LMTP_MAX_LINE_BYTES,
             over_quota_permanent=settings.LMTP_OVER_QUOTA_PERMANENT,
             idle_timeout=settings.LMTP_IDLE_TIMEOUT,
+            max_group=settings.LMTP_GROUP_COMMIT_MAX,
         )
         try:
             asyncio.run(self._serve(config, bind, port, socket_path))
