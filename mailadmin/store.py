@@ -21,9 +21,9 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import get_hasher, identify_hasher
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
 from django.db.backends.utils import CursorWrapper
-from django.db.models import Count, DateTimeField, ExpressionWrapper, F, Q, Sum
+from django.db.models import Count, DateTimeField, ExpressionWrapper, F, Sum
 from django.db.models.expressions import Col
 from django.db.models.functions import Now
 from django.utils import timezone
@@ -112,39 +112,54 @@ def find_mailbox(address: str) -> Mailbox | None:
     time, half of an LMTP delivery's CPU; this SQL is built once, and the row is converted and
     turned into model instances (``Model.from_db``) the way a queryset loads it.
     """
-    sql, columns = _mailbox_lookup()
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [address])
+    db = connections[DEFAULT_DB_ALIAS]
+    lookup = _mailbox_lookup(db.vendor)
+    with db.cursor() as cursor:
+        cursor.execute(lookup.sql, [address])
         row = cursor.fetchone()
     if row is None:
         return None
     values = list(row)
-    for index, column in enumerate(columns):
-        for convert in connection.ops.get_db_converters(column) + column.get_db_converters(connection):
-            values[index] = convert(values[index], column, connection)
+    for index, column in lookup.converted:
+        for convert in db.ops.get_db_converters(column) + column.get_db_converters(db):
+            values[index] = convert(values[index], column, db)
     instances = []
-    for model in (Mailbox, get_user_model(), Domain):
-        names = [field.attname for field in model._meta.concrete_fields]
-        instances.append(model.from_db(connection.alias, names, values[: len(names)]))
+    for model, names in lookup.models:
+        instances.append(model.from_db(db.alias, names, values[: len(names)]))
         values = values[len(names) :]
     mailbox, mailbox.user, mailbox.domain = instances
     return mailbox
 
 
+@dataclass(frozen=True)
+class _Lookup:
+    sql: str
+    models: list[tuple[type, list[str]]]  # each model with its fields' attnames, in column order
+    converted: list[tuple[int, Col]]  # the columns whose values this backend converts
+
+
 @functools.cache
-def _mailbox_lookup() -> tuple[str, list[Col]]:
+def _mailbox_lookup(vendor: str) -> _Lookup:
+    db = connections[DEFAULT_DB_ALIAS]
     tables = {alias: model for alias, model in zip("mud", (Mailbox, get_user_model(), Domain), strict=True)}
     columns = [
         field.get_col(alias) for alias, model in tables.items() for field in model._meta.concrete_fields
     ]
-    quote = connection.ops.quote_name
+    quote = db.ops.quote_name
     selected = ", ".join(f"{column.alias}.{quote(column.target.column)}" for column in columns)
     mailbox, user, domain = (quote(model._meta.db_table) for model in tables.values())
-    sql = (
-        f"SELECT {selected} FROM {mailbox} m JOIN {user} u ON u.id = m.user_id "
-        f"JOIN {domain} d ON d.id = m.domain_id WHERE u.username = %s"
+    return _Lookup(
+        sql=f"SELECT {selected} FROM {mailbox} m JOIN {user} u ON u.id = m.user_id "
+        f"JOIN {domain} d ON d.id = m.domain_id WHERE u.username = %s",
+        models=[
+            (model, [field.attname for field in model._meta.concrete_fields]) for model in tables.values()
+        ],
+        converted=[
+            (index, column)
+            for index, column in enumerate(columns)
+            if db.ops.get_db_converters(column) + column.get_db_converters(db)
+        ],
     )
-    return sql, columns
 
 
 @dataclass(frozen=True)
@@ -303,9 +318,11 @@ def append_message(
         validate_uidl(uidl)
     with transaction.atomic():
         next_uid, used_bytes = _charge_quota(mailbox, size, imported_uid=uid, enforce=enforce_quota)
-        stored = Message.objects.create(
+        message_uidl = uidl if uidl is not None else format_uidl(next_uid, mailbox.uid_validity)
+        message_id = _insert_returning_pk(
+            Message,
             mailbox_id=mailbox.pk,
-            uidl=uidl if uidl is not None else format_uidl(next_uid, mailbox.uid_validity),
+            uidl=message_uidl,
             size_bytes=size,
             received_at=received_at or timezone.now(),
             envelope_sender=envelope_sender,
@@ -315,8 +332,33 @@ def append_message(
             from_header=message.summary.from_header,
             import_key=import_key,
         )
-        _write_chunks(stored.pk, _prefixed(prefix, message))
-    return StoredMessage(stored.pk, stored.uidl, size, used_bytes)
+        _write_chunks(message_id, _prefixed(prefix, message))
+    return StoredMessage(message_id, message_uidl, size, used_bytes)
+
+
+def _insert_returning_pk(model: type, **values) -> int:
+    """``model.objects.create(**values).pk`` without compiling the INSERT on every delivery.
+
+    Values are prepared by their fields as the ORM would; the SQL is built once per model and
+    set of columns. Only for models without save() logic or signals of their own.
+    """
+    db = connections[DEFAULT_DB_ALIAS]
+    fields = [model._meta.get_field(name) for name in values]
+    with db.cursor() as cursor:
+        cursor.execute(
+            _insert_sql(model, tuple(values), db.vendor),
+            [field.get_db_prep_save(value, db) for field, value in zip(fields, values.values(), strict=True)],
+        )
+        return cursor.fetchone()[0]
+
+
+@functools.cache
+def _insert_sql(model: type, names: tuple[str, ...], vendor: str) -> str:
+    quote = connections[DEFAULT_DB_ALIAS].ops.quote_name
+    columns = ", ".join(quote(model._meta.get_field(name).column) for name in names)
+    placeholders = ", ".join(["%s"] * len(names))
+    pk = quote(model._meta.pk.column)
+    return f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES ({placeholders}) RETURNING {pk}"
 
 
 def _charge_quota(mailbox: Mailbox, size: int, *, imported_uid: int | None, enforce: bool) -> tuple[int, int]:
@@ -337,9 +379,12 @@ def _charge_quota(mailbox: Mailbox, size: int, *, imported_uid: int | None, enfo
         row = cursor.fetchone()
     if row is None:
         raise OverQuota(f"mailbox {mailbox.address} is over quota")
-    fits_domain = Q(quota_bytes=0) | Q(used_bytes__lte=F("quota_bytes") - size) if enforce else Q()
-    if not Domain.objects.filter(fits_domain, pk=mailbox.domain_id).update(used_bytes=F("used_bytes") + size):
-        raise OverQuota(f"domain of {mailbox.address} is over quota")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _CHARGE_DOMAIN if enforce else _CHARGE_DOMAIN_UNCHECKED, {"size": size, "id": mailbox.domain_id}
+        )
+        if cursor.rowcount != 1:
+            raise OverQuota(f"domain of {mailbox.address} is over quota")
     next_uid, used_bytes = row
     return (imported_uid if imported_uid is not None else next_uid - 1), used_bytes
 
@@ -356,6 +401,9 @@ _CHARGE_MAILBOX = _CHARGE.format(
     " AND (quota_messages = 0 OR used_messages < quota_messages)"
 )
 _CHARGE_MAILBOX_UNCHECKED = _CHARGE.format(condition="")
+_DOMAIN_TABLE = Domain._meta.db_table
+_CHARGE_DOMAIN_UNCHECKED = f"UPDATE {_DOMAIN_TABLE} SET used_bytes = used_bytes + %(size)s WHERE id = %(id)s"
+_CHARGE_DOMAIN = f"{_CHARGE_DOMAIN_UNCHECKED} AND (quota_bytes = 0 OR used_bytes + %(size)s <= quota_bytes)"
 
 
 def _prefixed(prefix: bytes, message: SpooledMessage) -> Iterator[bytes]:
