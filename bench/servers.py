@@ -167,10 +167,16 @@ class Server:
         return self.process.pid
 
     def cpu_times(self) -> tuple[float, float]:
-        """(user, system) CPU seconds of every thread of the server so far."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS  # utime, stime
+        """(user, system) CPU seconds so far of every thread of the server and its workers."""
+        user = system = 0
+        for pid in [self.pid, *_children(self.pid)]:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except FileNotFoundError:  # a worker that just ended
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            user, system = user + int(fields[11]), system + int(fields[12])  # utime, stime
+        return user / CLOCK_TICKS, system / CLOCK_TICKS
 
     def status_kib(self, key: str) -> int:
         """A ``/proc/PID/status`` figure in KiB: VmRSS (now) or VmHWM (peak)."""
@@ -241,6 +247,14 @@ def start_pop3(env: Environment, name: str, certificate: tuple[Path, Path], **se
         return _start(env, name, command, ports, expected, settings)
 
     return _with_retries(attempt)
+
+
+def _children(pid: int) -> list[int]:
+    """Worker processes (``--workers``): the direct children of every thread of ``pid``."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(child) for child in (task / "children").read_text().split()]
+    return children
 
 
 def start_lmtp(env: Environment, name: str, **settings: str) -> Server:

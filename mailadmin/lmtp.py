@@ -16,6 +16,7 @@ nothing behind.
 import asyncio
 import logging
 import re
+import socket
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -402,12 +403,13 @@ class LmtpServer:
     def _protocol(self) -> LmtpSession:
         return LmtpSession(self.config, self.executor, self.committer, self.sessions)
 
-    async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
-        self._server = await asyncio.get_running_loop().create_server(self._protocol, host, port)
-        return self._server.sockets[0].getsockname()[:2]
-
-    async def listen_unix(self, path: str) -> None:
-        self._server = await asyncio.get_running_loop().create_unix_server(self._protocol, path)
+    async def listen(self, listener: socket.socket) -> None:
+        """Serve a bound, listening TCP or unix socket (shared with other workers under --workers)."""
+        loop = asyncio.get_running_loop()
+        if listener.family == socket.AF_UNIX:
+            self._server = await loop.create_unix_server(self._protocol, sock=listener)
+        else:
+            self._server = await loop.create_server(self._protocol, sock=listener)
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, close idle sessions, give those inside DATA ``grace`` seconds to finish."""

@@ -246,6 +246,7 @@ LMTP_MAX_LINE_BYTES = _env_int("LMTP_MAX_LINE_BYTES", 64 * 1024)
 LMTP_OVER_QUOTA_PERMANENT = _env_bool("LMTP_OVER_QUOTA_PERMANENT", False)
 LMTP_IDLE_TIMEOUT = _env_float("LMTP_IDLE_TIMEOUT", 300.0)
 LMTP_DB_THREADS = _env_int("LMTP_DB_THREADS", 4)
+LMTP_WORKERS = _env_int("LMTP_WORKERS", 1)
 # Messages stored in one transaction at most when deliveries queue up (one commit for all).
 LMTP_GROUP_COMMIT_MAX = max(1, _env_int("LMTP_GROUP_COMMIT_MAX", 64))
 

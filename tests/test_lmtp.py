@@ -6,6 +6,7 @@ mailbox, and the quota counters of the mailbox and its domain.
 """
 
 import hashlib
+import os
 import signal
 import smtplib
 import socket
@@ -535,8 +536,9 @@ def test_sigterm_mid_data_delivers_that_message_then_closes_the_session(tmp_path
 # --- Concurrency, memory, quota warnings -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 def test_four_connections_never_overfill_a_mailbox_with_room_for_exactly_100(
-    tmp_path: Path, make_mailbox
+    tmp_path: Path, make_mailbox, workers: str
 ) -> None:
     address = "race@example.test"
     body = b"Subject: race\r\n\r\n" + b"r" * 200 + b"\r\n"
@@ -563,7 +565,9 @@ def test_four_connections_never_overfill_a_mailbox_with_room_for_exactly_100(
         except BaseException as error:  # noqa: BLE001 - reported by the main thread
             errors.append(error)
 
-    with running_lmtp(tmp_path / "lmtp", MAILADMIN_QUOTA_WARNING_PERCENTS="") as server:
+    settings = {"MAILADMIN_QUOTA_WARNING_PERCENTS": "", "LMTP_WORKERS": workers}
+    with running_lmtp(tmp_path / "lmtp", **settings) as server:
+        assert len(worker_pids(server.pid)) == (0 if workers == "1" else 2)
         threads = [threading.Thread(target=connection, args=(server,)) for _ in range(4)]
         for thread in threads:
             thread.start()
@@ -575,6 +579,26 @@ def test_four_connections_never_overfill_a_mailbox_with_room_for_exactly_100(
     assert Message.objects.filter(mailbox=mailbox).count() == 100
     assert counters(address) == (100 * size, 100, 100 * size)
     assert len(set(Message.objects.filter(mailbox=mailbox).values_list("uidl", flat=True))) == 100
+
+
+def worker_pids(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_a_worker_that_dies_takes_the_others_down_and_the_server_exits_1(
+    tmp_path: Path, make_mailbox
+) -> None:
+    address = make_mailbox("survivor@example.test").address
+    with running_lmtp(tmp_path / "lmtp", LMTP_WORKERS="3") as server:
+        workers = worker_pids(server.pid)
+        assert len(workers) == 3
+        with server.smtplib_client() as lmtp:
+            assert lmtp.sendmail(SENDER, [address], b"Subject: before\r\n\r\nx\r\n") == {}
+        os.kill(workers[0], signal.SIGKILL)
+        assert server.process.wait(timeout=30) == 1
+        assert [pid for pid in workers if Path(f"/proc/{pid}").exists()] == []
+        assert "ended unexpectedly" in server.stderr_text()
+    assert Message.objects.filter(mailbox__user__username=address).count() == 1
 
 
 def big_message_blocks(total_bytes: int) -> tuple[bytes, bytes, int]:

@@ -12,8 +12,10 @@ from django.core.management.base import BaseCommand, CommandError
 
 from mailadmin.executors import BoundedExecutor, keep_connections_open
 from mailadmin.lmtp import LmtpConfig, LmtpServer
+from mailadmin.prefork import run_workers
 
 SHUTDOWN_GRACE_SECONDS = 30.0
+LISTEN_BACKLOG = 100  # asyncio's default
 SMTP_PORT = 25
 
 
@@ -25,11 +27,19 @@ class Command(BaseCommand):
         where = parser.add_mutually_exclusive_group()
         where.add_argument("--port", type=int, default=settings.LMTP_PORT, help="TCP port (LMTP_PORT).")
         where.add_argument("--socket", default=settings.LMTP_SOCKET, help="Unix socket path instead of TCP.")
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=settings.LMTP_WORKERS,
+            help="Processes serving the listener; one uses one core (LMTP_WORKERS).",
+        )
 
-    def handle(self, *args, bind: str, port: int, socket: str, **options):
+    def handle(self, *args, bind: str, port: int, socket: str, workers: int, **options):
         socket_path = socket
         if not socket_path and port == SMTP_PORT:
             raise CommandError("LMTP must never listen on port 25 (RFC 2033 section 5)")
+        if workers < 1:
+            raise CommandError("--workers must be at least 1")
         config = LmtpConfig(
             hostname=settings.LMTP_HOSTNAME,
             max_message_bytes=settings.MAILADMIN_MAX_MESSAGE_SIZE_BYTES,
@@ -40,11 +50,23 @@ class Command(BaseCommand):
             max_group=settings.LMTP_GROUP_COMMIT_MAX,
         )
         try:
-            asyncio.run(self._serve(config, bind, port, socket_path))
+            listener, where = _bind_unix(Path(socket_path)) if socket_path else _bind_tcp(bind, port)
         except OSError as error:
             raise CommandError(f"cannot listen: {error}") from None
+        try:
+            count = f" ({workers} workers)" if workers > 1 else ""
+            self.stdout.write(f"runlmtp: LMTP listening on {where}{count}")
+            self.stdout.flush()
+            if workers == 1:
+                asyncio.run(self._serve(config, listener))
+            elif run_workers(workers, lambda: asyncio.run(self._serve(config, listener))):
+                raise CommandError("a worker failed")
+        finally:
+            listener.close()
+            if socket_path:
+                Path(socket_path).unlink(missing_ok=True)
 
-    async def _serve(self, config: LmtpConfig, bind: str, port: int, socket_path: str) -> None:
+    async def _serve(self, config: LmtpConfig, listener: socket.socket) -> None:
         keep_connections_open(settings.DAEMON_DB_CONN_MAX_AGE)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -52,25 +74,42 @@ class Command(BaseCommand):
         loop.add_signal_handler(signal.SIGINT, stop.set)
         executor = BoundedExecutor(settings.LMTP_DB_THREADS, "lmtp-db")
         server = LmtpServer(config, executor)
-        if socket_path:
-            _remove_stale_socket(Path(socket_path))
-            # Created with the final mode already: no moment where others may connect.
-            previous = os.umask(0o777 & ~settings.LMTP_SOCKET_MODE)
-            try:
-                await server.listen_unix(socket_path)
-            finally:
-                os.umask(previous)
-            where = socket_path
-        else:
-            host, bound_port = await server.listen_tcp(bind, port)
-            where = f"{host}:{bound_port}"
-        self.stdout.write(f"runlmtp: LMTP listening on {where}")
-        self.stdout.flush()
+        await server.listen(listener)
         await stop.wait()
         await server.shutdown(SHUTDOWN_GRACE_SECONDS)
         executor.shutdown()
-        if socket_path:
-            Path(socket_path).unlink(missing_ok=True)
+
+
+def _bind_tcp(host: str, port: int) -> tuple[socket.socket, str]:
+    family, kind, protocol, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    listener = socket.socket(family, kind, protocol)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(LISTEN_BACKLOG)
+    except OSError:
+        listener.close()
+        raise
+    bound_host, bound_port = listener.getsockname()[:2]
+    return listener, f"{bound_host}:{bound_port}"
+
+
+def _bind_unix(path: Path) -> tuple[socket.socket, str]:
+    _remove_stale_socket(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Created with the final mode already: no moment where others may connect.
+    previous = os.umask(0o777 & ~settings.LMTP_SOCKET_MODE)
+    try:
+        listener.bind(str(path))
+        listener.listen(LISTEN_BACKLOG)
+    except OSError:
+        listener.close()
+        raise
+    finally:
+        os.umask(previous)
+    return listener, str(path)
 
 
 def _remove_stale_socket(path: Path) -> None:

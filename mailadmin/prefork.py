@@ -1,0 +1,94 @@
+"""Worker processes that share their parent's listening sockets (pre-fork).
+
+One asyncio process uses one core: its event loop and its database threads share one GIL.
+With ``--workers N`` a daemon binds its sockets, forks N copies of itself that each serve them
+(the kernel hands every new connection to one worker), and stays behind as a small supervisor.
+Nothing the workers share lives in memory: leases, sessions, penalties and quotas are rows.
+"""
+
+import logging
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+
+from django.db import connections
+
+logger = logging.getLogger(__name__)
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def run_workers(count: int, serve: Callable[[], None]) -> int:
+    """Fork ``count`` workers that each run ``serve()``; return once all have ended.
+
+    SIGTERM, SIGINT and SIGHUP are passed on to every worker. A worker that ends while nothing
+    asked it to stop takes the others down with it, and the result is 1: a supervisor
+    (systemd's ``Restart=on-failure``) restarts the daemon whole, with fresh sockets, rather
+    than this process patching up a half-working set. Otherwise the result is 0 when every
+    worker ended cleanly (or by the stop signal passed on to it) and 1 if not.
+    """
+    connections.close_all()  # a connection must never be shared across a fork
+    sys.stdout.flush()
+    sys.stderr.flush()
+    workers: set[int] = set()
+    for _ in range(count):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(_worker(serve))
+        workers.add(pid)
+    return _supervise(workers)
+
+
+def _worker(serve: Callable[[], None]) -> int:
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL)
+    try:
+        serve()
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    return 0
+
+
+def _supervise(workers: set[int]) -> int:
+    stopping = False
+
+    def forward(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = stopping or signum in STOP_SIGNALS
+        for pid in workers:
+            _signal(pid, signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+    failed = False
+    try:
+        while workers:
+            pid, status = os.wait()
+            workers.discard(pid)
+            code = os.waitstatus_to_exitcode(status)
+            if stopping:
+                failed = failed or code not in (0, -signal.SIGTERM, -signal.SIGINT)
+                continue
+            logger.error("worker %d ended unexpectedly (exit status %d); stopping the others", pid, code)
+            failed = stopping = True
+            for other in workers:
+                _signal(other, signal.SIGTERM)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 1 if failed else 0
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
