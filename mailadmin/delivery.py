@@ -69,13 +69,13 @@ def deliver(
     except MessageTooLarge:
         return [RecipientResult(recipient, DeliveryStatus.TOO_LARGE) for recipient in recipients]
     with message:
-        return deliver_spooled(recipients, message, sender=sender, all_or_none=all_or_none)
+        return _deliver_spooled(recipients, message, sender=sender, all_or_none=all_or_none)
 
 
-def deliver_spooled(
+def _deliver_spooled(
     recipients: Sequence[str], message: SpooledMessage, *, sender: str = "", all_or_none: bool = False
 ) -> list[RecipientResult]:
-    """:func:`deliver` for a message already spooled (the LMTP listener spools while reading)."""
+    """:func:`deliver` once the message is spooled."""
     addresses = [_normalised_or_none(recipient) for recipient in recipients]
     copies: list[_Copy] = []
     if all_or_none:
@@ -91,42 +91,27 @@ def deliver_spooled(
 
 
 @dataclass(frozen=True)
-class Delivery:
-    """One message for its recipients, as a member of :func:`deliver_group`."""
+class Recipient:
+    """An accepted recipient: the address as the client gave it, and its mailbox at that time."""
 
-    recipients: Sequence[str]
+    address: str
+    mailbox: Mailbox
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message for recipients looked up before (LMTP's RCPT), as part of a group."""
+
+    recipients: Sequence[Recipient]
     message: SpooledMessage
     sender: str = ""
 
 
-def deliver_group(deliveries: Sequence[Delivery]) -> list[list[RecipientResult]]:
-    """Store several deliveries in one transaction: one commit (one fsync) for all of them.
+def look_up_recipient(recipient: str, size_hint: int = 0) -> Recipient | DeliveryStatus:
+    """The recipient, if a delivery of ``size_hint`` bytes looks possible now; else why not.
 
-    Each recipient's copy is stored in a savepoint of its own, so a refusal or a failed copy
-    takes back only that copy, as with :func:`deliver_spooled`. Returns one result list per
-    delivery once the commit is done; when the commit itself fails, raises DatabaseError and
-    nothing was stored.
-    """
-    copies: list[_Copy] = []
-    with transaction.atomic():
-        results = [
-            [
-                _deliver_one(
-                    recipient, _normalised_or_none(recipient), delivery.message, delivery.sender, copies
-                )
-                for recipient in delivery.recipients
-            ]
-            for delivery in deliveries
-        ]
-    for copy in copies:
-        _warn_if_quota_crossed(copy)
-    return results
-
-
-def recipient_status(recipient: str, size_hint: int = 0) -> DeliveryStatus:
-    """What a delivery to ``recipient`` would meet now: DELIVERED means it looks deliverable.
-
-    For LMTP's RCPT stage; the delivery itself checks everything again.
+    For LMTP's RCPT stage, as Dovecot looks the user up at RCPT: the delivery then stores into
+    this mailbox, and its quota is charged (and checked again) atomically in the group.
     """
     address = _normalised_or_none(recipient)
     mailbox = store.find_mailbox(address) if address else None
@@ -141,7 +126,40 @@ def recipient_status(recipient: str, size_hint: int = 0) -> DeliveryStatus:
     domain = mailbox.domain
     if full or (domain.quota_bytes and domain.used_bytes + needed > domain.quota_bytes):
         return DeliveryStatus.OVER_QUOTA
-    return DeliveryStatus.DELIVERED
+    return Recipient(recipient, mailbox)
+
+
+def deliver_group(deliveries: Sequence[Delivery]) -> list[list[RecipientResult]]:
+    """Store several deliveries in one transaction: one commit (one fsync) for all of them.
+
+    A copy that no longer fits (or whose mailbox went away since its RCPT) is refused on its
+    own without a savepoint (``store.append_message_in_group``); the others are stored.
+    Returns one result list per delivery once the commit is done. When the database fails,
+    raises DatabaseError and nothing of the group was stored.
+    """
+    copies: list[_Copy] = []
+    with transaction.atomic():
+        results = [
+            [_store_in_group(recipient, delivery, copies) for recipient in delivery.recipients]
+            for delivery in deliveries
+        ]
+    for copy in copies:
+        _warn_if_quota_crossed(copy)
+    return results
+
+
+def _store_in_group(recipient: Recipient, delivery: Delivery, copies: list["_Copy"]) -> RecipientResult:
+    mailbox = recipient.mailbox
+    stored = store.append_message_in_group(
+        mailbox,
+        delivery.message,
+        prefix=trace_headers(delivery.sender, mailbox.address),
+        envelope_sender=delivery.sender,
+    )
+    if stored is None:
+        return RecipientResult(recipient.address, DeliveryStatus.OVER_QUOTA)
+    copies.append(_Copy(stored.uidl, mailbox, stored.mailbox_used_bytes))
+    return RecipientResult(recipient.address, DeliveryStatus.DELIVERED, stored.uidl)
 
 
 def _deliver_one(

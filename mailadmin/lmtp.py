@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 
 from django.db import DatabaseError
 
-from mailadmin.delivery import Delivery, DeliveryStatus, RecipientResult, deliver_group, recipient_status
+from mailadmin.delivery import (
+    Delivery,
+    DeliveryStatus,
+    Recipient,
+    RecipientResult,
+    deliver_group,
+    look_up_recipient,
+)
 from mailadmin.executors import BoundedExecutor
 from mailadmin.messagefile import MessageSpooler, MessageTooLarge
 
@@ -105,7 +112,7 @@ class GroupCommitter:
 class _Transaction:
     sender: str | None = None
     size_hint: int = 0
-    recipients: list[str] = field(default_factory=list)
+    recipients: list[Recipient] = field(default_factory=list)
 
 
 class ConnectionClosed(Exception):
@@ -306,16 +313,16 @@ class LmtpSession(asyncio.Protocol):
             return
         recipient = match.group(2)
         try:
-            status = await self.executor.run(recipient_status, recipient, transaction.size_hint)
+            found = await self.executor.run(look_up_recipient, recipient, transaction.size_hint)
         except DatabaseError:
             logger.warning("RCPT %s: database unavailable", recipient, exc_info=True)
             self._reply(REPLY_DATABASE_DOWN)
             return
-        if status is DeliveryStatus.DELIVERED:
-            transaction.recipients.append(recipient)
+        if isinstance(found, Recipient):
+            transaction.recipients.append(found)
             self._reply("250 2.1.5 Ok")
         else:
-            self._reply(self._status_reply(status, recipient))
+            self._reply(self._status_reply(found, recipient))
 
     async def _rset(self, argument: str) -> None:
         self._transaction = _Transaction()
@@ -342,7 +349,7 @@ class LmtpSession(asyncio.Protocol):
                 pending = self._submit(transaction, spooler)
                 replies = await self._replies_after_commit(transaction, pending)
             else:
-                replies = [error.format(rcpt=recipient) for recipient in transaction.recipients]
+                replies = [error.format(rcpt=recipient.address) for recipient in transaction.recipients]
         finally:
             self.busy = False
             if pending is None:
@@ -378,7 +385,8 @@ class LmtpSession(asyncio.Protocol):
             results: list[RecipientResult] = await asyncio.shield(pending)
         except DatabaseError:
             logger.warning("delivery failed: database unavailable", exc_info=True)
-            return [REPLIES[DeliveryStatus.TEMPORARY_FAILURE].format(rcpt=r) for r in transaction.recipients]
+            failed = REPLIES[DeliveryStatus.TEMPORARY_FAILURE]
+            return [failed.format(rcpt=recipient.address) for recipient in transaction.recipients]
         return [self._status_reply(result.status, result.recipient) for result in results]
 
     def _status_reply(self, status: DeliveryStatus, recipient: str) -> str:

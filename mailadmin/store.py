@@ -319,21 +319,65 @@ def append_message(
     with transaction.atomic():
         next_uid, used_bytes = _charge_quota(mailbox, size, imported_uid=uid, enforce=enforce_quota)
         message_uidl = uidl if uidl is not None else format_uidl(next_uid, mailbox.uid_validity)
-        message_id = _insert_returning_pk(
-            Message,
-            mailbox_id=mailbox.pk,
-            uidl=message_uidl,
-            size_bytes=size,
-            received_at=received_at or timezone.now(),
-            envelope_sender=envelope_sender,
-            headers=(prefix + message.headers)[: settings.MAILADMIN_HEADER_CACHE_BYTES],
-            header_size_bytes=len(prefix) + message.header_size_bytes,
-            subject=message.summary.subject,
-            from_header=message.summary.from_header,
-            import_key=import_key,
+        return _insert_message(
+            mailbox, message, prefix, message_uidl, used_bytes, envelope_sender, received_at, import_key
         )
-        _write_chunks(message_id, _prefixed(prefix, message))
-    return StoredMessage(message_id, message_uidl, size, used_bytes)
+
+
+def append_message_in_group(
+    mailbox: Mailbox, message: SpooledMessage, *, prefix: bytes, envelope_sender: str
+) -> StoredMessage | None:
+    """:func:`append_message` for one of many deliveries stored in the caller's transaction.
+
+    A refusal (mailbox or domain quota, or a mailbox deleted since it was looked up) returns
+    None, having undone its own partial charge, instead of raising: the transaction goes on
+    without a savepoint per message. Database errors still raise, for the caller to roll back.
+    """
+    if not connection.in_atomic_block:
+        raise RuntimeError("append_message_in_group needs an open transaction")
+    size = len(prefix) + message.size_bytes
+    charge = {"size": size, "id": mailbox.pk, "uid_step": 1}
+    with connection.cursor() as cursor:
+        cursor.execute(_CHARGE_MAILBOX, charge)
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        cursor.execute(_CHARGE_DOMAIN, {"size": size, "id": mailbox.domain_id})
+        if cursor.rowcount != 1:
+            cursor.execute(_UNCHARGE_MAILBOX, charge)  # its UID stays used: UIDs are never reused
+            return None
+    next_uid, used_bytes = row
+    uidl = format_uidl(next_uid - 1, mailbox.uid_validity)
+    return _insert_message(mailbox, message, prefix, uidl, used_bytes, envelope_sender)
+
+
+def _insert_message(
+    mailbox: Mailbox,
+    message: SpooledMessage,
+    prefix: bytes,
+    uidl: str,
+    mailbox_used_bytes: int,
+    envelope_sender: str,
+    received_at: datetime | None = None,
+    import_key: str | None = None,
+) -> StoredMessage:
+    """The message row and its chunks, once the quota has been charged."""
+    size = len(prefix) + message.size_bytes
+    message_id = _insert_returning_pk(
+        Message,
+        mailbox_id=mailbox.pk,
+        uidl=uidl,
+        size_bytes=size,
+        received_at=received_at or timezone.now(),
+        envelope_sender=envelope_sender,
+        headers=(prefix + message.headers)[: settings.MAILADMIN_HEADER_CACHE_BYTES],
+        header_size_bytes=len(prefix) + message.header_size_bytes,
+        subject=message.summary.subject,
+        from_header=message.summary.from_header,
+        import_key=import_key,
+    )
+    _write_chunks(message_id, _prefixed(prefix, message))
+    return StoredMessage(message_id, uidl, size, mailbox_used_bytes)
 
 
 def _insert_returning_pk(model: type, **values) -> int:
@@ -401,6 +445,10 @@ _CHARGE_MAILBOX = _CHARGE.format(
     " AND (quota_messages = 0 OR used_messages < quota_messages)"
 )
 _CHARGE_MAILBOX_UNCHECKED = _CHARGE.format(condition="")
+_UNCHARGE_MAILBOX = (
+    f"UPDATE {_MAILBOX_TABLE} SET used_bytes = used_bytes - %(size)s, used_messages = used_messages - 1 "
+    "WHERE id = %(id)s"
+)
 _DOMAIN_TABLE = Domain._meta.db_table
 _CHARGE_DOMAIN_UNCHECKED = f"UPDATE {_DOMAIN_TABLE} SET used_bytes = used_bytes + %(size)s WHERE id = %(id)s"
 _CHARGE_DOMAIN = f"{_CHARGE_DOMAIN_UNCHECKED} AND (quota_bytes = 0 OR used_bytes + %(size)s <= quota_bytes)"

@@ -1,10 +1,19 @@
 """Store and delivery rules: exact sizes, CRLF, UIDLs, counters, quota."""
 
 import pytest
+from django.db import DatabaseError
 from django.db.models import Sum
 
 from mailadmin import store
-from mailadmin.delivery import DeliveryStatus, deliver, trace_headers
+from mailadmin.delivery import (
+    Delivery,
+    DeliveryStatus,
+    Recipient,
+    deliver,
+    deliver_group,
+    look_up_recipient,
+    trace_headers,
+)
 from mailadmin.messagefile import normalise, spool_message, summarise_headers
 from mailadmin.models import Domain, Mailbox, Message, MessageChunk
 
@@ -290,3 +299,64 @@ def test_find_mailbox_loads_what_the_orm_loads(make_mailbox):
 def test_header_summary_decodes_subject_and_from(headers, subject, sender):
     summary = summarise_headers(headers)
     assert (summary.subject, summary.from_header) == (subject, sender)
+
+
+def group_delivery(address: str, body: bytes) -> Delivery:
+    found = look_up_recipient(address)
+    assert isinstance(found, Recipient), found
+    return Delivery([found], spool_message([body]), "s@remote.test")
+
+
+def test_a_group_stores_what_fits_refuses_the_rest_and_keeps_every_counter_exact(make_mailbox, settings):
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""  # no warnings among the counted messages
+    body = b"Subject: group\r\n\r\n" + b"g" * 300 + b"\r\n"
+    size = len(trace_headers("s@remote.test", "roomy@example.test")) + len(body)
+    roomy = make_mailbox("roomy@example.test")
+    tight = make_mailbox("tight@example.test", quota_bytes=size + 10)
+    other = make_mailbox("other@small.test")
+    Domain.objects.filter(name="small.test").update(quota_bytes=100)
+    deliveries = [
+        group_delivery("roomy@example.test", body),
+        group_delivery("tight@example.test", body),
+        group_delivery("tight@example.test", body),  # the second copy no longer fits
+        group_delivery("other@small.test", body),  # the mailbox fits, its domain does not
+    ]
+
+    results = deliver_group(deliveries)
+
+    assert [[r.status for r in result] for result in results] == [
+        [DeliveryStatus.DELIVERED],
+        [DeliveryStatus.DELIVERED],
+        [DeliveryStatus.OVER_QUOTA],
+        [DeliveryStatus.OVER_QUOTA],
+    ]
+    for mailbox in (roomy, tight, other):
+        assert_counters_exact(mailbox)
+    assert Message.objects.filter(mailbox=tight).count() == 1
+    assert Message.objects.filter(mailbox=other).count() == 0
+    other.refresh_from_db()
+    assert other.next_uid == 2  # the refused copy's UID stays used
+
+
+def test_a_group_that_fails_in_the_database_stores_none_of_its_messages(make_mailbox, monkeypatch):
+    make_mailbox("first@example.test")
+    make_mailbox("second@example.test")
+    deliveries = [
+        group_delivery("first@example.test", b"Subject: 1\r\n\r\none\r\n"),
+        group_delivery("second@example.test", b"Subject: 2\r\n\r\ntwo\r\n"),
+    ]
+    real_write = store._write_chunks
+    calls = []
+
+    def failing_second_write(message_id, pieces):
+        calls.append(message_id)
+        if len(calls) == 2:
+            raise DatabaseError("disk I/O error")
+        real_write(message_id, pieces)
+
+    monkeypatch.setattr(store, "_write_chunks", failing_second_write)
+    with pytest.raises(DatabaseError):
+        deliver_group(deliveries)
+    assert Message.objects.count() == 0
+    assert list(Mailbox.objects.values_list("used_bytes", "used_messages", "next_uid")) == [(0, 0, 1)] * 2
+    assert Domain.objects.get(name="example.test").used_bytes == 0
