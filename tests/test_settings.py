@@ -32,7 +32,7 @@ def test_local_defaults_sqlite_in_var_with_wal_immediate_transactions_and_argon2
     result = load_settings(tmp_path, DEBUG="1")
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout)
-    assert loaded["engine"] == "django.db.backends.sqlite3"
+    assert loaded["engine"] == "mailadmin.sqlite"
     assert loaded["name"] == str(tmp_path / "mailadmin.sqlite3")
     assert loaded["options"]["transaction_mode"] == "IMMEDIATE"
     assert "journal_mode=WAL" in loaded["options"]["init_command"]
