@@ -135,6 +135,7 @@ class LmtpSession(asyncio.Protocol):
         self._paused = False
         self._closed = False
         self._waiter: asyncio.Future | None = None
+        self._replies: list[str] = []
         self._greeted = False
         self._transaction = _Transaction()
         self.task: asyncio.Task | None = None
@@ -173,6 +174,7 @@ class LmtpSession(asyncio.Protocol):
 
     async def _fill(self) -> None:
         while not self._input:
+            self._flush()  # RFC 2920: never wait for input with replies held back
             if self._closed:
                 raise ConnectionClosed()
             self._waiter = asyncio.get_running_loop().create_future()
@@ -203,8 +205,13 @@ class LmtpSession(asyncio.Protocol):
             await self._fill()
 
     def _reply(self, *lines: str) -> None:
-        if not self._closed:
-            self.transport.write("".join(line + "\r\n" for line in lines).encode())
+        """Queue a reply; pipelined commands' replies leave together (one send, not one each)."""
+        self._replies.extend(lines)
+
+    def _flush(self) -> None:
+        if self._replies and not self._closed:
+            self.transport.write("".join(line + "\r\n" for line in self._replies).encode())
+        self._replies.clear()
 
     # Commands --------------------------------------------------------------------------------
 
@@ -231,6 +238,7 @@ class LmtpSession(asyncio.Protocol):
             logger.exception("LMTP session failed")
             self._reply("421 4.3.0 Internal error")
         finally:
+            self._flush()
             self._sessions.discard(self)
             self.transport.close()
 
