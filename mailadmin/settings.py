@@ -226,6 +226,7 @@ POP3_AUTH_THREADS = _env_int("POP3_AUTH_THREADS", 2)
 # Seconds a successful password verification is remembered (keyed hash, in memory); 0 = off.
 POP3_AUTH_CACHE_TTL = _env_float("POP3_AUTH_CACHE_TTL", 300.0)
 POP3_DB_THREADS = _env_int("POP3_DB_THREADS", 8)
+POP3_WORKERS = _env_int("POP3_WORKERS", 1)
 # runpop3 and runlmtp keep their worker threads' database connections this long (seconds).
 DAEMON_DB_CONN_MAX_AGE = _env_int("DAEMON_DB_CONN_MAX_AGE", 600)
 # Minimum seconds between two logins of one mailbox; advertised as LOGIN-DELAY. 0 = off.

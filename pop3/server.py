@@ -10,10 +10,11 @@ TLS (CVE-2011-0411 class; a StreamReader would keep such bytes buffered across t
 import asyncio
 import ipaddress
 import logging
+import socket
 import ssl
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from pop3 import protocol
@@ -225,20 +226,25 @@ class Pop3Server:
         """Bound addresses by listener kind ("plain", "tls"), useful with port 0 in tests."""
         return {kind: server.sockets[0].getsockname()[:2] for kind, server in self._listeners.items()}
 
-    async def start(self) -> None:
+    async def start(self, sockets: Mapping[str, socket.socket] | None = None) -> None:
+        """Listen on the configured ports, or on sockets already bound and listening.
+
+        ``sockets`` maps a listener kind ("plain", "tls") to its socket: a parent process binds
+        them once and every worker process serves the same ones.
+        """
+        sockets = sockets or {}
         loop = asyncio.get_running_loop()
         if self.config.port is not None:
-            server = await loop.create_server(
-                lambda: _ClientProtocol(self, False), self.config.host, self.config.port
+            self._listeners["plain"] = await loop.create_server(
+                lambda: _ClientProtocol(self, False),
+                **_where(sockets.get("plain"), self.config, self.config.port),
             )
-            self._listeners["plain"] = server
         if self.config.tls_port is not None:
             if self.tls_context is None:
                 raise ValueError("the implicit-TLS listener needs a certificate and key")
             self._listeners["tls"] = await loop.create_server(
                 lambda: _ClientProtocol(self, True),
-                self.config.host,
-                self.config.tls_port,
+                **_where(sockets.get("tls"), self.config, self.config.tls_port),
                 ssl=self.tls_context,
                 ssl_handshake_timeout=self.config.tls_handshake_timeout,
             )
@@ -315,3 +321,7 @@ class Pop3Server:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
             address = address.ipv4_mapped
         return address.is_loopback or any(address in network for network in self._trusted)
+
+
+def _where(sock: socket.socket | None, config: ServerConfig, port: int) -> dict:
+    return {"sock": sock} if sock is not None else {"host": config.host, "port": port}

@@ -5,6 +5,7 @@ failure rows the web side reads, and the resource bounds (argon2 concurrency, st
 pipelining backpressure) measured on the server process itself.
 """
 
+import os
 import signal
 import threading
 import time
@@ -268,14 +269,16 @@ class _RollBack(Exception):
     pass
 
 
-SLEEP_SYSCALLS = {"35", "230"}  # nanosleep, clock_nanosleep on x86-64: SQLite's busy wait
+# On x86-64: flock, where a write transaction waits for the writer lock (mailadmin.sqlite), and
+# nanosleep, clock_nanosleep: SQLite's busy wait, for a statement outside a transaction.
+WAITING_SYSCALLS = {"73", "35", "230"}
 
 
-def threads_sleeping(pid: int) -> int:
+def threads_waiting_to_write(pid: int) -> int:
     count = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            count += (task / "syscall").read_text().split(" ")[0] in SLEEP_SYSCALLS
+            count += (task / "syscall").read_text().split(" ")[0] in WAITING_SYSCALLS
         except OSError:
             pass  # the thread ended meanwhile
     return count
@@ -296,9 +299,9 @@ def wait_until_lease_insert_blocks(server: Pop3Process) -> None:
 
             wait_for(blocked)
     else:
-        # SQLite waits for the write lock in a sleep loop: the monitor's tick (every 0.2 s) and
-        # the login's lease are then the two threads asleep in the server.
-        wait_for(lambda: threads_sleeping(server.pid) >= 2)
+        # The monitor's tick (every 0.2 s) and the login's lease are then the two threads
+        # waiting for the write lock in the server.
+        wait_for(lambda: threads_waiting_to_write(server.pid) >= 2)
 
 
 def test_sigterm_during_a_login_waiting_for_the_lock_leaves_no_lease_behind(
@@ -525,3 +528,30 @@ def test_two_hundred_pipelined_retrs_to_a_client_not_reading_are_all_answered_in
         f"{mebibytes(peak - rss_before):.1f} MiB overall"
     )
     assert peak - rss_before < 32 * MIB
+
+
+def test_two_workers_share_the_listeners_and_a_dead_worker_stops_the_server(
+    tmp_path: Path, make_mailbox
+) -> None:
+    """runpop3 --workers 2: both processes serve logins; kill one and the other follows, exit 1."""
+    addresses = [make_mailbox(f"user{n}@example.test").address for n in range(8)]
+    with running_pop3(tmp_path, POP3_WORKERS="2") as server:
+        workers = [
+            int(pid) for pid in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+        ]
+        assert len(workers) == 2
+        sessions = [server.connect() for _ in addresses]  # held open together: accepts spread out
+        assert [client.login(address) for client, address in zip(sessions, addresses, strict=True)] == [
+            LOGGED_IN
+        ] * 8
+        logged_in = Pop3Session.objects.filter(ended_at__isnull=True, authenticated_at__isnull=False)
+        wait_for(lambda: logged_in.count() == 8)
+        assert {node.rsplit(":", 1)[1] for node in logged_in.values_list("node", flat=True)} <= {
+            str(pid) for pid in workers
+        }
+        for client in sessions:
+            assert client.command("QUIT") == LOGGING_OUT
+            client.close()
+        os.kill(workers[0], signal.SIGKILL)
+        assert server.process.wait(timeout=30) == 1
+        assert [pid for pid in workers if Path(f"/proc/{pid}").exists()] == []

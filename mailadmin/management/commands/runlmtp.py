@@ -12,10 +12,9 @@ from django.core.management.base import BaseCommand, CommandError
 
 from mailadmin.executors import BoundedExecutor, keep_connections_open
 from mailadmin.lmtp import LmtpConfig, LmtpServer
-from mailadmin.prefork import run_workers
+from mailadmin.prefork import LISTEN_BACKLOG, bind_tcp, run_workers
 
 SHUTDOWN_GRACE_SECONDS = 30.0
-LISTEN_BACKLOG = 100  # asyncio's default
 SMTP_PORT = 25
 
 
@@ -50,16 +49,24 @@ class Command(BaseCommand):
             max_group=settings.LMTP_GROUP_COMMIT_MAX,
         )
         try:
-            listener, where = _bind_unix(Path(socket_path)) if socket_path else _bind_tcp(bind, port)
+            if socket_path:
+                listener, where = _bind_unix(Path(socket_path))
+            else:
+                listener = bind_tcp(bind, port)
+                where = "{}:{}".format(*listener.getsockname()[:2])
         except OSError as error:
             raise CommandError(f"cannot listen: {error}") from None
         try:
-            count = f" ({workers} workers)" if workers > 1 else ""
-            self.stdout.write(f"runlmtp: LMTP listening on {where}{count}")
-            self.stdout.flush()
+
+            def started() -> None:
+                count = f" ({workers} workers)" if workers > 1 else ""
+                self.stdout.write(f"runlmtp: LMTP listening on {where}{count}")
+                self.stdout.flush()
+
             if workers == 1:
+                started()
                 asyncio.run(self._serve(config, listener))
-            elif run_workers(workers, lambda: asyncio.run(self._serve(config, listener))):
+            elif run_workers(workers, lambda: asyncio.run(self._serve(config, listener)), started):
                 raise CommandError("a worker failed")
         finally:
             listener.close()
@@ -78,22 +85,6 @@ class Command(BaseCommand):
         await stop.wait()
         await server.shutdown(SHUTDOWN_GRACE_SECONDS)
         executor.shutdown()
-
-
-def _bind_tcp(host: str, port: int) -> tuple[socket.socket, str]:
-    family, kind, protocol, _, address = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    listener = socket.socket(family, kind, protocol)
-    try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(address)
-        listener.listen(LISTEN_BACKLOG)
-    except OSError:
-        listener.close()
-        raise
-    bound_host, bound_port = listener.getsockname()[:2]
-    return listener, f"{bound_host}:{bound_port}"
 
 
 def _bind_unix(path: Path) -> tuple[socket.socket, str]:

@@ -6,6 +6,7 @@ session recorder out, signals hooked up, ``asyncio.run``.
 
 import asyncio
 import signal
+import socket
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -13,6 +14,7 @@ from django.core.management.base import BaseCommand, CommandError
 from mailadmin.auth import AuthPolicy, Pop3Authenticator
 from mailadmin.executors import BoundedExecutor, keep_connections_open
 from mailadmin.live import Pop3Monitor, node_name
+from mailadmin.prefork import bind_tcp, run_workers
 from mailadmin.store import release_node_leases
 from pop3.server import Pop3Server, ServerConfig
 from pop3.session import Timeouts
@@ -39,8 +41,16 @@ class Command(BaseCommand):
         )
         parser.add_argument("--certfile", default=settings.POP3_TLS_CERTFILE, help="PEM certificate chain.")
         parser.add_argument("--keyfile", default=settings.POP3_TLS_KEYFILE, help="PEM private key.")
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=settings.POP3_WORKERS,
+            help="Processes serving the listeners; one uses one core (POP3_WORKERS).",
+        )
 
-    def handle(self, *args, bind: str, port: int, tls_port: int, certfile: str, keyfile: str, **options):
+    def handle(
+        self, *args, bind: str, port: int, tls_port: int, certfile: str, keyfile: str, workers: int, **options
+    ):
         if bool(certfile) != bool(keyfile):
             raise CommandError("give both --certfile and --keyfile, or neither")
         if tls_port and not certfile:
@@ -62,12 +72,41 @@ class Command(BaseCommand):
         )
         if config.port is None and config.tls_port is None:
             raise CommandError("both listeners are disabled")
+        if workers < 1:
+            raise CommandError("--workers must be at least 1")
+        sockets: dict[str, socket.socket] = {}
         try:
-            asyncio.run(self._serve(config))
+            for kind, number in (("plain", config.port), ("tls", config.tls_port)):
+                if number is not None:
+                    sockets[kind] = bind_tcp(bind, number)
         except OSError as error:
+            for listener in sockets.values():
+                listener.close()
             raise CommandError(f"cannot listen: {error}") from None
+        try:
+            if workers == 1:
+                asyncio.run(self._serve(config, sockets, announce=True))
+                return
 
-    async def _serve(self, config: ServerConfig) -> None:
+            def started() -> None:
+                for kind, listener in sockets.items():
+                    self._announce(f"runpop3 ({workers} workers)", kind, listener.getsockname())
+
+            if run_workers(
+                workers, lambda: asyncio.run(self._serve(config, sockets, announce=False)), started
+            ):
+                raise CommandError("a worker failed")
+        finally:
+            for listener in sockets.values():
+                listener.close()
+
+    def _announce(self, who: str, kind: str, address: tuple) -> None:
+        self.stdout.write(
+            f"{who}: {'POP3S' if kind == 'tls' else 'POP3'} listening on {address[0]}:{address[1]}"
+        )
+        self.stdout.flush()
+
+    async def _serve(self, config: ServerConfig, sockets: dict[str, socket.socket], announce: bool) -> None:
         keep_connections_open(settings.DAEMON_DB_CONN_MAX_AGE)
         node = node_name()
         database = BoundedExecutor(settings.POP3_DB_THREADS, "pop3-db")
@@ -92,13 +131,11 @@ class Command(BaseCommand):
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
-        await server.start()
+        await server.start(sockets)
         monitor.start()
-        for kind, (host, port) in server.addresses.items():
-            self.stdout.write(
-                f"runpop3 {node}: {'POP3S' if kind == 'tls' else 'POP3'} listening on {host}:{port}"
-            )
-        self.stdout.flush()
+        if announce:
+            for kind, address in server.addresses.items():
+                self._announce(f"runpop3 {node}", kind, address)
         await stop.wait()
         await server.shutdown(SHUTDOWN_GRACE_SECONDS)
         await authenticator.settle()
