@@ -190,7 +190,8 @@ def warm_up(server: Server, users: list[str], workers: int) -> float:
     rounds = 1 if workers == 1 else 4 * workers
     started = time.perf_counter()
     with ThreadPoolExecutor(OPENING_THREADS) as pool:
-        list(pool.map(lambda user: login_once(server.ports["plain"], user), users * rounds))
+        for _ in range(rounds):  # a round at a time: a user's sessions must not overlap ([IN-USE])
+            list(pool.map(lambda user: login_once(server.ports["plain"], user), users))
     return round(time.perf_counter() - started, 2)
 
 
