@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import psycopg
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import get_hasher, identify_hasher
@@ -483,6 +484,12 @@ def _chunk_cursor() -> CursorWrapper:
     the last 9,000 queries: for ~256 KiB chunks that is gigabytes in a long-running process.
     """
     connection.ensure_connection()
+    if connection.vendor == "postgresql":
+        # Parameters bound on the server and results in binary: a chunk travels as its bytes,
+        # not as hex text that PostgreSQL encodes and psycopg decodes (a third of the CPU).
+        cursor = psycopg.Cursor(connection.connection)
+        cursor.format = psycopg.pq.Format.BINARY
+        return CursorWrapper(cursor, connection)
     return CursorWrapper(connection.create_cursor(), connection)
 
 
