@@ -139,6 +139,7 @@ def deliver_group(deliveries: Sequence[Delivery]) -> list[list[RecipientResult]]
     """
     copies: list[_Copy] = []
     with transaction.atomic():
+        store.lock_group(recipient.mailbox for delivery in deliveries for recipient in delivery.recipients)
         results = [
             [_store_in_group(recipient, delivery, copies) for recipient in delivery.recipients]
             for delivery in deliveries

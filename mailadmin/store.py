@@ -352,6 +352,26 @@ def append_message_in_group(
     return _insert_message(mailbox, message, prefix, uidl, used_bytes, envelope_sender)
 
 
+def lock_group(mailboxes: Iterable[Mailbox]) -> None:
+    """Row-lock every mailbox of a group, then every domain, each in id order.
+
+    Writers take a mailbox's row before its domain's (``append_message``, the POP3 UPDATE
+    state). A group charging several mailboxes would otherwise take them in delivery order,
+    with domain rows in between, and two groups (two LMTP workers, two hosts) could each hold
+    a row the other waits for. One global order up front rules that deadlock out. Not needed
+    for one mailbox, nor on SQLite, which has one writer at a time and no row locks.
+    """
+    mailboxes = list(mailboxes)
+    mailbox_ids = sorted({mailbox.pk for mailbox in mailboxes})
+    if len(mailbox_ids) < 2 or not connection.features.has_select_for_update:
+        return
+    domain_ids = sorted({mailbox.domain_id for mailbox in mailboxes})
+    with connection.cursor() as cursor:
+        for table, ids in ((_MAILBOX_TABLE, mailbox_ids), (_DOMAIN_TABLE, domain_ids)):
+            placeholders = ", ".join(["%s"] * len(ids))
+            cursor.execute(f"SELECT id FROM {table} WHERE id IN ({placeholders}) ORDER BY id FOR UPDATE", ids)
+
+
 def _insert_message(
     mailbox: Mailbox,
     message: SpooledMessage,

@@ -3,10 +3,21 @@
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
+from django.db import connection
 
-from mailadmin.delivery import trace_headers
+from mailadmin import store
+from mailadmin.delivery import (
+    Delivery,
+    DeliveryStatus,
+    Recipient,
+    deliver_group,
+    look_up_recipient,
+    trace_headers,
+)
+from mailadmin.messagefile import spool_message
 from mailadmin.models import Domain, Message
 from mailadmin.store import iter_message_bytes
 from tests.conftest import PROJECT_DIR, child_environment
@@ -72,3 +83,40 @@ def test_a_30_mb_delivery_keeps_peak_memory_near_the_chunk_size(make_mailbox, tm
     # 30 MiB went through; a bounded pipeline holds a few 256 KiB chunks at a time.
     print(f"peak RSS growth for a {expected_size} byte delivery: {report['growth_bytes']} bytes")
     assert report["growth_bytes"] < 8 * 1024 * 1024
+
+
+def test_groups_charging_the_same_mailboxes_in_opposite_orders_never_deadlock(make_mailbox, settings):
+    """Two LMTP workers' groups: every copy stored, no deadlock (PostgreSQL's row locks)."""
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
+    addresses = ["a@one.test", "b@two.test", "c@one.test", "d@two.test"]
+    for address in addresses:
+        make_mailbox(address)
+    errors: list[BaseException] = []
+
+    def deliver_groups(order: list[str]) -> None:
+        try:
+            for round_number in range(25):
+                deliveries = []
+                for address in order:
+                    found = look_up_recipient(address)
+                    assert isinstance(found, Recipient), found
+                    body = f"Subject: {round_number}\r\n\r\nto {address}\r\n".encode()
+                    deliveries.append(Delivery([found], spool_message([body]), "s@remote.test"))
+                results = deliver_group(deliveries)
+                assert [result[0].status for result in results] == [DeliveryStatus.DELIVERED] * len(order)
+        except BaseException as error:  # noqa: BLE001 - reported by the test thread
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [
+        threading.Thread(target=deliver_groups, args=(addresses,)),
+        threading.Thread(target=deliver_groups, args=(addresses[::-1],)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert [Message.objects.filter(mailbox__user__username=a).count() for a in addresses] == [50] * 4
+    assert store.recalculate_quota() == []
