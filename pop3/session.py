@@ -32,6 +32,8 @@ from pop3.protocol import ResponseCode, err, multiline, ok
 
 logger = logging.getLogger(__name__)
 
+HOLD_BYTES = 16 * 1024  # replies held back at most before they are sent (see Session._write)
+
 GREETING = "POP3 server ready."
 TEXT_LOGGED_IN = "Logged in."
 TEXT_NO_SUCH_MESSAGE = "No such message."
@@ -120,6 +122,8 @@ class Session:
         self._end_reason: EndReason | None = None
         self._updating = False
         self._task: asyncio.Task | None = None
+        self._held: list[bytes] = []
+        self._held_bytes = 0
 
     # Life cycle ------------------------------------------------------------------------------
 
@@ -144,6 +148,7 @@ class Session:
             logger.exception("POP3 session failed")
             reason = EndReason.ERROR
         finally:
+            self._flush_if_open()
             await self._release()
             self.conn.closed()
             self.observer.closed(reason, self.stats)
@@ -189,10 +194,12 @@ class Session:
                 await self._update()
                 return EndReason.QUIT
             await self._dispatch(event)
-            await self._drain()
+            if not self.io.writable:
+                await self._drain()
             self.observer.progress(self.stats)
 
     async def _receive(self) -> None:
+        self._flush()  # every reply is out before waiting for the client
         if self.conn.state is protocol.State.AUTHORIZATION:
             timeout = max(0.0, self._login_deadline - time.monotonic())
         else:
@@ -203,15 +210,36 @@ class Session:
         self.conn.receive_data(data)
 
     async def _drain(self) -> None:
-        """Wait for a client that is slow to read, but not forever (RFC 1939 autologout)."""
+        """Send what is held; wait for a client that is slow to read, but not forever (RFC 1939
+        autologout)."""
+        self._flush()
         if self.io.writable:
             return
         async with asyncio.timeout(self._timeouts.idle):
             await self.io.drain()
 
     def _write(self, data: bytes) -> None:
+        """Hold replies until the session waits (for the client, a password check, the database)
+        or has a few KiB: pipelined commands (RFC 2449) then cost one send for many replies
+        instead of a system call each."""
         self.stats.bytes_out += len(data)
-        self.io.write(data)
+        self._held.append(data)
+        self._held_bytes += len(data)
+        if self._held_bytes >= HOLD_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._held:
+            data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+            self._held.clear()
+            self._held_bytes = 0
+            self.io.write(data)
+
+    def _flush_if_open(self) -> None:
+        try:
+            self._flush()
+        except ConnectionLost:
+            pass
 
     async def _dispatch(self, event: protocol.Event) -> None:
         match event:
@@ -252,6 +280,7 @@ class Session:
 
     async def _start_tls(self, data: bytes) -> None:
         self._write(data)
+        self._flush()  # the +OK goes out in plaintext, before the handshake
         if self.conn.buffered_bytes:
             raise ConnectionLost("plaintext arrived behind STLS")
         version, cipher = await self.io.start_tls()
@@ -267,6 +296,7 @@ class Session:
             secure=self.conn.policy.tls_active,
             session_id=self.io.info.session_id,
         )
+        self._flush()  # the replies before it must not wait behind a password check
         result = await self.authenticator.authenticate(request)
         self.username = result.username or event.username
         if result.maildrop is None:
@@ -283,6 +313,7 @@ class Session:
         self._write(ok(TEXT_LOGGED_IN))
 
     async def _reject(self, mechanism: str, reason: str) -> None:
+        self._flush()
         await self.authenticator.reject(self.io.info.session_id, self.io.info.peer[0], mechanism, reason)
         self.observer.login_failed(self.username, LoginFailure.BAD_CREDENTIALS, mechanism)
         self._write(err(protocol.TEXT_AUTH_FAILED, ResponseCode.AUTH))
@@ -327,6 +358,7 @@ class Session:
         limiter = protocol.TopLimiter(found.header_size, top_lines) if top_lines is not None else None
         stuffer = protocol.DotStuffer()
         chunks = self._maildrop.read(found)
+        self._flush()  # nor behind the database
         try:
             first = await anext(chunks, None)
         except MaildropError:
@@ -365,6 +397,7 @@ class Session:
         assert self._maildrop is not None
         deleted = [self._messages[n - 1] for n in sorted(self._deleted)]
         self._updating = True
+        self._flush()
         try:
             if deleted:
                 await self._maildrop.commit(deleted)

@@ -109,6 +109,7 @@ class ScriptedIO:
         self._tls_active = implicit_tls
         self.sent = bytearray()  # what the client sent, as consumed by the session
         self.written = bytearray()
+        self.writes: list[bytes] = []  # each write() on its own: held replies leave together
         self.tls_calls = 0
         self.closed = False
         self.drain_stalled = False
@@ -132,6 +133,7 @@ class ScriptedIO:
         if self.closed:
             raise ConnectionLost("write after close")
         self.written += data
+        self.writes.append(data)
 
     @property
     def writable(self) -> bool:
@@ -489,6 +491,18 @@ def test_pipelined_login_and_commands_in_one_chunk_are_all_answered_in_order():
         + b"+OK\r\n"
     )
     assert reason is EndReason.DROPPED
+
+
+def test_pipelined_replies_leave_in_one_write_and_nothing_is_held_behind_a_login():
+    pipelined = b"LIST 1\r\nUIDL 1\r\n" * 100
+    io = ScriptedIO(b"USER alice\r\nPASS secret\r\n", pipelined)
+    assert run(make_session(io, alice_store())) is EndReason.DROPPED
+    assert io.writes == [
+        GREETING_LINE,
+        b"+OK\r\n",  # sent before the password check, which may take a while
+        b"+OK Logged in.\r\n",
+        b"+OK 1 23\r\n+OK 1 uid-1\r\n" * 100,  # 200 replies, one write
+    ]
 
 
 # --- STLS (T01, T03, T04, T05) --------------------------------------------------------------
