@@ -21,7 +21,7 @@ READAHEAD_MESSAGES = 64
 
 def snapshot(mailbox_id: int) -> list[MessageInfo]:
     """The login snapshot; call it on a database thread: 100,000 messages take a while."""
-    return [MessageInfo._make(row) for row in store.maildrop_snapshot(mailbox_id)]
+    return list(map(MessageInfo._make, store.maildrop_snapshot(mailbox_id)))
 
 
 class OrmMaildrop:

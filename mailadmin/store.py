@@ -633,10 +633,19 @@ def release_node_leases(node: str) -> int:
 
 
 def maildrop_snapshot(mailbox_id: int) -> list[tuple[int, int, str, int]]:
-    """(message id, size, UIDL, header size) of every message, in POP3 order."""
-    return list(
-        Message.objects.for_maildrop(mailbox_id).values_list("pk", "size_bytes", "uidl", "header_size_bytes")
-    )
+    """(message id, size, UIDL, header size) of every message, in POP3 order (delivery order).
+
+    Plain SQL: at every login, and 100,000 rows through a queryset cost a third more.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(_SNAPSHOT, [mailbox_id])
+        return cursor.fetchall()
+
+
+_SNAPSHOT = (
+    f"SELECT id, size_bytes, uidl, header_size_bytes FROM {Message._meta.db_table} "
+    "WHERE mailbox_id = %s ORDER BY id"
+)
 
 
 def commit_maildrop(mailbox_id: int, owner: str, message_ids: Iterable[int]) -> tuple[int, int]:
