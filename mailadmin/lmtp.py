@@ -65,47 +65,49 @@ class LmtpConfig:
     over_quota_permanent: bool = False
     idle_timeout: float = 300.0
     max_group: int = 64  # messages committed together at most (GroupCommitter)
+    group_writers: int = 1  # groups committing at once (GroupCommitter)
 
 
 class GroupCommitter:
-    """Stores deliveries one group at a time; those that arrive meanwhile wait for the next.
+    """Stores deliveries a group at a time; those that arrive meanwhile wait for the next.
 
-    Every ``250`` waits for a commit, and on SQLite each commit is an fsync under the single
-    write lock. One writer per process committing whatever has queued up (up to ``max_group``
-    messages) in one transaction turns N commits into one and never queues behind its own
-    lock; with four busy connections a group holds about four messages.
+    Every ``250`` waits for a commit, and each commit is an fsync (SQLite, under its single
+    write lock) or a WAL flush (PostgreSQL). Committing whatever has queued up (up to
+    ``max_group`` messages) in one transaction turns N commits into one. On SQLite one writer
+    per process never queues behind its own lock; on PostgreSQL, where a commit is mostly a
+    wait for the server, ``writers`` groups commit at once.
     """
 
-    def __init__(self, executor: BoundedExecutor, max_group: int) -> None:
+    def __init__(self, executor: BoundedExecutor, max_group: int, writers: int = 1) -> None:
         self.executor = executor
         self.max_group = max_group
+        self.writers = writers
         self._queue: list[tuple[Delivery, asyncio.Future]] = []
-        self._writer: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
 
     def submit(self, delivery: Delivery) -> asyncio.Future:
         """A future of the delivery's results, set once its group is committed."""
         future = asyncio.get_running_loop().create_future()
         self._queue.append((delivery, future))
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._write_groups())
+        if len(self._running) < self.writers:
+            writer = asyncio.get_running_loop().create_task(self._write_groups())
+            self._running.add(writer)
+            writer.add_done_callback(self._running.discard)
         return future
 
     async def _write_groups(self) -> None:
-        try:
-            while self._queue:
-                group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
-                try:
-                    results = await self.executor.run(deliver_group, [delivery for delivery, _ in group])
-                except Exception as error:  # every waiting session answers for its own recipients
-                    for _, future in group:
-                        if not future.done():
-                            future.set_exception(error)
-                    continue
-                for (_, future), result in zip(group, results, strict=True):
+        while self._queue:
+            group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
+            try:
+                results = await self.executor.run(deliver_group, [delivery for delivery, _ in group])
+            except Exception as error:  # every waiting session answers for its own recipients
+                for _, future in group:
                     if not future.done():
-                        future.set_result(result)
-        finally:
-            self._writer = None
+                        future.set_exception(error)
+                continue
+            for (_, future), result in zip(group, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
 
 
 @dataclass
@@ -412,7 +414,7 @@ class LmtpServer:
     def __init__(self, config: LmtpConfig, executor: BoundedExecutor) -> None:
         self.config = config
         self.executor = executor
-        self.committer = GroupCommitter(executor, config.max_group)
+        self.committer = GroupCommitter(executor, config.max_group, config.group_writers)
         self.sessions: set[LmtpSession] = set()
         self._server: asyncio.Server | None = None
 

@@ -252,6 +252,8 @@ LMTP_DB_THREADS = _env_int("LMTP_DB_THREADS", 4)
 LMTP_WORKERS = _env_int("LMTP_WORKERS", 1)
 # Messages stored in one transaction at most when deliveries queue up (one commit for all).
 LMTP_GROUP_COMMIT_MAX = max(1, _env_int("LMTP_GROUP_COMMIT_MAX", 64))
+# Groups committing at once per runlmtp process on PostgreSQL (SQLite: always one).
+LMTP_GROUP_WRITERS = max(1, _env_int("LMTP_GROUP_WRITERS", 2))
 
 LOGGING = {
     "version": 1,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+from django.db import connection
 
 from mailadmin.executors import BoundedExecutor, keep_connections_open
 from mailadmin.lmtp import LmtpConfig, LmtpServer
@@ -47,6 +48,8 @@ class Command(BaseCommand):
             over_quota_permanent=settings.LMTP_OVER_QUOTA_PERMANENT,
             idle_timeout=settings.LMTP_IDLE_TIMEOUT,
             max_group=settings.LMTP_GROUP_COMMIT_MAX,
+            # SQLite has one writer at a time: a second group would only wait for the first.
+            group_writers=1 if connection.vendor == "sqlite" else settings.LMTP_GROUP_WRITERS,
         )
         try:
             if socket_path:
