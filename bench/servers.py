@@ -253,7 +253,10 @@ def _children(pid: int) -> list[int]:
     """Worker processes (``--workers``): the direct children of every thread of ``pid``."""
     children = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(child) for child in (task / "children").read_text().split()]
+        try:
+            children += [int(child) for child in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
     return children
 
 
