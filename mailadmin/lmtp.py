@@ -368,20 +368,23 @@ class LmtpSession(asyncio.Protocol):
         self._reply(*replies)
 
     async def _receive_data(self, spooler: MessageSpooler) -> str | None:
-        """Read DATA to its end; return a reply for every recipient if the message was refused."""
+        """Read DATA to its end; return a reply for every recipient if the message was refused.
+
+        Unstuffed lines are spooled together, once per read from the client, not one by one.
+        """
         error = None
+        lines: list[bytes] = []
         while True:
+            if b"\n" not in self._buffer:  # the next line is not all here yet
+                error = _spool(spooler, lines, error)
             line = await self._read_line(self.config.max_data_line_bytes)
             if line is None:
                 error = error or REPLY_LINE_TOO_LONG
                 continue
             if line in (b".\r\n", b".\n"):
-                return error
+                return _spool(spooler, lines, error)
             if error is None:
-                try:
-                    spooler.write(line[1:] if line.startswith(b".") else line)
-                except MessageTooLarge:
-                    error = REPLIES[DeliveryStatus.TOO_LARGE]
+                lines.append(line[1:] if line.startswith(b".") else line)
 
     def _submit(self, transaction: _Transaction, spooler: MessageSpooler) -> asyncio.Future:
         delivery = Delivery(transaction.recipients, spooler.finish(), transaction.sender or "")
@@ -408,6 +411,17 @@ class LmtpSession(asyncio.Protocol):
             )
             return template.format(rcpt=recipient)
         return REPLIES[status].format(rcpt=recipient)
+
+
+def _spool(spooler: MessageSpooler, lines: list[bytes], error: str | None) -> str | None:
+    """Write ``lines`` to the spool (then forget them); the error reply if the message is refused."""
+    if lines and error is None:
+        try:
+            spooler.write(b"".join(lines))
+        except MessageTooLarge:
+            error = REPLIES[DeliveryStatus.TOO_LARGE]
+    lines.clear()
+    return error
 
 
 class LmtpServer:
