@@ -236,6 +236,16 @@ def multiline(first_text: str, lines: Iterable[str]) -> bytes:
     return ok(first_text) + body.encode("utf-8") + CRLF + TERMINATOR
 
 
+def size_listing(first_text: str, numbered_sizes: Iterable[tuple[int, int]]) -> bytes:
+    """:func:`multiline` for LIST's "n size" lines, formatted as bytes.
+
+    Digits only, so nothing to dot-stuff, and ``b"%d %d"`` is about a third faster than text
+    formatting and encoding: LIST of a 100,000-message maildrop is one such line each.
+    """
+    body = b"\r\n".join(b"%d %d" % pair for pair in numbered_sizes)
+    return ok(first_text) + (body + CRLF if body else b"") + TERMINATOR
+
+
 def stuff_line(line: bytes) -> bytes:
     return b"." + line if line.startswith(b".") else line
 

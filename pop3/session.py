@@ -12,6 +12,8 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import count
+from operator import attrgetter
 from typing import Protocol
 
 from pop3 import protocol
@@ -326,11 +328,14 @@ class Session:
         return self._maildrop.messages
 
     def _listing(self, field: str) -> bytes:
-        """LIST or UIDL of every message not marked deleted (one f-string a line: 100,000 lines)."""
-        column = MessageInfo._fields.index(field)
-        deleted = self._deleted
-        lines = [f"{n} {info[column]}" for n, info in enumerate(self._messages, 1) if n not in deleted]
-        return multiline("{} messages ({} octets)".format(*self._live), lines)
+        """LIST or UIDL of every message not marked deleted (100,000 lines: kept to one pass)."""
+        numbered = zip(count(1), map(attrgetter(field), self._messages))
+        if self._deleted:
+            numbered = ((n, value) for n, value in numbered if n not in self._deleted)
+        first = "{} messages ({} octets)".format(*self._live)
+        if field == "size":
+            return protocol.size_listing(first, numbered)
+        return multiline(first, [f"{n} {value}" for n, value in numbered])
 
     def _lookup(self, number: int) -> MessageInfo | bytes:
         """The message numbered ``number``, or the -ERR reply to send instead."""

@@ -22,7 +22,9 @@ from pop3.protocol import (
     State,
     decode_sasl_base64,
     encode_plain,
+    multiline,
     parse_plain,
+    size_listing,
     unstuff,
 )
 
@@ -259,3 +261,9 @@ def test_stuffed_body_has_no_premature_terminator(case: tuple[bytes, list[bytes]
         assert not line.startswith(b".") or line.startswith(b"..")
     # A client (poplib) un-stuffing the lines gets the stored octets, so the LIST size holds (G12).
     assert len(message) == len(body) - sum(1 for line in wire_lines[:-2] if line.startswith(b"."))
+
+
+@given(st.lists(st.tuples(st.integers(1, 10**6), st.integers(0, 10**12)), max_size=50), st.text(max_size=20))
+def test_size_listing_is_the_multiline_reply_of_the_same_lines(pairs: list[tuple[int, int]], first: str):
+    first = first.replace("\r", "").replace("\n", "")
+    assert size_listing(first, pairs) == multiline(first, [f"{n} {size}" for n, size in pairs])
