@@ -54,11 +54,17 @@ def run_workers(count: int, serve: Callable[[], None], started: Callable[[], Non
     sys.stdout.flush()
     sys.stderr.flush()
     workers: set[int] = set()
-    for _ in range(count):
-        pid = os.fork()
-        if pid == 0:
-            os._exit(_worker(serve))
-        workers.add(pid)
+    try:
+        for _ in range(count):
+            pid = os.fork()
+            if pid == 0:
+                os._exit(_worker(serve))
+            workers.add(pid)
+    except OSError:  # out of processes or memory: take back the workers already started
+        for pid in workers:
+            _signal(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
+        raise
     started()
     return _supervise(workers)
 
