@@ -83,19 +83,29 @@ class GroupCommitter:
         self.max_group = max_group
         self.writers = writers
         self._queue: list[tuple[Delivery, asyncio.Future]] = []
-        self._running: set[asyncio.Task] = set()
+        self._writing = 0  # writers at work; each leaves only once it has found the queue empty
+        self._tasks: set[asyncio.Task] = set()  # the event loop keeps only weak references
 
     def submit(self, delivery: Delivery) -> asyncio.Future:
         """A future of the delivery's results, set once its group is committed."""
         future = asyncio.get_running_loop().create_future()
         self._queue.append((delivery, future))
-        if len(self._running) < self.writers:
+        if self._writing < self.writers:
+            self._writing += 1
             writer = asyncio.get_running_loop().create_task(self._write_groups())
-            self._running.add(writer)
-            writer.add_done_callback(self._running.discard)
+            self._tasks.add(writer)
+            writer.add_done_callback(self._tasks.discard)
         return future
 
     async def _write_groups(self) -> None:
+        try:
+            await self._write_until_empty()
+        finally:
+            # In the same step as the empty queue was seen: a delivery submitted after this
+            # starts a writer of its own, and none is left waiting for a writer that has gone.
+            self._writing -= 1
+
+    async def _write_until_empty(self) -> None:
         while self._queue:
             group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
             try:

@@ -61,3 +61,20 @@ def test_a_failed_group_fails_only_its_own_deliveries():
     assert executor.groups == [["m0"], ["broken", "m2"]]
     assert results[0] == ["stored m0"]
     assert [type(result) for result in results[1:]] == [RuntimeError, RuntimeError]
+
+
+@pytest.mark.parametrize("writers", [1, 2])
+def test_a_delivery_submitted_as_the_last_group_finishes_is_still_stored(writers):
+    """The session woken by one commit may submit at once: a writer must be there for it."""
+
+    async def scenario():
+        executor = GatedExecutor()
+        executor.gate.set()
+        committer = GroupCommitter(executor, max_group=64, writers=writers)
+        late: list[asyncio.Future] = []
+        first = committer.submit("m0")
+        first.add_done_callback(lambda _: late.append(committer.submit("late")))
+        await first
+        return await asyncio.wait_for(late[0], timeout=5)
+
+    assert asyncio.run(scenario()) == ["stored late"]
