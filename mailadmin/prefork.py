@@ -53,25 +53,35 @@ def run_workers(count: int, serve: Callable[[], None], started: Callable[[], Non
     connections.close_all()  # a connection must never be shared across a fork
     sys.stdout.flush()
     sys.stderr.flush()
-    workers: set[int] = set()
+    supervisor = _Supervisor()
+    # Held back until the parent can pass them on: a SIGTERM between the first fork and the
+    # handlers would otherwise end the parent alone and leave its workers behind.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     try:
-        for _ in range(count):
-            pid = os.fork()
-            if pid == 0:
-                os._exit(_worker(serve))
-            workers.add(pid)
-    except OSError:  # out of processes or memory: take back the workers already started
-        for pid in workers:
-            _signal(pid, signal.SIGTERM)
-            os.waitpid(pid, 0)
-        raise
-    started()
-    return _supervise(workers)
+        try:
+            for _ in range(count):
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(_worker(serve))
+                supervisor.workers.add(pid)
+        except OSError:  # out of processes or memory: take back the workers already started
+            supervisor.stop_all()
+            raise
+        previous = {signum: signal.signal(signum, supervisor.forward) for signum in FORWARDED_SIGNALS}
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+    try:
+        started()
+        return supervisor.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _worker(serve: Callable[[], None]) -> int:
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     try:
         serve()
     except SystemExit as exit:
@@ -85,33 +95,36 @@ def _worker(serve: Callable[[], None]) -> int:
     return 0
 
 
-def _supervise(workers: set[int]) -> int:
-    stopping = False
+class _Supervisor:
+    def __init__(self) -> None:
+        self.workers: set[int] = set()
+        self.stopping = False
+        self.failed = False
 
-    def forward(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = stopping or signum in STOP_SIGNALS
-        for pid in workers:
+    def forward(self, signum: int, frame: object) -> None:
+        self.stopping = self.stopping or signum in STOP_SIGNALS
+        for pid in self.workers:
             _signal(pid, signum)
 
-    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
-    failed = False
-    try:
-        while workers:
+    def stop_all(self) -> None:
+        for pid in self.workers:
+            _signal(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
+        self.workers.clear()
+
+    def wait(self) -> int:
+        while self.workers:
             pid, status = os.wait()
-            workers.discard(pid)
+            self.workers.discard(pid)
             code = os.waitstatus_to_exitcode(status)
-            if stopping:
-                failed = failed or code not in (0, -signal.SIGTERM, -signal.SIGINT)
+            if self.stopping:
+                self.failed = self.failed or code not in (0, -signal.SIGTERM, -signal.SIGINT)
                 continue
             logger.error("worker %d ended unexpectedly (exit status %d); stopping the others", pid, code)
-            failed = stopping = True
-            for other in workers:
+            self.failed = self.stopping = True
+            for other in self.workers:
                 _signal(other, signal.SIGTERM)
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    return 1 if failed else 0
+        return 1 if self.failed else 0
 
 
 def _signal(pid: int, signum: int) -> None:
