@@ -44,12 +44,6 @@ class RecipientResult:
         return self.status is DeliveryStatus.DELIVERED
 
 
-class _RecipientRefused(Exception):
-    def __init__(self, status: DeliveryStatus) -> None:
-        super().__init__(status.value)
-        self.status = status
-
-
 def deliver(
     recipients: Sequence[str],
     stream: Readable | Iterable[bytes],
@@ -59,10 +53,10 @@ def deliver(
 ) -> list[RecipientResult]:
     """Deliver one message to each recipient; return one result per recipient, in order.
 
-    Each recipient's copy gets ``Return-Path:`` and ``Delivered-To:`` lines prepended. With
-    ``all_or_none`` every copy is stored in one transaction, so either all recipients get
-    the message or none does (a retry after failure can never duplicate it); otherwise each
-    recipient is committed on its own. Returns only after the stored copies are committed.
+    Each recipient's copy gets ``Return-Path:`` and ``Delivered-To:`` lines prepended. The
+    copies are stored in one transaction, a recipient refused (unknown, disabled, full) on its
+    own; with ``all_or_none`` one refusal stores nothing at all, so a retry after a failure can
+    never duplicate a copy. Returns only after the stored copies are committed.
     """
     try:
         message = spool_message(stream)
@@ -75,19 +69,26 @@ def deliver(
 def _deliver_spooled(
     recipients: Sequence[str], message: SpooledMessage, *, sender: str = "", all_or_none: bool = False
 ) -> list[RecipientResult]:
-    """:func:`deliver` once the message is spooled."""
-    addresses = [_normalised_or_none(recipient) for recipient in recipients]
-    copies: list[_Copy] = []
-    if all_or_none:
-        results = _deliver_all_or_none(recipients, addresses, message, sender, copies)
-    else:
-        results = [
-            _deliver_one(r, address, message, sender, copies)
-            for r, address in zip(recipients, addresses, strict=True)
-        ]
-    for copy in copies:
-        _warn_if_quota_crossed(copy)
-    return results
+    """:func:`deliver` once the message is spooled: look every recipient up, store as a group."""
+    try:
+        found = [look_up_recipient(recipient, message.size_bytes) for recipient in recipients]
+        accepted = [entry for entry in found if isinstance(entry, Recipient)]
+        if all_or_none and len(accepted) < len(found):
+            return [
+                _not_attempted_unless_refused(r, entry) for r, entry in zip(recipients, found, strict=True)
+            ]
+        stored = iter(deliver_group([Delivery(accepted, message, sender)], all_or_none=all_or_none)[0])
+    except DatabaseError:
+        logger.exception("delivery to %s failed", ", ".join(recipients))
+        return [RecipientResult(recipient, DeliveryStatus.TEMPORARY_FAILURE) for recipient in recipients]
+    return [
+        next(stored) if isinstance(entry, Recipient) else RecipientResult(r, entry)
+        for r, entry in zip(recipients, found, strict=True)
+    ]
+
+
+def _not_attempted_unless_refused(recipient: str, entry: "Recipient | DeliveryStatus") -> RecipientResult:
+    return RecipientResult(recipient, DeliveryStatus.NOT_ATTEMPTED if isinstance(entry, Recipient) else entry)
 
 
 @dataclass(frozen=True)
@@ -129,13 +130,16 @@ def look_up_recipient(recipient: str, size_hint: int = 0) -> Recipient | Deliver
     return Recipient(recipient, mailbox)
 
 
-def deliver_group(deliveries: Sequence[Delivery]) -> list[list[RecipientResult]]:
+def deliver_group(
+    deliveries: Sequence[Delivery], *, all_or_none: bool = False
+) -> list[list[RecipientResult]]:
     """Store several deliveries in one transaction: one commit (one fsync) for all of them.
 
-    A copy that no longer fits (or whose mailbox went away since its RCPT) is refused on its
-    own without a savepoint (``store.append_message_in_group``); the others are stored.
-    Returns one result list per delivery once the commit is done. When the database fails,
-    raises DatabaseError and nothing of the group was stored.
+    A copy that no longer fits (or whose mailbox went away since it was looked up) is refused
+    on its own without a savepoint (``store.append_message_in_group``); the others are stored,
+    unless ``all_or_none``: then one refusal rolls everything back and the other copies are
+    NOT_ATTEMPTED. Returns one result list per delivery once the commit is done. When the
+    database fails, raises DatabaseError and nothing of the group was stored.
     """
     copies: list[_Copy] = []
     with transaction.atomic():
@@ -144,9 +148,18 @@ def deliver_group(deliveries: Sequence[Delivery]) -> list[list[RecipientResult]]
             [_store_in_group(recipient, delivery, copies) for recipient in delivery.recipients]
             for delivery in deliveries
         ]
+        refused = any(not result.delivered for group in results for result in group)
+        if all_or_none and refused:
+            transaction.set_rollback(True)
+            copies.clear()
+            results = [[_not_attempted_if_delivered(result) for result in group] for group in results]
     for copy in copies:
         _warn_if_quota_crossed(copy)
     return results
+
+
+def _not_attempted_if_delivered(result: RecipientResult) -> RecipientResult:
+    return RecipientResult(result.recipient, DeliveryStatus.NOT_ATTEMPTED) if result.delivered else result
 
 
 def _store_in_group(recipient: Recipient, delivery: Delivery, copies: list["_Copy"]) -> RecipientResult:
@@ -163,57 +176,6 @@ def _store_in_group(recipient: Recipient, delivery: Delivery, copies: list["_Cop
     return RecipientResult(recipient.address, DeliveryStatus.DELIVERED, stored.uidl)
 
 
-def _deliver_one(
-    recipient: str, address: str | None, message: SpooledMessage, sender: str, copies: list["_Copy"]
-) -> RecipientResult:
-    try:
-        with transaction.atomic():
-            copy = _store_copy(address, message, sender)
-    except _RecipientRefused as refusal:
-        return RecipientResult(recipient, refusal.status)
-    except DatabaseError:
-        logger.exception("delivery to %s failed", address)
-        return RecipientResult(recipient, DeliveryStatus.TEMPORARY_FAILURE)
-    copies.append(copy)
-    return RecipientResult(recipient, DeliveryStatus.DELIVERED, copy.uidl)
-
-
-def _deliver_all_or_none(
-    recipients: Sequence[str],
-    addresses: list[str | None],
-    message: SpooledMessage,
-    sender: str,
-    copies: list["_Copy"],
-) -> list[RecipientResult]:
-    statuses: list[DeliveryStatus] = []
-    stored: list[_Copy | None] = []
-    try:
-        with transaction.atomic():
-            for address in addresses:
-                try:
-                    with transaction.atomic():
-                        stored.append(_store_copy(address, message, sender))
-                    statuses.append(DeliveryStatus.DELIVERED)
-                except _RecipientRefused as refusal:
-                    stored.append(None)
-                    statuses.append(refusal.status)
-            if any(status is not DeliveryStatus.DELIVERED for status in statuses):
-                transaction.set_rollback(True)
-    except DatabaseError:
-        logger.exception("delivery to %s failed", ", ".join(filter(None, addresses)))
-        return [RecipientResult(recipient, DeliveryStatus.TEMPORARY_FAILURE) for recipient in recipients]
-    if all(status is DeliveryStatus.DELIVERED for status in statuses):
-        copies.extend(copy for copy in stored if copy is not None)
-        return [
-            RecipientResult(r, DeliveryStatus.DELIVERED, copy.uidl if copy else None)
-            for r, copy in zip(recipients, stored, strict=True)
-        ]
-    return [
-        RecipientResult(r, DeliveryStatus.NOT_ATTEMPTED if s is DeliveryStatus.DELIVERED else s)
-        for r, s in zip(recipients, statuses, strict=True)
-    ]
-
-
 @dataclass(frozen=True)
 class _Copy:
     """One stored copy, with what the quota warning needs to know without asking again."""
@@ -221,21 +183,6 @@ class _Copy:
     uidl: str
     mailbox: Mailbox
     used_bytes: int
-
-
-def _store_copy(address: str | None, message: SpooledMessage, sender: str) -> str:
-    mailbox = store.find_mailbox(address) if address else None
-    if mailbox is None:
-        raise _RecipientRefused(DeliveryStatus.NO_SUCH_MAILBOX)
-    if not _active(mailbox):
-        raise _RecipientRefused(DeliveryStatus.MAILBOX_INACTIVE)
-    try:
-        stored = store.append_message(
-            mailbox, message, prefix=trace_headers(sender, address), envelope_sender=sender
-        )
-    except store.OverQuota:
-        raise _RecipientRefused(DeliveryStatus.OVER_QUOTA) from None
-    return _Copy(stored.uidl, mailbox, stored.mailbox_used_bytes)
 
 
 def _active(mailbox: Mailbox) -> bool:
