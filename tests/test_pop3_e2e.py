@@ -269,8 +269,8 @@ class _RollBack(Exception):
     pass
 
 
-# On x86-64: flock, where a write transaction waits for the writer lock (mailadmin.sqlite), and
-# nanosleep, clock_nanosleep: SQLite's busy wait, for a statement outside a transaction.
+# On x86-64: flock, and nanosleep, clock_nanosleep: a write transaction polling for the writer
+# lock (mailadmin.sqlite), or SQLite's busy wait for a statement outside a transaction.
 WAITING_SYSCALLS = {"73", "35", "230"}
 
 

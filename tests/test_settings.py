@@ -1,10 +1,16 @@
 """Settings come from the environment, and refuse unsafe or malformed values."""
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import time
 
+import pytest
+from django.db import OperationalError, connection, transaction
+
+from mailadmin.models import Domain
 from tests.conftest import PROJECT_DIR
 
 PRINT_SETTINGS = (
@@ -70,3 +76,25 @@ def test_a_malformed_number_is_named(tmp_path):
     result = load_settings(tmp_path, DEBUG="1", POP3_PORT="eleven")
     assert result.returncode == 1
     assert "POP3_PORT must be a number (int), got 'eleven'" in result.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_write_transaction_waits_for_the_writer_lock_only_up_to_the_busy_timeout(monkeypatch):
+    """A transaction held open elsewhere fails writers after the timeout; it never hangs them."""
+    if connection.vendor != "sqlite":
+        pytest.skip("the writer lock is SQLite's")
+    connection.ensure_connection()
+    monkeypatch.setitem(
+        connection.settings_dict, "OPTIONS", {**connection.settings_dict["OPTIONS"], "timeout": 0.3}
+    )
+    with open(f"{connection.settings_dict['NAME']}-writer.lock", "ab") as other_process:
+        fcntl.flock(other_process, fcntl.LOCK_EX)
+        started = time.monotonic()
+        with pytest.raises(OperationalError, match="database is locked"):
+            with transaction.atomic():
+                Domain.objects.create(name="waits.test")
+        waited = time.monotonic() - started
+    assert 0.3 <= waited < 5
+    with transaction.atomic():  # the lock is free again: the write goes through
+        Domain.objects.create(name="after.test")
+    assert list(Domain.objects.values_list("name", flat=True)) == ["after.test"]

@@ -4,15 +4,24 @@ SQLite lets one writer in at a time and makes the others poll: its busy handler 
 10, 15... ms between tries. Several processes writing the same database (``runlmtp --workers``,
 runpop3 beside runlmtp) then lose milliseconds asleep while the lock is long free, and
 short transactions pile up behind the sleepers. Here every write transaction first takes an
-exclusive ``flock()`` on ``<database>-writer.lock``, so writers wait in the kernel and the
-next one wakes as soon as the previous commits; ``BEGIN IMMEDIATE`` then finds the database
+exclusive ``flock()`` on ``<database>-writer.lock``, tried every half millisecond, so the next
+writer starts within that of the previous commit; ``BEGIN IMMEDIATE`` then finds the database
 free. Statements outside a transaction keep SQLite's own busy timeout.
+
+The wait is bounded by the same busy timeout (OPTIONS ``timeout``): a transaction left open
+(a forgotten shell session) makes writers fail with "database is locked", as SQLite would,
+rather than hang; hence the polling rather than a blocking ``flock()``.
 """
 
 import fcntl
+import time
 from typing import BinaryIO
 
+from django.db import OperationalError
 from django.db.backends.sqlite3 import base
+
+POLL_SECONDS = 0.0005
+DEFAULT_TIMEOUT_SECONDS = 5.0  # sqlite3.connect's own default
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
@@ -53,8 +62,18 @@ class DatabaseWrapper(base.DatabaseWrapper):
                 self.writer_lock = None
 
     def _lock_writers(self) -> None:
-        if self.writer_lock is not None:
-            fcntl.flock(self.writer_lock, fcntl.LOCK_EX)
+        if self.writer_lock is None:
+            return
+        timeout = self.settings_dict.get("OPTIONS", {}).get("timeout", DEFAULT_TIMEOUT_SECONDS)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(self.writer_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise OperationalError(f"database is locked: no write turn within {timeout} s") from None
+                time.sleep(POLL_SECONDS)
 
     def _unlock_writers(self) -> None:
         if self.writer_lock is not None:
