@@ -99,10 +99,10 @@ def get_domain(name: str) -> Domain:
 
 def get_mailbox(address: str) -> Mailbox:
     normalised = _checked(normalise_address, address)
-    try:
-        return Mailbox.objects.select_related("user", "domain").for_address(normalised).get()
-    except Mailbox.DoesNotExist:
-        raise MailboxNotFound(f"no such mailbox: {normalised}") from None
+    mailbox = find_mailbox(normalised)
+    if mailbox is None:
+        raise MailboxNotFound(f"no such mailbox: {normalised}")
+    return mailbox
 
 
 def find_mailbox(address: str) -> Mailbox | None:
