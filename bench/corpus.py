@@ -173,7 +173,7 @@ def build(spec: CorpusSpec) -> dict:
     """Create every mailbox and message of ``spec``; return a manifest of counts and timings."""
     from django.contrib.auth.hashers import make_password
 
-    from mailadmin import store
+    from mailadmin.hosting import store
 
     started = time.perf_counter()
     store.create_domain(DOMAIN)
@@ -205,7 +205,7 @@ def build(spec: CorpusSpec) -> dict:
 
 
 def _deliver_one(recipients: list[str], data: bytes) -> None:
-    from mailadmin.delivery import deliver
+    from mailadmin.mailin.delivery import deliver
 
     results = deliver(recipients, io.BytesIO(data), sender=SENDER)
     failed = [result for result in results if not result.delivered]
@@ -246,9 +246,9 @@ def _deliver_big(spec: CorpusSpec) -> dict:
 def _fill_large_mailbox(spec: CorpusSpec) -> dict:
     from django.db import transaction
 
-    from mailadmin import store
-    from mailadmin.delivery import trace_headers
-    from mailadmin.messagefile import spool_message
+    from mailadmin.hosting import store
+    from mailadmin.mailin.delivery import trace_headers
+    from mailadmin.mailin.messagefile import spool_message
 
     started = time.perf_counter()
     user = spec.large_mailbox_user

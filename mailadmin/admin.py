@@ -1,6 +1,6 @@
 """Django admin for domains, mailboxes and (read-only) messages.
 
-Counters are shown, never edited here: only ``mailadmin.store`` moves them. Deleting a
+Counters are shown, never edited here: only ``mailadmin.hosting.store`` moves them. Deleting a
 mailbox goes through the store so the domain's usage drops with it.
 """
 
@@ -10,8 +10,8 @@ from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 
-from mailadmin import store
 from mailadmin.addresses import domain_of, normalise_address
+from mailadmin.hosting import store
 from mailadmin.models import AuthFailure, Domain, Mailbox, Message, Pop3Session
 from mailadmin.units import format_size
 

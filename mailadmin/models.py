@@ -1,7 +1,7 @@
 """Domains, mailboxes and stored messages.
 
 Counters (``used_bytes``, ``used_messages``, ``next_uid``) are written only by
-``mailadmin.store``, always with conditional ``UPDATE`` statements in the same transaction
+``mailadmin.hosting.store``, always with conditional ``UPDATE`` statements in the same transaction
 as the message rows they count; nothing else should save them.
 """
 
@@ -230,6 +230,8 @@ class Pop3Session(models.Model):
     mailbox = models.ForeignKey(
         Mailbox, null=True, blank=True, on_delete=models.SET_NULL, related_name="pop3_sessions"
     )
+    # The domain of the login (or of the name tried), so a domain's administrators see its sessions.
+    domain = models.ForeignKey(Domain, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     peer_host = models.CharField(max_length=64)
     peer_port = models.PositiveIntegerField()
     local_host = models.CharField(max_length=64)
@@ -283,6 +285,8 @@ class AuthFailure(models.Model):
         Pop3Session, null=True, blank=True, on_delete=models.DO_NOTHING, db_constraint=False, related_name="+"
     )
     username = models.CharField(max_length=320, blank=True)
+    # The domain of the name tried, when it is one of ours: what a domain's administrators see.
+    domain = models.ForeignKey(Domain, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     peer_host = models.CharField(max_length=64)
     source = models.CharField(max_length=64)
     mechanism = models.CharField(max_length=16)

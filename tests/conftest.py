@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from django.db import connection
 
-from mailadmin import store
+from mailadmin.hosting import store
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 

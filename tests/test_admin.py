@@ -6,7 +6,7 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from mailadmin.delivery import deliver
+from mailadmin.mailin.delivery import deliver
 from mailadmin.models import Domain, Mailbox, Message, Pop3Session
 
 pytestmark = pytest.mark.django_db

@@ -8,8 +8,9 @@ import threading
 import pytest
 from django.db import connection
 
-from mailadmin import store
-from mailadmin.delivery import (
+from mailadmin.hosting import store
+from mailadmin.hosting.store import iter_message_bytes
+from mailadmin.mailin.delivery import (
     Delivery,
     DeliveryStatus,
     Recipient,
@@ -17,9 +18,8 @@ from mailadmin.delivery import (
     look_up_recipient,
     trace_headers,
 )
-from mailadmin.messagefile import spool_message
+from mailadmin.mailin.messagefile import spool_message
 from mailadmin.models import Domain, Message
-from mailadmin.store import iter_message_bytes
 from tests.conftest import PROJECT_DIR, child_environment
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from mailadmin.lmtp import GroupCommitter
+from mailadmin.mailin.lmtp import GroupCommitter
 
 
 class GatedExecutor:

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 
-from mailadmin import mailfiles, store
-from mailadmin.delivery import deliver
-from mailadmin.messagefile import normalise
+from mailadmin.hosting import store
+from mailadmin.mailin import mailfiles
+from mailadmin.mailin.delivery import deliver
+from mailadmin.mailin.messagefile import normalise
 from mailadmin.models import Mailbox, Message, MessageChunk
 from tests.conftest import run_manage
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from mailadmin import store
-from mailadmin.delivery import deliver
+from mailadmin.hosting import store
+from mailadmin.hosting.store import iter_message_bytes
+from mailadmin.mailin.delivery import deliver
 from mailadmin.models import Mailbox, Message
-from mailadmin.store import iter_message_bytes
 from tests.conftest import run_manage
 from tests.lmtp_server import (
     HOST,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from mailadmin.hosting.store import iter_message_bytes
 from mailadmin.models import Message
-from mailadmin.store import iter_message_bytes
 from tests.conftest import PROJECT_DIR
 from tests.lmtp_server import HOST, running_lmtp
 from tests.pop3_server import PASSWORD, free_port, running_pop3, wait_for

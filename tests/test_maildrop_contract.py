@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from mailadmin import store
-from mailadmin.delivery import deliver
 from mailadmin.executors import BoundedExecutor
-from mailadmin.maildrop import OrmMaildrop, snapshot
+from mailadmin.hosting import store
+from mailadmin.mailin.delivery import deliver
 from mailadmin.models import Mailbox, MaildropLease, Message
+from mailadmin.pop3d.maildrop import OrmMaildrop, snapshot
 from pop3.mailbox import Maildrop, MaildropError, MemoryStore, MessageGone
 
 MESSAGES = [

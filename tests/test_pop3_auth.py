@@ -12,11 +12,18 @@ from django.core.management import call_command
 from django.db import OperationalError
 from django.utils import timezone
 
-from mailadmin import live, store
-from mailadmin.auth import AuthPolicy, Pop3Authenticator, normalise_login, penalty_seconds, penalty_source
-from mailadmin.delivery import deliver
 from mailadmin.executors import BoundedExecutor
+from mailadmin.hosting import store
+from mailadmin.mailin.delivery import deliver
 from mailadmin.models import AuthFailure, Domain, Mailbox, MaildropLease, Pop3Node, Pop3Session
+from mailadmin.pop3d import registry
+from mailadmin.pop3d.authenticator import (
+    AuthPolicy,
+    Pop3Authenticator,
+    normalise_login,
+    penalty_seconds,
+    penalty_source,
+)
 from pop3.mailbox import LoginFailure, LoginRequest
 
 PASSWORD = "correct horse"
@@ -206,15 +213,15 @@ def test_monitor_finds_kicked_deactivated_and_repassworded_sessions(make_mailbox
     rows = {name: open_session_row(mailbox) for name, mailbox in boxes.items()}
     tracked = {
         row.pk.hex: type(
-            "Drop", (), {"password_fingerprint": live.password_fingerprint(boxes[name].user.password)}
+            "Drop", (), {"password_fingerprint": registry.password_fingerprint(boxes[name].user.password)}
         )
         for name, row in rows.items()
     }
-    assert live.request_kick(address="kicked@example.test") == 1
+    assert registry.request_kick(address="kicked@example.test") == 1
     Mailbox.objects.filter(pk=boxes["off"].pk).update(active=False)
     store.set_password("newpass@example.test", "brand-new-horse")
     store.delete_mailbox("gone@example.test")
-    doomed = set(live.sessions_to_end(tracked))
+    doomed = set(registry.sessions_to_end(tracked))
     assert doomed == {rows[name].pk.hex for name in ("kicked", "off", "newpass", "gone")}
 
 
@@ -224,7 +231,7 @@ def test_sweep_ends_the_sessions_of_processes_that_stopped_heartbeating(make_mai
     alive = open_session_row(mailbox, node="alive")
     dead = open_session_row(mailbox, node="dead")
     Pop3Node.objects.filter(name="dead").update(heartbeat_at=timezone.now() - timedelta(minutes=5))
-    assert live.sweep_lost_sessions(interval=1.0) == 1
+    assert registry.sweep_lost_sessions(interval=1.0) == 1
     dead.refresh_from_db()
     alive.refresh_from_db()
     assert (dead.end_reason, alive.end_reason) == ("lost", "")

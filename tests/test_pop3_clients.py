@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from mailadmin.delivery import deliver
+from mailadmin.hosting.store import iter_message_bytes
+from mailadmin.mailin.delivery import deliver
 from mailadmin.models import Mailbox, Message, Pop3Session
-from mailadmin.store import iter_message_bytes
 from tests.pop3_server import (
     HOST,
     PASSWORD,

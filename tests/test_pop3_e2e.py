@@ -17,10 +17,10 @@ import pytest
 from django.db import connection, transaction
 from django.utils import timezone
 
-from mailadmin import store
-from mailadmin.delivery import deliver
+from mailadmin.hosting import store
+from mailadmin.hosting.store import iter_message_bytes
+from mailadmin.mailin.delivery import deliver
 from mailadmin.models import AuthFailure, Mailbox, MaildropLease, Message, Pop3Node, Pop3Session
-from mailadmin.store import iter_message_bytes
 from pop3.protocol import TEXT_STLS_PIPELINED
 from tests.conftest import run_manage
 from tests.pop3_server import (

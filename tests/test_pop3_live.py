@@ -6,12 +6,12 @@ import logging
 import pytest
 from django.db import connection
 
-from mailadmin import store
-from mailadmin.delivery import deliver
 from mailadmin.executors import BoundedExecutor
-from mailadmin.live import Pop3Monitor, printable
-from mailadmin.maildrop import OrmMaildrop, snapshot
+from mailadmin.hosting import store
+from mailadmin.mailin.delivery import deliver
 from mailadmin.models import Pop3Session
+from mailadmin.pop3d.maildrop import OrmMaildrop, snapshot
+from mailadmin.pop3d.registry import Pop3Monitor, printable
 from pop3.mailbox import ConnectionInfo, EndReason, LoginFailure, SessionStats
 
 

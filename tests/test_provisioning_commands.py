@@ -11,8 +11,8 @@ from django.contrib.auth.hashers import PBKDF2PasswordHasher, make_password
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from mailadmin import store
-from mailadmin.delivery import deliver
+from mailadmin.hosting import store
+from mailadmin.mailin.delivery import deliver
 from mailadmin.models import Domain, Mailbox, Message
 from tests.conftest import run_manage
 

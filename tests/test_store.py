@@ -4,8 +4,9 @@ import pytest
 from django.db import DatabaseError
 from django.db.models import Sum
 
-from mailadmin import store
-from mailadmin.delivery import (
+from mailadmin.hosting import store
+from mailadmin.hosting.store import fastsql
+from mailadmin.mailin.delivery import (
     Delivery,
     DeliveryStatus,
     Recipient,
@@ -14,7 +15,7 @@ from mailadmin.delivery import (
     look_up_recipient,
     trace_headers,
 )
-from mailadmin.messagefile import normalise, spool_message, summarise_headers
+from mailadmin.mailin.messagefile import normalise, spool_message, summarise_headers
 from mailadmin.models import Domain, Mailbox, Message, MessageChunk
 
 pytestmark = pytest.mark.django_db
@@ -345,7 +346,7 @@ def test_a_group_that_fails_in_the_database_stores_none_of_its_messages(make_mai
         group_delivery("first@example.test", b"Subject: 1\r\n\r\none\r\n"),
         group_delivery("second@example.test", b"Subject: 2\r\n\r\ntwo\r\n"),
     ]
-    real_write = store._write_chunks
+    real_write = fastsql.write_chunks
     calls = []
 
     def failing_second_write(message_id, pieces):
@@ -354,7 +355,7 @@ def test_a_group_that_fails_in_the_database_stores_none_of_its_messages(make_mai
             raise DatabaseError("disk I/O error")
         real_write(message_id, pieces)
 
-    monkeypatch.setattr(store, "_write_chunks", failing_second_write)
+    monkeypatch.setattr(fastsql, "write_chunks", failing_second_write)
     with pytest.raises(DatabaseError):
         deliver_group(deliveries)
     assert Message.objects.count() == 0

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from django.core.management.base import CommandError
 
-from mailadmin import store
+from mailadmin.hosting import store
 from mailadmin.units import format_size, parse_size
 
 

@@ -11,7 +11,7 @@ import django
 def main(address: str, count: int, size: int) -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mailadmin.settings")
     django.setup()
-    from mailadmin.delivery import deliver
+    from mailadmin.mailin.delivery import deliver
 
     tally = collections.Counter(deliver([address], [b"x" * size])[0].status.name for _ in range(count))
     print(json.dumps(tally))

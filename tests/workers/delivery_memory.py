@@ -22,7 +22,7 @@ def peak_rss_bytes() -> int:
 def main(address: str, path: str) -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mailadmin.settings")
     django.setup()
-    from mailadmin.delivery import deliver
+    from mailadmin.mailin.delivery import deliver
 
     deliver([address], [b"Subject: warm-up\r\n\r\nhello\r\n"])
     baseline = peak_rss_bytes()

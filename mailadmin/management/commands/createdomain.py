@@ -2,7 +2,7 @@
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from mailadmin import store
+from mailadmin.hosting import store
 from mailadmin.management.commandutils import count, quota_text, size, store_errors
 
 

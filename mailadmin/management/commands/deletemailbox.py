@@ -4,7 +4,7 @@ import sys
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from mailadmin import store
+from mailadmin.hosting import store
 from mailadmin.management.commandutils import store_errors
 
 

@@ -11,7 +11,7 @@ import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
-from mailadmin.delivery import DeliveryStatus, deliver
+from mailadmin.mailin.delivery import DeliveryStatus, deliver
 
 EX_OK = 0
 EX_NOUSER = 67

@@ -11,7 +11,8 @@ from typing import Any, BinaryIO
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from mailadmin import mailfiles, store
+from mailadmin.hosting import store
+from mailadmin.mailin import mailfiles
 from mailadmin.management.commandutils import store_errors
 from mailadmin.models import Mailbox
 

@@ -16,9 +16,10 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from mailadmin import mailfiles, store
+from mailadmin.hosting import store
+from mailadmin.mailin import mailfiles
+from mailadmin.mailin.messagefile import READ_SIZE, MessageTooLarge, Readable, SpooledMessage, spool_message
 from mailadmin.management.commandutils import store_errors
-from mailadmin.messagefile import READ_SIZE, MessageTooLarge, Readable, SpooledMessage, spool_message
 from mailadmin.models import Mailbox, Message
 
 MAX_IMPORT_KEY_LENGTH = Message._meta.get_field("import_key").max_length

@@ -8,8 +8,8 @@ from typing import TextIO
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
-from mailadmin import store
 from mailadmin.addresses import domain_of, normalise_address
+from mailadmin.hosting import store
 from mailadmin.management.commandutils import quota_text
 from mailadmin.models import Mailbox
 from mailadmin.units import parse_size

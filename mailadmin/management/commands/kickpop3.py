@@ -4,8 +4,8 @@ import uuid
 
 from django.core.management.base import BaseCommand
 
-from mailadmin import live
 from mailadmin.management.commandutils import store_errors
+from mailadmin.pop3d import registry
 
 
 class Command(BaseCommand):
@@ -17,9 +17,9 @@ class Command(BaseCommand):
     def handle(self, *args, target: str, **options):
         with store_errors():
             if _is_session_id(target):
-                count = live.request_kick(session_id=target)
+                count = registry.request_kick(session_id=target)
             else:
-                count = live.request_kick(address=target)
+                count = registry.request_kick(address=target)
         self.stdout.write(f"kick requested for {count} session{'s' if count != 1 else ''}")
 
 

@@ -2,7 +2,7 @@
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from mailadmin import store
+from mailadmin.hosting import store
 from mailadmin.management.commandutils import quota_text, store_errors
 from mailadmin.models import Mailbox
 from mailadmin.units import format_size

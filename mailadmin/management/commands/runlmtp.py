@@ -12,7 +12,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
 from mailadmin.executors import BoundedExecutor, keep_connections_open
-from mailadmin.lmtp import LmtpConfig, LmtpServer
+from mailadmin.mailin.lmtp import LmtpConfig, LmtpServer
 from mailadmin.prefork import LISTEN_BACKLOG, bind_tcp, run_workers
 
 SHUTDOWN_GRACE_SECONDS = 30.0

@@ -11,11 +11,11 @@ import socket
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from mailadmin.auth import AuthPolicy, Pop3Authenticator
 from mailadmin.executors import BoundedExecutor, keep_connections_open
-from mailadmin.live import Pop3Monitor, node_name
+from mailadmin.hosting.store import release_node_leases
+from mailadmin.pop3d.authenticator import AuthPolicy, Pop3Authenticator
+from mailadmin.pop3d.registry import Pop3Monitor, node_name
 from mailadmin.prefork import bind_tcp, run_workers
-from mailadmin.store import release_node_leases
 from pop3.server import Pop3Server, ServerConfig
 from pop3.session import Timeouts
 

@@ -7,8 +7,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
-from mailadmin import store
-from mailadmin.delivery import deliver
+from mailadmin.hosting import store
+from mailadmin.mailin.delivery import deliver
 
 DEMO_DOMAIN = "example.test"
 DEMO_ADDRESS = f"demo@{DEMO_DOMAIN}"

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from django.conf import settings
 from django.db import DatabaseError, transaction
 
-from mailadmin import store
 from mailadmin.addresses import normalise_address
-from mailadmin.messagefile import MessageTooLarge, Readable, SpooledMessage, spool_message
+from mailadmin.hosting import store
+from mailadmin.mailin.messagefile import MessageTooLarge, Readable, SpooledMessage, spool_message
 from mailadmin.models import Mailbox
 from mailadmin.units import format_size
 

@@ -1,4 +1,4 @@
-"""An LMTP listener (RFC 2033) for Postfix and Exim, over ``mailadmin.delivery``.
+"""An LMTP listener (RFC 2033) for Postfix and Exim, over ``mailadmin.mailin.delivery``.
 
 A small asyncio server of our own rather than aiosmtpd: after DATA, LMTP owes one reply per
 accepted recipient, in RCPT order, on the error paths too (message too large, line too long,
@@ -7,7 +7,7 @@ those error paths with a single line (aio-libs/aiosmtpd#517) and buffers about t
 of the message.
 
 The DATA stream is un-dot-stuffed line by line straight into a
-:class:`~mailadmin.messagefile.MessageSpooler` (one chunk in memory, the rest in a temporary
+:class:`~mailadmin.mailin.messagefile.MessageSpooler` (one chunk in memory, the rest in a temporary
 file); deliveries are stored by a :class:`GroupCommitter` on the database executor, and each
 ``250`` is sent only after its copy is committed. A connection that drops mid-DATA leaves
 nothing behind.
@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 from django.db import DatabaseError
 
-from mailadmin.delivery import (
+from mailadmin.executors import BoundedExecutor
+from mailadmin.mailin.delivery import (
     Delivery,
     DeliveryStatus,
     Recipient,
@@ -30,8 +31,7 @@ from mailadmin.delivery import (
     deliver_group,
     look_up_recipient,
 )
-from mailadmin.executors import BoundedExecutor
-from mailadmin.messagefile import MessageSpooler, MessageTooLarge
+from mailadmin.mailin.messagefile import MessageSpooler, MessageTooLarge
 
 logger = logging.getLogger(__name__)
 

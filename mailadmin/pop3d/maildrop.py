@@ -7,8 +7,8 @@ from operator import attrgetter
 
 from django.db import DatabaseError
 
-from mailadmin import store
 from mailadmin.executors import BoundedExecutor
+from mailadmin.hosting import store
 from pop3.mailbox import MaildropError, MessageGone, MessageInfo
 
 logger = logging.getLogger(__name__)

@@ -25,10 +25,10 @@ from django.db import DatabaseError, IntegrityError, transaction
 from django.db.models import F, QuerySet, Subquery
 from django.utils import timezone
 
-from mailadmin import store
 from mailadmin.executors import BoundedExecutor
-from mailadmin.maildrop import OrmMaildrop
+from mailadmin.hosting import store
 from mailadmin.models import Mailbox, Pop3Node, Pop3Session
+from mailadmin.pop3d.maildrop import OrmMaildrop
 from pop3.mailbox import ConnectionInfo, EndReason, LoginFailure, Maildrop, SessionStats
 from pop3.session import Session
 

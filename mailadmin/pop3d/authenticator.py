@@ -38,10 +38,11 @@ from django.db import DatabaseError
 from django.db.models import Max
 from django.utils import timezone
 
-from mailadmin import live, store
 from mailadmin.executors import BoundedExecutor
-from mailadmin.maildrop import OrmMaildrop, snapshot
+from mailadmin.hosting import store
 from mailadmin.models import AuthFailure, Mailbox, Pop3Session
+from mailadmin.pop3d import registry
+from mailadmin.pop3d.maildrop import OrmMaildrop, snapshot
 from pop3.mailbox import LoginFailure, LoginRequest, LoginResult, MessageInfo
 
 logger = logging.getLogger(__name__)
@@ -256,7 +257,7 @@ def verify_credentials(username: str, password: str) -> VerifiedUser | None:
     mailbox = Mailbox.objects.select_related("domain").filter(user=user).first()
     if mailbox is None or not (mailbox.active and mailbox.domain.active):
         return None
-    return VerifiedUser(mailbox.pk, user.username, live.password_fingerprint(user.password))
+    return VerifiedUser(mailbox.pk, user.username, registry.password_fingerprint(user.password))
 
 
 def current_user(username: str) -> VerifiedUser | None:
@@ -271,7 +272,7 @@ def current_user(username: str) -> VerifiedUser | None:
     if row is None:
         return None
     mailbox_id, name, password = row
-    return VerifiedUser(mailbox_id, name, live.password_fingerprint(password))
+    return VerifiedUser(mailbox_id, name, registry.password_fingerprint(password))
 
 
 def open_maildrop(
@@ -280,7 +281,7 @@ def open_maildrop(
     """Session limits, LOGIN-DELAY, then the lease and the snapshot; in that order."""
     sessions = Pop3Session.objects.filter(mailbox_id=mailbox_id)
     if policy.max_userip_sessions:
-        if live.running(sessions.filter(peer_host=peer_host)).count() >= policy.max_userip_sessions:
+        if registry.running(sessions.filter(peer_host=peer_host)).count() >= policy.max_userip_sessions:
             return LoginFailure.TOO_MANY_SESSIONS, []
     if policy.login_delay_seconds:
         last = sessions.aggregate(last=Max("authenticated_at"))["last"]
@@ -295,7 +296,7 @@ def record_failure(request: LoginRequest, source: str, reason: str, fields: dict
     AuthFailure.objects.create(
         created_at=timezone.now(),
         session_id=request.session_id or None,
-        username=live.printable(request.username)[:MAX_USERNAME_LENGTH],
+        username=registry.printable(request.username)[:MAX_USERNAME_LENGTH],
         peer_host=request.peer_host[:64],
         source=source,
         mechanism=request.mechanism[:16],

@@ -1,0 +1,103 @@
+"""The mail store: the one place that writes mailboxes' messages, chunks and counters.
+
+Invariants kept here (and checked by ``recalculate_quota``):
+
+* a mailbox's ``used_bytes`` / ``used_messages`` equal the sum / count of its messages, and a
+  domain's ``used_bytes`` the sum over its mailboxes, after every committed transaction;
+* quota is charged by one conditional ``UPDATE`` per counter row (``used + size <= quota``) in
+  the same transaction as the message insert, so concurrent deliveries can never overshoot,
+  on PostgreSQL (row locks) and on SQLite (``BEGIN IMMEDIATE``) alike;
+* UIDs come from ``Mailbox.next_uid`` in that same UPDATE, so a UIDL is never reused.
+"""
+
+from mailadmin.hosting.store.accounts import (
+    NewMailbox,
+    check_password_hash,
+    create_domain,
+    create_mailbox,
+    delete_mailbox,
+    get_domain,
+    get_mailbox,
+    mailbox_listing,
+    set_mailbox_active,
+    set_password,
+    set_quota,
+)
+from mailadmin.hosting.store.errors import (
+    AlreadyExists,
+    DomainNotFound,
+    InvalidInput,
+    LeaseLost,
+    LimitReached,
+    MailboxNotFound,
+    OverQuota,
+    StoreError,
+)
+from mailadmin.hosting.store.fastsql import find_mailbox, maildrop_snapshot, read_chunk, read_first_chunks
+from mailadmin.hosting.store.leases import (
+    acquire_lease,
+    commit_maildrop,
+    release_lease,
+    release_node_leases,
+    renew_leases,
+)
+from mailadmin.hosting.store.messages import (
+    ID_BATCH_SIZE,
+    ExportEntry,
+    StoredMessage,
+    append_message,
+    append_message_in_group,
+    delete_messages,
+    existing_import_markers,
+    format_uidl,
+    iter_mailbox_messages_for_export,
+    iter_message_bytes,
+    lock_group,
+    validate_uidl,
+)
+from mailadmin.hosting.store.quota import Drift, recalculate_quota
+
+__all__ = [
+    "AlreadyExists",
+    "DomainNotFound",
+    "Drift",
+    "ExportEntry",
+    "ID_BATCH_SIZE",
+    "InvalidInput",
+    "LeaseLost",
+    "LimitReached",
+    "MailboxNotFound",
+    "NewMailbox",
+    "OverQuota",
+    "StoreError",
+    "StoredMessage",
+    "acquire_lease",
+    "append_message",
+    "append_message_in_group",
+    "check_password_hash",
+    "commit_maildrop",
+    "create_domain",
+    "create_mailbox",
+    "delete_mailbox",
+    "delete_messages",
+    "existing_import_markers",
+    "find_mailbox",
+    "format_uidl",
+    "get_domain",
+    "get_mailbox",
+    "iter_mailbox_messages_for_export",
+    "iter_message_bytes",
+    "lock_group",
+    "mailbox_listing",
+    "maildrop_snapshot",
+    "read_chunk",
+    "read_first_chunks",
+    "recalculate_quota",
+    "release_lease",
+    "release_node_leases",
+    "renew_leases",
+    "set_mailbox_active",
+    "set_password",
+    "set_quota",
+    "validate_uidl",
+]

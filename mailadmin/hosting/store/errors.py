@@ -1,0 +1,33 @@
+"""What the store refuses, as exceptions whose messages an operator can read as they are."""
+
+
+class StoreError(Exception):
+    """A request the store refuses; the message is fit to show an operator as it is."""
+
+
+class DomainNotFound(StoreError):
+    pass
+
+
+class MailboxNotFound(StoreError):
+    pass
+
+
+class AlreadyExists(StoreError):
+    pass
+
+
+class LimitReached(StoreError):
+    pass
+
+
+class OverQuota(StoreError):
+    pass
+
+
+class InvalidInput(StoreError):
+    pass
+
+
+class LeaseLost(StoreError):
+    """The session no longer holds the mailbox lock (it lapsed and was taken over)."""

@@ -1,0 +1,77 @@
+"""POP3 maildrop leases: the lock on a mailbox, and the UPDATE state that checks it."""
+
+from collections.abc import Iterable
+from datetime import timedelta
+
+from django.db import IntegrityError, transaction
+from django.db.models import DateTimeField, ExpressionWrapper, F
+from django.db.models.functions import Now
+
+from mailadmin.hosting.store.errors import LeaseLost
+from mailadmin.hosting.store.messages import ID_BATCH_SIZE, delete_messages
+from mailadmin.models import Mailbox, MaildropLease
+
+
+def _lease_expiry(ttl_seconds: float):
+    return ExpressionWrapper(Now() + timedelta(seconds=ttl_seconds), output_field=DateTimeField())
+
+
+def acquire_lease(mailbox_id: int, owner: str, node: str, ttl_seconds: float) -> bool:
+    """Lock a mailbox for one POP3 session; False when another live session holds it.
+
+    A lapsed lease is taken over with one conditional UPDATE; otherwise the INSERT either
+    creates the lease or hits the unique mailbox and fails. Either way only one taker wins.
+    """
+    with transaction.atomic():
+        taken_over = MaildropLease.objects.filter(mailbox_id=mailbox_id, expires_at__lt=Now()).update(
+            owner=owner, node=node, acquired_at=Now(), expires_at=_lease_expiry(ttl_seconds)
+        )
+        if taken_over:
+            return True
+        try:
+            with transaction.atomic():
+                MaildropLease.objects.create(
+                    mailbox_id=mailbox_id,
+                    owner=owner,
+                    node=node,
+                    acquired_at=Now(),
+                    expires_at=_lease_expiry(ttl_seconds),
+                )
+        except IntegrityError:
+            return False
+    return True
+
+
+def renew_leases(owners: Iterable[str], ttl_seconds: float) -> int:
+    """Heartbeat: push the expiry of the given leases forward; return how many still exist."""
+    owners = list(owners)
+    renewed = 0
+    for start in range(0, len(owners), ID_BATCH_SIZE):
+        batch = owners[start : start + ID_BATCH_SIZE]
+        renewed += MaildropLease.objects.filter(owner__in=batch).update(expires_at=_lease_expiry(ttl_seconds))
+    return renewed
+
+
+def release_lease(owner: str) -> None:
+    MaildropLease.objects.filter(owner=owner).delete()
+
+
+def release_node_leases(node: str) -> int:
+    """A stopping runpop3 gives back whatever its sessions still hold."""
+    return MaildropLease.objects.filter(node=node).delete()[0]
+
+
+def commit_maildrop(mailbox_id: int, owner: str, message_ids: Iterable[int]) -> tuple[int, int]:
+    """The POP3 UPDATE state: delete the messages if ``owner`` still holds the lock.
+
+    The ownership check is an UPDATE of the lease row inside the same transaction as the
+    deletions, so a lease taken over meanwhile makes the whole commit fail (LeaseLost) and
+    nothing is removed.
+    """
+    with transaction.atomic():
+        if not MaildropLease.objects.filter(mailbox_id=mailbox_id, owner=owner).update(
+            acquired_at=F("acquired_at")
+        ):
+            raise LeaseLost(f"mailbox {mailbox_id}: the POP3 lock was lost before QUIT")
+        mailbox = Mailbox.objects.get(pk=mailbox_id)
+        return delete_messages(mailbox, message_ids)

@@ -1,0 +1,68 @@
+"""Quota recalculation: the counters recomputed from the messages, and what drifted."""
+
+from dataclasses import dataclass
+
+from django.db import transaction
+from django.db.models import Count, Sum
+
+from mailadmin.hosting.store.accounts import get_mailbox
+from mailadmin.models import Domain, Mailbox, Message
+
+# --- Quota recalculation ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Drift:
+    """A counter that disagreed with the stored messages, and the value it was corrected to."""
+
+    subject: str
+    counter: str
+    recorded: int
+    actual: int
+
+
+def recalculate_quota(address: str | None = None) -> list[Drift]:
+    """Recompute usage counters from the messages, correct them, and report what drifted."""
+    if address is not None:
+        mailboxes = [get_mailbox(address)]
+    else:
+        mailboxes = list(Mailbox.objects.select_related("user", "domain"))
+    drifts: list[Drift] = []
+    for mailbox in mailboxes:
+        drifts += _recalculate_mailbox(mailbox.pk)
+    domain_ids = {mailbox.domain_id for mailbox in mailboxes}
+    if address is None:
+        domain_ids |= set(Domain.objects.values_list("pk", flat=True))
+    for domain_id in sorted(domain_ids):
+        drifts += _recalculate_domain(domain_id)
+    return drifts
+
+
+def _recalculate_mailbox(mailbox_id: int) -> list[Drift]:
+    with transaction.atomic():
+        mailbox = Mailbox.objects.select_for_update().select_related("user").get(pk=mailbox_id)
+        totals = Message.objects.filter(mailbox_id=mailbox_id).aggregate(
+            count=Count("id"), size=Sum("size_bytes")
+        )
+        actual = {"used_bytes": totals["size"] or 0, "used_messages": totals["count"]}
+        drifts = [
+            Drift(mailbox.address, counter, getattr(mailbox, counter), value)
+            for counter, value in actual.items()
+            if getattr(mailbox, counter) != value
+        ]
+        if drifts:
+            Mailbox.objects.filter(pk=mailbox_id).update(**actual)
+    return drifts
+
+
+def _recalculate_domain(domain_id: int) -> list[Drift]:
+    with transaction.atomic():
+        domain = Domain.objects.select_for_update().get(pk=domain_id)
+        actual = (
+            Message.objects.filter(mailbox__domain_id=domain_id).aggregate(size=Sum("size_bytes"))["size"]
+            or 0
+        )
+        if domain.used_bytes == actual:
+            return []
+        Domain.objects.filter(pk=domain_id).update(used_bytes=actual)
+    return [Drift(domain.name, "used_bytes", domain.used_bytes, actual)]
