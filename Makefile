@@ -53,7 +53,7 @@ system-deps:
 test: install system-deps test-only
 
 test-only:
-	$(PY) -m pytest -n $(TEST_JOBS) $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_JOBS) --durations=15 $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check .

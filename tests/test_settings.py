@@ -5,12 +5,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from django.db import OperationalError, connection, transaction
 
 from mailadmin.models import Domain
+from mailadmin.sqlite import base as sqlite_backend
 from tests.conftest import PROJECT_DIR
 
 PRINT_SETTINGS = (
@@ -78,6 +78,21 @@ def test_a_malformed_number_is_named(tmp_path):
     assert "POP3_PORT must be a number (int), got 'eleven'" in result.stderr
 
 
+class FakeClock:
+    """Stands in for the ``time`` module of the SQLite backend: sleeping moves the clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now = len(self.sleeps) * seconds
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_write_transaction_waits_for_the_writer_lock_only_up_to_the_busy_timeout(monkeypatch):
     """A transaction held open elsewhere fails writers after the timeout; it never hangs them."""
@@ -87,14 +102,16 @@ def test_a_write_transaction_waits_for_the_writer_lock_only_up_to_the_busy_timeo
     monkeypatch.setitem(
         connection.settings_dict, "OPTIONS", {**connection.settings_dict["OPTIONS"], "timeout": 0.3}
     )
+    clock = FakeClock()
     with open(f"{connection.settings_dict['NAME']}-writer.lock", "ab") as other_process:
         fcntl.flock(other_process, fcntl.LOCK_EX)
-        started = time.monotonic()
+        monkeypatch.setattr(sqlite_backend, "time", clock)
         with pytest.raises(OperationalError, match="database is locked"):
             with transaction.atomic():
                 Domain.objects.create(name="waits.test")
-        waited = time.monotonic() - started
-    assert 0.3 <= waited < 5
+        monkeypatch.undo()
+    # Polled every half millisecond until the 0.3 s timeout, then given up.
+    assert clock.sleeps == [sqlite_backend.POLL_SECONDS] * 600
     with transaction.atomic():  # the lock is free again: the write goes through
         Domain.objects.create(name="after.test")
     assert list(Domain.objects.values_list("name", flat=True)) == ["after.test"]

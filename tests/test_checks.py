@@ -1,0 +1,69 @@
+"""System checks: unreadable TLS files and a channel layer that cannot cross processes."""
+
+from pathlib import Path
+
+import pytest
+from django.core.checks import Error, Warning
+
+from mailadmin import checks
+
+IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+REDIS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": ["x"]}}}
+
+
+@pytest.fixture
+def readable_pair(tmp_path: Path) -> tuple[str, str]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("cert")
+    key.write_text("key")
+    return str(cert), str(key)
+
+
+def test_no_tls_files_configured_is_fine(settings):
+    settings.POP3_TLS_CERTFILE = settings.POP3_TLS_KEYFILE = ""
+    assert checks.tls_files_readable() == []
+
+
+def test_readable_tls_files_pass(settings, readable_pair):
+    settings.POP3_TLS_CERTFILE, settings.POP3_TLS_KEYFILE = readable_pair
+    assert checks.tls_files_readable() == []
+
+
+def test_a_missing_key_file_is_an_error_naming_the_setting_and_path(settings, readable_pair, tmp_path):
+    settings.POP3_TLS_CERTFILE = readable_pair[0]
+    settings.POP3_TLS_KEYFILE = str(tmp_path / "missing.pem")
+    found = checks.tls_files_readable()
+    assert [(type(e), e.id) for e in found] == [(Error, "mailadmin.E001")]
+    assert (
+        found[0].msg
+        == f"POP3_TLS_KEYFILE names {str(tmp_path / 'missing.pem')!r}, which is not a readable file."
+    )
+
+
+def test_a_directory_is_not_a_certificate(settings, readable_pair, tmp_path):
+    settings.POP3_TLS_CERTFILE, settings.POP3_TLS_KEYFILE = str(tmp_path), readable_pair[1]
+    assert [e.id for e in checks.tls_files_readable()] == ["mailadmin.E001"]
+
+
+def test_one_tls_setting_without_the_other_is_an_error(settings, readable_pair):
+    settings.POP3_TLS_CERTFILE, settings.POP3_TLS_KEYFILE = readable_pair[0], ""
+    assert [e.id for e in checks.tls_files_readable()] == ["mailadmin.E002"]
+
+
+@pytest.mark.parametrize(
+    ("layers", "workers", "expected"),
+    [(IN_MEMORY, 1, []), (IN_MEMORY, 2, ["mailadmin.W001"]), (REDIS, 2, []), (REDIS, 1, [])],
+)
+def test_in_memory_layer_warns_only_with_several_pop3_workers(settings, layers, workers, expected):
+    settings.CHANNEL_LAYERS, settings.POP3_WORKERS = layers, workers
+    found = checks.channel_layer_crosses_processes()
+    assert [e.id for e in found] == expected
+    assert all(type(e) is Warning for e in found)
+
+
+def test_checks_are_registered_with_django(settings, tmp_path):
+    from django.core import checks as django_checks
+
+    settings.POP3_TLS_CERTFILE = settings.POP3_TLS_KEYFILE = str(tmp_path / "nope.pem")
+    ids = {message.id for message in django_checks.run_checks()}
+    assert {"mailadmin.E001"} <= ids
