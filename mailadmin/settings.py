@@ -41,11 +41,19 @@ def _env_float(name: str, default: float) -> float:
     return _env_number(name, default, float)
 
 
+def _private_var_dir() -> Path:
+    """var/ holds the database, its key and TLS files: created readable by its owner only."""
+    VAR_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return VAR_DIR
+
+
 def _local_secret_key() -> str:
-    """A key generated once into var/ so local runs survive restarts without configuration."""
-    key_file = VAR_DIR / "secret_key"
+    """A key generated once into var/ so every command works from a fresh shell in the checkout.
+
+    Production sets SECRET_KEY (the same on every host); without it, each host keeps its own.
+    """
+    key_file = _private_var_dir() / "secret_key"
     if not key_file.exists():
-        VAR_DIR.mkdir(parents=True, exist_ok=True)
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_urlsafe(50))
@@ -54,11 +62,7 @@ def _local_secret_key() -> str:
 
 DEBUG = _env_bool("DEBUG", False)
 
-SECRET_KEY = os.environ.get("SECRET_KEY", "")
-if not SECRET_KEY:
-    if not DEBUG:
-        raise ImproperlyConfigured("SECRET_KEY must be set when DEBUG is off")
-    SECRET_KEY = _local_secret_key()
+SECRET_KEY = os.environ.get("SECRET_KEY", "") or _local_secret_key()
 
 ALLOWED_HOSTS = [
     host.strip()
@@ -123,7 +127,7 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    _private_var_dir()
     # Django's backend, with writers from several processes queued on a lock file.
     DATABASES["default"]["ENGINE"] = "mailadmin.sqlite"
     DATABASES["default"]["OPTIONS"] = {
@@ -173,6 +177,23 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = VAR_DIR / "static"
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+
+# --- HTTPS ------------------------------------------------------------------------------------
+# Off DEBUG the console is HTTPS only: cookies never travel in clear, browsers remember HSTS.
+# Behind a TLS-terminating proxy, set SECURE_PROXY_SSL_HEADER to the header it sets, e.g.
+# "X-Forwarded-Proto: https" (only when the proxy strips that header from clients' requests).
+SECURE_SSL_REDIRECT = _env_bool("SECURE_SSL_REDIRECT", not DEBUG)
+SESSION_COOKIE_SECURE = _env_bool("SESSION_COOKIE_SECURE", not DEBUG)
+CSRF_COOKIE_SECURE = _env_bool("CSRF_COOKIE_SECURE", not DEBUG)
+SECURE_HSTS_SECONDS = _env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = _env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = _env_bool("SECURE_HSTS_PRELOAD", False)
+_proxy_header = os.environ.get("SECURE_PROXY_SSL_HEADER", "")
+if _proxy_header:
+    _name, _, _value = _proxy_header.partition(":")
+    if not _value.strip():
+        raise ImproperlyConfigured("SECURE_PROXY_SSL_HEADER must look like 'X-Forwarded-Proto: https'")
+    SECURE_PROXY_SSL_HEADER = ("HTTP_" + _name.strip().upper().replace("-", "_"), _value.strip())
 # Serve the admin's assets straight from the apps in development; run collectstatic otherwise.
 WHITENOISE_USE_FINDERS = DEBUG
 

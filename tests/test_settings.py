@@ -3,6 +3,7 @@
 import fcntl
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -65,11 +66,117 @@ def test_postgresql_and_redis_come_from_their_urls(tmp_path):
     assert loaded["debug"] is False
 
 
-def test_secret_key_is_required_when_debug_is_off(tmp_path):
-    result = load_settings(tmp_path)
+def test_without_debug_or_secret_key_a_fresh_checkout_keeps_an_owner_only_key_in_var(tmp_path):
+    var = tmp_path / "var"
+    result = load_settings(var)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["debug"] is False
+    assert mode(var) == 0o700
+    assert mode(var / "secret_key") == 0o600
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+SHOW_SQLITE_FILES = (
+    "import django, os, stat; django.setup(); from django.db import connection; "
+    "cursor = connection.cursor(); cursor.execute('CREATE TABLE t (x)'); "
+    "cursor.execute('INSERT INTO t VALUES (1)'); name = connection.settings_dict['NAME']; "
+    "suffixes = ('', '-wal', '-shm', '-writer.lock'); "
+    "print(' '.join(oct(stat.S_IMODE(os.stat(name + suffix).st_mode)) for suffix in suffixes))"
+)
+
+
+def test_the_sqlite_database_its_wal_and_shm_files_are_owner_only(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key != "DATABASE_URL"}
+    env.update(
+        DJANGO_SETTINGS_MODULE="mailadmin.settings", MAILADMIN_VAR_DIR=str(tmp_path / "var"), DEBUG="1"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", SHOW_SQLITE_FILES], cwd=PROJECT_DIR, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0o600"] * 4
+
+
+SHOW_HTTPS = (
+    "import json, django; from django.conf import settings; django.setup(); "
+    "print(json.dumps({name: getattr(settings, name, None) for name in ("
+    "'SECURE_SSL_REDIRECT', 'SESSION_COOKIE_SECURE', 'CSRF_COOKIE_SECURE', 'SECURE_HSTS_SECONDS', "
+    "'SECURE_PROXY_SSL_HEADER')}))"
+)
+
+
+def https_settings(tmp_path, **environment: str) -> dict:
+    env = {key: value for key, value in os.environ.items() if key not in {"DEBUG", "DATABASE_URL"}}
+    env.update(DJANGO_SETTINGS_MODULE="mailadmin.settings", MAILADMIN_VAR_DIR=str(tmp_path), **environment)
+    result = subprocess.run(
+        [sys.executable, "-c", SHOW_HTTPS], cwd=PROJECT_DIR, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_without_debug_the_console_is_https_only_by_default(tmp_path):
+    assert https_settings(tmp_path) == {
+        "SECURE_SSL_REDIRECT": True,
+        "SESSION_COOKIE_SECURE": True,
+        "CSRF_COOKIE_SECURE": True,
+        "SECURE_HSTS_SECONDS": 31_536_000,
+        "SECURE_PROXY_SSL_HEADER": None,
+    }
+
+
+def test_with_debug_plain_http_works_and_each_https_setting_comes_from_the_environment(tmp_path):
+    assert https_settings(tmp_path, DEBUG="1") == {
+        "SECURE_SSL_REDIRECT": False,
+        "SESSION_COOKIE_SECURE": False,
+        "CSRF_COOKIE_SECURE": False,
+        "SECURE_HSTS_SECONDS": 0,
+        "SECURE_PROXY_SSL_HEADER": None,
+    }
+    assert https_settings(
+        tmp_path,
+        SECURE_SSL_REDIRECT="0",
+        SECURE_HSTS_SECONDS="600",
+        SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto: https",
+    ) == {
+        "SECURE_SSL_REDIRECT": False,
+        "SESSION_COOKIE_SECURE": True,
+        "CSRF_COOKIE_SECURE": True,
+        "SECURE_HSTS_SECONDS": 600,
+        "SECURE_PROXY_SSL_HEADER": ["HTTP_X_FORWARDED_PROTO", "https"],
+    }
+
+
+def test_a_proxy_header_without_a_value_is_refused(tmp_path):
+    result = load_settings(tmp_path, SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto")
     assert result.returncode == 1
-    assert "SECRET_KEY must be set when DEBUG is off" in result.stderr
-    assert not (tmp_path / "secret_key").exists()
+    assert "SECURE_PROXY_SSL_HEADER must look like 'X-Forwarded-Proto: https'" in result.stderr
+
+
+def test_deployment_checks_pass_with_production_settings(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key not in {"DEBUG", "DATABASE_URL"}}
+    env.update(PRODUCTION_LIKE, MAILADMIN_VAR_DIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+# What .ci/run passes to `check --deploy` too.
+PRODUCTION_LIKE = {
+    "DEBUG": "0",
+    "SECRET_KEY": "k" * 20 + "Q7#x" * 10,
+    "ALLOWED_HOSTS": "mail.example.net",
+    "SECURE_HSTS_INCLUDE_SUBDOMAINS": "1",
+    "SECURE_HSTS_PRELOAD": "1",
+}
 
 
 def test_a_malformed_number_is_named(tmp_path):

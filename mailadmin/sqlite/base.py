@@ -14,6 +14,7 @@ rather than hang; hence the polling rather than a blocking ``flock()``.
 """
 
 import fcntl
+import os
 import time
 from typing import BinaryIO
 
@@ -24,13 +25,27 @@ POLL_SECONDS = 0.0005
 DEFAULT_TIMEOUT_SECONDS = 5.0  # sqlite3.connect's own default
 
 
+def _create_private(path: str | os.PathLike) -> None:
+    """Create ``path`` empty and owner-only unless it exists (then its mode is the operator's)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+
+
 class DatabaseWrapper(base.DatabaseWrapper):
     writer_lock: BinaryIO | None = None
 
     def get_new_connection(self, conn_params):
+        if not self.is_in_memory_db():
+            # All mail and password hashes: owner-only. SQLite gives its -wal and -shm files
+            # the database file's permissions, so creating the file first covers them too.
+            _create_private(self.settings_dict["NAME"])
         connection = super().get_new_connection(conn_params)
         if not self.is_in_memory_db():
-            self.writer_lock = open(f"{self.settings_dict['NAME']}-writer.lock", "ab")  # noqa: SIM115
+            lock_path = f"{self.settings_dict['NAME']}-writer.lock"
+            _create_private(lock_path)
+            self.writer_lock = open(lock_path, "ab")  # noqa: SIM115
         return connection
 
     def _start_transaction_under_autocommit(self):
