@@ -17,7 +17,7 @@ from mailadmin.mailin import mailfiles
 from mailadmin.mailin.delivery import deliver
 from mailadmin.mailin.messagefile import normalise
 from mailadmin.models import Mailbox, Message, MessageChunk
-from tests.conftest import run_manage
+from tests.conftest import PROJECT_DIR, run_manage
 
 DATE = datetime(2023, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -575,12 +575,77 @@ def test_export_leaves_out_a_message_deleted_while_it_is_read(make_mailbox, tmp_
     [
         ("nobody@example.test", "{tmp}/out.mbox", "no such mailbox: nobody@example.test"),
         ("alice@example.test", "{tmp}/missing/out.mbox", "cannot write {tmp}/missing/out.mbox: No such file"),
-        ("alice@example.test", "{tmp}", "cannot write {tmp}: Is a directory"),
+        ("alice@example.test", "{tmp}", "refusing to replace {tmp}: not a regular file"),
+        ("alice@example.test", "{tmp}/fifo", "refusing to replace {tmp}/fifo: not a regular file"),
+        ("alice@example.test", "{tmp}/link", "refusing to replace {tmp}/link: not a regular file"),
     ],
 )
 def test_export_errors_leave_nothing_behind(make_mailbox, tmp_path, address, target, error):
     make_mailbox("alice@example.test")
+    (tmp_path / "elsewhere").write_bytes(b"kept")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    os.mkfifo(tmp_path / "fifo")  # stands in for a device such as /dev/full
     deliver(["alice@example.test"], [b"Subject: x\n\n"])
     with pytest.raises(CommandError, match="^" + re.escape(error.format(tmp=tmp_path))):
         command("exportmail", address, "--mbox", target.format(tmp=tmp_path))
-    assert os.listdir(tmp_path) == []
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere", "fifo", "link"]
+    assert (tmp_path / "elsewhere").read_bytes() == b"kept"
+
+
+def test_maildir_reader_skips_symlinks_special_and_empty_files_with_a_warning(tmp_path, caplog):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"Subject: not yours\n\nsecret\n")
+    (outside / "1700000009.other.host").write_bytes(b"Subject: also not yours\n\n")
+    maildir = tmp_path / "Maildir"
+    (maildir / "cur").mkdir(parents=True)
+    (maildir / "cur" / "1700000001.real.host:2,S").write_bytes(b"Subject: real\n\n")
+    (maildir / "cur" / "1700000002.link.host:2,S").symlink_to(outside / "secret")
+    (maildir / "cur" / "1700000003.empty.host:2,S").write_bytes(b"")
+    os.mkfifo(maildir / "cur" / "1700000004.fifo.host")
+    (maildir / "new").symlink_to(outside)
+    with caplog.at_level("WARNING", logger="mailadmin.mailin.mailfiles"):
+        messages = mailfiles.read_maildir(maildir)
+    assert [message.base_name for message in messages] == ["1700000001.real.host"]
+    assert sorted(record.getMessage() for record in caplog.records) == [
+        f"skipped {maildir}/cur/1700000002.link.host:2,S: not a regular file",
+        f"skipped {maildir}/cur/1700000003.empty.host:2,S: an empty file is not a message",
+        f"skipped {maildir}/cur/1700000004.fifo.host: not a regular file",
+        f"skipped {maildir}/new: a symbolic link, not a folder of the Maildir",
+    ]
+
+
+def test_a_maildir_file_swapped_for_a_symlink_after_listing_is_not_followed(tmp_path):
+    target = tmp_path / "secret"
+    target.write_bytes(b"secret")
+    path = tmp_path / "1700000001.swapped.host"
+    path.symlink_to(target)
+    with pytest.raises(OSError):
+        mailfiles.open_message_file(path)
+
+
+@pytest.mark.django_db
+def test_importmail_imports_only_the_regular_files_of_a_maildir(make_mailbox, tmp_path):
+    mailbox = make_mailbox()
+    (tmp_path / "secret").write_bytes(b"Subject: outside\n\n")
+    maildir = tmp_path / "Maildir"
+    (maildir / "cur").mkdir(parents=True)
+    (maildir / "cur" / "1700000001.real.host:2,S").write_bytes(b"Subject: inside\n\n")
+    (maildir / "cur" / "1700000002.link.host:2,S").symlink_to(tmp_path / "secret")
+    command("importmail", mailbox.address, "--maildir", str(maildir))
+    assert list(Message.objects.values_list("subject", flat=True)) == ["inside"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_export_to_dash_writes_the_mbox_to_standard_output(make_mailbox, tmp_path):
+    mailbox = make_mailbox()
+    deliver([mailbox.address], [b"Subject: piped\n\nFrom me\n"], sender="s@example.test")
+    result = run_manage("exportmail", mailbox.address, "--mbox", "-")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(b"From s@example.test ")
+    assert b"\n\n>From me\n" in result.stdout  # mboxrd-quoted on the way out
+    assert [m[3] for m in read_all(result.stdout)] == [
+        b"Return-Path: <s@example.test>\nDelivered-To: alice@example.test\nSubject: piped\n\nFrom me\n"
+    ]
+    assert result.stderr.decode().splitlines()[-1] == "alice@example.test: 1 exported to standard output"
+    assert not (PROJECT_DIR / "-").exists()

@@ -10,6 +10,7 @@ content lines matching ``^>*From `` carry one extra ``>``.
 """
 
 import email.utils
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
+
+logger = logging.getLogger(__name__)
 
 # Longest fragment of a line read at once; longer lines are read (and passed on) in pieces.
 LINE_FRAGMENT_BYTES = 64 * 1024
@@ -269,6 +272,7 @@ def _maildir_files(directory: Path) -> dict[str, Path]:
 
 
 def _list_maildir(directory: Path) -> dict[str, Path]:
+    """Regular, non-empty files only: a symlink could point anywhere outside the Maildir."""
     if not directory.is_dir():
         raise MailFileError(f"cannot read {directory}: no such directory")
     folders = [folder for folder in (directory / "cur", directory / "new") if folder.is_dir()]
@@ -276,11 +280,29 @@ def _list_maildir(directory: Path) -> dict[str, Path]:
         raise MailFileError(f"{directory} is not a Maildir (no cur/ or new/ folder)")
     files = {}
     for folder in folders:
-        for name in os.listdir(folder):
-            path = folder / name
-            if not name.startswith(".") and path.is_file():
-                files[base_name(name)] = path
+        if folder.is_symlink():
+            logger.warning("skipped %s: a symbolic link, not a folder of the Maildir", folder)
+            continue
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if not entry.name.startswith(".") and _is_message_file(entry):
+                    files[base_name(entry.name)] = folder / entry.name
     return files
+
+
+def _is_message_file(entry: os.DirEntry) -> bool:
+    if not entry.is_file(follow_symlinks=False):
+        logger.warning("skipped %s: not a regular file", entry.path)
+        return False
+    if entry.stat(follow_symlinks=False).st_size == 0:
+        logger.warning("skipped %s: an empty file is not a message", entry.path)
+        return False
+    return True
+
+
+def open_message_file(path: Path) -> BinaryIO:
+    """Open a listed Maildir file for reading, refusing one replaced by a symlink since."""
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb")
 
 
 def base_name(file_name: str) -> str:

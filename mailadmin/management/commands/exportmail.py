@@ -1,6 +1,8 @@
 """``exportmail ADDRESS --mbox FILE``: a mailbox's messages as mboxrd, in delivery order."""
 
 import os
+import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -23,19 +25,27 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("address", help="Mailbox to export.")
         parser.add_argument(
-            "--mbox", type=Path, required=True, metavar="FILE", help="File to write (replaced)."
+            "--mbox",
+            type=Path,
+            required=True,
+            metavar="FILE",
+            help="A new file, or a regular file to replace; - for standard output.",
         )
 
     def handle(self, *args: Any, address: str, mbox: Path, **options: Any) -> None:
         with store_errors():
             mailbox = store.get_mailbox(address)
+        to_stdout = str(mbox) == "-"
         try:
-            with _replacing(mbox) as out:
+            with _to_stdout() if to_stdout else _replacing(mbox) as out:
                 exported, left_out = _export(mailbox, out)
         except OSError as error:
             raise CommandError(f"cannot write {mbox}: {error.strerror}") from None
         deleted = f"; {left_out} deleted during the export left out" if left_out else ""
-        self.stdout.write(f"{mailbox.address}: {exported} exported to {mbox}{deleted}")
+        report = (
+            f"{mailbox.address}: {exported} exported to {'standard output' if to_stdout else mbox}{deleted}"
+        )
+        (self.stderr if to_stdout else self.stdout).write(report)
 
 
 def _export(mailbox: Mailbox, out: BinaryIO) -> tuple[int, int]:
@@ -68,8 +78,28 @@ def _export(mailbox: Mailbox, out: BinaryIO) -> tuple[int, int]:
 
 
 @contextmanager
+def _to_stdout() -> Iterator[BinaryIO]:
+    """Standard output, written once the export is complete: a message deleted mid-read is cut
+    from the temporary file, which a pipe could not take back."""
+    with tempfile.TemporaryFile() as spool:
+        yield spool
+        spool.seek(0)
+        shutil.copyfileobj(spool, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+
+
+@contextmanager
 def _replacing(target: Path) -> Iterator[BinaryIO]:
-    """A temporary file beside ``target`` that replaces it only once complete and on disk."""
+    """A temporary file beside ``target`` that replaces it only once complete and on disk.
+
+    Only a regular file is replaced: never a device, a symlink or a directory.
+    """
+    try:
+        kind = os.lstat(target).st_mode
+    except FileNotFoundError:
+        kind = None
+    if kind is not None and not stat.S_ISREG(kind):
+        raise CommandError(f"refusing to replace {target}: not a regular file")
     with tempfile.NamedTemporaryFile(
         dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False
     ) as handle:

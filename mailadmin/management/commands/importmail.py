@@ -190,7 +190,7 @@ def _import_maildir(run: _MailboxImport, directory: Path) -> None:
 def _import_maildir_message(run: _MailboxImport, message: mailfiles.MaildirMessage, import_key: str) -> None:
     label = str(message.path)
     try:
-        handle = message.path.open("rb")
+        handle = mailfiles.open_message_file(message.path)
     except OSError as error:
         raise run.stopped(label, f"cannot read: {error.strerror}") from None
     with handle, run.spooled(label, handle) as spooled:
