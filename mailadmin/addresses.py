@@ -4,6 +4,7 @@ import re
 
 MAX_DOMAIN_LENGTH = 253  # RFC 1035 section 2.3.4, without the trailing dot
 MAX_LOCAL_PART_LENGTH = 64  # RFC 5321 section 4.5.3.1.1
+ACE_PREFIX = "xn--"  # RFC 5890 section 2.3.1
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 # RFC 5322 dot-atom text: atext characters separated by single dots.
 _LOCAL_PART = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[a-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
@@ -26,7 +27,21 @@ def normalise_domain(name: str) -> str:
     for label in labels:
         if not _LABEL.match(label):
             raise ValueError(f"{name!r} has an invalid label {label!r}")
+        if label.startswith(ACE_PREFIX) and not _decodes(label):
+            raise ValueError(f"{name!r} has a label {label!r} that is not a valid A-label")
+    if labels[-1].isdigit():
+        # RFC 3696 section 2: a top-level domain is never all-numeric; this is an IP address.
+        raise ValueError(f"{name!r} is an address, not a domain name")
     return ascii_name
+
+
+def _decodes(a_label: str) -> bool:
+    """RFC 5890 section 2.3.2.1: an A-label must decode to a U-label; ``xn--zz`` does not."""
+    try:
+        a_label.encode("ascii").decode("idna")
+    except UnicodeError:
+        return False
+    return True
 
 
 def normalise_address(address: str) -> str:
