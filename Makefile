@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 # Two cores here; pytest-xdist spreads independent tests over them.
 TEST_JOBS ?= 2
 HTTP_PORT ?= 8000
@@ -19,8 +20,13 @@ CLIENT_PACKAGES := fetchmail:fetchmail getmail6:getmail mpop:mpop curl:curl open
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt
+# What running needs (make run); the test and bench tools come on top (make test, make bench).
+$(RUN_STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(STAMP): $(RUN_STAMP) requirements-dev.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
@@ -31,7 +37,7 @@ $(TLS_DIR)/cert.pem:
 		-keyout $(TLS_DIR)/key.pem -out $(TLS_DIR)/cert.pem 2>/dev/null
 	chmod 600 $(TLS_DIR)/key.pem
 
-run: install $(TLS_DIR)/cert.pem
+run: $(RUN_STAMP) $(TLS_DIR)/cert.pem
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py setupdemo --http-port $(HTTP_PORT)
 	POP3_TLS_CERTFILE=$(TLS_DIR)/cert.pem POP3_TLS_KEYFILE=$(TLS_DIR)/key.pem \
