@@ -39,9 +39,9 @@ $(TLS_DIR)/cert.pem:
 
 run: $(RUN_STAMP) $(TLS_DIR)/cert.pem
 	$(PY) manage.py migrate --noinput
-	$(PY) manage.py setupdemo --http-port $(HTTP_PORT)
+	$(PY) manage.py setupdemo
 	POP3_TLS_CERTFILE=$(TLS_DIR)/cert.pem POP3_TLS_KEYFILE=$(TLS_DIR)/key.pem \
-		$(PY) manage.py runall --http-port $(HTTP_PORT)
+		$(PY) manage.py runall --demo --http-port $(HTTP_PORT)
 
 # Installs missing client programs with apt-get when run as root; otherwise their tests skip.
 # Postfix is preseeded to "No configuration" (no questions, no main.cf, no system instance on

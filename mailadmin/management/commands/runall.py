@@ -1,20 +1,31 @@
-"""Run every listener of one host in the foreground: the web admin and, where built, POP3 and LMTP.
+"""Run every listener of one host in the foreground: the web admin, POP3/POP3S and LMTP.
 
 For `make run` and small single-host installs. Ctrl-C or SIGTERM stops them all; if one
-listener dies, the others are stopped too, so a supervisor sees the failure.
+listener dies, the others are stopped too and the one that failed is named, so a supervisor
+(or a person) sees the failure. Once every listener accepts connections it says so (with
+``--demo``, with the demo's URLs and credentials), so nothing important scrolls away under
+start-up logs; requests for static files are left out of the web access log.
 """
 
+import ctypes
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from typing import IO
 
 from django.conf import settings
-from django.core.management import get_commands
 from django.core.management.base import BaseCommand
+
+from mailadmin.management.commands import setupdemo
 
 STOP_GRACE_SECONDS = 10
 POLL_SECONDS = 0.2
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+STATIC_REQUEST = re.compile(r'"(GET|HEAD) /static/')
 
 
 class Command(BaseCommand):
@@ -23,9 +34,13 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--bind", default="127.0.0.1", help="Address for the web admin.")
         parser.add_argument("--http-port", type=int, default=8000, help="Port for the web admin.")
+        parser.add_argument(
+            "--demo", action="store_true", help="Print the demo's URLs and credentials once all are up."
+        )
 
-    def handle(self, *args, bind: str, http_port: int, **options):
-        children = [subprocess.Popen(command) for command in self._commands(bind, http_port)]
+    def handle(self, *args, bind: str, http_port: int, demo: bool, **options):
+        children = self._start(bind, http_port)
+        listeners = self._listeners(bind, http_port)
         stopping = False
 
         def stop(signum, frame):
@@ -34,30 +49,103 @@ class Command(BaseCommand):
 
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGTERM, stop)
-        while not stopping and all(child.poll() is None for child in children):
+        announced = False
+        while not stopping and all(child.poll() is None for child in children.values()):
+            if not announced and all(_accepting(address) for address in listeners.values()):
+                self._announce(http_port, listeners, demo)
+                announced = True
             time.sleep(POLL_SECONDS)
         self._stop(children)
-        failed = [child for child in children if child.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)]
+        failed = {
+            name: child.returncode
+            for name, child in children.items()
+            if child.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)
+        }
         if failed and not stopping:
+            for name, status in failed.items():
+                self.stderr.write(
+                    f"{name} stopped with exit status {status}; the other listeners were stopped."
+                )
             sys.exit(1)
 
-    def _commands(self, bind: str, http_port: int) -> list[list[str]]:
+    def _start(self, bind: str, http_port: int) -> dict[str, subprocess.Popen]:
         manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
-        commands = [
-            [sys.executable, "-m", "daphne", "-b", bind, "-p", str(http_port), "mailadmin.asgi:application"]
-        ]
-        available = get_commands()
-        commands += [[*manage, name] for name in ("runpop3", "runlmtp") if name in available]
-        return commands
+        web = [sys.executable, "-m", "daphne", "-b", bind, "-p", str(http_port), "mailadmin.asgi:application"]
+        children = {
+            "daphne": subprocess.Popen(web, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent),
+            **{
+                name: subprocess.Popen([*manage, name], preexec_fn=_die_with_parent)
+                for name in ("runpop3", "runlmtp")
+            },
+        }
+        threading.Thread(
+            target=_forward_without_static, args=(children["daphne"].stdout,), daemon=True
+        ).start()
+        return children
 
-    def _stop(self, children: list[subprocess.Popen]) -> None:
-        for child in children:
+    def _listeners(self, bind: str, http_port: int) -> dict[str, tuple[str, int] | str]:
+        """What each listener should answer on, as runpop3 and runlmtp read their settings."""
+        listeners: dict[str, tuple[str, int] | str] = {"Web": (bind, http_port)}
+        if settings.POP3_PORT:
+            listeners["POP3"] = (settings.POP3_BIND, settings.POP3_PORT)
+        if settings.POP3S_PORT and settings.POP3_TLS_CERTFILE:
+            listeners["POP3S"] = (settings.POP3_BIND, settings.POP3S_PORT)
+        listeners["LMTP"] = settings.LMTP_SOCKET or (settings.LMTP_BIND, settings.LMTP_PORT)
+        return listeners
+
+    def _announce(self, http_port: int, listeners: dict, demo: bool) -> None:
+        where = {
+            name: address if isinstance(address, str) else f"{address[0]}:{address[1]}"
+            for name, address in listeners.items()
+            if name != "Web"
+        }
+        if "POP3" in where and "POP3S" in where:
+            where["POP3"] += " (STLS)"
+        if demo:
+            self.stdout.write(setupdemo.banner(http_port, where))
+        else:
+            self.stdout.write("Listening: " + ", ".join(f"{name} {at}" for name, at in where.items()))
+        self.stdout.flush()
+
+    def _stop(self, children: dict[str, subprocess.Popen]) -> None:
+        for child in children.values():
             if child.poll() is None:
                 child.terminate()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for child in children:
+        for child in children.values():
             try:
                 child.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when runall dies, even by SIGKILL (Linux prctl)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _accepting(address: tuple[str, int] | str) -> bool:
+    family = (
+        socket.AF_UNIX
+        if isinstance(address, str)
+        else socket.AF_INET6
+        if ":" in address[0]
+        else socket.AF_INET
+    )
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(POLL_SECONDS)
+        try:
+            probe.connect(address)
+        except OSError:
+            return False
+    return True
+
+
+def _forward_without_static(lines: IO[str]) -> None:
+    """daphne's access log, less the dozens of lines each admin page's assets cost."""
+    for line in lines:
+        if not STATIC_REQUEST.search(line):
+            sys.stdout.write(line)
+            sys.stdout.flush()

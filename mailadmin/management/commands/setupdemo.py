@@ -1,7 +1,13 @@
-"""Create (or refresh) the demo admin, domain and mailbox that `make run` prints."""
+"""Create (or refresh) the demo admin, domain and mailbox that `make run` prints.
+
+The credentials are kept in ``var/demo-credentials.json``; ``runall --demo`` prints them with
+the URLs and ports once every listener is up, so they do not scroll away under start-up logs.
+"""
 
 import json
+import os
 import secrets
+from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -23,40 +29,44 @@ DEMO_MESSAGES = [
 ]
 
 
+def credentials_path() -> Path:
+    return settings.VAR_DIR / "demo-credentials.json"
+
+
+def banner(http_port: int, listening: dict[str, str]) -> str:
+    """What `make run` prints once every listener is up: where to go, and how to log in."""
+    credentials = json.loads(credentials_path().read_text())
+    lines = [
+        "",
+        f"  Web admin:  http://127.0.0.1:{http_port}/admin/",
+        f"              user {ADMIN_USERNAME}, password {credentials['admin']}",
+        f"  Mailbox:    {DEMO_ADDRESS}, password {credentials['mailbox']}",
+        f"  Kept in:    {credentials_path()}",
+        f"  TLS files:  {settings.VAR_DIR / 'tls'}/cert.pem, key.pem (self-signed)",
+        *(f"  {name + ':':<11} {where}" for name, where in listening.items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 class Command(BaseCommand):
-    help = "Create the demo superuser, domain and mailbox with a few messages, and print credentials."
+    help = "Create the demo superuser, domain and mailbox with a few messages; keep their credentials."
 
-    def add_arguments(self, parser):
-        parser.add_argument("--http-port", type=int, default=8000)
-
-    def handle(self, *args, http_port: int, **options):
+    def handle(self, *args, **options):
         credentials = self._credentials()
         self._ensure_admin(credentials["admin"])
         self._ensure_mailbox(credentials["mailbox"])
-        self.stdout.write(
-            "\n".join(
-                [
-                    "",
-                    f"  Web admin:  http://127.0.0.1:{http_port}/admin/",
-                    f"              user {ADMIN_USERNAME}, password {credentials['admin']}",
-                    f"  Mailbox:    {DEMO_ADDRESS}, password {credentials['mailbox']}",
-                    f"  TLS files:  {settings.VAR_DIR / 'tls'}/cert.pem, key.pem (self-signed)",
-                    f"  POP3:       127.0.0.1:{settings.POP3_PORT} (STLS)",
-                    f"  POP3S:      127.0.0.1:{settings.POP3S_PORT}",
-                    f"  LMTP:       127.0.0.1:{settings.LMTP_PORT}",
-                    "",
-                ]
-            )
-        )
+        self.stdout.write(f"Demo data ready; its credentials are in {credentials_path()}.")
 
     def _credentials(self) -> dict[str, str]:
         """Random passwords, made once and kept in var/ so every `make run` prints the same."""
-        path = settings.VAR_DIR / "demo-credentials.json"
+        path = credentials_path()
         if path.exists():
             return json.loads(path.read_text())
         credentials = {"admin": secrets.token_urlsafe(9), "mailbox": secrets.token_urlsafe(9)}
-        path.write_text(json.dumps(credentials))
-        path.chmod(0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(credentials))
         return credentials
 
     def _ensure_admin(self, password: str) -> None:
