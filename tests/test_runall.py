@@ -1,15 +1,22 @@
-"""`make run`'s two commands: setupdemo keeps the credentials, runall starts every listener
-and prints where to go only once all of them answer; a listener that cannot start is named."""
+"""`make run`'s commands and a newcomer's first hour: setupdemo keeps the credentials, runall
+starts every listener and prints where to go only once all of them answer; a listener that
+cannot start is named; a listing piped into `head` ends quietly."""
 
 import json
 import poplib
+import re
 import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_manage
+from mailadmin.hosting import store
+from mailadmin.hosting.store import iter_message_bytes
+from mailadmin.models import Message
+from tests.conftest import PROJECT_DIR, child_environment, run_manage
 from tests.daemons import HOST, DaemonProcess, free_port, start_daemon
 from tests.pop3_server import wait_for
 
@@ -97,3 +104,29 @@ def running(pid: str) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_demo_messages_have_a_date_and_a_message_id(tmp_path):
+    prepared = run_manage("setupdemo", MAILADMIN_VAR_DIR=str(tmp_path))
+    assert prepared.returncode == 0, prepared.stderr
+    heads = [
+        b"".join(iter_message_bytes(pk)).split(b"\r\n\r\n")[0]
+        for pk in Message.objects.values_list("pk", flat=True)
+    ]
+    assert len(heads) == 3
+    assert all(re.search(rb"\r\nDate: \w{3}, \d", head) and b"\r\nMessage-ID: <" in head for head in heads)
+
+
+def test_a_reader_that_goes_away_ends_a_listing_quietly(tmp_path):
+    for number in range(3):
+        store.create_mailbox(f"user{number}@pipe.test", create_domain=True)
+    reader = subprocess.Popen(
+        f"{sys.executable} manage.py listmailboxes | head -c 1",
+        shell=True,
+        cwd=PROJECT_DIR,
+        env=child_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = reader.communicate(timeout=60)
+    assert (len(out), err) == (1, b"")

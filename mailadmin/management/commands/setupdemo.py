@@ -4,6 +4,7 @@ The credentials are kept in ``var/demo-credentials.json``; ``runall --demo`` pri
 the URLs and ports once every listener is up, so they do not scroll away under start-up logs.
 """
 
+import email.utils
 import json
 import os
 import secrets
@@ -86,6 +87,8 @@ class Command(BaseCommand):
             for subject, body in DEMO_MESSAGES:
                 headers = (
                     f"From: mailadmin <postmaster@{DEMO_DOMAIN}>\nTo: {DEMO_ADDRESS}\nSubject: {subject}\n"
+                    f"Date: {email.utils.formatdate()}\n"
+                    f"Message-ID: {email.utils.make_msgid(domain=DEMO_DOMAIN)}\n"
                 )
                 message = f"{headers}\n{body}"
                 deliver([DEMO_ADDRESS], [message.encode()], sender=f"postmaster@{DEMO_DOMAIN}")
