@@ -12,10 +12,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from django.contrib.auth import get_user_model
 
 from mailadmin.hosting import store
 from mailadmin.hosting.store import iter_message_bytes
-from mailadmin.models import Message
+from mailadmin.models import Mailbox, Message
 from tests.conftest import PROJECT_DIR, child_environment, run_manage
 from tests.daemons import HOST, DaemonProcess, free_port, start_daemon
 from tests.pop3_server import wait_for
@@ -118,8 +119,12 @@ def test_demo_messages_have_a_date_and_a_message_id(tmp_path):
 
 
 def test_a_reader_that_goes_away_ends_a_listing_quietly(tmp_path):
-    for number in range(3):
-        store.create_mailbox(f"user{number}@pipe.test", create_domain=True)
+    """Several pipe buffers of listing, so the writer is still writing when `head` has gone."""
+    domain = store.create_domain("pipe.test")
+    users = get_user_model().objects.bulk_create(
+        get_user_model()(username=f"user{number:05}@pipe.test", password="!") for number in range(4000)
+    )
+    Mailbox.objects.bulk_create(Mailbox(user=user, domain=domain) for user in users)
     reader = subprocess.Popen(
         f"{sys.executable} manage.py listmailboxes | head -c 1",
         shell=True,
