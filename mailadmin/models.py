@@ -1,8 +1,8 @@
 """Domains, mailboxes and stored messages.
 
-Counters (``used_bytes``, ``used_messages``, ``next_uid``) are written only by
+Counters (``used_bytes``, ``used_messages``, ``next_uid``, ...) are written only by
 ``mailadmin.hosting.store``, always with conditional ``UPDATE`` statements in the same transaction
-as the message rows they count; nothing else should save them.
+as the message rows they count; :class:`StoreCounters` keeps every ``save()`` away from them.
 """
 
 import time
@@ -30,7 +30,39 @@ def parse_percents(text: str) -> list[int]:
     return percents
 
 
-class Domain(models.Model):
+class StoreCounters:
+    """Keeps a model's ``save()`` from writing the columns only the store may write.
+
+    An edit (admin form, serializer, service) loads a row, changes some fields and saves it; a
+    full save writes every column back as it was read, so a delivery committed in between
+    would be undone and ``next_uid`` would go back to a UID already taken. Here every save of
+    an existing row leaves ``STORE_OWNED_FIELDS`` out of its UPDATE, and naming one of them in
+    ``update_fields`` is a programming error. The store moves them with queryset updates,
+    which never pass through ``save()``. Inserting a new row writes their initial values.
+
+    The alternative, a table of counters apart from the settings, would keep them safe by
+    construction too, but would add a join or a second row to every delivery, login and
+    listing; one save() rule costs nothing on those paths.
+    """
+
+    STORE_OWNED_FIELDS: tuple[str, ...] = ()
+
+    def save(self, *args, force_insert=False, update_fields=None, **kwargs) -> None:
+        if update_fields is not None:
+            for name in update_fields:
+                if name in self.STORE_OWNED_FIELDS:
+                    raise ValueError(f"{name} is written only by the store (mailadmin.hosting.store)")
+        elif self.pk is not None and not force_insert:
+            skipped = {*self.STORE_OWNED_FIELDS, *self.get_deferred_fields()}
+            update_fields = [
+                field.name
+                for field in self._meta.concrete_fields
+                if not field.primary_key and field.name not in skipped and field.attname not in skipped
+            ]
+        super().save(*args, force_insert=force_insert, update_fields=update_fields, **kwargs)
+
+
+class Domain(StoreCounters, models.Model):
     name = models.CharField(
         max_length=253, unique=True, help_text="Lower-case; internationalised names are stored as A-labels."
     )
@@ -49,6 +81,8 @@ class Domain(models.Model):
         help_text="Usage percentages whose crossing delivers a warning, e.g. '80,95'; blank = the default.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
+
+    STORE_OWNED_FIELDS = ("used_bytes",)
 
     class Meta:
         ordering = ["name"]
@@ -81,7 +115,7 @@ class MailboxQuerySet(models.QuerySet):
         return self.filter(user__username=address.strip().lower())
 
 
-class Mailbox(models.Model):
+class Mailbox(StoreCounters, models.Model):
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="mailbox")
     domain = models.ForeignKey(Domain, on_delete=models.PROTECT, related_name="mailboxes")
     active = models.BooleanField(default=True)
@@ -98,6 +132,8 @@ class Mailbox(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = MailboxQuerySet.as_manager()
+
+    STORE_OWNED_FIELDS = ("used_bytes", "used_messages", "next_uid", "uid_validity", "quota_warning_percent")
 
     class Meta:
         verbose_name_plural = "mailboxes"
