@@ -244,7 +244,7 @@ class Pop3Node(models.Model):
 
 class Pop3SessionQuerySet(models.QuerySet):
     def open(self) -> "Pop3SessionQuerySet":
-        """Sessions not yet ended, including those of a process that died (see ``running``)."""
+        """Sessions not yet ended, including those of a process that died and was not yet swept."""
         return self.filter(ended_at__isnull=True)
 
 

@@ -215,7 +215,6 @@ POP3_LOGIN_TIMEOUT = _env_float("POP3_LOGIN_TIMEOUT", 180.0)
 POP3_IDLE_TIMEOUT = _env_float("POP3_IDLE_TIMEOUT", 600.0)
 POP3_MAX_CONNECTIONS = _env_int("POP3_MAX_CONNECTIONS", 10000)
 POP3_MAX_CONNECTIONS_PER_IP = _env_int("POP3_MAX_CONNECTIONS_PER_IP", 100)
-POP3_MAX_USERIP_SESSIONS = _env_int("POP3_MAX_USERIP_SESSIONS", 10)
 # Seconds before a failed login is answered, and the cap of the per-source penalty added to it
 # for repeated failures (Dovecot: 2 s, growing 2-4-8 up to 15 s).
 POP3_AUTH_FAILURE_DELAY = _env_float("POP3_AUTH_FAILURE_DELAY", 2.0)

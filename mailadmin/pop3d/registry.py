@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.db import DatabaseError, IntegrityError, transaction
-from django.db.models import F, QuerySet, Subquery
+from django.db.models import F, Subquery
 from django.utils import timezone
 
 from mailadmin.executors import BoundedExecutor
@@ -71,12 +71,6 @@ def printable(text: str) -> str:
 
 def stale_after(interval: float) -> timedelta:
     return timedelta(seconds=max(MIN_STALE_SECONDS, STALE_INTERVALS * interval))
-
-
-def running(sessions: QuerySet, interval: float = 1.0) -> QuerySet:
-    """Open sessions whose process is still heartbeating."""
-    alive = Pop3Node.objects.filter(heartbeat_at__gte=timezone.now() - stale_after(interval))
-    return sessions.open().filter(node__in=alive.values("name"))
 
 
 def request_kick(*, address: str | None = None, session_id: str | None = None) -> int:
