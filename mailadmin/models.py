@@ -6,11 +6,13 @@ as the message rows they count; :class:`StoreCounters` keeps every ``save()`` aw
 """
 
 import time
+from datetime import datetime
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Now
 
 from mailadmin.addresses import normalise_domain
 
@@ -169,9 +171,7 @@ class Message(models.Model):
     size_bytes = models.BigIntegerField(help_text="Exact octets of the CRLF-normalised message.")
     received_at = models.DateTimeField()
     envelope_sender = models.CharField(max_length=320, blank=True)
-    # The header block (through the empty line) when it is at most MAILADMIN_HEADER_CACHE_BYTES;
-    # header_size_bytes is the full header length either way, so TOP knows where the body starts.
-    headers = models.BinaryField(editable=False)
+    # The full header length (through the empty line), so TOP knows where the body starts.
     header_size_bytes = models.BigIntegerField()
     subject = models.CharField(max_length=255, blank=True)
     from_header = models.CharField(max_length=255, blank=True)
@@ -192,10 +192,6 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.uidl} ({self.size_bytes} bytes)"
-
-    @property
-    def headers_complete(self) -> bool:
-        return len(self.headers) == self.header_size_bytes
 
 
 class MessageChunk(models.Model):
@@ -247,6 +243,15 @@ class Pop3SessionQuerySet(models.QuerySet):
         """Sessions not yet ended, including those of a process that died and was not yet swept."""
         return self.filter(ended_at__isnull=True)
 
+    def changed_since(self, moment: datetime) -> "Pop3SessionQuerySet":
+        """Rows written after ``moment`` (database time), for a reader that polls for changes.
+
+        A write is stamped when its statement runs and seen when its transaction commits a
+        moment later, so a reader should ask from a little before its last look (a second or
+        two) and treat rows as idempotent snapshots.
+        """
+        return self.filter(updated_at__gt=moment)
+
 
 class Pop3Session(models.Model):
     """One POP3 connection, written by the runpop3 process that serves it, as it runs."""
@@ -291,6 +296,9 @@ class Pop3Session(models.Model):
     deleted_bytes = models.BigIntegerField(default=0)
     message_count = models.PositiveIntegerField(default=0)
     message_bytes = models.BigIntegerField(default=0)
+    # Database time of the row's last write: every writer sets it (runpop3's registry, the
+    # sweep of lost sessions, kicks), so a console fetches only what changed since its last look.
+    updated_at = models.DateTimeField(db_default=Now())
 
     objects = Pop3SessionQuerySet.as_manager()
 
@@ -301,6 +309,12 @@ class Pop3Session(models.Model):
             models.Index(fields=["node", "ended_at"], name="pop3session_node_live"),
             models.Index(fields=["mailbox", "ended_at"], name="pop3session_mailbox_live"),
             models.Index(fields=["-started_at"], name="pop3session_started"),
+            # Only the open rows, a few thousand at most beside weeks of history: a domain's
+            # live sessions, or all of them, without reading ended ones.
+            models.Index(
+                fields=["domain", "started_at"], condition=Q(ended_at__isnull=True), name="pop3session_open"
+            ),
+            models.Index(fields=["updated_at"], name="pop3session_updated"),
         ]
 
     def __str__(self) -> str:

@@ -193,8 +193,10 @@ MAILADMIN_QUOTA_WARNING_BODY = os.environ.get(
     "Your mailbox {address} uses {used} of its {quota} ({percent}%).\n"
     "When it is full, new mail will be refused. Please delete messages you no longer need.\n",
 )
-# Header blocks up to this size are kept on the message row for TOP and the admin.
+# Header blocks are read up to this size for the subject and sender kept on the message row.
 MAILADMIN_HEADER_CACHE_BYTES = 64 * 1024
+# Ended POP3 sessions and failed logins older than this many days go at `prunehistory`.
+MAILADMIN_HISTORY_DAYS = _env_int("MAILADMIN_HISTORY_DAYS", 30)
 
 
 # --- POP3 (runpop3) -------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from django.db import DatabaseError
 from django.db.models import Max
 from django.utils import timezone
 
+from mailadmin.addresses import domain_of_login
 from mailadmin.executors import BoundedExecutor
 from mailadmin.hosting import store
 from mailadmin.models import AuthFailure, Mailbox, Pop3Session
@@ -291,6 +292,7 @@ def record_failure(request: LoginRequest, source: str, reason: str, fields: dict
         created_at=timezone.now(),
         session_id=request.session_id or None,
         username=registry.printable(request.username)[:MAX_USERNAME_LENGTH],
+        domain_id=registry.domain_named(domain_of_login(request.username)),
         peer_host=request.peer_host[:64],
         source=source,
         mechanism=request.mechanism[:16],
