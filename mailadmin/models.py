@@ -112,11 +112,6 @@ class Domain(StoreCounters, models.Model):
         return parse_percents(self.quota_warning_percents or settings.MAILADMIN_QUOTA_WARNING_PERCENTS)
 
 
-class MailboxQuerySet(models.QuerySet):
-    def for_address(self, address: str) -> "MailboxQuerySet":
-        return self.filter(user__username=address.strip().lower())
-
-
 class Mailbox(StoreCounters, models.Model):
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="mailbox")
     domain = models.ForeignKey(Domain, on_delete=models.PROTECT, related_name="mailboxes")
@@ -132,8 +127,6 @@ class Mailbox(StoreCounters, models.Model):
     next_uid = models.BigIntegerField(default=1, editable=False)
     uid_validity = models.BigIntegerField(default=_unix_time_now, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
-
-    objects = MailboxQuerySet.as_manager()
 
     STORE_OWNED_FIELDS = ("used_bytes", "used_messages", "next_uid", "uid_validity", "quota_warning_percent")
 
