@@ -26,12 +26,11 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Lines of a server's stderr that mean something went wrong (LOG_LEVEL is WARNING).
 PROBLEM = re.compile(r"Traceback|\b(ERROR|CRITICAL)\b")
 
-# Settings every bench server runs with: no failure delays or penalties, no per-user session
-# cap, the monitor at its default tick, quiet logs. The cache TTL is chosen per scenario.
+# Settings every bench server runs with: no failure delays or penalties, the monitor at its
+# default tick, quiet logs. The cache TTL is chosen per scenario.
 BENCH_SETTINGS = {
     "POP3_AUTH_FAILURE_DELAY": "0",
     "POP3_AUTH_PENALTY_MAX": "0",
-    "POP3_MAX_USERIP_SESSIONS": "0",
     "POP3_MONITOR_INTERVAL": "1",
     "LOG_LEVEL": "WARNING",
 }

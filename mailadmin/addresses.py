@@ -1,6 +1,7 @@
 """Validation and normalisation of domain names and mailbox addresses."""
 
 import re
+import unicodedata
 
 MAX_DOMAIN_LENGTH = 253  # RFC 1035 section 2.3.4, without the trailing dot
 MAX_LOCAL_PART_LENGTH = 64  # RFC 5321 section 4.5.3.1.1
@@ -58,3 +59,17 @@ def normalise_address(address: str) -> str:
 
 def domain_of(address: str) -> str:
     return address.rpartition("@")[2]
+
+
+def domain_of_login(login: str) -> str | None:
+    """The A-label domain of a login name as a client typed it, or None when it names none.
+
+    NFKC and lower-cased as login names are; for recording which domain a failed login tried.
+    """
+    local, at, domain = unicodedata.normalize("NFKC", login).strip().rpartition("@")
+    if not at or not local:
+        return None
+    try:
+        return normalise_domain(domain)
+    except ValueError:
+        return None

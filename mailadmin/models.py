@@ -1,16 +1,18 @@
 """Domains, mailboxes and stored messages.
 
-Counters (``used_bytes``, ``used_messages``, ``next_uid``) are written only by
+Counters (``used_bytes``, ``used_messages``, ``next_uid``, ...) are written only by
 ``mailadmin.hosting.store``, always with conditional ``UPDATE`` statements in the same transaction
-as the message rows they count; nothing else should save them.
+as the message rows they count; :class:`StoreCounters` keeps every ``save()`` away from them.
 """
 
 import time
+from datetime import datetime
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Now
 
 from mailadmin.addresses import normalise_domain
 
@@ -30,7 +32,39 @@ def parse_percents(text: str) -> list[int]:
     return percents
 
 
-class Domain(models.Model):
+class StoreCounters:
+    """Keeps a model's ``save()`` from writing the columns only the store may write.
+
+    An edit (admin form, serializer, service) loads a row, changes some fields and saves it; a
+    full save writes every column back as it was read, so a delivery committed in between
+    would be undone and ``next_uid`` would go back to a UID already taken. Here every save of
+    an existing row leaves ``STORE_OWNED_FIELDS`` out of its UPDATE, and naming one of them in
+    ``update_fields`` is a programming error. The store moves them with queryset updates,
+    which never pass through ``save()``. Inserting a new row writes their initial values.
+
+    The alternative, a table of counters apart from the settings, would keep them safe by
+    construction too, but would add a join or a second row to every delivery, login and
+    listing; one save() rule costs nothing on those paths.
+    """
+
+    STORE_OWNED_FIELDS: tuple[str, ...] = ()
+
+    def save(self, *args, force_insert=False, update_fields=None, **kwargs) -> None:
+        if update_fields is not None:
+            for name in update_fields:
+                if name in self.STORE_OWNED_FIELDS:
+                    raise ValueError(f"{name} is written only by the store (mailadmin.hosting.store)")
+        elif self.pk is not None and not force_insert:
+            skipped = {*self.STORE_OWNED_FIELDS, *self.get_deferred_fields()}
+            update_fields = [
+                field.name
+                for field in self._meta.concrete_fields
+                if not field.primary_key and field.name not in skipped and field.attname not in skipped
+            ]
+        super().save(*args, force_insert=force_insert, update_fields=update_fields, **kwargs)
+
+
+class Domain(StoreCounters, models.Model):
     name = models.CharField(
         max_length=253, unique=True, help_text="Lower-case; internationalised names are stored as A-labels."
     )
@@ -49,6 +83,8 @@ class Domain(models.Model):
         help_text="Usage percentages whose crossing delivers a warning, e.g. '80,95'; blank = the default.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
+
+    STORE_OWNED_FIELDS = ("used_bytes",)
 
     class Meta:
         ordering = ["name"]
@@ -76,12 +112,7 @@ class Domain(models.Model):
         return parse_percents(self.quota_warning_percents or settings.MAILADMIN_QUOTA_WARNING_PERCENTS)
 
 
-class MailboxQuerySet(models.QuerySet):
-    def for_address(self, address: str) -> "MailboxQuerySet":
-        return self.filter(user__username=address.strip().lower())
-
-
-class Mailbox(models.Model):
+class Mailbox(StoreCounters, models.Model):
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="mailbox")
     domain = models.ForeignKey(Domain, on_delete=models.PROTECT, related_name="mailboxes")
     active = models.BooleanField(default=True)
@@ -97,7 +128,7 @@ class Mailbox(models.Model):
     uid_validity = models.BigIntegerField(default=_unix_time_now, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
-    objects = MailboxQuerySet.as_manager()
+    STORE_OWNED_FIELDS = ("used_bytes", "used_messages", "next_uid", "uid_validity", "quota_warning_percent")
 
     class Meta:
         verbose_name_plural = "mailboxes"
@@ -133,9 +164,7 @@ class Message(models.Model):
     size_bytes = models.BigIntegerField(help_text="Exact octets of the CRLF-normalised message.")
     received_at = models.DateTimeField()
     envelope_sender = models.CharField(max_length=320, blank=True)
-    # The header block (through the empty line) when it is at most MAILADMIN_HEADER_CACHE_BYTES;
-    # header_size_bytes is the full header length either way, so TOP knows where the body starts.
-    headers = models.BinaryField(editable=False)
+    # The full header length (through the empty line), so TOP knows where the body starts.
     header_size_bytes = models.BigIntegerField()
     subject = models.CharField(max_length=255, blank=True)
     from_header = models.CharField(max_length=255, blank=True)
@@ -156,10 +185,6 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.uidl} ({self.size_bytes} bytes)"
-
-    @property
-    def headers_complete(self) -> bool:
-        return len(self.headers) == self.header_size_bytes
 
 
 class MessageChunk(models.Model):
@@ -208,8 +233,17 @@ class Pop3Node(models.Model):
 
 class Pop3SessionQuerySet(models.QuerySet):
     def open(self) -> "Pop3SessionQuerySet":
-        """Sessions not yet ended, including those of a process that died (see ``running``)."""
+        """Sessions not yet ended, including those of a process that died and was not yet swept."""
         return self.filter(ended_at__isnull=True)
+
+    def changed_since(self, moment: datetime) -> "Pop3SessionQuerySet":
+        """Rows written after ``moment`` (database time), for a reader that polls for changes.
+
+        A write is stamped when its statement runs and seen when its transaction commits a
+        moment later, so a reader should ask from a little before its last look (a second or
+        two) and treat rows as idempotent snapshots.
+        """
+        return self.filter(updated_at__gt=moment)
 
 
 class Pop3Session(models.Model):
@@ -255,6 +289,9 @@ class Pop3Session(models.Model):
     deleted_bytes = models.BigIntegerField(default=0)
     message_count = models.PositiveIntegerField(default=0)
     message_bytes = models.BigIntegerField(default=0)
+    # Database time of the row's last write: every writer sets it (runpop3's registry, the
+    # sweep of lost sessions, kicks), so a console fetches only what changed since its last look.
+    updated_at = models.DateTimeField(db_default=Now())
 
     objects = Pop3SessionQuerySet.as_manager()
 
@@ -265,6 +302,12 @@ class Pop3Session(models.Model):
             models.Index(fields=["node", "ended_at"], name="pop3session_node_live"),
             models.Index(fields=["mailbox", "ended_at"], name="pop3session_mailbox_live"),
             models.Index(fields=["-started_at"], name="pop3session_started"),
+            # Only the open rows, a few thousand at most beside weeks of history: a domain's
+            # live sessions, or all of them, without reading ended ones.
+            models.Index(
+                fields=["domain", "started_at"], condition=Q(ended_at__isnull=True), name="pop3session_open"
+            ),
+            models.Index(fields=["updated_at"], name="pop3session_updated"),
         ]
 
     def __str__(self) -> str:

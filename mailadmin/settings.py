@@ -214,8 +214,10 @@ MAILADMIN_QUOTA_WARNING_BODY = os.environ.get(
     "Your mailbox {address} uses {used} of its {quota} ({percent}%).\n"
     "When it is full, new mail will be refused. Please delete messages you no longer need.\n",
 )
-# Header blocks up to this size are kept on the message row for TOP and the admin.
+# Header blocks are read up to this size for the subject and sender kept on the message row.
 MAILADMIN_HEADER_CACHE_BYTES = 64 * 1024
+# Ended POP3 sessions and failed logins older than this many days go at `prunehistory`.
+MAILADMIN_HISTORY_DAYS = _env_int("MAILADMIN_HISTORY_DAYS", 30)
 
 
 # --- POP3 (runpop3) -------------------------------------------------------------------------
@@ -236,7 +238,6 @@ POP3_LOGIN_TIMEOUT = _env_float("POP3_LOGIN_TIMEOUT", 180.0)
 POP3_IDLE_TIMEOUT = _env_float("POP3_IDLE_TIMEOUT", 600.0)
 POP3_MAX_CONNECTIONS = _env_int("POP3_MAX_CONNECTIONS", 10000)
 POP3_MAX_CONNECTIONS_PER_IP = _env_int("POP3_MAX_CONNECTIONS_PER_IP", 100)
-POP3_MAX_USERIP_SESSIONS = _env_int("POP3_MAX_USERIP_SESSIONS", 10)
 # Seconds before a failed login is answered, and the cap of the per-source penalty added to it
 # for repeated failures (Dovecot: 2 s, growing 2-4-8 up to 15 s).
 POP3_AUTH_FAILURE_DELAY = _env_float("POP3_AUTH_FAILURE_DELAY", 2.0)

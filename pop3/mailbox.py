@@ -63,7 +63,6 @@ class LoginFailure(enum.Enum):
 
     BAD_CREDENTIALS = "bad credentials"  # unknown user, wrong password, inactive: one answer
     IN_USE = "mailbox in use"
-    TOO_MANY_SESSIONS = "too many sessions"
     LOGIN_DELAY = "login delay"
     TEMPORARY = "temporary failure"
 

@@ -246,10 +246,6 @@ def size_listing(first_text: str, numbered_sizes: Iterable[tuple[int, int]]) -> 
     return ok(first_text) + (body + CRLF if body else b"") + TERMINATOR
 
 
-def stuff_line(line: bytes) -> bytes:
-    return b"." + line if line.startswith(b".") else line
-
-
 class DotStuffer:
     """Byte-stuffs a message for RETR/TOP (RFC 1939 section 3), chunk by chunk.
 

@@ -25,9 +25,8 @@ from pop3.session import ConnectionLost, Session, Timeouts
 logger = logging.getLogger(__name__)
 
 # Stop reading from a client that has this much unprocessed input queued (pipelining
-# backpressure, checklist G17); resume below the low mark.
+# backpressure, checklist G17); resume once the session has taken what is queued.
 INPUT_HIGH_WATER = 64 * 1024
-INPUT_LOW_WATER = 16 * 1024
 # Modern AEAD suites for TLS 1.2; TLS 1.3 suites are fixed by OpenSSL and all fine.
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
 

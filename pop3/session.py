@@ -51,10 +51,6 @@ TEXT_KICKED = "Disconnected by an administrator."
 LOGIN_FAILURE_REPLIES = {
     LoginFailure.BAD_CREDENTIALS: (protocol.TEXT_AUTH_FAILED, ResponseCode.AUTH),
     LoginFailure.IN_USE: ("Mailbox is locked by another POP3 session.", ResponseCode.IN_USE),
-    LoginFailure.TOO_MANY_SESSIONS: (
-        "Too many sessions for this user from this address.",
-        ResponseCode.IN_USE,
-    ),
     LoginFailure.LOGIN_DELAY: ("Logged in too recently; try again later.", ResponseCode.LOGIN_DELAY),
     LoginFailure.TEMPORARY: ("Temporary authentication failure.", ResponseCode.SYS_TEMP),
 }

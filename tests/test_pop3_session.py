@@ -429,10 +429,6 @@ def test_malformed_sasl_is_rejected_through_the_authenticator_with_the_auth_repl
             b"-ERR [IN-USE] Mailbox is locked by another POP3 session.\r\n",
         ),
         (
-            LoginResult(failure=LoginFailure.TOO_MANY_SESSIONS),
-            b"-ERR [IN-USE] Too many sessions for this user from this address.\r\n",
-        ),
-        (
             LoginResult(failure=LoginFailure.LOGIN_DELAY),
             b"-ERR [LOGIN-DELAY] Logged in too recently; try again later.\r\n",
         ),

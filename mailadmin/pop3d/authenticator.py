@@ -10,7 +10,7 @@ Order of work for one attempt, as in Dovecot:
    hashes for unknown users too and upgrades outdated hashes on success, off the event loop;
 3. the mailbox and its domain must be active: unknown user, wrong password and inactive
    mailbox all cost the same work and get the same answer after the same failure delay;
-4. session limits, LOGIN-DELAY and the maildrop lease are checked on the database executor.
+4. LOGIN-DELAY and the maildrop lease are checked on the database executor.
 
 POP3 clients log in on every poll, so a successful verification is remembered for
 POP3_AUTH_CACHE_TTL seconds (Dovecot's auth_cache makes the same trade): a keyed hash of the
@@ -38,6 +38,7 @@ from django.db import DatabaseError
 from django.db.models import Max
 from django.utils import timezone
 
+from mailadmin.addresses import domain_of_login
 from mailadmin.executors import BoundedExecutor
 from mailadmin.hosting import store
 from mailadmin.models import AuthFailure, Mailbox, Pop3Session
@@ -58,7 +59,6 @@ class AuthPolicy:
     failure_delay: float = 2.0
     penalty_max: float = 15.0
     penalty_window_seconds: int = 900
-    max_userip_sessions: int = 10
     login_delay_seconds: int = 0
     lease_ttl_seconds: float = 60.0
 
@@ -128,7 +128,7 @@ class Pop3Authenticator:
             return LoginResult(username=username or "", failure=LoginFailure.BAD_CREDENTIALS)
         owner = secrets.token_hex(16)
         try:
-            failure, rows = await self._open_maildrop(verified.mailbox_id, request.peer_host, owner)
+            failure, rows = await self._open_maildrop(verified.mailbox_id, owner)
         except DatabaseError:
             return await self._internal_failure(verified.username)
         if failure is not None:
@@ -137,16 +137,14 @@ class Pop3Authenticator:
         maildrop = OrmMaildrop(self.database, verified.mailbox_id, owner, rows, verified.password_fingerprint)
         return LoginResult(maildrop=maildrop, username=verified.username)
 
-    async def _open_maildrop(self, mailbox_id: int, peer_host: str, owner: str):
+    async def _open_maildrop(self, mailbox_id: int, owner: str):
         """open_maildrop on the executor; a session cancelled meanwhile gives the lease back.
 
         Cancelling the await does not stop the worker thread, which may still take the lease;
         a background task waits for it and releases the lease, so the mailbox is not left
         locked until the lease lapses. ``settle()`` waits for those tasks.
         """
-        work = asyncio.ensure_future(
-            self.database.run(open_maildrop, mailbox_id, peer_host, owner, self.policy)
-        )
+        work = asyncio.ensure_future(self.database.run(open_maildrop, mailbox_id, owner, self.policy))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -276,14 +274,11 @@ def current_user(username: str) -> VerifiedUser | None:
 
 
 def open_maildrop(
-    mailbox_id: int, peer_host: str, owner: str, policy: AuthPolicy
+    mailbox_id: int, owner: str, policy: AuthPolicy
 ) -> tuple[LoginFailure | None, list[MessageInfo]]:
-    """Session limits, LOGIN-DELAY, then the lease and the snapshot; in that order."""
-    sessions = Pop3Session.objects.filter(mailbox_id=mailbox_id)
-    if policy.max_userip_sessions:
-        if registry.running(sessions.filter(peer_host=peer_host)).count() >= policy.max_userip_sessions:
-            return LoginFailure.TOO_MANY_SESSIONS, []
+    """LOGIN-DELAY, then the lease and the snapshot; in that order."""
     if policy.login_delay_seconds:
+        sessions = Pop3Session.objects.filter(mailbox_id=mailbox_id)
         last = sessions.aggregate(last=Max("authenticated_at"))["last"]
         if last and timezone.now() - last < timedelta(seconds=policy.login_delay_seconds):
             return LoginFailure.LOGIN_DELAY, []
@@ -297,6 +292,7 @@ def record_failure(request: LoginRequest, source: str, reason: str, fields: dict
         created_at=timezone.now(),
         session_id=request.session_id or None,
         username=registry.printable(request.username)[:MAX_USERNAME_LENGTH],
+        domain_id=registry.domain_named(domain_of_login(request.username)),
         peer_host=request.peer_host[:64],
         source=source,
         mechanism=request.mechanism[:16],

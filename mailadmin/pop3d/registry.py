@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.db import DatabaseError, IntegrityError, transaction
-from django.db.models import F, QuerySet, Subquery
+from django.db.models import F, Subquery
+from django.db.models.functions import Now
 from django.utils import timezone
 
+from mailadmin.addresses import domain_of_login
 from mailadmin.executors import BoundedExecutor
 from mailadmin.hosting import store
-from mailadmin.models import Mailbox, Pop3Node, Pop3Session
+from mailadmin.models import Domain, Mailbox, Pop3Node, Pop3Session
 from mailadmin.pop3d.maildrop import OrmMaildrop
 from pop3.mailbox import ConnectionInfo, EndReason, LoginFailure, Maildrop, SessionStats
 from pop3.session import Session
@@ -73,10 +75,11 @@ def stale_after(interval: float) -> timedelta:
     return timedelta(seconds=max(MIN_STALE_SECONDS, STALE_INTERVALS * interval))
 
 
-def running(sessions: QuerySet, interval: float = 1.0) -> QuerySet:
-    """Open sessions whose process is still heartbeating."""
-    alive = Pop3Node.objects.filter(heartbeat_at__gte=timezone.now() - stale_after(interval))
-    return sessions.open().filter(node__in=alive.values("name"))
+def domain_named(name: str | None) -> Subquery | None:
+    """The id of our domain called ``name`` (None if it is not ours), as a subquery of the write itself."""
+    if name is None:
+        return None
+    return Subquery(Domain.objects.filter(name=name).order_by().values("pk"))
 
 
 def request_kick(*, address: str | None = None, session_id: str | None = None) -> int:
@@ -137,7 +140,9 @@ class SessionRecorder:
     def login_failed(self, username: str, failure: LoginFailure, mechanism: str) -> None:
         """The authenticator records the failure itself; the session row learns the name tried."""
         self.username = printable(username)[:320]
-        self.monitor.outbox.update(self.session_id, username=self.username)
+        self.monitor.outbox.update(
+            self.session_id, username=self.username, tried_domain=domain_of_login(username)
+        )
 
     def logged_in(self, username: str, mechanism: str, maildrop: Maildrop) -> None:
         self.username = printable(username)[:320]
@@ -311,12 +316,15 @@ def _apply(inserts: list[dict], updates) -> None:
     if inserts:
         Pop3Session.objects.bulk_create([Pop3Session(**fields) for fields in inserts])
     for session_id, fields in updates:
+        fields = {**fields, "updated_at": Now()}
+        if "tried_domain" in fields:
+            fields["domain_id"] = domain_named(fields.pop("tried_domain"))
         if "mailbox_id" in fields:
-            # The mailbox may be deleted before this write; then the row points nowhere.
-            fields = {
-                **fields,
-                "mailbox_id": Subquery(Mailbox.objects.filter(pk=fields["mailbox_id"]).values("pk")),
-            }
+            # The mailbox may be deleted before this write; then the row points nowhere. Its
+            # domain is the session's, over any domain a failed attempt before named.
+            mailbox = Mailbox.objects.filter(pk=fields["mailbox_id"])
+            fields["mailbox_id"] = Subquery(mailbox.values("pk"))
+            fields["domain_id"] = Subquery(mailbox.values("domain_id"))
         Pop3Session.objects.filter(pk=session_id).update(**fields)
 
 
@@ -355,8 +363,8 @@ def sweep_lost_sessions(interval: float) -> int:
     """End the open sessions of processes that stopped heartbeating, and forget those processes."""
     dead = Pop3Node.objects.filter(heartbeat_at__lt=timezone.now() - stale_after(interval))
     lost = Pop3Session.objects.open().filter(node__in=dead.values("name"))
-    count = lost.update(ended_at=timezone.now(), end_reason=Pop3Session.EndReason.LOST)
+    count = lost.update(ended_at=timezone.now(), end_reason=Pop3Session.EndReason.LOST, updated_at=Now())
     orphans = Pop3Session.objects.open().exclude(node__in=Pop3Node.objects.values("name"))
-    count += orphans.update(ended_at=F("started_at"), end_reason=Pop3Session.EndReason.LOST)
+    count += orphans.update(ended_at=F("started_at"), end_reason=Pop3Session.EndReason.LOST, updated_at=Now())
     dead.delete()
     return count

@@ -128,7 +128,6 @@ def _insert_message(
         size_bytes=size,
         received_at=received_at or timezone.now(),
         envelope_sender=envelope_sender,
-        headers=(prefix + message.headers)[: settings.MAILADMIN_HEADER_CACHE_BYTES],
         header_size_bytes=len(prefix) + message.header_size_bytes,
         subject=message.summary.subject,
         from_header=message.summary.from_header,

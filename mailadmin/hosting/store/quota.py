@@ -1,4 +1,4 @@
-"""Quota recalculation: the counters recomputed from the messages, and what drifted."""
+"""Quota recalculation: the counters (and next_uid) recomputed from the messages, and what drifted."""
 
 from dataclasses import dataclass
 
@@ -22,7 +22,11 @@ class Drift:
 
 
 def recalculate_quota(address: str | None = None) -> list[Drift]:
-    """Recompute usage counters from the messages, correct them, and report what drifted."""
+    """Recompute usage counters from the messages, correct them, and report what drifted.
+
+    ``next_uid`` is raised above the highest UID stored (never lowered), so a mailbox whose
+    counter went back delivers again instead of failing on a UIDL already taken.
+    """
     if address is not None:
         mailboxes = [get_mailbox(address)]
     else:
@@ -45,6 +49,9 @@ def _recalculate_mailbox(mailbox_id: int) -> list[Drift]:
             count=Count("id"), size=Sum("size_bytes")
         )
         actual = {"used_bytes": totals["size"] or 0, "used_messages": totals["count"]}
+        highest_uid = _highest_uid(mailbox)
+        if mailbox.next_uid <= highest_uid:
+            actual["next_uid"] = highest_uid + 1
         drifts = [
             Drift(mailbox.address, counter, getattr(mailbox, counter), value)
             for counter, value in actual.items()
@@ -53,6 +60,26 @@ def _recalculate_mailbox(mailbox_id: int) -> list[Drift]:
         if drifts:
             Mailbox.objects.filter(pk=mailbox_id).update(**actual)
     return drifts
+
+
+def _highest_uid(mailbox: Mailbox) -> int:
+    """The highest UID among the mailbox's UIDLs made by ``format_uidl`` with its uid_validity; 0 if none.
+
+    Other UIDLs (imported from another server, or of an earlier uid_validity) cannot collide
+    with new ones; imports already keep ``next_uid`` above the UIDs they bring.
+    """
+    suffix = f"{mailbox.uid_validity:08X}"
+    highest = 0
+    uidls = Message.objects.filter(mailbox_id=mailbox.pk, uidl__endswith=suffix)
+    for uidl in uidls.values_list("uidl", flat=True).iterator():
+        uid_text = uidl[: -len(suffix)]
+        if uidl.endswith(suffix) and len(uid_text) >= 8 and _is_upper_hex(uid_text):
+            highest = max(highest, int(uid_text, 16))
+    return highest
+
+
+def _is_upper_hex(text: str) -> bool:
+    return all(c in "0123456789ABCDEF" for c in text)
 
 
 def _recalculate_domain(domain_id: int) -> list[Drift]:

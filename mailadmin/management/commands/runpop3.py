@@ -117,7 +117,6 @@ class Command(BaseCommand):
             failure_delay=settings.POP3_AUTH_FAILURE_DELAY,
             penalty_max=settings.POP3_AUTH_PENALTY_MAX,
             penalty_window_seconds=settings.POP3_AUTH_PENALTY_WINDOW,
-            max_userip_sessions=settings.POP3_MAX_USERIP_SESSIONS,
             login_delay_seconds=settings.POP3_LOGIN_DELAY,
             lease_ttl_seconds=settings.POP3_LEASE_TTL,
         )

@@ -1,0 +1,47 @@
+"""Session and failed-login history: kept for MAILADMIN_HISTORY_DAYS, then pruned in small batches.
+
+One row per POP3 connection and one per failed login add up to millions within weeks. Pruning
+deletes a bounded batch per transaction, so it never holds SQLite's writer lock, or
+PostgreSQL's row locks, for long while runpop3 writes its rows; an open session is never
+deleted, however old.
+"""
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from django.db import transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from mailadmin.models import AuthFailure, Pop3Session
+
+BATCH_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class Pruned:
+    sessions: int
+    failures: int
+
+
+def prune_history(days: int, *, batch_size: int = BATCH_SIZE) -> Pruned:
+    """Delete sessions that ended, and failed logins made, more than ``days`` days ago."""
+    if days < 0:
+        raise ValueError("days must be 0 or more")
+    cutoff = timezone.now() - timedelta(days=days)
+    # A session that ended before the cutoff started before it: the started_at index finds them.
+    ended = Pop3Session.objects.filter(started_at__lt=cutoff, ended_at__lt=cutoff).order_by("started_at")
+    failed = AuthFailure.objects.filter(created_at__lt=cutoff).order_by("created_at")
+    sessions = _delete_in_batches(ended, batch_size)
+    return Pruned(sessions=sessions, failures=_delete_in_batches(failed, batch_size))
+
+
+def _delete_in_batches(rows: QuerySet, batch_size: int) -> int:
+    removed = 0
+    while True:
+        with transaction.atomic():
+            ids = list(rows.values_list("pk", flat=True)[:batch_size])
+            if not ids:
+                return removed
+            _, per_model = rows.model.objects.filter(pk__in=ids).delete()
+        removed += per_model.get(rows.model._meta.label, 0)

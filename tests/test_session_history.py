@@ -1,0 +1,206 @@
+"""Session and failed-login rows for a console: their domain, a change marker, an open index, pruning."""
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from mailadmin.executors import BoundedExecutor
+from mailadmin.hosting.history import Pruned, prune_history
+from mailadmin.models import AuthFailure, Domain, Pop3Node, Pop3Session
+from mailadmin.pop3d import registry
+from mailadmin.pop3d.authenticator import record_failure
+from mailadmin.pop3d.maildrop import OrmMaildrop
+from pop3.mailbox import ConnectionInfo, EndReason, LoginFailure, LoginRequest, SessionStats
+
+LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+class FakeSession:
+    def kick(self, reason: EndReason) -> bool:
+        return True
+
+
+def monitor() -> registry.Pop3Monitor:
+    return registry.Pop3Monitor(BoundedExecutor(1, "test-db"), node="testhost:1", interval=1.0, lease_ttl=60)
+
+
+def opened(pop3_monitor: registry.Pop3Monitor) -> registry.SessionRecorder:
+    recorder = pop3_monitor.recorder(FakeSession())
+    recorder.opened(ConnectionInfo(("192.0.2.7", 40000), ("192.0.2.1", 110), False, uuid.uuid4().hex))
+    return recorder
+
+
+def row(recorder: registry.SessionRecorder) -> Pop3Session:
+    return Pop3Session.objects.get(pk=recorder.session_id)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_session_row_carries_the_domain_of_its_login_or_of_the_name_tried(make_mailbox):
+    mailbox = make_mailbox("alice@example.test")
+    other = Domain.objects.create(name="other.test")
+    pop3 = monitor()
+    tried_ours, tried_unknown, tried_no_domain, logged_in = (opened(pop3) for _ in range(4))
+    asyncio.run(pop3.tick())
+    tried_ours.login_failed("Bob@OTHER.test", LoginFailure.BAD_CREDENTIALS, "USER")
+    tried_unknown.login_failed("bob@unknown.test", LoginFailure.BAD_CREDENTIALS, "USER")
+    tried_no_domain.login_failed("bob", LoginFailure.BAD_CREDENTIALS, "USER")
+    logged_in.login_failed("alice@other.test", LoginFailure.BAD_CREDENTIALS, "USER")
+    logged_in.logged_in("alice@example.test", "USER", OrmMaildrop(pop3.executor, mailbox.pk, "owner", []))
+    outbox = pop3.outbox
+
+    with CaptureQueriesContext(connection) as queries:
+        registry.write_session_rows(outbox)
+
+    statements = [query["sql"].split()[0] for query in queries.captured_queries]
+    assert statements.count("UPDATE") == 4 and "SELECT" not in statements
+    assert [row(r).domain_id for r in (tried_ours, tried_unknown, tried_no_domain, logged_in)] == [
+        other.pk,
+        None,
+        None,
+        mailbox.domain_id,
+    ]
+    assert row(logged_in).mailbox_id == mailbox.pk
+
+
+def failure_request(username: str) -> LoginRequest:
+    return LoginRequest(username, "wrong", "USER", "192.0.2.7", True, "")
+
+
+@pytest.mark.django_db
+def test_a_failed_login_row_carries_the_domain_of_the_name_tried_in_its_one_insert():
+    ours = Domain.objects.create(name="example.test")
+    with CaptureQueriesContext(connection) as queries:
+        for username in ("Alice@Example.TEST", "nobody@unknown.test", "no-domain"):
+            record_failure(failure_request(username), "192.0.2.7", "bad credentials", {})
+    assert [query["sql"].split()[0] for query in queries.captured_queries] == ["INSERT"] * 3
+    assert list(AuthFailure.objects.order_by("pk").values_list("username", "domain_id")) == [
+        ("Alice@Example.TEST", ours.pk),
+        ("nobody@unknown.test", None),
+        ("no-domain", None),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_registry_write_moves_the_change_marker():
+    pop3 = monitor()
+    recorder = opened(pop3)
+    asyncio.run(pop3.tick())
+    inserted = row(recorder).updated_at
+    assert inserted is not None
+    assert list(Pop3Session.objects.changed_since(inserted - timedelta(seconds=1))) == [row(recorder)]
+
+    Pop3Session.objects.update(updated_at=LONG_AGO)
+    recorder.closed(EndReason.QUIT, SessionStats(commands=2))
+    asyncio.run(pop3.tick())
+    assert row(recorder).updated_at > LONG_AGO
+    assert list(Pop3Session.objects.changed_since(LONG_AGO).values_list("end_reason", flat=True)) == ["quit"]
+
+
+def session_row(*, started: datetime, ended: datetime | None = None, node: str = "testhost:1") -> Pop3Session:
+    return Pop3Session.objects.create(
+        id=uuid.uuid4(),
+        node=node,
+        peer_host="192.0.2.7",
+        peer_port=40000,
+        local_host="192.0.2.1",
+        local_port=110,
+        started_at=started,
+        ended_at=ended,
+        end_reason="quit" if ended else "",
+    )
+
+
+@pytest.mark.django_db
+def test_the_sweep_of_lost_sessions_moves_the_change_marker():
+    now = timezone.now()
+    Pop3Node.objects.create(name="dead:1", started_at=now, heartbeat_at=now - timedelta(minutes=5))
+    lost = session_row(started=now, node="dead:1")
+    orphan = session_row(started=now, node="gone:1")
+    Pop3Session.objects.update(updated_at=LONG_AGO)
+    assert registry.sweep_lost_sessions(interval=1.0) == 2
+    assert Pop3Session.objects.filter(updated_at=LONG_AGO).count() == 0
+    assert {lost.pk, orphan.pk} == set(
+        Pop3Session.objects.changed_since(LONG_AGO).values_list("pk", flat=True)
+    )
+
+
+@pytest.mark.django_db
+def test_open_sessions_have_a_partial_index_of_their_own():
+    with connection.cursor() as cursor:
+        constraints = connection.introspection.get_constraints(cursor, Pop3Session._meta.db_table)
+        if connection.vendor == "postgresql":
+            cursor.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'pop3session_open'")
+        else:
+            cursor.execute("SELECT sql FROM sqlite_master WHERE name = 'pop3session_open'")
+        [definition] = cursor.fetchone()
+    assert constraints["pop3session_open"]["columns"] == ["domain_id", "started_at"]
+    assert definition.replace('"', "").replace("(", "").replace(")", "").endswith("WHERE ended_at IS NULL")
+
+
+def days_ago(days: int) -> datetime:
+    return timezone.now() - timedelta(days=days)
+
+
+def failure_row(created: datetime) -> AuthFailure:
+    return AuthFailure.objects.create(
+        created_at=created,
+        peer_host="192.0.2.7",
+        source="192.0.2.7",
+        mechanism="USER",
+        reason="bad credentials",
+    )
+
+
+@pytest.mark.django_db
+def test_prunehistory_removes_what_ended_before_the_cutoff_and_never_an_open_session(capsys):
+    session_row(started=days_ago(41), ended=days_ago(40))
+    recent = session_row(started=days_ago(11), ended=days_ago(10))
+    still_open = session_row(started=days_ago(100))
+    failure_row(days_ago(40))
+    recent_failure = failure_row(days_ago(10))
+
+    call_command("prunehistory")
+    assert capsys.readouterr().out == "removed 1 ended session and 1 failed login older than 30 days\n"
+    assert set(Pop3Session.objects.values_list("pk", flat=True)) == {recent.pk, still_open.pk}
+    assert list(AuthFailure.objects.values_list("pk", flat=True)) == [recent_failure.pk]
+
+    call_command("prunehistory", "--days", "0")
+    assert capsys.readouterr().out == "removed 1 ended session and 1 failed login older than 0 days\n"
+    assert list(Pop3Session.objects.values_list("pk", flat=True)) == [still_open.pk]
+    assert not AuthFailure.objects.exists()
+
+
+@pytest.mark.django_db
+def test_prunehistory_defaults_to_the_history_setting(settings, capsys):
+    settings.MAILADMIN_HISTORY_DAYS = 50
+    session_row(started=days_ago(41), ended=days_ago(40))
+    failure_row(days_ago(60))
+    call_command("prunehistory")
+    assert capsys.readouterr().out == "removed 0 ended sessions and 1 failed login older than 50 days\n"
+    assert Pop3Session.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_prunehistory_refuses_a_negative_number_of_days():
+    with pytest.raises(CommandError, match="invalid number '-1'"):
+        call_command("prunehistory", "--days", "-1")
+
+
+@pytest.mark.django_db
+def test_pruning_deletes_in_transactions_of_one_batch_each():
+    for _ in range(5):
+        session_row(started=days_ago(41), ended=days_ago(40))
+        failure_row(days_ago(40))
+    with CaptureQueriesContext(connection) as queries:
+        assert prune_history(30, batch_size=2) == Pruned(sessions=5, failures=5)
+    deletes = [query["sql"] for query in queries.captured_queries if query["sql"].startswith("DELETE")]
+    assert [sql.split()[2].strip('"') for sql in deletes] == ["mailadmin_pop3session"] * 3 + [
+        "mailadmin_authfailure"
+    ] * 3
+    assert not Pop3Session.objects.exists() and not AuthFailure.objects.exists()
