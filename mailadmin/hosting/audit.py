@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from django.db.models import QuerySet
+from django.utils import timezone
 
 from mailadmin.hosting import scopes
 from mailadmin.hosting.actors import Actor
@@ -73,8 +74,9 @@ def describe(entry: AuditEntry) -> str:
     who = entry.actor_name + (f" from {entry.client_address}" if entry.client_address else "")
     where = f" [{entry.domain_name}]" if entry.domain_name else ""
     changes = " ".join(f"{name}={_change_text(value)}" for name, value in entry.changes.items())
-    line = f"{entry.created_at.isoformat(timespec='seconds')} {who}: {entry.action} {entry.object_type}"
-    return f"{line} {entry.object_name}{where}" + (f" {changes}" if changes else "")
+    when = timezone.localtime(entry.created_at).isoformat(timespec="seconds")
+    line = f"{when} {who}: {entry.action} {entry.object_type} {entry.object_name}{where}"
+    return line + (f" {changes}" if changes else "")
 
 
 def _change_text(value: Any) -> str:

@@ -218,6 +218,10 @@ def update_mailbox(actor: Actor, address: str, **settings: int | bool) -> Mailbo
     return store.get_mailbox(mailbox.address)
 
 
+def get_domain(actor: Actor, name: str) -> Domain:
+    return _domain_in_scope(actor, name)
+
+
 def get_mailbox(actor: Actor, address: str) -> Mailbox:
     return _mailbox_in_scope(actor, address)
 
