@@ -121,8 +121,8 @@ def update_domain(actor: Actor, name: str, **settings: int | bool | str) -> Doma
     with transaction.atomic():
         domain = _locked_domain(_domain_in_scope(actor, name))
         changes = audit.changed_fields({field: getattr(domain, field, None) for field in settings}, settings)
+        store.update_domain_settings(domain.pk, settings)
         if changes:
-            store.update_domain_settings(domain.pk, {field: after for field, (_, after) in changes.items()})
             action = _change_action(changes)
             audit.record(actor, action, "domain", domain.name, domain=domain, changes=changes)
     domain.refresh_from_db()
@@ -211,8 +211,8 @@ def update_mailbox(actor: Actor, address: str, **settings: int | bool) -> Mailbo
         mailbox = _mailbox_in_scope(actor, address)
         locked = Mailbox.objects.select_for_update().get(pk=mailbox.pk)
         changes = audit.changed_fields({field: getattr(locked, field, None) for field in settings}, settings)
+        store.update_mailbox_settings(mailbox.pk, settings)
         if changes:
-            store.update_mailbox_settings(mailbox.pk, {field: after for field, (_, after) in changes.items()})
             action = _change_action(changes)
             audit.record(actor, action, "mailbox", mailbox.address, domain=mailbox.domain, changes=changes)
     return store.get_mailbox(mailbox.address)
@@ -384,7 +384,7 @@ def save_domain_administrator(
             )
         elif user.is_superuser:
             raise store.InvalidInput(f"{username} is a superuser, who administers every domain already")
-        before = sorted(DomainAdministrator.objects.filter(user=user).values_list("domain__name", flat=True))
+        before = [] if created else sorted(user.administered_domains.values_list("domain__name", flat=True))
         user.is_staff = True
         user.set_password(password)
         user.save()
