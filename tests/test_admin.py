@@ -382,3 +382,34 @@ def test_audit_entries_are_read_only_in_the_admin(staff_client, two_domains):
     )
     assert staff_client.get(f"/admin/mailadmin/auditentry/{entry.pk}/change/").status_code == 200
     assert AuditEntry.objects.count() == 2
+
+
+def test_admin_creates_a_domain_through_the_service_with_sizes(staff_client):
+    response = staff_client.post(
+        "/admin/mailadmin/domain/add/",
+        {
+            "name": "Example.TEST",
+            "quota_bytes": "2G",
+            "max_mailboxes": "3",
+            "default_mailbox_quota_bytes": "512K",
+        },
+    )
+    assert response.status_code == 302
+    domain = Domain.objects.get()
+    assert (domain.name, domain.quota_bytes, domain.default_mailbox_quota_bytes) == (
+        "example.test",
+        2 * 1024**3,
+        512 * 1024,
+    )
+    entry = AuditEntry.objects.get()
+    assert (entry.actor_name, entry.action, entry.object_name) == ("root", "create", "example.test")
+    response = staff_client.post(
+        "/admin/mailadmin/domain/add/",
+        {
+            "name": "example.test",
+            "quota_bytes": "0",
+            "max_mailboxes": "0",
+            "default_mailbox_quota_bytes": "0",
+        },
+    )
+    assert form_errors(response) == "domain example.test already exists"
