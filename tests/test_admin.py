@@ -413,3 +413,12 @@ def test_admin_creates_a_domain_through_the_service_with_sizes(staff_client):
         },
     )
     assert form_errors(response) == "domain example.test already exists"
+
+
+def test_staff_without_a_domain_sees_no_rows(client, make_mailbox):
+    make_mailbox("a@example.test")
+    staff = get_user_model().objects.create_user("helpdesk", is_staff=True)
+    staff.user_permissions.add(*Permission.objects.filter(codename__in=["view_mailbox", "view_domain"]))
+    client.force_login(staff)
+    assert "0 mailboxes" in client.get("/admin/mailadmin/mailbox/").content.decode()
+    assert "0 domains" in client.get("/admin/mailadmin/domain/").content.decode()

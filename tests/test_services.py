@@ -73,6 +73,20 @@ def test_user_actor_scope_superuser_administrator_and_plain_staff(ours_admin, do
     assert Actor.for_user(staff).domain_ids == frozenset()
 
 
+def test_token_actor_carries_its_name_and_the_scope_it_is_given(domains):
+    ours, _ = domains
+    token = Actor.token("provisioning", frozenset({ours.pk}), "203.0.113.5")
+    assert (token.kind, token.name, token.user_id, token.client_address) == (
+        ActorKind.TOKEN,
+        "provisioning",
+        None,
+        "203.0.113.5",
+    )
+    assert list(scopes.visible_to(token, Domain).values_list("name", flat=True)) == ["ours.test"]
+    services.update_domain(token, "ours.test", default_mailbox_quota_bytes=1)
+    assert (last_entry().actor_kind, last_entry().actor_name) == ("token", "provisioning")
+
+
 def test_visible_to_narrows_every_model_to_the_actors_domains(ours_admin, make_mailbox):
     ours_box, theirs_box = make_mailbox("a@ours.test"), make_mailbox("b@theirs.test")
     deliver([ours_box.address, theirs_box.address], [b"Subject: hi\n\nbody\n"])
