@@ -187,7 +187,7 @@ def create_mailbox(
     elif not actor.all_domains:
         _domain_in_scope(actor, domain_name)
     with transaction.atomic():
-        domain_existed = Domain.objects.filter(name=domain_name).exists()
+        domain_existed = not create_domain or Domain.objects.filter(name=domain_name).exists()
         created = store.create_mailbox(
             address,
             password=password,
@@ -200,7 +200,7 @@ def create_mailbox(
         if not domain_existed:
             audit.record(actor, "create", "domain", domain_name, domain=mailbox.domain)
         settings = {"active": True, "quota_bytes": mailbox.quota_bytes, "quota_messages": quota_messages}
-        changes = {**_created(settings), "password": None}
+        changes = {**_created(settings), "password": audit.SECRET_CHANGED}
         audit.record(actor, "create", "mailbox", mailbox.address, domain=mailbox.domain, changes=changes)
     return created
 
@@ -243,9 +243,8 @@ def set_password_hash(actor: Actor, address: str, password_hash: str) -> Mailbox
 
 
 def _record_password_change(actor: Actor, mailbox: Mailbox) -> None:
-    audit.record(
-        actor, "set password", "mailbox", mailbox.address, domain=mailbox.domain, changes={"password": None}
-    )
+    changes = {"password": audit.SECRET_CHANGED}
+    audit.record(actor, "set password", "mailbox", mailbox.address, domain=mailbox.domain, changes=changes)
 
 
 def delete_mailbox(actor: Actor, address: str) -> int:
@@ -393,7 +392,9 @@ def save_domain_administrator(
         for domain in domains.values():
             DomainAdministrator.objects.get_or_create(user=user, domain=domain)
         after = sorted(domains)
-        changes = {"password": None, **({"domains": [before or None, after]} if before != after else {})}
+        changes: dict = {"password": audit.SECRET_CHANGED}
+        if before != after:
+            changes["domains"] = [before or None, after]
         audit.record(actor, "create" if created else "update", "administrator", username, changes=changes)
     return Administrator(username, created, after)
 
