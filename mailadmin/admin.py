@@ -1,19 +1,36 @@
-"""Django admin for domains, mailboxes and (read-only) messages.
+"""Django admin: a door onto the service layer, scoped to what the signed-in user may see.
 
-Counters are shown, never edited here: only ``mailadmin.hosting.store`` moves them. Deleting a
-mailbox goes through the store so the domain's usage drops with it.
+Every edit of a domain or mailbox is applied by a service function with the user as its actor,
+writing only the fields edited; a refusal is shown as a form error (or, for actions, a message).
+Every list and page is narrowed by ``scopes.visible_to``, so a domain administrator sees and
+changes only their domains. Counters are shown, never edited here.
 """
 
 from django import forms
-from django.contrib import admin
-from django.db.models import Count, QuerySet
-from django.http import HttpRequest
-from django.utils import timezone
+from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
+from django.contrib.auth.admin import UserAdmin
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import Count, Model, QuerySet
+from django.http import Http404, HttpRequest
+from django.utils.text import capfirst
 
 from mailadmin.addresses import domain_of, normalise_address
-from mailadmin.hosting import store
-from mailadmin.models import AuthFailure, Domain, Mailbox, Message, Pop3Session
-from mailadmin.units import format_size
+from mailadmin.hosting import scopes, services, store
+from mailadmin.hosting.actors import Actor
+from mailadmin.models import AuditEntry, AuthFailure, Domain, Mailbox, Message, Pop3Session
+from mailadmin.units import compact_size, format_size, parse_size
+
+SIZE_FIELDS = frozenset({"quota_bytes", "default_mailbox_quota_bytes"})
+SIZE_HELP = "Bytes, or a size such as 500M or 2G."
+
+
+def actor_of(request: HttpRequest) -> Actor:
+    """The signed-in user as an actor, looked up once per request."""
+    if not hasattr(request, "mailadmin_actor"):
+        request.mailadmin_actor = Actor.for_user(request.user, request.META.get("REMOTE_ADDR", ""))
+    return request.mailadmin_actor
 
 
 def _usage(used_bytes: int, quota_bytes: int) -> str:
@@ -22,12 +39,135 @@ def _usage(used_bytes: int, quota_bytes: int) -> str:
     return f"{format_size(used_bytes)} of {format_size(quota_bytes)} ({100 * used_bytes / quota_bytes:.0f}%)"
 
 
+class SizeField(forms.CharField):
+    """A byte size typed as the commands take it (``500M``, ``2G``) and shown the same way."""
+
+    def to_python(self, value) -> int | None:
+        text = super().to_python(value)
+        if text in self.empty_values:
+            return None
+        try:
+            return parse_size(text)
+        except ValueError as error:
+            raise ValidationError(str(error)) from None
+
+    def prepare_value(self, value):
+        return compact_size(value) if isinstance(value, int) else value
+
+
+class ServiceForm(forms.ModelForm):
+    """A form that applies its change through the service layer as it is validated.
+
+    Applying inside validation is what turns a refusal into a form error: after ``is_valid()``
+    the admin has no way back to the form. The service validates and writes the row, so the
+    model form's own instance validation and copying are skipped; the admin reloads the row.
+    """
+
+    actor: Actor
+    applied: Model | None = None
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        if not self.errors:
+            try:
+                with transaction.atomic():
+                    self.applied = self.apply(cleaned)
+            except store.StoreError as error:
+                raise ValidationError(str(error)) from None
+        return cleaned
+
+    def apply(self, cleaned: dict) -> Model:
+        raise NotImplementedError
+
+    def _post_clean(self) -> None:
+        pass
+
+    def edited(self, names: frozenset[str]) -> dict:
+        return {name: self.cleaned_data[name] for name in self.changed_data if name in names}
+
+
+class ScopedAdmin(admin.ModelAdmin):
+    """Rows narrowed to the user's scope; another scope's object is not found (404)."""
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return scopes.visible_to(actor_of(request), super().get_queryset(request))
+
+    def get_object(self, request: HttpRequest, object_id: str, from_field: str | None = None):
+        found = super().get_object(request, object_id, from_field)
+        if found is None:
+            raise Http404(f"no {self.opts.verbose_name} with id {object_id!r} here")
+        return found
+
+
+class ServiceAdmin(ScopedAdmin):
+    """Edits through a ServiceForm: saving only reloads what the service wrote."""
+
+    def get_form(self, request: HttpRequest, obj=None, change: bool = False, **kwargs):
+        form = super().get_form(request, obj, change, **kwargs)
+        return type(form.__name__, (form,), {"actor": actor_of(request)})
+
+    def formfield_for_dbfield(self, db_field, request: HttpRequest, **kwargs):
+        if db_field.name in SIZE_FIELDS:
+            label, help_text = capfirst(db_field.verbose_name), f"{db_field.help_text} {SIZE_HELP}"
+            return SizeField(label=label, help_text=help_text)
+        return super().formfield_for_dbfield(db_field, request, **kwargs)
+
+    def save_model(self, request: HttpRequest, obj: Model, form: ServiceForm, change: bool) -> None:
+        obj.pk = form.applied.pk
+        obj.refresh_from_db()
+        obj._state.adding = False
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for obj in queryset:
+            self.delete_model(request, obj)
+
+    def refused(self, request: HttpRequest, error: store.StoreError) -> None:
+        self.message_user(request, str(error), messages.ERROR)
+
+
+# --- Domains ---------------------------------------------------------------------------------
+
+
+class DomainCreationForm(ServiceForm):
+    class Meta:
+        model = Domain
+        fields = ["name", "quota_bytes", "max_mailboxes", "default_mailbox_quota_bytes"]
+
+    def apply(self, cleaned: dict) -> Domain:
+        return services.create_domain(
+            self.actor,
+            cleaned["name"],
+            quota_bytes=cleaned["quota_bytes"],
+            max_mailboxes=cleaned["max_mailboxes"],
+            default_mailbox_quota_bytes=cleaned["default_mailbox_quota_bytes"],
+        )
+
+
+class DomainChangeForm(ServiceForm):
+    class Meta:
+        model = Domain
+        fields = sorted(store.DOMAIN_SETTINGS)
+
+    def apply(self, cleaned: dict) -> Domain:
+        return services.update_domain(self.actor, self.instance.name, **self.edited(store.DOMAIN_SETTINGS))
+
+
 @admin.register(Domain)
-class DomainAdmin(admin.ModelAdmin):
+class DomainAdmin(ServiceAdmin):
     list_display = ["name", "active", "mailbox_count", "usage", "max_mailboxes"]
     list_filter = ["active"]
     search_fields = ["name"]
-    readonly_fields = ["used_bytes", "created_at"]
+    fields = [
+        "name",
+        "active",
+        "quota_bytes",
+        "max_mailboxes",
+        "default_mailbox_quota_bytes",
+        "quota_warning_percents",
+        "used_bytes",
+        "created_at",
+    ]
+    creation_fields = ["name", "quota_bytes", "max_mailboxes", "default_mailbox_quota_bytes"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Domain]:
         return super().get_queryset(request).annotate(mailbox_count=Count("mailboxes"))
@@ -40,36 +180,105 @@ class DomainAdmin(admin.ModelAdmin):
     def usage(self, domain: Domain) -> str:
         return _usage(domain.used_bytes, domain.quota_bytes)
 
+    def get_fields(self, request: HttpRequest, obj: Domain | None = None) -> list[str]:
+        return self.fields if obj is not None else self.creation_fields
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Domain | None = None) -> list[str]:
+        if obj is None:
+            return []
+        editable = services.editable_domain_settings(actor_of(request))
+        return [name for name in self.fields if name not in editable]
+
+    def get_form(self, request: HttpRequest, obj: Domain | None = None, change: bool = False, **kwargs):
+        kwargs["form"] = DomainChangeForm if obj is not None else DomainCreationForm
+        return super().get_form(request, obj, change, **kwargs)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return super().has_add_permission(request) and services.may_manage_domains(actor_of(request))
+
     def has_delete_permission(self, request: HttpRequest, obj: Domain | None = None) -> bool:
         # Mailboxes protect their domain; delete them first, through the mailbox admin.
-        return super().has_delete_permission(request, obj) and (obj is None or not obj.mailboxes.exists())
+        return (
+            super().has_delete_permission(request, obj)
+            and services.may_manage_domains(actor_of(request))
+            and (obj is None or not obj.mailboxes.exists())
+        )
+
+    def delete_model(self, request: HttpRequest, obj: Domain) -> None:
+        try:
+            services.delete_domain(actor_of(request), obj.name)
+        except store.StoreError as error:
+            self.refused(request, error)
 
 
-class MailboxCreationForm(forms.ModelForm):
+# --- Mailboxes -------------------------------------------------------------------------------
+
+
+class MailboxCreationForm(ServiceForm):
     address = forms.CharField(help_text="The full address; it is also the POP3 login name.")
     password = forms.CharField(widget=forms.PasswordInput, strip=False)
+    quota_bytes = SizeField(
+        required=False,
+        label="Quota",
+        help_text=f"Blank = the domain's default quota; 0 = unlimited. {SIZE_HELP}",
+    )
 
     class Meta:
         model = Mailbox
         fields = ["quota_bytes", "quota_messages"]
 
     def clean_address(self) -> str:
+        """The address's domain checked first, so that mistake is shown against the address."""
         try:
             address = normalise_address(self.cleaned_data["address"])
-            store.get_domain(domain_of(address))
+            services.get_domain(self.actor, domain_of(address))
         except (ValueError, store.StoreError) as error:
-            raise forms.ValidationError(str(error)) from None
+            raise ValidationError(str(error)) from None
         return address
+
+    def apply(self, cleaned: dict) -> Mailbox:
+        return services.create_mailbox(
+            self.actor,
+            cleaned["address"],
+            password=cleaned["password"],
+            quota_bytes=cleaned["quota_bytes"],
+            quota_messages=cleaned["quota_messages"],
+        ).mailbox
+
+
+class MailboxChangeForm(ServiceForm):
+    new_password = forms.CharField(
+        widget=forms.PasswordInput, strip=False, required=False, help_text="Blank = unchanged."
+    )
+
+    class Meta:
+        model = Mailbox
+        fields = sorted(store.MAILBOX_SETTINGS)
+
+    def apply(self, cleaned: dict) -> Mailbox:
+        address = self.instance.address
+        mailbox = services.update_mailbox(self.actor, address, **self.edited(store.MAILBOX_SETTINGS))
+        if cleaned["new_password"]:
+            services.set_password(self.actor, address, cleaned["new_password"])
+        return mailbox
 
 
 @admin.register(Mailbox)
-class MailboxAdmin(admin.ModelAdmin):
+class MailboxAdmin(ServiceAdmin):
     list_display = ["address", "domain", "active", "usage", "used_messages"]
-    list_filter = ["active", "domain"]
+    list_filter = ["active", ("domain", admin.RelatedOnlyFieldListFilter)]
     search_fields = ["user__username"]
     list_select_related = ["user", "domain"]
     readonly_fields = ["address", "domain", "used_bytes", "used_messages", "uid_validity", "created_at"]
-    fields = ["address", "domain", "active", "quota_bytes", "quota_messages", *readonly_fields[2:]]
+    fields = [
+        "address",
+        "domain",
+        "active",
+        "quota_bytes",
+        "quota_messages",
+        "new_password",
+        *readonly_fields[2:],
+    ]
     creation_fields = ["address", "password", "quota_bytes", "quota_messages"]
 
     @admin.display(description="address", ordering="user__username")
@@ -80,34 +289,15 @@ class MailboxAdmin(admin.ModelAdmin):
     def usage(self, mailbox: Mailbox) -> str:
         return _usage(mailbox.used_bytes, mailbox.quota_bytes)
 
-    def get_form(self, request, obj=None, change=False, **kwargs):
-        if obj is None:
-            kwargs["form"] = MailboxCreationForm
-            kwargs["fields"] = self.creation_fields
+    def get_form(self, request: HttpRequest, obj: Mailbox | None = None, change: bool = False, **kwargs):
+        kwargs["form"] = MailboxChangeForm if obj is not None else MailboxCreationForm
         return super().get_form(request, obj, change, **kwargs)
 
-    def get_fields(self, request, obj=None):
+    def get_fields(self, request: HttpRequest, obj: Mailbox | None = None) -> list[str]:
         return self.fields if obj is not None else self.creation_fields
 
-    def get_readonly_fields(self, request, obj=None):
+    def get_readonly_fields(self, request: HttpRequest, obj: Mailbox | None = None) -> list[str]:
         return self.readonly_fields if obj is not None else []
-
-    def save_model(self, request, obj: Mailbox, form, change: bool) -> None:
-        if change:
-            super().save_model(request, obj, form, change)
-            return
-        try:
-            created = store.create_mailbox(
-                form.cleaned_data["address"],
-                password=form.cleaned_data["password"],
-                quota_bytes=form.cleaned_data["quota_bytes"],
-                quota_messages=form.cleaned_data["quota_messages"],
-            )
-        except store.StoreError as error:
-            # The form checked the domain; what is left is a race (the limit, a duplicate).
-            raise forms.ValidationError(str(error)) from None
-        obj.pk, obj.user, obj.domain = created.mailbox.pk, created.mailbox.user, created.mailbox.domain
-        obj._state.adding = False
 
     def get_deleted_objects(self, objs, request: HttpRequest):
         """Summarise each mailbox's mail instead of listing (and permission-checking) every message."""
@@ -120,15 +310,28 @@ class MailboxAdmin(admin.ModelAdmin):
         return summary, model_count, set(), []
 
     def delete_model(self, request: HttpRequest, obj: Mailbox) -> None:
-        store.delete_mailbox(obj.address)
+        try:
+            services.delete_mailbox(actor_of(request), obj.address)
+        except store.StoreError as error:
+            self.refused(request, error)
 
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Mailbox]) -> None:
-        for mailbox in queryset.select_related("user"):
-            store.delete_mailbox(mailbox.address)
+
+# --- Read-only records -----------------------------------------------------------------------
+
+
+class ReadOnlyAdmin(ScopedAdmin):
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
+        return False
 
 
 @admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
+class MessageAdmin(ReadOnlyAdmin):
     """Metadata only: an operator never needs, and should not casually see, message bodies."""
 
     list_display = ["mailbox", "uidl", "size_bytes", "from_header", "subject", "received_at"]
@@ -136,15 +339,6 @@ class MessageAdmin(admin.ModelAdmin):
     search_fields = ["mailbox__user__username", "uidl", "subject", "from_header"]
     fields = ["mailbox", "uidl", "size_bytes", "received_at", "envelope_sender", "from_header", "subject"]
     readonly_fields = fields
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Message | None = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Message | None = None) -> bool:
-        return False
 
 
 class OpenSessionFilter(admin.SimpleListFilter):
@@ -163,7 +357,7 @@ class OpenSessionFilter(admin.SimpleListFilter):
 
 
 @admin.register(Pop3Session)
-class Pop3SessionAdmin(admin.ModelAdmin):
+class Pop3SessionAdmin(ReadOnlyAdmin):
     """Sessions are written by runpop3 only; an operator reads them and may kick open ones."""
 
     list_display = [
@@ -182,20 +376,9 @@ class Pop3SessionAdmin(admin.ModelAdmin):
     search_fields = ["username", "peer_host", "node"]
     actions = ["kick"]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Pop3Session | None = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Pop3Session | None = None) -> bool:
-        return False
-
     @admin.action(description="Kick the selected open sessions (no deletions applied)")
     def kick(self, request: HttpRequest, queryset: QuerySet[Pop3Session]) -> None:
-        count = (
-            queryset.open().filter(kick_requested_at__isnull=True).update(kick_requested_at=timezone.now())
-        )
+        count = services.kick_sessions(actor_of(request), session_ids=queryset.values_list("pk", flat=True))
         self.message_user(request, f"Kick requested for {count} session{'s' if count != 1 else ''}.")
 
     def get_actions(self, request: HttpRequest):
@@ -207,13 +390,43 @@ class Pop3SessionAdmin(admin.ModelAdmin):
 
 
 @admin.register(AuthFailure)
-class AuthFailureAdmin(admin.ModelAdmin):
+class AuthFailureAdmin(ReadOnlyAdmin):
     list_display = ["created_at", "username", "peer_host", "mechanism", "reason"]
     list_filter = ["reason", "mechanism"]
     search_fields = ["username", "peer_host", "source"]
 
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
 
-    def has_change_permission(self, request: HttpRequest, obj: AuthFailure | None = None) -> bool:
-        return False
+@admin.register(AuditEntry)
+class AuditEntryAdmin(ReadOnlyAdmin):
+    list_display = [
+        "created_at",
+        "actor_name",
+        "client_address",
+        "action",
+        "object_type",
+        "object_name",
+        "domain_name",
+        "changes",
+    ]
+    list_filter = ["action", "object_type", "actor_kind"]
+    search_fields = ["object_name", "actor_name", "domain_name"]
+    exclude = ["domain"]
+
+
+# --- Logins ----------------------------------------------------------------------------------
+
+
+class LoginUserAdmin(UserAdmin):
+    """Staff and administrator logins only.
+
+    A mailbox's login is its address, which never changes; its password and active flag are set on
+    the mailbox's own page, through the service layer. Leaving mailbox logins out of this
+    queryset keeps every user page (change, password, delete) from reaching them.
+    """
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return super().get_queryset(request).filter(mailbox__isnull=True)
+
+
+admin.site.unregister(get_user_model())
+admin.site.register(get_user_model(), LoginUserAdmin)

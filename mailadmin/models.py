@@ -13,6 +13,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Now
+from django.utils import timezone
 
 from mailadmin.addresses import normalise_domain
 
@@ -344,3 +345,56 @@ class AuthFailure(models.Model):
 
     def __str__(self) -> str:
         return f"{self.username or '?'} from {self.peer_host}: {self.reason}"
+
+
+class DomainAdministrator(models.Model):
+    """Ties a staff user to a domain they administer; a user may administer several.
+
+    A domain administrator is never a mailbox login: the service layer refuses to make one.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="administered_domains"
+    )
+    domain = models.ForeignKey(Domain, on_delete=models.CASCADE, related_name="administrators")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["user", "domain"], name="domain_administrator_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user} administers {self.domain}"
+
+
+class AuditEntry(models.Model):
+    """One change made through the service layer: who, what, when and from where.
+
+    The domain is kept twice: a link for scoping, and its name as text so the entry still says
+    which domain it was about after the domain is deleted. ``changes`` maps a field to
+    ``[before, after]``; a password or hash appears only as ``"changed"``.
+    """
+
+    created_at = models.DateTimeField(default=timezone.now)
+    actor_kind = models.CharField(max_length=16)
+    actor_name = models.CharField(max_length=200)
+    # The user's id as it was; no foreign key, so the entry outlives the user.
+    actor_user_id = models.IntegerField(null=True, blank=True)
+    client_address = models.CharField(max_length=64, blank=True)
+    action = models.CharField(max_length=40)
+    object_type = models.CharField(max_length=40)
+    object_name = models.CharField(max_length=320)
+    domain = models.ForeignKey(Domain, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    domain_name = models.CharField(max_length=253, blank=True)
+    changes = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        verbose_name_plural = "audit entries"
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["domain", "created_at"], name="auditentry_domain_time"),
+            models.Index(fields=["created_at"], name="auditentry_time"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.actor_name} {self.action} {self.object_type} {self.object_name}"

@@ -24,3 +24,12 @@ def format_size(size_bytes: int) -> str:
         value /= 1024
         units.pop(0)
     return f"{value:.1f} {units[0]}"
+
+
+def compact_size(size_bytes: int) -> str:
+    """The size as an operator would type it, in the largest unit that divides it exactly: ``500M``."""
+    for unit in ("T", "G", "M", "K"):
+        multiplier = _MULTIPLIERS[unit]
+        if size_bytes and size_bytes % multiplier == 0:
+            return f"{size_bytes // multiplier}{unit}"
+    return str(size_bytes)

@@ -1,13 +1,16 @@
-"""The Django admin: usage columns, read-only messages, mailbox creation through the store."""
+"""The Django admin: usage columns, read-only records, and every edit through the service layer, scoped."""
 
 import uuid
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.utils import timezone
 
+from mailadmin.hosting import services
+from mailadmin.hosting.actors import Actor
 from mailadmin.mailin.delivery import deliver
-from mailadmin.models import Domain, Mailbox, Message, Pop3Session
+from mailadmin.models import AuditEntry, AuthFailure, Domain, Mailbox, Message, Pop3Session
 
 pytestmark = pytest.mark.django_db
 
@@ -111,3 +114,311 @@ def test_admin_kick_action_marks_only_open_sessions(staff_client, make_mailbox):
     page = staff_client.get("/admin/mailadmin/pop3session/?state=open").content.decode()
     assert str(live.pk) in page
     assert str(ended.pk) not in page
+
+
+# --- The admin as a door onto the service layer ----------------------------------------------
+
+ADD_MAILBOX = "/admin/mailadmin/mailbox/add/"
+
+
+def mailbox_form(address: str, password: str = "a good long password", quota: str = "0") -> dict:
+    return {"address": address, "password": password, "quota_bytes": quota, "quota_messages": "0"}
+
+
+def form_errors(response) -> str:
+    assert response.status_code == 200, response.status_code
+    form = response.context["adminform"].form
+    return " ".join(message for messages in form.errors.values() for message in messages)
+
+
+@pytest.fixture
+def two_domains():
+    return (
+        services.create_domain(Actor.cli(), "ours.test", max_mailboxes=2),
+        services.create_domain(Actor.cli(), "theirs.test"),
+    )
+
+
+@pytest.fixture
+def ours_admin_client(client, settings, two_domains):
+    """A signed-in administrator of ours.test only."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    services.save_domain_administrator(Actor.cli(), "olivia", ["ours.test"], "a long admin passphrase")
+    client.force_login(get_user_model().objects.get(username="olivia"))
+    return client
+
+
+def test_adding_an_existing_address_is_a_form_error_not_a_server_error(staff_client, make_mailbox):
+    make_mailbox("taken@example.test")
+    response = staff_client.post(ADD_MAILBOX, mailbox_form("Taken@example.test"))
+    assert form_errors(response) == "mailbox taken@example.test already exists"
+
+
+def test_adding_a_mailbox_with_a_common_password_is_a_form_error(staff_client, make_mailbox):
+    make_mailbox("first@example.test")
+    response = staff_client.post(ADD_MAILBOX, mailbox_form("new@example.test", password="password123"))
+    assert form_errors(response) == "password rejected: This password is too common."
+    assert not Mailbox.objects.filter(user__username="new@example.test").exists()
+
+
+def test_adding_a_mailbox_to_a_full_domain_is_a_form_error(staff_client, two_domains):
+    for n in range(2):
+        assert staff_client.post(ADD_MAILBOX, mailbox_form(f"u{n}@ours.test")).status_code == 302
+    response = staff_client.post(ADD_MAILBOX, mailbox_form("u2@ours.test"))
+    assert form_errors(response) == "domain ours.test already has its maximum of 2 mailboxes"
+    assert Mailbox.objects.count() == 2
+
+
+def test_add_form_takes_the_domain_default_quota_when_blank_and_sizes_like_500M(staff_client, two_domains):
+    services.update_domain(Actor.cli(), "ours.test", default_mailbox_quota_bytes=20 * 1024**2)
+    assert staff_client.post(ADD_MAILBOX, mailbox_form("a@ours.test", quota="")).status_code == 302
+    assert staff_client.post(ADD_MAILBOX, mailbox_form("b@ours.test", quota="500M")).status_code == 302
+    assert dict(Mailbox.objects.values_list("user__username", "quota_bytes")) == {
+        "a@ours.test": 20 * 1024**2,
+        "b@ours.test": 500 * 1024**2,
+    }
+    mailbox = Mailbox.objects.get(user__username="b@ours.test")
+    page = staff_client.get(f"/admin/mailadmin/mailbox/{mailbox.pk}/change/").content.decode()
+    assert 'name="quota_bytes" value="500M"' in page
+    response = staff_client.post(ADD_MAILBOX, mailbox_form("c@ours.test", quota="12Q"))
+    assert "invalid size &#x27;12Q&#x27;" in response.content.decode()
+
+
+def test_mailbox_change_writes_only_edited_fields_through_the_service(staff_client, make_mailbox):
+    mailbox = make_mailbox("a@example.test")
+    deliver([mailbox.address], [b"x" * 100])
+    before = Mailbox.objects.get(pk=mailbox.pk)
+    response = staff_client.post(
+        f"/admin/mailadmin/mailbox/{mailbox.pk}/change/",
+        {"active": "on", "quota_bytes": "2G", "quota_messages": "0", "new_password": ""},
+        REMOTE_ADDR="203.0.113.9",
+    )
+    assert response.status_code == 302
+    after = Mailbox.objects.get(pk=mailbox.pk)
+    assert after.quota_bytes == 2 * 1024**3
+    assert (after.used_bytes, after.used_messages, after.next_uid) == (
+        before.used_bytes,
+        before.used_messages,
+        before.next_uid,
+    )
+    entry = AuditEntry.objects.get()
+    assert (entry.actor_kind, entry.actor_name, entry.client_address, entry.action, entry.changes) == (
+        "user",
+        "root",
+        "203.0.113.9",
+        "update",
+        {"quota_bytes": [0, 2 * 1024**3]},
+    )
+
+
+def test_mailbox_password_and_active_flag_are_set_on_the_mailbox_page(staff_client, make_mailbox):
+    mailbox = make_mailbox("a@example.test")
+    response = staff_client.post(
+        f"/admin/mailadmin/mailbox/{mailbox.pk}/change/",
+        {"quota_bytes": "0", "quota_messages": "0", "new_password": "a brand new passphrase"},
+    )
+    assert response.status_code == 302
+    user = get_user_model().objects.get(username="a@example.test")
+    assert user.check_password("a brand new passphrase")
+    assert not Mailbox.objects.get(pk=mailbox.pk).active
+    assert sorted(AuditEntry.objects.values_list("action", flat=True)) == ["set password", "suspend"]
+    response = staff_client.post(
+        f"/admin/mailadmin/mailbox/{mailbox.pk}/change/",
+        {"quota_bytes": "0", "quota_messages": "0", "active": "on", "new_password": "123"},
+    )
+    assert "password rejected" in form_errors(response)
+    assert not Mailbox.objects.get(pk=mailbox.pk).active  # the whole edit is refused, not half of it
+
+
+def test_address_and_domain_name_cannot_be_changed_in_the_admin(staff_client, make_mailbox):
+    mailbox = make_mailbox("a@example.test")
+    domain = mailbox.domain
+    staff_client.post(
+        f"/admin/mailadmin/mailbox/{mailbox.pk}/change/",
+        {"address": "b@example.test", "quota_bytes": "0", "quota_messages": "0", "active": "on"},
+    )
+    staff_client.post(
+        f"/admin/mailadmin/domain/{domain.pk}/change/",
+        {"name": "renamed.test", "active": "on", "quota_bytes": "0", "max_mailboxes": "0"}
+        | {"default_mailbox_quota_bytes": "0", "quota_warning_percents": ""},
+    )
+    assert get_user_model().objects.filter(username="a@example.test").exists()
+    assert Domain.objects.get(pk=domain.pk).name == "example.test"
+
+
+def test_domain_change_through_the_service_keeps_usage(staff_client, make_mailbox):
+    mailbox = make_mailbox("a@example.test")
+    deliver([mailbox.address], [b"x" * 100])
+    domain = Domain.objects.get(name="example.test")
+    response = staff_client.post(
+        f"/admin/mailadmin/domain/{domain.pk}/change/",
+        {"active": "on", "quota_bytes": "10G", "max_mailboxes": "5"}
+        | {"default_mailbox_quota_bytes": "1G", "quota_warning_percents": "80,95"},
+    )
+    assert response.status_code == 302
+    after = Domain.objects.get(pk=domain.pk)
+    assert (after.quota_bytes, after.max_mailboxes, after.used_bytes) == (10 * 1024**3, 5, domain.used_bytes)
+    assert AuditEntry.objects.get().changes == {
+        "quota_bytes": [0, 10 * 1024**3],
+        "max_mailboxes": [0, 5],
+        "default_mailbox_quota_bytes": [0, 1024**3],
+        "quota_warning_percents": ["", "80,95"],
+    }
+
+
+def test_stock_user_admin_cannot_reach_a_mailbox_login(client, settings, make_mailbox):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    mailbox = make_mailbox("a@example.test")
+    staff = get_user_model().objects.create_user("helpdesk", password="pw", is_staff=True)
+    staff.user_permissions.add(*Permission.objects.filter(codename__in=["change_user", "view_user"]))
+    client.force_login(staff)
+    password_page = f"/admin/auth/user/{mailbox.user_id}/password/"
+    assert client.get(password_page).status_code == 404
+    response = client.post(password_page, {"password1": "taken over 123", "password2": "taken over 123"})
+    assert response.status_code == 404
+    # Not found, as Django's admin answers for any missing object: back to the index.
+    assert client.get(f"/admin/auth/user/{mailbox.user_id}/change/").url == "/admin/"
+    assert "a@example.test" not in client.get("/admin/auth/user/").content.decode()
+    assert get_user_model().objects.get(pk=mailbox.user_id).check_password("correct horse")
+
+
+def _session_of(mailbox: Mailbox) -> Pop3Session:
+    return Pop3Session.objects.create(
+        id=uuid.uuid4(),
+        node="n:1",
+        username=mailbox.address,
+        mailbox=mailbox,
+        domain=mailbox.domain,
+        peer_host="192.0.2.1",
+        peer_port=1,
+        local_host="h",
+        local_port=2,
+        started_at=timezone.now(),
+    )
+
+
+def test_domain_administrator_sees_and_changes_only_their_domains(ours_admin_client, make_mailbox):
+    ours, theirs = make_mailbox("mine@ours.test"), make_mailbox("other@theirs.test")
+    for mailbox in (ours, theirs):
+        _session_of(mailbox)
+        AuthFailure.objects.create(
+            created_at=timezone.now(),
+            username=f"failed-{mailbox.address}",
+            domain=mailbox.domain,
+            peer_host="x",
+            source="x",
+        )
+        services.update_mailbox(Actor.cli(), mailbox.address, quota_messages=9)
+    client = ours_admin_client
+    assert client.get(f"/admin/mailadmin/mailbox/{theirs.pk}/change/").status_code == 404
+    assert client.get(f"/admin/mailadmin/mailbox/{theirs.pk}/delete/").status_code == 404
+    assert client.get(f"/admin/mailadmin/domain/{theirs.domain_id}/change/").status_code == 404
+    assert client.get(f"/admin/mailadmin/mailbox/{ours.pk}/change/").status_code == 200
+    for changelist in ("mailbox", "pop3session", "authfailure", "auditentry"):
+        page = client.get(f"/admin/mailadmin/{changelist}/").content.decode()
+        assert "ours.test" in page, changelist
+        assert "theirs.test" not in page, changelist
+    response = client.post(
+        f"/admin/mailadmin/mailbox/{theirs.pk}/change/",
+        {"active": "", "quota_bytes": "1", "quota_messages": "0"},
+    )
+    assert response.status_code == 404
+    assert Mailbox.objects.get(pk=theirs.pk).active
+
+
+def test_domain_administrator_cannot_add_domains_or_change_their_caps(ours_admin_client, two_domains):
+    ours = two_domains[0]
+    client = ours_admin_client
+    assert client.get("/admin/mailadmin/domain/add/").status_code == 403
+    page = client.get(f"/admin/mailadmin/domain/{ours.pk}/change/").content.decode()
+    assert 'name="default_mailbox_quota_bytes"' in page
+    assert 'name="quota_bytes"' not in page and 'name="max_mailboxes"' not in page
+    response = client.post(
+        f"/admin/mailadmin/domain/{ours.pk}/change/",
+        {
+            "default_mailbox_quota_bytes": "100M",
+            "quota_warning_percents": "",
+            "quota_bytes": "1",
+            "max_mailboxes": "99",
+        },
+    )
+    assert response.status_code == 302
+    after = Domain.objects.get(pk=ours.pk)
+    assert (after.default_mailbox_quota_bytes, after.quota_bytes, after.max_mailboxes) == (
+        100 * 1024**2,
+        0,
+        2,
+    )
+
+
+def test_domain_administrator_adds_mailboxes_only_in_their_domains(ours_admin_client):
+    assert ours_admin_client.post(ADD_MAILBOX, mailbox_form("new@ours.test")).status_code == 302
+    response = ours_admin_client.post(ADD_MAILBOX, mailbox_form("new@theirs.test"))
+    assert form_errors(response) == "not permitted: theirs.test is not a domain you administer"
+    assert list(Mailbox.objects.values_list("user__username", flat=True)) == ["new@ours.test"]
+    assert AuditEntry.objects.filter(actor_name="olivia").get().object_name == "new@ours.test"
+
+
+def test_kick_action_goes_through_the_service_with_the_user_as_actor(ours_admin_client, make_mailbox):
+    ours, theirs = _session_of(make_mailbox("a@ours.test")), _session_of(make_mailbox("b@theirs.test"))
+    response = ours_admin_client.post(
+        "/admin/mailadmin/pop3session/",
+        {"action": "kick", "_selected_action": [str(ours.pk), str(theirs.pk)]},
+        follow=True,
+    )
+    assert "Kick requested for 1 session." in response.content.decode()
+    theirs.refresh_from_db()
+    assert theirs.kick_requested_at is None
+    entry = AuditEntry.objects.get(action="kick")
+    assert (entry.actor_name, entry.object_name) == ("olivia", f"a@ours.test {ours.pk}")
+
+
+def test_audit_entries_are_read_only_in_the_admin(staff_client, two_domains):
+    entry = AuditEntry.objects.first()
+    assert staff_client.get("/admin/mailadmin/auditentry/add/").status_code == 403
+    assert (
+        staff_client.post(f"/admin/mailadmin/auditentry/{entry.pk}/delete/", {"post": "yes"}).status_code
+        == 403
+    )
+    assert staff_client.get(f"/admin/mailadmin/auditentry/{entry.pk}/change/").status_code == 200
+    assert AuditEntry.objects.count() == 2
+
+
+def test_admin_creates_a_domain_through_the_service_with_sizes(staff_client):
+    response = staff_client.post(
+        "/admin/mailadmin/domain/add/",
+        {
+            "name": "Example.TEST",
+            "quota_bytes": "2G",
+            "max_mailboxes": "3",
+            "default_mailbox_quota_bytes": "512K",
+        },
+    )
+    assert response.status_code == 302
+    domain = Domain.objects.get()
+    assert (domain.name, domain.quota_bytes, domain.default_mailbox_quota_bytes) == (
+        "example.test",
+        2 * 1024**3,
+        512 * 1024,
+    )
+    entry = AuditEntry.objects.get()
+    assert (entry.actor_name, entry.action, entry.object_name) == ("root", "create", "example.test")
+    response = staff_client.post(
+        "/admin/mailadmin/domain/add/",
+        {
+            "name": "example.test",
+            "quota_bytes": "0",
+            "max_mailboxes": "0",
+            "default_mailbox_quota_bytes": "0",
+        },
+    )
+    assert form_errors(response) == "domain example.test already exists"
+
+
+def test_staff_without_a_domain_sees_no_rows(client, make_mailbox):
+    make_mailbox("a@example.test")
+    staff = get_user_model().objects.create_user("helpdesk", is_staff=True)
+    staff.user_permissions.add(*Permission.objects.filter(codename__in=["view_mailbox", "view_domain"]))
+    client.force_login(staff)
+    assert "0 mailboxes" in client.get("/admin/mailadmin/mailbox/").content.decode()
+    assert "0 domains" in client.get("/admin/mailadmin/domain/").content.decode()

@@ -11,6 +11,8 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from mailadmin.executors import BoundedExecutor
+from mailadmin.hosting import services
+from mailadmin.hosting.actors import Actor
 from mailadmin.hosting.history import Pruned, prune_history
 from mailadmin.models import AuthFailure, Domain, Pop3Node, Pop3Session
 from mailadmin.pop3d import registry
@@ -204,3 +206,12 @@ def test_pruning_deletes_in_transactions_of_one_batch_each():
         "mailadmin_authfailure"
     ] * 3
     assert not Pop3Session.objects.exists() and not AuthFailure.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_kick_moves_the_change_marker():
+    now = timezone.now()
+    open_session = session_row(started=now)
+    Pop3Session.objects.update(updated_at=LONG_AGO)
+    assert services.kick_sessions(Actor.cli(), session_ids=[open_session.pk]) == 1
+    assert list(Pop3Session.objects.changed_since(LONG_AGO).values_list("pk", flat=True)) == [open_session.pk]

@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('mailadmin', '0004_session_and_failure_domain'),
+        ('mailadmin', '0005_audit_and_administrators'),
     ]
 
     operations = [

@@ -11,17 +11,23 @@ Invariants kept here (and checked by ``recalculate_quota``):
 """
 
 from mailadmin.hosting.store.accounts import (
+    DOMAIN_SETTINGS,
+    MAILBOX_SETTINGS,
     NewMailbox,
     check_password_hash,
     create_domain,
     create_mailbox,
+    delete_domain,
     delete_mailbox,
     get_domain,
     get_mailbox,
-    mailbox_listing,
     set_mailbox_active,
     set_password,
+    set_password_hash,
     set_quota,
+    update_domain_settings,
+    update_mailbox_settings,
+    validate_new_password,
 )
 from mailadmin.hosting.store.errors import (
     AlreadyExists,
@@ -58,6 +64,8 @@ from mailadmin.hosting.store.messages import (
 from mailadmin.hosting.store.quota import Drift, recalculate_quota
 
 __all__ = [
+    "DOMAIN_SETTINGS",
+    "MAILBOX_SETTINGS",
     "AlreadyExists",
     "DomainNotFound",
     "Drift",
@@ -78,6 +86,7 @@ __all__ = [
     "commit_maildrop",
     "create_domain",
     "create_mailbox",
+    "delete_domain",
     "delete_mailbox",
     "delete_messages",
     "existing_import_markers",
@@ -88,7 +97,6 @@ __all__ = [
     "iter_mailbox_messages_for_export",
     "iter_message_bytes",
     "lock_group",
-    "mailbox_listing",
     "maildrop_snapshot",
     "read_chunk",
     "read_first_chunks",
@@ -98,6 +106,10 @@ __all__ = [
     "renew_leases",
     "set_mailbox_active",
     "set_password",
+    "set_password_hash",
     "set_quota",
+    "update_domain_settings",
+    "update_mailbox_settings",
+    "validate_new_password",
     "validate_uidl",
 ]

@@ -1,6 +1,7 @@
 """Domains, mailbox logins and their settings: the rows that hold the counters."""
 
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
@@ -19,11 +20,15 @@ from mailadmin.hosting.store.errors import (
     MailboxNotFound,
 )
 from mailadmin.hosting.store.fastsql import find_mailbox
-from mailadmin.models import Domain, Mailbox, Message, MessageChunk
+from mailadmin.models import Domain, Mailbox, Message, MessageChunk, parse_percents
 
 MAX_BIGINT = 2**63 - 1
 MAX_INT32 = 2**31 - 1  # PositiveIntegerField on PostgreSQL
 GENERATED_PASSWORD_BYTES = 18
+MAILBOX_SETTINGS = frozenset({"active", "quota_bytes", "quota_messages"})
+DOMAIN_SETTINGS = frozenset(
+    {"active", "quota_bytes", "max_mailboxes", "default_mailbox_quota_bytes", "quota_warning_percents"}
+)
 
 
 def get_domain(name: str) -> Domain:
@@ -74,7 +79,7 @@ def create_mailbox(
         _require_in_range(quota_bytes=quota_bytes)
     _require_in_range(MAX_INT32, quota_messages=quota_messages)
     if password is not None:
-        _validate_password(password, normalised)
+        validate_new_password(password, normalised)
     with transaction.atomic():
         domain = _domain_for_new_mailbox(domain_of(normalised), create_domain)
         user_model = get_user_model()
@@ -121,22 +126,64 @@ def check_password_hash(password_hash: str) -> None:
 
 def set_password(address: str, password: str) -> None:
     mailbox = get_mailbox(address)
-    _validate_password(password, mailbox.address)
+    validate_new_password(password, mailbox.address)
     mailbox.user.set_password(password)
     mailbox.user.save(update_fields=["password"])
 
 
-def set_quota(address: str, *, quota_bytes: int) -> Mailbox:
-    _require_in_range(quota_bytes=quota_bytes)
+def set_password_hash(address: str, password_hash: str) -> None:
+    """Store a hash made elsewhere (a migration from another system) as the mailbox's password."""
+    check_password_hash(password_hash)
     mailbox = get_mailbox(address)
-    Mailbox.objects.filter(pk=mailbox.pk).update(quota_bytes=quota_bytes)
+    get_user_model().objects.filter(pk=mailbox.user_id).update(password=password_hash)
+
+
+def set_quota(address: str, *, quota_bytes: int) -> Mailbox:
+    mailbox = get_mailbox(address)
+    update_mailbox_settings(mailbox.pk, {"quota_bytes": quota_bytes})
     mailbox.quota_bytes = quota_bytes
     return mailbox
 
 
 def set_mailbox_active(address: str, active: bool) -> None:
-    mailbox = get_mailbox(address)
-    Mailbox.objects.filter(pk=mailbox.pk).update(active=active)
+    update_mailbox_settings(get_mailbox(address).pk, {"active": active})
+
+
+def update_mailbox_settings(mailbox_id: int, settings: Mapping[str, int | bool]) -> None:
+    """Write only the named settings (``active``, ``quota_bytes``, ``quota_messages``), never a counter."""
+    _require_known(settings, MAILBOX_SETTINGS)
+    _require_in_range(**{name: settings[name] for name in ("quota_bytes",) if name in settings})
+    _require_in_range(MAX_INT32, **{name: settings[name] for name in ("quota_messages",) if name in settings})
+    Mailbox.objects.filter(pk=mailbox_id).update(**settings)
+
+
+def update_domain_settings(domain_id: int, settings: Mapping[str, int | bool | str]) -> None:
+    """Write only the named settings of a domain (see DOMAIN_SETTINGS), never its usage counter."""
+    _require_known(settings, DOMAIN_SETTINGS)
+    sizes = ("quota_bytes", "default_mailbox_quota_bytes")
+    _require_in_range(**{name: settings[name] for name in sizes if name in settings})
+    _require_in_range(MAX_INT32, **{name: settings[name] for name in ("max_mailboxes",) if name in settings})
+    if "quota_warning_percents" in settings:
+        try:
+            parse_percents(settings["quota_warning_percents"])
+        except ValueError as error:
+            raise InvalidInput(str(error)) from None
+    Domain.objects.filter(pk=domain_id).update(**settings)
+
+
+def delete_domain(name: str) -> Domain:
+    """Delete a domain that has no mailboxes left; return the row as it was."""
+    with transaction.atomic():
+        domain = get_domain(name)
+        domain = Domain.objects.select_for_update().get(pk=domain.pk)
+        mailbox_count = domain.mailboxes.count()
+        if mailbox_count:
+            raise InvalidInput(
+                f"domain {domain.name} still has {mailbox_count} mailbox{'es' if mailbox_count != 1 else ''}:"
+                " delete them first"
+            )
+        Domain.objects.filter(pk=domain.pk).delete()
+    return domain
 
 
 def delete_mailbox(address: str) -> int:
@@ -152,13 +199,6 @@ def delete_mailbox(address: str) -> int:
     return totals["count"]
 
 
-def mailbox_listing(domain_name: str | None = None) -> list[Mailbox]:
-    mailboxes = Mailbox.objects.select_related("user", "domain").order_by("domain__name", "user__username")
-    if domain_name is not None:
-        mailboxes = mailboxes.filter(domain=get_domain(domain_name))
-    return list(mailboxes)
-
-
 # --- Helpers ---------------------------------------------------------------------------------
 
 
@@ -169,15 +209,21 @@ def _checked(normalise, value: str) -> str:
         raise InvalidInput(str(error)) from None
 
 
+def _require_known(settings: Mapping[str, object], known: frozenset[str]) -> None:
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise InvalidInput(f"not a setting that can be changed: {', '.join(unknown)}")
+
+
 def _require_in_range(maximum: int = MAX_BIGINT, **values: int) -> None:
     for name, value in values.items():
         if not 0 <= value <= maximum:
             raise InvalidInput(f"{name.replace('_', ' ')} must be between 0 and {maximum}")
 
 
-def _validate_password(password: str, address: str) -> None:
+def validate_new_password(password: str, username: str) -> None:
     """The configured AUTH_PASSWORD_VALIDATORS, for passwords an operator chooses."""
-    user = get_user_model()(username=address, email=address)
+    user = get_user_model()(username=username, email=username if "@" in username else "")
     try:
         validate_password(password, user)
     except ValidationError as error:

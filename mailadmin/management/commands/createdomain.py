@@ -2,7 +2,8 @@
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from mailadmin.hosting import store
+from mailadmin.hosting import services
+from mailadmin.hosting.actors import Actor
 from mailadmin.management.commandutils import count, quota_text, size, store_errors
 
 
@@ -41,7 +42,8 @@ class Command(BaseCommand):
         self, *args, name: str, quota: int, max_mailboxes: int, default_mailbox_quota: int, **options
     ) -> None:
         with store_errors():
-            domain = store.create_domain(
+            domain = services.create_domain(
+                Actor.cli(),
                 name,
                 quota_bytes=quota,
                 max_mailboxes=max_mailboxes,

@@ -2,7 +2,8 @@
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from mailadmin.hosting import store
+from mailadmin.hosting import services
+from mailadmin.hosting.actors import Actor
 from mailadmin.management.commandutils import count, quota_text, read_password, size, store_errors
 
 
@@ -45,7 +46,8 @@ class Command(BaseCommand):
     ) -> None:
         password = read_password() if password_stdin else None
         with store_errors():
-            created = store.create_mailbox(
+            created = services.create_mailbox(
+                Actor.cli(),
                 address,
                 password=password,
                 quota_bytes=quota,

@@ -4,7 +4,8 @@ import sys
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from mailadmin.hosting import store
+from mailadmin.hosting import services
+from mailadmin.hosting.actors import Actor
 from mailadmin.management.commandutils import store_errors
 
 
@@ -16,11 +17,12 @@ class Command(BaseCommand):
         parser.add_argument("--no-input", action="store_true", help="Delete without asking for confirmation.")
 
     def handle(self, *args, address: str, no_input: bool, **options) -> None:
+        actor = Actor.cli()
         with store_errors():
-            mailbox = store.get_mailbox(address)
+            mailbox = services.get_mailbox(actor, address)
             if not no_input:
                 self._confirm(mailbox.address, mailbox.used_messages)
-            removed = store.delete_mailbox(mailbox.address)
+            removed = services.delete_mailbox(actor, mailbox.address)
         self.stdout.write(f"deleted mailbox {mailbox.address} and {removed} messages")
 
     def _confirm(self, address: str, messages: int) -> None:

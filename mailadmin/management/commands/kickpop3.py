@@ -4,8 +4,9 @@ import uuid
 
 from django.core.management.base import BaseCommand
 
+from mailadmin.hosting import services
+from mailadmin.hosting.actors import Actor
 from mailadmin.management.commandutils import store_errors
-from mailadmin.pop3d import registry
 
 
 class Command(BaseCommand):
@@ -17,9 +18,9 @@ class Command(BaseCommand):
     def handle(self, *args, target: str, **options):
         with store_errors():
             if _is_session_id(target):
-                count = registry.request_kick(session_id=target)
+                count = services.kick_sessions(Actor.cli(), session_ids=[target])
             else:
-                count = registry.request_kick(address=target)
+                count = services.kick_sessions(Actor.cli(), address=target)
         self.stdout.write(f"kick requested for {count} session{'s' if count != 1 else ''}")
 
 

@@ -2,7 +2,8 @@
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from mailadmin.hosting import store
+from mailadmin.hosting import services
+from mailadmin.hosting.actors import Actor
 from mailadmin.management.commandutils import quota_text, store_errors
 from mailadmin.models import Mailbox
 from mailadmin.units import format_size
@@ -20,7 +21,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, domain: str | None, **options) -> None:
         with store_errors():
-            mailboxes = store.mailbox_listing(domain)
+            mailboxes = services.list_mailboxes(Actor.cli(), domain)
         rows = [HEADER, *(_row(mailbox) for mailbox in mailboxes)]
         widths = [max(len(row[column]) for row in rows) for column in range(len(HEADER))]
         for row in rows:

@@ -2,7 +2,8 @@
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from mailadmin.hosting import store
+from mailadmin.hosting import services
+from mailadmin.hosting.actors import Actor
 from mailadmin.management.commandutils import store_errors
 
 
@@ -16,7 +17,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, address: str | None, **options) -> None:
         with store_errors():
-            drifts = store.recalculate_quota(address)
+            drifts = services.recalculate_quota(Actor.cli(), address)
         for drift in drifts:
             recorded = f"recorded {drift.recorded}, actual {drift.actual}"
             self.stdout.write(f"{drift.subject} {drift.counter}: {recorded} (corrected)")

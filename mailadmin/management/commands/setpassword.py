@@ -2,7 +2,8 @@
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from mailadmin.hosting import store
+from mailadmin.hosting import services
+from mailadmin.hosting.actors import Actor
 from mailadmin.management.commandutils import read_password, store_errors
 
 
@@ -24,6 +25,5 @@ class Command(BaseCommand):
                 "(a password on the command line would show in ps and shell history)"
             )
         with store_errors():
-            mailbox = store.get_mailbox(address)
-            store.set_password(mailbox.address, read_password())
+            mailbox = services.set_password(Actor.cli(), address, read_password())
         self.stdout.write(f"password changed for {mailbox.address}")

@@ -2,7 +2,8 @@
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from mailadmin.hosting import store
+from mailadmin.hosting import services
+from mailadmin.hosting.actors import Actor
 from mailadmin.management.commandutils import quota_text, size, store_errors
 
 
@@ -20,5 +21,5 @@ class Command(BaseCommand):
 
     def handle(self, *args, address: str, size: int, **options) -> None:
         with store_errors():
-            mailbox = store.set_quota(address, quota_bytes=size)
+            mailbox = services.update_mailbox(Actor.cli(), address, quota_bytes=size)
         self.stdout.write(f"quota of {mailbox.address} set to {quota_text(mailbox.quota_bytes)}")

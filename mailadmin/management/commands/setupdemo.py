@@ -14,7 +14,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
-from mailadmin.hosting import store
+from mailadmin.hosting import services, store
+from mailadmin.hosting.actors import Actor
 from mailadmin.mailin.delivery import deliver
 
 DEMO_DOMAIN = "example.test"
@@ -78,11 +79,12 @@ class Command(BaseCommand):
         admin.save()
 
     def _ensure_mailbox(self, password: str) -> None:
+        actor = Actor.cli()
         try:
-            store.get_mailbox(DEMO_ADDRESS)
+            services.get_mailbox(actor, DEMO_ADDRESS)
         except store.MailboxNotFound:
-            store.create_mailbox(
-                DEMO_ADDRESS, password=password, quota_bytes=100 * 1024**2, create_domain=True
+            services.create_mailbox(
+                actor, DEMO_ADDRESS, password=password, quota_bytes=100 * 1024**2, create_domain=True
             )
             for subject, body in DEMO_MESSAGES:
                 headers = (
@@ -93,4 +95,4 @@ class Command(BaseCommand):
                 message = f"{headers}\n{body}"
                 deliver([DEMO_ADDRESS], [message.encode()], sender=f"postmaster@{DEMO_DOMAIN}")
         else:
-            store.set_password(DEMO_ADDRESS, password)
+            services.set_password(actor, DEMO_ADDRESS, password)

@@ -1,0 +1,76 @@
+"""The mailbox import file: ``address,password,password_hash,quota``, checked line by line.
+
+Everything that can be checked without the database is checked here, before anything is
+written; each refusal names the line it is on (a quoted field may span lines: the record's
+first line).
+"""
+
+import csv
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TextIO
+
+from mailadmin.addresses import normalise_address
+from mailadmin.hosting import store
+from mailadmin.units import parse_size
+
+HEADER = ["address", "password", "password_hash", "quota"]
+
+
+@dataclass(frozen=True)
+class Row:
+    line: int
+    address: str
+    password: str | None
+    password_hash: str | None
+    quota_bytes: int | None  # None: the domain's default
+
+
+def parse(handle: TextIO) -> list[Row]:
+    """Every row of the file, or ``store.InvalidInput`` naming the first wrong line."""
+    records = _numbered(handle)
+    if next(records, (1, None))[1] != HEADER:
+        raise store.InvalidInput(f"line 1: the header must be exactly {','.join(HEADER)}")
+    rows: list[Row] = []
+    first_line_of: dict[str, int] = {}
+    for line, fields in records:
+        if not fields:
+            continue
+        try:
+            row = _row(line, fields)
+        except (ValueError, store.StoreError) as error:
+            raise store.InvalidInput(f"line {line}: {error}") from None
+        if row.address in first_line_of:
+            raise store.InvalidInput(
+                f"line {line}: {row.address} is already on line {first_line_of[row.address]}"
+            )
+        first_line_of[row.address] = line
+        rows.append(row)
+    return rows
+
+
+def _numbered(handle: TextIO) -> Iterator[tuple[int, list[str]]]:
+    reader = csv.reader(handle, strict=True)
+    start = 1
+    try:
+        for fields in reader:
+            yield start, fields
+            start = reader.line_num + 1
+    except csv.Error as error:
+        raise store.InvalidInput(f"line {start}: {error}") from None
+
+
+def _row(line: int, fields: list[str]) -> Row:
+    if len(fields) != len(HEADER):
+        raise ValueError(f"expected {len(HEADER)} fields, found {len(fields)}")
+    address, password, password_hash, quota = fields
+    address = normalise_address(address)
+    if bool(password) == bool(password_hash):
+        raise ValueError("give exactly one of password and password_hash")
+    if password_hash:
+        store.check_password_hash(password_hash)
+    return Row(line, address, password or None, password_hash or None, _quota(quota))
+
+
+def _quota(text: str) -> int | None:
+    return parse_size(text) if text.strip() else None

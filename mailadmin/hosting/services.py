@@ -1,0 +1,409 @@
+"""The service layer: every change a person or system makes, as a function taking the actor first.
+
+Each function checks the actor's scope, leaves the row-level rules to the store, and writes its
+audit entry in the same transaction as the change. Commands, admin pages and the API are doors
+onto these functions and hold no rules of their own.
+
+The scope rule, written once here: an actor whose scope is every domain (the command line, a
+superuser) may do everything. A domain administrator, within the domains they administer only,
+may create, change, delete and set passwords of mailboxes, kick their sessions, recalculate
+their quota, and change a domain's ``DOMAIN_ADMINISTRATOR_SETTINGS``; they may not create,
+delete, suspend or reactivate a domain, change its quota cap or mailbox limit, or make
+administrators. Outside their domains every request is refused alike, whether or not the
+domain or mailbox exists, so a refusal reveals nothing.
+"""
+
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TextIO
+
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group, Permission
+from django.db import transaction
+from django.db.models.functions import Now
+from django.utils import timezone
+
+from mailadmin.addresses import domain_of, normalise_address, normalise_domain
+from mailadmin.hosting import audit, mailboxcsv, scopes, store
+from mailadmin.hosting.actors import Actor
+from mailadmin.models import Domain, DomainAdministrator, Mailbox, Pop3Session
+
+DOMAIN_ADMINISTRATOR_SETTINGS = frozenset({"default_mailbox_quota_bytes", "quota_warning_percents"})
+ADMINISTRATORS_GROUP = "Domain administrators"
+# What the admin lets a domain administrator do; scopes narrow every one to their domains.
+ADMINISTRATOR_PERMISSIONS = (
+    "view_domain",
+    "change_domain",
+    "view_mailbox",
+    "add_mailbox",
+    "change_mailbox",
+    "delete_mailbox",
+    "view_message",
+    "view_pop3session",
+    "view_authfailure",
+    "view_auditentry",
+)
+
+
+class NotPermitted(store.StoreError):
+    """The actor's scope does not cover the request."""
+
+
+# --- Scope checks ----------------------------------------------------------------------------
+
+
+def may_manage_domains(actor: Actor) -> bool:
+    """Create, delete, suspend domains and change their caps: operators of every domain only."""
+    return actor.all_domains
+
+
+def editable_domain_settings(actor: Actor) -> frozenset[str]:
+    return store.DOMAIN_SETTINGS if may_manage_domains(actor) else DOMAIN_ADMINISTRATOR_SETTINGS
+
+
+def _require_domain_manager(actor: Actor, what: str) -> None:
+    if not may_manage_domains(actor):
+        raise NotPermitted(f"not permitted: only an operator of every domain may {what}")
+
+
+def _domain_in_scope(actor: Actor, name: str) -> Domain:
+    domain_name = _normalised(normalise_domain, name)
+    if actor.all_domains:
+        return store.get_domain(domain_name)
+    domain = Domain.objects.filter(name=domain_name, pk__in=actor.domain_ids).first()
+    if domain is None:
+        raise NotPermitted(f"not permitted: {domain_name} is not a domain you administer")
+    return domain
+
+
+def _mailbox_in_scope(actor: Actor, address: str) -> Mailbox:
+    normalised = _normalised(normalise_address, address)
+    if not actor.all_domains:
+        _domain_in_scope(actor, domain_of(normalised))
+    return store.get_mailbox(normalised)
+
+
+def _normalised(normalise, value: str) -> str:
+    try:
+        return normalise(value)
+    except ValueError as error:
+        raise store.InvalidInput(str(error)) from None
+
+
+# --- Domains ---------------------------------------------------------------------------------
+
+
+def create_domain(
+    actor: Actor,
+    name: str,
+    *,
+    quota_bytes: int = 0,
+    max_mailboxes: int = 0,
+    default_mailbox_quota_bytes: int = 0,
+) -> Domain:
+    _require_domain_manager(actor, "create domains")
+    settings = {
+        "quota_bytes": quota_bytes,
+        "max_mailboxes": max_mailboxes,
+        "default_mailbox_quota_bytes": default_mailbox_quota_bytes,
+    }
+    with transaction.atomic():
+        domain = store.create_domain(name, **settings)
+        audit.record(actor, "create", "domain", domain.name, domain=domain, changes=_created(settings))
+    return domain
+
+
+def update_domain(actor: Actor, name: str, **settings: int | bool | str) -> Domain:
+    """Change only the settings given (see ``store.DOMAIN_SETTINGS``); return the domain as saved."""
+    refused = sorted(set(settings) & store.DOMAIN_SETTINGS - editable_domain_settings(actor))
+    if refused:
+        raise NotPermitted(f"not permitted: only an operator of every domain may change {', '.join(refused)}")
+    with transaction.atomic():
+        domain = _locked_domain(_domain_in_scope(actor, name))
+        changes = audit.changed_fields({field: getattr(domain, field, None) for field in settings}, settings)
+        store.update_domain_settings(domain.pk, settings)
+        if changes:
+            action = _change_action(changes)
+            audit.record(actor, action, "domain", domain.name, domain=domain, changes=changes)
+    domain.refresh_from_db()
+    return domain
+
+
+def set_domain_active(actor: Actor, name: str, active: bool) -> Domain:
+    """Suspend (``active=False``) or reactivate a domain: its mailboxes can neither log in nor receive."""
+    return update_domain(actor, name, active=active)
+
+
+def delete_domain(actor: Actor, name: str) -> None:
+    """Delete a domain; refused while it has mailboxes."""
+    _require_domain_manager(actor, "delete domains")
+    with transaction.atomic():
+        domain = store.delete_domain(name)
+        changes = _deleted(domain)
+        audit.record(actor, "delete", "domain", domain.name, domain_name=domain.name, changes=changes)
+
+
+def _locked_domain(domain: Domain) -> Domain:
+    return Domain.objects.select_for_update().get(pk=domain.pk)
+
+
+def _change_action(changes: dict) -> str:
+    if set(changes) == {"active"}:
+        return "activate" if changes["active"][1] else "suspend"
+    return "update"
+
+
+def _created(settings: dict) -> dict[str, list]:
+    return {field: [None, value] for field, value in settings.items()}
+
+
+def _deleted(domain: Domain) -> dict[str, list]:
+    return {
+        field: [getattr(domain, field), None]
+        for field in ("quota_bytes", "max_mailboxes", "default_mailbox_quota_bytes")
+    }
+
+
+# --- Mailboxes -------------------------------------------------------------------------------
+
+
+def create_mailbox(
+    actor: Actor,
+    address: str,
+    *,
+    password: str | None = None,
+    password_hash: str | None = None,
+    quota_bytes: int | None = None,
+    quota_messages: int = 0,
+    create_domain: bool = False,
+) -> store.NewMailbox:
+    """Create a mailbox and its login; ``quota_bytes=None`` takes the domain's default quota.
+
+    ``create_domain`` creates a missing domain first, which only a domain manager may do.
+    """
+    domain_name = domain_of(_normalised(normalise_address, address))
+    if create_domain:
+        _require_domain_manager(actor, "create domains")
+    elif not actor.all_domains:
+        _domain_in_scope(actor, domain_name)
+    with transaction.atomic():
+        domain_existed = not create_domain or Domain.objects.filter(name=domain_name).exists()
+        created = store.create_mailbox(
+            address,
+            password=password,
+            password_hash=password_hash,
+            quota_bytes=quota_bytes,
+            quota_messages=quota_messages,
+            create_domain=create_domain,
+        )
+        mailbox = created.mailbox
+        if not domain_existed:
+            audit.record(actor, "create", "domain", domain_name, domain=mailbox.domain)
+        settings = {"active": True, "quota_bytes": mailbox.quota_bytes, "quota_messages": quota_messages}
+        changes = {**_created(settings), "password": audit.SECRET_CHANGED}
+        audit.record(actor, "create", "mailbox", mailbox.address, domain=mailbox.domain, changes=changes)
+    return created
+
+
+def update_mailbox(actor: Actor, address: str, **settings: int | bool) -> Mailbox:
+    """Change only the settings given (see ``store.MAILBOX_SETTINGS``); return the mailbox as saved."""
+    with transaction.atomic():
+        mailbox = _mailbox_in_scope(actor, address)
+        locked = Mailbox.objects.select_for_update().get(pk=mailbox.pk)
+        changes = audit.changed_fields({field: getattr(locked, field, None) for field in settings}, settings)
+        store.update_mailbox_settings(mailbox.pk, settings)
+        if changes:
+            action = _change_action(changes)
+            audit.record(actor, action, "mailbox", mailbox.address, domain=mailbox.domain, changes=changes)
+    return store.get_mailbox(mailbox.address)
+
+
+def get_domain(actor: Actor, name: str) -> Domain:
+    return _domain_in_scope(actor, name)
+
+
+def get_mailbox(actor: Actor, address: str) -> Mailbox:
+    return _mailbox_in_scope(actor, address)
+
+
+def set_password(actor: Actor, address: str, password: str) -> Mailbox:
+    with transaction.atomic():
+        mailbox = _mailbox_in_scope(actor, address)
+        store.set_password(mailbox.address, password)
+        _record_password_change(actor, mailbox)
+    return mailbox
+
+
+def set_password_hash(actor: Actor, address: str, password_hash: str) -> Mailbox:
+    with transaction.atomic():
+        mailbox = _mailbox_in_scope(actor, address)
+        store.set_password_hash(mailbox.address, password_hash)
+        _record_password_change(actor, mailbox)
+    return mailbox
+
+
+def _record_password_change(actor: Actor, mailbox: Mailbox) -> None:
+    changes = {"password": audit.SECRET_CHANGED}
+    audit.record(actor, "set password", "mailbox", mailbox.address, domain=mailbox.domain, changes=changes)
+
+
+def delete_mailbox(actor: Actor, address: str) -> int:
+    """Delete a mailbox, its login and its mail; return the number of messages removed."""
+    with transaction.atomic():
+        mailbox = _mailbox_in_scope(actor, address)
+        removed = store.delete_mailbox(mailbox.address)
+        changes = {"quota_bytes": [mailbox.quota_bytes, None], "messages": [removed, None]}
+        audit.record(actor, "delete", "mailbox", mailbox.address, domain=mailbox.domain, changes=changes)
+    return removed
+
+
+def list_mailboxes(actor: Actor, domain_name: str | None = None) -> list[Mailbox]:
+    mailboxes = scopes.visible_to(actor, Mailbox).select_related("user", "domain")
+    if domain_name is not None:
+        mailboxes = mailboxes.filter(domain=_domain_in_scope(actor, domain_name))
+    return list(mailboxes.order_by("domain__name", "user__username"))
+
+
+def import_mailboxes(actor: Actor, handle: TextIO, *, dry_run: bool = False) -> list[Mailbox]:
+    """Create every mailbox of an import file (see ``mailboxcsv``) or, on any error, none.
+
+    A refusal names the line. ``dry_run`` checks every row against the database, then rolls
+    back.
+    """
+    rows = mailboxcsv.parse(handle)
+    with transaction.atomic():
+        created = [_import_row(actor, row) for row in rows]
+        if dry_run:
+            transaction.set_rollback(True)
+    return created
+
+
+def _import_row(actor: Actor, row: mailboxcsv.Row) -> Mailbox:
+    try:
+        _domain_in_scope(actor, domain_of(row.address))
+        return create_mailbox(
+            actor,
+            row.address,
+            password=row.password,
+            password_hash=row.password_hash,
+            quota_bytes=row.quota_bytes,
+        ).mailbox
+    except store.StoreError as error:
+        raise type(error)(f"line {row.line}: {error}") from None
+
+
+def recalculate_quota(actor: Actor, address: str | None = None) -> list[store.Drift]:
+    """Recount usage counters from the stored messages (every mailbox in scope by default)."""
+    with transaction.atomic():
+        if address is not None:
+            drifts = store.recalculate_quota(_mailbox_in_scope(actor, address).address)
+        elif actor.all_domains:
+            drifts = store.recalculate_quota()
+        else:
+            in_scope = scopes.visible_to(actor, Mailbox).select_related("user")
+            drifts = [drift for mailbox in in_scope for drift in store.recalculate_quota(mailbox.address)]
+        _record_drifts(actor, drifts)
+    return drifts
+
+
+def _record_drifts(actor: Actor, drifts: list[store.Drift]) -> None:
+    by_subject: dict[str, dict[str, list[int]]] = {}
+    for drift in drifts:
+        by_subject.setdefault(drift.subject, {})[drift.counter] = [drift.recorded, drift.actual]
+    domains = Domain.objects.in_bulk(
+        {subject.rpartition("@")[2] for subject in by_subject}, field_name="name"
+    )
+    for subject, changes in by_subject.items():
+        object_type = "mailbox" if "@" in subject else "domain"
+        domain = domains.get(subject.rpartition("@")[2])
+        audit.record(actor, "recalculate quota", object_type, subject, domain=domain, changes=changes)
+
+
+# --- POP3 sessions ---------------------------------------------------------------------------
+
+
+def kick_sessions(
+    actor: Actor, *, address: str | None = None, session_ids: Iterable[uuid.UUID | str] | None = None
+) -> int:
+    """Ask the POP3 servers to end open sessions of a mailbox, or the sessions named, without
+    applying their deletions; return how many were newly marked."""
+    sessions = scopes.visible_to(actor, Pop3Session).open().filter(kick_requested_at__isnull=True)
+    if address is not None:
+        sessions = sessions.filter(mailbox=_mailbox_in_scope(actor, address))
+    if session_ids is not None:
+        sessions = sessions.filter(pk__in=list(session_ids))
+    kicked = 0
+    with transaction.atomic():
+        for session in sessions.select_related("domain"):
+            marked = Pop3Session.objects.filter(pk=session.pk, kick_requested_at__isnull=True).update(
+                kick_requested_at=timezone.now(), updated_at=Now()
+            )
+            if marked:
+                kicked += 1
+                name = f"{session.username or '(no login)'} {session.pk}"
+                audit.record(actor, "kick", "pop3 session", name, domain=session.domain)
+    return kicked
+
+
+# --- Domain administrators -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Administrator:
+    username: str
+    created: bool
+    domain_names: list[str]
+
+
+def save_domain_administrator(
+    actor: Actor, username: str, domain_names: Iterable[str], password: str
+) -> Administrator:
+    """Create a domain administrator, or give an existing one exactly these domains and password.
+
+    An administrator is a staff login of its own, never a mailbox's login nor a superuser (whose
+    scope is every domain anyway).
+    """
+    _require_domain_manager(actor, "make domain administrators")
+    user_model = get_user_model()
+    username = user_model.normalize_username(username.strip())
+    if not username:
+        raise store.InvalidInput("the username is empty")
+    domains = {domain.name: domain for domain in (store.get_domain(name) for name in domain_names)}
+    if not domains:
+        raise store.InvalidInput("name at least one domain")
+    store.validate_new_password(password, username)
+    with transaction.atomic():
+        user = user_model.objects.select_for_update().filter(username=username).first()
+        created = user is None
+        if created:
+            user = user_model(username=username)
+        elif Mailbox.objects.filter(user=user).exists():
+            raise store.InvalidInput(
+                f"{username} is a mailbox's login; an administrator needs a login of its own"
+            )
+        elif user.is_superuser:
+            raise store.InvalidInput(f"{username} is a superuser, who administers every domain already")
+        before = [] if created else sorted(user.administered_domains.values_list("domain__name", flat=True))
+        user.is_staff = True
+        user.set_password(password)
+        user.save()
+        user.groups.add(_administrators_group())
+        DomainAdministrator.objects.filter(user=user).exclude(domain__in=domains.values()).delete()
+        for domain in domains.values():
+            DomainAdministrator.objects.get_or_create(user=user, domain=domain)
+        after = sorted(domains)
+        changes: dict = {"password": audit.SECRET_CHANGED}
+        if before != after:
+            changes["domains"] = [before or None, after]
+        audit.record(actor, "create" if created else "update", "administrator", username, changes=changes)
+    return Administrator(username, created, after)
+
+
+def _administrators_group() -> Group:
+    group, _ = Group.objects.get_or_create(name=ADMINISTRATORS_GROUP)
+    permissions = Permission.objects.filter(
+        content_type__app_label="mailadmin", codename__in=ADMINISTRATOR_PERMISSIONS
+    )
+    group.permissions.add(*permissions)
+    return group

@@ -1,0 +1,432 @@
+"""The service layer: each function's rule, its scope for a domain administrator, its audit row."""
+
+import io
+import uuid
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import PBKDF2PasswordHasher
+from django.utils import timezone
+
+from mailadmin.hosting import audit, scopes, services, store
+from mailadmin.hosting.actors import Actor, ActorKind
+from mailadmin.mailin.delivery import deliver
+from mailadmin.models import (
+    AuditEntry,
+    AuthFailure,
+    Domain,
+    DomainAdministrator,
+    Mailbox,
+    Message,
+    Pop3Session,
+)
+
+pytestmark = pytest.mark.django_db
+
+CLI = Actor.cli()
+CHEAP_HASH = PBKDF2PasswordHasher().encode("hashed horse", "saltsaltsalt", iterations=1000)
+
+
+@pytest.fixture
+def domains():
+    return services.create_domain(CLI, "ours.test"), services.create_domain(CLI, "theirs.test")
+
+
+@pytest.fixture
+def ours_admin(domains):
+    """An actor administering ours.test only, as the admin builds it for the user."""
+    services.save_domain_administrator(CLI, "olivia", ["ours.test"], "a long admin passphrase")
+    user = get_user_model().objects.get(username="olivia")
+    return Actor.for_user(user, "198.51.100.7")
+
+
+def last_entry() -> AuditEntry:
+    return AuditEntry.objects.order_by("-id").first()
+
+
+def entry_fields(entry: AuditEntry) -> tuple:
+    return (entry.actor_kind, entry.action, entry.object_type, entry.object_name, entry.domain_name)
+
+
+# --- Actors and scopes -----------------------------------------------------------------------
+
+
+def test_cli_actor_is_named_after_the_os_user_and_sees_every_domain(monkeypatch):
+    monkeypatch.setattr("getpass.getuser", lambda: "operator")
+    actor = Actor.cli()
+    assert (actor.kind, actor.name, actor.user_id, actor.all_domains) == (
+        ActorKind.CLI,
+        "cli:operator",
+        None,
+        True,
+    )
+
+
+def test_user_actor_scope_superuser_administrator_and_plain_staff(ours_admin, domains):
+    ours, _ = domains
+    root = get_user_model().objects.create_superuser("root", "", "pw")
+    staff = get_user_model().objects.create_user("staff", is_staff=True)
+    assert Actor.for_user(root, "192.0.2.1").all_domains
+    assert ours_admin.domain_ids == frozenset({ours.pk})
+    assert ours_admin.client_address == "198.51.100.7"
+    # Scope is granted by a domain tie, never assumed from the absence of one.
+    assert Actor.for_user(staff).domain_ids == frozenset()
+
+
+def test_token_actor_carries_its_name_and_the_scope_it_is_given(domains):
+    ours, _ = domains
+    token = Actor.token("provisioning", frozenset({ours.pk}), "203.0.113.5")
+    assert (token.kind, token.name, token.user_id, token.client_address) == (
+        ActorKind.TOKEN,
+        "provisioning",
+        None,
+        "203.0.113.5",
+    )
+    assert list(scopes.visible_to(token, Domain).values_list("name", flat=True)) == ["ours.test"]
+    services.update_domain(token, "ours.test", default_mailbox_quota_bytes=1)
+    assert (last_entry().actor_kind, last_entry().actor_name) == ("token", "provisioning")
+
+
+def test_visible_to_narrows_every_model_to_the_actors_domains(ours_admin, make_mailbox):
+    ours_box, theirs_box = make_mailbox("a@ours.test"), make_mailbox("b@theirs.test")
+    deliver([ours_box.address, theirs_box.address], [b"Subject: hi\n\nbody\n"])
+    for mailbox in (ours_box, theirs_box):
+        Pop3Session.objects.create(
+            id=uuid.uuid4(),
+            node="n:1",
+            mailbox=mailbox,
+            domain=mailbox.domain,
+            peer_host="192.0.2.1",
+            peer_port=1,
+            local_host="h",
+            local_port=2,
+            started_at=timezone.now(),
+        )
+        AuthFailure.objects.create(
+            created_at=timezone.now(),
+            username=mailbox.address,
+            domain=mailbox.domain,
+            peer_host="x",
+            source="x",
+        )
+    AuthFailure.objects.create(
+        created_at=timezone.now(), username="x@elsewhere.test", peer_host="x", source="x"
+    )
+    assert list(scopes.visible_to(ours_admin, Domain).values_list("name", flat=True)) == ["ours.test"]
+    assert [m.address for m in scopes.visible_to(ours_admin, Mailbox)] == ["a@ours.test"]
+    assert [m.mailbox_id for m in scopes.visible_to(ours_admin, Message)] == [ours_box.pk]
+    assert [s.mailbox_id for s in scopes.visible_to(ours_admin, Pop3Session)] == [ours_box.pk]
+    assert [f.username for f in scopes.visible_to(ours_admin, AuthFailure)] == ["a@ours.test"]
+    assert {e.domain_name for e in scopes.visible_to(ours_admin, AuditEntry)} == {"ours.test"}
+    assert scopes.visible_to(CLI, AuthFailure).count() == 3
+
+
+# --- Domains ---------------------------------------------------------------------------------
+
+
+def test_create_domain_is_audited_with_its_settings(domains):
+    entry = AuditEntry.objects.get(object_name="ours.test")
+    assert entry_fields(entry) == ("cli", "create", "domain", "ours.test", "ours.test")
+    assert entry.changes == {
+        "quota_bytes": [None, 0],
+        "max_mailboxes": [None, 0],
+        "default_mailbox_quota_bytes": [None, 0],
+    }
+    assert entry.domain == domains[0]
+
+
+def test_domain_administrators_may_not_create_or_delete_domains(ours_admin):
+    with pytest.raises(services.NotPermitted, match="only an operator of every domain may create domains"):
+        services.create_domain(ours_admin, "new.test")
+    with pytest.raises(services.NotPermitted, match="only an operator of every domain may delete domains"):
+        services.delete_domain(ours_admin, "ours.test")
+    assert Domain.objects.count() == 2
+
+
+def test_update_domain_writes_only_the_fields_given_and_records_before_and_after(domains):
+    Domain.objects.filter(name="ours.test").update(used_bytes=777)  # as a delivery would
+    domain = services.update_domain(CLI, "ours.test", quota_bytes=5000, max_mailboxes=0)
+    assert (domain.quota_bytes, domain.used_bytes) == (5000, 777)
+    entry = last_entry()
+    assert entry_fields(entry) == ("cli", "update", "domain", "ours.test", "ours.test")
+    assert entry.changes == {"quota_bytes": [0, 5000]}  # max_mailboxes was already 0
+
+
+def test_update_domain_with_nothing_changed_writes_no_entry(domains):
+    before = AuditEntry.objects.count()
+    services.update_domain(CLI, "ours.test", quota_bytes=0)
+    assert AuditEntry.objects.count() == before
+
+
+def test_update_domain_refuses_bad_values(domains):
+    with pytest.raises(store.InvalidInput, match="warning percentages must be between 1 and 100"):
+        services.update_domain(CLI, "ours.test", quota_warning_percents="80,120")
+    with pytest.raises(store.InvalidInput, match="not a setting that can be changed: used_bytes"):
+        services.update_domain(CLI, "ours.test", used_bytes=0)
+
+
+def test_domain_administrator_may_change_defaults_of_their_domain_only(ours_admin):
+    services.update_domain(ours_admin, "ours.test", default_mailbox_quota_bytes=1024)
+    entry = last_entry()
+    assert (entry.actor_kind, entry.actor_name, entry.actor_user_id, entry.client_address) == (
+        "user",
+        "olivia",
+        ours_admin.user_id,
+        "198.51.100.7",
+    )
+    with pytest.raises(services.NotPermitted, match="may change max_mailboxes, quota_bytes"):
+        services.update_domain(ours_admin, "ours.test", quota_bytes=1, max_mailboxes=1)
+    with pytest.raises(services.NotPermitted, match="theirs.test is not a domain you administer"):
+        services.update_domain(ours_admin, "theirs.test", default_mailbox_quota_bytes=1)
+    # A domain that does not exist is refused alike: the refusal reveals nothing.
+    with pytest.raises(services.NotPermitted, match="ghost.test is not a domain you administer"):
+        services.update_domain(ours_admin, "ghost.test", default_mailbox_quota_bytes=1)
+
+
+def test_suspend_and_activate_a_domain(domains, ours_admin):
+    assert not services.set_domain_active(CLI, "ours.test", False).active
+    assert last_entry().action == "suspend"
+    assert services.set_domain_active(CLI, "ours.test", True).active
+    assert (last_entry().action, last_entry().changes) == ("activate", {"active": [False, True]})
+    with pytest.raises(services.NotPermitted, match="may change active"):
+        services.set_domain_active(ours_admin, "ours.test", False)
+
+
+def test_delete_domain_is_refused_while_it_has_mailboxes_and_its_entries_keep_its_name(make_mailbox, domains):
+    services.create_mailbox(CLI, "a@ours.test", password="a good long password")
+    with pytest.raises(store.InvalidInput, match="domain ours.test still has 1 mailbox: delete them first"):
+        services.delete_domain(CLI, "ours.test")
+    services.delete_mailbox(CLI, "a@ours.test")
+    services.delete_domain(CLI, "ours.test")
+    assert not Domain.objects.filter(name="ours.test").exists()
+    entry = last_entry()
+    assert entry_fields(entry) == ("cli", "delete", "domain", "ours.test", "ours.test")
+    assert entry.domain is None
+    assert [e.action for e in audit.entries(CLI, domain_name="ours.test")] == [
+        "create",
+        "create",
+        "delete",
+        "delete",
+    ]
+
+
+# --- Mailboxes -------------------------------------------------------------------------------
+
+
+def test_create_mailbox_takes_the_domain_default_and_never_records_the_password(domains):
+    services.update_domain(CLI, "ours.test", default_mailbox_quota_bytes=2048)
+    created = services.create_mailbox(CLI, "A@ours.test", password="a good long password")
+    assert created.mailbox.quota_bytes == 2048
+    entry = last_entry()
+    assert entry_fields(entry) == ("cli", "create", "mailbox", "a@ours.test", "ours.test")
+    assert entry.changes == {
+        "active": [None, True],
+        "quota_bytes": [None, 2048],
+        "quota_messages": [None, 0],
+        "password": "changed",
+    }
+    assert "a good long password" not in str(AuditEntry.objects.values_list("changes", flat=True))
+
+
+def test_create_mailbox_with_create_domain_records_both_and_needs_a_domain_manager(ours_admin):
+    services.create_mailbox(CLI, "x@fresh.test", password="a good long password", create_domain=True)
+    assert [(e.action, e.object_type, e.object_name) for e in AuditEntry.objects.order_by("-id")[:2]] == [
+        ("create", "mailbox", "x@fresh.test"),
+        ("create", "domain", "fresh.test"),
+    ]
+    with pytest.raises(services.NotPermitted, match="may create domains"):
+        services.create_mailbox(
+            ours_admin, "y@ours.test", password="a good long password", create_domain=True
+        )
+
+
+def test_domain_administrator_creates_mailboxes_in_their_domain_only(ours_admin):
+    created = services.create_mailbox(ours_admin, "a@ours.test", password="a good long password")
+    assert created.mailbox.domain.name == "ours.test"
+    assert last_entry().actor_name == "olivia"
+    with pytest.raises(services.NotPermitted, match="theirs.test is not a domain you administer"):
+        services.create_mailbox(ours_admin, "a@theirs.test", password="a good long password")
+    assert not Mailbox.objects.filter(domain__name="theirs.test").exists()
+
+
+def test_a_refused_creation_writes_no_entry(domains, make_mailbox):
+    make_mailbox("a@ours.test")
+    before = AuditEntry.objects.count()
+    with pytest.raises(store.AlreadyExists):
+        services.create_mailbox(CLI, "a@ours.test", password="a good long password")
+    assert AuditEntry.objects.count() == before
+
+
+def test_update_mailbox_writes_only_the_settings_given_never_counters(domains, make_mailbox):
+    mailbox = make_mailbox("a@ours.test")
+    deliver([mailbox.address], [b"x" * 100])
+    stale = Mailbox.objects.get(pk=mailbox.pk)
+    deliver([mailbox.address], [b"y" * 100])
+    updated = services.update_mailbox(CLI, "a@ours.test", quota_bytes=10_000, quota_messages=5)
+    fresh = Mailbox.objects.get(pk=mailbox.pk)
+    assert (fresh.quota_bytes, fresh.quota_messages) == (10_000, 5)
+    assert (fresh.used_messages, fresh.next_uid) == (stale.used_messages + 1, stale.next_uid + 1)
+    assert updated.quota_bytes == 10_000
+    assert last_entry().changes == {"quota_bytes": [0, 10_000], "quota_messages": [0, 5]}
+
+
+def test_update_mailbox_active_is_a_suspension_and_scope_applies(ours_admin, make_mailbox):
+    make_mailbox("a@ours.test")
+    make_mailbox("b@theirs.test")
+    services.update_mailbox(ours_admin, "a@ours.test", active=False)
+    assert (last_entry().action, last_entry().changes) == ("suspend", {"active": [True, False]})
+    with pytest.raises(services.NotPermitted):
+        services.update_mailbox(ours_admin, "b@theirs.test", active=False)
+    assert Mailbox.objects.get(user__username="b@theirs.test").active
+
+
+def test_set_password_and_hash_are_audited_without_their_values(ours_admin, make_mailbox):
+    make_mailbox("a@ours.test")
+    make_mailbox("b@theirs.test")
+    services.set_password(ours_admin, "a@ours.test", "another good password")
+    assert get_user_model().objects.get(username="a@ours.test").check_password("another good password")
+    assert (last_entry().action, last_entry().changes) == ("set password", {"password": "changed"})
+    services.set_password_hash(CLI, "a@ours.test", CHEAP_HASH)
+    assert get_user_model().objects.get(username="a@ours.test").check_password("hashed horse")
+    assert last_entry().changes == {"password": "changed"}
+    with pytest.raises(store.InvalidInput, match="not in a format the configured hashers accept"):
+        services.set_password_hash(CLI, "a@ours.test", "plain text")
+    with pytest.raises(services.NotPermitted):
+        services.set_password(ours_admin, "b@theirs.test", "another good password")
+    assert CHEAP_HASH not in str(AuditEntry.objects.values_list("changes", flat=True))
+
+
+def test_delete_mailbox_records_what_went_and_respects_scope(ours_admin, make_mailbox):
+    mailbox = make_mailbox("a@ours.test")
+    make_mailbox("b@theirs.test")
+    deliver([mailbox.address], [b"x" * 10])
+    with pytest.raises(services.NotPermitted):
+        services.delete_mailbox(ours_admin, "b@theirs.test")
+    assert services.delete_mailbox(ours_admin, "a@ours.test") == 1
+    assert entry_fields(last_entry()) == ("user", "delete", "mailbox", "a@ours.test", "ours.test")
+    assert last_entry().changes == {"quota_bytes": [0, None], "messages": [1, None]}
+
+
+def test_list_mailboxes_is_scoped(ours_admin, make_mailbox):
+    make_mailbox("a@ours.test")
+    make_mailbox("b@theirs.test")
+    assert [m.address for m in services.list_mailboxes(ours_admin)] == ["a@ours.test"]
+    assert [m.address for m in services.list_mailboxes(CLI)] == ["a@ours.test", "b@theirs.test"]
+    with pytest.raises(services.NotPermitted):
+        services.list_mailboxes(ours_admin, "theirs.test")
+
+
+def test_import_mailboxes_is_all_or_nothing_audited_and_scoped(ours_admin):
+    good = io.StringIO(f"address,password,password_hash,quota\na@ours.test,,{CHEAP_HASH},1M\n")
+    assert [m.address for m in services.import_mailboxes(ours_admin, good)] == ["a@ours.test"]
+    assert entry_fields(last_entry()) == ("user", "create", "mailbox", "a@ours.test", "ours.test")
+    mixed = io.StringIO(
+        f"address,password,password_hash,quota\nb@ours.test,,{CHEAP_HASH},\nc@theirs.test,,{CHEAP_HASH},\n"
+    )
+    with pytest.raises(services.NotPermitted, match="^line 3: not permitted: theirs.test is not a domain"):
+        services.import_mailboxes(ours_admin, mixed)
+    assert list(Mailbox.objects.values_list("user__username", flat=True)) == ["a@ours.test"]
+
+
+def test_import_mailboxes_dry_run_writes_no_entry(domains):
+    before = AuditEntry.objects.count()
+    rows = io.StringIO(f"address,password,password_hash,quota\na@ours.test,,{CHEAP_HASH},\n")
+    assert [m.address for m in services.import_mailboxes(CLI, rows, dry_run=True)] == ["a@ours.test"]
+    assert (Mailbox.objects.count(), AuditEntry.objects.count()) == (0, before)
+
+
+def test_recalculate_quota_corrects_drift_with_one_entry_per_object(ours_admin, make_mailbox):
+    mailbox = make_mailbox("a@ours.test")
+    other = make_mailbox("b@theirs.test")
+    deliver([mailbox.address, other.address], [b"x" * 50])
+    Mailbox.objects.update(used_bytes=1)
+    drifts = services.recalculate_quota(ours_admin)
+    assert {drift.subject for drift in drifts} == {"a@ours.test"}
+    entry = AuditEntry.objects.get(action="recalculate quota")
+    assert entry_fields(entry) == ("user", "recalculate quota", "mailbox", "a@ours.test", "ours.test")
+    assert entry.changes == {"used_bytes": [1, drifts[0].actual]}
+    assert Mailbox.objects.get(pk=other.pk).used_bytes == 1  # outside the administrator's scope
+    with pytest.raises(services.NotPermitted):
+        services.recalculate_quota(ours_admin, "b@theirs.test")
+
+
+# --- Sessions --------------------------------------------------------------------------------
+
+
+def _open_session(mailbox: Mailbox, **fields) -> Pop3Session:
+    return Pop3Session.objects.create(
+        id=uuid.uuid4(),
+        node="n:1",
+        username=mailbox.address,
+        mailbox=mailbox,
+        domain=mailbox.domain,
+        peer_host="192.0.2.1",
+        peer_port=1,
+        local_host="h",
+        local_port=2,
+        started_at=timezone.now(),
+        **fields,
+    )
+
+
+def test_kick_marks_open_sessions_once_and_audits_each(make_mailbox):
+    mailbox = make_mailbox("a@ours.test")
+    first, second = _open_session(mailbox), _open_session(mailbox)
+    _open_session(mailbox, ended_at=timezone.now(), end_reason="quit")
+    assert services.kick_sessions(CLI, address="a@ours.test") == 2
+    assert services.kick_sessions(CLI, address="a@ours.test") == 0
+    entries = AuditEntry.objects.filter(action="kick")
+    assert sorted(e.object_name for e in entries) == sorted(f"a@ours.test {s.pk}" for s in (first, second))
+    assert {e.domain_name for e in entries} == {"ours.test"}
+
+
+def test_kick_by_session_id_is_scoped(ours_admin, make_mailbox):
+    theirs = _open_session(make_mailbox("b@theirs.test"))
+    ours = _open_session(make_mailbox("a@ours.test"))
+    assert services.kick_sessions(ours_admin, session_ids=[theirs.pk, ours.pk]) == 1
+    theirs.refresh_from_db()
+    assert theirs.kick_requested_at is None
+    with pytest.raises(services.NotPermitted):
+        services.kick_sessions(ours_admin, address="b@theirs.test")
+
+
+# --- Domain administrators -------------------------------------------------------------------
+
+
+def test_save_domain_administrator_creates_a_staff_login_with_the_group(ours_admin):
+    user = get_user_model().objects.get(username="olivia")
+    assert (user.is_staff, user.is_superuser) == (True, False)
+    assert user.check_password("a long admin passphrase")
+    assert user.has_perm("mailadmin.change_mailbox") and user.has_perm("mailadmin.view_auditentry")
+    assert not user.has_perm("mailadmin.add_domain") and not user.has_perm("auth.change_user")
+    entry = AuditEntry.objects.get(object_type="administrator")
+    assert (entry.action, entry.domain, entry.changes) == (
+        "create",
+        None,
+        {"password": "changed", "domains": [None, ["ours.test"]]},
+    )
+
+
+def test_save_domain_administrator_replaces_the_domains_of_an_existing_one(ours_admin):
+    result = services.save_domain_administrator(CLI, "olivia", ["theirs.test"], "a long admin passphrase")
+    assert (result.created, result.domain_names) == (False, ["theirs.test"])
+    assert list(DomainAdministrator.objects.values_list("domain__name", flat=True)) == ["theirs.test"]
+    assert last_entry().changes["domains"] == [["ours.test"], ["theirs.test"]]
+
+
+def test_save_domain_administrator_refuses_mailbox_logins_superusers_and_scoped_actors(
+    ours_admin, make_mailbox
+):
+    make_mailbox("a@ours.test")
+    get_user_model().objects.create_superuser("root", "", "pw")
+    with pytest.raises(store.InvalidInput, match="a@ours.test is a mailbox's login"):
+        services.save_domain_administrator(CLI, "a@ours.test", ["ours.test"], "a long admin passphrase")
+    with pytest.raises(store.InvalidInput, match="root is a superuser"):
+        services.save_domain_administrator(CLI, "root", ["ours.test"], "a long admin passphrase")
+    with pytest.raises(services.NotPermitted, match="may make domain administrators"):
+        services.save_domain_administrator(ours_admin, "eve", ["ours.test"], "a long admin passphrase")
+    with pytest.raises(store.DomainNotFound):
+        services.save_domain_administrator(CLI, "eve", ["ghost.test"], "a long admin passphrase")
+    with pytest.raises(store.InvalidInput, match="password rejected"):
+        services.save_domain_administrator(CLI, "eve", ["ours.test"], "password")
+    assert not get_user_model().objects.filter(username="eve").exists()
