@@ -112,20 +112,17 @@ def look_up_recipient(recipient: str, size_hint: int = 0) -> Recipient | Deliver
     """The recipient, if a delivery of ``size_hint`` bytes looks possible now; else why not.
 
     For LMTP's RCPT stage, as Dovecot looks the user up at RCPT: the delivery then stores into
-    this mailbox, and its quota is charged (and checked again) atomically in the group.
+    this mailbox, and its quota is charged (and checked again, by the same rule) atomically in
+    the group. One query.
     """
     address = _normalised_or_none(recipient)
-    mailbox = store.find_mailbox(address) if address else None
-    if mailbox is None:
+    found = store.find_recipient(address, max(size_hint, 1)) if address else None
+    if found is None:
         return DeliveryStatus.NO_SUCH_MAILBOX
+    mailbox, fits = found
     if not _active(mailbox):
         return DeliveryStatus.MAILBOX_INACTIVE
-    needed = max(size_hint, 1)
-    full = (mailbox.quota_bytes and mailbox.used_bytes + needed > mailbox.quota_bytes) or (
-        mailbox.quota_messages and mailbox.used_messages >= mailbox.quota_messages
-    )
-    domain = mailbox.domain
-    if full or (domain.quota_bytes and domain.used_bytes + needed > domain.quota_bytes):
+    if not fits:
         return DeliveryStatus.OVER_QUOTA
     return Recipient(recipient, mailbox)
 
