@@ -16,7 +16,7 @@ from mailadmin.mailin.delivery import (
     deliver_group,
     look_up_recipient,
 )
-from mailadmin.mailin.lmtp import GroupCommitter
+from mailadmin.mailin.lmtp.server import GroupCommitter
 from mailadmin.mailin.messagefile import spool_message
 from mailadmin.models import Mailbox, Message
 
