@@ -75,3 +75,10 @@ def test_rcpt_look_up_is_one_query(make_mailbox, django_assert_num_queries):
     make_mailbox(ADDRESS)
     with django_assert_num_queries(1):
         assert isinstance(look_up_recipient(ADDRESS, SIZE), Recipient)
+
+
+def test_the_size_declared_in_mail_from_is_checked_against_the_room_left_at_rcpt(make_mailbox):
+    make_mailbox("small@example.test", quota_bytes=5000)
+    make_mailbox("roomy@example.test", quota_bytes=6000)
+    assert look_up_recipient("small@example.test", 5500) is DeliveryStatus.OVER_QUOTA
+    assert isinstance(look_up_recipient("roomy@example.test", 5500), Recipient)

@@ -280,11 +280,8 @@ class LmtpSession(asyncio.Protocol):
     async def _deliver(self, event: MessageEnd[Recipient]) -> bytes:
         """Commit the message with its group; one reply per recipient, whatever happened."""
         spooler, self._spooler = self._spooler or MessageSpooler(self.config.policy.max_message_bytes), None
-        try:
-            delivery = Delivery(event.recipients, spooler.finish(), event.sender)
-        except MessageTooLarge:  # the line ending added at the very end was one byte too many
-            spooler.close()
-            return reply(*[protocol.REPLY_TOO_BIG] * len(event.recipients))
+        # Whole lines only (each ends in LF), so finishing adds nothing that could pass the limit.
+        delivery = Delivery(event.recipients, spooler.finish(), event.sender)
         pending = self.committer.submit(delivery)
         # The group may outlive this session (a shutdown cancels it): the spool lives as long.
         pending.add_done_callback(lambda _: spooler.close())
