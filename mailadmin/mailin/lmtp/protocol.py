@@ -29,7 +29,7 @@ from typing import Generic, TypeVar
 # --- Limits ---------------------------------------------------------------------------------
 # RFC 5321 section 4.5.3.1.4: a command line is at most 512 octets, CRLF included.
 MAX_COMMAND_LINE = 512
-# A line that could be the end of DATA (".\r\n" cut short) is at most this long.
+# What an unfinished line may hold and still turn out to be the final dot (".\r\n" cut short).
 _TERMINATOR_PREFIXES = (b".", b".\r")
 
 CRLF = b"\r\n"
