@@ -200,10 +200,10 @@ def _store_copy(
 ) -> RecipientResult:
     try:
         return _store_in_group(recipient, delivery, copies)
-    except DatabaseError as error:
-        if not isinstance(error, COPY_ERRORS):
-            raise
+    except COPY_ERRORS as error:
         raise _CopyFailed(position, recipient.address) from error
+    except DatabaseError:
+        raise
     except Exception as error:
         raise _CopyFailed(position, recipient.address) from error
 
