@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.daemons import HOST, DaemonProcess, RawClient, free_port, running_daemon, start_daemon
+from tests.lmtp_replies import BYE, GREETING, HOSTNAME
 
-HOSTNAME = "lmtp.test"
 SOCKET_TIMEOUT = 10.0
 
 
@@ -43,7 +43,7 @@ class LmtpProcess(DaemonProcess):
         else:
             sock = socket.create_connection((HOST, self.port), timeout=timeout)
         client = RawLmtp(sock)
-        assert client.line() == f"220 {HOSTNAME} LMTP ready"
+        assert client.line() == GREETING
         return client
 
     def smtplib_client(self, *, timeout: float = SOCKET_TIMEOUT) -> smtplib.LMTP:
@@ -69,7 +69,7 @@ def _start(directory: Path, socket_path: Path | None, settings: dict[str, str], 
     # runlmtp prints its "listening" line before it installs its SIGTERM handler; one full
     # exchange proves the event loop is serving, so a SIGTERM from now on is handled.
     with server.connect() as probe:
-        assert probe.command("QUIT") == "221 2.0.0 Bye"
+        assert probe.command("QUIT") == BYE
     return server
 
 

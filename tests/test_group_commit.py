@@ -1,10 +1,24 @@
-"""GroupCommitter: how deliveries queue into groups and how many groups commit at once."""
+"""Group commit: how deliveries queue into groups, how many commit at once, and a failing copy fails alone."""
 
 import asyncio
 
 import pytest
+from django.db import DataError, IntegrityError, OperationalError
+from django.db.models import Sum
 
-from mailadmin.mailin.lmtp import GroupCommitter
+from mailadmin.hosting import store
+from mailadmin.mailin.delivery import (
+    Delivery,
+    DeliveryStatus,
+    Recipient,
+    RecipientResult,
+    deliver,
+    deliver_group,
+    look_up_recipient,
+)
+from mailadmin.mailin.lmtp.server import GroupCommitter
+from mailadmin.mailin.messagefile import spool_message
+from mailadmin.models import Mailbox, Message
 
 
 class GatedExecutor:
@@ -78,3 +92,189 @@ def test_a_delivery_submitted_as_the_last_group_finishes_is_still_stored(writers
         return await asyncio.wait_for(late[0], timeout=5)
 
     assert asyncio.run(scenario()) == ["stored late"]
+
+
+# --- deliver_group: a copy that fails, fails alone ------------------------------------------------
+
+SENDER = "s@remote.test"
+
+
+def looked_up(*addresses: str) -> list[Recipient]:
+    found = [look_up_recipient(address) for address in addresses]
+    assert all(isinstance(entry, Recipient) for entry in found), found
+    return found
+
+
+def group_of(
+    *recipient_lists: list[Recipient], body: bytes = b"Subject: g\r\n\r\ngroup\r\n"
+) -> list[Delivery]:
+    return [Delivery(recipients, spool_message([body]), SENDER) for recipients in recipient_lists]
+
+
+def statuses(results: list[list[RecipientResult]]) -> list[list[tuple[str, DeliveryStatus]]]:
+    return [[(result.recipient, result.status) for result in group] for group in results]
+
+
+def stored_subjects(address: str) -> list[str]:
+    return list(
+        Message.objects.filter(mailbox__user__username=address)
+        .order_by("pk")
+        .values_list("subject", flat=True)
+    )
+
+
+def assert_counters_exact(address: str) -> None:
+    mailbox = Mailbox.objects.select_related("domain").get(user__username=address)
+    messages = Message.objects.filter(mailbox=mailbox)
+    assert (mailbox.used_bytes, mailbox.used_messages) == (
+        messages.aggregate(size=Sum("size_bytes"))["size"] or 0,
+        messages.count(),
+    )
+    in_domain = Message.objects.filter(mailbox__domain=mailbox.domain).aggregate(size=Sum("size_bytes"))
+    assert mailbox.domain.used_bytes == (in_domain["size"] or 0)
+
+
+@pytest.fixture
+def wedged(make_mailbox, settings) -> str:
+    """A mailbox holding one message whose next_uid was set back: its next UIDL collides."""
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
+    address = make_mailbox("wedged@example.test").address
+    assert deliver([address], [b"Subject: first\r\n\r\nfirst\r\n"])[0].delivered
+    Mailbox.objects.filter(user__username=address).update(next_uid=1)
+    return address
+
+
+@pytest.mark.django_db
+def test_a_copy_whose_uidl_collides_fails_alone_and_the_rest_of_the_group_is_stored_once(
+    make_mailbox, wedged
+):
+    make_mailbox("one@example.test")
+    make_mailbox("two@example.test")
+    one, stuck, two = looked_up("one@example.test", wedged, "two@example.test")
+
+    results = deliver_group(group_of([one], [stuck, two], [two]))
+
+    assert statuses(results) == [
+        [("one@example.test", DeliveryStatus.DELIVERED)],
+        [(wedged, DeliveryStatus.TEMPORARY_FAILURE), ("two@example.test", DeliveryStatus.DELIVERED)],
+        [("two@example.test", DeliveryStatus.DELIVERED)],
+    ]
+    assert stored_subjects("one@example.test") == ["g"]
+    assert stored_subjects("two@example.test") == ["g", "g"]
+    assert stored_subjects(wedged) == ["first"]
+    assert Mailbox.objects.get(user__username=wedged).next_uid == 1  # its failed charge was rolled back
+    assert sorted(
+        Message.objects.filter(mailbox__user__username="two@example.test").values_list("uidl", flat=True)
+    ) == [
+        results[1][1].uidl,
+        results[2][0].uidl,
+    ]
+    for address in ("one@example.test", "two@example.test", wedged):
+        assert_counters_exact(address)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "error", [DataError("value too long"), ValueError("a bug")], ids=["data-error", "unexpected"]
+)
+def test_a_copy_that_raises_after_its_charge_fails_alone_and_leaves_no_partial_state(
+    make_mailbox, settings, monkeypatch, error
+):
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
+    for address in ("one@example.test", "bad@example.test", "two@example.test"):
+        make_mailbox(address)
+    recipients = looked_up("one@example.test", "bad@example.test", "two@example.test")
+    real_append = store.append_message_in_group
+    calls: list[str] = []
+
+    def append_failing_for_bad(mailbox, message, **options):
+        calls.append(mailbox.address)
+        stored = real_append(mailbox, message, **options)  # charged and inserted: all of it must go
+        if mailbox.address == "bad@example.test":
+            raise error
+        return stored
+
+    monkeypatch.setattr(store, "append_message_in_group", append_failing_for_bad)
+    results = deliver_group(group_of(recipients))
+
+    assert statuses(results) == [
+        [
+            ("one@example.test", DeliveryStatus.DELIVERED),
+            ("bad@example.test", DeliveryStatus.TEMPORARY_FAILURE),
+            ("two@example.test", DeliveryStatus.DELIVERED),
+        ]
+    ]
+    assert calls == ["one@example.test", "bad@example.test", "one@example.test", "two@example.test"]
+    assert [len(stored_subjects(r.address)) for r in recipients] == [1, 0, 1]
+    assert Mailbox.objects.get(user__username="bad@example.test").next_uid == 1
+    for recipient in recipients:
+        assert_counters_exact(recipient.address)
+
+
+@pytest.mark.django_db
+def test_every_failing_copy_is_retried_once_and_the_group_keeps_the_others(
+    make_mailbox, settings, monkeypatch
+):
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
+    addresses = ["a@example.test", "bad1@example.test", "b@example.test", "bad2@example.test"]
+    for address in addresses:
+        make_mailbox(address)
+    real_append = store.append_message_in_group
+    calls: list[str] = []
+
+    def append(mailbox, message, **options):
+        calls.append(mailbox.address)
+        if mailbox.address.startswith("bad"):
+            raise IntegrityError("duplicate key")
+        return real_append(mailbox, message, **options)
+
+    monkeypatch.setattr(store, "append_message_in_group", append)
+    results = deliver_group(group_of(*([r] for r in looked_up(*addresses))))
+
+    assert [group[0].status for group in results] == [
+        DeliveryStatus.DELIVERED,
+        DeliveryStatus.TEMPORARY_FAILURE,
+        DeliveryStatus.DELIVERED,
+        DeliveryStatus.TEMPORARY_FAILURE,
+    ]
+    assert calls == [
+        "a@example.test", "bad1@example.test",  # first attempt
+        "a@example.test", "b@example.test", "bad2@example.test",  # without bad1
+        "a@example.test", "b@example.test",  # without both
+    ]  # fmt: skip
+    assert [len(stored_subjects(address)) for address in addresses] == [1, 0, 1, 0]
+
+
+@pytest.mark.django_db
+def test_a_database_error_that_is_not_one_copys_fails_the_whole_group_without_a_retry(
+    make_mailbox, monkeypatch
+):
+    for address in ("one@example.test", "two@example.test"):
+        make_mailbox(address)
+    recipients = looked_up("one@example.test", "two@example.test")
+    real_append = store.append_message_in_group
+    calls: list[str] = []
+
+    def connection_lost_on_second(mailbox, message, **options):
+        calls.append(mailbox.address)
+        if len(calls) == 2:
+            raise OperationalError("server closed the connection unexpectedly")
+        return real_append(mailbox, message, **options)
+
+    monkeypatch.setattr(store, "append_message_in_group", connection_lost_on_second)
+    with pytest.raises(OperationalError):
+        deliver_group(group_of([recipients[0]], [recipients[1]]))
+    assert calls == ["one@example.test", "two@example.test"]
+    assert Message.objects.count() == 0
+    assert list(Mailbox.objects.values_list("used_bytes", "used_messages", "next_uid")) == [(0, 0, 1)] * 2
+
+
+@pytest.mark.django_db
+def test_all_or_none_with_a_failing_copy_stores_nothing_and_says_which_one_failed(make_mailbox, wedged):
+    make_mailbox("one@example.test")
+    results = deliver_group(group_of(looked_up("one@example.test", wedged)), all_or_none=True)
+    assert statuses(results) == [
+        [("one@example.test", DeliveryStatus.NOT_ATTEMPTED), (wedged, DeliveryStatus.TEMPORARY_FAILURE)]
+    ]
+    assert stored_subjects("one@example.test") == []
+    assert_counters_exact("one@example.test")

@@ -1,4 +1,4 @@
-"""The layering of DESIGN.md: pop3/ never imports Django or the project; the protocol core does no I/O."""
+"""The layering of DESIGN.md: pop3/ never imports Django or the project; the protocol cores do no I/O."""
 
 import ast
 import subprocess
@@ -13,6 +13,7 @@ POP3_MODULES = sorted(POP3_DIR.glob("*.py"))
 
 FORBIDDEN_IN_POP3 = {"django", "channels", "mailadmin"}
 FORBIDDEN_IN_PROTOCOL = {"asyncio", "socket", "ssl", "selectors", "threading", "time", *FORBIDDEN_IN_POP3}
+LMTP_PROTOCOL = PROJECT_DIR / "mailadmin" / "mailin" / "lmtp" / "protocol.py"
 
 
 def imported_roots(path: Path) -> set[str]:
@@ -58,6 +59,23 @@ def test_importing_pop3_loads_no_django_channels_or_mailadmin():
     code = (
         "import pop3.server, pop3.session, pop3.protocol, pop3.mailbox, sys; "
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in {'django', 'mailadmin', 'channels'}); "
+        "assert not loaded, loaded"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_lmtp_protocol_core_imports_no_io_clock_or_django():
+    assert imported_roots(LMTP_PROTOCOL) & (FORBIDDEN_IN_PROTOCOL - {"mailadmin"}) == set()
+
+
+def test_importing_the_lmtp_protocol_core_loads_no_django_asyncio_or_socket():
+    code = (
+        "import mailadmin.mailin.lmtp.protocol, sys; "
+        "io = {'django', 'asyncio', 'socket', 'ssl'}; "
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in io); "
         "assert not loaded, loaded"
     )
     result = subprocess.run(

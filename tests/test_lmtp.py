@@ -2,7 +2,9 @@
 
 Every test starts its own ``manage.py runlmtp`` on the test database (``tests.lmtp_server``)
 and checks the exact replies and what reached the store: the stored bytes, the messages per
-mailbox, and the quota counters of the mailbox and its domain.
+mailbox, and the quota counters of the mailbox and its domain. What needs neither a process
+nor a database is in the transcripts (``test_lmtp_protocol``) and the in-process server tests
+(``test_lmtp_server``).
 """
 
 import hashlib
@@ -25,9 +27,24 @@ from mailadmin.hosting.store import iter_message_bytes
 from mailadmin.mailin.delivery import deliver
 from mailadmin.models import Mailbox, Message
 from tests.conftest import run_manage
+from tests.lmtp_replies import (
+    BYE,
+    DATABASE_DOWN,
+    FULL_TEMPORARY,
+    MAILBOX_DISABLED,
+    NO_VALID_RECIPIENTS,
+    OK,
+    RECIPIENT_OK,
+    SAVED,
+    SENDER_OK,
+    SHUTTING_DOWN,
+    START_DATA,
+    TEMPORARY_FAILURE,
+    USER_UNKNOWN,
+    lhlo_reply,
+)
 from tests.lmtp_server import (
     HOST,
-    HOSTNAME,
     LmtpProcess,
     RawLmtp,
     lmtp_server_fixture,  # noqa: F401 (the lmtp_server fixture)
@@ -38,45 +55,6 @@ from tests.pop3_server import mebibytes, wait_for
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
 SENDER = "sender@remote.test"
-DEFAULT_MAX_MESSAGE_BYTES = 50 * 1024 * 1024
-
-# Replies, exactly as an MTA reads them.
-GREETING = f"220 {HOSTNAME} LMTP ready"
-
-
-def lhlo_reply(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[str]:
-    return [
-        f"250-{HOSTNAME}",
-        "250-PIPELINING",
-        "250-ENHANCEDSTATUSCODES",
-        "250-8BITMIME",
-        f"250 SIZE {max_message_bytes}",
-    ]
-
-
-USE_LHLO = "500 5.5.1 This is LMTP: use LHLO"
-VRFY_REFUSED = "502 5.5.1 VRFY is not supported"
-UNKNOWN_COMMAND = "500 5.5.1 Unknown command"
-LHLO_FIRST = "503 5.5.1 Send LHLO first"
-MAIL_FIRST = "503 5.5.1 Send MAIL first"
-NO_VALID_RECIPIENTS = "503 5.5.1 No valid recipients"
-SENDER_OK = "250 2.1.0 Ok"
-RECIPIENT_OK = "250 2.1.5 Ok"
-OK = "250 2.0.0 Ok"
-BYE = "221 2.0.0 Bye"
-START_DATA = "354 2.0.0 End data with <CR><LF>.<CR><LF>"
-SAVED = "250 2.0.0 <{rcpt}> Saved"
-USER_UNKNOWN = "550 5.1.1 <{rcpt}> User unknown"
-MAILBOX_DISABLED = "550 5.2.1 <{rcpt}> Mailbox disabled"
-FULL_TEMPORARY = "452 4.2.2 <{rcpt}> Mailbox is full"
-FULL_PERMANENT = "552 5.2.2 <{rcpt}> Mailbox is full"
-TOO_BIG = "552 5.3.4 Message too big for system"
-LINE_TOO_LONG = "500 5.5.2 Message line too long"
-DATABASE_DOWN = "451 4.3.0 Temporary internal failure"
-SHUTTING_DOWN = "421 4.3.2 Shutting down"
-IDLE_TOO_LONG = "421 4.4.2 Idle for too long, closing connection"
-TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
-COMMAND_TOO_LONG = "500 5.5.2 Line too long"
 PORT_25_REFUSED = "LMTP must never listen on port 25 (RFC 2033 section 5)"
 WARNING_SUBJECT = "Your mailbox is {percent}% full"
 
@@ -141,96 +119,11 @@ def make_full_mailbox(make_mailbox, address: str, settings) -> None:
     assert deliver([address], [filler])[0].delivered
 
 
-def message_of_size(size: int, *, subject: bytes = b"sized") -> bytes:
-    """A CRLF message of exactly ``size`` bytes (no line starts with a dot)."""
-    head = b"Subject: " + subject + b"\r\n\r\n"
-    line = b"y" * 78 + b"\r\n"
-    full_lines, rest = divmod(size - len(head), len(line))
-    body = line * full_lines
-    if rest:
-        assert rest >= 2
-        body += b"z" * (rest - 2) + b"\r\n"
-    message = head + body
-    assert len(message) == size
-    return message
-
-
-# --- Commands and their sequence ---------------------------------------------------------------
-
-
-def test_greeting_and_lhlo_list_exactly_pipelining_enhanced_codes_8bitmime_and_the_size_limit(
-    lmtp_server: LmtpProcess,
-) -> None:
-    with RawLmtp(socket.create_connection((HOST, lmtp_server.port), timeout=10)) as client:
-        assert client.line() == GREETING
-        client.send(b"LHLO client.test\r\n")
-        assert client.reply() == lhlo_reply()
-        assert client.command("QUIT") == BYE
-        assert client.read_until_closed() == b""
-
-
-def test_smtp_greetings_vrfy_and_unknown_verbs_are_refused(lmtp_server: LmtpProcess) -> None:
-    with lmtp_server.connect() as client:
-        assert client.command("HELO client.test") == USE_LHLO
-        assert client.command("EHLO client.test") == USE_LHLO
-        assert client.command("VRFY alice@example.test") == VRFY_REFUSED
-        assert client.command("XYZZY") == UNKNOWN_COMMAND
-        assert client.command("NOOP " + "n" * 600) == COMMAND_TOO_LONG  # RFC 5321: 512 octets
-        assert client.command("NOOP") == OK
-        assert client.command("QUIT") == BYE
-
-
-def test_mail_before_lhlo_rcpt_before_mail_and_data_without_a_valid_recipient_get_503(
-    lmtp_server: LmtpProcess, make_mailbox
-) -> None:
-    make_mailbox("alice@example.test")
-    with lmtp_server.connect() as client:
-        assert client.command(f"MAIL FROM:<{SENDER}>") == LHLO_FIRST
-        client.send(b"LHLO client.test\r\n")
-        assert client.reply() == lhlo_reply()
-        assert client.command("RCPT TO:<alice@example.test>") == MAIL_FIRST
-        assert client.command("DATA") == MAIL_FIRST
-        assert client.command(f"MAIL FROM:<{SENDER}>") == SENDER_OK
-        assert client.command("RCPT TO:<nobody@example.test>") == USER_UNKNOWN.format(
-            rcpt="nobody@example.test"
-        )
-        assert client.command("DATA") == NO_VALID_RECIPIENTS
-        # The transaction is still open: a good recipient can still be added and delivered to.
-        assert client.command("RCPT TO:<alice@example.test>") == RECIPIENT_OK
-        assert client.command("DATA") == START_DATA
-        client.send(WIRE_MESSAGE)
-        assert client.line() == SAVED.format(rcpt="alice@example.test")
-        assert client.command("QUIT") == BYE
-    assert stored_messages("alice@example.test") == [trace(SENDER, "alice@example.test") + STORED_MESSAGE]
-
-
-def test_rset_forgets_the_recipients_and_noop_changes_nothing(lmtp_server: LmtpProcess, make_mailbox) -> None:
-    make_mailbox("alice@example.test")
-    make_mailbox("bob@example.test")
-    with lmtp_server.connect() as client:
-        assert begin(client, ["alice@example.test"]) == [RECIPIENT_OK]
-        assert client.command("RSET") == OK
-        assert client.command("DATA") == MAIL_FIRST
-        assert client.command("NOOP") == OK
-        assert transaction(client, ["bob@example.test"], WIRE_MESSAGE) == [
-            SAVED.format(rcpt="bob@example.test")
-        ]
-        assert client.command("NOOP") == OK  # the very next line: DATA sent exactly one reply
-        assert client.command("QUIT") == BYE
-    assert stored_messages("alice@example.test") == []
-    assert stored_messages("bob@example.test") == [trace(SENDER, "bob@example.test") + STORED_MESSAGE]
-
-
 # --- One reply per recipient ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("settings_env", "full_reply"),
-    [({}, FULL_TEMPORARY), ({"LMTP_OVER_QUOTA_PERMANENT": "1"}, FULL_PERMANENT)],
-    ids=["over-quota-temporary", "over-quota-permanent"],
-)
 def test_mixed_recipients_get_their_own_rcpt_replies_and_one_data_reply_per_accepted_recipient(
-    tmp_path: Path, make_mailbox, settings, settings_env: dict[str, str], full_reply: str
+    lmtp_server: LmtpProcess, make_mailbox, settings
 ) -> None:
     good, unknown, inactive, full, other = (
         "good@example.test",
@@ -245,12 +138,12 @@ def test_mixed_recipients_get_their_own_rcpt_replies_and_one_data_reply_per_acce
     store.set_mailbox_active(inactive, False)
     make_full_mailbox(make_mailbox, full, settings)
     full_before = (counters(full)[:2], stored_messages(full))
-    with running_lmtp(tmp_path / "lmtp", **settings_env) as server, server.connect() as client:
+    with lmtp_server.connect() as client:
         assert begin(client, [good, unknown, inactive, full, other]) == [
             RECIPIENT_OK,
             USER_UNKNOWN.format(rcpt=unknown),
             MAILBOX_DISABLED.format(rcpt=inactive),
-            full_reply.format(rcpt=full),
+            FULL_TEMPORARY.format(rcpt=full),
             RECIPIENT_OK,
         ]
         assert client.command("DATA") == START_DATA
@@ -293,17 +186,34 @@ def test_recipient_that_fills_up_between_rcpt_and_the_final_dot_gets_452_and_the
         assert stored_messages(address) == [trace(SENDER, address) + STORED_MESSAGE]
 
 
-def test_size_declared_in_mail_from_is_checked_against_the_room_left_at_rcpt(
-    lmtp_server: LmtpProcess, make_mailbox
+def test_a_mailbox_whose_uidls_collide_gets_451_and_the_other_recipients_250(
+    lmtp_server: LmtpProcess, make_mailbox, settings
 ) -> None:
-    make_mailbox("small@example.test", quota_bytes=5000)
-    make_mailbox("roomy@example.test", quota_bytes=6000)
+    """A mailbox whose next_uid went back (its next UIDL is taken) fails alone, not the group."""
+    first, wedged, last = "first@example.test", "wedged@example.test", "last@example.test"
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
+    for address in (first, wedged, last):
+        make_mailbox(address)
+    assert deliver([wedged], [SMALL_MESSAGE])[0].delivered
+    Mailbox.objects.filter(user__username=wedged).update(next_uid=1)
+    wedged_before = (counters(wedged)[:2], stored_messages(wedged))
     with lmtp_server.connect() as client:
-        assert begin(client, ["small@example.test", "roomy@example.test"], mail_parameters=" SIZE=5500") == [
-            FULL_TEMPORARY.format(rcpt="small@example.test"),
-            RECIPIENT_OK,
+        client.send(b"LHLO client.test\r\n")
+        client.reply()
+        assert transaction(client, [first, wedged, last], WIRE_MESSAGE) == [
+            SAVED.format(rcpt=first),
+            TEMPORARY_FAILURE.format(rcpt=wedged),
+            SAVED.format(rcpt=last),
         ]
+        assert client.command("NOOP") == OK  # one reply per recipient, nothing more
         assert client.command("QUIT") == BYE
+    for address in (first, last):
+        assert stored_messages(address) == [trace(SENDER, address) + STORED_MESSAGE]
+        size = len(trace(SENDER, address) + STORED_MESSAGE)
+        assert counters(address)[:2] == (size, 1)
+    assert (counters(wedged)[:2], stored_messages(wedged)) == wedged_before
+    assert counters(wedged)[2] == sum(counters(address)[0] for address in (first, wedged, last))
+    assert Mailbox.objects.get(user__username=wedged).next_uid == 1
 
 
 def test_pipelined_commands_and_message_are_answered_in_order(lmtp_server: LmtpProcess, make_mailbox) -> None:
@@ -331,66 +241,6 @@ def test_pipelined_commands_and_message_are_answered_in_order(lmtp_server: LmtpP
         assert stored_messages(address) == [trace("", address) + STORED_MESSAGE]
 
 
-# --- Limits: message size, line length ------------------------------------------------------------
-
-
-def test_message_over_the_size_limit_gets_552_per_recipient_and_the_session_goes_on(
-    tmp_path: Path, make_mailbox
-) -> None:
-    limit = 10_000
-    recipients = ["one@example.test", "two@example.test", "three@example.test"]
-    for address in recipients:
-        make_mailbox(address)
-    oversized = message_of_size(limit + 1, subject=b"too big")
-    exact = message_of_size(limit, subject=b"just fits")
-    with running_lmtp(tmp_path / "lmtp", MAILADMIN_MAX_MESSAGE_SIZE_BYTES=str(limit)) as server:
-        with server.connect() as client:
-            client.send(b"LHLO client.test\r\n")
-            assert client.reply() == lhlo_reply(limit)
-            assert client.command(f"MAIL FROM:<{SENDER}> SIZE={limit + 1}") == TOO_BIG
-            assert transaction(client, recipients, oversized + b".\r\n") == [TOO_BIG] * 3
-            assert client.command("NOOP") == OK
-            assert all(stored_messages(address) == [] for address in recipients)
-            assert counters(recipients[0]) == (0, 0, 0)
-            assert client.command(f"MAIL FROM:<{SENDER}> SIZE={limit}") == SENDER_OK
-            assert [client.command(f"RCPT TO:<{address}>") for address in recipients] == [RECIPIENT_OK] * 3
-            assert client.command("DATA") == START_DATA
-            client.send(exact + b".\r\n")
-            assert client.lines(3) == [SAVED.format(rcpt=address) for address in recipients]
-            assert client.command("QUIT") == BYE
-    for address in recipients:
-        assert stored_messages(address) == [trace(SENDER, address) + exact]
-
-
-def test_over_long_line_in_data_gets_500_per_recipient_and_the_session_goes_on(
-    tmp_path: Path, make_mailbox
-) -> None:
-    limit = 2000  # bytes per line, CRLF included
-    recipients = ["one@example.test", "two@example.test", "three@example.test"]
-    for address in recipients:
-        make_mailbox(address)
-    head = b"Subject: lines\r\n\r\nbefore\r\n"
-    huge_line = b"h" * 100_000 + b"\r\n"  # many times the limit: arrives in many reads
-    one_too_many = b"o" * (limit - 1) + b"\r\n"
-    at_the_limit = b"a" * (limit - 2) + b"\r\n"
-    with (
-        running_lmtp(tmp_path / "lmtp", LMTP_MAX_LINE_BYTES=str(limit)) as server,
-        server.connect() as client,
-    ):
-        client.send(b"LHLO client.test\r\n")
-        assert client.reply() == lhlo_reply()
-        for line in (huge_line, one_too_many):
-            assert transaction(client, recipients, head + line + b"after\r\n.\r\n") == [LINE_TOO_LONG] * 3
-            assert client.command("NOOP") == OK
-        assert all(stored_messages(address) == [] for address in recipients)
-        assert counters(recipients[0]) == (0, 0, 0)
-        replies = transaction(client, recipients, head + at_the_limit + b"after\r\n.\r\n")
-        assert replies == [SAVED.format(rcpt=address) for address in recipients]
-        assert client.command("QUIT") == BYE
-    for address in recipients:
-        assert stored_messages(address) == [trace(SENDER, address) + head + at_the_limit + b"after\r\n"]
-
-
 # --- Failures: database down, dropped connections, a killed server ----------------------------------
 
 
@@ -413,21 +263,6 @@ def refuses_connections(port: int) -> bool:
 
 def half_a_message() -> bytes:
     return b"Subject: cut short\r\n\r\n" + b"0123456789" * 5000 + b"\r\n"
-
-
-def test_client_closing_its_side_mid_data_gets_no_reply_and_nothing_is_stored(
-    lmtp_server: LmtpProcess, make_mailbox
-) -> None:
-    make_mailbox("alice@example.test", quota_bytes=10**6)
-    before = counters("alice@example.test")
-    with lmtp_server.connect() as client:
-        assert begin(client, ["alice@example.test"]) == [RECIPIENT_OK]
-        assert client.command("DATA") == START_DATA
-        client.send(half_a_message())
-        client.sock.shutdown(socket.SHUT_WR)
-        assert client.read_until_closed() == b""  # the server ended the session without a word
-    assert stored_messages("alice@example.test") == []
-    assert counters("alice@example.test") == before
 
 
 def test_connection_reset_mid_data_stores_nothing_and_the_server_keeps_delivering(
@@ -475,34 +310,6 @@ def test_server_killed_mid_data_stores_nothing_leaves_no_spool_file_and_a_new_on
         with server.smtplib_client() as lmtp:
             assert lmtp.sendmail(SENDER, ["alice@example.test"], SMALL_MESSAGE) == {}
     assert stored_messages("alice@example.test") == [trace(SENDER, "alice@example.test") + SMALL_MESSAGE]
-
-
-def test_recipients_beyond_the_limit_get_452_and_the_accepted_ones_are_delivered(
-    tmp_path: Path, make_mailbox
-) -> None:
-    recipients = ["one@example.test", "two@example.test", "three@example.test"]
-    for address in recipients:
-        make_mailbox(address)
-    with running_lmtp(tmp_path / "lmtp", LMTP_MAX_RECIPIENTS="2") as server, server.connect() as client:
-        assert begin(client, recipients) == [RECIPIENT_OK, RECIPIENT_OK, TOO_MANY_RECIPIENTS]
-        assert client.command("DATA") == START_DATA
-        client.send(WIRE_MESSAGE)
-        assert client.lines(2) == [SAVED.format(rcpt=address) for address in recipients[:2]]
-        assert client.command("QUIT") == BYE
-    assert [len(stored_messages(address)) for address in recipients] == [1, 1, 0]
-
-
-def test_client_stalling_mid_data_is_disconnected_with_421_and_nothing_is_stored(
-    tmp_path: Path, make_mailbox
-) -> None:
-    make_mailbox("alice@example.test")
-    with running_lmtp(tmp_path / "lmtp", LMTP_IDLE_TIMEOUT="0.5") as server, server.connect() as client:
-        assert begin(client, ["alice@example.test"]) == [RECIPIENT_OK]
-        assert client.command("DATA") == START_DATA
-        client.send(half_a_message())
-        assert client.read_until_closed() == f"{IDLE_TOO_LONG}\r\n".encode()
-    assert stored_messages("alice@example.test") == []
-    assert counters("alice@example.test") == (0, 0, 0)
 
 
 def test_sigterm_ends_an_idle_session_with_421_and_the_server_exits_0(lmtp_server: LmtpProcess) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, DataError, IntegrityError, transaction
 
 from mailadmin.addresses import normalise_address
 from mailadmin.hosting import store
@@ -112,20 +112,17 @@ def look_up_recipient(recipient: str, size_hint: int = 0) -> Recipient | Deliver
     """The recipient, if a delivery of ``size_hint`` bytes looks possible now; else why not.
 
     For LMTP's RCPT stage, as Dovecot looks the user up at RCPT: the delivery then stores into
-    this mailbox, and its quota is charged (and checked again) atomically in the group.
+    this mailbox, and its quota is charged (and checked again, by the same rule) atomically in
+    the group. One query.
     """
     address = _normalised_or_none(recipient)
-    mailbox = store.find_mailbox(address) if address else None
-    if mailbox is None:
+    found = store.find_recipient(address, max(size_hint, 1)) if address else None
+    if found is None:
         return DeliveryStatus.NO_SUCH_MAILBOX
+    mailbox, fits = found
     if not _active(mailbox):
         return DeliveryStatus.MAILBOX_INACTIVE
-    needed = max(size_hint, 1)
-    full = (mailbox.quota_bytes and mailbox.used_bytes + needed > mailbox.quota_bytes) or (
-        mailbox.quota_messages and mailbox.used_messages >= mailbox.quota_messages
-    )
-    domain = mailbox.domain
-    if full or (domain.quota_bytes and domain.used_bytes + needed > domain.quota_bytes):
+    if not fits:
         return DeliveryStatus.OVER_QUOTA
     return Recipient(recipient, mailbox)
 
@@ -138,15 +135,55 @@ def deliver_group(
     A copy that no longer fits (or whose mailbox went away since it was looked up) is refused
     on its own without a savepoint (``store.append_message_in_group``); the others are stored,
     unless ``all_or_none``: then one refusal rolls everything back and the other copies are
-    NOT_ATTEMPTED. Returns one result list per delivery once the commit is done. When the
-    database fails, raises DatabaseError and nothing of the group was stored.
+    NOT_ATTEMPTED. A copy whose own store fails (:data:`COPY_ERRORS`: a constraint, a value
+    the database refuses, a bug) rolls the group back, and the group is stored again without
+    it, so it alone is a TEMPORARY_FAILURE: one retry per failing copy at most. Returns one
+    result list per delivery once the commit is done. When the database itself fails, raises
+    DatabaseError and nothing of the group was stored.
     """
+    failed: set[tuple[int, int]] = set()
+    while True:
+        try:
+            return _store_group(deliveries, failed, all_or_none)
+        except _CopyFailed as failure:
+            logger.error("delivery to %s failed", failure.address, exc_info=failure.__cause__)
+            failed.add(failure.position)
+
+
+# What one copy's store may raise without saying anything about the others: its row breaks a
+# constraint (a mailbox whose next_uid went back collides on its UIDL), the database refuses
+# one of its values, or our code fails on this message. Any other database error (the
+# connection, a lock, the disk) is the group's, and fails all of it.
+COPY_ERRORS = (IntegrityError, DataError)
+
+
+class _CopyFailed(Exception):
+    def __init__(self, position: tuple[int, int], address: str) -> None:
+        super().__init__(f"copy {position} for {address}")
+        self.position = position
+        self.address = address
+
+
+def _store_group(
+    deliveries: Sequence[Delivery], failed: set[tuple[int, int]], all_or_none: bool
+) -> list[list[RecipientResult]]:
+    """One attempt at :func:`deliver_group`, skipping the copies in ``failed``."""
     copies: list[_Copy] = []
     with transaction.atomic():
-        store.lock_group(recipient.mailbox for delivery in deliveries for recipient in delivery.recipients)
+        store.lock_group(
+            recipient.mailbox
+            for d, delivery in enumerate(deliveries)
+            for r, recipient in enumerate(delivery.recipients)
+            if (d, r) not in failed
+        )
         results = [
-            [_store_in_group(recipient, delivery, copies) for recipient in delivery.recipients]
-            for delivery in deliveries
+            [
+                RecipientResult(recipient.address, DeliveryStatus.TEMPORARY_FAILURE)
+                if (d, r) in failed
+                else _store_copy((d, r), recipient, delivery, copies)
+                for r, recipient in enumerate(delivery.recipients)
+            ]
+            for d, delivery in enumerate(deliveries)
         ]
         refused = any(not result.delivered for group in results for result in group)
         if all_or_none and refused:
@@ -156,6 +193,19 @@ def deliver_group(
     for copy in copies:
         _warn_if_quota_crossed(copy)
     return results
+
+
+def _store_copy(
+    position: tuple[int, int], recipient: Recipient, delivery: Delivery, copies: list["_Copy"]
+) -> RecipientResult:
+    try:
+        return _store_in_group(recipient, delivery, copies)
+    except COPY_ERRORS as error:
+        raise _CopyFailed(position, recipient.address) from error
+    except DatabaseError:
+        raise
+    except Exception as error:
+        raise _CopyFailed(position, recipient.address) from error
 
 
 def _not_attempted_if_delivered(result: RecipientResult) -> RecipientResult:

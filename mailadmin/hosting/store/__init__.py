@@ -39,7 +39,13 @@ from mailadmin.hosting.store.errors import (
     OverQuota,
     StoreError,
 )
-from mailadmin.hosting.store.fastsql import find_mailbox, maildrop_snapshot, read_chunk, read_first_chunks
+from mailadmin.hosting.store.fastsql import (
+    find_mailbox,
+    find_recipient,
+    maildrop_snapshot,
+    read_chunk,
+    read_first_chunks,
+)
 from mailadmin.hosting.store.leases import (
     acquire_lease,
     commit_maildrop,
@@ -91,6 +97,7 @@ __all__ = [
     "delete_messages",
     "existing_import_markers",
     "find_mailbox",
+    "find_recipient",
     "format_uidl",
     "get_domain",
     "get_mailbox",

@@ -26,10 +26,27 @@ def find_mailbox(address: str) -> Mailbox | None:
     time, half of an LMTP delivery's CPU; this SQL is built once, and the row is converted and
     turned into model instances (``Model.from_db``) the way a queryset loads it.
     """
+    found = _fetch_mailbox(_mailbox_lookup(connections[DEFAULT_DB_ALIAS].vendor), {"address": address})
+    return None if found is None else found[0]
+
+
+def find_recipient(address: str, size_bytes: int) -> tuple[Mailbox, bool] | None:
+    """:func:`find_mailbox`, and whether a message of ``size_bytes`` fits in it now.
+
+    The answer comes from the very conditions the charge applies (:func:`mailbox_fits`,
+    :func:`domain_fits`), asked in the same one query: LMTP's RCPT refuses exactly what the
+    store would refuse at that moment.
+    """
+    lookup = _mailbox_lookup(connections[DEFAULT_DB_ALIAS].vendor, fits=True)
+    found = _fetch_mailbox(lookup, {"address": address, "size": size_bytes})
+    return None if found is None else (found[0], bool(found[1][0]))
+
+
+def _fetch_mailbox(lookup: "_Lookup", params: dict) -> tuple[Mailbox, tuple] | None:
+    """The mailbox (with user and domain) of ``lookup``'s row, and the row's extra columns."""
     db = connections[DEFAULT_DB_ALIAS]
-    lookup = _mailbox_lookup(db.vendor)
     with db.cursor() as cursor:
-        cursor.execute(lookup.sql, [address])
+        cursor.execute(lookup.sql, params)
         row = cursor.fetchone()
     if row is None:
         return None
@@ -42,7 +59,7 @@ def find_mailbox(address: str) -> Mailbox | None:
         instances.append(model.from_db(db.alias, names, values[: len(names)]))
         values = values[len(names) :]
     mailbox, mailbox.user, mailbox.domain = instances
-    return mailbox
+    return mailbox, tuple(values)
 
 
 @dataclass(frozen=True)
@@ -53,7 +70,7 @@ class _Lookup:
 
 
 @functools.cache
-def _mailbox_lookup(vendor: str) -> _Lookup:
+def _mailbox_lookup(vendor: str, fits: bool = False) -> _Lookup:
     db = connections[DEFAULT_DB_ALIAS]
     tables = {alias: model for alias, model in zip("mud", (Mailbox, get_user_model(), Domain), strict=True)}
     columns = [
@@ -61,10 +78,12 @@ def _mailbox_lookup(vendor: str) -> _Lookup:
     ]
     quote = db.ops.quote_name
     selected = ", ".join(f"{column.alias}.{quote(column.target.column)}" for column in columns)
+    if fits:
+        selected += f", CASE WHEN {mailbox_fits('m')} AND {domain_fits('d')} THEN 1 ELSE 0 END"
     mailbox, user, domain = (quote(model._meta.db_table) for model in tables.values())
     return _Lookup(
         sql=f"SELECT {selected} FROM {mailbox} m JOIN {user} u ON u.id = m.user_id "
-        f"JOIN {domain} d ON d.id = m.domain_id WHERE u.username = %s",
+        f"JOIN {domain} d ON d.id = m.domain_id WHERE u.username = %(address)s",
         models=[
             (model, [field.attname for field in model._meta.concrete_fields]) for model in tables.values()
         ],
@@ -101,6 +120,25 @@ def insert_sql(model: type, names: tuple[str, ...], vendor: str) -> str:
     return f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES ({placeholders}) RETURNING {pk}"
 
 
+def mailbox_fits(alias: str = "") -> str:
+    """The quota rule, as SQL: a mailbox row has room for one more message of ``%(size)s`` bytes.
+
+    A quota of 0 is no limit. Written once, for the charge (``CHARGE_MAILBOX``) and for the
+    look-up before it (:func:`find_recipient`).
+    """
+    column = f"{alias}." if alias else ""
+    return (
+        f"({column}quota_bytes = 0 OR {column}used_bytes + %(size)s <= {column}quota_bytes)"
+        f" AND ({column}quota_messages = 0 OR {column}used_messages < {column}quota_messages)"
+    )
+
+
+def domain_fits(alias: str = "") -> str:
+    """The domain's cap, as SQL: its mailboxes together have room for ``%(size)s`` more bytes."""
+    column = f"{alias}." if alias else ""
+    return f"({column}quota_bytes = 0 OR {column}used_bytes + %(size)s <= {column}quota_bytes)"
+
+
 # One statement checks the quota, charges it and hands out the UID (SQLite 3.35+ and PostgreSQL
 # both support RETURNING), so a delivery needs no second query to learn either.
 MAILBOX_TABLE = Mailbox._meta.db_table
@@ -108,10 +146,7 @@ CHARGE = (
     f"UPDATE {MAILBOX_TABLE} SET used_bytes = used_bytes + %(size)s, used_messages = used_messages + 1, "
     "next_uid = next_uid + %(uid_step)s WHERE id = %(id)s{condition} RETURNING next_uid, used_bytes"
 )
-CHARGE_MAILBOX = CHARGE.format(
-    condition=" AND (quota_bytes = 0 OR used_bytes + %(size)s <= quota_bytes)"
-    " AND (quota_messages = 0 OR used_messages < quota_messages)"
-)
+CHARGE_MAILBOX = CHARGE.format(condition=f" AND {mailbox_fits()}")
 CHARGE_MAILBOX_UNCHECKED = CHARGE.format(condition="")
 UNCHARGE_MAILBOX = (
     f"UPDATE {MAILBOX_TABLE} SET used_bytes = used_bytes - %(size)s, used_messages = used_messages - 1 "
@@ -119,7 +154,7 @@ UNCHARGE_MAILBOX = (
 )
 DOMAIN_TABLE = Domain._meta.db_table
 CHARGE_DOMAIN_UNCHECKED = f"UPDATE {DOMAIN_TABLE} SET used_bytes = used_bytes + %(size)s WHERE id = %(id)s"
-CHARGE_DOMAIN = f"{CHARGE_DOMAIN_UNCHECKED} AND (quota_bytes = 0 OR used_bytes + %(size)s <= quota_bytes)"
+CHARGE_DOMAIN = f"{CHARGE_DOMAIN_UNCHECKED} AND {domain_fits()}"
 
 
 def write_chunks(message_id: int, pieces: Iterable[bytes]) -> None:

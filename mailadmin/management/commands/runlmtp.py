@@ -12,7 +12,8 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
 from mailadmin.executors import BoundedExecutor, keep_connections_open
-from mailadmin.mailin.lmtp import LmtpConfig, LmtpServer
+from mailadmin.mailin.lmtp.protocol import Policy
+from mailadmin.mailin.lmtp.server import LmtpConfig, LmtpServer
 from mailadmin.prefork import LISTEN_BACKLOG, bind_tcp, run_workers
 
 SHUTDOWN_GRACE_SECONDS = 30.0
@@ -40,17 +41,7 @@ class Command(BaseCommand):
             raise CommandError("LMTP must never listen on port 25 (RFC 2033 section 5)")
         if workers < 1:
             raise CommandError("--workers must be at least 1")
-        config = LmtpConfig(
-            hostname=settings.LMTP_HOSTNAME,
-            max_message_bytes=settings.MAILADMIN_MAX_MESSAGE_SIZE_BYTES,
-            max_recipients=settings.LMTP_MAX_RECIPIENTS,
-            max_data_line_bytes=settings.LMTP_MAX_LINE_BYTES,
-            over_quota_permanent=settings.LMTP_OVER_QUOTA_PERMANENT,
-            idle_timeout=settings.LMTP_IDLE_TIMEOUT,
-            max_group=settings.LMTP_GROUP_COMMIT_MAX,
-            # SQLite has one writer at a time: a second group would only wait for the first.
-            group_writers=1 if connection.vendor == "sqlite" else settings.LMTP_GROUP_WRITERS,
-        )
+        config = lmtp_config()
         try:
             if socket_path:
                 listener, where = _bind_unix(Path(socket_path))
@@ -88,6 +79,23 @@ class Command(BaseCommand):
         await stop.wait()
         await server.shutdown(SHUTDOWN_GRACE_SECONDS)
         executor.shutdown()
+
+
+def lmtp_config() -> LmtpConfig:
+    """The listener's configuration, from settings: their defaults are the only ones."""
+    return LmtpConfig(
+        policy=Policy(
+            hostname=settings.LMTP_HOSTNAME,
+            max_message_bytes=settings.MAILADMIN_MAX_MESSAGE_SIZE_BYTES,
+            max_recipients=settings.LMTP_MAX_RECIPIENTS,
+            max_data_line_bytes=settings.LMTP_MAX_LINE_BYTES,
+        ),
+        over_quota_permanent=settings.LMTP_OVER_QUOTA_PERMANENT,
+        idle_timeout=settings.LMTP_IDLE_TIMEOUT,
+        max_group=settings.LMTP_GROUP_COMMIT_MAX,
+        # SQLite has one writer at a time: a second group would only wait for the first.
+        group_writers=1 if connection.vendor == "sqlite" else settings.LMTP_GROUP_WRITERS,
+    )
 
 
 def _bind_unix(path: Path) -> tuple[socket.socket, str]:
