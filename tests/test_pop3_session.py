@@ -6,6 +6,7 @@ Row ids (G01, X08, U03, ...) refer to /work/shared/POP3-CHECKLIST.md section 1.
 import asyncio
 import base64
 import dataclasses
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -741,6 +742,34 @@ def test_message_removed_behind_the_session_is_a_temporary_failure():
     )
 
 
+class SecondChunkFailsMaildrop(MemoryMaildrop):
+    """Yields the first five bytes of a message, then the store fails."""
+
+    async def read(self, info: MessageInfo) -> AsyncIterator[bytes]:
+        yield dict(self._store.messages)[info.key][:5]
+        raise MaildropError("the database went away")
+
+
+def test_a_read_failing_mid_message_closes_the_session_with_one_warning_and_no_traceback(caplog):
+    store = alice_store(maildrop_class=SecondChunkFailsMaildrop)
+    observer = RecordingObserver()
+    io = ScriptedIO(LOGIN, b"DELE 2\r\n", b"RETR 1\r\n", b"NOOP\r\n")
+    with caplog.at_level(logging.DEBUG, logger="pop3.session"):
+        reason = run(make_session(io, store, observer=observer))
+    assert reason is EndReason.ERROR
+    assert bytes(io.written) == GREETING_LINE + LOGGED_IN + ok(TEXT_MARKED) + ok("23 octets") + M1[:5]
+    assert [(record.levelname, record.getMessage(), record.exc_info) for record in caplog.records] == [
+        (
+            "WARNING",
+            "POP3 session 0123abcd <alice>: message 1 could not be read to its end "
+            "(the database went away); closing",
+            None,
+        )
+    ]
+    assert (observer.calls[-1], io.closed) == (("closed", EndReason.ERROR), True)
+    assert_untouched(store)
+
+
 def test_line_too_long_after_login_closes_with_error_and_deletes_nothing():
     store = alice_store()
     observer = RecordingObserver()
@@ -975,3 +1004,24 @@ def test_client_that_stops_reading_is_timed_out_and_the_lock_released():
 
     assert asyncio.run(scenario()) is EndReason.TIMEOUT
     assert_untouched(store)
+
+
+class ReleaseFailsMaildrop(MemoryMaildrop):
+    """Breaks the contract: release() raises (after giving the lock back)."""
+
+    async def release(self) -> None:
+        await super().release()
+        raise RuntimeError("release failed")
+
+
+def test_every_teardown_step_runs_when_release_raises(caplog):
+    store = alice_store(maildrop_class=ReleaseFailsMaildrop)
+    observer = RecordingObserver()
+    io = ScriptedIO(LOGIN, b"STAT\r\n")
+    with caplog.at_level(logging.ERROR, logger="pop3.session"):
+        reason = run(make_session(io, store, observer=observer))
+    assert reason is EndReason.DROPPED
+    assert (observer.calls[-1], io.closed) == (("closed", EndReason.DROPPED), True)
+    assert [(record.getMessage(), record.exc_info[0]) for record in caplog.records] == [
+        ("POP3 session 0123abcd: teardown failed", RuntimeError)
+    ]
