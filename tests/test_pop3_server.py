@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import trustme
 
+from pop3 import session
 from pop3.mailbox import MemoryAuthenticator, MemoryStore
 from pop3.server import TEXT_TOO_MANY_CONNECTIONS, Pop3Server, ServerConfig
-from pop3.session import TEXT_SHUTTING_DOWN
+from pop3.session import TEXT_SHUTTING_DOWN, Timeouts
 
 GREETING = b"+OK POP3 server ready.\r\n"
 
@@ -27,13 +28,26 @@ def write_cert(ca: trustme.CA, directory: Path, name: str) -> tuple[str, str]:
     return str(certfile), str(keyfile)
 
 
+SERVER_DEFAULTS = dict(
+    host="127.0.0.1",
+    port=0,
+    max_connections=100,
+    max_connections_per_ip=10,
+    tls_handshake_timeout=10.0,
+    timeouts=Timeouts(),
+    login_delay_seconds=0,
+    greeting=session.GREETING,
+)
+
+
 def serve(test, *, store: MemoryStore | None = None, **config):
     """Run ``test(server)`` against a live server on ephemeral loopback ports."""
 
     async def main():
         authenticator = MemoryAuthenticator({"alice": ("pw", store or MemoryStore())})
         server = Pop3Server(
-            ServerConfig(port=0, tls_port=0 if config.get("certfile") else None, **config), authenticator
+            ServerConfig(**{**SERVER_DEFAULTS, "tls_port": 0 if config.get("certfile") else None, **config}),
+            authenticator,
         )
         await server.start()
         try:
