@@ -13,6 +13,7 @@ from django.db import models
 from django.db.models import Q
 
 from mailadmin.addresses import normalise_domain
+from pop3 import mailbox as pop3_mailbox
 
 
 def _unix_time_now() -> int:
@@ -80,6 +81,10 @@ class MailboxQuerySet(models.QuerySet):
     def for_address(self, address: str) -> "MailboxQuerySet":
         return self.filter(user__username=address.strip().lower())
 
+    def usable(self) -> "MailboxQuerySet":
+        """Mailboxes that may log in and take mail; ``Mailbox.is_usable`` is the same rule."""
+        return self.filter(active=True, domain__active=True, user__is_active=True)
+
 
 class Mailbox(models.Model):
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="mailbox")
@@ -113,6 +118,10 @@ class Mailbox(models.Model):
     @property
     def address(self) -> str:
         return self.user.username
+
+    def is_usable(self) -> bool:
+        """``MailboxQuerySet.usable`` for a mailbox already loaded with its domain and user."""
+        return self.active and self.domain.active and self.user.is_active
 
     def usage_percent(self) -> float | None:
         """Share of the byte quota in use, or None when the mailbox is unlimited."""
@@ -215,14 +224,12 @@ class Pop3SessionQuerySet(models.QuerySet):
 class Pop3Session(models.Model):
     """One POP3 connection, written by the runpop3 process that serves it, as it runs."""
 
-    class EndReason(models.TextChoices):
-        QUIT = "quit"
-        DROPPED = "dropped"
-        TIMEOUT = "timeout"
-        KICKED = "kicked"
-        SHUTDOWN = "shutdown"
-        ERROR = "error"
-        LOST = "lost", "lost (its server stopped heartbeating)"
+    # How a session ended: as the POP3 session reports it, or lost when its process died.
+    EndReason = models.TextChoices(
+        "EndReason",
+        [(reason.name, reason.value) for reason in pop3_mailbox.EndReason]
+        + [("LOST", ("lost", "lost (its server stopped heartbeating)"))],
+    )
 
     id = models.UUIDField(primary_key=True, editable=False)
     node = models.CharField(max_length=200, help_text="host:pid of the runpop3 process.")
