@@ -37,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 HOLD_BYTES = 16 * 1024  # replies held back at most before they are sent (see Session._write)
 
-GREETING = "POP3 server ready."
 TEXT_LOGGED_IN = "Logged in."
 TEXT_NO_SUCH_MESSAGE = "No such message."
 TEXT_DELETED = "Message is deleted."
@@ -97,10 +96,14 @@ class SessionIO(Protocol):
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds. RFC 1939 section 3: an autologout timer is at least 10 minutes."""
+    """Seconds; the embedding application chooses them (runpop3: from Django settings).
 
-    login: float = 180.0  # total time before login, as Dovecot's login processes allow
-    idle: float = 600.0
+    ``login`` is the total time allowed before login; ``idle`` the time a logged-in client may
+    stay silent (RFC 1939 section 3: an autologout timer is at least 10 minutes).
+    """
+
+    login: float
+    idle: float
 
 
 class Session:
@@ -111,8 +114,8 @@ class Session:
         *,
         policy: protocol.Policy,
         observer: SessionObserver | None = None,
-        timeouts: Timeouts = Timeouts(),
-        greeting: str = GREETING,
+        timeouts: Timeouts,
+        greeting: str,
     ) -> None:
         self.io = io
         self.authenticator = authenticator

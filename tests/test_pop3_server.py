@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import trustme
 
-from pop3 import session
 from pop3.mailbox import MemoryAuthenticator, MemoryStore
+from pop3.protocol import ok
 from pop3.server import TEXT_TOO_MANY_CONNECTIONS, Pop3Server, ServerConfig
 from pop3.session import TEXT_SHUTTING_DOWN, Timeouts
 
-GREETING = b"+OK POP3 server ready.\r\n"
+GREETING = "POP3 server ready."
 
 
 @pytest.fixture
@@ -34,9 +34,9 @@ SERVER_DEFAULTS = dict(
     max_connections=100,
     max_connections_per_ip=10,
     tls_handshake_timeout=10.0,
-    timeouts=Timeouts(),
+    timeouts=Timeouts(login=180.0, idle=600.0),
     login_delay_seconds=0,
-    greeting=session.GREETING,
+    greeting=GREETING,
 )
 
 
@@ -69,7 +69,7 @@ def client_context(ca: trustme.CA, **options) -> ssl.SSLContext:
 async def peer_common_name(server: Pop3Server, context: ssl.SSLContext) -> str:
     host, port = server.addresses["tls"]
     reader, writer = await asyncio.open_connection(host, port, ssl=context, server_hostname="localhost")
-    assert await reader.readline() == GREETING
+    assert await reader.readline() == ok(GREETING)
     subject = dict(pair[0] for pair in writer.get_extra_info("peercert")["subject"])
     writer.close()
     return subject["commonName"]
@@ -119,7 +119,7 @@ def test_connections_beyond_the_caps_are_turned_away():
         host, port = server.addresses["plain"]
         kept = [await asyncio.open_connection(host, port) for _ in range(2)]
         for reader, _ in kept:
-            assert await reader.readline() == GREETING
+            assert await reader.readline() == ok(GREETING)
         reader, writer = await asyncio.open_connection(host, port)
         refused = await reader.read()
         writer.close()
