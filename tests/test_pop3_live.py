@@ -246,6 +246,33 @@ def test_runpop3_stops_serving_and_exits_non_zero_when_its_monitor_gives_up(monk
     assert (exit.value.code, stderr.getvalue()) == (1, TEXT_LOCKS_LOST + "\n")
 
 
+class SilentExecutor(BoundedExecutor):
+    """A database that neither answers nor fails."""
+
+    def __init__(self) -> None:
+        super().__init__(1, "test-db")
+        self.runs = 0
+
+    async def run(self, function, *args):
+        self.runs += 1
+        await asyncio.get_running_loop().create_future()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_monitor_gives_up_when_a_tick_hangs_past_the_lease_ttl(make_mailbox):
+    executor = SilentExecutor()
+    leases = LeaseKeeper(executor, node=NODE, ttl_seconds=0.05)
+    assert leases.lease(make_mailbox().pk).acquire()
+    monitor = monitor_on(executor, leases)
+
+    async def scenario() -> None:
+        monitor.start()
+        await asyncio.wait({monitor._task}, timeout=30)  # a bound against hanging, not a measure
+
+    asyncio.run(scenario())
+    assert (executor.runs, monitor.gave_up) == (1, True)
+
+
 @pytest.mark.django_db(transaction=True)
 def test_without_leases_the_monitor_waits_out_an_outage_however_long(make_mailbox):
     clock = [0.0]

@@ -98,6 +98,14 @@ class LeaseKeeper:
         with self._lock:
             return any(confirmed < deadline for confirmed in self._held.values())
 
+    def seconds_left(self) -> float | None:
+        """Time until the first held lease lapses unrenewed (0 if one has); None if none is held."""
+        with self._lock:
+            if not self._held:
+                return None
+            oldest = min(self._held.values())
+        return max(0.0, oldest + self.ttl_seconds - self.clock())
+
     async def release_all(self) -> None:
         """At shutdown: give back whatever this process still holds; never raises."""
         with self._lock:

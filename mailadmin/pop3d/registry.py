@@ -244,7 +244,12 @@ class Pop3Monitor:
     async def _run(self) -> None:
         failures = 0
         while True:
-            failures = 0 if await self.tick() else failures + 1
+            # A tick that hangs (a database that neither answers nor fails) is waited for only
+            # until a held lease would lapse.
+            tick = asyncio.ensure_future(self.tick())
+            done, _ = await asyncio.wait({tick}, timeout=self.leases.seconds_left())
+            if done:
+                failures = 0 if tick.result() else failures + 1
             if self.leases.lapsed():
                 logger.error(
                     "POP3 monitor: maildrop leases went unrenewed for over %g s; "
