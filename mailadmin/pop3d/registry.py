@@ -243,13 +243,15 @@ class Pop3Monitor:
 
     async def _run(self) -> None:
         failures = 0
+        tick: asyncio.Future | None = None
         while True:
             # A tick that hangs (a database that neither answers nor fails) is waited for only
             # until a held lease would lapse.
-            tick = asyncio.ensure_future(self.tick())
+            tick = tick or asyncio.ensure_future(self.tick())
             done, _ = await asyncio.wait({tick}, timeout=self.leases.seconds_left())
             if done:
                 failures = 0 if tick.result() else failures + 1
+                tick = None
             if self.leases.lapsed():
                 logger.error(
                     "POP3 monitor: maildrop leases went unrenewed for over %g s; "
@@ -259,6 +261,8 @@ class Pop3Monitor:
                 self.gave_up = True
                 self.on_give_up()
                 return
+            if tick is not None:
+                continue  # the lease that would have lapsed was given back meanwhile
             delay = backoff_delay(failures, self.interval, self.leases.ttl_seconds)
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay)
