@@ -45,7 +45,8 @@ class Lease:
         return taken
 
     async def release(self) -> None:
-        """Stop renewing the lock and give it back; never raises (a lease left behind lapses).
+        """Stop renewing the lock and give it back; a database outage is logged, not raised
+        (the lease left behind lapses at its expiry).
 
         Does nothing for a lease that was never taken, or is already given back.
         """
