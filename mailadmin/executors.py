@@ -12,9 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import InterfaceError, OperationalError, close_old_connections
 
 T = TypeVar("T")
+
+# The database errors a later attempt can cure: the server restarting or unreachable, a
+# connection found closed (Django raises InterfaceError for that, and it is not a
+# DatabaseError), a lock or busy timeout. The daemons answer these as temporary failures and
+# log one line. Every other DatabaseError (IntegrityError, ProgrammingError, DataError) is a
+# bug or a broken schema, which no retry cures: it is logged with its traceback.
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
 
 
 class BoundedExecutor:

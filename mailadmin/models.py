@@ -16,6 +16,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from mailadmin.addresses import normalise_domain
+from pop3 import mailbox as pop3_mailbox
 
 
 def _unix_time_now() -> int:
@@ -113,6 +114,12 @@ class Domain(StoreCounters, models.Model):
         return parse_percents(self.quota_warning_percents or settings.MAILADMIN_QUOTA_WARNING_PERCENTS)
 
 
+class MailboxQuerySet(models.QuerySet):
+    def usable(self) -> "MailboxQuerySet":
+        """Mailboxes that may log in and take mail; ``Mailbox.is_usable`` is the same rule."""
+        return self.filter(active=True, domain__active=True, user__is_active=True)
+
+
 class Mailbox(StoreCounters, models.Model):
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="mailbox")
     domain = models.ForeignKey(Domain, on_delete=models.PROTECT, related_name="mailboxes")
@@ -131,6 +138,8 @@ class Mailbox(StoreCounters, models.Model):
 
     STORE_OWNED_FIELDS = ("used_bytes", "used_messages", "next_uid", "uid_validity", "quota_warning_percent")
 
+    objects = MailboxQuerySet.as_manager()
+
     class Meta:
         verbose_name_plural = "mailboxes"
         ordering = ["user__username"]
@@ -145,6 +154,10 @@ class Mailbox(StoreCounters, models.Model):
     @property
     def address(self) -> str:
         return self.user.username
+
+    def is_usable(self) -> bool:
+        """``MailboxQuerySet.usable`` for a mailbox already loaded with its domain and user."""
+        return self.active and self.domain.active and self.user.is_active
 
     def usage_percent(self) -> float | None:
         """Share of the byte quota in use, or None when the mailbox is unlimited."""
@@ -250,14 +263,12 @@ class Pop3SessionQuerySet(models.QuerySet):
 class Pop3Session(models.Model):
     """One POP3 connection, written by the runpop3 process that serves it, as it runs."""
 
-    class EndReason(models.TextChoices):
-        QUIT = "quit"
-        DROPPED = "dropped"
-        TIMEOUT = "timeout"
-        KICKED = "kicked"
-        SHUTDOWN = "shutdown"
-        ERROR = "error"
-        LOST = "lost", "lost (its server stopped heartbeating)"
+    # How a session ended: as the POP3 session reports it, or lost when its process died.
+    EndReason = models.TextChoices(
+        "EndReason",
+        [(reason.name, reason.value) for reason in pop3_mailbox.EndReason]
+        + [("LOST", ("lost", "lost (its server stopped heartbeating)"))],
+    )
 
     id = models.UUIDField(primary_key=True, editable=False)
     node = models.CharField(max_length=200, help_text="host:pid of the runpop3 process.")

@@ -25,7 +25,7 @@ class MessageInfo(NamedTuple):
 
 
 class MaildropError(Exception):
-    """The store failed; the session answers ``-ERR [SYS/TEMP]`` and carries on."""
+    """The store failed; the session answers ``-ERR [SYS/TEMP]`` where it still can (see Maildrop)."""
 
 
 class MessageGone(MaildropError):
@@ -41,7 +41,13 @@ class Maildrop(Protocol):
       the session: message *n* is ``messages[n - 1]`` until the session ends, whatever is
       delivered meanwhile (RFC 1939 section 4).
     * ``read(info)`` yields the message's exact stored bytes (CRLF line ends, a final CRLF),
-      one bounded chunk at a time; their total length is ``info.size``.
+      one bounded chunk at a time; their total length is ``info.size``. It may raise
+      MaildropError (MessageGone when the message has been removed), before the first chunk or
+      after any. Before the first, the session answers ``-ERR [SYS/TEMP]`` and carries on.
+      After it, the ``+OK`` and part of the message are sent and the reply cannot be finished:
+      the session logs one warning and closes the connection (the client sees no terminating
+      line, so it keeps nothing), applying no deletions. Any other exception is a bug: the
+      session ends with ``EndReason.ERROR`` and logs it with its traceback.
     * ``commit(deleted)`` runs the UPDATE state: it removes exactly ``deleted`` in one
       transaction, provided this session still holds the lock, and raises MaildropError
       otherwise, removing nothing.

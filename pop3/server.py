@@ -15,7 +15,7 @@ import ssl
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pop3 import protocol
 from pop3.mailbox import Authenticator, ConnectionInfo, EndReason, SessionObserver
@@ -47,19 +47,21 @@ def make_tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
 
 @dataclass
 class ServerConfig:
-    host: str = "127.0.0.1"
+    """What the embedding application configures; it owns the defaults (runpop3: Django settings)."""
+
+    host: str
     # None disables a listener; 0 binds an ephemeral port (see Pop3Server.addresses).
-    port: int | None = 1110  # plain, with STLS when a certificate is configured
-    tls_port: int | None = 1995  # implicit TLS; needs a certificate
-    certfile: str = ""
+    port: int | None  # plain, with STLS when a certificate is configured
+    tls_port: int | None  # implicit TLS; needs a certificate
+    max_connections: int
+    max_connections_per_ip: int
+    tls_handshake_timeout: float
+    timeouts: Timeouts
+    login_delay_seconds: int  # 0: no LOGIN-DELAY
+    greeting: str
+    certfile: str = ""  # none: no STLS, no implicit TLS
     keyfile: str = ""
     trusted_networks: Iterable[str] = ()
-    max_connections: int = 10000
-    max_connections_per_ip: int = 100
-    tls_handshake_timeout: float = 10.0
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    login_delay_seconds: int = 0
-    greeting: str = "POP3 server ready."
 
 
 class _ClientProtocol(asyncio.Protocol):

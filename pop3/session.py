@@ -8,6 +8,7 @@ the maildrop without applying anything (RFC 1939 sections 6 and 8).
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -36,7 +37,6 @@ logger = logging.getLogger(__name__)
 
 HOLD_BYTES = 16 * 1024  # replies held back at most before they are sent (see Session._write)
 
-GREETING = "POP3 server ready."
 TEXT_LOGGED_IN = "Logged in."
 TEXT_NO_SUCH_MESSAGE = "No such message."
 TEXT_DELETED = "Message is deleted."
@@ -58,6 +58,10 @@ LOGIN_FAILURE_REPLIES = {
 
 class ConnectionLost(Exception):
     """The client went away."""
+
+
+class ReplyCutShort(Exception):
+    """A multi-line reply already under way could not be finished; the session must close."""
 
 
 class SessionIO(Protocol):
@@ -88,10 +92,14 @@ class SessionIO(Protocol):
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds. RFC 1939 section 3: an autologout timer is at least 10 minutes."""
+    """Seconds; the embedding application chooses them (runpop3: from Django settings).
 
-    login: float = 180.0  # total time before login, as Dovecot's login processes allow
-    idle: float = 600.0
+    ``login`` is the total time allowed before login; ``idle`` the time a logged-in client may
+    stay silent (RFC 1939 section 3: an autologout timer is at least 10 minutes).
+    """
+
+    login: float
+    idle: float
 
 
 class Session:
@@ -102,8 +110,8 @@ class Session:
         *,
         policy: protocol.Policy,
         observer: SessionObserver | None = None,
-        timeouts: Timeouts = Timeouts(),
-        greeting: str = GREETING,
+        timeouts: Timeouts,
+        greeting: str,
     ) -> None:
         self.io = io
         self.authenticator = authenticator
@@ -133,25 +141,37 @@ class Session:
             self.observer.tls_established(*self.io.tls_details())
         reason = EndReason.ERROR
         try:
+            async with contextlib.AsyncExitStack() as teardown:
+                # Run last to first, each whatever the others do (a release that raises included).
+                teardown.callback(self.io.close)
+                teardown.callback(lambda: self.observer.closed(reason, self.stats))
+                teardown.callback(self.conn.closed)
+                teardown.push_async_callback(self._release)
+                teardown.callback(self._flush_if_open)
+                reason = await self._converse()
+        except Exception:
+            logger.exception("POP3 session %s: teardown failed", self.io.info.session_id)
+        return reason
+
+    async def _converse(self) -> EndReason:
+        """Greet and serve the client until the session ends; return why it ended."""
+        try:
             self._write(ok(self._greeting))
-            reason = await self._serve()
+            return await self._serve()
         except asyncio.CancelledError:
             reason = self._end_reason or EndReason.SHUTDOWN
             self._say_goodbye(reason)
+            return reason
         except ConnectionLost:
-            reason = EndReason.DROPPED
+            return EndReason.DROPPED
         except TimeoutError:
-            reason = EndReason.TIMEOUT  # RFC 1939 section 3: close without a response
+            return EndReason.TIMEOUT  # RFC 1939 section 3: close without a response
+        except ReplyCutShort as error:
+            logger.warning("POP3 session %s <%s>: %s; closing", self.io.info.session_id, self.username, error)
+            return EndReason.ERROR
         except Exception:
             logger.exception("POP3 session failed")
-            reason = EndReason.ERROR
-        finally:
-            self._flush_if_open()
-            await self._release()
-            self.conn.closed()
-            self.observer.closed(reason, self.stats)
-            self.io.close()
-        return reason
+            return EndReason.ERROR
 
     def kick(self, reason: EndReason = EndReason.KICKED) -> bool:
         """End the session from outside (admin kick, shutdown) without applying deletions.
@@ -379,6 +399,8 @@ class Session:
                 if limiter and limiter.done:
                     break
                 chunk = await anext(chunks, None)
+        except MaildropError as error:
+            raise ReplyCutShort(f"message {number} could not be read to its end ({error})") from None
         finally:
             await chunks.aclose()
         tail = stuffer.finish()

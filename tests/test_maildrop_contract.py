@@ -5,11 +5,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+from django.db import InterfaceError
 
 from mailadmin.executors import BoundedExecutor
 from mailadmin.hosting import store
 from mailadmin.mailin.delivery import deliver
 from mailadmin.models import Mailbox, MaildropLease, Message
+from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.maildrop import OrmMaildrop, snapshot
 from pop3.mailbox import Maildrop, MaildropError, MemoryStore, MessageGone
 
@@ -50,13 +52,13 @@ def orm_harness(make_mailbox) -> Harness:
     # Trace headers differ per delivery; strip them so both harnesses hold the same bytes.
     prefix = len(b"Return-Path: <>\r\nDelivered-To: contract@example.test\r\n")
     executor = BoundedExecutor(2, "test-db")
-    owners = iter(range(100))
+    leases = LeaseKeeper(executor, node="test", ttl_seconds=60)
 
     def open_maildrop() -> Maildrop | None:
-        owner = f"owner-{next(owners)}"
-        if not store.acquire_lease(mailbox.pk, owner, "test", 60):
+        lease = leases.lease(mailbox.pk)
+        if not lease.acquire():
             return None
-        return StrippedMaildrop(executor, mailbox.pk, owner, snapshot(mailbox.pk), prefix)
+        return StrippedMaildrop(executor, lease, snapshot(mailbox.pk), prefix)
 
     def stored() -> list[bytes]:
         ids = Message.objects.for_maildrop(mailbox).values_list("pk", flat=True)
@@ -76,8 +78,8 @@ def orm_harness(make_mailbox) -> Harness:
 class StrippedMaildrop(OrmMaildrop):
     """The ORM maildrop with the per-delivery trace headers cut off, for byte comparisons."""
 
-    def __init__(self, executor, mailbox_id, owner, rows, prefix: int) -> None:
-        super().__init__(executor, mailbox_id, owner, rows)
+    def __init__(self, executor, lease, rows, prefix: int) -> None:
+        super().__init__(executor, lease, rows)
         self.prefix = prefix
 
     async def read(self, info):
@@ -166,6 +168,13 @@ def test_orm_commit_releases_quota_exactly(make_mailbox):
     assert mailbox.used_messages == 2
 
 
+def unleased_maildrop(mailbox_id: int) -> OrmMaildrop:
+    """An ORM maildrop over a snapshot, for reading only: no lease is taken."""
+    executor = BoundedExecutor(1, "test-db")
+    lease = LeaseKeeper(executor, node="test", ttl_seconds=60).lease(mailbox_id)
+    return OrmMaildrop(executor, lease, snapshot(mailbox_id))
+
+
 def counting(monkeypatch, name: str) -> list[tuple]:
     """Record the arguments of every call to ``store.<name>`` (still calling it)."""
     calls: list[tuple] = []
@@ -187,7 +196,7 @@ def test_orm_reads_small_messages_ahead_in_one_query(make_mailbox, settings, mon
     bodies[5] = b"Subject: big\r\n\r\n" + b"z" * 40_000 + b"\r\n"  # above the read-ahead size
     for body in bodies:
         deliver([mailbox.address], [body])
-    maildrop = OrmMaildrop(BoundedExecutor(1, "test-db"), mailbox.pk, "owner", snapshot(mailbox.pk))
+    maildrop = unleased_maildrop(mailbox.pk)
     runs = counting(monkeypatch, "read_first_chunks")
     singles = counting(monkeypatch, "read_chunk")
 
@@ -204,10 +213,26 @@ def test_orm_read_ahead_of_a_vanished_message_raises_message_gone(make_mailbox):
     mailbox = make_mailbox("gone@example.test")
     for n in range(3):
         deliver([mailbox.address], [f"Subject: {n}\r\n\r\nbody\r\n".encode()])
-    maildrop = OrmMaildrop(BoundedExecutor(1, "test-db"), mailbox.pk, "owner", snapshot(mailbox.pk))
+    maildrop = unleased_maildrop(mailbox.pk)
     Message.objects.filter(pk=maildrop.messages[1].key).delete()
 
     assert asyncio.run(read_all(maildrop, 1)).endswith(b"Subject: 0\r\n\r\nbody\r\n")
     with pytest.raises(MessageGone):
         asyncio.run(read_all(maildrop, 2))
     assert asyncio.run(read_all(maildrop, 3)).endswith(b"Subject: 2\r\n\r\nbody\r\n")
+
+
+class ClosedConnectionExecutor(BoundedExecutor):
+    async def run(self, function, *args):
+        raise InterfaceError("connection already closed")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_read_on_a_closed_connection_is_a_maildrop_error(make_mailbox):
+    mailbox = make_mailbox("closed@example.test")
+    deliver([mailbox.address], [b"Subject: a\r\n\r\nbody\r\n"])
+    executor = ClosedConnectionExecutor(1, "test-db")
+    lease = LeaseKeeper(executor, node="test", ttl_seconds=60).lease(mailbox.pk)
+    maildrop = OrmMaildrop(executor, lease, snapshot(mailbox.pk))
+    with pytest.raises(MaildropError, match="^connection already closed$"):
+        asyncio.run(read_all(maildrop, 1))

@@ -1,7 +1,8 @@
 """POP3 authentication policy and the session registry, against the real database."""
 
 import asyncio
-import time
+import dataclasses
+import itertools
 import uuid
 from datetime import timedelta
 
@@ -9,24 +10,41 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import make_password
 from django.core.management import call_command
-from django.db import OperationalError
+from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 
 from mailadmin.executors import BoundedExecutor
-from mailadmin.hosting import store
+from mailadmin.hosting import services, store
+from mailadmin.hosting.actors import Actor
 from mailadmin.mailin.delivery import deliver
+from mailadmin.management.commands.runpop3 import auth_policy
 from mailadmin.models import AuthFailure, Domain, Mailbox, MaildropLease, Pop3Node, Pop3Session
+from mailadmin.pop3d import authenticator as authenticator_module
 from mailadmin.pop3d import registry
 from mailadmin.pop3d.authenticator import (
     AuthPolicy,
     Pop3Authenticator,
+    current_user,
     normalise_login,
     penalty_seconds,
     penalty_source,
 )
+from mailadmin.pop3d.leases import LeaseKeeper
 from pop3.mailbox import LoginFailure, LoginRequest
 
 PASSWORD = "correct horse"
+
+
+def policy_with(**changes) -> AuthPolicy:
+    """runpop3's policy from settings, with the given changes."""
+    return dataclasses.replace(auth_policy(), **changes)
+
+
+def authenticator_on(
+    database: BoundedExecutor, hashing: BoundedExecutor, leases: LeaseKeeper | None = None, **policy
+) -> Pop3Authenticator:
+    leases = leases or LeaseKeeper(database, node="test-node", ttl_seconds=60)
+    return Pop3Authenticator(policy_with(**policy), database=database, hashing=hashing, leases=leases)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +75,19 @@ def test_penalty_groups_ipv6_by_48(peer, source):
     assert penalty_source(peer) == source
 
 
+def record_sleeps(monkeypatch) -> list[float]:
+    """Every asyncio.sleep from now on returns at once, its delay recorded."""
+    delays: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float, result=None):
+        delays.append(delay)
+        return await real_sleep(0, result)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    return delays
+
+
 def failure(source: str, attempt: str, *, age_seconds: int = 0, penalised: bool = True) -> None:
     AuthFailure.objects.create(
         created_at=timezone.now() - timedelta(seconds=age_seconds),
@@ -71,7 +102,7 @@ def failure(source: str, attempt: str, *, age_seconds: int = 0, penalised: bool 
 
 @pytest.mark.django_db
 def test_penalty_doubles_per_distinct_failure_up_to_the_cap():
-    policy = AuthPolicy(node="test", penalty_max=15.0)
+    policy = policy_with(penalty_max=15.0)
     seen = [penalty_seconds("192.0.2.1", policy)]
     for attempt in "abcd":
         failure("192.0.2.1", attempt)
@@ -81,7 +112,7 @@ def test_penalty_doubles_per_distinct_failure_up_to_the_cap():
 
 @pytest.mark.django_db
 def test_repeating_the_same_wrong_password_does_not_grow_the_penalty():
-    policy = AuthPolicy(node="test")
+    policy = policy_with()
     for _ in range(5):
         failure("192.0.2.2", "same")
     assert penalty_seconds("192.0.2.2", policy) == 2.0
@@ -89,19 +120,22 @@ def test_repeating_the_same_wrong_password_does_not_grow_the_penalty():
 
 @pytest.mark.django_db
 def test_penalty_ignores_old_failures_other_sources_and_unpenalised_rows():
-    policy = AuthPolicy(node="test", penalty_window_seconds=900)
+    policy = policy_with(penalty_window_seconds=900)
     failure("192.0.2.3", "old", age_seconds=1000)
     failure("192.0.2.4", "other")
     failure("192.0.2.3", "locked", penalised=False)
     assert penalty_seconds("192.0.2.3", policy) == 0.0
-    assert penalty_seconds("192.0.2.3", AuthPolicy(node="test", penalty_max=0)) == 0.0
+    assert penalty_seconds("192.0.2.3", policy_with(penalty_max=0)) == 0.0
 
 
 def login(username: str, password: str, **policy):
     """Run one authentication the way runpop3 does, on real executors."""
-    policy = AuthPolicy(node="test-node", failure_delay=0, penalty_max=0, **policy)
-    authenticator = Pop3Authenticator(
-        policy, database=BoundedExecutor(2, "test-db"), hashing=BoundedExecutor(1, "test-hash")
+    authenticator = authenticator_on(
+        BoundedExecutor(2, "test-db"),
+        BoundedExecutor(1, "test-hash"),
+        failure_delay=0,
+        penalty_max=0,
+        **policy,
     )
     request = LoginRequest(username, password, "USER", "192.0.2.10", True, uuid.uuid4().hex)
     return asyncio.run(authenticator.authenticate(request))
@@ -115,7 +149,7 @@ def test_good_credentials_lock_the_mailbox_and_snapshot_it(make_mailbox):
     assert result.failure is None
     assert result.username == "alice@example.test"
     assert [info.uidl for info in result.maildrop.messages] == [store.format_uidl(1, mailbox.uid_validity)]
-    assert MaildropLease.objects.get().owner == result.maildrop.owner
+    assert MaildropLease.objects.get().owner == result.maildrop.lease.owner
     second = login("alice@example.test", PASSWORD)
     assert second.failure is LoginFailure.IN_USE
     assert second.maildrop is None
@@ -196,7 +230,7 @@ def test_monitor_finds_kicked_deactivated_and_repassworded_sessions(make_mailbox
         )
         for name, row in rows.items()
     }
-    assert registry.request_kick(address="kicked@example.test") == 1
+    assert services.kick_sessions(Actor.cli(), address="kicked@example.test") == 1
     Mailbox.objects.filter(pk=boxes["off"].pk).update(active=False)
     store.set_password("newpass@example.test", "brand-new-horse")
     store.delete_mailbox("gone@example.test")
@@ -237,7 +271,7 @@ def test_a_locked_mailbox_is_recorded_but_does_not_grow_the_penalty(make_mailbox
     assert login("busy@example.test", PASSWORD).failure is None
     assert login("busy@example.test", PASSWORD).failure is LoginFailure.IN_USE
     assert list(AuthFailure.objects.values_list("reason", "penalised")) == [("mailbox in use", False)]
-    assert penalty_seconds("192.0.2.10", AuthPolicy(node="test")) == 0.0
+    assert penalty_seconds("192.0.2.10", policy_with()) == 0.0
 
 
 class CountingHashing(BoundedExecutor):
@@ -254,8 +288,8 @@ class CountingHashing(BoundedExecutor):
 
 def cached_authenticator(ttl: float = 300) -> tuple[Pop3Authenticator, CountingHashing]:
     hashing = CountingHashing()
-    policy = AuthPolicy(node="test-node", cache_ttl_seconds=ttl, failure_delay=0, penalty_max=0)
-    return Pop3Authenticator(policy, database=BoundedExecutor(2, "test-db"), hashing=hashing), hashing
+    database = BoundedExecutor(2, "test-db")
+    return authenticator_on(database, hashing, cache_ttl_seconds=ttl, failure_delay=0, penalty_max=0), hashing
 
 
 def cached_login(authenticator: Pop3Authenticator, username: str, password: str):
@@ -302,20 +336,50 @@ def test_cache_off_verifies_every_login(make_mailbox):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_database_trouble_is_a_temporary_failure_answered_no_faster_than_a_wrong_password(make_mailbox):
+@pytest.mark.parametrize("error", [OperationalError, InterfaceError])
+def test_database_trouble_is_a_temporary_failure_answered_no_faster_than_a_wrong_password(
+    make_mailbox, monkeypatch, error
+):
     make_mailbox("t@example.test")
 
     class BrokenDatabase(BoundedExecutor):
         async def run(self, function, *args):
-            raise OperationalError("server closed the connection unexpectedly")
+            raise error("server closed the connection unexpectedly")
 
-    policy = AuthPolicy(node="test-node", failure_delay=0.2, penalty_max=0)
-    authenticator = Pop3Authenticator(
-        policy, database=BrokenDatabase(1, "broken"), hashing=BoundedExecutor(1, "h")
-    )
+    delays = record_sleeps(monkeypatch)
+    monkeypatch.setattr(authenticator_module.random, "random", lambda: 0.5)
+    authenticator = authenticator_on(BrokenDatabase(1, "broken"), BoundedExecutor(1, "h"), failure_delay=0.2)
     request = LoginRequest("t@example.test", PASSWORD, "USER", "192.0.2.10", True, uuid.uuid4().hex)
-    started = time.monotonic()
     result = asyncio.run(authenticator.authenticate(request))
-    elapsed = time.monotonic() - started
     assert (result.failure, result.maildrop) == (LoginFailure.TEMPORARY, None)
-    assert 0.2 <= elapsed < 2.0
+    assert delays == [pytest.approx(0.25)]  # the failure delay, plus a quarter of it as jitter
+
+
+@pytest.mark.django_db
+def test_usable_means_the_mailbox_its_domain_and_its_login_are_all_active(make_mailbox):
+    rows = []
+    for mailbox_on, domain_on, login_on in itertools.product((True, False), repeat=3):
+        mailbox = make_mailbox(f"m{int(mailbox_on)}{int(domain_on)}{int(login_on)}@d{int(domain_on)}.test")
+        Mailbox.objects.filter(pk=mailbox.pk).update(active=mailbox_on)
+        Domain.objects.filter(pk=mailbox.domain_id).update(active=domain_on)
+        get_user_model().objects.filter(pk=mailbox.user_id).update(is_active=login_on)
+        loaded = Mailbox.objects.select_related("domain", "user").get(pk=mailbox.pk)
+        queried = Mailbox.objects.usable().filter(pk=mailbox.pk).exists()
+        rows.append((loaded.is_usable(), queried, current_user(mailbox.address) is not None))
+    assert rows == [(True, True, True)] + [(False, False, False)] * 7
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lease_taken_before_the_snapshot_failed_is_given_back(make_mailbox, monkeypatch):
+    make_mailbox("half@example.test")
+
+    def snapshot_fails(mailbox_id: int):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(authenticator_module, "snapshot", snapshot_fails)
+    authenticator = authenticator_on(
+        BoundedExecutor(1, "test-db"), BoundedExecutor(1, "test-hash"), failure_delay=0, penalty_max=0
+    )
+    request = LoginRequest("half@example.test", PASSWORD, "USER", "192.0.2.10", True, uuid.uuid4().hex)
+    assert asyncio.run(authenticator.authenticate(request)).failure is LoginFailure.TEMPORARY
+    assert (authenticator.leases.owners(), MaildropLease.objects.count()) == ([], 0)

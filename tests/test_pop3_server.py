@@ -8,10 +8,11 @@ import pytest
 import trustme
 
 from pop3.mailbox import MemoryAuthenticator, MemoryStore
+from pop3.protocol import ok
 from pop3.server import TEXT_TOO_MANY_CONNECTIONS, Pop3Server, ServerConfig
-from pop3.session import TEXT_SHUTTING_DOWN
+from pop3.session import TEXT_SHUTTING_DOWN, Timeouts
 
-GREETING = b"+OK POP3 server ready.\r\n"
+GREETING = "POP3 server ready."
 
 
 @pytest.fixture
@@ -27,13 +28,26 @@ def write_cert(ca: trustme.CA, directory: Path, name: str) -> tuple[str, str]:
     return str(certfile), str(keyfile)
 
 
+SERVER_DEFAULTS = dict(
+    host="127.0.0.1",
+    port=0,
+    max_connections=100,
+    max_connections_per_ip=10,
+    tls_handshake_timeout=10.0,
+    timeouts=Timeouts(login=180.0, idle=600.0),
+    login_delay_seconds=0,
+    greeting=GREETING,
+)
+
+
 def serve(test, *, store: MemoryStore | None = None, **config):
     """Run ``test(server)`` against a live server on ephemeral loopback ports."""
 
     async def main():
         authenticator = MemoryAuthenticator({"alice": ("pw", store or MemoryStore())})
         server = Pop3Server(
-            ServerConfig(port=0, tls_port=0 if config.get("certfile") else None, **config), authenticator
+            ServerConfig(**{**SERVER_DEFAULTS, "tls_port": 0 if config.get("certfile") else None, **config}),
+            authenticator,
         )
         await server.start()
         try:
@@ -55,7 +69,7 @@ def client_context(ca: trustme.CA, **options) -> ssl.SSLContext:
 async def peer_common_name(server: Pop3Server, context: ssl.SSLContext) -> str:
     host, port = server.addresses["tls"]
     reader, writer = await asyncio.open_connection(host, port, ssl=context, server_hostname="localhost")
-    assert await reader.readline() == GREETING
+    assert await reader.readline() == ok(GREETING)
     subject = dict(pair[0] for pair in writer.get_extra_info("peercert")["subject"])
     writer.close()
     return subject["commonName"]
@@ -105,7 +119,7 @@ def test_connections_beyond_the_caps_are_turned_away():
         host, port = server.addresses["plain"]
         kept = [await asyncio.open_connection(host, port) for _ in range(2)]
         for reader, _ in kept:
-            assert await reader.readline() == GREETING
+            assert await reader.readline() == ok(GREETING)
         reader, writer = await asyncio.open_connection(host, port)
         refused = await reader.read()
         writer.close()

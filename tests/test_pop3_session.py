@@ -6,9 +6,10 @@ Row ids (G01, X08, U03, ...) refer to /work/shared/POP3-CHECKLIST.md section 1.
 import asyncio
 import base64
 import dataclasses
+import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -43,7 +44,6 @@ from pop3.protocol import (
     ok,
 )
 from pop3.session import (
-    GREETING,
     TEXT_COMMIT_FAILED,
     TEXT_DELETED,
     TEXT_KICKED,
@@ -72,11 +72,12 @@ TLS_VERSION, TLS_CIPHER = "TLSv1.3", "TLS_AES_256_GCM_SHA384"
 PEER = ("192.0.2.7", 40000)
 SESSION_ID = "0123abcd"
 
-GREETING_LINE = ok(GREETING)
 LOGIN = b"USER alice\r\nPASS secret\r\n"
 LOGGED_IN = ok() + ok(TEXT_LOGGED_IN)
 AUTH_FAILED = err(TEXT_AUTH_FAILED, ResponseCode.AUTH)
-DEFAULT_TIMEOUTS = Timeouts()
+GREETING = "POP3 server ready."
+GREETING_LINE = ok(GREETING)
+DEFAULT_TIMEOUTS = Timeouts(login=180.0, idle=600.0)
 
 
 # --- Test doubles ---------------------------------------------------------------------------
@@ -279,7 +280,8 @@ def make_session(
     timeouts: Timeouts = DEFAULT_TIMEOUTS,
     auth: Authenticator | None = None,
 ) -> Session:
-    return Session(io, auth or authenticator(store), policy=policy, observer=observer, timeouts=timeouts)
+    auth = auth or authenticator(store)
+    return Session(io, auth, policy=policy, observer=observer, timeouts=timeouts, greeting=GREETING)
 
 
 def run(session: Session) -> EndReason:
@@ -737,6 +739,34 @@ def test_message_removed_behind_the_session_is_a_temporary_failure():
     )
 
 
+class SecondChunkFailsMaildrop(MemoryMaildrop):
+    """Yields the first five bytes of a message, then the store fails."""
+
+    async def read(self, info: MessageInfo) -> AsyncIterator[bytes]:
+        yield dict(self._store.messages)[info.key][:5]
+        raise MaildropError("the database went away")
+
+
+def test_a_read_failing_mid_message_closes_the_session_with_one_warning_and_no_traceback(caplog):
+    store = alice_store(maildrop_class=SecondChunkFailsMaildrop)
+    observer = RecordingObserver()
+    io = ScriptedIO(LOGIN, b"DELE 2\r\n", b"RETR 1\r\n", b"NOOP\r\n")
+    with caplog.at_level(logging.DEBUG, logger="pop3.session"):
+        reason = run(make_session(io, store, observer=observer))
+    assert reason is EndReason.ERROR
+    assert bytes(io.written) == GREETING_LINE + LOGGED_IN + ok(TEXT_MARKED) + ok("23 octets") + M1[:5]
+    assert [(record.levelname, record.getMessage(), record.exc_info) for record in caplog.records] == [
+        (
+            "WARNING",
+            "POP3 session 0123abcd <alice>: message 1 could not be read to its end "
+            "(the database went away); closing",
+            None,
+        )
+    ]
+    assert (observer.calls[-1], io.closed) == (("closed", EndReason.ERROR), True)
+    assert_untouched(store)
+
+
 def test_line_too_long_after_login_closes_with_error_and_deletes_nothing():
     store = alice_store()
     observer = RecordingObserver()
@@ -868,7 +898,7 @@ def test_idle_timeout_in_transaction_closes_silently_and_deletes_nothing():
     store = alice_store()
     observer = RecordingObserver()
     io = ScriptedIO(LOGIN, b"DELE 1\r\n", HANG)
-    session = make_session(io, store, observer=observer, timeouts=Timeouts(idle=0.05))
+    session = make_session(io, store, observer=observer, timeouts=replace(DEFAULT_TIMEOUTS, idle=0.05))
     assert run(session) is EndReason.TIMEOUT
     assert bytes(io.written) == GREETING_LINE + LOGGED_IN + ok(TEXT_MARKED)
     assert_untouched(store)
@@ -877,7 +907,7 @@ def test_idle_timeout_in_transaction_closes_silently_and_deletes_nothing():
 
 
 def test_every_command_resets_the_idle_timer():
-    timeouts = Timeouts(idle=0.3)
+    timeouts = replace(DEFAULT_TIMEOUTS, idle=0.3)
     reason, written = ending(
         LOGIN, Pause(0.2), b"NOOP\r\n", Pause(0.2), b"NOOP\r\n", Pause(0.2), b"QUIT\r\n", timeouts=timeouts
     )
@@ -885,12 +915,13 @@ def test_every_command_resets_the_idle_timer():
 
 
 def test_login_timeout_closes_silently():
-    reason, written = ending(b"USER alice\r\n", HANG, timeouts=Timeouts(login=0.05))
+    reason, written = ending(b"USER alice\r\n", HANG, timeouts=replace(DEFAULT_TIMEOUTS, login=0.05))
     assert (reason, written) == (EndReason.TIMEOUT, GREETING_LINE + ok())
 
 
 def test_login_timeout_is_a_total_not_per_command():
-    reason, written = ending(Pause(0.2), b"NOOP\r\n", Pause(0.2), LOGIN, timeouts=Timeouts(login=0.3))
+    timeouts = replace(DEFAULT_TIMEOUTS, login=0.3)
+    reason, written = ending(Pause(0.2), b"NOOP\r\n", Pause(0.2), LOGIN, timeouts=timeouts)
     assert (reason, written) == (EndReason.TIMEOUT, GREETING_LINE + err(TEXT_WRONG_STATE))
 
 
@@ -914,7 +945,8 @@ def test_observer_hears_open_login_and_close_of_a_quit_session():
 
 def test_observer_hears_timeout_as_the_end_reason():
     observer = RecordingObserver()
-    run(make_session(ScriptedIO(HANG), alice_store(), observer=observer, timeouts=Timeouts(login=0.01)))
+    timeouts = replace(DEFAULT_TIMEOUTS, login=0.01)
+    run(make_session(ScriptedIO(HANG), alice_store(), observer=observer, timeouts=timeouts))
     assert [call[0] for call in observer.calls] == ["opened", "closed"]
     assert observer.calls[-1] == ("closed", EndReason.TIMEOUT)
 
@@ -958,7 +990,7 @@ def test_client_that_stops_reading_is_timed_out_and_the_lock_released():
         io.drain_stalled = True
 
     io = ScriptedIO(LOGIN, stop_reading, b"RETR 1\r\n")
-    session = make_session(io, store, timeouts=Timeouts(idle=0.05))
+    session = make_session(io, store, timeouts=replace(DEFAULT_TIMEOUTS, idle=0.05))
 
     async def scenario() -> EndReason | None:
         task = asyncio.create_task(session.run())
@@ -971,3 +1003,24 @@ def test_client_that_stops_reading_is_timed_out_and_the_lock_released():
 
     assert asyncio.run(scenario()) is EndReason.TIMEOUT
     assert_untouched(store)
+
+
+class ReleaseFailsMaildrop(MemoryMaildrop):
+    """Breaks the contract: release() raises (after giving the lock back)."""
+
+    async def release(self) -> None:
+        await super().release()
+        raise RuntimeError("release failed")
+
+
+def test_every_teardown_step_runs_when_release_raises(caplog):
+    store = alice_store(maildrop_class=ReleaseFailsMaildrop)
+    observer = RecordingObserver()
+    io = ScriptedIO(LOGIN, b"STAT\r\n")
+    with caplog.at_level(logging.ERROR, logger="pop3.session"):
+        reason = run(make_session(io, store, observer=observer))
+    assert reason is EndReason.DROPPED
+    assert (observer.calls[-1], io.closed) == (("closed", EndReason.DROPPED), True)
+    assert [(record.getMessage(), record.exc_info[0]) for record in caplog.records] == [
+        ("POP3 session 0123abcd: teardown failed", RuntimeError)
+    ]

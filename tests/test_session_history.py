@@ -17,6 +17,7 @@ from mailadmin.hosting.history import Pruned, prune_history
 from mailadmin.models import AuthFailure, Domain, Pop3Node, Pop3Session
 from mailadmin.pop3d import registry
 from mailadmin.pop3d.authenticator import record_failure
+from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.maildrop import OrmMaildrop
 from pop3.mailbox import ConnectionInfo, EndReason, LoginFailure, LoginRequest, SessionStats
 
@@ -29,7 +30,9 @@ class FakeSession:
 
 
 def monitor() -> registry.Pop3Monitor:
-    return registry.Pop3Monitor(BoundedExecutor(1, "test-db"), node="testhost:1", interval=1.0, lease_ttl=60)
+    executor = BoundedExecutor(1, "test-db")
+    leases = LeaseKeeper(executor, node="testhost:1", ttl_seconds=60)
+    return registry.Pop3Monitor(executor, leases, node="testhost:1", interval=1.0, on_give_up=lambda: None)
 
 
 def opened(pop3_monitor: registry.Pop3Monitor) -> registry.SessionRecorder:
@@ -53,7 +56,9 @@ def test_a_session_row_carries_the_domain_of_its_login_or_of_the_name_tried(make
     tried_unknown.login_failed("bob@unknown.test", LoginFailure.BAD_CREDENTIALS, "USER")
     tried_no_domain.login_failed("bob", LoginFailure.BAD_CREDENTIALS, "USER")
     logged_in.login_failed("alice@other.test", LoginFailure.BAD_CREDENTIALS, "USER")
-    logged_in.logged_in("alice@example.test", "USER", OrmMaildrop(pop3.executor, mailbox.pk, "owner", []))
+    logged_in.logged_in(
+        "alice@example.test", "USER", OrmMaildrop(pop3.executor, pop3.leases.lease(mailbox.pk), [])
+    )
     outbox = pop3.outbox
 
     with CaptureQueriesContext(connection) as queries:

@@ -236,7 +236,7 @@ class _Copy:
 
 
 def _active(mailbox: Mailbox) -> bool:
-    return mailbox.active and mailbox.domain.active and mailbox.user.is_active
+    return mailbox.is_usable()
 
 
 def _warn_if_quota_crossed(copy: _Copy) -> None:

@@ -8,9 +8,15 @@ Order of work for one attempt, as in Dovecot:
 2. ``django.contrib.auth.authenticate`` runs on the small hashing executor, so at most
    POP3_AUTH_THREADS argon2 verifications (~100 MiB each) run at once in this process. It
    hashes for unknown users too and upgrades outdated hashes on success, off the event loop;
-3. the mailbox and its domain must be active: unknown user, wrong password and inactive
-   mailbox all cost the same work and get the same answer after the same failure delay;
-4. LOGIN-DELAY and the maildrop lease are checked on the database executor.
+3. the mailbox must be usable (``Mailbox.objects.usable()``): unknown user, wrong password and
+   inactive mailbox all cost the same work and get the same answer after the same failure delay;
+4. LOGIN-DELAY and the maildrop lease (taken through the process's
+   :class:`~mailadmin.pop3d.leases.LeaseKeeper`) are checked on the database executor.
+
+A database that cannot be reached (``TRANSIENT_DB_ERRORS``) makes the login a temporary failure,
+answered no faster than a wrong password. The penalty look-up of a malformed attempt (``reject``)
+fails open: it is logged and only the failure delay is applied, since no password can be
+checked, so none guessed, while the database is away.
 
 POP3 clients log in on every poll, so a successful verification is remembered for
 POP3_AUTH_CACHE_TTL seconds (Dovecot's auth_cache makes the same trade): a keyed hash of the
@@ -34,15 +40,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.contrib.auth import authenticate as django_authenticate
-from django.db import DatabaseError
 from django.db.models import Max
 from django.utils import timezone
 
 from mailadmin.addresses import domain_of_login
-from mailadmin.executors import BoundedExecutor
-from mailadmin.hosting import store
+from mailadmin.executors import TRANSIENT_DB_ERRORS, BoundedExecutor
 from mailadmin.models import AuthFailure, Mailbox, Pop3Session
 from mailadmin.pop3d import registry
+from mailadmin.pop3d.leases import Lease, LeaseKeeper
 from mailadmin.pop3d.maildrop import OrmMaildrop, snapshot
 from pop3.mailbox import LoginFailure, LoginRequest, LoginResult, MessageInfo
 
@@ -54,13 +59,13 @@ PENALTY_INITIAL_SECONDS = 2.0
 
 @dataclass(frozen=True)
 class AuthPolicy:
-    node: str
-    cache_ttl_seconds: float = 0.0
-    failure_delay: float = 2.0
-    penalty_max: float = 15.0
-    penalty_window_seconds: int = 900
-    login_delay_seconds: int = 0
-    lease_ttl_seconds: float = 60.0
+    """The settings of the policy; runpop3 fills them from Django settings, the only defaults."""
+
+    cache_ttl_seconds: float
+    failure_delay: float
+    penalty_max: float
+    penalty_window_seconds: int
+    login_delay_seconds: int
 
 
 @dataclass(frozen=True)
@@ -107,10 +112,13 @@ class CredentialCache:
 class Pop3Authenticator:
     """``pop3.mailbox.Authenticator`` against Django users with an active mailbox."""
 
-    def __init__(self, policy: AuthPolicy, *, database: BoundedExecutor, hashing: BoundedExecutor) -> None:
+    def __init__(
+        self, policy: AuthPolicy, *, database: BoundedExecutor, hashing: BoundedExecutor, leases: LeaseKeeper
+    ) -> None:
         self.policy = policy
         self.database = database
         self.hashing = hashing
+        self.leases = leases
         self.cache = CredentialCache(policy.cache_ttl_seconds)
         self._attempt_key = secrets.token_bytes(32)
         self._cleanups: set[asyncio.Future] = set()
@@ -121,45 +129,45 @@ class Pop3Authenticator:
             await asyncio.sleep(await self.database.run(penalty_seconds, source, self.policy))
             username = normalise_login(request.username)
             verified = await self._verify(username, request.password) if username else None
-        except DatabaseError:
-            return await self._internal_failure("")
+        except TRANSIENT_DB_ERRORS as error:
+            return await self._internal_failure("", error)
         if verified is None:
             await self._fail(request, source, "bad credentials", self._attempt(request))
             return LoginResult(username=username or "", failure=LoginFailure.BAD_CREDENTIALS)
-        owner = secrets.token_hex(16)
+        lease = self.leases.lease(verified.mailbox_id)
         try:
-            failure, rows = await self._open_maildrop(verified.mailbox_id, owner)
-        except DatabaseError:
-            return await self._internal_failure(verified.username)
+            failure, rows = await self._open_maildrop(lease)
+        except TRANSIENT_DB_ERRORS as error:
+            await lease.release()  # taken before the snapshot failed, perhaps
+            return await self._internal_failure(verified.username, error)
         if failure is not None:
             await self._record(request, source, failure.value, penalised=False)
             return LoginResult(username=verified.username, failure=failure)
-        maildrop = OrmMaildrop(self.database, verified.mailbox_id, owner, rows, verified.password_fingerprint)
+        maildrop = OrmMaildrop(self.database, lease, rows, verified.password_fingerprint)
         return LoginResult(maildrop=maildrop, username=verified.username)
 
-    async def _open_maildrop(self, mailbox_id: int, owner: str):
+    async def _open_maildrop(self, lease: Lease):
         """open_maildrop on the executor; a session cancelled meanwhile gives the lease back.
 
         Cancelling the await does not stop the worker thread, which may still take the lease;
         a background task waits for it and releases the lease, so the mailbox is not left
         locked until the lease lapses. ``settle()`` waits for those tasks.
         """
-        work = asyncio.ensure_future(self.database.run(open_maildrop, mailbox_id, owner, self.policy))
+        work = asyncio.ensure_future(self.database.run(open_maildrop, lease, self.policy))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
-            cleanup = asyncio.ensure_future(self._give_back(work, owner))
+            cleanup = asyncio.ensure_future(self._give_back(work, lease))
             self._cleanups.add(cleanup)
             cleanup.add_done_callback(self._cleanups.discard)
             raise
 
-    async def _give_back(self, work: asyncio.Future, owner: str) -> None:
+    async def _give_back(self, work: asyncio.Future, lease: Lease) -> None:
         try:
-            failure, _ = await work
-            if failure is None:
-                await self.database.run(store.release_lease, owner)
-        except DatabaseError:
-            logger.warning("lease %s may linger until it lapses", owner)
+            await work
+        except TRANSIENT_DB_ERRORS:
+            pass
+        await lease.release()
 
     async def settle(self) -> None:
         """Wait until leases taken for cancelled logins have been given back."""
@@ -183,13 +191,13 @@ class Pop3Authenticator:
         request = LoginRequest("", "", mechanism, peer_host, False, session_id)
         try:
             await asyncio.sleep(await self.database.run(penalty_seconds, source, self.policy))
-        except DatabaseError:
-            pass
+        except TRANSIENT_DB_ERRORS as error:
+            logger.warning("no penalty look-up for %s (%s); only the failure delay applies", peer_host, error)
         await self._fail(request, source, reason, "")
 
-    async def _internal_failure(self, username: str) -> LoginResult:
+    async def _internal_failure(self, username: str, error: Exception) -> LoginResult:
         """[SYS/TEMP], never faster than a wrong password, with jitter against a thundering herd."""
-        logger.warning("login failed for lack of the database", exc_info=True)
+        logger.warning("login of <%s> failed for lack of the database: %s", username, error)
         await asyncio.sleep(self.policy.failure_delay * (1 + random.random() / 2))
         return LoginResult(username=username, failure=LoginFailure.TEMPORARY)
 
@@ -200,7 +208,7 @@ class Pop3Authenticator:
     async def _record(self, request: LoginRequest, source: str, reason: str, **fields) -> None:
         try:
             await self.database.run(record_failure, request, source, reason, fields)
-        except DatabaseError:
+        except TRANSIENT_DB_ERRORS:
             logger.warning("could not record a failed login from %s", request.peer_host)
 
     def _attempt(self, request: LoginRequest) -> str:
@@ -252,18 +260,17 @@ def verify_credentials(username: str, password: str) -> VerifiedUser | None:
     user = django_authenticate(username=username, password=password)
     if user is None:
         return None
-    mailbox = Mailbox.objects.select_related("domain").filter(user=user).first()
-    if mailbox is None or not (mailbox.active and mailbox.domain.active):
+    mailbox_id = Mailbox.objects.usable().filter(user=user).values_list("pk", flat=True).first()
+    if mailbox_id is None:
         return None
-    return VerifiedUser(mailbox.pk, user.username, registry.password_fingerprint(user.password))
+    return VerifiedUser(mailbox_id, user.username, registry.password_fingerprint(user.password))
 
 
 def current_user(username: str) -> VerifiedUser | None:
     """The login as it stands now, if it may log in at all: for checking a cached verification."""
     row = (
-        Mailbox.objects.filter(
-            user__username=username, user__is_active=True, active=True, domain__active=True
-        )
+        Mailbox.objects.usable()
+        .filter(user__username=username)
         .values_list("pk", "user__username", "user__password")
         .first()
     )
@@ -273,16 +280,15 @@ def current_user(username: str) -> VerifiedUser | None:
     return VerifiedUser(mailbox_id, name, registry.password_fingerprint(password))
 
 
-def open_maildrop(
-    mailbox_id: int, owner: str, policy: AuthPolicy
-) -> tuple[LoginFailure | None, list[MessageInfo]]:
+def open_maildrop(lease: Lease, policy: AuthPolicy) -> tuple[LoginFailure | None, list[MessageInfo]]:
     """LOGIN-DELAY, then the lease and the snapshot; in that order."""
+    mailbox_id = lease.mailbox_id
     if policy.login_delay_seconds:
         sessions = Pop3Session.objects.filter(mailbox_id=mailbox_id)
         last = sessions.aggregate(last=Max("authenticated_at"))["last"]
         if last and timezone.now() - last < timedelta(seconds=policy.login_delay_seconds):
             return LoginFailure.LOGIN_DELAY, []
-    if not store.acquire_lease(mailbox_id, owner, policy.node, policy.lease_ttl_seconds):
+    if not lease.acquire():
         return LoginFailure.IN_USE, []
     return None, snapshot(mailbox_id)
 

@@ -1,17 +1,13 @@
 """The ORM implementation of ``pop3.mailbox.Maildrop``: a leased mailbox for one session."""
 
-import logging
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Sequence
 from operator import attrgetter
 
-from django.db import DatabaseError
-
-from mailadmin.executors import BoundedExecutor
+from mailadmin.executors import TRANSIENT_DB_ERRORS, BoundedExecutor
 from mailadmin.hosting import store
+from mailadmin.pop3d.leases import Lease
 from pop3.mailbox import MaildropError, MessageGone, MessageInfo
-
-logger = logging.getLogger(__name__)
 
 # Clients fetch in order, and most mail is small: the first RETR of a small message reads the
 # small messages after it in the same query, so the next RETRs cost no database round trip.
@@ -30,14 +26,13 @@ class OrmMaildrop:
     def __init__(
         self,
         executor: BoundedExecutor,
-        mailbox_id: int,
-        owner: str,
+        lease: Lease,
         messages: Sequence[MessageInfo],
         password_fingerprint: str = "",
     ) -> None:
         self.executor = executor
-        self.mailbox_id = mailbox_id
-        self.owner = owner
+        self.lease = lease
+        self.mailbox_id = lease.mailbox_id
         # What the password hash looked like at login: the monitor kicks the session if it changes.
         self.password_fingerprint = password_fingerprint
         self.messages = messages
@@ -74,17 +69,14 @@ class OrmMaildrop:
 
     async def commit(self, deleted: Sequence[MessageInfo]) -> None:
         await self._database(
-            store.commit_maildrop, self.mailbox_id, self.owner, [info.key for info in deleted]
+            store.commit_maildrop, self.mailbox_id, self.lease.owner, [info.key for info in deleted]
         )
 
     async def release(self) -> None:
-        try:
-            await self._database(store.release_lease, self.owner)
-        except MaildropError:
-            logger.warning("could not release lease %s; it lapses at its expiry", self.owner)
+        await self.lease.release()
 
     async def _database(self, function, *args):
         try:
             return await self.executor.run(function, *args)
-        except (DatabaseError, store.StoreError) as error:
+        except (*TRANSIENT_DB_ERRORS, store.StoreError) as error:
             raise MaildropError(str(error)) from error

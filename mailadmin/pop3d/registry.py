@@ -6,11 +6,19 @@ POP3_MONITOR_INTERVAL, in one unit on the database executor:
 
 * writes what its sessions' :class:`SessionRecorder` observers queued (new rows, progress,
   endings), so a busy session costs at most one UPDATE per interval;
-* heartbeats its :class:`~mailadmin.models.Pop3Node` row and its sessions' maildrop leases;
+* heartbeats its :class:`~mailadmin.models.Pop3Node` row (the first tick registers it) and
+  renews the maildrop leases its :class:`~mailadmin.pop3d.leases.LeaseKeeper` holds;
 * finds its sessions to end: kicked (``kick_requested_at`` set by the admin, the API or
-  ``kickpop3``), mailbox or domain deactivated, login disabled, password changed, mailbox
-  deleted; and ends them with no UPDATE applied;
+  ``kickpop3``), mailbox no longer usable (``Mailbox.objects.usable()``), password changed,
+  mailbox deleted; and ends them with no UPDATE applied;
 * now and then marks sessions of processes that stopped heartbeating as ``lost``.
+
+The loop never ends on an error: a failed tick is logged, its row writes are kept for the next
+tick (dropped instead when the error is not a transient one, so one bad row cannot block the
+heartbeat for good), and the next tick comes after a back-off that doubles up to a quarter of
+the lease TTL. The one way out is the leases: once a held lease has gone unrenewed for longer
+than its TTL, this process may have lost the lock, so the monitor gives up (``gave_up``) and
+runpop3 stops serving and exits non-zero.
 """
 
 import asyncio
@@ -18,18 +26,19 @@ import hashlib
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from django.db import DatabaseError, IntegrityError, transaction
-from django.db.models import F, Subquery
+from django.db import IntegrityError, transaction
+from django.db.models import Exists, F, OuterRef, Subquery
 from django.db.models.functions import Now
 from django.utils import timezone
 
 from mailadmin.addresses import domain_of_login
-from mailadmin.executors import BoundedExecutor
-from mailadmin.hosting import store
+from mailadmin.executors import TRANSIENT_DB_ERRORS, BoundedExecutor
 from mailadmin.models import Domain, Mailbox, Pop3Node, Pop3Session
+from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.maildrop import OrmMaildrop
 from pop3.mailbox import ConnectionInfo, EndReason, LoginFailure, Maildrop, SessionStats
 from pop3.session import Session
@@ -41,6 +50,10 @@ STALE_INTERVALS = 10
 MIN_STALE_SECONDS = 10.0
 SWEEP_EVERY_TICKS = 30
 ID_BATCH_SIZE = 500
+# Back-off after failed ticks: the interval doubles per failure in a row, up to this share of
+# the lease TTL, so a lease still gets several renewal attempts before it could lapse.
+MAX_BACKOFF_SHARE_OF_TTL = 0.25
+MAX_BACKOFF_DOUBLINGS = 16
 
 STAT_FIELDS = (
     "commands",
@@ -82,14 +95,12 @@ def domain_named(name: str | None) -> Subquery | None:
     return Subquery(Domain.objects.filter(name=name).order_by().values("pk"))
 
 
-def request_kick(*, address: str | None = None, session_id: str | None = None) -> int:
-    """Mark open sessions of a mailbox (or one session) to be ended; return how many."""
-    sessions = Pop3Session.objects.open().filter(kick_requested_at__isnull=True)
-    if address is not None:
-        sessions = sessions.filter(mailbox=store.get_mailbox(address))
-    if session_id is not None:
-        sessions = sessions.filter(pk=session_id)
-    return sessions.update(kick_requested_at=timezone.now())
+def backoff_delay(failures: int, interval: float, lease_ttl: float) -> float:
+    """Seconds until the next tick after ``failures`` failed ticks in a row."""
+    if not failures:
+        return interval
+    ceiling = max(interval, lease_ttl * MAX_BACKOFF_SHARE_OF_TTL)
+    return min(interval * 2 ** min(failures, MAX_BACKOFF_DOUBLINGS), ceiling)
 
 
 @dataclass
@@ -189,12 +200,23 @@ def _stat_fields(stats: SessionStats) -> dict[str, int]:
 class Pop3Monitor:
     """One per runpop3 process; see the module docstring."""
 
-    def __init__(self, executor: BoundedExecutor, *, node: str, interval: float, lease_ttl: float) -> None:
+    def __init__(
+        self,
+        executor: BoundedExecutor,
+        leases: LeaseKeeper,
+        *,
+        node: str,
+        interval: float,
+        on_give_up: Callable[[], None],
+    ) -> None:
         self.executor = executor
+        self.leases = leases
         self.node = node
         self.interval = interval
-        self.lease_ttl = lease_ttl
         self.outbox = _Outbox()
+        # Called, and gave_up set, when a held lease has gone unrenewed for its whole TTL.
+        self.on_give_up = on_give_up
+        self.gave_up = False
         self._tracked: dict[str, SessionRecorder] = {}
         self._ticks = 0
         self._stopping: asyncio.Event | None = None
@@ -214,14 +236,36 @@ class Pop3Monitor:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        await self.executor.run(register_node, self.node)
-        while not self._stopping.is_set():
+        failures = 0
+        tick: asyncio.Future | None = None
+        while True:
+            # A tick that hangs (a database that neither answers nor fails) is waited for only
+            # until a held lease would lapse.
+            tick = tick or asyncio.ensure_future(self.tick())
+            done, _ = await asyncio.wait({tick}, timeout=self.leases.seconds_left())
+            if done:
+                failures = 0 if tick.result() else failures + 1
+                tick = None
+            if self.leases.lapsed():
+                logger.error(
+                    "POP3 monitor: maildrop leases went unrenewed for over %g s; "
+                    "this process may no longer hold its locks",
+                    self.leases.ttl_seconds,
+                )
+                self.gave_up = True
+                self.on_give_up()
+                return
+            if tick is not None:
+                continue  # the lease that would have lapsed was given back meanwhile
+            delay = backoff_delay(failures, self.interval, self.leases.ttl_seconds)
             try:
-                await asyncio.wait_for(self._stopping.wait(), self.interval)
+                await asyncio.wait_for(self._stopping.wait(), delay)
+                return
             except TimeoutError:
-                await self.tick()
+                pass
 
-    async def tick(self) -> None:
+    async def tick(self) -> bool:
+        """One round of the monitor's database work; False when it failed (and was logged)."""
         outbox, self.outbox = self.outbox, _Outbox()
         for session_id, stats in outbox.progress.items():
             outbox.updates[session_id] = {**_stat_fields(stats), **outbox.updates.get(session_id, {})}
@@ -232,28 +276,36 @@ class Pop3Monitor:
         }
         self._ticks += 1
         sweep = self._ticks % SWEEP_EVERY_TICKS == 1
+        owners = self.leases.owners()
         try:
             kicks = await self.executor.run(
-                sync_node, self.node, outbox, tracked, self.lease_ttl, self.interval, sweep
+                sync_node, self.node, outbox, tracked, self.leases, owners, self.interval, sweep
             )
-        except DatabaseError:
-            logger.warning("could not write POP3 session rows; retrying next tick", exc_info=True)
+        except TRANSIENT_DB_ERRORS as error:
+            logger.warning("POP3 monitor: the database is unavailable (%s); retrying", error)
             self._requeue(outbox)
-            return
+            return False
+        except Exception:
+            logger.exception("POP3 monitor tick failed; its session row writes are dropped")
+            return False
         for session_id in kicks:
             recorder = self._tracked.get(session_id)
             if recorder is not None:
                 recorder.session.kick(EndReason.KICKED)
+        return True
 
     async def stop(self) -> None:
-        """Finish the tick in flight, write what is still queued, give back leases, sign off.
+        """Finish the tick in flight, write what is still queued, sign off.
 
         Call after the sessions have ended.
         """
         self._stopping.set()
         await self._task
         await self.tick()
-        await self.executor.run(unregister_node, self.node)
+        try:
+            await self.executor.run(unregister_node, self.node)
+        except TRANSIENT_DB_ERRORS as error:
+            logger.warning("POP3 monitor: could not sign %s off (%s)", self.node, error)
 
     def _requeue(self, outbox: _Outbox) -> None:
         newer = self.outbox
@@ -267,11 +319,6 @@ class Pop3Monitor:
 # --- Sync units -------------------------------------------------------------------------------
 
 
-def register_node(node: str) -> None:
-    now = timezone.now()
-    Pop3Node.objects.update_or_create(name=node, defaults={"started_at": now, "heartbeat_at": now})
-
-
 def unregister_node(node: str) -> None:
     Pop3Node.objects.filter(name=node).delete()
 
@@ -280,21 +327,22 @@ def sync_node(
     node: str,
     outbox: _Outbox,
     tracked: dict[str, OrmMaildrop],
-    lease_ttl: float,
+    leases: LeaseKeeper,
+    owners: list[str],
     interval: float,
     sweep: bool,
 ) -> list[str]:
     """One monitor tick's database work; returns the ids of sessions to end.
 
-    The heartbeat and lease renewal never depend on the row writes: a row that cannot be
-    written is logged and dropped, and must not stop this process from holding its locks.
+    The heartbeat and lease renewal come first and never depend on the row writes: a row that
+    cannot be written must not stop this process from holding its locks.
     """
     now = timezone.now()
-    write_session_rows(outbox)
     Pop3Node.objects.update_or_create(
         name=node, defaults={"heartbeat_at": now}, create_defaults={"started_at": now, "heartbeat_at": now}
     )
-    store.renew_leases([maildrop.owner for maildrop in tracked.values()], lease_ttl)
+    leases.renew(owners)
+    write_session_rows(outbox)
     if sweep:
         sweep_lost_sessions(interval)
     return sessions_to_end(tracked)
@@ -340,19 +388,16 @@ def sessions_to_end(tracked: dict[str, OrmMaildrop]) -> list[str]:
     ids = list(tracked)
     doomed = []
     for start in range(0, len(ids), ID_BATCH_SIZE):
-        rows = Pop3Session.objects.filter(pk__in=ids[start : start + ID_BATCH_SIZE]).values_list(
-            "pk",
-            "kick_requested_at",
-            "mailbox__active",
-            "mailbox__domain__active",
-            "mailbox__user__is_active",
-            "mailbox__user__password",
+        rows = (
+            Pop3Session.objects.filter(pk__in=ids[start : start + ID_BATCH_SIZE])
+            .annotate(usable=Exists(Mailbox.objects.usable().filter(pk=OuterRef("mailbox_id"))))
+            .values_list("pk", "kick_requested_at", "usable", "mailbox__user__password")
         )
-        for session_id, kick_requested_at, active, domain_active, user_active, password in rows:
+        for session_id, kick_requested_at, usable, password in rows:
             key = session_id.hex
             if (
                 kick_requested_at is not None
-                or not (active and domain_active and user_active)
+                or not usable
                 or password_fingerprint(password) != tracked[key].password_fingerprint
             ):
                 doomed.append(key)

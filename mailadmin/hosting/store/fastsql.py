@@ -178,7 +178,11 @@ def chunk_cursor() -> CursorWrapper:
 
     With DEBUG on, Django's cursor renders every statement with its parameters into a log of
     the last 9,000 queries: for ~256 KiB chunks that is gigabytes in a long-running process.
+
+    The connection is health-checked first, as Django's own ``cursor()`` does: a connection
+    the server dropped (a PostgreSQL restart) is replaced here instead of failing this read.
     """
+    connection.close_if_health_check_failed()
     connection.ensure_connection()
     if connection.vendor == "postgresql":
         # Parameters bound on the server and results in binary: a chunk travels as its bytes,

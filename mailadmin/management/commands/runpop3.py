@@ -1,7 +1,8 @@
 """``runpop3``: the POP3 (plain + STLS) and POP3S listeners over the mail store.
 
 Wiring only: options and settings in, a pop3.server.Pop3Server with the ORM authenticator and
-session recorder out, signals hooked up, ``asyncio.run``.
+session recorder out, signals hooked up, ``asyncio.run``. The configuration objects take their
+values from settings here and nowhere else: settings hold the only defaults.
 """
 
 import asyncio
@@ -12,14 +13,43 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from mailadmin.executors import BoundedExecutor, keep_connections_open
-from mailadmin.hosting.store import release_node_leases
 from mailadmin.pop3d.authenticator import AuthPolicy, Pop3Authenticator
+from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.registry import Pop3Monitor, node_name
 from mailadmin.prefork import bind_tcp, run_workers
 from pop3.server import Pop3Server, ServerConfig
 from pop3.session import Timeouts
 
 SHUTDOWN_GRACE_SECONDS = 10.0
+EXIT_LOCKS_LOST = 1
+TEXT_LOCKS_LOST = "runpop3: stopped: its maildrop leases could not be renewed within POP3_LEASE_TTL"
+
+
+def auth_policy() -> AuthPolicy:
+    return AuthPolicy(
+        cache_ttl_seconds=settings.POP3_AUTH_CACHE_TTL,
+        failure_delay=settings.POP3_AUTH_FAILURE_DELAY,
+        penalty_max=settings.POP3_AUTH_PENALTY_MAX,
+        penalty_window_seconds=settings.POP3_AUTH_PENALTY_WINDOW,
+        login_delay_seconds=settings.POP3_LOGIN_DELAY,
+    )
+
+
+def server_config(*, bind: str, port: int, tls_port: int, certfile: str, keyfile: str) -> ServerConfig:
+    return ServerConfig(
+        host=bind,
+        port=port or None,
+        tls_port=tls_port or None,
+        certfile=certfile,
+        keyfile=keyfile,
+        trusted_networks=settings.POP3_TRUSTED_NETWORKS,
+        max_connections=settings.POP3_MAX_CONNECTIONS,
+        max_connections_per_ip=settings.POP3_MAX_CONNECTIONS_PER_IP,
+        tls_handshake_timeout=settings.POP3_TLS_HANDSHAKE_TIMEOUT,
+        timeouts=Timeouts(login=settings.POP3_LOGIN_TIMEOUT, idle=settings.POP3_IDLE_TIMEOUT),
+        login_delay_seconds=settings.POP3_LOGIN_DELAY,
+        greeting=settings.POP3_GREETING,
+    )
 
 
 class Command(BaseCommand):
@@ -56,20 +86,7 @@ class Command(BaseCommand):
         if tls_port and not certfile:
             tls_port = 0
             self.stderr.write("no certificate configured: POP3S disabled and STLS not offered")
-        config = ServerConfig(
-            host=bind,
-            port=port or None,
-            tls_port=tls_port or None,
-            certfile=certfile,
-            keyfile=keyfile,
-            trusted_networks=settings.POP3_TRUSTED_NETWORKS,
-            max_connections=settings.POP3_MAX_CONNECTIONS,
-            max_connections_per_ip=settings.POP3_MAX_CONNECTIONS_PER_IP,
-            tls_handshake_timeout=settings.POP3_TLS_HANDSHAKE_TIMEOUT,
-            timeouts=Timeouts(login=settings.POP3_LOGIN_TIMEOUT, idle=settings.POP3_IDLE_TIMEOUT),
-            login_delay_seconds=settings.POP3_LOGIN_DELAY,
-            greeting=settings.POP3_GREETING,
-        )
+        config = server_config(bind=bind, port=port, tls_port=tls_port, certfile=certfile, keyfile=keyfile)
         if config.port is None and config.tls_port is None:
             raise CommandError("both listeners are disabled")
         if workers < 1:
@@ -85,7 +102,7 @@ class Command(BaseCommand):
             raise CommandError(f"cannot listen: {error}") from None
         try:
             if workers == 1:
-                asyncio.run(self._serve(config, sockets, announce=True))
+                self._serve_until_stopped(config, sockets, announce=True)
                 return
 
             def started() -> None:
@@ -93,7 +110,7 @@ class Command(BaseCommand):
                     self._announce(f"runpop3 ({workers} workers)", kind, listener.getsockname())
 
             if run_workers(
-                workers, lambda: asyncio.run(self._serve(config, sockets, announce=False)), started
+                workers, lambda: self._serve_until_stopped(config, sockets, announce=False), started
             ):
                 raise CommandError("a worker failed")
         finally:
@@ -106,26 +123,27 @@ class Command(BaseCommand):
         )
         self.stdout.flush()
 
-    async def _serve(self, config: ServerConfig, sockets: dict[str, socket.socket], announce: bool) -> None:
+    def _serve_until_stopped(
+        self, config: ServerConfig, sockets: dict[str, socket.socket], announce: bool
+    ) -> None:
+        """Serve until SIGTERM; exit non-zero if the monitor gave up on the maildrop leases."""
+        if not asyncio.run(self._serve(config, sockets, announce)):
+            self.stderr.write(TEXT_LOCKS_LOST)
+            raise SystemExit(EXIT_LOCKS_LOST)
+
+    async def _serve(self, config: ServerConfig, sockets: dict[str, socket.socket], announce: bool) -> bool:
+        """Serve until SIGTERM (True) or until the monitor gives up (False)."""
         keep_connections_open(settings.DAEMON_DB_CONN_MAX_AGE)
         node = node_name()
         database = BoundedExecutor(settings.POP3_DB_THREADS, "pop3-db")
         hashing = BoundedExecutor(settings.POP3_AUTH_THREADS, "pop3-auth")
-        policy = AuthPolicy(
-            node=node,
-            cache_ttl_seconds=settings.POP3_AUTH_CACHE_TTL,
-            failure_delay=settings.POP3_AUTH_FAILURE_DELAY,
-            penalty_max=settings.POP3_AUTH_PENALTY_MAX,
-            penalty_window_seconds=settings.POP3_AUTH_PENALTY_WINDOW,
-            login_delay_seconds=settings.POP3_LOGIN_DELAY,
-            lease_ttl_seconds=settings.POP3_LEASE_TTL,
-        )
-        monitor = Pop3Monitor(
-            database, node=node, interval=settings.POP3_MONITOR_INTERVAL, lease_ttl=settings.POP3_LEASE_TTL
-        )
-        authenticator = Pop3Authenticator(policy, database=database, hashing=hashing)
-        server = Pop3Server(config, authenticator, monitor.recorder)
+        leases = LeaseKeeper(database, node=node, ttl_seconds=settings.POP3_LEASE_TTL)
         stop = asyncio.Event()
+        monitor = Pop3Monitor(
+            database, leases, node=node, interval=settings.POP3_MONITOR_INTERVAL, on_give_up=stop.set
+        )
+        authenticator = Pop3Authenticator(auth_policy(), database=database, hashing=hashing, leases=leases)
+        server = Pop3Server(config, authenticator, monitor.recorder)
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -140,5 +158,6 @@ class Command(BaseCommand):
         await authenticator.settle()
         await monitor.stop()
         hashing.shutdown()
-        await database.run(release_node_leases, node)
+        await leases.release_all()
         database.shutdown()
+        return not monitor.gave_up
