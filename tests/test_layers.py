@@ -10,6 +10,7 @@ import pytest
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 POP3_DIR = PROJECT_DIR / "pop3"
 POP3_MODULES = sorted(POP3_DIR.glob("*.py"))
+POP3_TESTS = sorted((POP3_DIR / "tests").glob("*.py"))
 
 FORBIDDEN_IN_POP3 = {"django", "channels", "mailadmin"}
 FORBIDDEN_IN_PROTOCOL = {"asyncio", "socket", "ssl", "selectors", "threading", "time", *FORBIDDEN_IN_POP3}
@@ -49,6 +50,16 @@ def test_pop3_package_has_the_expected_modules():
 @pytest.mark.parametrize("path", POP3_MODULES, ids=lambda path: path.name)
 def test_pop3_module_imports_no_django_channels_or_mailadmin(path: Path):
     assert imported_roots(path) & FORBIDDEN_IN_POP3 == set()
+
+
+@pytest.mark.parametrize("path", POP3_TESTS, ids=lambda path: path.name)
+def test_pop3_tests_import_no_django_channels_or_mailadmin(path: Path):
+    """The library's own tests run without Django (make test runs them with pytest-django off)."""
+    assert imported_roots(path) & FORBIDDEN_IN_POP3 == set()
+
+
+def test_the_pop3_tests_are_there():
+    assert {path.name for path in POP3_TESTS} >= {"test_protocol.py", "test_session.py", "test_server.py"}
 
 
 def test_protocol_core_imports_no_io_or_clock():
