@@ -278,3 +278,41 @@ def test_all_or_none_with_a_failing_copy_stores_nothing_and_says_which_one_faile
     ]
     assert stored_subjects("one@example.test") == []
     assert_counters_exact("one@example.test")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("body", "sender"),
+    [
+        (b"Subject: a\x00b\r\n\r\nnul\r\n", SENDER),
+        (b"Subject: =?utf-8?q?a=00b?=\r\n\r\nnul\r\n", SENDER),
+        (b"Subject: long sender\r\n\r\nlong\r\n", "s" * 380 + "@remote.test"),
+        (b"Subject: undecodable sender\r\n\r\nodd\r\n", "s\udcff@remote.test"),
+    ],
+    ids=["nul-subject", "nul-encoded-word", "392-character-sender", "undecodable-sender"],
+)
+def test_a_message_with_odd_header_or_sender_values_is_stored_at_the_first_attempt(
+    make_mailbox, settings, monkeypatch, body, sender
+):
+    """Cleaned when the row is written, such a copy never fails, so the group is never stored again."""
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
+    make_mailbox("one@example.test")
+    make_mailbox("two@example.test")
+    one, two = looked_up("one@example.test", "two@example.test")
+    real_append = store.append_message_in_group
+    calls: list[str] = []
+
+    def counting_append(mailbox, message, **options):
+        calls.append(mailbox.address)
+        return real_append(mailbox, message, **options)
+
+    monkeypatch.setattr(store, "append_message_in_group", counting_append)
+    plain = Delivery([one], spool_message([b"Subject: plain\r\n\r\nplain\r\n"]), SENDER)
+    odd = Delivery([two], spool_message([body]), sender)
+    results = deliver_group([plain, odd])
+
+    assert statuses(results) == [
+        [("one@example.test", DeliveryStatus.DELIVERED)],
+        [("two@example.test", DeliveryStatus.DELIVERED)],
+    ]
+    assert calls == ["one@example.test", "two@example.test"]
