@@ -316,3 +316,44 @@ def test_a_message_with_odd_header_or_sender_values_is_stored_at_the_first_attem
         [("two@example.test", DeliveryStatus.DELIVERED)],
     ]
     assert calls == ["one@example.test", "two@example.test"]
+
+
+@pytest.mark.django_db
+def test_a_mailbox_named_again_in_one_delivery_gets_one_copy_and_a_result_per_name(make_mailbox, settings):
+    """RFC 2033 wants one reply per accepted RCPT; the mailbox still gets the message once."""
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
+    make_mailbox("one@example.test")
+    make_mailbox("two@example.test")
+    names = ["one@example.test", "ONE@Example.test", "two@example.test", "one@example.test"]
+
+    results = deliver(names, [b"Subject: g\r\n\r\ngroup\r\n"], sender=SENDER)
+
+    assert [(r.recipient, r.status) for r in results] == [(name, DeliveryStatus.DELIVERED) for name in names]
+    assert results[0].uidl == results[1].uidl == results[3].uidl
+    assert stored_subjects("one@example.test") == ["g"]
+    assert stored_subjects("two@example.test") == ["g"]
+    assert_counters_exact("one@example.test")
+
+
+@pytest.mark.django_db
+def test_the_same_mailbox_in_two_deliveries_of_a_group_gets_both_messages(make_mailbox):
+    make_mailbox("one@example.test")
+    [one] = looked_up("one@example.test")
+    results = deliver_group(group_of([one], [one]))
+    assert statuses(results) == [[("one@example.test", DeliveryStatus.DELIVERED)]] * 2
+    assert stored_subjects("one@example.test") == ["g", "g"]
+
+
+@pytest.mark.django_db
+def test_a_failing_copy_named_twice_fails_once_for_each_name(make_mailbox, wedged):
+    make_mailbox("one@example.test")
+    recipients = looked_up(wedged, "one@example.test", wedged.upper())
+    results = deliver_group(group_of(recipients))
+    assert statuses(results) == [
+        [
+            (wedged, DeliveryStatus.TEMPORARY_FAILURE),
+            ("one@example.test", DeliveryStatus.DELIVERED),
+            (wedged.upper(), DeliveryStatus.TEMPORARY_FAILURE),
+        ]
+    ]
+    assert stored_subjects(wedged) == ["first"]

@@ -8,7 +8,7 @@ import email.utils
 import enum
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, transaction
@@ -176,15 +176,7 @@ def _store_group(
             for r, recipient in enumerate(delivery.recipients)
             if (d, r) not in failed
         )
-        results = [
-            [
-                RecipientResult(recipient.address, DeliveryStatus.TEMPORARY_FAILURE)
-                if (d, r) in failed
-                else _store_copy((d, r), recipient, delivery, copies)
-                for r, recipient in enumerate(delivery.recipients)
-            ]
-            for d, delivery in enumerate(deliveries)
-        ]
+        results = [_store_delivery(d, delivery, failed, copies) for d, delivery in enumerate(deliveries)]
         refused = any(not result.delivered for group in results for result in group)
         if all_or_none and refused:
             transaction.set_rollback(True)
@@ -192,6 +184,28 @@ def _store_group(
             results = [[_not_attempted_if_delivered(result) for result in group] for group in results]
     for copy in copies:
         _warn_if_quota_crossed(copy)
+    return results
+
+
+def _store_delivery(
+    index: int, delivery: Delivery, failed: set[tuple[int, int]], copies: list["_Copy"]
+) -> list[RecipientResult]:
+    """One copy per mailbox, however many of the recipients name it; each name gets its result.
+
+    An MTA may give the same mailbox twice (two spellings of one address, or a list expanded
+    twice); RFC 2033 still wants one reply per accepted RCPT.
+    """
+    by_mailbox: dict[int, RecipientResult] = {}
+    results = []
+    for r, recipient in enumerate(delivery.recipients):
+        first = by_mailbox.get(recipient.mailbox.pk)
+        if first is None:
+            first = by_mailbox[recipient.mailbox.pk] = (
+                RecipientResult(recipient.address, DeliveryStatus.TEMPORARY_FAILURE)
+                if (index, r) in failed
+                else _store_copy((index, r), recipient, delivery, copies)
+            )
+        results.append(replace(first, recipient=recipient.address))
     return results
 
 
