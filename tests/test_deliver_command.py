@@ -73,6 +73,17 @@ def test_database_unavailable_exits_75(make_mailbox):
     assert b"temporary failure" in result.stderr
 
 
+def test_an_empty_message_exits_65_and_stores_nothing(make_mailbox):
+    make_mailbox("one@example.test")
+    result = run_manage("deliver", "--sender", "someone@remote.test", "one@example.test", input=b"")
+    assert result.returncode == 65
+    assert (
+        result.stderr.decode().splitlines()[-1]
+        == "CommandError: not delivered: one@example.test: empty message"
+    )
+    assert Message.objects.count() == 0
+
+
 def test_a_recipient_named_twice_in_any_case_gets_one_copy(make_mailbox):
     make_mailbox("one@example.test")
     result = run_manage("deliver", "one@example.test", "ONE@Example.test", "one@example.test", input=MESSAGE)

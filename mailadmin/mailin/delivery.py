@@ -28,6 +28,7 @@ class DeliveryStatus(enum.Enum):
     MAILBOX_INACTIVE = "mailbox inactive"
     OVER_QUOTA = "over quota"
     TOO_LARGE = "message too large"
+    EMPTY_MESSAGE = "empty message"
     TEMPORARY_FAILURE = "temporary failure"
     # All-or-none delivery only: this recipient was fine, but another one failed.
     NOT_ATTEMPTED = "not delivered because another recipient failed"
@@ -56,13 +57,16 @@ def deliver(
     Each recipient's copy gets ``Return-Path:`` and ``Delivered-To:`` lines prepended. The
     copies are stored in one transaction, a recipient refused (unknown, disabled, full) on its
     own; with ``all_or_none`` one refusal stores nothing at all, so a retry after a failure can
-    never duplicate a copy. Returns only after the stored copies are committed.
+    never duplicate a copy. A message of no bytes at all is refused (EMPTY_MESSAGE): it is a
+    pipe that delivered nothing, not mail. Returns only after the stored copies are committed.
     """
     try:
         message = spool_message(stream)
     except MessageTooLarge:
         return [RecipientResult(recipient, DeliveryStatus.TOO_LARGE) for recipient in recipients]
     with message:
+        if message.size_bytes == 0:
+            return [RecipientResult(recipient, DeliveryStatus.EMPTY_MESSAGE) for recipient in recipients]
         return _deliver_spooled(recipients, message, sender=sender, all_or_none=all_or_none)
 
 
