@@ -71,3 +71,26 @@ def test_database_unavailable_exits_75(make_mailbox):
     )
     assert result.returncode == 75
     assert b"temporary failure" in result.stderr
+
+
+def test_an_empty_message_exits_65_and_stores_nothing(make_mailbox):
+    make_mailbox("one@example.test")
+    result = run_manage("deliver", "--sender", "someone@remote.test", "one@example.test", input=b"")
+    assert result.returncode == 65
+    assert (
+        result.stderr.decode().splitlines()[-1]
+        == "CommandError: not delivered: one@example.test: empty message"
+    )
+    assert Message.objects.count() == 0
+
+
+def test_a_recipient_named_twice_in_any_case_gets_one_copy(make_mailbox):
+    make_mailbox("one@example.test")
+    result = run_manage("deliver", "one@example.test", "ONE@Example.test", "one@example.test", input=MESSAGE)
+    assert result.returncode == 0, result.stderr
+    [uidl] = Message.objects.values_list("uidl", flat=True)
+    assert result.stdout.decode().split() == [
+        "one@example.test:", "delivered", "as", uidl,
+        "ONE@Example.test:", "delivered", "as", uidl,
+        "one@example.test:", "delivered", "as", uidl,
+    ]  # fmt: skip

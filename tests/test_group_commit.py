@@ -278,3 +278,82 @@ def test_all_or_none_with_a_failing_copy_stores_nothing_and_says_which_one_faile
     ]
     assert stored_subjects("one@example.test") == []
     assert_counters_exact("one@example.test")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("body", "sender"),
+    [
+        (b"Subject: a\x00b\r\n\r\nnul\r\n", SENDER),
+        (b"Subject: =?utf-8?q?a=00b?=\r\n\r\nnul\r\n", SENDER),
+        (b"Subject: long sender\r\n\r\nlong\r\n", "s" * 380 + "@remote.test"),
+        (b"Subject: undecodable sender\r\n\r\nodd\r\n", "s\udcff@remote.test"),
+    ],
+    ids=["nul-subject", "nul-encoded-word", "392-character-sender", "undecodable-sender"],
+)
+def test_a_message_with_odd_header_or_sender_values_is_stored_at_the_first_attempt(
+    make_mailbox, settings, monkeypatch, body, sender
+):
+    """Cleaned when the row is written, such a copy never fails, so the group is never stored again."""
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
+    make_mailbox("one@example.test")
+    make_mailbox("two@example.test")
+    one, two = looked_up("one@example.test", "two@example.test")
+    real_append = store.append_message_in_group
+    calls: list[str] = []
+
+    def counting_append(mailbox, message, **options):
+        calls.append(mailbox.address)
+        return real_append(mailbox, message, **options)
+
+    monkeypatch.setattr(store, "append_message_in_group", counting_append)
+    plain = Delivery([one], spool_message([b"Subject: plain\r\n\r\nplain\r\n"]), SENDER)
+    odd = Delivery([two], spool_message([body]), sender)
+    results = deliver_group([plain, odd])
+
+    assert statuses(results) == [
+        [("one@example.test", DeliveryStatus.DELIVERED)],
+        [("two@example.test", DeliveryStatus.DELIVERED)],
+    ]
+    assert calls == ["one@example.test", "two@example.test"]
+
+
+@pytest.mark.django_db
+def test_a_mailbox_named_again_in_one_delivery_gets_one_copy_and_a_result_per_name(make_mailbox, settings):
+    """RFC 2033 wants one reply per accepted RCPT; the mailbox still gets the message once."""
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
+    make_mailbox("one@example.test")
+    make_mailbox("two@example.test")
+    names = ["one@example.test", "ONE@Example.test", "two@example.test", "one@example.test"]
+
+    results = deliver(names, [b"Subject: g\r\n\r\ngroup\r\n"], sender=SENDER)
+
+    assert [(r.recipient, r.status) for r in results] == [(name, DeliveryStatus.DELIVERED) for name in names]
+    assert results[0].uidl == results[1].uidl == results[3].uidl
+    assert stored_subjects("one@example.test") == ["g"]
+    assert stored_subjects("two@example.test") == ["g"]
+    assert_counters_exact("one@example.test")
+
+
+@pytest.mark.django_db
+def test_the_same_mailbox_in_two_deliveries_of_a_group_gets_both_messages(make_mailbox):
+    make_mailbox("one@example.test")
+    [one] = looked_up("one@example.test")
+    results = deliver_group(group_of([one], [one]))
+    assert statuses(results) == [[("one@example.test", DeliveryStatus.DELIVERED)]] * 2
+    assert stored_subjects("one@example.test") == ["g", "g"]
+
+
+@pytest.mark.django_db
+def test_a_failing_copy_named_twice_fails_once_for_each_name(make_mailbox, wedged):
+    make_mailbox("one@example.test")
+    recipients = looked_up(wedged, "one@example.test", wedged.upper())
+    results = deliver_group(group_of(recipients))
+    assert statuses(results) == [
+        [
+            (wedged, DeliveryStatus.TEMPORARY_FAILURE),
+            ("one@example.test", DeliveryStatus.DELIVERED),
+            (wedged.upper(), DeliveryStatus.TEMPORARY_FAILURE),
+        ]
+    ]
+    assert stored_subjects(wedged) == ["first"]

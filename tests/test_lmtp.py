@@ -216,6 +216,23 @@ def test_a_mailbox_whose_uidls_collide_gets_451_and_the_other_recipients_250(
     assert Mailbox.objects.get(user__username=wedged).next_uid == 1
 
 
+def test_a_recipient_given_five_times_gets_five_replies_and_one_copy(
+    lmtp_server: LmtpProcess, make_mailbox, settings
+) -> None:
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
+    address = "alice@example.test"
+    names = [address, "ALICE@example.test", address, "Alice@Example.test", address]
+    make_mailbox(address)
+    with lmtp_server.connect() as client:
+        assert begin(client, names) == [RECIPIENT_OK] * 5
+        assert client.command("DATA") == START_DATA
+        client.send(WIRE_MESSAGE)
+        assert client.lines(5) == [SAVED.format(rcpt=name) for name in names]
+        assert client.command("NOOP") == OK
+    assert stored_messages(address) == [trace(SENDER, address) + STORED_MESSAGE]
+    assert counters(address)[:2] == (len(trace(SENDER, address) + STORED_MESSAGE), 1)
+
+
 def test_pipelined_commands_and_message_are_answered_in_order(lmtp_server: LmtpProcess, make_mailbox) -> None:
     recipients = ["one@example.test", "two@example.test", "three@example.test"]
     for address in recipients:

@@ -44,6 +44,7 @@ from tests.lmtp_replies import (
     SAVED,
     SENDER_GIVEN,
     SENDER_OK,
+    SIZE_SYNTAX,
     START_DATA,
     TOO_BIG,
     TOO_MANY_RECIPIENTS,
@@ -291,6 +292,15 @@ def test_lhlo_in_a_transaction_starts_over(transcript):
         (f"MAIL FROM:{SENDER}", MAIL_SYNTAX, None),
         (f"MAIL TO:<{SENDER}>", MAIL_SYNTAX, None),
         ("MAIL FROM:<a\rb@remote.test>", MAIL_SYNTAX, None),
+        ("MAIL FROM:<s\x00x@remote.test>", MAIL_SYNTAX, None),
+        (f"MAIL FROM:<{SENDER}> SIZE=\u00b2", SIZE_SYNTAX, None),  # "²".isdigit(), and int() takes "٣"
+        (f"MAIL FROM:<{SENDER}> SIZE=\u0663", SIZE_SYNTAX, None),
+        (f"MAIL FROM:<{SENDER}> SIZE=", SIZE_SYNTAX, None),
+        (f"MAIL FROM:<{SENDER}> SIZE=+5", SIZE_SYNTAX, None),
+        (f"MAIL FROM:<{SENDER}> SIZE=1_000", SIZE_SYNTAX, None),
+        (f"MAIL FROM:<{SENDER}> SIZE=" + "0" * 20 + "1", SIZE_SYNTAX, None),  # RFC 1870: 1*20DIGIT
+        (f"MAIL FROM:<{SENDER}> SIZE=" + "0" * 19 + "1", SENDER_OK, 1),
+        (f"MAIL FROM:<{SENDER}> SIZE=" + "9" * 20, TOO_BIG, None),
     ],
 )
 def test_mail_from_its_parameters_and_the_size_passed_on_to_rcpt(transcript, mail, reply, size_hint):

@@ -8,7 +8,7 @@ import email.utils
 import enum
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from django.conf import settings
 from django.db import DatabaseError, DataError, IntegrityError, transaction
@@ -28,6 +28,7 @@ class DeliveryStatus(enum.Enum):
     MAILBOX_INACTIVE = "mailbox inactive"
     OVER_QUOTA = "over quota"
     TOO_LARGE = "message too large"
+    EMPTY_MESSAGE = "empty message"
     TEMPORARY_FAILURE = "temporary failure"
     # All-or-none delivery only: this recipient was fine, but another one failed.
     NOT_ATTEMPTED = "not delivered because another recipient failed"
@@ -56,13 +57,16 @@ def deliver(
     Each recipient's copy gets ``Return-Path:`` and ``Delivered-To:`` lines prepended. The
     copies are stored in one transaction, a recipient refused (unknown, disabled, full) on its
     own; with ``all_or_none`` one refusal stores nothing at all, so a retry after a failure can
-    never duplicate a copy. Returns only after the stored copies are committed.
+    never duplicate a copy. A message of no bytes at all is refused (EMPTY_MESSAGE): it is a
+    pipe that delivered nothing, not mail. Returns only after the stored copies are committed.
     """
     try:
         message = spool_message(stream)
     except MessageTooLarge:
         return [RecipientResult(recipient, DeliveryStatus.TOO_LARGE) for recipient in recipients]
     with message:
+        if message.size_bytes == 0:
+            return [RecipientResult(recipient, DeliveryStatus.EMPTY_MESSAGE) for recipient in recipients]
         return _deliver_spooled(recipients, message, sender=sender, all_or_none=all_or_none)
 
 
@@ -176,15 +180,7 @@ def _store_group(
             for r, recipient in enumerate(delivery.recipients)
             if (d, r) not in failed
         )
-        results = [
-            [
-                RecipientResult(recipient.address, DeliveryStatus.TEMPORARY_FAILURE)
-                if (d, r) in failed
-                else _store_copy((d, r), recipient, delivery, copies)
-                for r, recipient in enumerate(delivery.recipients)
-            ]
-            for d, delivery in enumerate(deliveries)
-        ]
+        results = [_store_delivery(d, delivery, failed, copies) for d, delivery in enumerate(deliveries)]
         refused = any(not result.delivered for group in results for result in group)
         if all_or_none and refused:
             transaction.set_rollback(True)
@@ -192,6 +188,28 @@ def _store_group(
             results = [[_not_attempted_if_delivered(result) for result in group] for group in results]
     for copy in copies:
         _warn_if_quota_crossed(copy)
+    return results
+
+
+def _store_delivery(
+    index: int, delivery: Delivery, failed: set[tuple[int, int]], copies: list["_Copy"]
+) -> list[RecipientResult]:
+    """One copy per mailbox, however many of the recipients name it; each name gets its result.
+
+    An MTA may give the same mailbox twice (two spellings of one address, or a list expanded
+    twice); RFC 2033 still wants one reply per accepted RCPT.
+    """
+    by_mailbox: dict[int, RecipientResult] = {}
+    results = []
+    for r, recipient in enumerate(delivery.recipients):
+        first = by_mailbox.get(recipient.mailbox.pk)
+        if first is None:
+            first = by_mailbox[recipient.mailbox.pk] = (
+                RecipientResult(recipient.address, DeliveryStatus.TEMPORARY_FAILURE)
+                if (index, r) in failed
+                else _store_copy((index, r), recipient, delivery, copies)
+            )
+        results.append(replace(first, recipient=recipient.address))
     return results
 
 

@@ -17,7 +17,6 @@ from typing import BinaryIO, Protocol
 from django.conf import settings
 
 READ_SIZE = 64 * 1024
-SUMMARY_FIELD_LENGTH = 255
 
 
 class MessageTooLarge(Exception):
@@ -126,7 +125,7 @@ class HeaderSummary:
 
 
 def summarise_headers(header_block: bytes) -> HeaderSummary:
-    """Decoded Subject and From for listings; never raises on malformed input.
+    """Decoded Subject and From for listings, each on one line; never raises on malformed input.
 
     The compat32 parser and ``decode_header`` on just these two fields: the default policy
     builds a structured header object for every field, which costs ten times as much on
@@ -158,7 +157,7 @@ def _text(data: bytes, charset: str | None) -> str:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())[:SUMMARY_FIELD_LENGTH]
+    return " ".join(text.split())
 
 
 class SpooledMessage:

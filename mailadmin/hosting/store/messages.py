@@ -1,5 +1,6 @@
 """Messages and their chunks: stored with their quota charge, deleted with its release."""
 
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,6 +16,15 @@ from mailadmin.mailin.messagefile import SpooledMessage
 from mailadmin.models import Domain, Mailbox, Message, MessageChunk
 
 ID_BATCH_SIZE = 500
+
+# Columns shown in listings, filled from what the sender wrote. A value PostgreSQL refuses (a NUL
+# in text, one longer than its column) would fail the delivery again on every retry, so each is
+# cleaned and cut when the row is written; the message bytes keep what was sent.
+_TEXT_COLUMN_LENGTHS = {
+    name: Message._meta.get_field(name).max_length for name in ("subject", "from_header", "envelope_sender")
+}
+_CONTROL_CHARACTERS = dict.fromkeys([*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F])
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 # --- Messages --------------------------------------------------------------------------------
@@ -127,14 +137,26 @@ def _insert_message(
         uidl=uidl,
         size_bytes=size,
         received_at=received_at or timezone.now(),
-        envelope_sender=envelope_sender,
+        envelope_sender=_storable(envelope_sender, "envelope_sender"),
         header_size_bytes=len(prefix) + message.header_size_bytes,
-        subject=message.summary.subject,
-        from_header=message.summary.from_header,
+        subject=_storable(message.summary.subject, "subject"),
+        from_header=_storable(message.summary.from_header, "from_header"),
         import_key=import_key,
     )
     fastsql.write_chunks(message_id, _prefixed(prefix, message))
     return StoredMessage(message_id, uidl, size, mailbox_used_bytes)
+
+
+def _storable(value: str, column: str) -> str:
+    """``value`` fit for a text column: control characters but tab dropped, cut to the column's length.
+
+    A lone surrogate (a byte of a command-line argument that is not UTF-8) becomes U+FFFD: no
+    database driver can encode it.
+    """
+    value = value.translate(_CONTROL_CHARACTERS)
+    if not value.isascii():
+        value = _LONE_SURROGATE.sub("\ufffd", value)
+    return value[: _TEXT_COLUMN_LENGTHS[column]]
 
 
 def _charge_quota(mailbox: Mailbox, size: int, *, imported_uid: int | None, enforce: bool) -> tuple[int, int]:

@@ -61,6 +61,7 @@ REPLY_SENDER_GIVEN = "503 5.5.1 Sender already given"
 REPLY_MAIL_FIRST = "503 5.5.1 Send MAIL first"
 REPLY_NO_RECIPIENTS = "503 5.5.1 No valid recipients"
 REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+REPLY_SIZE_SYNTAX = "501 5.5.4 Syntax: SIZE=<number of octets>"
 REPLY_BAD_PARAMETER = "555 5.5.4 Unsupported MAIL parameter"
 # After DATA, one per accepted recipient (RFC 2033 section 4.2), and at RCPT.
 REPLY_DELIVERED = "250 2.0.0 <{rcpt}> Saved"
@@ -80,6 +81,9 @@ REPLY_INTERNAL_ERROR = "421 4.3.0 Internal error"
 # The address is echoed in replies: no CR (or other control character) may reach them.
 _PATH = re.compile(r"^(FROM|TO):\s*<([^<>\x00-\x1f\x7f]*)>(.*)$", re.IGNORECASE)
 _BODY_TYPES = ("7BIT", "8BITMIME")  # RFC 6152
+# RFC 1870 section 3: size-value ::= 1*20DIGIT. ASCII digits only: "²".isdigit() is true, and
+# int() reads "٣" as 3.
+_SIZE_VALUE = re.compile(r"[0-9]{1,20}")
 
 
 def reply(*lines: str) -> bytes:
@@ -284,7 +288,9 @@ class Connection(Generic[R]):
         for parameter in match.group(3).split():
             name, _, value = parameter.partition("=")
             name = name.upper()
-            if name == "SIZE" and value.isdigit():
+            if name == "SIZE":
+                if not _SIZE_VALUE.fullmatch(value):
+                    return Reply(reply(REPLY_SIZE_SYNTAX))
                 size_hint = int(value)
             elif not (name == "BODY" and value.upper() in _BODY_TYPES):
                 return Reply(reply(REPLY_BAD_PARAMETER))

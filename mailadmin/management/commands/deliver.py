@@ -1,10 +1,10 @@
 """Pipe delivery for an MTA: ``deliver [--sender ADDR] RECIPIENT... < message``.
 
 Exit codes follow sysexits(3), which Postfix's pipe(8) and Exim's pipe transport understand:
-0 delivered to every recipient; 67 (EX_NOUSER) a recipient does not exist; 69
-(EX_UNAVAILABLE) permanently refused (mailbox disabled, message too large); 75 (EX_TEMPFAIL)
-try again later (over quota, database unavailable, anything unexpected). Delivery is all or
-none, so a retry after a non-zero exit never duplicates mail.
+0 delivered to every recipient; 65 (EX_DATAERR) the message is empty; 67 (EX_NOUSER) a
+recipient does not exist; 69 (EX_UNAVAILABLE) permanently refused (mailbox disabled, message
+too large); 75 (EX_TEMPFAIL) try again later (over quota, database unavailable, anything
+unexpected). Delivery is all or none, so a retry after a non-zero exit never duplicates mail.
 """
 
 import sys
@@ -14,11 +14,13 @@ from django.core.management.base import BaseCommand, CommandError
 from mailadmin.mailin.delivery import DeliveryStatus, deliver
 
 EX_OK = 0
+EX_DATAERR = 65
 EX_NOUSER = 67
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
 
 EXIT_CODES = {
+    DeliveryStatus.EMPTY_MESSAGE: EX_DATAERR,
     DeliveryStatus.NO_SUCH_MAILBOX: EX_NOUSER,
     DeliveryStatus.MAILBOX_INACTIVE: EX_UNAVAILABLE,
     DeliveryStatus.TOO_LARGE: EX_UNAVAILABLE,
@@ -26,7 +28,7 @@ EXIT_CODES = {
     DeliveryStatus.TEMPORARY_FAILURE: EX_TEMPFAIL,
 }
 # When recipients fail differently, a permanent reason wins: retrying cannot help.
-SEVERITY = [EX_NOUSER, EX_UNAVAILABLE, EX_TEMPFAIL]
+SEVERITY = [EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_TEMPFAIL]
 
 
 class Command(BaseCommand):

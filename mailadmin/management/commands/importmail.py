@@ -23,7 +23,6 @@ from mailadmin.management.commandutils import store_errors
 from mailadmin.models import Mailbox, Message
 
 MAX_IMPORT_KEY_LENGTH = Message._meta.get_field("import_key").max_length
-MAX_SENDER_LENGTH = Message._meta.get_field("envelope_sender").max_length
 
 
 class _MailboxImport:
@@ -167,7 +166,7 @@ def _import_mbox_message(
             label,
             spooled,
             import_key=import_key,
-            envelope_sender=message.envelope_sender[:MAX_SENDER_LENGTH],
+            envelope_sender=message.envelope_sender,
             received_at=message.received_at,
         )
 
