@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, close_old_connections
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
 
 T = TypeVar("T")
 
@@ -22,6 +22,9 @@ T = TypeVar("T")
 # log one line. Every other DatabaseError (IntegrityError, ProgrammingError, DataError) is a
 # bug or a broken schema, which no retry cures: it is logged with its traceback.
 TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
+# Any failure of the database at all: what mail delivery answers with a temporary failure,
+# since a message is never bounced for a fault of ours (the MTA retries once it is mended).
+DATABASE_ERRORS = (DatabaseError, InterfaceError)
 
 
 class BoundedExecutor:

@@ -3,7 +3,7 @@
 import asyncio
 
 import pytest
-from django.db import DataError, IntegrityError, OperationalError
+from django.db import DataError, IntegrityError, InterfaceError, OperationalError
 from django.db.models import Sum
 
 from mailadmin.hosting import store
@@ -246,8 +246,16 @@ def test_every_failing_copy_is_retried_once_and_the_group_keeps_the_others(
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(
+    "error",
+    [
+        OperationalError("server closed the connection unexpectedly"),
+        InterfaceError("connection already closed"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
 def test_a_database_error_that_is_not_one_copys_fails_the_whole_group_without_a_retry(
-    make_mailbox, monkeypatch
+    make_mailbox, monkeypatch, error
 ):
     for address in ("one@example.test", "two@example.test"):
         make_mailbox(address)
@@ -258,11 +266,11 @@ def test_a_database_error_that_is_not_one_copys_fails_the_whole_group_without_a_
     def connection_lost_on_second(mailbox, message, **options):
         calls.append(mailbox.address)
         if len(calls) == 2:
-            raise OperationalError("server closed the connection unexpectedly")
+            raise error
         return real_append(mailbox, message, **options)
 
     monkeypatch.setattr(store, "append_message_in_group", connection_lost_on_second)
-    with pytest.raises(OperationalError):
+    with pytest.raises(type(error)):
         deliver_group(group_of([recipients[0]], [recipients[1]]))
     assert calls == ["one@example.test", "two@example.test"]
     assert Message.objects.count() == 0

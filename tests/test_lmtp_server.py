@@ -10,7 +10,7 @@ import socket
 from collections.abc import Callable
 
 import pytest
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, InterfaceError, connection
 
 from mailadmin.mailin.delivery import (
     Delivery,
@@ -182,10 +182,13 @@ def test_a_message_over_the_size_limit_gets_552_per_recipient_and_one_at_the_lim
     assert store.messages == [exact]
 
 
-def test_rcpt_gets_451_while_the_database_is_unavailable():
+@pytest.mark.parametrize(
+    "error", [DatabaseError("could not connect"), InterfaceError("connection already closed")], ids=type
+)
+def test_rcpt_gets_451_while_the_database_is_unavailable(error):
     class DatabaseDown(StandInStore):
         async def run(self, function, *args):
-            raise DatabaseError("could not connect")
+            raise error
 
     received = converse(
         DatabaseDown(all_with()),

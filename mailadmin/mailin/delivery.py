@@ -11,9 +11,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from django.conf import settings
-from django.db import DatabaseError, DataError, IntegrityError, transaction
+from django.db import DataError, IntegrityError, transaction
 
 from mailadmin.addresses import normalise_address
+from mailadmin.executors import DATABASE_ERRORS
 from mailadmin.hosting import store
 from mailadmin.mailin.messagefile import MessageTooLarge, Readable, SpooledMessage, spool_message
 from mailadmin.models import Mailbox
@@ -82,7 +83,7 @@ def _deliver_spooled(
                 _not_attempted_unless_refused(r, entry) for r, entry in zip(recipients, found, strict=True)
             ]
         stored = iter(deliver_group([Delivery(accepted, message, sender)], all_or_none=all_or_none)[0])
-    except DatabaseError:
+    except DATABASE_ERRORS:
         logger.exception("delivery to %s failed", ", ".join(recipients))
         return [RecipientResult(recipient, DeliveryStatus.TEMPORARY_FAILURE) for recipient in recipients]
     return [
@@ -220,7 +221,7 @@ def _store_copy(
         return _store_in_group(recipient, delivery, copies)
     except COPY_ERRORS as error:
         raise _CopyFailed(position, recipient.address) from error
-    except DatabaseError:
+    except DATABASE_ERRORS:
         raise
     except Exception as error:
         raise _CopyFailed(position, recipient.address) from error
@@ -279,7 +280,7 @@ def _warn_if_quota_crossed(copy: _Copy) -> None:
             marks.filter(quota_warning_percent__gt=percent).update(quota_warning_percent=percent)
         elif marks.filter(quota_warning_percent__lt=percent).update(quota_warning_percent=percent):
             _deliver_warning(mailbox, percent, copy.used_bytes)
-    except DatabaseError:
+    except DATABASE_ERRORS:
         logger.exception("quota warning for %s failed", mailbox.address)
 
 

@@ -19,9 +19,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
-from django.db import DatabaseError
-
-from mailadmin.executors import BoundedExecutor
+from mailadmin.executors import DATABASE_ERRORS, BoundedExecutor
 from mailadmin.mailin.delivery import (
     Delivery,
     DeliveryStatus,
@@ -256,7 +254,7 @@ class LmtpSession(asyncio.Protocol):
     async def _rcpt(self, event: RcptTo) -> bytes:
         try:
             found = await self.executor.run(look_up_recipient, event.address, event.size_hint)
-        except DatabaseError:
+        except DATABASE_ERRORS:
             logger.warning("RCPT %s: database unavailable", event.address, exc_info=True)
             return reply(protocol.REPLY_DATABASE_DOWN)
         if isinstance(found, Recipient):
