@@ -414,6 +414,9 @@ def test_fifty_concurrent_wrong_passwords_neither_block_the_loop_nor_run_more_th
         assert pinger.login("pinger@example.test") == LOGGED_IN
         latencies: list[float] = []
         noop_replies: list[bytes] = []
+        # For each NOOP answered, how many of the wrong logins had been answered by then.
+        logins_answered_at_noop: list[int] = []
+        logins_answered: list[bytes] = []
         stop = threading.Event()
 
         def ping() -> None:
@@ -421,11 +424,14 @@ def test_fifty_concurrent_wrong_passwords_neither_block_the_loop_nor_run_more_th
                 started = time.monotonic()
                 noop_replies.append(pinger.command("NOOP"))
                 latencies.append(time.monotonic() - started)
+                logins_answered_at_noop.append(len(logins_answered))
                 time.sleep(0.05)
 
         def wrong_login(number: int) -> bytes:
             with server.connect(timeout=120) as client:
-                return client.login(ADDRESS, f"wrong password {number}")
+                reply = client.login(ADDRESS, f"wrong password {number}")
+            logins_answered.append(reply)
+            return reply
 
         ping_thread = threading.Thread(target=ping)
         ping_thread.start()
@@ -447,8 +453,10 @@ def test_fifty_concurrent_wrong_passwords_neither_block_the_loop_nor_run_more_th
     )
     assert replies == [AUTH_FAILED] * FLOOD
     assert noop_replies == [b"+OK\r\n"] * len(latencies)
-    assert len(latencies) >= 5  # the loop was probed all through the flood
-    assert max(latencies) < 1.0
+    # The loop kept answering while the hashes ran: NOOPs came back between the first and the
+    # last failed login, not only before the flood or after it (latency figures: the bench).
+    during_flood = [n for n in logins_answered_at_noop if 0 < n < FLOOD]
+    assert len(during_flood) >= 5
     assert peak < baseline + 3 * ARGON2_MIB * MIB
 
 
