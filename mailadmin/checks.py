@@ -1,8 +1,10 @@
-"""System checks (``manage.py check``, and every command at start) for configuration mistakes.
+"""System checks for configuration mistakes in the POP3 server's set-up.
 
 Each catches a set-up that would otherwise fail later and less clearly: a TLS file that
-runpop3 cannot read fails at the first POP3S handshake's set-up, and an in-memory channel
-layer silently keeps each process's live updates to itself.
+runpop3 cannot read, and an in-memory channel layer that silently keeps each process's live
+updates to itself. They concern runpop3 alone, so they are deployment checks (``manage.py
+check --deploy``) that runpop3 also runs at start, not checks every command runs: the pipe
+``deliver`` runs as a user who should not be able to read the TLS key at all.
 """
 
 import os
@@ -11,9 +13,10 @@ from django.conf import settings
 from django.core.checks import Error, Warning, register
 
 IN_MEMORY_LAYER = "channels.layers.InMemoryChannelLayer"
+POP3_TAG = "mailadmin_pop3"
 
 
-@register()
+@register(POP3_TAG, deploy=True)
 def tls_files_readable(app_configs=None, **kwargs) -> list[Error]:
     """POP3_TLS_CERTFILE and POP3_TLS_KEYFILE, when set, name files this process can read."""
     errors = []
@@ -38,7 +41,7 @@ def tls_files_readable(app_configs=None, **kwargs) -> list[Error]:
     return errors
 
 
-@register()
+@register(POP3_TAG, deploy=True)
 def channel_layer_crosses_processes(app_configs=None, **kwargs) -> list[Warning]:
     """Several POP3 worker processes need a channel layer they share; the in-memory one is per process.
 

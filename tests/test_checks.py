@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import pytest
+from django.core import checks as django_checks
 from django.core.checks import Error, Warning
 
 from mailadmin import checks
+from tests.conftest import run_manage
 
 IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 REDIS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": ["x"]}}}
@@ -61,9 +63,23 @@ def test_in_memory_layer_warns_only_with_several_pop3_workers(settings, layers, 
     assert all(type(e) is Warning for e in found)
 
 
-def test_checks_are_registered_with_django(settings, tmp_path):
-    from django.core import checks as django_checks
-
+def test_the_checks_run_for_deployment_but_not_before_every_command(settings, tmp_path):
     settings.POP3_TLS_CERTFILE = settings.POP3_TLS_KEYFILE = str(tmp_path / "nope.pem")
-    ids = {message.id for message in django_checks.run_checks()}
-    assert {"mailadmin.E001"} <= ids
+    assert "mailadmin.E001" not in {message.id for message in django_checks.run_checks()}
+    deployment = django_checks.run_checks(include_deployment_checks=True)
+    assert "mailadmin.E001" in {message.id for message in deployment}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_deliver_runs_with_tls_files_it_cannot_read_and_runpop3_refuses_to(make_mailbox, tmp_path):
+    """The pipe's user must not need the TLS key; runpop3, which needs it, says what is wrong."""
+    unreadable = {
+        "POP3_TLS_CERTFILE": str(tmp_path / "nope.pem"),
+        "POP3_TLS_KEYFILE": str(tmp_path / "nope.pem"),
+    }
+    make_mailbox("alice@example.test")
+    delivered = run_manage("deliver", "alice@example.test", input=b"Subject: hi\n\nbody\n", **unreadable)
+    assert (delivered.returncode, delivered.stderr) == (0, b"")
+    refused = run_manage("runpop3", "--port", "0", "--tls-port", "0", **unreadable)
+    assert refused.returncode == 1
+    assert f"POP3_TLS_CERTFILE names {str(tmp_path / 'nope.pem')!r}" in refused.stderr.decode()

@@ -12,6 +12,7 @@ import socket
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from mailadmin import checks
 from mailadmin.executors import BoundedExecutor, keep_connections_open
 from mailadmin.pop3d.authenticator import AuthPolicy, Pop3Authenticator
 from mailadmin.pop3d.leases import LeaseKeeper
@@ -81,6 +82,9 @@ class Command(BaseCommand):
     def handle(
         self, *args, bind: str, port: int, tls_port: int, certfile: str, keyfile: str, workers: int, **options
     ):
+        # The POP3 set-up's own checks (TLS files readable, the channel layer), which other
+        # commands skip: see mailadmin.checks.
+        self.check(tags=[checks.POP3_TAG], include_deployment_checks=True)
         if bool(certfile) != bool(keyfile):
             raise CommandError("give both --certfile and --keyfile, or neither")
         if tls_port and not certfile:
