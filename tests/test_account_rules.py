@@ -1,11 +1,13 @@
 """The store's account rules: which password hashes and passwords may enter, and uid_validity."""
 
 import sys
+import threading
 import time
 import types
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.db import connection, transaction
 
 from mailadmin.hosting import store
 from mailadmin.mailin.delivery import deliver
@@ -179,3 +181,29 @@ def test_uid_validity_starts_after_every_mailbox_when_the_counter_row_is_gone(ma
     make_mailbox("a@example.test")
     UidValidityCounter.objects.all().delete()
     assert make_mailbox("b@example.test").uid_validity == 1_800_000_001
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_takers_never_get_the_same_uid_validity(monkeypatch):
+    monkeypatch.setattr(time, "time", lambda: 1_800_000_000.0)
+    taken: list[list[int]] = [[], []]
+    errors: list[BaseException] = []
+
+    def take(values: list[int]) -> None:
+        try:
+            for _ in range(20):
+                with transaction.atomic():
+                    values.append(store.next_uid_validity())
+        except BaseException as error:  # noqa: BLE001 - reported by the test thread
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=take, args=(values,)) for values in taken]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert all(values == sorted(values) for values in taken)
+    assert sorted(taken[0] + taken[1]) == list(range(1_800_000_000, 1_800_000_040))
