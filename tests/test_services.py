@@ -415,9 +415,12 @@ def test_import_dry_run_hashes_outside_any_transaction_and_writes_nothing(record
     assert (commits, Mailbox.objects.count(), get_user_model().objects.count()) == ([], 0, 0)
 
 
-def test_import_refuses_a_missing_domain_before_hashing_anything(domains, recording_hasher):
+def test_import_refuses_a_missing_domain_or_a_bad_password_before_hashing_anything(domains, recording_hasher):
     rows = io.StringIO(IMPORT_WITH_PASSWORDS + "d@nowhere.test,fourth good password,,\n")
     with pytest.raises(store.DomainNotFound, match="^line 5: no such domain: nowhere.test$"):
+        services.import_mailboxes(CLI, rows)
+    rows = io.StringIO(IMPORT_WITH_PASSWORDS + "d@ours.test,password,,\n")
+    with pytest.raises(store.InvalidInput, match="^line 5: password rejected: This password is too common.$"):
         services.import_mailboxes(CLI, rows)
     assert recording_hasher.in_transaction == []
 

@@ -10,7 +10,12 @@ may create, change, delete and set passwords of mailboxes, kick their sessions, 
 their quota, and change a domain's ``DOMAIN_ADMINISTRATOR_SETTINGS``; they may not create,
 delete, suspend or reactivate a domain, change its quota cap or mailbox limit, or make
 administrators. Outside their domains every request is refused alike, whether or not the
-domain or mailbox exists, so a refusal reveals nothing.
+domain or mailbox exists, so a refusal reveals nothing. A person also needs the
+``kick_pop3session`` permission to kick (domain administrators have it): viewing sessions is
+not enough.
+
+Passwords are hashed before a function opens its transaction: argon2 costs ~100 ms and
+~100 MiB a hash, and a transaction held meanwhile stalls deliveries and logins.
 """
 
 import uuid
@@ -243,7 +248,6 @@ def get_mailbox(actor: Actor, address: str) -> Mailbox:
 
 
 def set_password(actor: Actor, address: str, password: str) -> Mailbox:
-    """Hash the password first, outside the transaction: hashing costs ~100 ms and ~100 MiB."""
     mailbox = _mailbox_in_scope(actor, address)
     return set_password_hash(actor, mailbox.address, store.hash_new_password(password, mailbox.address))
 
@@ -287,16 +291,18 @@ def import_mailboxes(
 ) -> list[Mailbox]:
     """Create every mailbox of an import file (see ``mailboxcsv``) or, on any error, none.
 
-    Each row's domain is checked first; then plain passwords are hashed one row at a time,
-    outside any transaction (argon2 costs ~100 ms and ~100 MiB a hash; a transaction held
-    meanwhile stops deliveries and logins); then every row is written in one short transaction.
-    ``progress`` wraps the rows while they are hashed (a progress bar). A refusal names the
-    line. ``dry_run`` does all of it, then rolls the transaction back.
+    Each row's domain and password are checked first, so a wrong row costs no hashing; then
+    plain passwords are hashed one row at a time, outside any transaction; then every row is
+    written in one short transaction. ``progress`` wraps the rows while they are hashed (a
+    progress bar). A refusal names the line. ``dry_run`` does all of it, then rolls the
+    transaction back.
     """
     rows = mailboxcsv.parse(handle)
     for row in rows:
         with _naming_line(row):
             _domain_in_scope(actor, domain_of(row.address))
+            if row.password is not None:
+                store.validate_new_password(row.password, row.address)
     hashed = [(row, _password_hash(row)) for row in progress(rows)]
     with transaction.atomic():
         created = [_import_row(actor, row, password_hash) for row, password_hash in hashed]
