@@ -465,8 +465,10 @@ def test_deleting_a_domain_with_mailboxes_says_why_not_permission(staff_client, 
     assert response.status_code == 200
     assert "cannot be deleted" in page
     assert "domain example.test still has 2 mailboxes; delete them first" in page
-    assert "permission" not in page.lower().replace("permissions", "")
     staff_client.post(f"/admin/mailadmin/domain/{domain.pk}/delete/", {"post": "yes"})
+    bulk = {"action": "delete_selected", "_selected_action": [str(domain.pk)], "post": "yes"}
+    page = staff_client.post("/admin/mailadmin/domain/", bulk).content.decode()
+    assert "domain example.test still has 2 mailboxes; delete them first" in page
     assert Domain.objects.filter(pk=domain.pk).exists()
 
 
