@@ -425,6 +425,17 @@ def test_import_refuses_a_missing_domain_or_a_bad_password_before_hashing_anythi
     assert recording_hasher.in_transaction == []
 
 
+@pytest.mark.django_db(transaction=True)
+def test_every_service_setting_a_password_hashes_outside_its_transaction(recording_hasher):
+    services.create_domain(CLI, "ours.test")
+    services.create_mailbox(CLI, "a@ours.test", password="first good password")
+    generated = services.create_mailbox(CLI, "b@ours.test").generated_password
+    services.set_password(CLI, "a@ours.test", "second good password")
+    services.save_domain_administrator(CLI, "olivia", ["ours.test"], "a long admin passphrase")
+    assert recording_hasher.in_transaction == [False, False, False, False]
+    assert get_user_model().objects.get(username="b@ours.test").check_password(generated)
+
+
 def test_import_shows_its_rows_to_the_progress_wrapper(domains, recording_hasher):
     seen: list[int] = []
 

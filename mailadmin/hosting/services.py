@@ -58,6 +58,12 @@ class NotPermitted(store.StoreError):
     """The actor's scope does not cover the request."""
 
 
+@dataclass(frozen=True)
+class NewMailbox:
+    mailbox: Mailbox
+    generated_password: str | None
+
+
 # --- Scope checks ----------------------------------------------------------------------------
 
 
@@ -194,10 +200,12 @@ def create_mailbox(
     quota_bytes: int | None = None,
     quota_messages: int = 0,
     create_domain: bool = False,
-) -> store.NewMailbox:
+) -> NewMailbox:
     """Create a mailbox and its login; ``quota_bytes=None`` takes the domain's default quota.
 
-    ``create_domain`` creates a missing domain first, which only a domain manager may do.
+    With neither ``password`` nor ``password_hash`` a random password is generated and returned
+    once in ``generated_password``. ``create_domain`` creates a missing domain first, which only
+    a domain manager may do.
     """
     normalised = _normalised(normalise_address, address)
     domain_name = domain_of(normalised)
@@ -205,11 +213,14 @@ def create_mailbox(
         _require_domain_manager(actor, "create domains")
     elif not actor.all_domains:
         _domain_in_scope(actor, domain_name)
+    generated = None
+    if password is None and password_hash is None:
+        generated = password = store.generate_password()
     if password is not None and password_hash is None:
         password_hash, password = store.hash_new_password(password, normalised), None
     with transaction.atomic():
         domain_existed = not create_domain or Domain.objects.filter(name=domain_name).exists()
-        created = store.create_mailbox(
+        mailbox = store.create_mailbox(
             address,
             password=password,
             password_hash=password_hash,
@@ -217,13 +228,12 @@ def create_mailbox(
             quota_messages=quota_messages,
             create_domain=create_domain,
         )
-        mailbox = created.mailbox
         if not domain_existed:
             audit.record(actor, "create", "domain", domain_name, domain=mailbox.domain)
         settings = {"active": True, "quota_bytes": mailbox.quota_bytes, "quota_messages": quota_messages}
         changes = {**_created(settings), "password": audit.SECRET_CHANGED}
         audit.record(actor, "create", "mailbox", mailbox.address, domain=mailbox.domain, changes=changes)
-    return created
+    return NewMailbox(mailbox, generated)
 
 
 def update_mailbox(actor: Actor, address: str, **settings: int | bool) -> Mailbox:
@@ -423,7 +433,7 @@ def save_domain_administrator(
     domains = {domain.name: domain for domain in (store.get_domain(name) for name in domain_names)}
     if not domains:
         raise store.InvalidInput("name at least one domain")
-    store.validate_new_password(password, username)
+    password_hash = store.hash_new_password(password, username)
     with transaction.atomic():
         user = user_model.objects.select_for_update().filter(username=username).first()
         created = user is None
@@ -437,7 +447,7 @@ def save_domain_administrator(
             raise store.InvalidInput(f"{username} is a superuser, who administers every domain already")
         before = [] if created else sorted(user.administered_domains.values_list("domain__name", flat=True))
         user.is_staff = True
-        user.set_password(password)
+        user.password = password_hash
         user.save()
         user.groups.add(_administrators_group())
         DomainAdministrator.objects.filter(user=user).exclude(domain__in=domains.values()).delete()

@@ -52,12 +52,6 @@ def get_mailbox(address: str) -> Mailbox:
     return mailbox
 
 
-@dataclass(frozen=True)
-class NewMailbox:
-    mailbox: Mailbox
-    generated_password: str | None
-
-
 def create_mailbox(
     address: str,
     *,
@@ -66,35 +60,27 @@ def create_mailbox(
     quota_bytes: int | None = None,
     quota_messages: int = 0,
     create_domain: bool = False,
-) -> NewMailbox:
-    """Create the login user and its mailbox.
+) -> Mailbox:
+    """Create the login user and its mailbox, with exactly one of ``password`` and ``password_hash``.
 
-    With neither ``password`` nor ``password_hash`` a random password is generated and
-    returned once in ``generated_password``. ``quota_bytes=None`` takes the domain's default.
+    ``quota_bytes=None`` takes the domain's default.
     """
     normalised = _checked(normalise_address, address)
-    if password is not None and password_hash is not None:
-        raise InvalidInput("give a password or a password hash, not both")
-    if password_hash is not None:
-        check_password_hash(password_hash)
-    generated = None
-    if password is None and password_hash is None:
-        generated = password = secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
+    if (password is None) == (password_hash is None):
+        raise InvalidInput("give exactly one of a password and a password hash")
     if quota_bytes is not None:
         _require_in_range(quota_bytes=quota_bytes)
     _require_in_range(MAX_INT32, quota_messages=quota_messages)
-    if password is not None:
-        validate_new_password(password, normalised)
+    if password_hash is not None:
+        check_password_hash(password_hash)
+    else:
+        password_hash = hash_new_password(password, normalised)
     with transaction.atomic():
         domain = _domain_for_new_mailbox(domain_of(normalised), create_domain)
         user_model = get_user_model()
         if user_model.objects.filter(username=normalised).exists():
             raise AlreadyExists(f"mailbox {normalised} already exists")
-        user = user_model(username=normalised, email=normalised)
-        if password_hash is not None:
-            user.password = password_hash
-        else:
-            user.set_password(password)
+        user = user_model(username=normalised, email=normalised, password=password_hash)
         user.save()
         mailbox = Mailbox.objects.create(
             user=user,
@@ -103,7 +89,7 @@ def create_mailbox(
             quota_bytes=domain.default_mailbox_quota_bytes if quota_bytes is None else quota_bytes,
             quota_messages=quota_messages,
         )
-    return NewMailbox(mailbox, generated)
+    return mailbox
 
 
 def _domain_for_new_mailbox(domain_name: str, create_missing: bool) -> Domain:
@@ -334,6 +320,11 @@ def validate_new_password(password: str, username: str) -> None:
         validate_password(password, user)
     except ValidationError as error:
         raise InvalidInput("password rejected: " + " ".join(error.messages)) from None
+
+
+def generate_password() -> str:
+    """A random password for a new mailbox, shown once to whoever creates it."""
+    return secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
 
 
 def hash_new_password(password: str, username: str) -> str:
