@@ -382,8 +382,8 @@ class Pop3SessionAdmin(ReadOnlyAdmin):
 
     @admin.action(description="Kick the selected open sessions (no deletions applied)", permissions=["kick"])
     def kick(self, request: HttpRequest, queryset: QuerySet[Pop3Session]) -> None:
+        session_ids = queryset.values_list("pk", flat=True)
         try:
-            session_ids = queryset.values_list("pk", flat=True)
             count = services.kick_sessions(actor_of(request), session_ids=session_ids)
         except store.StoreError as error:
             self.refused(request, error)
