@@ -20,7 +20,7 @@ from mailadmin.addresses import domain_of, normalise_address
 from mailadmin.hosting import scopes, services, store
 from mailadmin.hosting.actors import Actor
 from mailadmin.models import AuditEntry, AuthFailure, Domain, Mailbox, Message, Pop3Session
-from mailadmin.units import compact_size, format_size, parse_size
+from mailadmin.units import compact_size, format_size, parse_size, usage_percent
 
 SIZE_FIELDS = frozenset({"quota_bytes", "default_mailbox_quota_bytes"})
 SIZE_HELP = "Bytes, or a size such as 500M or 2G."
@@ -36,7 +36,8 @@ def actor_of(request: HttpRequest) -> Actor:
 def _usage(used_bytes: int, quota_bytes: int) -> str:
     if not quota_bytes:
         return f"{format_size(used_bytes)} (unlimited)"
-    return f"{format_size(used_bytes)} of {format_size(quota_bytes)} ({100 * used_bytes / quota_bytes:.0f}%)"
+    percent = usage_percent(used_bytes, quota_bytes)
+    return f"{format_size(used_bytes)} of {format_size(quota_bytes)} ({percent}%)"
 
 
 class SizeField(forms.CharField):
@@ -197,12 +198,15 @@ class DomainAdmin(ServiceAdmin):
         return super().has_add_permission(request) and services.may_manage_domains(actor_of(request))
 
     def has_delete_permission(self, request: HttpRequest, obj: Domain | None = None) -> bool:
-        # Mailboxes protect their domain; delete them first, through the mailbox admin.
-        return (
-            super().has_delete_permission(request, obj)
-            and services.may_manage_domains(actor_of(request))
-            and (obj is None or not obj.mailboxes.exists())
-        )
+        return super().has_delete_permission(request, obj) and services.may_manage_domains(actor_of(request))
+
+    def get_deleted_objects(self, objs, request: HttpRequest):
+        """Name why a domain is kept (its mailboxes) as the confirmation page's protected objects,
+        so the page says so instead of offering a deletion the service would refuse."""
+        domains = list(objs)
+        refusals = [services.domain_deletion_refusal(actor_of(request), domain.name) for domain in domains]
+        protected = [refusal for refusal in refusals if refusal is not None]
+        return [str(domain) for domain in domains], {"domains": len(domains)}, set(), protected
 
     def delete_model(self, request: HttpRequest, obj: Domain) -> None:
         try:
@@ -376,17 +380,18 @@ class Pop3SessionAdmin(ReadOnlyAdmin):
     search_fields = ["username", "peer_host", "node"]
     actions = ["kick"]
 
-    @admin.action(description="Kick the selected open sessions (no deletions applied)")
+    @admin.action(description="Kick the selected open sessions (no deletions applied)", permissions=["kick"])
     def kick(self, request: HttpRequest, queryset: QuerySet[Pop3Session]) -> None:
-        count = services.kick_sessions(actor_of(request), session_ids=queryset.values_list("pk", flat=True))
+        session_ids = queryset.values_list("pk", flat=True)
+        try:
+            count = services.kick_sessions(actor_of(request), session_ids=session_ids)
+        except store.StoreError as error:
+            self.refused(request, error)
+            return
         self.message_user(request, f"Kick requested for {count} session{'s' if count != 1 else ''}.")
 
-    def get_actions(self, request: HttpRequest):
-        # Kicking is an operation on sessions, allowed to whoever may view them.
-        actions = super().get_actions(request)
-        if not self.has_view_permission(request):
-            actions.pop("kick", None)
-        return actions
+    def has_kick_permission(self, request: HttpRequest) -> bool:
+        return services.may_kick(actor_of(request))
 
 
 @admin.register(AuthFailure)

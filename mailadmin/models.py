@@ -128,10 +128,11 @@ class Mailbox(StoreCounters, models.Model):
     quota_messages = models.PositiveIntegerField(default=0, help_text="0 = unlimited.")
     used_bytes = models.BigIntegerField(default=0, editable=False)
     used_messages = models.PositiveIntegerField(default=0, editable=False)
-    # UIDs are never reused: the next one comes from this counter, bumped in the delivering
-    # transaction. uid_validity makes UIDLs of a re-created mailbox differ from the old one's.
     # The highest warning percentage already announced; lowered again when usage falls.
     quota_warning_percent = models.PositiveSmallIntegerField(default=0, editable=False)
+    # UIDs are never reused: the next one comes from this counter, bumped in the delivering
+    # transaction. uid_validity makes UIDLs of a re-created mailbox differ from the old one's:
+    # the store gives each new mailbox one from UidValidityCounter, larger than any before.
     next_uid = models.BigIntegerField(default=1, editable=False)
     uid_validity = models.BigIntegerField(default=_unix_time_now, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -159,11 +160,25 @@ class Mailbox(StoreCounters, models.Model):
         """``MailboxQuerySet.usable`` for a mailbox already loaded with its domain and user."""
         return self.active and self.domain.active and self.user.is_active
 
-    def usage_percent(self) -> float | None:
-        """Share of the byte quota in use, or None when the mailbox is unlimited."""
-        if not self.quota_bytes:
-            return None
-        return 100.0 * self.used_bytes / self.quota_bytes
+    def over_quota(self) -> bool:
+        """Using more than its byte quota (after the quota was lowered): it receives nothing more."""
+        return 0 < self.quota_bytes < self.used_bytes
+
+
+class UidValidityCounter(models.Model):
+    """One row: the last ``uid_validity`` given to a mailbox, kept when mailboxes are deleted.
+
+    Written only by the store, with a conditional UPDATE, so values strictly increase across
+    processes even when a mailbox is deleted and re-created within one clock second.
+    """
+
+    ROW_ID = 1
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=ROW_ID)
+    last_given = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"last uid_validity {self.last_given}"
 
 
 class MessageQuerySet(models.QuerySet):
@@ -310,6 +325,7 @@ class Pop3Session(models.Model):
     class Meta:
         verbose_name = "POP3 session"
         ordering = ["-started_at"]
+        permissions = [("kick_pop3session", "Can kick POP3 session")]
         indexes = [
             models.Index(fields=["node", "ended_at"], name="pop3session_node_live"),
             models.Index(fields=["mailbox", "ended_at"], name="pop3session_mailbox_live"),

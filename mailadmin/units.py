@@ -1,18 +1,24 @@
-"""Byte sizes as operators type them: ``1048576``, ``512K``, ``10M``, ``2G``."""
+"""Byte sizes as operators type them: ``1048576``, ``512K``, ``10M``, ``2G``, ``1T``.
+
+The one parser of sizes for every door (commands, admin forms, the import file), so a size that
+works in one works in all, and the one rule for showing usage as a percentage.
+"""
 
 import re
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
 _MULTIPLIERS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+# Binary multiples; "5M", "5MB" and "5MiB" all mean 5 MiB.
+_SIZE = re.compile(r"^\s*(\d+)\s*(?:([KMGT])I?)?B?\s*$", re.IGNORECASE)
+SIZE_SUFFIXES = "K, M, G or T"
 
 
 def parse_size(text: str) -> int:
     """Parse a size in bytes, with an optional binary K/M/G/T suffix; raise ValueError otherwise."""
     match = _SIZE.match(text)
     if not match:
-        raise ValueError(f"invalid size {text!r}: use a number of bytes or a number with K, M or G")
-    number, unit, _ = match.groups()
-    return int(number) * _MULTIPLIERS[unit.upper()]
+        raise ValueError(f"invalid size {text!r}: use a number of bytes or a number with {SIZE_SUFFIXES}")
+    number, unit = match.groups()
+    return int(number) * _MULTIPLIERS[(unit or "").upper()]
 
 
 def format_size(size_bytes: int) -> str:
@@ -33,3 +39,10 @@ def compact_size(size_bytes: int) -> str:
         if size_bytes and size_bytes % multiplier == 0:
             return f"{size_bytes // multiplier}{unit}"
     return str(size_bytes)
+
+
+def usage_percent(used_bytes: int, quota_bytes: int) -> int | None:
+    """Whole percent of the quota in use, rounded down so that 100 means full; None when unlimited."""
+    if not quota_bytes:
+        return None
+    return 100 * used_bytes // quota_bytes

@@ -20,7 +20,7 @@ def make_mailbox():
     def make(address: str = "alice@example.test", *, quota_bytes: int = 0, **options):
         return store.create_mailbox(
             address, password="correct horse", quota_bytes=quota_bytes, create_domain=True, **options
-        ).mailbox
+        )
 
     return make
 

@@ -97,7 +97,7 @@ def test_createdomain_defaults_to_unlimited():
 def test_createdomain_refuses_a_bad_size(option, bad):
     message = fails("createdomain", "example.test", option, bad)
     assert message == (
-        f"Error: argument {option}: invalid size {bad!r}: use a number of bytes or a number with K, M or G"
+        f"Error: argument {option}: invalid size {bad!r}: use a number of bytes or a number with K, M, G or T"
     )
     assert not Domain.objects.exists()
 
@@ -119,6 +119,42 @@ def test_createdomain_refuses_a_duplicate_and_an_invalid_name():
     assert list(Domain.objects.values_list("name", flat=True)) == ["example.test"]
 
 
+@pytest.mark.django_db
+def test_createdomain_names_a_leading_dash_value_instead_of_asking_for_a_name():
+    assert fails("createdomain", "-bad.test") == (
+        "Error: '-bad.test' is not an option; put values that start with '-' after --, "
+        "as in: createdomain -- -bad.test"
+    )
+    assert fails("createdomain", "--", "-bad.test") == "'-bad.test' has an invalid label '-bad'"
+    assert not Domain.objects.exists()
+
+
+@pytest.mark.django_db
+def test_createdomain_accepts_terabytes():
+    run("createdomain", "example.test", "--quota", "5T")
+    assert Domain.objects.get().quota_bytes == 5 * 1024**4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_bad_flag_gets_one_line_of_error_and_one_of_usage_hint():
+    quota = run_manage("createdomain", "x.test", "--quota", "-5")
+    assert (quota.returncode, quota.stdout, quota.stderr.decode()) == (
+        2,
+        b"",
+        "manage.py createdomain: error: argument --quota: invalid size '-5': "
+        "use a number of bytes or a number with K, M, G or T\n"
+        "Run 'manage.py createdomain --help' for usage.\n",
+    )
+    dash = run_manage("createdomain", "-bad.test")
+    assert (dash.returncode, dash.stderr.decode()) == (
+        2,
+        "manage.py createdomain: error: '-bad.test' is not an option; put values that start with '-' "
+        "after --, as in: manage.py createdomain -- -bad.test\n"
+        "Run 'manage.py createdomain --help' for usage.\n",
+    )
+    assert not Domain.objects.exists()
+
+
 # --- createmailbox ---------------------------------------------------------------------------
 
 
@@ -136,9 +172,9 @@ def test_createmailbox_prints_a_generated_password_that_works():
 
 
 @pytest.mark.django_db
-def test_createmailbox_reads_one_line_of_stdin_and_strips_only_the_newline(monkeypatch):
+def test_createmailbox_reads_the_password_from_stdin_and_strips_only_the_newline(monkeypatch):
     run("createdomain", "example.test")
-    feed_stdin(monkeypatch, "  two words \t\nsecond line is ignored\n")
+    feed_stdin(monkeypatch, "  two words \t\n")
     output = run(
         "createmailbox", "bob@example.test", "--password-stdin", "--quota", "5M", "--quota-messages", "100"
     )
@@ -171,12 +207,13 @@ def test_createmailbox_quota_zero_overrides_the_domain_default(monkeypatch):
 
 @pytest.mark.django_db
 def test_createmailbox_needs_the_domain_unless_asked_to_create_it(monkeypatch):
-    feed_stdin(monkeypatch, "horse-battery-9\nhorse-battery-9\n")
+    feed_stdin(monkeypatch, "horse-battery-9\n")
     assert fails("createmailbox", "bob@new.test", "--password-stdin") == (
         "no such domain: new.test (create it first, or pass --create-domain)"
     )
     assert not Domain.objects.exists()
     assert not get_user_model().objects.exists()
+    feed_stdin(monkeypatch, "horse-battery-9\n")
     run("createmailbox", "bob@new.test", "--password-stdin", "--create-domain")
     assert Mailbox.objects.get().domain.name == "new.test"
     assert user("bob@new.test").check_password("horse-battery-9")
@@ -185,8 +222,9 @@ def test_createmailbox_needs_the_domain_unless_asked_to_create_it(monkeypatch):
 @pytest.mark.django_db
 def test_createmailbox_respects_max_mailboxes(monkeypatch):
     run("createdomain", "small.test", "--max-mailboxes", "1")
-    feed_stdin(monkeypatch, "first-pass-11\nsecond-pass-22\n")
+    feed_stdin(monkeypatch, "first-pass-11\n")
     run("createmailbox", "one@small.test", "--password-stdin")
+    feed_stdin(monkeypatch, "second-pass-22\n")
     assert fails("createmailbox", "two@small.test", "--password-stdin") == (
         "domain small.test already has its maximum of 1 mailboxes"
     )
@@ -200,7 +238,7 @@ def test_createmailbox_refuses_duplicates_bad_addresses_and_bad_sizes(make_mailb
     assert fails("createmailbox", "ALICE@example.test") == "mailbox alice@example.test already exists"
     assert fails("createmailbox", "no-at-sign") == "'no-at-sign' is not an address of the form local@domain"
     assert fails("createmailbox", "bob@example.test", "--quota", "1.5M") == (
-        "Error: argument --quota: invalid size '1.5M': use a number of bytes or a number with K, M or G"
+        "Error: argument --quota: invalid size '1.5M': use a number of bytes or a number with K, M, G or T"
     )
     assert fails("createmailbox", "bob@example.test", "--quota-messages", "-1") == (
         "Error: argument --quota-messages: invalid number '-1': use a whole number, 0 or more"
@@ -237,6 +275,22 @@ def test_setpassword_refuses_without_the_stdin_flag_or_with_an_empty_password(ma
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("stdin", ["first line\nsecond line\n", "one\n\n", "a long\rpassword\n"])
+def test_password_stdin_of_more_than_one_line_is_refused(make_mailbox, monkeypatch, stdin):
+    make_mailbox("alice@example.test")
+    feed_stdin(monkeypatch, stdin)
+    assert fails("setpassword", "alice@example.test", "--password-stdin") == (
+        "stdin holds more than one line: give the password alone, on one line"
+    )
+    feed_stdin(monkeypatch, stdin)
+    assert fails("createmailbox", "bob@example.test", "--password-stdin") == (
+        "stdin holds more than one line: give the password alone, on one line"
+    )
+    assert user("alice@example.test").check_password("correct horse")
+    assert not Mailbox.objects.filter(user__username="bob@example.test").exists()
+
+
+@pytest.mark.django_db
 def test_setpassword_names_an_unknown_mailbox(monkeypatch):
     feed_stdin(monkeypatch, "whatever\n")
     assert (
@@ -255,11 +309,36 @@ def test_setquota(make_mailbox):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("bad", ["12Q", "-1", "1.5M"])
+def test_setquota_below_current_use_warns_and_still_sets_it(make_mailbox):
+    alice = make_mailbox("alice@example.test", quota_bytes=MiB)
+    deliver([alice.address], [b"x" * 3000])
+    used = Mailbox.objects.get().used_bytes
+    out, err = io.StringIO(), io.StringIO()
+    call_command("setquota", "alice@example.test", "1K", stdout=out, stderr=err)
+    assert out.getvalue() == "quota of alice@example.test set to 1.0 KiB\n"
+    assert err.getvalue() == (
+        f"warning: alice@example.test already uses {used / 1024:.1f} KiB, more than its quota: "
+        "it receives no mail until its usage is below the quota\n"
+    )
+    assert Mailbox.objects.get().quota_bytes == 1024
+
+
+@pytest.mark.django_db
+def test_setquota_takes_t_as_its_help_says(make_mailbox):
+    from mailadmin.management.commands.setquota import Command
+
+    make_mailbox("alice@example.test")
+    assert run("setquota", "alice@example.test", "5T") == "quota of alice@example.test set to 5.0 TiB\n"
+    help_text = " ".join(Command().create_parser("manage.py", "setquota").format_help().split())
+    assert "New quota: bytes or a number with K, M, G or T; 0 = unlimited." in help_text
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("bad", ["12Q", "-1", "1.5M", "1IB"])
 def test_setquota_refuses_a_bad_size(make_mailbox, bad):
     make_mailbox("alice@example.test", quota_bytes=MiB)
     assert fails("setquota", "alice@example.test", bad) == (
-        f"Error: argument SIZE: invalid size {bad!r}: use a number of bytes or a number with K, M or G"
+        f"Error: argument SIZE: invalid size {bad!r}: use a number of bytes or a number with K, M, G or T"
     )
     assert Mailbox.objects.get().quota_bytes == MiB
 
@@ -298,6 +377,16 @@ def test_deletemailbox_asks_on_a_terminal(make_mailbox, monkeypatch):
     )
     assert not Mailbox.objects.exists()
     assert not Message.objects.exists()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("answer", ["y\n", "Y\n", "yes\n", "YES\n", " Yes \n"])
+def test_deletemailbox_takes_y_or_yes_in_any_case(make_mailbox, monkeypatch, answer):
+    make_mailbox("alice@example.test")
+    monkeypatch.setattr(sys, "stdin", TerminalInput(answer))
+    output = run("deletemailbox", "alice@example.test")
+    assert output.endswith("[y/N] deleted mailbox alice@example.test and 0 messages\n")
+    assert not Mailbox.objects.exists()
 
 
 @pytest.mark.django_db
@@ -427,16 +516,30 @@ def test_importmailboxes_dry_run_reports_database_errors(tmp_path, make_mailbox)
         ("carol@example.test,,,", "give exactly one of password and password_hash"),
         ("carol@example.test,,not-a-hash,", "password hash is not in a format the configured hashers accept"),
         (
+            "carol@example.test,,pbkdf2_sha256$2000000000$salt$aGFzaA==,",
+            "password hash has iterations 2000000000: pbkdf2_sha256 hashes here need 1 to 10000000 "
+            "(at most 10 times the current cost)",
+        ),
+        (
+            "carol@example.test,,pbkdf2_sha256$-1$salt$aGFzaA==,",
+            "password hash has iterations -1: pbkdf2_sha256 hashes here need 1 to 10000000 "
+            "(at most 10 times the current cost)",
+        ),
+        (
+            "carol@example.test,pass\x1bword-long,,",
+            "password rejected: it contains the control character U+001B, which no POP3 client can send",
+        ),
+        (
             "carol@example.test,,{hash},12Q",
-            "invalid size '12Q': use a number of bytes or a number with K, M or G",
+            "invalid size '12Q': use a number of bytes or a number with K, M, G or T",
         ),
         (
             "carol@example.test,,{hash},1.5M",
-            "invalid size '1.5M': use a number of bytes or a number with K, M or G",
+            "invalid size '1.5M': use a number of bytes or a number with K, M, G or T",
         ),
         (
             "carol@example.test,,{hash},-1",
-            "invalid size '-1': use a number of bytes or a number with K, M or G",
+            "invalid size '-1': use a number of bytes or a number with K, M, G or T",
         ),
         ("carol@example.test,,{hash}", "expected 4 fields, found 3"),
         ("carol,,{hash},", "'carol' is not an address of the form local@domain"),
@@ -456,6 +559,41 @@ def test_importmailboxes_error_on_line_3_creates_nothing(tmp_path, make_mailbox,
     assert fails("importmailboxes", path) == f"line 3: {error}"
     assert list(Mailbox.objects.values_list("user__username", flat=True)) == ["taken@example.test"]
     assert get_user_model().objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_importmailboxes_refuses_a_hash_whose_hasher_is_missing_naming_the_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bcrypt", None)
+    run("createdomain", "example.test")
+    bcrypt_hash = "bcrypt_sha256$$2b$12$N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy"
+    path = csv_file(
+        tmp_path, f"alice@example.test,,{CHEAP_PBKDF2_HASH},", f"bob@example.test,,{bcrypt_hash},"
+    )
+    assert fails("importmailboxes", path) == (
+        "line 3: password hash is bcrypt_sha256, which cannot be checked here: "
+        "the bcrypt module is not installed"
+    )
+    assert not Mailbox.objects.exists()
+
+
+class TerminalOutput(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.django_db
+def test_importmailboxes_shows_progress_only_on_a_terminal(tmp_path, monkeypatch):
+    run("createdomain", "example.test")
+    rows = [f"user{n}@example.test,,{CHEAP_PBKDF2_HASH}," for n in range(3)]
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    run("importmailboxes", csv_file(tmp_path, *rows))
+    assert sys.stderr.getvalue() == ""
+    Mailbox.objects.all().delete()
+    get_user_model().objects.all().delete()
+    monkeypatch.setattr(sys, "stderr", TerminalOutput())
+    run("importmailboxes", csv_file(tmp_path, *rows))
+    assert "hashing passwords" in sys.stderr.getvalue()
+    assert "3/3" in sys.stderr.getvalue()
 
 
 @pytest.mark.django_db

@@ -2,10 +2,14 @@
 
 import io
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from django.contrib.auth import get_user_model
-from django.contrib.auth.hashers import PBKDF2PasswordHasher
+from django.contrib.auth.hashers import MD5PasswordHasher, PBKDF2PasswordHasher
+from django.contrib.auth.models import Permission
+from django.db import connection
 from django.utils import timezone
 
 from mailadmin.hosting import audit, scopes, services, store
@@ -194,7 +198,7 @@ def test_suspend_and_activate_a_domain(domains, ours_admin):
 
 def test_delete_domain_is_refused_while_it_has_mailboxes_and_its_entries_keep_its_name(make_mailbox, domains):
     services.create_mailbox(CLI, "a@ours.test", password="a good long password")
-    with pytest.raises(store.InvalidInput, match="domain ours.test still has 1 mailbox: delete them first"):
+    with pytest.raises(store.InvalidInput, match="domain ours.test still has 1 mailbox; delete them first"):
         services.delete_domain(CLI, "ours.test")
     services.delete_mailbox(CLI, "a@ours.test")
     services.delete_domain(CLI, "ours.test")
@@ -291,6 +295,11 @@ def test_set_password_and_hash_are_audited_without_their_values(ours_admin, make
     assert last_entry().changes == {"password": "changed"}
     with pytest.raises(store.InvalidInput, match="not in a format the configured hashers accept"):
         services.set_password_hash(CLI, "a@ours.test", "plain text")
+    with pytest.raises(store.InvalidInput, match="^password hash has iterations 2000000000: "):
+        services.set_password_hash(CLI, "a@ours.test", "pbkdf2_sha256$2000000000$salt$aGFzaA==")
+    with pytest.raises(store.InvalidInput, match="control character U\\+0000"):
+        services.set_password(CLI, "a@ours.test", "another\x00good password")
+    assert get_user_model().objects.get(username="a@ours.test").check_password("hashed horse")
     with pytest.raises(services.NotPermitted):
         services.set_password(ours_admin, "b@theirs.test", "another good password")
     assert CHEAP_HASH not in str(AuditEntry.objects.values_list("changes", flat=True))
@@ -333,6 +342,110 @@ def test_import_mailboxes_dry_run_writes_no_entry(domains):
     rows = io.StringIO(f"address,password,password_hash,quota\na@ours.test,,{CHEAP_HASH},\n")
     assert [m.address for m in services.import_mailboxes(CLI, rows, dry_run=True)] == ["a@ours.test"]
     assert (Mailbox.objects.count(), AuditEntry.objects.count()) == (0, before)
+
+
+class RecordingHasher(MD5PasswordHasher):
+    """Records, for each password hashed, whether a transaction was open meanwhile."""
+
+    in_transaction: list[bool] = []
+
+    def encode(self, password: str, salt: str) -> str:
+        RecordingHasher.in_transaction.append(connection.in_atomic_block)
+        return super().encode(password, salt)
+
+
+@pytest.fixture
+def recording_hasher(settings):
+    settings.PASSWORD_HASHERS = [
+        f"{__name__}.RecordingHasher",
+        "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+    ]
+    RecordingHasher.in_transaction = []
+    return RecordingHasher
+
+
+@contextmanager
+def counting_commits_and_writes(monkeypatch) -> Iterator[tuple[list[int], list[bool]]]:
+    """Count commits; for each write, record whether it ran inside a transaction."""
+    commits: list[int] = []
+    writes_in_transaction: list[bool] = []
+    commit = connection.commit
+
+    def counting_commit() -> None:
+        commits.append(1)
+        commit()
+
+    def recording(execute, sql, params, many, context):
+        if sql.lstrip().split(" ", 1)[0].upper() in {"INSERT", "UPDATE", "DELETE"}:
+            writes_in_transaction.append(connection.in_atomic_block)
+        return execute(sql, params, many, context)
+
+    monkeypatch.setattr(connection, "commit", counting_commit)
+    with connection.execute_wrapper(recording):
+        yield commits, writes_in_transaction
+
+
+IMPORT_WITH_PASSWORDS = (
+    "address,password,password_hash,quota\n"
+    "a@ours.test,first good password,,\n"
+    f"b@ours.test,,{CHEAP_HASH},\n"
+    "c@ours.test,third good password,,\n"
+)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_import_hashes_outside_any_transaction_then_writes_in_one(recording_hasher, monkeypatch):
+    services.create_domain(CLI, "ours.test")
+    with counting_commits_and_writes(monkeypatch) as (commits, writes_in_transaction):
+        created = services.import_mailboxes(CLI, io.StringIO(IMPORT_WITH_PASSWORDS))
+    assert [mailbox.address for mailbox in created] == ["a@ours.test", "b@ours.test", "c@ours.test"]
+    assert recording_hasher.in_transaction == [False, False]
+    assert len(commits) == 1
+    assert writes_in_transaction and all(writes_in_transaction)
+    assert get_user_model().objects.get(username="c@ours.test").check_password("third good password")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_import_dry_run_hashes_outside_any_transaction_and_writes_nothing(recording_hasher, monkeypatch):
+    services.create_domain(CLI, "ours.test")
+    with counting_commits_and_writes(monkeypatch) as (commits, _):
+        created = services.import_mailboxes(CLI, io.StringIO(IMPORT_WITH_PASSWORDS), dry_run=True)
+    assert len(created) == 3
+    assert recording_hasher.in_transaction == [False, False]
+    assert (commits, Mailbox.objects.count(), get_user_model().objects.count()) == ([], 0, 0)
+
+
+def test_import_refuses_a_missing_domain_or_a_bad_password_before_hashing_anything(domains, recording_hasher):
+    rows = io.StringIO(IMPORT_WITH_PASSWORDS + "d@nowhere.test,fourth good password,,\n")
+    with pytest.raises(store.DomainNotFound, match="^line 5: no such domain: nowhere.test$"):
+        services.import_mailboxes(CLI, rows)
+    rows = io.StringIO(IMPORT_WITH_PASSWORDS + "d@ours.test,password,,\n")
+    with pytest.raises(store.InvalidInput, match="^line 5: password rejected: This password is too common.$"):
+        services.import_mailboxes(CLI, rows)
+    assert recording_hasher.in_transaction == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_service_setting_a_password_hashes_outside_its_transaction(recording_hasher):
+    services.create_domain(CLI, "ours.test")
+    services.create_mailbox(CLI, "a@ours.test", password="first good password")
+    generated = services.create_mailbox(CLI, "b@ours.test").generated_password
+    services.set_password(CLI, "a@ours.test", "second good password")
+    services.save_domain_administrator(CLI, "olivia", ["ours.test"], "a long admin passphrase")
+    assert recording_hasher.in_transaction == [False, False, False, False]
+    assert get_user_model().objects.get(username="b@ours.test").check_password(generated)
+
+
+def test_import_shows_its_rows_to_the_progress_wrapper(domains, recording_hasher):
+    seen: list[int] = []
+
+    def progress(rows):
+        for row in rows:
+            seen.append(row.line)
+            yield row
+
+    services.import_mailboxes(CLI, io.StringIO(IMPORT_WITH_PASSWORDS), progress=progress)
+    assert seen == [2, 3, 4]
 
 
 def test_recalculate_quota_corrects_drift_with_one_entry_per_object(ours_admin, make_mailbox):
@@ -390,6 +503,22 @@ def test_kick_by_session_id_is_scoped(ours_admin, make_mailbox):
         services.kick_sessions(ours_admin, address="b@theirs.test")
 
 
+def test_a_person_needs_the_kick_permission_to_kick(domains, make_mailbox):
+    """Viewing sessions is not enough: a view-only staff user within scope cannot kick."""
+    viewer = get_user_model().objects.create_user("viewer", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_pop3session"))
+    DomainAdministrator.objects.create(user=viewer, domain=domains[0])
+    session = _open_session(make_mailbox("a@ours.test"))
+    with pytest.raises(services.NotPermitted, match="kicking POP3 sessions needs the kick permission"):
+        services.kick_sessions(Actor.for_user(viewer), session_ids=[session.pk])
+    session.refresh_from_db()
+    assert session.kick_requested_at is None
+    assert not AuditEntry.objects.filter(action="kick").exists()
+    viewer.user_permissions.add(Permission.objects.get(codename="kick_pop3session"))
+    viewer = get_user_model().objects.get(pk=viewer.pk)  # a fresh permission cache
+    assert services.kick_sessions(Actor.for_user(viewer), session_ids=[session.pk]) == 1
+
+
 # --- Domain administrators -------------------------------------------------------------------
 
 
@@ -398,6 +527,7 @@ def test_save_domain_administrator_creates_a_staff_login_with_the_group(ours_adm
     assert (user.is_staff, user.is_superuser) == (True, False)
     assert user.check_password("a long admin passphrase")
     assert user.has_perm("mailadmin.change_mailbox") and user.has_perm("mailadmin.view_auditentry")
+    assert user.has_perm("mailadmin.kick_pop3session")
     assert not user.has_perm("mailadmin.add_domain") and not user.has_perm("auth.change_user")
     entry = AuditEntry.objects.get(object_type="administrator")
     assert (entry.action, entry.domain, entry.changes) == (

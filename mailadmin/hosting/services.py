@@ -10,11 +10,17 @@ may create, change, delete and set passwords of mailboxes, kick their sessions, 
 their quota, and change a domain's ``DOMAIN_ADMINISTRATOR_SETTINGS``; they may not create,
 delete, suspend or reactivate a domain, change its quota cap or mailbox limit, or make
 administrators. Outside their domains every request is refused alike, whether or not the
-domain or mailbox exists, so a refusal reveals nothing.
+domain or mailbox exists, so a refusal reveals nothing. A person also needs the
+``kick_pop3session`` permission to kick (domain administrators have it): viewing sessions is
+not enough.
+
+Passwords are hashed before a function opens its transaction: argon2 costs ~100 ms and
+~100 MiB a hash, and a transaction held meanwhile stalls deliveries and logins.
 """
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -26,11 +32,12 @@ from django.utils import timezone
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.hosting import audit, mailboxcsv, scopes, store
-from mailadmin.hosting.actors import Actor
+from mailadmin.hosting.actors import Actor, ActorKind
 from mailadmin.models import Domain, DomainAdministrator, Mailbox, Pop3Session
 
 DOMAIN_ADMINISTRATOR_SETTINGS = frozenset({"default_mailbox_quota_bytes", "quota_warning_percents"})
 ADMINISTRATORS_GROUP = "Domain administrators"
+KICK_PERMISSION = "mailadmin.kick_pop3session"
 # What the admin lets a domain administrator do; scopes narrow every one to their domains.
 ADMINISTRATOR_PERMISSIONS = (
     "view_domain",
@@ -41,6 +48,7 @@ ADMINISTRATOR_PERMISSIONS = (
     "delete_mailbox",
     "view_message",
     "view_pop3session",
+    "kick_pop3session",
     "view_authfailure",
     "view_auditentry",
 )
@@ -48,6 +56,12 @@ ADMINISTRATOR_PERMISSIONS = (
 
 class NotPermitted(store.StoreError):
     """The actor's scope does not cover the request."""
+
+
+@dataclass(frozen=True)
+class NewMailbox:
+    mailbox: Mailbox
+    generated_password: str | None
 
 
 # --- Scope checks ----------------------------------------------------------------------------
@@ -144,6 +158,15 @@ def delete_domain(actor: Actor, name: str) -> None:
         audit.record(actor, "delete", "domain", domain.name, domain_name=domain.name, changes=changes)
 
 
+def domain_deletion_refusal(actor: Actor, name: str) -> str | None:
+    """Why ``delete_domain`` would refuse this actor this domain now, or None."""
+    try:
+        _require_domain_manager(actor, "delete domains")
+        return store.domain_deletion_refusal(store.get_domain(name))
+    except store.StoreError as error:
+        return str(error)
+
+
 def _locked_domain(domain: Domain) -> Domain:
     return Domain.objects.select_for_update().get(pk=domain.pk)
 
@@ -177,19 +200,27 @@ def create_mailbox(
     quota_bytes: int | None = None,
     quota_messages: int = 0,
     create_domain: bool = False,
-) -> store.NewMailbox:
+) -> NewMailbox:
     """Create a mailbox and its login; ``quota_bytes=None`` takes the domain's default quota.
 
-    ``create_domain`` creates a missing domain first, which only a domain manager may do.
+    With neither ``password`` nor ``password_hash`` a random password is generated and returned
+    once in ``generated_password``. ``create_domain`` creates a missing domain first, which only
+    a domain manager may do.
     """
-    domain_name = domain_of(_normalised(normalise_address, address))
+    normalised = _normalised(normalise_address, address)
+    domain_name = domain_of(normalised)
     if create_domain:
         _require_domain_manager(actor, "create domains")
     elif not actor.all_domains:
         _domain_in_scope(actor, domain_name)
+    generated = None
+    if password is None and password_hash is None:
+        generated = password = store.generate_password()
+    if password is not None and password_hash is None:
+        password_hash, password = store.hash_new_password(password, normalised), None
     with transaction.atomic():
         domain_existed = not create_domain or Domain.objects.filter(name=domain_name).exists()
-        created = store.create_mailbox(
+        mailbox = store.create_mailbox(
             address,
             password=password,
             password_hash=password_hash,
@@ -197,13 +228,12 @@ def create_mailbox(
             quota_messages=quota_messages,
             create_domain=create_domain,
         )
-        mailbox = created.mailbox
         if not domain_existed:
             audit.record(actor, "create", "domain", domain_name, domain=mailbox.domain)
         settings = {"active": True, "quota_bytes": mailbox.quota_bytes, "quota_messages": quota_messages}
         changes = {**_created(settings), "password": audit.SECRET_CHANGED}
         audit.record(actor, "create", "mailbox", mailbox.address, domain=mailbox.domain, changes=changes)
-    return created
+    return NewMailbox(mailbox, generated)
 
 
 def update_mailbox(actor: Actor, address: str, **settings: int | bool) -> Mailbox:
@@ -228,11 +258,8 @@ def get_mailbox(actor: Actor, address: str) -> Mailbox:
 
 
 def set_password(actor: Actor, address: str, password: str) -> Mailbox:
-    with transaction.atomic():
-        mailbox = _mailbox_in_scope(actor, address)
-        store.set_password(mailbox.address, password)
-        _record_password_change(actor, mailbox)
-    return mailbox
+    mailbox = _mailbox_in_scope(actor, address)
+    return set_password_hash(actor, mailbox.address, store.hash_new_password(password, mailbox.address))
 
 
 def set_password_hash(actor: Actor, address: str, password_hash: str) -> Mailbox:
@@ -265,30 +292,53 @@ def list_mailboxes(actor: Actor, domain_name: str | None = None) -> list[Mailbox
     return list(mailboxes.order_by("domain__name", "user__username"))
 
 
-def import_mailboxes(actor: Actor, handle: TextIO, *, dry_run: bool = False) -> list[Mailbox]:
+def import_mailboxes(
+    actor: Actor,
+    handle: TextIO,
+    *,
+    dry_run: bool = False,
+    progress: Callable[[list[mailboxcsv.Row]], Iterable[mailboxcsv.Row]] = iter,
+) -> list[Mailbox]:
     """Create every mailbox of an import file (see ``mailboxcsv``) or, on any error, none.
 
-    A refusal names the line. ``dry_run`` checks every row against the database, then rolls
-    back.
+    Each row's domain and password are checked first, so a wrong row costs no hashing; then
+    plain passwords are hashed one row at a time, outside any transaction; then every row is
+    written in one short transaction. ``progress`` wraps the rows while they are hashed (a
+    progress bar). A refusal names the line. ``dry_run`` does all of it, then rolls the
+    transaction back.
     """
     rows = mailboxcsv.parse(handle)
+    for row in rows:
+        with _naming_line(row):
+            _domain_in_scope(actor, domain_of(row.address))
+            if row.password is not None:
+                store.validate_new_password(row.password, row.address)
+    hashed = [(row, _password_hash(row)) for row in progress(rows)]
     with transaction.atomic():
-        created = [_import_row(actor, row) for row in rows]
+        created = [_import_row(actor, row, password_hash) for row, password_hash in hashed]
         if dry_run:
             transaction.set_rollback(True)
     return created
 
 
-def _import_row(actor: Actor, row: mailboxcsv.Row) -> Mailbox:
-    try:
-        _domain_in_scope(actor, domain_of(row.address))
+def _password_hash(row: mailboxcsv.Row) -> str:
+    if row.password_hash is not None:
+        return row.password_hash
+    with _naming_line(row):
+        return store.hash_new_password(row.password, row.address)
+
+
+def _import_row(actor: Actor, row: mailboxcsv.Row, password_hash: str) -> Mailbox:
+    with _naming_line(row):
         return create_mailbox(
-            actor,
-            row.address,
-            password=row.password,
-            password_hash=row.password_hash,
-            quota_bytes=row.quota_bytes,
+            actor, row.address, password_hash=password_hash, quota_bytes=row.quota_bytes
         ).mailbox
+
+
+@contextmanager
+def _naming_line(row: mailboxcsv.Row) -> Iterator[None]:
+    try:
+        yield
     except store.StoreError as error:
         raise type(error)(f"line {row.line}: {error}") from None
 
@@ -323,11 +373,22 @@ def _record_drifts(actor: Actor, drifts: list[store.Drift]) -> None:
 # --- POP3 sessions ---------------------------------------------------------------------------
 
 
+def may_kick(actor: Actor) -> bool:
+    """A person needs the kick permission (viewing sessions is not enough); other actors are
+    bounded by their scope alone."""
+    if actor.kind != ActorKind.USER:
+        return True
+    user = get_user_model().objects.filter(pk=actor.user_id).first()
+    return user is not None and user.has_perm(KICK_PERMISSION)
+
+
 def kick_sessions(
     actor: Actor, *, address: str | None = None, session_ids: Iterable[uuid.UUID | str] | None = None
 ) -> int:
     """Ask the POP3 servers to end open sessions of a mailbox, or the sessions named, without
     applying their deletions; return how many were newly marked."""
+    if not may_kick(actor):
+        raise NotPermitted("not permitted: kicking POP3 sessions needs the kick permission")
     sessions = scopes.visible_to(actor, Pop3Session).open().filter(kick_requested_at__isnull=True)
     if address is not None:
         sessions = sessions.filter(mailbox=_mailbox_in_scope(actor, address))
@@ -372,7 +433,7 @@ def save_domain_administrator(
     domains = {domain.name: domain for domain in (store.get_domain(name) for name in domain_names)}
     if not domains:
         raise store.InvalidInput("name at least one domain")
-    store.validate_new_password(password, username)
+    password_hash = store.hash_new_password(password, username)
     with transaction.atomic():
         user = user_model.objects.select_for_update().filter(username=username).first()
         created = user is None
@@ -386,7 +447,7 @@ def save_domain_administrator(
             raise store.InvalidInput(f"{username} is a superuser, who administers every domain already")
         before = [] if created else sorted(user.administered_domains.values_list("domain__name", flat=True))
         user.is_staff = True
-        user.set_password(password)
+        user.password = password_hash
         user.save()
         user.groups.add(_administrators_group())
         DomainAdministrator.objects.filter(user=user).exclude(domain__in=domains.values()).delete()

@@ -1,15 +1,19 @@
 """Domains, mailbox logins and their settings: the rows that hold the counters."""
 
+import hashlib
+import math
 import secrets
+import time
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from django.contrib.auth import get_user_model
-from django.contrib.auth.hashers import get_hasher, identify_hasher
+from django.contrib.auth.hashers import identify_hasher, make_password
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import Count, F, Sum
+from django.db.models import Count, F, Max, Sum
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.hosting.store.errors import (
@@ -20,11 +24,12 @@ from mailadmin.hosting.store.errors import (
     MailboxNotFound,
 )
 from mailadmin.hosting.store.fastsql import find_mailbox
-from mailadmin.models import Domain, Mailbox, Message, MessageChunk, parse_percents
+from mailadmin.models import Domain, Mailbox, Message, MessageChunk, UidValidityCounter, parse_percents
 
 MAX_BIGINT = 2**63 - 1
 MAX_INT32 = 2**31 - 1  # PositiveIntegerField on PostgreSQL
 GENERATED_PASSWORD_BYTES = 18
+PASSWORD_COLUMN_LENGTH = 128  # auth.User.password
 MAILBOX_SETTINGS = frozenset({"active", "quota_bytes", "quota_messages"})
 DOMAIN_SETTINGS = frozenset(
     {"active", "quota_bytes", "max_mailboxes", "default_mailbox_quota_bytes", "quota_warning_percents"}
@@ -47,12 +52,6 @@ def get_mailbox(address: str) -> Mailbox:
     return mailbox
 
 
-@dataclass(frozen=True)
-class NewMailbox:
-    mailbox: Mailbox
-    generated_password: str | None
-
-
 def create_mailbox(
     address: str,
     *,
@@ -61,43 +60,36 @@ def create_mailbox(
     quota_bytes: int | None = None,
     quota_messages: int = 0,
     create_domain: bool = False,
-) -> NewMailbox:
-    """Create the login user and its mailbox.
+) -> Mailbox:
+    """Create the login user and its mailbox, with exactly one of ``password`` and ``password_hash``.
 
-    With neither ``password`` nor ``password_hash`` a random password is generated and
-    returned once in ``generated_password``. ``quota_bytes=None`` takes the domain's default.
+    ``quota_bytes=None`` takes the domain's default.
     """
     normalised = _checked(normalise_address, address)
-    if password is not None and password_hash is not None:
-        raise InvalidInput("give a password or a password hash, not both")
-    if password_hash is not None:
-        check_password_hash(password_hash)
-    generated = None
-    if password is None and password_hash is None:
-        generated = password = secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
+    if (password is None) == (password_hash is None):
+        raise InvalidInput("give exactly one of a password and a password hash")
     if quota_bytes is not None:
         _require_in_range(quota_bytes=quota_bytes)
     _require_in_range(MAX_INT32, quota_messages=quota_messages)
-    if password is not None:
-        validate_new_password(password, normalised)
+    if password_hash is not None:
+        check_password_hash(password_hash)
+    else:
+        password_hash = hash_new_password(password, normalised)
     with transaction.atomic():
         domain = _domain_for_new_mailbox(domain_of(normalised), create_domain)
         user_model = get_user_model()
         if user_model.objects.filter(username=normalised).exists():
             raise AlreadyExists(f"mailbox {normalised} already exists")
-        user = user_model(username=normalised, email=normalised)
-        if password_hash is not None:
-            user.password = password_hash
-        else:
-            user.set_password(password)
+        user = user_model(username=normalised, email=normalised, password=password_hash)
         user.save()
         mailbox = Mailbox.objects.create(
             user=user,
             domain=domain,
+            uid_validity=next_uid_validity(),
             quota_bytes=domain.default_mailbox_quota_bytes if quota_bytes is None else quota_bytes,
             quota_messages=quota_messages,
         )
-    return NewMailbox(mailbox, generated)
+    return mailbox
 
 
 def _domain_for_new_mailbox(domain_name: str, create_missing: bool) -> Domain:
@@ -114,21 +106,108 @@ def _domain_for_new_mailbox(domain_name: str, create_missing: bool) -> Domain:
     return domain
 
 
+# An imported hash may cost at most this many times today's default to check: a cost far above
+# it ties up a hashing thread per login attempt (PBKDF2 at 2e9 iterations: until killed).
+MAX_HASH_COST_FACTOR = 10
+# OpenSSL's memory limit for scrypt when the hasher's maxmem is 0; above it verification fails.
+SCRYPT_DEFAULT_MAXMEM = 32 * 1024**2
+
+
+@dataclass(frozen=True)
+class _HashCost:
+    field: str  # the key in the hasher's decode()
+    default: str  # the hasher attribute holding today's default
+    doubling: bool = False  # each step doubles the cost (bcrypt's rounds)
+
+
+# The parameters that set what checking a hash costs, per algorithm; hashes without any (MD5) cost
+# nothing to check.
+_HASH_COSTS: dict[str, tuple[_HashCost, ...]] = {
+    "pbkdf2_sha256": (_HashCost("iterations", "iterations"),),
+    "pbkdf2_sha1": (_HashCost("iterations", "iterations"),),
+    "argon2": (
+        _HashCost("time_cost", "time_cost"),
+        _HashCost("memory_cost", "memory_cost"),
+        _HashCost("parallelism", "parallelism"),
+    ),
+    "scrypt": (
+        _HashCost("work_factor", "work_factor"),
+        _HashCost("block_size", "block_size"),
+        _HashCost("parallelism", "parallelism"),
+    ),
+    "bcrypt_sha256": (_HashCost("work_factor", "rounds", doubling=True),),
+    "bcrypt": (_HashCost("work_factor", "rounds", doubling=True),),
+}
+BCRYPT_MIN_ROUNDS = 4
+
+
 def check_password_hash(password_hash: str) -> None:
-    """Raise InvalidInput unless one of the configured hashers understands ``password_hash``."""
+    """Raise InvalidInput unless ``password_hash`` can be checked here, at a sane cost.
+
+    The hash must be in the format of a configured hasher whose library is installed (Django
+    finds a missing one only when a login checks the hash), and each of its cost parameters
+    must lie between the smallest valid value and ``MAX_HASH_COST_FACTOR`` times the hasher's
+    default. Every way a hash enters (the import file, ``set_password_hash``, a new mailbox)
+    comes through here.
+    """
     try:
         hasher = identify_hasher(password_hash)
-        get_hasher(hasher.algorithm)
-        hasher.decode(password_hash)
-    except (ValueError, TypeError, KeyError, IndexError):
+    except ValueError:
         raise InvalidInput("password hash is not in a format the configured hashers accept") from None
+    if len(password_hash) > PASSWORD_COLUMN_LENGTH:
+        raise InvalidInput(f"password hash is longer than {PASSWORD_COLUMN_LENGTH} characters")
+    _require_hasher_usable(hasher)
+    try:
+        decoded = hasher.decode(password_hash)
+    except (ValueError, TypeError, KeyError, IndexError, AssertionError):
+        raise InvalidInput(f"password hash is not a valid {hasher.algorithm} hash") from None
+    for cost in _HASH_COSTS.get(hasher.algorithm, ()):
+        _require_sane_cost(hasher, cost, decoded[cost.field])
+    if hasher.algorithm == "scrypt":
+        _require_scrypt_memory(hasher, decoded)
+
+
+def _require_hasher_usable(hasher) -> None:
+    try:
+        if hasher.library is not None:
+            hasher._load_library()
+    except ValueError:
+        module = hasher.library[0] if isinstance(hasher.library, tuple | list) else hasher.library
+        raise InvalidInput(
+            f"password hash is {hasher.algorithm}, which cannot be checked here: "
+            f"the {module} module is not installed"
+        ) from None
+    if hasher.algorithm == "scrypt" and not hasattr(hashlib, "scrypt"):
+        raise InvalidInput("password hash is scrypt, which this Python's OpenSSL cannot check")
+
+
+def _require_sane_cost(hasher, cost: _HashCost, value: int) -> None:
+    default = getattr(hasher, cost.default)
+    if cost.doubling:
+        lowest, highest = BCRYPT_MIN_ROUNDS, default + int(math.log2(MAX_HASH_COST_FACTOR))
+    else:
+        lowest, highest = 1, default * MAX_HASH_COST_FACTOR
+    if not lowest <= value <= highest:
+        raise InvalidInput(
+            f"password hash has {cost.field.replace('_', ' ')} {value}: {hasher.algorithm} hashes here "
+            f"need {lowest} to {highest} (at most {MAX_HASH_COST_FACTOR} times the current cost)"
+        )
+
+
+def _require_scrypt_memory(hasher, decoded: dict) -> None:
+    work_factor, block_size = decoded["work_factor"], decoded["block_size"]
+    if work_factor < 2 or work_factor & (work_factor - 1):
+        raise InvalidInput(f"password hash has work factor {work_factor}: scrypt needs a power of 2")
+    # OpenSSL's reckoning of what scrypt needs (crypto/evp/pbe_scrypt.c).
+    needed = 128 * block_size * (work_factor + 2 + decoded["parallelism"])
+    maxmem = hasher.maxmem or SCRYPT_DEFAULT_MAXMEM
+    if needed > maxmem:
+        raise InvalidInput(f"password hash needs {needed} bytes to check, more than scrypt's {maxmem} here")
 
 
 def set_password(address: str, password: str) -> None:
     mailbox = get_mailbox(address)
-    validate_new_password(password, mailbox.address)
-    mailbox.user.set_password(password)
-    mailbox.user.save(update_fields=["password"])
+    set_password_hash(mailbox.address, hash_new_password(password, mailbox.address))
 
 
 def set_password_hash(address: str, password_hash: str) -> None:
@@ -174,16 +253,21 @@ def update_domain_settings(domain_id: int, settings: Mapping[str, int | bool | s
 def delete_domain(name: str) -> Domain:
     """Delete a domain that has no mailboxes left; return the row as it was."""
     with transaction.atomic():
-        domain = get_domain(name)
-        domain = Domain.objects.select_for_update().get(pk=domain.pk)
-        mailbox_count = domain.mailboxes.count()
-        if mailbox_count:
-            raise InvalidInput(
-                f"domain {domain.name} still has {mailbox_count} mailbox{'es' if mailbox_count != 1 else ''}:"
-                " delete them first"
-            )
+        domain = Domain.objects.select_for_update().get(pk=get_domain(name).pk)
+        refusal = domain_deletion_refusal(domain)
+        if refusal is not None:
+            raise InvalidInput(refusal)
         Domain.objects.filter(pk=domain.pk).delete()
     return domain
+
+
+def domain_deletion_refusal(domain: Domain) -> str | None:
+    """Why the domain cannot be deleted now, or None: its mailboxes protect it."""
+    mailbox_count = domain.mailboxes.count()
+    if not mailbox_count:
+        return None
+    noun = "mailbox" if mailbox_count == 1 else "mailboxes"
+    return f"domain {domain.name} still has {mailbox_count} {noun}; delete them first"
 
 
 def delete_mailbox(address: str) -> int:
@@ -222,12 +306,56 @@ def _require_in_range(maximum: int = MAX_BIGINT, **values: int) -> None:
 
 
 def validate_new_password(password: str, username: str) -> None:
-    """The configured AUTH_PASSWORD_VALIDATORS, for passwords an operator chooses."""
+    """The configured AUTH_PASSWORD_VALIDATORS, for passwords an operator chooses, and no control
+    character but tab: CR and LF end the PASS line and NUL separates the fields of AUTH PLAIN, so
+    a password holding one could never log in over POP3."""
+    control = next((char for char in password if unicodedata.category(char) == "Cc" and char != "\t"), None)
+    if control is not None:
+        raise InvalidInput(
+            f"password rejected: it contains the control character U+{ord(control):04X}, "
+            "which no POP3 client can send"
+        )
     user = get_user_model()(username=username, email=username if "@" in username else "")
     try:
         validate_password(password, user)
     except ValidationError as error:
         raise InvalidInput("password rejected: " + " ".join(error.messages)) from None
+
+
+def generate_password() -> str:
+    """A random password for a new mailbox, shown once to whoever creates it."""
+    return secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
+
+
+def hash_new_password(password: str, username: str) -> str:
+    """Validate a password an operator chose (see ``validate_new_password``) and hash it.
+
+    Hashing costs about 100 ms and 100 MiB with argon2: call this before opening a transaction.
+    """
+    validate_new_password(password, username)
+    return make_password(password)
+
+
+def next_uid_validity() -> int:
+    """A ``uid_validity`` for a new mailbox: the clock in seconds, or one more than the last given.
+
+    Strictly increasing, so a mailbox deleted and re-created within one second never repeats
+    its predecessor's UIDLs. The conditional UPDATE succeeds for one taker of each value; the
+    others read again.
+    """
+    counter = UidValidityCounter.objects.filter(pk=UidValidityCounter.ROW_ID)
+    while True:
+        last = counter.values_list("last_given", flat=True).first()
+        if last is None:
+            # The row went with a flushed table; start after every mailbox still here.
+            last = Mailbox.objects.aggregate(last=Max("uid_validity"))["last"] or 0
+            UidValidityCounter.objects.get_or_create(
+                pk=UidValidityCounter.ROW_ID, defaults={"last_given": last}
+            )
+            continue
+        given = max(int(time.time()), last + 1)
+        if counter.filter(last_given=last).update(last_given=given):
+            return given
 
 
 def create_domain(

@@ -3,12 +3,13 @@
 import argparse
 from datetime import datetime
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 from django.utils import timezone
 
 from mailadmin.addresses import normalise_domain
 from mailadmin.hosting import audit
 from mailadmin.hosting.actors import Actor
+from mailadmin.management.commandutils import OperatorCommand
 
 
 def domain_name(text: str) -> str:
@@ -30,7 +31,7 @@ def since(text: str) -> datetime:
     return timezone.make_aware(moment) if timezone.is_naive(moment) else moment
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "Print the audit log, one line per change, oldest first."
 
     def add_arguments(self, parser: CommandParser) -> None:

@@ -1,13 +1,13 @@
 """``createadmin USERNAME --domain NAME ... --password-stdin``: a domain administrator."""
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from mailadmin.hosting import services
 from mailadmin.hosting.actors import Actor
-from mailadmin.management.commandutils import read_password, store_errors
+from mailadmin.management.commandutils import OperatorCommand, read_password, store_errors
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Create a domain administrator (a staff login scoped to the domains named), or give an existing "
         "one exactly these domains and a new password."
@@ -26,7 +26,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--password-stdin",
             action="store_true",
-            help="Read the password from the first line of stdin (required).",
+            help="Read the password from stdin, alone on one line (required).",
         )
 
     def handle(self, *args, username: str, domains: list[str], password_stdin: bool, **options) -> None:

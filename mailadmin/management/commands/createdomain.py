@@ -1,13 +1,13 @@
 """``createdomain NAME``: add a mail domain."""
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
 from mailadmin.hosting import services
 from mailadmin.hosting.actors import Actor
-from mailadmin.management.commandutils import count, quota_text, size, store_errors
+from mailadmin.management.commandutils import OperatorCommand, count, quota_text, size, store_errors
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "Create a mail domain."
 
     def add_arguments(self, parser: CommandParser) -> None:

@@ -1,13 +1,20 @@
 """``createmailbox ADDRESS``: add a mailbox and its login."""
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
 from mailadmin.hosting import services
 from mailadmin.hosting.actors import Actor
-from mailadmin.management.commandutils import count, quota_text, read_password, size, store_errors
+from mailadmin.management.commandutils import (
+    OperatorCommand,
+    count,
+    quota_text,
+    read_password,
+    size,
+    store_errors,
+)
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "Create a mailbox. Without --password-stdin a random password is generated and printed once."
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -28,7 +35,7 @@ class Command(BaseCommand):
             help="Most messages kept (default: unlimited).",
         )
         parser.add_argument(
-            "--password-stdin", action="store_true", help="Read the password from the first line of stdin."
+            "--password-stdin", action="store_true", help="Read the password from stdin, alone on one line."
         )
         parser.add_argument(
             "--create-domain", action="store_true", help="Create the domain first if it is missing."

@@ -2,14 +2,16 @@
 
 import sys
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from mailadmin.hosting import services
 from mailadmin.hosting.actors import Actor
-from mailadmin.management.commandutils import store_errors
+from mailadmin.management.commandutils import OperatorCommand, store_errors
+
+YES = {"y", "yes"}
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "Delete a mailbox, its login and all its messages."
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -30,5 +32,5 @@ class Command(BaseCommand):
             raise CommandError("stdin is not a terminal, so nobody can confirm: pass --no-input to delete")
         self.stdout.write(f"Delete mailbox {address} and its {messages} messages? [y/N] ", ending="")
         self.stdout.flush()
-        if input().strip().lower() != "y":
+        if input().strip().lower() not in YES:
             raise CommandError("aborted: nothing deleted")

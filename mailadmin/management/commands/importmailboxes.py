@@ -1,18 +1,19 @@
 """``importmailboxes FILE.csv``: create many mailboxes in one transaction, all or none."""
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from mailadmin.hosting import mailboxcsv, services
 from mailadmin.hosting.actors import Actor
-from mailadmin.management.commandutils import quota_text, store_errors
+from mailadmin.management.commandutils import OperatorCommand, progress, quota_text, store_errors
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         f"Create the mailboxes listed in a CSV file with the header {','.join(mailboxcsv.HEADER)}: "
         "one of password or password_hash per row (quote hashes that contain commas, like argon2's); "
         "an empty quota takes the domain's default. "
-        "Domains must exist. All rows are created in one transaction, or none if any row is wrong."
+        "Domains must exist. Passwords are hashed first (a progress bar shows on a terminal), then all rows "
+        "are created in one short transaction, or none if any row is wrong."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -28,7 +29,9 @@ class Command(BaseCommand):
     def handle(self, *args, file: str, dry_run: bool, **options) -> None:
         try:
             with open(file, encoding="utf-8-sig", newline="") as handle, store_errors():
-                created = services.import_mailboxes(Actor.cli(), handle, dry_run=dry_run)
+                created = services.import_mailboxes(
+                    Actor.cli(), handle, dry_run=dry_run, progress=progress("hashing passwords")
+                )
         except OSError as error:
             raise CommandError(f"cannot read {file}: {error.strerror}") from None
         except UnicodeDecodeError:

@@ -2,14 +2,12 @@
 
 import uuid
 
-from django.core.management.base import BaseCommand
-
 from mailadmin.hosting import services
 from mailadmin.hosting.actors import Actor
-from mailadmin.management.commandutils import store_errors
+from mailadmin.management.commandutils import OperatorCommand, store_errors
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "End the POP3 sessions of a mailbox, or one session by id, on whichever server holds them."
 
     def add_arguments(self, parser):

@@ -1,19 +1,19 @@
 """``listmailboxes``: a table of mailboxes with their usage."""
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
 from mailadmin.hosting import services
 from mailadmin.hosting.actors import Actor
-from mailadmin.management.commandutils import quota_text, store_errors
+from mailadmin.management.commandutils import OperatorCommand, quota_text, store_errors
 from mailadmin.models import Mailbox
-from mailadmin.units import format_size
+from mailadmin.units import format_size, usage_percent
 
 HEADER = ("address", "active", "messages", "used", "quota", "percent")
 # Text columns read best left-aligned, numbers right-aligned.
 LEFT_ALIGNED = {"address", "active"}
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "List mailboxes with their message count, usage and quota."
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -31,14 +31,14 @@ class Command(BaseCommand):
 
 
 def _row(mailbox: Mailbox) -> tuple[str, ...]:
-    percent = mailbox.usage_percent()
+    percent = usage_percent(mailbox.used_bytes, mailbox.quota_bytes)
     return (
         mailbox.address,
         "yes" if mailbox.active else "no",
         str(mailbox.used_messages),
         format_size(mailbox.used_bytes),
         quota_text(mailbox.quota_bytes),
-        "-" if percent is None else f"{int(percent)}%",  # rounded down: 100% means full
+        "-" if percent is None else f"{percent}%",
     )
 
 

@@ -1,13 +1,13 @@
 """``prunehistory [--days N]``: delete old ended POP3 sessions and failed logins."""
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
 from mailadmin.hosting.history import prune_history
-from mailadmin.management.commandutils import count
+from mailadmin.management.commandutils import OperatorCommand, count
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Delete ended POP3 sessions and failed logins older than N days (default MAILADMIN_HISTORY_DAYS). "
         "Open sessions are kept; safe to run while the servers run."

@@ -1,13 +1,13 @@
 """``recalcquota [ADDRESS]``: recount usage counters from the stored messages."""
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
 from mailadmin.hosting import services
 from mailadmin.hosting.actors import Actor
-from mailadmin.management.commandutils import store_errors
+from mailadmin.management.commandutils import OperatorCommand, store_errors
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "Recount mailbox and domain usage from the stored messages, correct any drift and report it."
 
     def add_arguments(self, parser: CommandParser) -> None:

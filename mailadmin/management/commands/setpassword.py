@@ -1,13 +1,13 @@
 """``setpassword ADDRESS --password-stdin``: replace a mailbox's password."""
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from mailadmin.hosting import services
 from mailadmin.hosting.actors import Actor
-from mailadmin.management.commandutils import read_password, store_errors
+from mailadmin.management.commandutils import OperatorCommand, read_password, store_errors
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = "Set a mailbox's password, read from stdin."
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -15,7 +15,7 @@ class Command(BaseCommand):
         parser.add_argument(
             "--password-stdin",
             action="store_true",
-            help="Read the new password from the first line of stdin (required).",
+            help="Read the new password from stdin, alone on one line (required).",
         )
 
     def handle(self, *args, address: str, password_stdin: bool, **options) -> None:
