@@ -463,6 +463,40 @@ def test_recalculate_quota_corrects_drift_with_one_entry_per_object(ours_admin, 
         services.recalculate_quota(ours_admin, "b@theirs.test")
 
 
+@pytest.mark.django_db(transaction=True)
+def test_each_recounted_row_is_its_own_transaction_with_its_audit_entry(make_mailbox, monkeypatch):
+    """A full recount never holds every mailbox at once: no row waits in an enclosing transaction."""
+    for address in ("a@ours.test", "b@ours.test", "c@theirs.test"):
+        deliver([make_mailbox(address).address], [b"x" * 50])
+    Mailbox.objects.update(used_bytes=1)
+    Domain.objects.update(used_bytes=1)
+    real_record = audit.record
+    nesting: list[tuple[str, bool, int]] = []
+
+    def watched_record(actor, action, object_type, name, **fields):
+        nesting.append((name, connection.in_atomic_block, len(connection.savepoint_ids)))
+        return real_record(actor, action, object_type, name, **fields)
+
+    monkeypatch.setattr(audit, "record", watched_record)
+    services.recalculate_quota(CLI)
+    assert nesting == [
+        ("a@ours.test", True, 0),
+        ("b@ours.test", True, 0),
+        ("c@theirs.test", True, 0),
+        ("ours.test", True, 0),
+        ("theirs.test", True, 0),
+    ]
+
+
+def test_an_administrators_recount_counts_each_of_their_domains_once(ours_admin, make_mailbox):
+    for address in ("a@ours.test", "b@ours.test", "c@theirs.test"):
+        deliver([make_mailbox(address).address], [b"x" * 50])
+    Domain.objects.update(used_bytes=1)
+    drifts = services.recalculate_quota(ours_admin)
+    assert [(drift.subject, drift.counter) for drift in drifts] == [("ours.test", "used_bytes")]
+    assert Domain.objects.get(name="theirs.test").used_bytes == 1
+
+
 # --- Sessions --------------------------------------------------------------------------------
 
 

@@ -344,17 +344,18 @@ def _naming_line(row: mailboxcsv.Row) -> Iterator[None]:
 
 
 def recalculate_quota(actor: Actor, address: str | None = None) -> list[store.Drift]:
-    """Recount usage counters from the stored messages (every mailbox in scope by default)."""
-    with transaction.atomic():
-        if address is not None:
-            drifts = store.recalculate_quota(_mailbox_in_scope(actor, address).address)
-        elif actor.all_domains:
-            drifts = store.recalculate_quota()
-        else:
-            in_scope = scopes.visible_to(actor, Mailbox).select_related("user")
-            drifts = [drift for mailbox in in_scope for drift in store.recalculate_quota(mailbox.address)]
+    """Recount usage counters from the stored messages (every mailbox in scope by default).
+
+    Each row is corrected in its own transaction with its audit entry, so a full recount
+    never holds every mailbox at once.
+    """
+
+    def record(drifts: list[store.Drift]) -> None:
         _record_drifts(actor, drifts)
-    return drifts
+
+    if address is not None:
+        return store.recalculate_quota(_mailbox_in_scope(actor, address).address, record=record)
+    return store.recalculate_quota(domain_ids=actor.domain_ids, record=record)
 
 
 def _record_drifts(actor: Actor, drifts: list[store.Drift]) -> None:

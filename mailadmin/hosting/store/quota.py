@@ -1,5 +1,6 @@
 """Quota recalculation: the counters (and next_uid) recomputed from the messages, and what drifted."""
 
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from django.db import transaction
@@ -21,28 +22,41 @@ class Drift:
     actual: int
 
 
-def recalculate_quota(address: str | None = None) -> list[Drift]:
+Record = Callable[[list[Drift]], None]
+
+
+def recalculate_quota(
+    address: str | None = None, *, domain_ids: Collection[int] | None = None, record: Record | None = None
+) -> list[Drift]:
     """Recompute usage counters from the messages, correct them, and report what drifted.
+
+    One mailbox (``address``) and its domain; or the mailboxes of ``domain_ids`` and those
+    domains; or, with neither, everything. Each mailbox, then each domain, in id order (the
+    order ``lock_group`` locks rows in), is corrected in a transaction of its own, so deliveries
+    wait for one row at a time, never for the whole run; ``record(drifts)`` is called inside
+    that transaction when a row drifted (the caller's audit row).
 
     ``next_uid`` is raised above the highest UID stored (never lowered), so a mailbox whose
     counter went back delivers again instead of failing on a UIDL already taken.
     """
     if address is not None:
-        mailboxes = [get_mailbox(address)]
+        mailbox = get_mailbox(address)
+        mailbox_ids, domain_list = [mailbox.pk], [mailbox.domain_id]
     else:
-        mailboxes = list(Mailbox.objects.select_related("user", "domain"))
+        mailboxes, domains = Mailbox.objects.all(), Domain.objects.all()
+        if domain_ids is not None:
+            mailboxes, domains = mailboxes.filter(domain_id__in=domain_ids), domains.filter(pk__in=domain_ids)
+        mailbox_ids = list(mailboxes.order_by("pk").values_list("pk", flat=True))
+        domain_list = list(domains.order_by("pk").values_list("pk", flat=True))
     drifts: list[Drift] = []
-    for mailbox in mailboxes:
-        drifts += _recalculate_mailbox(mailbox.pk)
-    domain_ids = {mailbox.domain_id for mailbox in mailboxes}
-    if address is None:
-        domain_ids |= set(Domain.objects.values_list("pk", flat=True))
-    for domain_id in sorted(domain_ids):
-        drifts += _recalculate_domain(domain_id)
+    for mailbox_id in mailbox_ids:
+        drifts += _recalculate_mailbox(mailbox_id, record)
+    for domain_id in domain_list:
+        drifts += _recalculate_domain(domain_id, record)
     return drifts
 
 
-def _recalculate_mailbox(mailbox_id: int) -> list[Drift]:
+def _recalculate_mailbox(mailbox_id: int, record: Record | None) -> list[Drift]:
     with transaction.atomic():
         mailbox = Mailbox.objects.select_for_update().select_related("user").get(pk=mailbox_id)
         totals = Message.objects.filter(mailbox_id=mailbox_id).aggregate(
@@ -59,6 +73,8 @@ def _recalculate_mailbox(mailbox_id: int) -> list[Drift]:
         ]
         if drifts:
             Mailbox.objects.filter(pk=mailbox_id).update(**actual)
+            if record is not None:
+                record(drifts)
     return drifts
 
 
@@ -82,7 +98,7 @@ def _is_upper_hex(text: str) -> bool:
     return all(c in "0123456789ABCDEF" for c in text)
 
 
-def _recalculate_domain(domain_id: int) -> list[Drift]:
+def _recalculate_domain(domain_id: int, record: Record | None) -> list[Drift]:
     with transaction.atomic():
         domain = Domain.objects.select_for_update().get(pk=domain_id)
         actual = (
@@ -92,4 +108,7 @@ def _recalculate_domain(domain_id: int) -> list[Drift]:
         if domain.used_bytes == actual:
             return []
         Domain.objects.filter(pk=domain_id).update(used_bytes=actual)
-    return [Drift(domain.name, "used_bytes", domain.used_bytes, actual)]
+        drifts = [Drift(domain.name, "used_bytes", domain.used_bytes, actual)]
+        if record is not None:
+            record(drifts)
+    return drifts
