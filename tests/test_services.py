@@ -1,6 +1,7 @@
 """The service layer: each function's rule, its scope for a domain administrator, its audit row."""
 
 import io
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import MD5PasswordHasher, PBKDF2PasswordHasher
 from django.contrib.auth.models import Permission
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from mailadmin.hosting import audit, scopes, services, store
@@ -464,37 +466,55 @@ def test_recalculate_quota_corrects_drift_with_one_entry_per_object(ours_admin, 
 
 
 @pytest.mark.django_db(transaction=True)
-def test_each_recounted_row_is_its_own_transaction_with_its_audit_entry(make_mailbox, monkeypatch):
-    """A full recount never holds every mailbox at once: no row waits in an enclosing transaction."""
-    for address in ("a@ours.test", "b@ours.test", "c@theirs.test"):
+def test_each_recounted_row_is_committed_with_its_audit_entry_before_the_next(make_mailbox, monkeypatch):
+    """A full recount never holds every mailbox at once: each row's fix is visible to others
+    (committed) by the time the next row's audit entry is written."""
+    for address in ("a@ours.test", "b@ours.test"):
         deliver([make_mailbox(address).address], [b"x" * 50])
     Mailbox.objects.update(used_bytes=1)
-    Domain.objects.update(used_bytes=1)
     real_record = audit.record
-    nesting: list[tuple[str, bool, int]] = []
+    seen_from_elsewhere: dict[str, int] = {}
 
     def watched_record(actor, action, object_type, name, **fields):
-        nesting.append((name, connection.in_atomic_block, len(connection.savepoint_ids)))
+        seen_from_elsewhere[name] = read_elsewhere(
+            lambda: Mailbox.objects.get(user__username="a@ours.test").used_bytes
+        )
         return real_record(actor, action, object_type, name, **fields)
 
     monkeypatch.setattr(audit, "record", watched_record)
     services.recalculate_quota(CLI)
-    assert nesting == [
-        ("a@ours.test", True, 0),
-        ("b@ours.test", True, 0),
-        ("c@theirs.test", True, 0),
-        ("ours.test", True, 0),
-        ("theirs.test", True, 0),
-    ]
+    corrected = Mailbox.objects.get(user__username="a@ours.test").used_bytes
+    assert corrected > 1
+    # While a's entry is written, its fix is not committed yet; by b's, it is.
+    assert seen_from_elsewhere == {"a@ours.test": 1, "b@ours.test": corrected}
+
+
+def read_elsewhere(query):
+    """Run ``query`` on another thread, hence on a connection of its own."""
+    result = []
+
+    def run():
+        try:
+            result.append(query())
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return result[0]
 
 
 def test_an_administrators_recount_counts_each_of_their_domains_once(ours_admin, make_mailbox):
     for address in ("a@ours.test", "b@ours.test", "c@theirs.test"):
         deliver([make_mailbox(address).address], [b"x" * 50])
     Domain.objects.update(used_bytes=1)
-    drifts = services.recalculate_quota(ours_admin)
+    with CaptureQueriesContext(connection) as queries:
+        drifts = services.recalculate_quota(ours_admin)
     assert [(drift.subject, drift.counter) for drift in drifts] == [("ours.test", "used_bytes")]
     assert Domain.objects.get(name="theirs.test").used_bytes == 1
+    domain_sums = [q["sql"] for q in queries.captured_queries if "SUM" in q["sql"] and "JOIN" in q["sql"]]
+    assert len(domain_sums) == 1
 
 
 # --- Sessions --------------------------------------------------------------------------------
