@@ -422,15 +422,16 @@ class AuditEntryAdmin(ReadOnlyAdmin):
 
 
 class LoginUserAdmin(UserAdmin):
-    """Staff and administrator logins only.
+    """Operator logins only: neither mailbox logins nor domain administrators.
 
     A mailbox's login is its address, which never changes; its password and active flag are set on
-    the mailbox's own page, through the service layer. Leaving mailbox logins out of this
-    queryset keeps every user page (change, password, delete) from reaching them.
+    the mailbox's own page, through the service layer. A domain administrator's domains and
+    password are set by ``createadmin`` (the service layer, audited). Leaving both out of this
+    queryset keeps every user page (change, password, delete) from reaching them around it.
     """
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
-        return super().get_queryset(request).filter(mailbox__isnull=True)
+        return super().get_queryset(request).filter(mailbox__isnull=True, administered_domains__isnull=True)
 
 
 admin.site.unregister(get_user_model())

@@ -9,13 +9,11 @@ import time
 from datetime import datetime
 
 from django.conf import settings
-from django.core.exceptions import ValidationError
 from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Now
 from django.utils import timezone
 
-from mailadmin.addresses import normalise_domain
 from pop3 import mailbox as pop3_mailbox
 
 
@@ -99,16 +97,6 @@ class Domain(StoreCounters, models.Model):
 
     def __str__(self) -> str:
         return self.name
-
-    def clean(self) -> None:
-        try:
-            self.name = normalise_domain(self.name)
-        except ValueError as error:
-            raise ValidationError({"name": str(error)}) from None
-        try:
-            parse_percents(self.quota_warning_percents)
-        except ValueError as error:
-            raise ValidationError({"quota_warning_percents": str(error)}) from None
 
     def warning_percents(self) -> list[int]:
         return parse_percents(self.quota_warning_percents or settings.MAILADMIN_QUOTA_WARNING_PERCENTS)

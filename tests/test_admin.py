@@ -292,6 +292,26 @@ def test_stock_user_admin_cannot_reach_a_mailbox_login(client, settings, make_ma
     assert get_user_model().objects.get(pk=mailbox.user_id).check_password("correct horse")
 
 
+def test_user_admin_leaves_domain_administrators_to_createadmin(admin_client, settings):
+    """Their password and domains change only through the service layer, which audits them."""
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    services.create_domain(Actor.cli(), "ours.test")
+    services.save_domain_administrator(Actor.cli(), "olivia", ["ours.test"], "a long admin passphrase")
+    olivia = get_user_model().objects.get(username="olivia")
+    password_page = f"/admin/auth/user/{olivia.pk}/password/"
+    assert admin_client.get(password_page).status_code == 404
+    response = admin_client.post(
+        password_page, {"password1": "taken over 123", "password2": "taken over 123"}
+    )
+    assert response.status_code == 404
+    assert admin_client.post(f"/admin/auth/user/{olivia.pk}/delete/", {"post": "yes"}).status_code in (
+        302,
+        404,
+    )
+    assert "olivia" not in admin_client.get("/admin/auth/user/").content.decode()
+    assert get_user_model().objects.get(pk=olivia.pk).check_password("a long admin passphrase")
+
+
 def _session_of(mailbox: Mailbox) -> Pop3Session:
     return Pop3Session.objects.create(
         id=uuid.uuid4(),

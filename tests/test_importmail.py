@@ -506,7 +506,7 @@ def test_over_quota_stops_the_import_and_a_rerun_resumes(make_mailbox, tmp_path)
         " (2 imported before it; run again to resume)"
     )
     assert stored(mailbox) == [normalise(m) for m in messages[:2]]
-    store.set_quota(mailbox.address, quota_bytes=0)
+    store.update_mailbox_settings(mailbox.pk, {"quota_bytes": 0})
     assert command("importmail", mailbox.address, "--mbox", str(path)) == (
         "alice@example.test: 1 imported, 2 already present\n"
     )

@@ -157,7 +157,7 @@ def test_domain_quota_caps_total_usage_across_mailboxes(make_mailbox):
 def test_per_recipient_results(make_mailbox):
     good = make_mailbox("good@example.test")
     off = make_mailbox("off@example.test")
-    store.set_mailbox_active(off.address, False)
+    store.update_mailbox_settings(off.pk, {"active": False})
     full = make_mailbox("full@example.test", quota_bytes=10)
     results = deliver(
         ["good@example.test", "nobody@example.test", "off@example.test", full.address, "bad"], [b"hi"]

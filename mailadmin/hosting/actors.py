@@ -52,9 +52,6 @@ class Actor:
     def all_domains(self) -> bool:
         return self.domain_ids is None
 
-    def may_touch_domain(self, domain_id: int | None) -> bool:
-        return self.domain_ids is None or domain_id in self.domain_ids
-
 
 def _os_user() -> str:
     try:

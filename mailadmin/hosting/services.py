@@ -82,7 +82,7 @@ def _require_domain_manager(actor: Actor, what: str) -> None:
 
 
 def _domain_in_scope(actor: Actor, name: str) -> Domain:
-    domain_name = _normalised(normalise_domain, name)
+    domain_name = store.normalised_or_refused(normalise_domain, name)
     if actor.all_domains:
         return store.get_domain(domain_name)
     domain = Domain.objects.filter(name=domain_name, pk__in=actor.domain_ids).first()
@@ -92,17 +92,15 @@ def _domain_in_scope(actor: Actor, name: str) -> Domain:
 
 
 def _mailbox_in_scope(actor: Actor, address: str) -> Mailbox:
-    normalised = _normalised(normalise_address, address)
-    if not actor.all_domains:
-        _domain_in_scope(actor, domain_of(normalised))
-    return store.get_mailbox(normalised)
-
-
-def _normalised(normalise, value: str) -> str:
-    try:
-        return normalise(value)
-    except ValueError as error:
-        raise store.InvalidInput(str(error)) from None
+    """The mailbox, if the actor's scope covers the domain it belongs to (its row, not its name)."""
+    normalised = store.normalised_or_refused(normalise_address, address)
+    if actor.all_domains:
+        return store.get_mailbox(normalised)
+    mailbox = store.find_mailbox(normalised)
+    if mailbox is not None and mailbox.domain_id in actor.domain_ids:
+        return mailbox
+    _domain_in_scope(actor, domain_of(normalised))  # outside their domains: refused alike
+    raise store.MailboxNotFound(f"no such mailbox: {normalised}")
 
 
 # --- Domains ---------------------------------------------------------------------------------
@@ -207,7 +205,7 @@ def create_mailbox(
     once in ``generated_password``. ``create_domain`` creates a missing domain first, which only
     a domain manager may do.
     """
-    normalised = _normalised(normalise_address, address)
+    normalised = store.normalised_or_refused(normalise_address, address)
     domain_name = domain_of(normalised)
     if create_domain:
         _require_domain_manager(actor, "create domains")

@@ -37,7 +37,7 @@ DOMAIN_SETTINGS = frozenset(
 
 
 def get_domain(name: str) -> Domain:
-    domain_name = _checked(normalise_domain, name)
+    domain_name = normalised_or_refused(normalise_domain, name)
     try:
         return Domain.objects.get(name=domain_name)
     except Domain.DoesNotExist:
@@ -45,7 +45,7 @@ def get_domain(name: str) -> Domain:
 
 
 def get_mailbox(address: str) -> Mailbox:
-    normalised = _checked(normalise_address, address)
+    normalised = normalised_or_refused(normalise_address, address)
     mailbox = find_mailbox(normalised)
     if mailbox is None:
         raise MailboxNotFound(f"no such mailbox: {normalised}")
@@ -65,7 +65,7 @@ def create_mailbox(
 
     ``quota_bytes=None`` takes the domain's default.
     """
-    normalised = _checked(normalise_address, address)
+    normalised = normalised_or_refused(normalise_address, address)
     if (password is None) == (password_hash is None):
         raise InvalidInput("give exactly one of a password and a password hash")
     if quota_bytes is not None:
@@ -217,17 +217,6 @@ def set_password_hash(address: str, password_hash: str) -> None:
     get_user_model().objects.filter(pk=mailbox.user_id).update(password=password_hash)
 
 
-def set_quota(address: str, *, quota_bytes: int) -> Mailbox:
-    mailbox = get_mailbox(address)
-    update_mailbox_settings(mailbox.pk, {"quota_bytes": quota_bytes})
-    mailbox.quota_bytes = quota_bytes
-    return mailbox
-
-
-def set_mailbox_active(address: str, active: bool) -> None:
-    update_mailbox_settings(get_mailbox(address).pk, {"active": active})
-
-
 def update_mailbox_settings(mailbox_id: int, settings: Mapping[str, int | bool]) -> None:
     """Write only the named settings (``active``, ``quota_bytes``, ``quota_messages``), never a counter."""
     _require_known(settings, MAILBOX_SETTINGS)
@@ -286,7 +275,8 @@ def delete_mailbox(address: str) -> int:
 # --- Helpers ---------------------------------------------------------------------------------
 
 
-def _checked(normalise, value: str) -> str:
+def normalised_or_refused(normalise, value: str) -> str:
+    """``normalise(value)`` (an address or domain normaliser), its ValueError an InvalidInput."""
     try:
         return normalise(value)
     except ValueError as error:
@@ -361,7 +351,7 @@ def next_uid_validity() -> int:
 def create_domain(
     name: str, *, quota_bytes: int = 0, max_mailboxes: int = 0, default_mailbox_quota_bytes: int = 0
 ) -> Domain:
-    domain_name = _checked(normalise_domain, name)
+    domain_name = normalised_or_refused(normalise_domain, name)
     _require_in_range(quota_bytes=quota_bytes, default_mailbox_quota_bytes=default_mailbox_quota_bytes)
     _require_in_range(MAX_INT32, max_mailboxes=max_mailboxes)
     try:
