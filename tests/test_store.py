@@ -360,3 +360,13 @@ def test_a_group_that_fails_in_the_database_stores_none_of_its_messages(make_mai
     assert Message.objects.count() == 0
     assert list(Mailbox.objects.values_list("used_bytes", "used_messages", "next_uid")) == [(0, 0, 1)] * 2
     assert Domain.objects.get(name="example.test").used_bytes == 0
+
+
+def test_the_quota_warning_mark_is_raised_once_and_lowered_by_the_store(make_mailbox):
+    mailbox = make_mailbox()
+    assert store.mark_quota_warning(mailbox.pk, 80) is True
+    assert store.mark_quota_warning(mailbox.pk, 80) is False  # a second crossing sends nothing
+    assert store.mark_quota_warning(mailbox.pk, 0) is False  # mail deleted: the mark falls
+    assert Mailbox.objects.get(pk=mailbox.pk).quota_warning_percent == 0
+    assert store.mark_quota_warning(mailbox.pk, 95) is True
+    assert Mailbox.objects.get(pk=mailbox.pk).quota_warning_percent == 95

@@ -274,11 +274,8 @@ def _warn_if_quota_crossed(copy: _Copy) -> None:
     percent = max(reached, default=0)
     if percent == mailbox.quota_warning_percent:
         return
-    marks = Mailbox.objects.filter(pk=mailbox.pk)
     try:
-        if percent < mailbox.quota_warning_percent:
-            marks.filter(quota_warning_percent__gt=percent).update(quota_warning_percent=percent)
-        elif marks.filter(quota_warning_percent__lt=percent).update(quota_warning_percent=percent):
+        if store.mark_quota_warning(mailbox.pk, percent):
             _deliver_warning(mailbox, percent, copy.used_bytes)
     except DATABASE_ERRORS:
         logger.exception("quota warning for %s failed", mailbox.address)

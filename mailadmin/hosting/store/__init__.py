@@ -67,6 +67,7 @@ from mailadmin.hosting.store.messages import (
     iter_mailbox_messages_for_export,
     iter_message_bytes,
     lock_group,
+    mark_quota_warning,
     validate_uidl,
 )
 from mailadmin.hosting.store.quota import Drift, recalculate_quota
@@ -108,6 +109,7 @@ __all__ = [
     "iter_mailbox_messages_for_export",
     "iter_message_bytes",
     "lock_group",
+    "mark_quota_warning",
     "maildrop_snapshot",
     "next_uid_validity",
     "normalised_or_refused",

@@ -99,6 +99,20 @@ def append_message_in_group(
     return _insert_message(mailbox, message, prefix, uidl, used_bytes, envelope_sender)
 
 
+def mark_quota_warning(mailbox_id: int, percent: int) -> bool:
+    """Move the mailbox's announced warning percentage to ``percent``; True when this call raised it.
+
+    Conditional UPDATEs: of deliveries crossing the same line at once, exactly one raises the
+    mark (and so sends the warning); a lower ``percent`` (mail was deleted) lowers it, so the
+    next crossing warns again.
+    """
+    marks = Mailbox.objects.filter(pk=mailbox_id)
+    if marks.filter(quota_warning_percent__lt=percent).update(quota_warning_percent=percent):
+        return True
+    marks.filter(quota_warning_percent__gt=percent).update(quota_warning_percent=percent)
+    return False
+
+
 def lock_group(mailboxes: Iterable[Mailbox]) -> None:
     """Row-lock every mailbox of a group, then every domain, each in id order.
 
