@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from mailadmin.hosting import store
+from mailadmin.hosting import services
+from mailadmin.hosting.actors import Actor
 from mailadmin.hosting.store import iter_message_bytes
 from mailadmin.mailin.delivery import deliver
 from mailadmin.models import Mailbox, Message
@@ -135,7 +136,7 @@ def test_mixed_recipients_get_their_own_rcpt_replies_and_one_data_reply_per_acce
     make_mailbox(good)
     make_mailbox(other)
     make_mailbox(inactive)
-    store.set_mailbox_active(inactive, False)
+    services.update_mailbox(Actor.cli(), inactive, active=False)
     make_full_mailbox(make_mailbox, full, settings)
     full_before = (counters(full)[:2], stored_messages(full))
     with lmtp_server.connect() as client:

@@ -11,7 +11,8 @@ from django.contrib.auth.hashers import PBKDF2PasswordHasher, make_password
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from mailadmin.hosting import store
+from mailadmin.hosting import services
+from mailadmin.hosting.actors import Actor
 from mailadmin.mailin.delivery import deliver
 from mailadmin.models import Domain, Mailbox, Message
 from tests.conftest import run_manage
@@ -421,7 +422,7 @@ def test_listmailboxes_prints_an_aligned_table(make_mailbox):
     make_mailbox("alice@a.test", quota_bytes=MiB)
     make_mailbox("bob@b.test")
     make_mailbox("carol@a.test", quota_bytes=1000)
-    store.set_mailbox_active("bob@b.test", False)
+    services.update_mailbox(Actor.cli(), "bob@b.test", active=False)
     Mailbox.objects.filter(user__username="alice@a.test").update(used_bytes=440 * 1024, used_messages=12)
     Mailbox.objects.filter(user__username="carol@a.test").update(used_bytes=999, used_messages=1)
     assert run("listmailboxes") == (

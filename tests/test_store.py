@@ -4,7 +4,8 @@ import pytest
 from django.db import DatabaseError
 from django.db.models import Sum
 
-from mailadmin.hosting import store
+from mailadmin.hosting import services, store
+from mailadmin.hosting.actors import Actor
 from mailadmin.hosting.store import fastsql
 from mailadmin.mailin.delivery import (
     Delivery,
@@ -258,7 +259,7 @@ def test_find_mailbox_loads_what_the_orm_loads(make_mailbox):
     make_mailbox("other@example.test")
     created = make_mailbox("found@example.test", quota_bytes=5000)
     deliver([created.address], [b"Subject: x\r\n\r\nbody\r\n"])
-    store.set_mailbox_active(created.address, False)
+    services.update_mailbox(Actor.cli(), created.address, active=False)
     expected = Mailbox.objects.select_related("user", "domain").get(pk=created.pk)
 
     found = store.find_mailbox("found@example.test")
