@@ -37,8 +37,8 @@ class BoundedExecutor:
     async def run(self, function: Callable[..., T], *args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, _database_unit, function, args)
 
-    def shutdown(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def shutdown(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
 def _database_unit(function: Callable[..., T], args: tuple) -> T:

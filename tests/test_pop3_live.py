@@ -274,6 +274,25 @@ def test_the_monitor_gives_up_when_a_tick_hangs_past_the_lease_ttl(make_mailbox)
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_monitor_that_gave_up_stops_without_asking_the_silent_database_again(make_mailbox):
+    executor = SilentExecutor()
+    leases = LeaseKeeper(executor, node=NODE, ttl_seconds=0.05)
+    assert leases.lease(make_mailbox().pk).acquire()
+    monitor = monitor_on(executor, leases)
+    stopped: list[bool] = []
+
+    async def scenario() -> None:
+        monitor.start()
+        await asyncio.wait({monitor._task}, timeout=30)  # a bound against hanging, not a measure
+        stopping = asyncio.ensure_future(monitor.stop())
+        await asyncio.wait({stopping}, timeout=30)
+        stopped.append(stopping.done())
+
+    asyncio.run(scenario())
+    assert (monitor.gave_up, stopped, executor.runs) == (True, [True], 1)
+
+
+@pytest.mark.django_db(transaction=True)
 def test_without_leases_the_monitor_waits_out_an_outage_however_long(make_mailbox):
     clock = [0.0]
     executor = OutageExecutor(clock)

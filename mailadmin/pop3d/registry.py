@@ -297,10 +297,14 @@ class Pop3Monitor:
     async def stop(self) -> None:
         """Finish the tick in flight, write what is still queued, sign off.
 
-        Call after the sessions have ended.
+        Call after the sessions have ended. A monitor that gave up writes nothing more: the
+        database did not answer, and waiting for it again would keep the process from exiting;
+        the other processes' sweep ends this one's session rows as lost.
         """
         self._stopping.set()
         await self._task
+        if self.gave_up:
+            return
         await self.tick()
         try:
             await self.executor.run(unregister_node, self.node)

@@ -162,6 +162,11 @@ class Command(BaseCommand):
         await authenticator.settle()
         await monitor.stop()
         hashing.shutdown()
+        if monitor.gave_up:
+            # The database stopped answering: the leases lapse by themselves, and no thread
+            # stuck in a query is waited for (PostgreSQL's keepalives end it in time).
+            database.shutdown(wait=False)
+            return False
         await leases.release_all()
         database.shutdown()
-        return not monitor.gave_up
+        return True
