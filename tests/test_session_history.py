@@ -220,3 +220,15 @@ def test_a_kick_moves_the_change_marker():
     Pop3Session.objects.update(updated_at=LONG_AGO)
     assert services.kick_sessions(Actor.cli(), session_ids=[open_session.pk]) == 1
     assert list(Pop3Session.objects.changed_since(LONG_AGO).values_list("pk", flat=True)) == [open_session.pk]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rows_queued_again_after_a_failed_tick_are_written_once_without_an_error(caplog):
+    pop3 = monitor()
+    recorder = opened(pop3)
+    outbox = pop3.outbox
+    registry.write_session_rows(outbox)
+    with caplog.at_level("ERROR", logger="mailadmin.pop3"):
+        registry.write_session_rows(outbox)  # the same inserts again, as a requeue sends them
+    assert Pop3Session.objects.filter(pk=recorder.session_id).count() == 1
+    assert [record.getMessage() for record in caplog.records] == []

@@ -366,7 +366,8 @@ def write_session_rows(outbox: _Outbox) -> None:
 
 def _apply(inserts: list[dict], updates) -> None:
     if inserts:
-        Pop3Session.objects.bulk_create([Pop3Session(**fields) for fields in inserts])
+        # A tick that failed after its rows were committed queues them again: skip what exists.
+        Pop3Session.objects.bulk_create([Pop3Session(**fields) for fields in inserts], ignore_conflicts=True)
     for session_id, fields in updates:
         fields = {**fields, "updated_at": Now()}
         if "tried_domain" in fields:
