@@ -12,9 +12,9 @@ from django.utils import timezone
 
 from mailadmin.executors import BoundedExecutor
 from mailadmin.hosting import services
-from mailadmin.hosting.actors import Actor
+from mailadmin.hosting.actors import Actor, ActorKind
 from mailadmin.hosting.history import Pruned, prune_history
-from mailadmin.models import AuthFailure, Domain, Pop3Node, Pop3Session
+from mailadmin.models import AuditEntry, AuthFailure, Domain, Pop3Node, Pop3Session
 from mailadmin.pop3d import registry
 from mailadmin.pop3d.authenticator import record_failure
 from mailadmin.pop3d.leases import LeaseKeeper
@@ -181,6 +181,23 @@ def test_prunehistory_removes_what_ended_before_the_cutoff_and_never_an_open_ses
     assert capsys.readouterr().out == "removed 1 ended session and 1 failed login older than 0 days\n"
     assert list(Pop3Session.objects.values_list("pk", flat=True)) == [still_open.pk]
     assert not AuthFailure.objects.exists()
+    assert list(
+        AuditEntry.objects.order_by("pk").values_list("actor_kind", "action", "object_name", "changes")
+    ) == [
+        ("cli", "prune history", "older than 30 days", {"ended sessions": [1, 0], "failed logins": [1, 0]}),
+        ("cli", "prune history", "older than 0 days", {"ended sessions": [1, 0], "failed logins": [1, 0]}),
+    ]
+
+
+@pytest.mark.django_db
+def test_a_domain_administrator_may_not_prune_every_domains_history():
+    domain = Domain.objects.create(name="ours.test")
+    olivia = Actor(ActorKind.USER, "olivia", domain_ids=frozenset({domain.pk}))
+    session_row(started=days_ago(41), ended=days_ago(40))
+    with pytest.raises(services.NotPermitted):
+        services.prune_history(olivia, 0)
+    assert Pop3Session.objects.count() == 1
+    assert not AuditEntry.objects.exists()
 
 
 @pytest.mark.django_db

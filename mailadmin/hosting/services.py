@@ -31,7 +31,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
-from mailadmin.hosting import audit, mailboxcsv, scopes, store
+from mailadmin.hosting import audit, history, mailboxcsv, scopes, store
 from mailadmin.hosting.actors import Actor, ActorKind
 from mailadmin.models import Domain, DomainAdministrator, Mailbox, Pop3Session
 
@@ -367,6 +367,25 @@ def _record_drifts(actor: Actor, drifts: list[store.Drift]) -> None:
         object_type = "mailbox" if "@" in subject else "domain"
         domain = domains.get(subject.rpartition("@")[2])
         audit.record(actor, "recalculate quota", object_type, subject, domain=domain, changes=changes)
+
+
+# --- History ---------------------------------------------------------------------------------
+
+
+def prune_history(actor: Actor, days: int) -> history.Pruned:
+    """Delete history older than ``days`` (batched, see ``history.prune_history``); every domain's
+    history, so the command line's and superusers' alone. One audit entry says how much went."""
+    _require_domain_manager(actor, "prune the session history")
+    pruned = history.prune_history(days)
+    with transaction.atomic():
+        audit.record(
+            actor,
+            "prune history",
+            "history",
+            f"older than {days} days",
+            changes={"ended sessions": [pruned.sessions, 0], "failed logins": [pruned.failures, 0]},
+        )
+    return pruned
 
 
 # --- POP3 sessions ---------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 from django.conf import settings
 from django.core.management.base import CommandParser
 
-from mailadmin.hosting.history import prune_history
+from mailadmin.hosting import services
+from mailadmin.hosting.actors import Actor
 from mailadmin.management.commandutils import OperatorCommand, count
 
 
@@ -19,7 +20,7 @@ class Command(OperatorCommand):
     def handle(self, *args, days: int | None, **options) -> None:
         if days is None:
             days = settings.MAILADMIN_HISTORY_DAYS
-        pruned = prune_history(days)
+        pruned = services.prune_history(Actor.cli(), days)
         self.stdout.write(
             f"removed {_counted(pruned.sessions, 'ended session')} and "
             f"{_counted(pruned.failures, 'failed login')} older than {_counted(days, 'day')}"
