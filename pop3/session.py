@@ -55,6 +55,30 @@ LOGIN_FAILURE_REPLIES = {
     LoginFailure.TEMPORARY: ("Temporary authentication failure.", ResponseCode.SYS_TEMP),
 }
 
+# Characters that could end a log field or start a new one ("user=<x> rip=..."), escaped in
+# client text written to a log line, as every space, control and unprintable character is.
+_LOG_DELIMITERS = frozenset('\\<>="')
+
+
+def log_text(text: str) -> str:
+    """Client text as one log field that can neither end early nor fake another.
+
+    Printable characters other than white space and ``\\ < > = "`` stand as they are; every
+    other character is written as ``\\xHH``, ``\\uHHHH`` or ``\\UHHHHHHHH``.
+    """
+    if text.isprintable() and " " not in text and _LOG_DELIMITERS.isdisjoint(text):
+        return text
+    return "".join(_log_char(c) for c in text)
+
+
+def _log_char(c: str) -> str:
+    if c.isprintable() and not c.isspace() and c not in _LOG_DELIMITERS:
+        return c
+    code = ord(c)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
 
 class ConnectionLost(Exception):
     """The client went away."""
@@ -167,7 +191,9 @@ class Session:
         except TimeoutError:
             return EndReason.TIMEOUT  # RFC 1939 section 3: close without a response
         except ReplyCutShort as error:
-            logger.warning("POP3 session %s <%s>: %s; closing", self.io.info.session_id, self.username, error)
+            logger.warning(
+                "POP3 session %s <%s>: %s; closing", self.io.info.session_id, log_text(self.username), error
+            )
             return EndReason.ERROR
         except Exception:
             logger.exception("POP3 session failed")
@@ -425,7 +451,7 @@ class Session:
             if deleted:
                 await self._maildrop.commit(deleted)
         except MaildropError:
-            logger.warning("UPDATE failed for %s", self.username)
+            logger.warning("UPDATE failed for <%s>", log_text(self.username))
             self._write(err(TEXT_COMMIT_FAILED, ResponseCode.SYS_TEMP))
             return
         finally:

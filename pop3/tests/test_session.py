@@ -57,6 +57,7 @@ from pop3.session import (
     ConnectionLost,
     Session,
     Timeouts,
+    log_text,
 )
 
 M1 = b"Subject: one\r\n\r\nhello\r\n"  # 23 octets
@@ -1024,3 +1025,21 @@ def test_every_teardown_step_runs_when_release_raises(caplog):
     assert [(record.getMessage(), record.exc_info[0]) for record in caplog.records] == [
         ("POP3 session 0123abcd: teardown failed", RuntimeError)
     ]
+
+
+# --- Log lines (P9) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("client_text", "logged"),
+    [
+        ("alice@example.test", "alice@example.test"),
+        ("jürgen@exämple.test", "jürgen@exämple.test"),
+        ('a\\b"c', "a\\x5cb\\x22c"),
+        ("tab\there\x00", "tab\\x09here\\x00"),
+        ("rtl\u202eoverride\u00a0", "rtl\\u202eoverride\\xa0"),
+        ("\U000e0041tag", "\\U000e0041tag"),
+    ],
+)
+def test_log_text_escapes_delimiters_spaces_and_unprintables(client_text, logged):
+    assert log_text(client_text) == logged
