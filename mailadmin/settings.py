@@ -137,6 +137,18 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     }
     # A file, not :memory:, so tests can share the database with worker processes.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test_mailadmin.sqlite3")}
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # libpq gives up on a server that accepts the connection but never completes it, and TCP
+    # keepalives find a peer that vanished (a host gone, a firewall dropping the flow): without
+    # them a daemon's thread waits forever and the process cannot stop promptly.
+    DATABASES["default"]["OPTIONS"] = {
+        "connect_timeout": _env_int("DATABASE_CONNECT_TIMEOUT", 10),
+        "keepalives": 1,
+        "keepalives_idle": _env_int("DATABASE_KEEPALIVES_IDLE", 60),
+        "keepalives_interval": _env_int("DATABASE_KEEPALIVES_INTERVAL", 10),
+        "keepalives_count": _env_int("DATABASE_KEEPALIVES_COUNT", 6),
+        **DATABASES["default"].get("OPTIONS", {}),
+    }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

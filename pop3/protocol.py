@@ -41,6 +41,11 @@ MAX_REPLY_LINE = 512
 # Consecutive bad commands before the server gives up (Dovecot's values).
 MAX_BAD_COMMANDS_BEFORE_LOGIN = 3
 MAX_BAD_COMMANDS_AFTER_LOGIN = 20
+# Command lines (SASL responses included) before login. An honest client needs under ten per
+# attempt (CAPA, STLS, CAPA, AUTH and its responses) and cannot make more than a dozen
+# attempts within the login timeout once failures are delayed; what is left is a flood of
+# pipelined commands that are cheap to send and cost the server a reply each.
+MAX_COMMANDS_BEFORE_LOGIN = 64
 # Message numbers beyond ten digits cannot name a message in any maildrop we serve.
 MAX_NUMBER_DIGITS = 10
 # RFC 4616 section 2: each PLAIN field up to 255 octets must be accepted.
@@ -77,6 +82,7 @@ TEXT_NUL = "NUL bytes are not allowed in commands."
 TEXT_BAD_ENCODING = "Command is not valid UTF-8."
 TEXT_LINE_TOO_LONG = "Input line too long."
 TEXT_TOO_MANY_BAD = "Too many bad commands."
+TEXT_TOO_MANY_COMMANDS = "Too many commands before login."
 TEXT_NO_USERNAME = "No username given."
 TEXT_PLAINTEXT_DISALLOWED = "Plaintext authentication disallowed on non-secure connections."
 TEXT_UNSUPPORTED_MECHANISM = "Unsupported authentication mechanism."
@@ -340,6 +346,7 @@ class Connection:
         self._sasl = _Sasl.NONE
         self._login_username = ""
         self._bad_commands = 0
+        self._commands_before_login = 0
 
     # Input -----------------------------------------------------------------------------------
 
@@ -367,6 +374,10 @@ class Connection:
         del self._buffer[: newline + 1]
         if line.endswith(b"\r"):
             line = line[:-1]  # CRLF, or a bare LF (accepted, as most servers do)
+        if self.state is State.AUTHORIZATION:
+            self._commands_before_login += 1
+            if self._commands_before_login > MAX_COMMANDS_BEFORE_LOGIN:
+                return self._close(err(TEXT_TOO_MANY_COMMANDS), "too many commands before login")
         if self._sasl is not _Sasl.NONE:
             return self._sasl_response(line)
         return self._command(line)

@@ -1,5 +1,11 @@
 """asyncio I/O for POP3: listeners (plain + STLS, implicit TLS), limits, flow control, shutdown.
 
+The listeners accept connections themselves rather than through ``loop.create_server``, so a
+connection counts against the caps from the moment it is accepted: a TLS handshake in progress
+is a connection like any other (asyncio's TLS server would show it to no one until it
+completed, and 2,000 silent clients of one address cost ~270 KiB each), and running out of
+file descriptors pauses accepting with one log line instead of a traceback per attempt.
+
 Each connection gets a :class:`_ClientProtocol`, an ``asyncio.Protocol`` with an explicit input
 queue instead of a ``StreamReader``. That matters for STLS: the session refuses the upgrade if
 any plaintext is queued behind the STLS line, and ``loop.start_tls`` takes the transport over
@@ -8,6 +14,7 @@ TLS (CVE-2011-0411 class; a StreamReader would keep such bytes buffered across t
 """
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
@@ -31,6 +38,14 @@ INPUT_HIGH_WATER = 64 * 1024
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20"
 
 TEXT_TOO_MANY_CONNECTIONS = "Too many connections, try again later."
+
+LISTEN_BACKLOG = 100
+# Connections taken per readiness of a listener, as asyncio's own accept loop does.
+ACCEPTS_PER_WAKEUP = 100
+# When accept() fails for lack of file descriptors or memory, the listener stops for this long
+# (the kernel keeps reporting it readable, so retrying at once would spin).
+ACCEPT_PAUSE_SECONDS = 1.0
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def make_tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
@@ -94,7 +109,8 @@ class _ClientProtocol(asyncio.Protocol):
             implicit_tls=self._implicit_tls,
             session_id=uuid.uuid4().hex,
         )
-        self._server._accept(self)
+        if self._implicit_tls:
+            transport.pause_reading()  # the ClientHello is for start_tls to read, not us
 
     def data_received(self, data: bytes) -> None:
         self._input.append(data)
@@ -197,8 +213,59 @@ class _ClientProtocol(asyncio.Protocol):
             waiter.set_result(None)
 
 
+class _Listener:
+    """One listening socket; hands each accepted connection to the server."""
+
+    def __init__(self, server: "Pop3Server", sock: socket.socket, implicit_tls: bool) -> None:
+        self._server = server
+        self.sock = sock
+        self._implicit_tls = implicit_tls
+        self._loop = asyncio.get_running_loop()
+        self._resume: asyncio.TimerHandle | None = None
+        self._starved = False  # accept() is failing; logged once until one succeeds again
+        sock.setblocking(False)
+
+    def start(self) -> None:
+        self._resume = None
+        self._loop.add_reader(self.sock.fileno(), self._accept_ready)
+
+    def _accept_ready(self) -> None:
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                conn, peer = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as error:
+                self._pause(error)
+                return
+            self._starved = False
+            conn.setblocking(False)
+            self._server._connect(conn, peer[0], self._implicit_tls)
+
+    def _pause(self, error: OSError) -> None:
+        if not self._starved:
+            reason = "out of file descriptors or memory" if error.errno in OUT_OF_RESOURCES else "failing"
+            logger.warning(
+                "POP3 accept on %s is %s (%s); pausing new connections for %g s at a time until it recovers",
+                _address(self.sock),
+                reason,
+                error,
+                ACCEPT_PAUSE_SECONDS,
+            )
+        self._starved = True
+        self._loop.remove_reader(self.sock.fileno())
+        self._resume = self._loop.call_later(ACCEPT_PAUSE_SECONDS, self.start)
+
+    def close(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+        elif self.sock.fileno() >= 0:
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
 class Pop3Server:
-    """The listeners and every live session of one process."""
+    """The listeners and every live connection of one process."""
 
     def __init__(
         self,
@@ -213,19 +280,26 @@ class Pop3Server:
         if config.certfile:
             self.tls_context = make_tls_context(config.certfile, config.keyfile)
         self._trusted = [ipaddress.ip_network(net, strict=False) for net in config.trusted_networks]
-        self._listeners: dict[str, asyncio.Server] = {}
-        self._sessions: dict[_ClientProtocol, tuple[Session, asyncio.Task]] = {}
+        self._listeners: dict[str, _Listener] = {}
+        # Every accepted connection, by its task; the session once the connection has one (a
+        # connection to the implicit-TLS port has none during its handshake).
+        self._connections: dict[asyncio.Task, Session | None] = {}
         self._per_ip: dict[str, int] = {}
         self._accepting = True
 
     @property
     def sessions(self) -> list[Session]:
-        return [session for session, _ in self._sessions.values()]
+        return [session for session in self._connections.values() if session is not None]
+
+    @property
+    def connection_count(self) -> int:
+        """Connections accepted and not yet closed, handshakes in progress included."""
+        return len(self._connections)
 
     @property
     def addresses(self) -> dict[str, tuple[str, int]]:
         """Bound addresses by listener kind ("plain", "tls"), useful with port 0 in tests."""
-        return {kind: server.sockets[0].getsockname()[:2] for kind, server in self._listeners.items()}
+        return {kind: listener.sock.getsockname()[:2] for kind, listener in self._listeners.items()}
 
     async def start(self, sockets: Mapping[str, socket.socket] | None = None) -> None:
         """Listen on the configured ports, or on sockets already bound and listening.
@@ -234,21 +308,21 @@ class Pop3Server:
         them once and every worker process serves the same ones.
         """
         sockets = sockets or {}
-        loop = asyncio.get_running_loop()
-        if self.config.port is not None:
-            self._listeners["plain"] = await loop.create_server(
-                lambda: _ClientProtocol(self, False),
-                **_where(sockets.get("plain"), self.config, self.config.port),
-            )
-        if self.config.tls_port is not None:
-            if self.tls_context is None:
-                raise ValueError("the implicit-TLS listener needs a certificate and key")
-            self._listeners["tls"] = await loop.create_server(
-                lambda: _ClientProtocol(self, True),
-                **_where(sockets.get("tls"), self.config, self.config.tls_port),
-                ssl=self.tls_context,
-                ssl_handshake_timeout=self.config.tls_handshake_timeout,
-            )
+        if self.config.tls_port is not None and self.tls_context is None:
+            raise ValueError("the implicit-TLS listener needs a certificate and key")
+        ports = {"plain": self.config.port, "tls": self.config.tls_port}
+        for kind, port in ports.items():
+            if port is None:
+                continue
+            try:
+                sock = sockets.get(kind) or _listen(self.config.host, port)
+            except OSError:
+                for listener in self._listeners.values():
+                    listener.sock.close()
+                raise
+            self._listeners[kind] = _Listener(self, sock, implicit_tls=kind == "tls")
+        for listener in self._listeners.values():
+            listener.start()
 
     def reload_tls(self) -> None:
         """Load the certificate files again (SIGHUP); new handshakes use them at once."""
@@ -261,23 +335,54 @@ class Pop3Server:
         self._accepting = False
         for listener in self._listeners.values():
             listener.close()
-        for session, _ in list(self._sessions.values()):
-            session.kick(EndReason.SHUTDOWN)
-        tasks = [task for _, task in self._sessions.values()]
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace)
-        for listener in self._listeners.values():
-            await listener.wait_closed()
+        for task, session in list(self._connections.items()):
+            if session is None:
+                task.cancel()
+            else:
+                session.kick(EndReason.SHUTDOWN)
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=grace)
 
     # Connection bookkeeping ------------------------------------------------------------------
 
-    def _accept(self, client: _ClientProtocol) -> None:
-        host = client.info.peer[0]
+    def _connect(self, conn: socket.socket, host: str, implicit_tls: bool) -> None:
+        """A connection just accepted: counted from now, or turned away if over a cap."""
         if not self._accepting or not self._has_room(host):
-            client.transport.write(err(TEXT_TOO_MANY_CONNECTIONS, ResponseCode.SYS_TEMP))
-            client.transport.close()
+            _turn_away(conn, implicit_tls)
             return
         self._per_ip[host] = self._per_ip.get(host, 0) + 1
+        task = asyncio.get_running_loop().create_task(self._serve(conn, host, implicit_tls))
+        self._connections[task] = None
+
+    def _has_room(self, host: str) -> bool:
+        if len(self._connections) >= self.config.max_connections:
+            return False
+        return self._per_ip.get(host, 0) < self.config.max_connections_per_ip
+
+    async def _serve(self, conn: socket.socket, host: str, implicit_tls: bool) -> None:
+        task = asyncio.current_task()
+        client = _ClientProtocol(self, implicit_tls)
+        try:
+            try:
+                await asyncio.get_running_loop().connect_accepted_socket(lambda: client, conn)
+                if implicit_tls:
+                    await client.start_tls()
+            except (OSError, ConnectionLost):
+                return  # gone before a session began: a reset, a failed or timed-out handshake
+            session = self._new_session(client)
+            self._connections[task] = session
+            await session.run()
+        finally:
+            if client.transport is None:
+                conn.close()
+            else:
+                client.close()
+            del self._connections[task]
+            self._per_ip[host] -= 1
+            if not self._per_ip[host]:
+                del self._per_ip[host]
+
+    def _new_session(self, client: _ClientProtocol) -> Session:
         session = Session(
             client,
             self.authenticator,
@@ -287,23 +392,7 @@ class Pop3Server:
         )
         if self._make_observer is not None:
             session.observer = self._make_observer(session)
-        task = asyncio.get_running_loop().create_task(self._run(client, session))
-        self._sessions[client] = (session, task)
-
-    def _has_room(self, host: str) -> bool:
-        if len(self._sessions) >= self.config.max_connections:
-            return False
-        return self._per_ip.get(host, 0) < self.config.max_connections_per_ip
-
-    async def _run(self, client: _ClientProtocol, session: Session) -> None:
-        try:
-            await session.run()
-        finally:
-            del self._sessions[client]
-            host = client.info.peer[0]
-            self._per_ip[host] -= 1
-            if not self._per_ip[host]:
-                del self._per_ip[host]
+        return session
 
     def _policy_for(self, client: _ClientProtocol) -> protocol.Policy:
         return protocol.Policy(
@@ -324,5 +413,32 @@ class Pop3Server:
         return address.is_loopback or any(address in network for network in self._trusted)
 
 
-def _where(sock: socket.socket | None, config: ServerConfig, port: int) -> dict:
-    return {"sock": sock} if sock is not None else {"host": config.host, "port": port}
+def _turn_away(conn: socket.socket, implicit_tls: bool) -> None:
+    """Close a connection over a cap: with a -ERR on the plain port, without a word (and
+    without a handshake) on the implicit-TLS one."""
+    if not implicit_tls:
+        try:
+            conn.send(err(TEXT_TOO_MANY_CONNECTIONS, ResponseCode.SYS_TEMP))
+        except OSError:
+            pass
+    conn.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(LISTEN_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"

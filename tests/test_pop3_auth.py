@@ -3,11 +3,12 @@
 import asyncio
 import dataclasses
 import itertools
+import logging
 import uuid
 from datetime import timedelta
 
 import pytest
-from django.contrib.auth import get_user_model
+from django.contrib.auth import get_user_model, hashers
 from django.contrib.auth.hashers import make_password
 from django.core.management import call_command
 from django.db import InterfaceError, OperationalError
@@ -383,3 +384,162 @@ def test_a_lease_taken_before_the_snapshot_failed_is_given_back(make_mailbox, mo
     request = LoginRequest("half@example.test", PASSWORD, "USER", "192.0.2.10", True, uuid.uuid4().hex)
     assert asyncio.run(authenticator.authenticate(request)).failure is LoginFailure.TEMPORARY
     assert (authenticator.leases.owners(), MaildropLease.objects.count()) == ([], 0)
+
+
+# --- Hashes that cannot be checked, answer times, penalised sources taking turns --------------
+
+
+def fixed_clock_authenticator(**policy) -> Pop3Authenticator:
+    authenticator = authenticator_on(
+        BoundedExecutor(2, "test-db"), BoundedExecutor(1, "test-hash"), penalty_max=0, **policy
+    )
+    authenticator.clock = lambda: 100.0
+    return authenticator
+
+
+def attempt(authenticator: Pop3Authenticator, username: str, password: str = PASSWORD):
+    request = LoginRequest(username, password, "USER", "192.0.2.10", True, uuid.uuid4().hex)
+    return asyncio.run(authenticator.authenticate(request))
+
+
+def store_hash(mailbox: Mailbox, encoded: str) -> None:
+    get_user_model().objects.filter(pk=mailbox.user_id).update(password=encoded)
+
+
+UNCHECKABLE_HASHES = {
+    "bcrypt without its module": "bcrypt_sha256$$2b$12$abcdefghijklmnopqrstuuabcdefghijklmnopqrstuvwxyz01234",
+    "pbkdf2, -1 iterations": "pbkdf2_sha256$-1$c2FsdA$aGFzaA==",
+    "pbkdf2, 10^11 iterations": "pbkdf2_sha256$100000000000$c2FsdA$aGFzaA==",
+    "pbkdf2, 11x the default": "pbkdf2_sha256$11000000$c2FsdA$aGFzaA==",
+    "argon2, 20x the memory": "argon2$argon2id$v=19$m=2048000,t=2,p=8$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("encoded", UNCHECKABLE_HASHES.values(), ids=UNCHECKABLE_HASHES.keys())
+def test_a_hash_that_cannot_be_checked_is_an_ordinary_failed_login_and_is_never_run(
+    make_mailbox, monkeypatch, caplog, encoded
+):
+    store_hash(make_mailbox("imported@example.test"), encoded)
+    runs = []
+    for hasher in ("PBKDF2PasswordHasher", "Argon2PasswordHasher"):
+        real_verify = getattr(hashers, hasher).verify
+        monkeypatch.setattr(
+            getattr(hashers, hasher),
+            "verify",
+            lambda self, *args, real=real_verify: runs.append(self.algorithm) or real(self, *args),
+        )
+    delays = record_sleeps(monkeypatch)
+    authenticator = fixed_clock_authenticator(failure_delay=2.0)
+    with caplog.at_level(logging.WARNING, logger="mailadmin.pop3d.authenticator"):
+        results = [attempt(authenticator, "imported@example.test") for _ in range(2)]
+    assert [(r.failure, r.maildrop) for r in results] == [(LoginFailure.BAD_CREDENTIALS, None)] * 2
+    assert (
+        list(AuthFailure.objects.values_list("username", "reason"))
+        == [("imported@example.test", "bad credentials")] * 2
+    )
+    assert [delay for delay in delays if delay] == [2.0, 2.0]  # no penalty; the failure delay
+    assert runs == []
+    assert len(caplog.messages) == 1  # once per account, however often it is tried
+    assert caplog.messages[0].startswith(
+        "the stored password hash of <imported@example.test> cannot be checked"
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_hash_within_ten_times_the_default_cost_is_still_checked(make_mailbox):
+    mailbox = make_mailbox("strong@example.test")
+    store_hash(mailbox, make_password(PASSWORD, hasher=ScaledPBKDF2()))
+    assert attempt(fixed_clock_authenticator(failure_delay=0), "strong@example.test").failure is None
+
+
+class ScaledPBKDF2(hashers.PBKDF2PasswordHasher):
+    iterations = hashers.PBKDF2PasswordHasher.iterations * 2
+
+
+class FakeDatabase:
+    """penalty_seconds answers from a table by source; row writes succeed and do nothing."""
+
+    def __init__(self, penalties: dict[str, float]) -> None:
+        self.penalties = penalties
+
+    async def run(self, function, *args):
+        if function is penalty_seconds:
+            return self.penalties.get(args[0], 0.0)
+        return None
+
+
+class FakeHashing:
+    """A password check that fails, costing a set time per user on a fake clock; counts overlaps."""
+
+    def __init__(self, clock: list[float], costs: dict[str, float]) -> None:
+        self.clock = clock
+        self.costs = costs
+        self.running = 0
+        self.most_at_once = 0
+
+    async def run(self, function, username, *args):
+        self.running += 1
+        self.most_at_once = max(self.most_at_once, self.running)
+        for _ in range(3):
+            await REAL_SLEEP(0)  # others may start meanwhile
+        self.clock[0] += self.costs.get(username, 0.0)
+        self.running -= 1
+        return None
+
+
+REAL_SLEEP = asyncio.sleep
+
+
+def fake_time_authenticator(monkeypatch, costs: dict[str, float], penalties: dict[str, float] | None = None):
+    """An authenticator on a fake clock that only sleeps and password checks move."""
+    clock = [1000.0]
+
+    async def sleep(delay: float, result=None):
+        clock[0] += delay
+        return await REAL_SLEEP(0, result)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    database = FakeDatabase(penalties or {})
+    hashing = FakeHashing(clock, costs)
+    leases = LeaseKeeper(database, node="test-node", ttl_seconds=60)
+    authenticator = Pop3Authenticator(
+        policy_with(failure_delay=2.0, cache_ttl_seconds=0), database=database, hashing=hashing, leases=leases
+    )
+    authenticator.clock = lambda: clock[0]
+    return authenticator, hashing, clock
+
+
+def test_a_failed_login_is_answered_at_the_same_time_whatever_hasher_the_account_uses(monkeypatch):
+    costs = {"nobody@example.test": 0.10, "argon2@example.test": 0.12, "pbkdf2@example.test": 0.39}
+    authenticator, _, clock = fake_time_authenticator(monkeypatch, costs)
+
+    def answer_time(username: str) -> float:
+        started = clock[0]
+        request = LoginRequest(username, "wrong", "USER", "192.0.2.10", True, "s")
+        assert asyncio.run(authenticator.authenticate(request)).failure is LoginFailure.BAD_CREDENTIALS
+        return clock[0] - started
+
+    assert [answer_time(name) for name in costs] == [2.0, 2.0, 2.0]
+    costs["slow@example.test"] = 2.5
+    assert answer_time("slow@example.test") == 2.5  # never earlier than the check ends
+
+
+def test_a_penalised_source_has_one_password_check_at_a_time_and_others_are_not_queued(monkeypatch):
+    authenticator, hashing, _ = fake_time_authenticator(monkeypatch, {}, penalties={"192.0.2.66": 4.0})
+
+    def most_checks_at_once(peer: str, attempts: int) -> int:
+        hashing.most_at_once = 0
+
+        async def flood():
+            requests = [
+                LoginRequest(f"u{n}@example.test", "wrong", "USER", peer, True, "s") for n in range(attempts)
+            ]
+            await asyncio.gather(*(authenticator.authenticate(request) for request in requests))
+
+        asyncio.run(flood())
+        return hashing.most_at_once
+
+    assert most_checks_at_once("192.0.2.66", 5) == 1
+    assert most_checks_at_once("192.0.2.7", 2) == 2
+    assert authenticator._turns == {}

@@ -101,9 +101,26 @@ def test_a_session_row_follows_the_session_and_one_escaped_line_is_logged(caplog
     assert (row.end_reason, row.commands, row.bytes_in, row.bytes_out) == ("dropped", 4, 60, 120)
     assert row.ended_at is not None
     assert caplog.messages == [
-        "session=<0123456789abcdef0123456789abcdef> user=<mallory??user=<root>> rip=192.0.2.7 lip=192.0.2.1: "
-        "dropped top=0/0, retr=0/0, del=0/0, size=0, in=60, out=120"
+        "session=<0123456789abcdef0123456789abcdef> user=<mallory\\x0d\\x0auser\\x3d\\x3croot\\x3e> "
+        "rip=192.0.2.7 lip=192.0.2.1: dropped top=0/0, retr=0/0, del=0/0, size=0, in=60, out=120"
     ]
+
+
+def test_a_user_name_cannot_forge_a_field_of_the_session_log_line(caplog):
+    monitor = monitor_on(BoundedExecutor(1, "test-db"))
+    recorder = monitor.recorder(FakeSession())
+    info = ConnectionInfo(("192.0.2.7", 40000), ("192.0.2.1", 110), False, "0123456789abcdef0123456789abcdef")
+    recorder.opened(info)
+    forged = "x> rip=203.0.113.66 lip=127.0.0.1: auth-failed"
+    recorder.login_failed(forged, LoginFailure.BAD_CREDENTIALS, "USER")
+    with caplog.at_level(logging.INFO, logger="mailadmin.pop3"):
+        recorder.closed(EndReason.DROPPED, SessionStats())
+    assert caplog.messages == [
+        "session=<0123456789abcdef0123456789abcdef> "
+        "user=<x\\x3e\\x20rip\\x3d203.0.113.66\\x20lip\\x3d127.0.0.1:\\x20auth-failed> "
+        "rip=192.0.2.7 lip=192.0.2.1: dropped top=0/0, retr=0/0, del=0/0, size=0, in=0, out=0"
+    ]
+    assert caplog.messages[0].count("rip=") == 1
 
 
 @pytest.mark.django_db(transaction=True)

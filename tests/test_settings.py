@@ -66,6 +66,37 @@ def test_postgresql_and_redis_come_from_their_urls(tmp_path):
     assert loaded["debug"] is False
 
 
+def test_postgresql_connections_time_out_and_keep_alive_settable_by_environment(tmp_path):
+    url = "postgres://mail@db.internal:5433/mailadmin"
+    defaults = load_settings(tmp_path, SECRET_KEY="x" * 60, DATABASE_URL=url)
+    assert defaults.returncode == 0, defaults.stderr
+    assert json.loads(defaults.stdout)["options"] == {
+        "connect_timeout": 10,
+        "keepalives": 1,
+        "keepalives_idle": 60,
+        "keepalives_interval": 10,
+        "keepalives_count": 6,
+    }
+    changed = load_settings(
+        tmp_path,
+        SECRET_KEY="x" * 60,
+        DATABASE_URL=url + "?sslmode=require",
+        DATABASE_CONNECT_TIMEOUT="3",
+        DATABASE_KEEPALIVES_IDLE="20",
+        DATABASE_KEEPALIVES_INTERVAL="5",
+        DATABASE_KEEPALIVES_COUNT="2",
+    )
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout)["options"] == {
+        "connect_timeout": 3,
+        "keepalives": 1,
+        "keepalives_idle": 20,
+        "keepalives_interval": 5,
+        "keepalives_count": 2,
+        "sslmode": "require",
+    }
+
+
 def test_without_debug_or_secret_key_a_fresh_checkout_keeps_an_owner_only_key_in_var(tmp_path):
     var = tmp_path / "var"
     result = load_settings(var)

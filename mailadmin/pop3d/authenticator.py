@@ -4,12 +4,20 @@ Order of work for one attempt, as in Dovecot:
 
 1. the per-source penalty (grows with distinct recent failures from the same IPv4 address or
    IPv6 /48, recorded in the database so every runpop3 process sees them) is slept off
-   *before* any hashing, so a flood cannot buy verifications;
+   *before* any hashing, so a flood cannot buy verifications. While a source is under penalty,
+   its attempts take turns (one at a time per process, the penalty slept inside the turn), so
+   the penalty caps its rate however many connections it opens; sources in good standing (many
+   customers behind one carrier NAT) are never queued behind each other;
 2. ``django.contrib.auth.authenticate`` runs on the small hashing executor, so at most
    POP3_AUTH_THREADS argon2 verifications (~100 MiB each) run at once in this process. It
    hashes for unknown users too and upgrades outdated hashes on success, off the event loop;
 3. the mailbox must be usable (``Mailbox.objects.usable()``): unknown user, wrong password and
-   inactive mailbox all cost the same work and get the same answer after the same failure delay;
+   inactive mailbox get the same answer at the same time: a failure is answered
+   POP3_AUTH_FAILURE_DELAY after the attempt began (once the penalty is slept off), however
+   long its check took, so the hasher of an account (argon2, an imported PBKDF2) does not show.
+   A stored hash no configured hasher can check (its library missing, its parameters broken or
+   costing more than MAX_HASH_COST_FACTOR times the hasher's default) is a failure like any
+   other, decided without running it, and logged once per account for the operator;
 4. LOGIN-DELAY and the maildrop lease (taken through the process's
    :class:`~mailadmin.pop3d.leases.LeaseKeeper`) are checked on the database executor.
 
@@ -28,18 +36,23 @@ holds, in memory only, enough to recognise a password it has just verified.
 """
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import logging
 import random
 import secrets
+import threading
 import time
 import unicodedata
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 from django.contrib.auth import authenticate as django_authenticate
+from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import BasePasswordHasher, get_hasher, identify_hasher
 from django.db.models import Max
 from django.utils import timezone
 
@@ -50,11 +63,16 @@ from mailadmin.pop3d import registry
 from mailadmin.pop3d.leases import Lease, LeaseKeeper
 from mailadmin.pop3d.maildrop import OrmMaildrop, snapshot
 from pop3.mailbox import LoginFailure, LoginRequest, LoginResult, MessageInfo
+from pop3.session import log_text
 
 logger = logging.getLogger(__name__)
 
 MAX_USERNAME_LENGTH = 320
 PENALTY_INITIAL_SECONDS = 2.0
+# A stored hash costing more than this many times its hasher's current default is never run at
+# login: the import refuses such hashes too (hosting.store.accounts), and one check of PBKDF2 at
+# 2,000,000,000 iterations (2,000 times the default) holds a hashing thread for about ten minutes.
+MAX_HASH_COST_FACTOR = 10
 
 
 @dataclass(frozen=True)
@@ -109,6 +127,34 @@ class CredentialCache:
         self._entries.pop(username, None)
 
 
+class _Turns:
+    """The attempts of one penalised source in this process: one at a time."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.waiting = 0
+
+
+class UncheckableHashes:
+    """Accounts whose stored hash cannot be checked, each logged once for the operator."""
+
+    def __init__(self) -> None:
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()  # the hashing threads report here
+
+    def report(self, username: str, problem: str) -> None:
+        with self._lock:
+            if username in self._warned:
+                return
+            self._warned.add(username)
+        logger.warning(
+            "the stored password hash of <%s> cannot be checked (%s); its logins fail until the password "
+            "is set again",
+            log_text(username),
+            problem,
+        )
+
+
 class Pop3Authenticator:
     """``pop3.mailbox.Authenticator`` against Django users with an active mailbox."""
 
@@ -120,19 +166,25 @@ class Pop3Authenticator:
         self.hashing = hashing
         self.leases = leases
         self.cache = CredentialCache(policy.cache_ttl_seconds)
+        self.uncheckable = UncheckableHashes()
+        self.clock: Callable[[], float] = time.monotonic
         self._attempt_key = secrets.token_bytes(32)
         self._cleanups: set[asyncio.Future] = set()
+        self._turns: dict[str, _Turns] = {}
 
     async def authenticate(self, request: LoginRequest) -> LoginResult:
         source = penalty_source(request.peer_host)
         try:
-            await asyncio.sleep(await self.database.run(penalty_seconds, source, self.policy))
-            username = normalise_login(request.username)
-            verified = await self._verify(username, request.password) if username else None
+            penalty = await self.database.run(penalty_seconds, source, self.policy)
+            async with self._one_at_a_time(source, penalised=penalty > 0):
+                await asyncio.sleep(penalty)
+                began = self.clock()
+                username = normalise_login(request.username)
+                verified = await self._verify(username, request.password) if username else None
         except TRANSIENT_DB_ERRORS as error:
             return await self._internal_failure("", error)
         if verified is None:
-            await self._fail(request, source, "bad credentials", self._attempt(request))
+            await self._fail(request, source, "bad credentials", self._attempt(request), began)
             return LoginResult(username=username or "", failure=LoginFailure.BAD_CREDENTIALS)
         lease = self.leases.lease(verified.mailbox_id)
         try:
@@ -174,6 +226,22 @@ class Pop3Authenticator:
         while self._cleanups:
             await asyncio.wait(list(self._cleanups))
 
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, source: str, *, penalised: bool) -> AsyncIterator[None]:
+        """A penalised source's attempts take turns in this process; others go straight in."""
+        if not penalised:
+            yield
+            return
+        turns = self._turns.setdefault(source, _Turns())
+        turns.waiting += 1
+        try:
+            async with turns.lock:
+                yield
+        finally:
+            turns.waiting -= 1
+            if not turns.waiting:
+                del self._turns[source]
+
     async def _verify(self, username: str, password: str) -> "VerifiedUser | None":
         cached = self.cache.lookup(username, password)
         if cached is not None:
@@ -181,7 +249,7 @@ class Pop3Authenticator:
             if current is not None and current.password_fingerprint == cached:
                 return current
             self.cache.forget(username)
-        verified = await self.hashing.run(verify_credentials, username, password)
+        verified = await self.hashing.run(verify_credentials, username, password, self.uncheckable)
         if verified is not None:
             self.cache.remember(username, password, verified.password_fingerprint)
         return verified
@@ -193,17 +261,20 @@ class Pop3Authenticator:
             await asyncio.sleep(await self.database.run(penalty_seconds, source, self.policy))
         except TRANSIENT_DB_ERRORS as error:
             logger.warning("no penalty look-up for %s (%s); only the failure delay applies", peer_host, error)
-        await self._fail(request, source, reason, "")
+        await self._fail(request, source, reason, "", self.clock())
 
     async def _internal_failure(self, username: str, error: Exception) -> LoginResult:
         """[SYS/TEMP], never faster than a wrong password, with jitter against a thundering herd."""
-        logger.warning("login of <%s> failed for lack of the database: %s", username, error)
+        logger.warning("login of <%s> failed for lack of the database: %s", log_text(username), error)
         await asyncio.sleep(self.policy.failure_delay * (1 + random.random() / 2))
         return LoginResult(username=username, failure=LoginFailure.TEMPORARY)
 
-    async def _fail(self, request: LoginRequest, source: str, reason: str, attempt: str) -> None:
+    async def _fail(
+        self, request: LoginRequest, source: str, reason: str, attempt: str, began: float
+    ) -> None:
+        """Record the failure, then answer it failure_delay after ``began``, or at once if later."""
         await self._record(request, source, reason, attempt=attempt)
-        await asyncio.sleep(self.policy.failure_delay)
+        await asyncio.sleep(max(0.0, began + self.policy.failure_delay - self.clock()))
 
     async def _record(self, request: LoginRequest, source: str, reason: str, **fields) -> None:
         try:
@@ -255,15 +326,65 @@ def penalty_seconds(source: str, policy: AuthPolicy) -> float:
     return min(PENALTY_INITIAL_SECONDS * 2 ** (distinct - 1), policy.penalty_max)
 
 
-def verify_credentials(username: str, password: str) -> VerifiedUser | None:
-    """The full check: Django's authenticate (argon2, upgrade on success), then the mailbox."""
-    user = django_authenticate(username=username, password=password)
+def verify_credentials(username: str, password: str, uncheckable: UncheckableHashes) -> VerifiedUser | None:
+    """The full check: Django's authenticate (argon2, upgrade on success), then the mailbox.
+
+    A stored hash that cannot be checked (see :func:`hash_problem`), or whose hasher fails on
+    it, is a failed login: an account must not answer differently from any other.
+    """
+    stored = get_user_model().objects.filter(username=username).values_list("password", flat=True).first()
+    problem = hash_problem(stored) if stored else None
+    if problem is not None:
+        uncheckable.report(username, problem)
+        return None
+    try:
+        user = django_authenticate(username=username, password=password)
+    except (ValueError, TypeError, OverflowError) as error:
+        uncheckable.report(username, f"{type(error).__name__}: {error}")
+        return None
     if user is None:
         return None
     mailbox_id = Mailbox.objects.usable().filter(user=user).values_list("pk", flat=True).first()
     if mailbox_id is None:
         return None
     return VerifiedUser(mailbox_id, user.username, registry.password_fingerprint(user.password))
+
+
+def hash_problem(encoded: str) -> str | None:
+    """Why ``encoded`` must not be checked at login, or None when it may be.
+
+    An unusable password (``!...``) or a format no configured hasher knows is left to Django,
+    which fails it at no cost. A hash whose parameters are broken, or whose cost exceeds
+    MAX_HASH_COST_FACTOR times its hasher's current default, is refused here without running.
+    """
+    try:
+        hasher = identify_hasher(encoded)
+    except ValueError:
+        return None
+    try:
+        cost = hash_cost_factor(get_hasher(hasher.algorithm), hasher.decode(encoded))
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as error:
+        return f"unreadable {hasher.algorithm} parameters ({type(error).__name__})"
+    if cost is None:
+        return None
+    if not 0 < cost <= MAX_HASH_COST_FACTOR:
+        return f"{hasher.algorithm} cost {cost:.3g} times the default, allowed up to {MAX_HASH_COST_FACTOR}"
+    return None
+
+
+def hash_cost_factor(hasher: BasePasswordHasher, decoded: dict) -> float | None:
+    """The work of checking a hash, as a multiple of the hasher's current default; None if the
+    hasher has no cost parameters (the old unsalted ones)."""
+    if "iterations" in decoded:  # PBKDF2
+        return int(decoded["iterations"]) / hasher.iterations
+    if decoded.get("algorithm") == "argon2":
+        return (decoded["time_cost"] * decoded["memory_cost"]) / (hasher.time_cost * hasher.memory_cost)
+    if decoded.get("algorithm") == "scrypt":
+        work = int(decoded["work_factor"]) * int(decoded["block_size"]) * int(decoded["parallelism"])
+        return work / (hasher.work_factor * hasher.block_size * hasher.parallelism)
+    if "work_factor" in decoded:  # bcrypt: 2 ** rounds
+        return 2.0 ** (int(decoded["work_factor"]) - hasher.rounds)
+    return None
 
 
 def current_user(username: str) -> VerifiedUser | None:

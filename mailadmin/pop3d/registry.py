@@ -41,7 +41,7 @@ from mailadmin.models import Domain, Mailbox, Pop3Node, Pop3Session
 from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.maildrop import OrmMaildrop
 from pop3.mailbox import ConnectionInfo, EndReason, LoginFailure, Maildrop, SessionStats
-from pop3.session import Session
+from pop3.session import Session, log_text
 
 logger = logging.getLogger("mailadmin.pop3")
 
@@ -50,6 +50,7 @@ STALE_INTERVALS = 10
 MIN_STALE_SECONDS = 10.0
 SWEEP_EVERY_TICKS = 30
 ID_BATCH_SIZE = 500
+MAX_NAME_LENGTH = 320  # an address: 64 + 1 + 255
 # Back-off after failed ticks: the interval doubles per failure in a row, up to this share of
 # the lease TTL, so a lease still gets several renewal attempts before it could lapse.
 MAX_BACKOFF_SHARE_OF_TTL = 0.25
@@ -80,7 +81,7 @@ def password_fingerprint(password_hash: str) -> str:
 
 
 def printable(text: str) -> str:
-    """Client-supplied text made safe for logs and listings: non-printables become '?'."""
+    """Client-supplied text made safe for rows and listings: non-printables become '?'."""
     return "".join(c if c.isprintable() else "?" for c in text)
 
 
@@ -124,6 +125,7 @@ class SessionRecorder:
         self.session = session
         self.session_id = ""
         self.username = ""
+        self.log_name = ""  # the name as the log line shows it (pop3.session.log_text)
         self.info: ConnectionInfo | None = None
         self.tls = ""
         self.maildrop: OrmMaildrop | None = None
@@ -150,19 +152,23 @@ class SessionRecorder:
 
     def login_failed(self, username: str, failure: LoginFailure, mechanism: str) -> None:
         """The authenticator records the failure itself; the session row learns the name tried."""
-        self.username = printable(username)[:320]
+        self._name(username)
         self.monitor.outbox.update(
             self.session_id, username=self.username, tried_domain=domain_of_login(username)
         )
 
     def logged_in(self, username: str, mechanism: str, maildrop: Maildrop) -> None:
-        self.username = printable(username)[:320]
+        self._name(username)
         fields = {"username": self.username, "authenticated_at": timezone.now()}
         if isinstance(maildrop, OrmMaildrop):
             self.maildrop = maildrop
             fields["mailbox_id"] = maildrop.mailbox_id
         self.monitor.outbox.update(self.session_id, **fields)
         self.monitor.track(self)
+
+    def _name(self, username: str) -> None:
+        self.username = printable(username)[:MAX_NAME_LENGTH]
+        self.log_name = log_text(username[:MAX_NAME_LENGTH])
 
     def progress(self, stats: SessionStats) -> None:
         self.monitor.outbox.progress[self.session_id] = stats
@@ -176,7 +182,7 @@ class SessionRecorder:
             "session=<%s> user=<%s> rip=%s lip=%s%s: %s "
             "top=%d/%d, retr=%d/%d, del=%d/%d, size=%d, in=%d, out=%d",
             self.session_id,
-            self.username,
+            self.log_name,
             self.info.peer[0],
             self.info.local[0],
             f" {self.tls}" if self.tls else "",

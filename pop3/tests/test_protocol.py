@@ -10,6 +10,7 @@ import pytest
 from pop3.protocol import (
     MAX_BAD_COMMANDS_AFTER_LOGIN,
     MAX_BAD_COMMANDS_BEFORE_LOGIN,
+    MAX_COMMANDS_BEFORE_LOGIN,
     MAX_LINE_AFTER_LOGIN,
     MAX_LINE_BEFORE_LOGIN,
     MAX_REPLY_LINE,
@@ -30,6 +31,7 @@ from pop3.protocol import (
     TEXT_TLS_ACTIVE,
     TEXT_TLS_UNAVAILABLE,
     TEXT_TOO_MANY_BAD,
+    TEXT_TOO_MANY_COMMANDS,
     TEXT_UNKNOWN_COMMAND,
     TEXT_UNSUPPORTED_MECHANISM,
     TEXT_UTF8,
@@ -432,6 +434,25 @@ def test_twentieth_consecutive_bad_command_after_login_closes():
     conn = connection(logged_in=True)
     assert feed(conn, b"RETR x\r\n" * 19) == [bad(TEXT_SYNTAX)] * 19
     assert feed(conn, b"RETR x\r\nSTAT\r\n") == [Close(err(TEXT_TOO_MANY_BAD), "too many bad commands")]
+
+
+def test_a_pipelined_flood_of_good_commands_before_login_is_cut_off_at_the_limit():
+    conn = connection()
+    events = feed(conn, b"CAPA\r\n" * (MAX_COMMANDS_BEFORE_LOGIN + 50))
+    assert len(events) == MAX_COMMANDS_BEFORE_LOGIN + 1
+    assert all(isinstance(event, Reply) and not event.bad_command for event in events[:-1])
+    assert events[-1] == Close(err(TEXT_TOO_MANY_COMMANDS), "too many commands before login")
+
+
+def test_sasl_responses_count_against_the_limit_before_login_and_nothing_counts_after():
+    conn = connection()
+    feed(conn, b"AUTH PLAIN\r\n*\r\n" * (MAX_COMMANDS_BEFORE_LOGIN // 2 - 1) + b"CAPA\r\n")
+    assert feed(conn, b"CAPA\r\n") == [Reply(capa_reply(*conn.capabilities()))]
+    assert feed(conn, b"CAPA\r\n") == [Close(err(TEXT_TOO_MANY_COMMANDS), "too many commands before login")]
+    logged_in = connection()
+    feed(logged_in, b"CAPA\r\n" * (MAX_COMMANDS_BEFORE_LOGIN - 1))
+    logged_in.login_succeeded()
+    assert feed(logged_in, b"NOOP\r\n" * 1000) == [Noop()] * 1000
 
 
 def test_login_resets_the_bad_command_count():

@@ -1,12 +1,16 @@
 """pop3.server in-process: TLS policy, certificate reload, connection caps, shutdown."""
 
 import asyncio
+import errno
+import logging
+import socket
 import ssl
 from pathlib import Path
 
 import pytest
 import trustme
 
+from pop3 import server as server_module
 from pop3.mailbox import MemoryAuthenticator, MemoryStore
 from pop3.protocol import ok
 from pop3.server import TEXT_TOO_MANY_CONNECTIONS, Pop3Server, ServerConfig
@@ -40,7 +44,7 @@ SERVER_DEFAULTS = dict(
 )
 
 
-def serve(test, *, store: MemoryStore | None = None, **config):
+def serve(test, *, store: MemoryStore | None = None, sockets: dict | None = None, **config):
     """Run ``test(server)`` against a live server on ephemeral loopback ports."""
 
     async def main():
@@ -49,7 +53,7 @@ def serve(test, *, store: MemoryStore | None = None, **config):
             ServerConfig(**{**SERVER_DEFAULTS, "tls_port": 0 if config.get("certfile") else None, **config}),
             authenticator,
         )
-        await server.start()
+        await server.start(sockets)
         try:
             return await test(server)
         finally:
@@ -154,3 +158,100 @@ def test_shutdown_ends_sessions_without_applying_deletions():
     ]
     assert [uidl for uidl, _ in store.messages] == ["u1", "u2"]
     assert store.lock_owner is None
+
+
+async def until(condition, turns: int = 1000) -> None:
+    """Let the event loop run until ``condition()`` holds; fail after ``turns`` turns."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    pytest.fail(f"not reached in {turns} turns of the event loop")
+
+
+def test_tls_handshakes_never_started_count_against_the_per_address_cap(ca, tmp_path):
+    certfile, keyfile = write_cert(ca, tmp_path, "first")
+
+    async def test(server):
+        host, port = server.addresses["tls"]
+        silent = [await asyncio.open_connection(host, port) for _ in range(3)]
+        await until(lambda: server.connection_count == 3)
+        refused = 0
+        for _ in range(4):
+            reader, writer = await asyncio.open_connection(host, port)
+            # Hang guard only: a connection over the cap is closed at once, without a handshake.
+            if await asyncio.wait_for(reader.read(), timeout=10) == b"":
+                refused += 1
+            writer.close()
+        counted = server.connection_count
+        for _, writer in silent:
+            writer.close()
+        await until(lambda: server.connection_count == 0)
+        return refused, counted, await peer_common_name(server, client_context(ca))
+
+    tls = dict(certfile=certfile, keyfile=keyfile, tls_handshake_timeout=60.0)
+    assert serve(test, **tls, max_connections_per_ip=3) == (4, 3, "first")
+
+
+def test_tls_handshakes_in_progress_count_against_the_global_cap(ca, tmp_path):
+    certfile, keyfile = write_cert(ca, tmp_path, "first")
+
+    async def test(server):
+        host, port = server.addresses["tls"]
+        silent = [await asyncio.open_connection(host, port) for _ in range(2)]
+        await until(lambda: server.connection_count == 2)
+        reader, writer = await asyncio.open_connection(*server.addresses["plain"])
+        refused = await asyncio.wait_for(reader.read(), timeout=10)  # hang guard only
+        writer.close()
+        for _, silent_writer in silent:
+            silent_writer.close()
+        return refused
+
+    expected = f"-ERR [SYS/TEMP] {TEXT_TOO_MANY_CONNECTIONS}\r\n".encode()
+    tls = dict(certfile=certfile, keyfile=keyfile, tls_handshake_timeout=60.0)
+    assert serve(test, **tls, max_connections=2) == expected
+
+
+class ExhaustedSocket(socket.socket):
+    """A listening socket whose first ``failures`` accepts fail as if out of file descriptors."""
+
+    failures = 3
+    attempts = 0
+
+    def accept(self):
+        self.attempts += 1
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+def test_running_out_of_file_descriptors_pauses_accepting_with_one_log_line(monkeypatch, caplog):
+    monkeypatch.setattr(server_module, "ACCEPT_PAUSE_SECONDS", 0.01)
+    listener = ExhaustedSocket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    pauses = []
+    real_call_later = asyncio.BaseEventLoop.call_later
+
+    def call_later(loop, delay, callback, *args, **kwargs):
+        if delay == 0.01:
+            pauses.append(delay)
+        return real_call_later(loop, delay, callback, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "call_later", call_later)
+
+    async def test(server):
+        reader, writer = await asyncio.open_connection(*server.addresses["plain"])
+        greeting = await reader.readline()
+        writer.close()
+        return greeting
+
+    with caplog.at_level(logging.INFO):
+        assert serve(test, sockets={"plain": listener}) == ok(GREETING)
+    assert listener.failures == 0
+    assert len(pauses) == 3
+    assert [(record.name, record.levelname) for record in caplog.records] == [("pop3.server", "WARNING")]
+    assert "out of file descriptors" in caplog.messages[0]
+    assert "Too many open files" in caplog.messages[0]
+    assert caplog.records[0].exc_info is None

@@ -30,6 +30,7 @@ from pop3.mailbox import (
     SessionStats,
 )
 from pop3.protocol import (
+    MAX_COMMANDS_BEFORE_LOGIN,
     TEXT_AUTH_FAILED,
     TEXT_BEGIN_TLS,
     TEXT_BYE,
@@ -37,6 +38,7 @@ from pop3.protocol import (
     TEXT_NO_USERNAME,
     TEXT_PLAINTEXT_DISALLOWED,
     TEXT_STLS_PIPELINED,
+    TEXT_TOO_MANY_COMMANDS,
     TEXT_WRONG_STATE,
     Policy,
     ResponseCode,
@@ -44,6 +46,7 @@ from pop3.protocol import (
     ok,
 )
 from pop3.session import (
+    COMMANDS_PER_TURN,
     TEXT_COMMIT_FAILED,
     TEXT_DELETED,
     TEXT_KICKED,
@@ -57,6 +60,7 @@ from pop3.session import (
     ConnectionLost,
     Session,
     Timeouts,
+    log_text,
 )
 
 M1 = b"Subject: one\r\n\r\nhello\r\n"  # 23 octets
@@ -491,7 +495,8 @@ def test_pipelined_login_and_commands_in_one_chunk_are_all_answered_in_order():
     assert reason is EndReason.DROPPED
 
 
-def test_pipelined_replies_leave_in_one_write_and_nothing_is_held_behind_a_login():
+def test_pipelined_replies_leave_a_turn_at_a_time_and_nothing_is_held_behind_a_login():
+    assert COMMANDS_PER_TURN == 32
     pipelined = b"LIST 1\r\nUIDL 1\r\n" * 100
     io = ScriptedIO(b"USER alice\r\nPASS secret\r\n", pipelined)
     assert run(make_session(io, alice_store())) is EndReason.DROPPED
@@ -499,8 +504,38 @@ def test_pipelined_replies_leave_in_one_write_and_nothing_is_held_behind_a_login
         GREETING_LINE,
         b"+OK\r\n",  # sent before the password check, which may take a while
         b"+OK Logged in.\r\n",
-        b"+OK 1 23\r\n+OK 1 uid-1\r\n" * 100,  # 200 replies, one write
+        # 200 replies, 32 commands to a write (USER and PASS were two of the first 32)
+        b"+OK 1 23\r\n+OK 1 uid-1\r\n" * 15,
+        *[b"+OK 1 23\r\n+OK 1 uid-1\r\n" * 16] * 5,
+        b"+OK 1 23\r\n+OK 1 uid-1\r\n" * 5,
     ]
+
+
+def test_a_pipelined_burst_lets_other_tasks_run_every_few_commands():
+    io = ScriptedIO(LOGIN, b"NOOP\r\n" * 1000, b"QUIT\r\n")
+    session = make_session(io, alice_store())
+    answered_per_turn: list[int] = []
+
+    async def scenario() -> EndReason:
+        task = asyncio.create_task(session.run())
+        seen = 0
+        while not task.done():
+            await asyncio.sleep(0)
+            answered_per_turn.append(session.stats.commands - seen)
+            seen = session.stats.commands
+        return task.result()
+
+    assert asyncio.run(scenario()) is EndReason.QUIT
+    assert session.stats.commands == 1003
+    assert max(answered_per_turn) == COMMANDS_PER_TURN
+    assert sum(answered_per_turn) == 1003
+
+
+def test_a_pipelined_flood_before_login_is_answered_up_to_the_limit_then_closed():
+    reason, written = ending(b"CAPA\r\n" * 1000)
+    capa = transcript(b"CAPA\r\n")[len(GREETING_LINE) :]
+    assert reason is EndReason.ERROR
+    assert written == GREETING_LINE + capa * MAX_COMMANDS_BEFORE_LOGIN + err(TEXT_TOO_MANY_COMMANDS)
 
 
 # --- STLS (T01, T03, T04, T05) --------------------------------------------------------------
@@ -1024,3 +1059,21 @@ def test_every_teardown_step_runs_when_release_raises(caplog):
     assert [(record.getMessage(), record.exc_info[0]) for record in caplog.records] == [
         ("POP3 session 0123abcd: teardown failed", RuntimeError)
     ]
+
+
+# --- Log lines (P9) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("client_text", "logged"),
+    [
+        ("alice@example.test", "alice@example.test"),
+        ("jürgen@exämple.test", "jürgen@exämple.test"),
+        ('a\\b"c', "a\\x5cb\\x22c"),
+        ("tab\there\x00", "tab\\x09here\\x00"),
+        ("rtl\u202eoverride\u00a0", "rtl\\u202eoverride\\xa0"),
+        ("\U000e0041tag", "\\U000e0041tag"),
+    ],
+)
+def test_log_text_escapes_delimiters_spaces_and_unprintables(client_text, logged):
+    assert log_text(client_text) == logged
