@@ -16,7 +16,7 @@ Order of work for one attempt, as in Dovecot:
    POP3_AUTH_FAILURE_DELAY after the attempt began (once the penalty is slept off), however
    long its check took, so the hasher of an account (argon2, an imported PBKDF2) does not show.
    A stored hash no configured hasher can check (its library missing, its parameters broken or
-   costing more than MAX_HASH_COST_FACTOR times the hasher's default) is a failure like any
+   costing more than the import allows, ``store.check_password_hash``) is a failure like any
    other, decided without running it, and logged once per account for the operator;
 4. LOGIN-DELAY and the maildrop lease (taken through the process's
    :class:`~mailadmin.pop3d.leases.LeaseKeeper`) are checked on the database executor.
@@ -52,12 +52,13 @@ from datetime import timedelta
 
 from django.contrib.auth import authenticate as django_authenticate
 from django.contrib.auth import get_user_model
-from django.contrib.auth.hashers import BasePasswordHasher, get_hasher, identify_hasher
+from django.contrib.auth.hashers import identify_hasher
 from django.db.models import Max
 from django.utils import timezone
 
 from mailadmin.addresses import domain_of_login
 from mailadmin.executors import TRANSIENT_DB_ERRORS, BoundedExecutor
+from mailadmin.hosting import store
 from mailadmin.models import AuthFailure, Mailbox, Pop3Session
 from mailadmin.pop3d import registry
 from mailadmin.pop3d.leases import Lease, LeaseKeeper
@@ -69,10 +70,6 @@ logger = logging.getLogger(__name__)
 
 MAX_USERNAME_LENGTH = 320
 PENALTY_INITIAL_SECONDS = 2.0
-# A stored hash costing more than this many times its hasher's current default is never run at
-# login: the import refuses such hashes too (hosting.store.accounts), and one check of PBKDF2 at
-# 2,000,000,000 iterations (2,000 times the default) holds a hashing thread for about ten minutes.
-MAX_HASH_COST_FACTOR = 10
 
 
 @dataclass(frozen=True)
@@ -354,36 +351,18 @@ def hash_problem(encoded: str) -> str | None:
     """Why ``encoded`` must not be checked at login, or None when it may be.
 
     An unusable password (``!...``) or a format no configured hasher knows is left to Django,
-    which fails it at no cost. A hash whose parameters are broken, or whose cost exceeds
-    MAX_HASH_COST_FACTOR times its hasher's current default, is refused here without running.
+    which fails it at no cost. Any other hash gets the import's own check
+    (``store.check_password_hash``: a usable hasher, each cost within bounds), so a hash that
+    could not be imported is never run at login either.
     """
     try:
-        hasher = identify_hasher(encoded)
+        identify_hasher(encoded)
     except ValueError:
         return None
     try:
-        cost = hash_cost_factor(get_hasher(hasher.algorithm), hasher.decode(encoded))
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError) as error:
-        return f"unreadable {hasher.algorithm} parameters ({type(error).__name__})"
-    if cost is None:
-        return None
-    if not 0 < cost <= MAX_HASH_COST_FACTOR:
-        return f"{hasher.algorithm} cost {cost:.3g} times the default, allowed up to {MAX_HASH_COST_FACTOR}"
-    return None
-
-
-def hash_cost_factor(hasher: BasePasswordHasher, decoded: dict) -> float | None:
-    """The work of checking a hash, as a multiple of the hasher's current default; None if the
-    hasher has no cost parameters (the old unsalted ones)."""
-    if "iterations" in decoded:  # PBKDF2
-        return int(decoded["iterations"]) / hasher.iterations
-    if decoded.get("algorithm") == "argon2":
-        return (decoded["time_cost"] * decoded["memory_cost"]) / (hasher.time_cost * hasher.memory_cost)
-    if decoded.get("algorithm") == "scrypt":
-        work = int(decoded["work_factor"]) * int(decoded["block_size"]) * int(decoded["parallelism"])
-        return work / (hasher.work_factor * hasher.block_size * hasher.parallelism)
-    if "work_factor" in decoded:  # bcrypt: 2 ** rounds
-        return 2.0 ** (int(decoded["work_factor"]) - hasher.rounds)
+        store.check_password_hash(encoded)
+    except store.InvalidInput as refusal:
+        return str(refusal)
     return None
 
 
