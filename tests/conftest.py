@@ -3,10 +3,12 @@
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 
 from mailadmin.hosting import store
 
@@ -51,3 +53,21 @@ def run_manage(*args: str, input: bytes = b"", **extra_env: str) -> subprocess.C
         cwd=PROJECT_DIR,
         timeout=120,
     )
+
+
+def open_session_row(mailbox=None, **fields):
+    """A POP3 session row as runpop3 writes it for a logged-in client (of ``mailbox``, if given)."""
+    from mailadmin.models import Pop3Session
+
+    values = {
+        "id": uuid.uuid4(),
+        "node": "n:1",
+        "peer_host": "192.0.2.1",
+        "peer_port": 1,
+        "local_host": "h",
+        "local_port": 2,
+        "started_at": timezone.now(),
+    }
+    if mailbox is not None:
+        values.update(username=mailbox.address, mailbox=mailbox, domain=mailbox.domain)
+    return Pop3Session.objects.create(**{**values, **fields})

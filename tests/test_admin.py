@@ -21,6 +21,7 @@ from mailadmin.models import (
     Message,
     Pop3Session,
 )
+from tests.conftest import open_session_row
 
 pytestmark = pytest.mark.django_db
 
@@ -312,25 +313,10 @@ def test_user_admin_leaves_domain_administrators_to_createadmin(admin_client, se
     assert get_user_model().objects.get(pk=olivia.pk).check_password("a long admin passphrase")
 
 
-def _session_of(mailbox: Mailbox) -> Pop3Session:
-    return Pop3Session.objects.create(
-        id=uuid.uuid4(),
-        node="n:1",
-        username=mailbox.address,
-        mailbox=mailbox,
-        domain=mailbox.domain,
-        peer_host="192.0.2.1",
-        peer_port=1,
-        local_host="h",
-        local_port=2,
-        started_at=timezone.now(),
-    )
-
-
 def test_domain_administrator_sees_and_changes_only_their_domains(ours_admin_client, make_mailbox):
     ours, theirs = make_mailbox("mine@ours.test"), make_mailbox("other@theirs.test")
     for mailbox in (ours, theirs):
-        _session_of(mailbox)
+        open_session_row(mailbox)
         AuthFailure.objects.create(
             created_at=timezone.now(),
             username=f"failed-{mailbox.address}",
@@ -390,7 +376,10 @@ def test_domain_administrator_adds_mailboxes_only_in_their_domains(ours_admin_cl
 
 
 def test_kick_action_goes_through_the_service_with_the_user_as_actor(ours_admin_client, make_mailbox):
-    ours, theirs = _session_of(make_mailbox("a@ours.test")), _session_of(make_mailbox("b@theirs.test"))
+    ours, theirs = (
+        open_session_row(make_mailbox("a@ours.test")),
+        open_session_row(make_mailbox("b@theirs.test")),
+    )
     response = ours_admin_client.post(
         "/admin/mailadmin/pop3session/",
         {"action": "kick", "_selected_action": [str(ours.pk), str(theirs.pk)]},
@@ -455,7 +444,7 @@ def test_staff_without_a_domain_sees_no_rows(client, make_mailbox):
 
 
 def test_view_only_staff_get_no_kick_and_a_forged_kick_does_nothing(client, two_domains, make_mailbox):
-    session = _session_of(make_mailbox("a@ours.test"))
+    session = open_session_row(make_mailbox("a@ours.test"))
     viewer = get_user_model().objects.create_user("viewer", is_staff=True)
     viewer.user_permissions.add(Permission.objects.get(codename="view_pop3session"))
     DomainAdministrator.objects.create(user=viewer, domain=two_domains[0])
@@ -472,7 +461,7 @@ def test_view_only_staff_get_no_kick_and_a_forged_kick_does_nothing(client, two_
 
 
 def test_domain_administrators_are_offered_the_kick(ours_admin_client, make_mailbox):
-    _session_of(make_mailbox("a@ours.test"))
+    open_session_row(make_mailbox("a@ours.test"))
     assert 'value="kick"' in ours_admin_client.get("/admin/mailadmin/pop3session/").content.decode()
 
 

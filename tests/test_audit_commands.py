@@ -2,7 +2,6 @@
 
 import io
 import sys
-import uuid
 from datetime import timedelta
 
 import pytest
@@ -14,6 +13,7 @@ from django.utils import timezone
 from mailadmin.hosting import services
 from mailadmin.hosting.actors import Actor
 from mailadmin.models import AuditEntry, DomainAdministrator, Mailbox, Pop3Session
+from tests.conftest import open_session_row
 
 pytestmark = pytest.mark.django_db
 
@@ -56,18 +56,7 @@ def test_every_provisioning_command_is_audited_as_the_command_line(tmp_path, mak
     csv.write_text("address,password,password_hash,quota\nb@example.test,a good long password,,\n")
     run("importmailboxes", str(csv))
     mailbox = make_mailbox("c@example.test")
-    Pop3Session.objects.create(
-        id=uuid.uuid4(),
-        node="n:1",
-        username="c@example.test",
-        mailbox=mailbox,
-        domain=mailbox.domain,
-        peer_host="192.0.2.1",
-        peer_port=1,
-        local_host="h",
-        local_port=2,
-        started_at=timezone.now(),
-    )
+    open_session_row(mailbox)
     run("kickpop3", "c@example.test")
     run("deletemailbox", "a@example.test", "--no-input")
     cli = ("cli", "cli:operator")

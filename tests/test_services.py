@@ -26,6 +26,7 @@ from mailadmin.models import (
     Message,
     Pop3Session,
 )
+from tests.conftest import open_session_row
 
 pytestmark = pytest.mark.django_db
 
@@ -520,26 +521,10 @@ def test_an_administrators_recount_counts_each_of_their_domains_once(ours_admin,
 # --- Sessions --------------------------------------------------------------------------------
 
 
-def _open_session(mailbox: Mailbox, **fields) -> Pop3Session:
-    return Pop3Session.objects.create(
-        id=uuid.uuid4(),
-        node="n:1",
-        username=mailbox.address,
-        mailbox=mailbox,
-        domain=mailbox.domain,
-        peer_host="192.0.2.1",
-        peer_port=1,
-        local_host="h",
-        local_port=2,
-        started_at=timezone.now(),
-        **fields,
-    )
-
-
 def test_kick_marks_open_sessions_once_and_audits_each(make_mailbox):
     mailbox = make_mailbox("a@ours.test")
-    first, second = _open_session(mailbox), _open_session(mailbox)
-    _open_session(mailbox, ended_at=timezone.now(), end_reason="quit")
+    first, second = open_session_row(mailbox), open_session_row(mailbox)
+    open_session_row(mailbox, ended_at=timezone.now(), end_reason="quit")
     assert services.kick_sessions(CLI, address="a@ours.test") == 2
     assert services.kick_sessions(CLI, address="a@ours.test") == 0
     entries = AuditEntry.objects.filter(action="kick")
@@ -548,8 +533,8 @@ def test_kick_marks_open_sessions_once_and_audits_each(make_mailbox):
 
 
 def test_kick_by_session_id_is_scoped(ours_admin, make_mailbox):
-    theirs = _open_session(make_mailbox("b@theirs.test"))
-    ours = _open_session(make_mailbox("a@ours.test"))
+    theirs = open_session_row(make_mailbox("b@theirs.test"))
+    ours = open_session_row(make_mailbox("a@ours.test"))
     assert services.kick_sessions(ours_admin, session_ids=[theirs.pk, ours.pk]) == 1
     theirs.refresh_from_db()
     assert theirs.kick_requested_at is None
@@ -562,7 +547,7 @@ def test_a_person_needs_the_kick_permission_to_kick(domains, make_mailbox):
     viewer = get_user_model().objects.create_user("viewer", is_staff=True)
     viewer.user_permissions.add(Permission.objects.get(codename="view_pop3session"))
     DomainAdministrator.objects.create(user=viewer, domain=domains[0])
-    session = _open_session(make_mailbox("a@ours.test"))
+    session = open_session_row(make_mailbox("a@ours.test"))
     with pytest.raises(services.NotPermitted, match="kicking POP3 sessions needs the kick permission"):
         services.kick_sessions(Actor.for_user(viewer), session_ids=[session.pk])
     session.refresh_from_db()
