@@ -523,6 +523,8 @@ def test_a_failed_login_is_answered_at_the_same_time_whatever_hasher_the_account
     assert [answer_time(name) for name in costs] == [2.0, 2.0, 2.0]
     costs["slow@example.test"] = 2.5
     assert answer_time("slow@example.test") == 2.5  # never earlier than the check ends
+    # From then on every failure takes as long, so the costly account does not stand out.
+    assert [answer_time(name) for name in costs] == [2.5, 2.5, 2.5, 2.5]
 
 
 def test_a_penalised_source_has_one_password_check_at_a_time_and_others_are_not_queued(monkeypatch):

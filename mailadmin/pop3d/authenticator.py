@@ -164,6 +164,8 @@ class Pop3Authenticator:
         self.leases = leases
         self.cache = CredentialCache(policy.cache_ttl_seconds)
         self.uncheckable = UncheckableHashes()
+        # Seconds of the slowest full password check so far: failures are never answered sooner.
+        self._slowest_check = 0.0
         self.clock: Callable[[], float] = time.monotonic
         self._attempt_key = secrets.token_bytes(32)
         self._cleanups: set[asyncio.Future] = set()
@@ -246,7 +248,9 @@ class Pop3Authenticator:
             if current is not None and current.password_fingerprint == cached:
                 return current
             self.cache.forget(username)
+        started = self.clock()
         verified = await self.hashing.run(verify_credentials, username, password, self.uncheckable)
+        self._slowest_check = max(self._slowest_check, self.clock() - started)
         if verified is not None:
             self.cache.remember(username, password, verified.password_fingerprint)
         return verified
@@ -269,9 +273,12 @@ class Pop3Authenticator:
     async def _fail(
         self, request: LoginRequest, source: str, reason: str, attempt: str, began: float
     ) -> None:
-        """Record the failure, then answer it failure_delay after ``began``, or at once if later."""
+        """Record the failure, then answer it a fixed time after ``began``: the failure delay, or
+        the slowest password check this process has run if that took longer (an imported hash
+        costlier than the delay), so that no account's hasher shows in the answer's timing."""
         await self._record(request, source, reason, attempt=attempt)
-        await asyncio.sleep(max(0.0, began + self.policy.failure_delay - self.clock()))
+        answer_after = max(self.policy.failure_delay, self._slowest_check)
+        await asyncio.sleep(max(0.0, began + answer_after - self.clock()))
 
     async def _record(self, request: LoginRequest, source: str, reason: str, **fields) -> None:
         try:
