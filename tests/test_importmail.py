@@ -445,6 +445,21 @@ def test_maildir_root_imports_one_folder_per_address(make_mailbox, tmp_path):
 
 
 @pytest.mark.django_db
+def test_maildir_root_skips_a_symlinked_address_folder(make_mailbox, tmp_path, caplog):
+    alice = make_mailbox("alice@example.test")
+    outside = make_maildir(tmp_path / "outside")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "alice@example.test").symlink_to(outside)
+    with caplog.at_level("WARNING", logger="mailadmin.management.commands.importmail"):
+        assert command("importmail", "--maildir-root", str(root)) == ""
+    assert not Message.objects.filter(mailbox=alice).exists()
+    assert [record.getMessage() for record in caplog.records] == [
+        f"skipped {root / 'alice@example.test'}: a symbolic link, not a folder of the root"
+    ]
+
+
+@pytest.mark.django_db
 def test_maildir_root_with_an_unknown_address_imports_nothing(make_mailbox, tmp_path):
     make_mailbox("alice@example.test")
     make_maildir(tmp_path / "alice@example.test")

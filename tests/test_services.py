@@ -558,6 +558,14 @@ def test_a_person_needs_the_kick_permission_to_kick(domains, make_mailbox):
     assert services.kick_sessions(Actor.for_user(viewer), session_ids=[session.pk]) == 1
 
 
+def test_a_token_kicks_nothing_until_tokens_have_a_write_scope(make_mailbox):
+    session = open_session_row(make_mailbox("a@ours.test"))
+    with pytest.raises(services.NotPermitted):
+        services.kick_sessions(Actor.token("billing", domain_ids=None), session_ids=[session.pk])
+    session.refresh_from_db()
+    assert session.kick_requested_at is None
+
+
 # --- Domain administrators -------------------------------------------------------------------
 
 

@@ -392,10 +392,12 @@ def prune_history(actor: Actor, days: int) -> history.Pruned:
 
 
 def may_kick(actor: Actor) -> bool:
-    """A person needs the kick permission (viewing sessions is not enough); other actors are
-    bounded by their scope alone."""
-    if actor.kind != ActorKind.USER:
+    """A person needs the kick permission (viewing sessions is not enough); the command line is
+    bounded by its scope alone. Tokens kick nothing until the API gives them a write scope."""
+    if actor.kind == ActorKind.CLI:
         return True
+    if actor.kind != ActorKind.USER:
+        return False
     user = get_user_model().objects.filter(pk=actor.user_id).first()
     return user is not None and user.has_perm(KICK_PERMISSION)
 

@@ -5,6 +5,7 @@ that stops (over quota, interrupted) is resumed by running the same command agai
 """
 
 import hashlib
+import logging
 import os
 import sys
 from collections import Counter
@@ -23,6 +24,8 @@ from mailadmin.management.commandutils import store_errors
 from mailadmin.models import Mailbox, Message
 
 MAX_IMPORT_KEY_LENGTH = Message._meta.get_field("import_key").max_length
+
+logger = logging.getLogger(__name__)
 
 
 class _MailboxImport:
@@ -120,10 +123,18 @@ class Command(BaseCommand):
         self.stdout.write(run.summary())
 
 
+def _is_mailbox_folder(path: Path) -> bool:
+    """A real folder: a symlink could lead the import anywhere outside the root."""
+    if path.is_symlink():
+        logger.warning("skipped %s: a symbolic link, not a folder of the root", path)
+        return False
+    return path.is_dir() and not path.name.startswith(".")
+
+
 def _mailbox_folders(root: Path) -> list[tuple[Mailbox, Path]]:
     """Every mailbox folder under ``root`` with its mailbox, all checked before anything is imported."""
     try:
-        folders = sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
+        folders = sorted(path for path in root.iterdir() if _is_mailbox_folder(path))
     except OSError as error:
         raise CommandError(f"cannot read {root}: {error.strerror}") from None
     pairs = []
