@@ -199,6 +199,21 @@ def test_rcpt_gets_451_while_the_database_is_unavailable(error):
     )
 
 
+def test_a_logged_recipient_cannot_forge_a_field_of_the_log_line(caplog):
+    class DatabaseDown(StandInStore):
+        async def run(self, function, *args):
+            raise DatabaseError("could not connect")
+
+    with caplog.at_level("WARNING", logger="mailadmin.mailin.lmtp.server"):
+        converse(
+            DatabaseDown(all_with()),
+            wire("LHLO client.test", "MAIL FROM:<>", "RCPT TO:<x rip=203.0.113.66@example.test>", "QUIT"),
+        )
+    assert [record.getMessage() for record in caplog.records] == [
+        "RCPT x\\x20rip\\x3d203.0.113.66@example.test: database unavailable"
+    ]
+
+
 def test_a_client_stalling_mid_data_is_disconnected_with_421_and_nothing_is_committed():
     store = StandInStore(all_with(DeliveryStatus.DELIVERED))
 

@@ -19,6 +19,7 @@ from mailadmin.hosting import store
 from mailadmin.mailin.messagefile import MessageTooLarge, Readable, SpooledMessage, spool_message
 from mailadmin.models import Mailbox
 from mailadmin.units import format_size
+from pop3.session import log_text
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def _deliver_spooled(
             ]
         stored = iter(deliver_group([Delivery(accepted, message, sender)], all_or_none=all_or_none)[0])
     except DATABASE_ERRORS:
-        logger.exception("delivery to %s failed", ", ".join(recipients))
+        logger.exception("delivery to %s failed", " ".join(map(log_text, recipients)))
         return [RecipientResult(recipient, DeliveryStatus.TEMPORARY_FAILURE) for recipient in recipients]
     return [
         next(stored) if isinstance(entry, Recipient) else RecipientResult(r, entry)
@@ -151,7 +152,7 @@ def deliver_group(
         try:
             return _store_group(deliveries, failed, all_or_none)
         except _CopyFailed as failure:
-            logger.error("delivery to %s failed", failure.address, exc_info=failure.__cause__)
+            logger.error("delivery to %s failed", log_text(failure.address), exc_info=failure.__cause__)
             failed.add(failure.position)
 
 

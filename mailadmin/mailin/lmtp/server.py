@@ -44,6 +44,7 @@ from mailadmin.mailin.lmtp.protocol import (
     reply,
 )
 from mailadmin.mailin.messagefile import MessageSpooler, MessageTooLarge
+from pop3.session import log_text
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ class LmtpSession(asyncio.Protocol):
         try:
             found = await self.executor.run(look_up_recipient, event.address, event.size_hint)
         except DATABASE_ERRORS:
-            logger.warning("RCPT %s: database unavailable", event.address, exc_info=True)
+            logger.warning("RCPT %s: database unavailable", log_text(event.address), exc_info=True)
             return reply(protocol.REPLY_DATABASE_DOWN)
         if isinstance(found, Recipient):
             return self.conn.accept_recipient(found)
