@@ -66,7 +66,6 @@ def test_pbkdf2_iterations_within_bounds_are_accepted(iterations):
     [
         (argon2(time_cost=21), "time cost 21: argon2 hashes here need 1 to 20"),
         (argon2(time_cost=0), "time cost 0: argon2 hashes here need 1 to 20"),
-        (argon2(memory_cost=1_024_001), "memory cost 1024001: argon2 hashes here need 1 to 1024000"),
         (argon2(parallelism=81), "parallelism 81: argon2 hashes here need 1 to 80"),
         (scrypt(2**14, block_size=81), "block size 81: scrypt hashes here need 1 to 80"),
         (scrypt(2**14, parallelism=0), "parallelism 0: scrypt hashes here need 1 to 50"),
@@ -77,7 +76,33 @@ def test_argon2_and_scrypt_costs_beyond_bounds_are_refused(password_hash, error)
 
 
 def test_argon2_at_the_bounds_is_accepted():
-    store.check_password_hash(argon2(time_cost=20, memory_cost=1_024_000, parallelism=80))
+    store.check_password_hash(argon2(time_cost=10, memory_cost=204_800, parallelism=80))
+    store.check_password_hash(argon2(time_cost=20, memory_cost=102_400))
+
+
+@pytest.mark.parametrize(
+    ("password_hash", "error"),
+    [
+        (
+            argon2(time_cost=20, memory_cost=1_024_000, parallelism=80),
+            "costs 100 times the current cost to check: argon2 hashes here may cost at most 10 times",
+        ),
+        (
+            argon2(time_cost=11, memory_cost=204_800),
+            "costs 11 times the current cost to check: argon2 hashes here may cost at most 10 times",
+        ),
+        (
+            argon2(time_cost=1, memory_cost=409_600),
+            "needs 409600 KiB to check: argon2 hashes here may need at most 204800 KiB",
+        ),
+        (
+            scrypt(2**14, block_size=16, parallelism=40),
+            "costs 16 times the current cost to check: scrypt hashes here may cost at most 10 times",
+        ),
+    ],
+)
+def test_a_hash_whose_parameters_together_cost_too_much_is_refused(password_hash, error):
+    assert refusal(password_hash) == f"password hash {error}"
 
 
 def test_scrypt_that_openssl_could_not_check_is_refused():

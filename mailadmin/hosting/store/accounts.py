@@ -109,6 +109,15 @@ def _domain_for_new_mailbox(domain_name: str, create_missing: bool) -> Domain:
 # An imported hash may cost at most this many times today's default to check: a cost far above
 # it ties up a hashing thread per login attempt (PBKDF2 at 2e9 iterations: until killed).
 MAX_HASH_COST_FACTOR = 10
+# Argon2 holds memory_cost KiB for each check, and runpop3 checks on POP3_AUTH_THREADS threads at
+# once: at most twice today's (~200 MiB), so the hashing pool's memory stays bounded.
+MAX_ARGON2_MEMORY_FACTOR = 2
+# The parameters whose product is the work of one check; each may be in bounds while together
+# they are not (argon2 at 10 times the passes and 10 times the memory is 100 times the work).
+_WORK_FACTORS = {
+    "argon2": ("time_cost", "memory_cost"),
+    "scrypt": ("work_factor", "block_size", "parallelism"),
+}
 # OpenSSL's memory limit for scrypt when the hasher's maxmem is 0; above it verification fails.
 SCRYPT_DEFAULT_MAXMEM = 32 * 1024**2
 
@@ -163,6 +172,7 @@ def check_password_hash(password_hash: str) -> None:
         raise InvalidInput(f"password hash is not a valid {hasher.algorithm} hash") from None
     for cost in _HASH_COSTS.get(hasher.algorithm, ()):
         _require_sane_cost(hasher, cost, decoded[cost.field])
+    _require_sane_work(hasher, decoded)
     if hasher.algorithm == "scrypt":
         _require_scrypt_memory(hasher, decoded)
 
@@ -191,6 +201,24 @@ def _require_sane_cost(hasher, cost: _HashCost, value: int) -> None:
         raise InvalidInput(
             f"password hash has {cost.field.replace('_', ' ')} {value}: {hasher.algorithm} hashes here "
             f"need {lowest} to {highest} (at most {MAX_HASH_COST_FACTOR} times the current cost)"
+        )
+
+
+def _require_sane_work(hasher, decoded: dict) -> None:
+    fields = _WORK_FACTORS.get(hasher.algorithm, ())
+    work = math.prod(decoded[field] / getattr(hasher, field) for field in fields)
+    if work > MAX_HASH_COST_FACTOR:
+        raise InvalidInput(
+            f"password hash costs {work:.3g} times the current cost to check: {hasher.algorithm} "
+            f"hashes here may cost at most {MAX_HASH_COST_FACTOR} times"
+        )
+    if (
+        hasher.algorithm == "argon2"
+        and decoded["memory_cost"] > hasher.memory_cost * MAX_ARGON2_MEMORY_FACTOR
+    ):
+        raise InvalidInput(
+            f"password hash needs {decoded['memory_cost']} KiB to check: argon2 hashes here may need at "
+            f"most {hasher.memory_cost * MAX_ARGON2_MEMORY_FACTOR} KiB"
         )
 
 
