@@ -414,8 +414,15 @@ def test_import_dry_run_hashes_outside_any_transaction_and_writes_nothing(record
     with counting_commits_and_writes(monkeypatch) as (commits, _):
         created = services.import_mailboxes(CLI, io.StringIO(IMPORT_WITH_PASSWORDS), dry_run=True)
     assert len(created) == 3
-    assert recording_hasher.in_transaction == [False, False]
+    assert recording_hasher.in_transaction == []  # it stores nothing, so it hashes nothing
     assert (commits, Mailbox.objects.count(), get_user_model().objects.count()) == ([], 0, 0)
+
+
+def test_import_refuses_a_bad_hash_on_the_last_line_before_hashing_anything(domains, recording_hasher):
+    rows = io.StringIO(IMPORT_WITH_PASSWORDS + "d@ours.test,,pbkdf2_sha256$0$salt$aGFzaA==,\n")
+    with pytest.raises(store.InvalidInput, match="^line 5: password hash has iterations 0"):
+        services.import_mailboxes(CLI, rows)
+    assert recording_hasher.in_transaction == []
 
 
 def test_import_refuses_a_missing_domain_or_a_bad_password_before_hashing_anything(domains, recording_hasher):
