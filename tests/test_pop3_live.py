@@ -3,6 +3,7 @@
 import asyncio
 import io
 import logging
+import resource
 import threading
 import uuid
 from datetime import timedelta
@@ -17,6 +18,7 @@ from django.utils import timezone
 from mailadmin.executors import BoundedExecutor, keep_connections_open
 from mailadmin.hosting import store
 from mailadmin.mailin.delivery import deliver
+from mailadmin.management.commands import runpop3
 from mailadmin.management.commands.runpop3 import TEXT_LOCKS_LOST
 from mailadmin.models import MaildropLease, Message, Pop3Session
 from mailadmin.pop3d.leases import LeaseKeeper
@@ -471,3 +473,42 @@ def test_a_postgresql_restart_costs_each_client_at_most_one_temporary_error(make
     # The promise is at most one each; with connections idle at the restart, it is none (the
     # chunk cursor unchecked, each session open across the restart lost its next read).
     assert errors == dict.fromkeys(addresses, 0)
+
+
+class FakeLimits:
+    """``resource`` as runpop3 sees it: a soft and a hard open-files limit, and what it set."""
+
+    RLIMIT_NOFILE = resource.RLIMIT_NOFILE
+    RLIM_INFINITY = resource.RLIM_INFINITY
+
+    def __init__(self, soft: int, hard: int) -> None:
+        self.limits = (soft, hard)
+        self.set: list[tuple[int, int]] = []
+
+    def getrlimit(self, which):
+        return self.limits
+
+    def setrlimit(self, which, limits):
+        self.set.append(limits)
+        self.limits = limits
+
+
+def test_runpop3_raises_the_open_files_limit_to_the_hard_one(monkeypatch, settings):
+    limits = FakeLimits(1024, 65536)
+    monkeypatch.setattr(runpop3, "resource", limits)
+    settings.POP3_DB_THREADS = 8
+    assert runpop3.client_descriptor_room() == 65536 - runpop3.RESERVED_DESCRIPTORS - 8
+    assert limits.set == [(65536, 65536)]
+
+
+def test_runpop3_caps_connections_at_what_the_open_files_limit_leaves_room_for(monkeypatch, settings):
+    monkeypatch.setattr(runpop3, "resource", FakeLimits(1024, 1024))
+    settings.POP3_DB_THREADS, settings.POP3_MAX_CONNECTIONS = 8, 10_000
+    stderr = io.StringIO()
+    assert runpop3.Command(stderr=stderr)._connection_cap() == 952
+    assert stderr.getvalue() == (
+        "POP3_MAX_CONNECTIONS is 10000, but the open-files limit leaves room for 952 clients: "
+        "serving at most 952 (raise ulimit -n, LimitNOFILE= in systemd)\n"
+    )
+    settings.POP3_MAX_CONNECTIONS = 500
+    assert runpop3.Command(stderr=io.StringIO())._connection_cap() == 500

@@ -6,6 +6,7 @@ values from settings here and nowhere else: settings hold the only defaults.
 """
 
 import asyncio
+import resource
 import signal
 import socket
 
@@ -36,7 +37,32 @@ def auth_policy() -> AuthPolicy:
     )
 
 
-def server_config(*, bind: str, port: int, tls_port: int, certfile: str, keyfile: str) -> ServerConfig:
+# Descriptors a runpop3 process needs besides its clients' sockets: the listeners, log and TLS
+# files, the SQLite lock file, a few in passing; plus one database connection per DB thread.
+RESERVED_DESCRIPTORS = 64
+
+
+def client_descriptor_room() -> int:
+    """How many client connections the descriptor limit leaves room for.
+
+    The soft limit is first raised to the hard one (1,024 is a common soft limit, far below the
+    10,000 connections runpop3 accepts by default): a connection refused at the cap is cheap,
+    one that finds no descriptor fails the database and log writes of every session as well.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, settings.POP3_MAX_CONNECTIONS * 2)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return max(1, soft - RESERVED_DESCRIPTORS - settings.POP3_DB_THREADS)
+
+
+def server_config(
+    *, bind: str, port: int, tls_port: int, certfile: str, keyfile: str, max_connections: int
+) -> ServerConfig:
     return ServerConfig(
         host=bind,
         port=port or None,
@@ -44,8 +70,8 @@ def server_config(*, bind: str, port: int, tls_port: int, certfile: str, keyfile
         certfile=certfile,
         keyfile=keyfile,
         trusted_networks=settings.POP3_TRUSTED_NETWORKS,
-        max_connections=settings.POP3_MAX_CONNECTIONS,
-        max_connections_per_ip=settings.POP3_MAX_CONNECTIONS_PER_IP,
+        max_connections=max_connections,
+        max_connections_per_ip=min(settings.POP3_MAX_CONNECTIONS_PER_IP, max_connections),
         tls_handshake_timeout=settings.POP3_TLS_HANDSHAKE_TIMEOUT,
         timeouts=Timeouts(login=settings.POP3_LOGIN_TIMEOUT, idle=settings.POP3_IDLE_TIMEOUT),
         login_delay_seconds=settings.POP3_LOGIN_DELAY,
@@ -79,6 +105,16 @@ class Command(BaseCommand):
             help="Processes serving the listeners; one uses one core (POP3_WORKERS).",
         )
 
+    def _connection_cap(self) -> int:
+        room = client_descriptor_room()
+        if settings.POP3_MAX_CONNECTIONS <= room:
+            return settings.POP3_MAX_CONNECTIONS
+        self.stderr.write(
+            f"POP3_MAX_CONNECTIONS is {settings.POP3_MAX_CONNECTIONS}, but the open-files limit leaves "
+            f"room for {room} clients: serving at most {room} (raise ulimit -n, LimitNOFILE= in systemd)"
+        )
+        return room
+
     def handle(
         self, *args, bind: str, port: int, tls_port: int, certfile: str, keyfile: str, workers: int, **options
     ):
@@ -90,7 +126,14 @@ class Command(BaseCommand):
         if tls_port and not certfile:
             tls_port = 0
             self.stderr.write("no certificate configured: POP3S disabled and STLS not offered")
-        config = server_config(bind=bind, port=port, tls_port=tls_port, certfile=certfile, keyfile=keyfile)
+        config = server_config(
+            bind=bind,
+            port=port,
+            tls_port=tls_port,
+            certfile=certfile,
+            keyfile=keyfile,
+            max_connections=self._connection_cap(),
+        )
         if config.port is None and config.tls_port is None:
             raise CommandError("both listeners are disabled")
         if workers < 1:
