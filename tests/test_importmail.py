@@ -16,7 +16,7 @@ from mailadmin.hosting import store
 from mailadmin.mailin import mailfiles
 from mailadmin.mailin.delivery import deliver
 from mailadmin.mailin.messagefile import normalise
-from mailadmin.models import Mailbox, Message, MessageChunk
+from mailadmin.models import AuditEntry, Mailbox, Message, MessageChunk
 from tests.conftest import PROJECT_DIR, run_manage
 
 DATE = datetime(2023, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -526,6 +526,12 @@ def test_over_quota_stops_the_import_and_a_rerun_resumes(make_mailbox, tmp_path)
         "alice@example.test: 1 imported, 2 already present\n"
     )
     assert stored(mailbox) == [normalise(m) for m in messages]
+    # Each run is audited with what it stored, the one that stopped half way too.
+    entries = AuditEntry.objects.filter(action="import mail").order_by("pk")
+    assert list(entries.values_list("actor_kind", "object_name", "changes")) == [
+        ("cli", "alice@example.test", {"messages imported": [0, 2], "from": ["", str(path)]}),
+        ("cli", "alice@example.test", {"messages imported": [0, 1], "from": ["", str(path)]}),
+    ]
 
 
 @pytest.mark.django_db

@@ -52,6 +52,9 @@ class Actor:
     def all_domains(self) -> bool:
         return self.domain_ids is None
 
+    def may_see_domain(self, domain_id: int) -> bool:
+        return self.domain_ids is None or domain_id in self.domain_ids
+
 
 def _os_user() -> str:
     try:

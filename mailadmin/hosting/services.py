@@ -381,6 +381,26 @@ def _record_drifts(actor: Actor, drifts: list[store.Drift]) -> None:
         audit.record(actor, "recalculate quota", object_type, subject, domain=domain, changes=changes)
 
 
+# --- Mail imported -----------------------------------------------------------------------------
+
+
+def record_mail_import(actor: Actor, mailbox: Mailbox, imported: int, source: str) -> None:
+    """One audit entry for an import run: ``importmail`` stores each message through the store in
+    a transaction of its own (a run may stop half way and resume), so the entry says how many
+    it stored, and from where, once the run ends."""
+    if not actor.may_see_domain(mailbox.domain_id):
+        raise NotPermitted(f"not permitted: {mailbox.domain.name} is not a domain you administer")
+    with transaction.atomic():
+        audit.record(
+            actor,
+            "import mail",
+            "mailbox",
+            mailbox.address,
+            domain=mailbox.domain,
+            changes={"messages imported": [0, imported], "from": ["", source]},
+        )
+
+
 # --- History ---------------------------------------------------------------------------------
 
 

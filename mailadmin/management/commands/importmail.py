@@ -17,7 +17,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from mailadmin.hosting import store
+from mailadmin.hosting import services, store
+from mailadmin.hosting.actors import Actor
 from mailadmin.mailin import mailfiles
 from mailadmin.mailin.messagefile import READ_SIZE, MessageTooLarge, Readable, SpooledMessage, spool_message
 from mailadmin.management.commandutils import store_errors
@@ -111,7 +112,7 @@ class Command(BaseCommand):
         if not address:
             raise CommandError("give the ADDRESS of the mailbox to import into")
         with store_errors():
-            mailbox = store.get_mailbox(address)
+            mailbox = services.get_mailbox(Actor.cli(), address)
         if mbox is not None:
             self._run(mailbox, _import_mbox, mbox)
         else:
@@ -119,7 +120,11 @@ class Command(BaseCommand):
 
     def _run(self, mailbox: Mailbox, importer: Callable[[_MailboxImport, Path], None], path: Path) -> None:
         run = _MailboxImport(mailbox)
-        importer(run, path)
+        try:
+            importer(run, path)
+        finally:
+            if run.imported:
+                services.record_mail_import(Actor.cli(), mailbox, run.imported, str(path))
         self.stdout.write(run.summary())
 
 
@@ -140,7 +145,7 @@ def _mailbox_folders(root: Path) -> list[tuple[Mailbox, Path]]:
     pairs = []
     for folder in folders:
         try:
-            pairs.append((store.get_mailbox(folder.name), folder))
+            pairs.append((services.get_mailbox(Actor.cli(), folder.name), folder))
         except store.StoreError as error:
             raise CommandError(f"{folder}: {error}") from None
     return pairs
