@@ -9,7 +9,6 @@ Nothing the workers share lives in memory: leases, sessions, penalties and quota
 import logging
 import os
 import signal
-import socket
 import sys
 import traceback
 from collections.abc import Callable
@@ -18,25 +17,8 @@ from django.db import connections
 
 logger = logging.getLogger(__name__)
 
-LISTEN_BACKLOG = 100  # asyncio's default
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def bind_tcp(host: str, port: int) -> socket.socket:
-    """A listening TCP socket, bound before any worker exists so that all of them share it."""
-    family, kind, protocol, _, address = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    listener = socket.socket(family, kind, protocol)
-    try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(address)
-        listener.listen(LISTEN_BACKLOG)
-    except OSError:
-        listener.close()
-        raise
-    return listener
 
 
 def run_workers(count: int, serve: Callable[[], None], started: Callable[[], None]) -> int:

@@ -315,7 +315,7 @@ class Pop3Server:
             if port is None:
                 continue
             try:
-                sock = sockets.get(kind) or _listen(self.config.host, port)
+                sock = sockets.get(kind) or listening_socket(self.config.host, port)
             except OSError:
                 for listener in self._listeners.values():
                     listener.sock.close()
@@ -424,7 +424,11 @@ def _turn_away(conn: socket.socket, implicit_tls: bool) -> None:
     conn.close()
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host`` (any address when empty) and ``port``.
+
+    Also what a pre-forking parent binds before its workers exist, so that all of them share it.
+    """
     family, kind, proto, _, address = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]

@@ -14,7 +14,8 @@ from django.db import connection
 from mailadmin.executors import BoundedExecutor, keep_connections_open
 from mailadmin.mailin.lmtp.protocol import Policy
 from mailadmin.mailin.lmtp.server import LmtpConfig, LmtpServer
-from mailadmin.prefork import LISTEN_BACKLOG, bind_tcp, run_workers
+from mailadmin.prefork import run_workers
+from pop3.server import LISTEN_BACKLOG, listening_socket
 
 SHUTDOWN_GRACE_SECONDS = 30.0
 SMTP_PORT = 25
@@ -46,7 +47,7 @@ class Command(BaseCommand):
             if socket_path:
                 listener, where = _bind_unix(Path(socket_path))
             else:
-                listener = bind_tcp(bind, port)
+                listener = listening_socket(bind, port)
                 where = "{}:{}".format(*listener.getsockname()[:2])
         except OSError as error:
             raise CommandError(f"cannot listen: {error}") from None

@@ -18,8 +18,8 @@ from mailadmin.executors import BoundedExecutor, keep_connections_open
 from mailadmin.pop3d.authenticator import AuthPolicy, Pop3Authenticator
 from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.registry import Pop3Monitor, node_name
-from mailadmin.prefork import bind_tcp, run_workers
-from pop3.server import Pop3Server, ServerConfig
+from mailadmin.prefork import run_workers
+from pop3.server import Pop3Server, ServerConfig, listening_socket
 from pop3.session import Timeouts
 
 SHUTDOWN_GRACE_SECONDS = 10.0
@@ -142,7 +142,7 @@ class Command(BaseCommand):
         try:
             for kind, number in (("plain", config.port), ("tls", config.tls_port)):
                 if number is not None:
-                    sockets[kind] = bind_tcp(bind, number)
+                    sockets[kind] = listening_socket(bind, number)
         except OSError as error:
             for listener in sockets.values():
                 listener.close()
