@@ -16,7 +16,7 @@ from django.contrib.auth import get_user_model
 
 from mailadmin.hosting import store
 from mailadmin.hosting.store import iter_message_bytes
-from mailadmin.models import Mailbox, Message
+from mailadmin.models import Mailbox, Message, Pop3Session
 from tests.conftest import PROJECT_DIR, child_environment, run_manage
 from tests.daemons import HOST, DaemonProcess, free_port, start_daemon
 from tests.pop3_server import wait_for
@@ -65,6 +65,11 @@ def test_demo_banner_comes_once_every_listener_answers_and_its_credentials_work(
         client.pass_(credentials["mailbox"])
         assert client.stat()[0] == 3  # the demo messages
         client.quit()
+        # Ours is the only POP3 session: finding the listeners up opened none.
+        wait_for(lambda: Pop3Session.objects.filter(ended_at__isnull=False).exists())
+        assert list(Pop3Session.objects.values_list("username", "end_reason")) == [
+            ("demo@example.test", "quit")
+        ]
         assert server.terminate() == 0
         assert not [line for line in server.stdout_lines if "/static/" in line]
         assert [line for line in server.stdout_lines if '"GET /admin/login/' in line] != []

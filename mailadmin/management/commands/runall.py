@@ -2,9 +2,10 @@
 
 For `make run` and small single-host installs. Ctrl-C or SIGTERM stops them all; if one
 listener dies, the others are stopped too and the one that failed is named, so a supervisor
-(or a person) sees the failure. Once every listener accepts connections it says so (with
-``--demo``, with the demo's URLs and credentials), so nothing important scrolls away under
-start-up logs; requests for static files are left out of the web access log.
+(or a person) sees the failure. Once every listener is up (the web admin accepts connections,
+the mail listeners have said they listen) it says so (with ``--demo``, with the demo's URLs and
+credentials), so nothing important scrolls away under start-up logs; requests for static files
+are left out of the web access log.
 """
 
 import ctypes
@@ -26,6 +27,7 @@ STOP_GRACE_SECONDS = 10
 POLL_SECONDS = 0.2
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STATIC_REQUEST = re.compile(r'"(GET|HEAD) /static/')
+LISTENING = re.compile(r"\b(POP3S?|LMTP) listening on ")
 
 
 class Command(BaseCommand):
@@ -39,6 +41,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, bind: str, http_port: int, demo: bool, **options):
+        self.listening: set[str] = set()  # the mail listeners that said they are listening
         children = self._start(bind, http_port)
         listeners = self._listeners(bind, http_port)
         stopping = False
@@ -51,7 +54,7 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, stop)
         announced = False
         while not stopping and all(child.poll() is None for child in children.values()):
-            if not announced and all(_accepting(address) for address in listeners.values()):
+            if not announced and self._all_up(listeners):
                 self._announce(http_port, listeners, demo)
                 announced = True
             time.sleep(POLL_SECONDS)
@@ -72,16 +75,33 @@ class Command(BaseCommand):
         manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
         web = [sys.executable, "-m", "daphne", "-b", bind, "-p", str(http_port), "mailadmin.asgi:application"]
         children = {
-            "daphne": subprocess.Popen(web, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent),
-            **{
-                name: subprocess.Popen([*manage, name], preexec_fn=_die_with_parent)
-                for name in ("runpop3", "runlmtp")
-            },
+            name: subprocess.Popen(command, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+            for name, command in (
+                ("daphne", web),
+                ("runpop3", [*manage, "runpop3"]),
+                ("runlmtp", [*manage, "runlmtp"]),
+            )
         }
-        threading.Thread(
-            target=_forward_without_static, args=(children["daphne"].stdout,), daemon=True
-        ).start()
+        for child in children.values():
+            threading.Thread(target=self._forward, args=(child.stdout,), daemon=True).start()
         return children
+
+    def _forward(self, lines: IO[str]) -> None:
+        """A child's output, less the dozens of access-log lines each admin page's assets cost;
+        the mail listeners' "X listening on" lines say they are up."""
+        for line in lines:
+            if STATIC_REQUEST.search(line):
+                continue
+            if match := LISTENING.search(line):
+                self.listening.add(match[1])
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    def _all_up(self, listeners: dict) -> bool:
+        """The web admin accepts connections (a bare connect leaves no trace there), and every
+        mail listener said it listens: connecting to those would record a session each."""
+        mail = {name for name in listeners if name != "Web"}
+        return mail <= self.listening and _accepting(listeners["Web"])
 
     def _listeners(self, bind: str, http_port: int) -> dict[str, tuple[str, int] | str]:
         """What each listener should answer on, as runpop3 and runlmtp read their settings."""
@@ -126,26 +146,9 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _accepting(address: tuple[str, int] | str) -> bool:
-    family = (
-        socket.AF_UNIX
-        if isinstance(address, str)
-        else socket.AF_INET6
-        if ":" in address[0]
-        else socket.AF_INET
-    )
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.settimeout(POLL_SECONDS)
-        try:
-            probe.connect(address)
-        except OSError:
-            return False
+def _accepting(address: tuple[str, int]) -> bool:
+    try:
+        socket.create_connection(address, timeout=POLL_SECONDS).close()
+    except OSError:
+        return False
     return True
-
-
-def _forward_without_static(lines: IO[str]) -> None:
-    """daphne's access log, less the dozens of lines each admin page's assets cost."""
-    for line in lines:
-        if not STATIC_REQUEST.search(line):
-            sys.stdout.write(line)
-            sys.stdout.flush()
