@@ -230,16 +230,20 @@ class Connection(Generic[R]):
 
     # Commands --------------------------------------------------------------------------------
 
+    def _skip_rest_of_line(self) -> bool:
+        """Drop what is left of a line too long; True once its end (its LF) has been dropped."""
+        newline = self._buffer.find(b"\n")
+        if newline < 0:
+            self._buffer.clear()
+            return False
+        del self._buffer[: newline + 1]
+        self._skipping_line = False
+        return True
+
     def _command_event(self) -> Event:
         buffer = self._buffer
         if self._skipping_line:
-            newline = buffer.find(b"\n")
-            if newline < 0:
-                buffer.clear()
-                return NEED_DATA
-            del buffer[: newline + 1]
-            self._skipping_line = False
-            return Reply(reply(REPLY_COMMAND_TOO_LONG))
+            return Reply(reply(REPLY_COMMAND_TOO_LONG)) if self._skip_rest_of_line() else NEED_DATA
         newline = buffer.find(b"\n", 0, MAX_COMMAND_LINE)
         if newline < 0:
             if len(buffer) >= MAX_COMMAND_LINE:  # its LF, wherever it is, ends a line too long
@@ -330,13 +334,8 @@ class Connection(Generic[R]):
 
     def _message_event(self) -> Event:
         buffer = self._buffer
-        if self._skipping_line:
-            newline = buffer.find(b"\n")
-            if newline < 0:
-                buffer.clear()
-                return NEED_DATA
-            del buffer[: newline + 1]
-            self._skipping_line = False
+        if self._skipping_line and not self._skip_rest_of_line():
+            return NEED_DATA
         end = _final_dot(buffer)
         if end == 0:
             return self._message_end()
