@@ -14,7 +14,7 @@ export DEBUG ?= 1
 
 # Real mail clients the end-to-end tests talk to (Debian package: command).
 CLIENT_PACKAGES := fetchmail:fetchmail getmail6:getmail mpop:mpop curl:curl openssl:openssl \
-	postfix:postfix swaks:swaks
+	postfix:postfix swaks:swaks chromium:chromium
 
 .PHONY: install system-deps run test test-only lint bench clean
 
