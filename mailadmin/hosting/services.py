@@ -10,9 +10,10 @@ may create, change, delete and set passwords of mailboxes, kick their sessions, 
 their quota, and change a domain's ``DOMAIN_ADMINISTRATOR_SETTINGS``; they may not create,
 delete, suspend or reactivate a domain, change its quota cap or mailbox limit, or make
 administrators. Outside their domains every request is refused alike, whether or not the
-domain or mailbox exists, so a refusal reveals nothing. A person also needs the
-``kick_pop3session`` permission to kick (domain administrators have it): viewing sessions is
-not enough.
+domain or mailbox exists, so a refusal reveals nothing. A person also needs a permission of
+its own for each action beyond editing: ``kick_pop3session`` to kick, ``set_mailbox_password``
+to reset a password, ``suspend_mailbox`` to suspend or resume (domain administrators have these
+three), ``view_message_body`` to read mail (nobody has it unless given). Viewing is not enough.
 
 Passwords are hashed before a function opens its transaction: argon2 costs ~100 ms and
 ~100 MiB a hash, and a transaction held meanwhile stalls deliveries and logins.
@@ -34,12 +35,17 @@ from django.utils import timezone
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.hosting import audit, history, mailboxcsv, scopes, store
 from mailadmin.hosting.actors import Actor, ActorKind
-from mailadmin.models import Domain, DomainAdministrator, Mailbox, Pop3Session
+from mailadmin.models import Domain, DomainAdministrator, Mailbox, Message, Pop3Session
 
-DOMAIN_ADMINISTRATOR_SETTINGS = frozenset({"default_mailbox_quota_bytes", "quota_warning_percents"})
+DOMAIN_ADMINISTRATOR_SETTINGS = frozenset(
+    {"default_mailbox_quota_bytes", "quota_warning_percents", "language"}
+)
 ADMINISTRATORS_GROUP = "Domain administrators"
 DRY_RUN_SALT = "dryrun"
 KICK_PERMISSION = "mailadmin.kick_pop3session"
+SET_PASSWORD_PERMISSION = "mailadmin.set_mailbox_password"
+SUSPEND_PERMISSION = "mailadmin.suspend_mailbox"
+READ_BODY_PERMISSION = "mailadmin.view_message_body"
 # What the admin lets a domain administrator do; scopes narrow every one to their domains.
 ADMINISTRATOR_PERMISSIONS = (
     "view_domain",
@@ -48,6 +54,8 @@ ADMINISTRATOR_PERMISSIONS = (
     "add_mailbox",
     "change_mailbox",
     "delete_mailbox",
+    "set_mailbox_password",
+    "suspend_mailbox",
     "view_message",
     "view_pop3session",
     "kick_pop3session",
@@ -60,10 +68,24 @@ class NotPermitted(store.StoreError):
     """The actor's scope does not cover the request."""
 
 
+class MessageNotFound(store.StoreError):
+    """No message by that id within the actor's scope."""
+
+
 @dataclass(frozen=True)
 class NewMailbox:
     mailbox: Mailbox
     generated_password: str | None
+
+
+@dataclass(frozen=True)
+class MessageText:
+    """The start of a message, as much as a person is shown of it."""
+
+    message: Message
+    text: str
+    shown_bytes: int
+    truncated: bool
 
 
 # --- Scope checks ----------------------------------------------------------------------------
@@ -81,6 +103,33 @@ def editable_domain_settings(actor: Actor) -> frozenset[str]:
 def _require_domain_manager(actor: Actor, what: str) -> None:
     if not may_manage_domains(actor):
         raise NotPermitted(f"not permitted: only an operator of every domain may {what}")
+
+
+def _person_has(actor: Actor, permission: str) -> bool:
+    """A person needs ``permission`` on top of their scope; the command line and tokens are
+    bounded by their scope alone (each door that gives tokens an action says so)."""
+    if actor.kind != ActorKind.USER:
+        return True
+    user = get_user_model().objects.filter(pk=actor.user_id).first()
+    return user is not None and user.has_perm(permission)
+
+
+def _require(allowed: bool, what: str) -> None:
+    if not allowed:
+        raise NotPermitted(f"not permitted: {what}")
+
+
+def may_set_password(actor: Actor) -> bool:
+    return _person_has(actor, SET_PASSWORD_PERMISSION)
+
+
+def may_suspend_mailboxes(actor: Actor) -> bool:
+    return _person_has(actor, SUSPEND_PERMISSION)
+
+
+def may_read_bodies(actor: Actor) -> bool:
+    """Reading mail is for people given the permission, and the command line; no token."""
+    return actor.kind != ActorKind.TOKEN and _person_has(actor, READ_BODY_PERMISSION)
 
 
 def _domain_in_scope(actor: Actor, name: str) -> Domain:
@@ -237,7 +286,13 @@ def create_mailbox(
 
 
 def update_mailbox(actor: Actor, address: str, **settings: int | bool) -> Mailbox:
-    """Change only the settings given (see ``store.MAILBOX_SETTINGS``); return the mailbox as saved."""
+    """Change only the settings given (see ``store.MAILBOX_SETTINGS``); return the mailbox as saved.
+
+    Suspending (``active=False``) ends the mailbox's open sessions: runpop3's monitor ends every
+    session whose mailbox is no longer usable, and the authenticator refuses its logins.
+    """
+    if "active" in settings:
+        _require(may_suspend_mailboxes(actor), "suspending mailboxes needs the suspend permission")
     with transaction.atomic():
         mailbox = _mailbox_in_scope(actor, address)
         locked = Mailbox.objects.select_for_update().get(pk=mailbox.pk)
@@ -257,12 +312,21 @@ def get_mailbox(actor: Actor, address: str) -> Mailbox:
     return _mailbox_in_scope(actor, address)
 
 
+def set_mailbox_active(actor: Actor, address: str, active: bool) -> Mailbox:
+    """Resume (``active=True``) or suspend a mailbox; see ``update_mailbox``."""
+    return update_mailbox(actor, address, active=active)
+
+
 def set_password(actor: Actor, address: str, password: str) -> Mailbox:
+    """Replace a mailbox's password. Its open sessions end: runpop3's monitor ends every session
+    whose mailbox's password hash is no longer the one it logged in with."""
+    _require(may_set_password(actor), "resetting passwords needs the password permission")
     mailbox = _mailbox_in_scope(actor, address)
     return set_password_hash(actor, mailbox.address, store.hash_new_password(password, mailbox.address))
 
 
 def set_password_hash(actor: Actor, address: str, password_hash: str) -> Mailbox:
+    _require(may_set_password(actor), "resetting passwords needs the password permission")
     with transaction.atomic():
         mailbox = _mailbox_in_scope(actor, address)
         store.set_password_hash(mailbox.address, password_hash)
@@ -381,6 +445,47 @@ def _record_drifts(actor: Actor, drifts: list[store.Drift]) -> None:
         audit.record(actor, "recalculate quota", object_type, subject, domain=domain, changes=changes)
 
 
+# --- Messages --------------------------------------------------------------------------------
+
+
+def read_message_body(actor: Actor, message_id: int | str, limit_bytes: int) -> MessageText:
+    """The first ``limit_bytes`` of a message, for a person allowed to read mail; each reading
+    is recorded (who, which message, when) before anything is read.
+
+    Chunks are read one at a time and no further than the limit, so a 50 MiB message costs
+    what its first chunk or two cost.
+    """
+    _require(may_read_bodies(actor), "reading messages needs the permission to read message bodies")
+    message = (
+        scopes.visible_to(actor, Message)
+        .select_related("mailbox__user", "mailbox__domain")
+        .filter(pk=_message_pk(message_id))
+        .first()
+    )
+    if message is None:
+        raise MessageNotFound(f"no such message: {message_id}")
+    mailbox = message.mailbox
+    with transaction.atomic():
+        name = f"{mailbox.address} {message.uidl}"
+        audit.record(
+            actor, "read", "message", name, domain=mailbox.domain, changes={"message id": message.pk}
+        )
+    shown = bytearray()
+    for chunk in store.iter_message_bytes(message.pk):
+        shown += chunk[: limit_bytes - len(shown)]
+        if len(shown) >= limit_bytes:
+            break
+    text = bytes(shown).decode("utf-8", errors="replace")
+    return MessageText(message, text, len(shown), message.size_bytes > len(shown))
+
+
+def _message_pk(message_id: int | str) -> int:
+    try:
+        return int(message_id)
+    except ValueError:
+        raise MessageNotFound(f"no such message: {message_id}") from None
+
+
 # --- Mail imported -----------------------------------------------------------------------------
 
 
@@ -426,12 +531,7 @@ def prune_history(actor: Actor, days: int) -> history.Pruned:
 def may_kick(actor: Actor) -> bool:
     """A person needs the kick permission (viewing sessions is not enough); the command line is
     bounded by its scope alone. Tokens kick nothing until the API gives them a write scope."""
-    if actor.kind == ActorKind.CLI:
-        return True
-    if actor.kind != ActorKind.USER:
-        return False
-    user = get_user_model().objects.filter(pk=actor.user_id).first()
-    return user is not None and user.has_perm(KICK_PERMISSION)
+    return actor.kind != ActorKind.TOKEN and _person_has(actor, KICK_PERMISSION)
 
 
 def kick_sessions(
@@ -470,9 +570,10 @@ class Administrator:
 
 
 def save_domain_administrator(
-    actor: Actor, username: str, domain_names: Iterable[str], password: str
+    actor: Actor, username: str, domain_names: Iterable[str], password: str | None
 ) -> Administrator:
-    """Create a domain administrator, or give an existing one exactly these domains and password.
+    """Create a domain administrator, or give an existing one exactly these domains (and this
+    password; ``None`` keeps an existing administrator's).
 
     An administrator is a staff login of its own, never a mailbox's login nor a superuser (whose
     scope is every domain anyway).
@@ -485,10 +586,12 @@ def save_domain_administrator(
     domains = {domain.name: domain for domain in (store.get_domain(name) for name in domain_names)}
     if not domains:
         raise store.InvalidInput("name at least one domain")
-    password_hash = store.hash_new_password(password, username)
+    password_hash = None if password is None else store.hash_new_password(password, username)
     with transaction.atomic():
         user = user_model.objects.select_for_update().filter(username=username).first()
         created = user is None
+        if created and password_hash is None:
+            raise store.InvalidInput("a new administrator needs a password")
         if created:
             user = user_model(username=username)
         elif Mailbox.objects.filter(user=user).exists():
@@ -499,18 +602,31 @@ def save_domain_administrator(
             raise store.InvalidInput(f"{username} is a superuser, who administers every domain already")
         before = [] if created else sorted(user.administered_domains.values_list("domain__name", flat=True))
         user.is_staff = True
-        user.password = password_hash
+        if password_hash is not None:
+            user.password = password_hash
         user.save()
         user.groups.add(_administrators_group())
         DomainAdministrator.objects.filter(user=user).exclude(domain__in=domains.values()).delete()
         for domain in domains.values():
             DomainAdministrator.objects.get_or_create(user=user, domain=domain)
         after = sorted(domains)
-        changes: dict = {"password": audit.SECRET_CHANGED}
+        changes: dict = {} if password_hash is None else {"password": audit.SECRET_CHANGED}
         if before != after:
             changes["domains"] = [before or None, after]
         audit.record(actor, "create" if created else "update", "administrator", username, changes=changes)
     return Administrator(username, created, after)
+
+
+def delete_domain_administrator(actor: Actor, username: str) -> None:
+    """Delete a domain administrator's login (never another kind of login)."""
+    _require_domain_manager(actor, "delete domain administrators")
+    with transaction.atomic():
+        user = get_user_model().objects.filter(username=username, administered_domains__isnull=False).first()
+        if user is None:
+            raise store.InvalidInput(f"{username} is not a domain administrator")
+        domains = sorted(user.administered_domains.values_list("domain__name", flat=True))
+        user.delete()
+        audit.record(actor, "delete", "administrator", username, changes={"domains": [domains, None]})
 
 
 def _administrators_group() -> Group:

@@ -8,6 +8,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from django.conf import settings as django_settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import identify_hasher, make_password
 from django.contrib.auth.password_validation import validate_password
@@ -32,7 +33,14 @@ GENERATED_PASSWORD_BYTES = 18
 PASSWORD_COLUMN_LENGTH = 128  # auth.User.password
 MAILBOX_SETTINGS = frozenset({"active", "quota_bytes", "quota_messages"})
 DOMAIN_SETTINGS = frozenset(
-    {"active", "quota_bytes", "max_mailboxes", "default_mailbox_quota_bytes", "quota_warning_percents"}
+    {
+        "active",
+        "quota_bytes",
+        "max_mailboxes",
+        "default_mailbox_quota_bytes",
+        "quota_warning_percents",
+        "language",
+    }
 )
 
 
@@ -264,6 +272,8 @@ def update_domain_settings(domain_id: int, settings: Mapping[str, int | bool | s
             parse_percents(settings["quota_warning_percents"])
         except ValueError as error:
             raise InvalidInput(str(error)) from None
+    if "language" in settings and settings["language"] not in dict(django_settings.LANGUAGES):
+        raise InvalidInput(f"unknown language {settings['language']!r}")
     Domain.objects.filter(pk=domain_id).update(**settings)
 
 
