@@ -109,17 +109,25 @@ class ServiceForm(forms.ModelForm):
         return {name: self.cleaned_data[name] for name in self.changed_data if name in names}
 
 
-class ScopedAdmin(admin.ModelAdmin):
-    """Rows narrowed to the user's scope; another scope's object is not found (404)."""
+class MissingIsNotFound:
+    """An object outside the page's queryset is not found (404) on every page that takes an id.
 
-    def get_queryset(self, request: HttpRequest) -> QuerySet:
-        return scopes.visible_to(actor_of(request), super().get_queryset(request))
+    Django's admin answers some of those pages (change, history) with a redirect to the index
+    instead; a 404 everywhere keeps the answer the same whichever page is asked.
+    """
 
     def get_object(self, request: HttpRequest, object_id: str, from_field: str | None = None):
         found = super().get_object(request, object_id, from_field)
         if found is None:
             raise Http404(f"no {self.opts.model_name} with id {object_id!r} here")
         return found
+
+
+class ScopedAdmin(MissingIsNotFound, admin.ModelAdmin):
+    """Rows narrowed to the user's scope; another scope's object is not found (404)."""
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return scopes.visible_to(actor_of(request), super().get_queryset(request))
 
 
 class ServiceAdmin(ScopedAdmin):
@@ -203,7 +211,8 @@ class DomainAdmin(ServiceAdmin):
     creation_fields = ["name", "quota_bytes", "max_mailboxes", "default_mailbox_quota_bytes"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Domain]:
-        return super().get_queryset(request).annotate(mailbox_count=Count("mailboxes"))
+        # An aggregate drops Meta.ordering: named again for pages (autocomplete) that page it.
+        return super().get_queryset(request).annotate(mailbox_count=Count("mailboxes")).order_by("name")
 
     @admin.display(description=_("mailboxes"), ordering="mailbox_count")
     def mailbox_count(self, domain: Domain) -> int:
@@ -688,7 +697,7 @@ class AdministratorForm(forms.ModelForm):
 
 
 @admin.register(DomainAdministratorLogin)
-class DomainAdministratorAdmin(admin.ModelAdmin):
+class DomainAdministratorAdmin(MissingIsNotFound, admin.ModelAdmin):
     """Superusers make, change and delete domain administrators here, through the service layer."""
 
     form = AdministratorForm
@@ -750,7 +759,7 @@ class DomainAdministratorAdmin(admin.ModelAdmin):
 # --- Logins ----------------------------------------------------------------------------------
 
 
-class LoginUserAdmin(UserAdmin):
+class LoginUserAdmin(MissingIsNotFound, UserAdmin):
     """Operator logins only: neither mailbox logins nor domain administrators.
 
     A mailbox's login is its address, which never changes; its password and active flag are set on
