@@ -14,6 +14,7 @@ from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Now
 from django.utils import timezone
+from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
 from pop3 import mailbox as pop3_mailbox
@@ -28,9 +29,11 @@ def parse_percents(text: str) -> list[int]:
     try:
         percents = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise ValueError(f"{text!r} is not a comma-separated list of percentages") from None
+        raise ValueError(
+            gettext("%(text)r is not a comma-separated list of percentages") % {"text": text}
+        ) from None
     if any(not 1 <= percent <= 100 for percent in percents):
-        raise ValueError("warning percentages must be between 1 and 100")
+        raise ValueError(gettext("warning percentages must be between 1 and 100"))
     return percents
 
 

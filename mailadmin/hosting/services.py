@@ -31,6 +31,7 @@ from django.contrib.auth.models import Group, Permission
 from django.db import transaction
 from django.db.models.functions import Now
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.hosting import audit, history, mailboxcsv, scopes, store
@@ -100,9 +101,10 @@ def editable_domain_settings(actor: Actor) -> frozenset[str]:
     return store.DOMAIN_SETTINGS if may_manage_domains(actor) else DOMAIN_ADMINISTRATOR_SETTINGS
 
 
-def _require_domain_manager(actor: Actor, what: str) -> None:
-    if not may_manage_domains(actor):
-        raise NotPermitted(f"not permitted: only an operator of every domain may {what}")
+def _require_domain_manager(actor: Actor, refusal: str) -> None:
+    """``refusal``: the whole message, e.g. ``gettext("not permitted: only an operator of every
+    domain may create domains")``, so each is translated as one sentence."""
+    _require(may_manage_domains(actor), refusal)
 
 
 def _person_has(actor: Actor, permission: str) -> bool:
@@ -114,9 +116,9 @@ def _person_has(actor: Actor, permission: str) -> bool:
     return user is not None and user.has_perm(permission)
 
 
-def _require(allowed: bool, what: str) -> None:
+def _require(allowed: bool, refusal: str) -> None:
     if not allowed:
-        raise NotPermitted(f"not permitted: {what}")
+        raise NotPermitted(refusal)
 
 
 def may_set_password(actor: Actor) -> bool:
@@ -138,7 +140,9 @@ def _domain_in_scope(actor: Actor, name: str) -> Domain:
         return store.get_domain(domain_name)
     domain = Domain.objects.filter(name=domain_name, pk__in=actor.domain_ids).first()
     if domain is None:
-        raise NotPermitted(f"not permitted: {domain_name} is not a domain you administer")
+        raise NotPermitted(
+            gettext("not permitted: %(name)s is not a domain you administer") % {"name": domain_name}
+        )
     return domain
 
 
@@ -151,7 +155,7 @@ def _mailbox_in_scope(actor: Actor, address: str) -> Mailbox:
     if mailbox is not None and mailbox.domain_id in actor.domain_ids:
         return mailbox
     _domain_in_scope(actor, domain_of(normalised))  # outside their domains: refused alike
-    raise store.MailboxNotFound(f"no such mailbox: {normalised}")
+    raise store.MailboxNotFound(gettext("no such mailbox: %(address)s") % {"address": normalised})
 
 
 # --- Domains ---------------------------------------------------------------------------------
@@ -165,7 +169,9 @@ def create_domain(
     max_mailboxes: int = 0,
     default_mailbox_quota_bytes: int = 0,
 ) -> Domain:
-    _require_domain_manager(actor, "create domains")
+    _require_domain_manager(
+        actor, gettext("not permitted: only an operator of every domain may create domains")
+    )
     settings = {
         "quota_bytes": quota_bytes,
         "max_mailboxes": max_mailboxes,
@@ -181,7 +187,10 @@ def update_domain(actor: Actor, name: str, **settings: int | bool | str) -> Doma
     """Change only the settings given (see ``store.DOMAIN_SETTINGS``); return the domain as saved."""
     refused = sorted(set(settings) & store.DOMAIN_SETTINGS - editable_domain_settings(actor))
     if refused:
-        raise NotPermitted(f"not permitted: only an operator of every domain may change {', '.join(refused)}")
+        raise NotPermitted(
+            gettext("not permitted: only an operator of every domain may change %(names)s")
+            % {"names": ", ".join(refused)}
+        )
     with transaction.atomic():
         domain = _locked_domain(_domain_in_scope(actor, name))
         changes = audit.changed_fields({field: getattr(domain, field, None) for field in settings}, settings)
@@ -200,7 +209,9 @@ def set_domain_active(actor: Actor, name: str, active: bool) -> Domain:
 
 def delete_domain(actor: Actor, name: str) -> None:
     """Delete a domain; refused while it has mailboxes."""
-    _require_domain_manager(actor, "delete domains")
+    _require_domain_manager(
+        actor, gettext("not permitted: only an operator of every domain may delete domains")
+    )
     with transaction.atomic():
         domain = store.delete_domain(name)
         changes = _deleted(domain)
@@ -210,7 +221,9 @@ def delete_domain(actor: Actor, name: str) -> None:
 def domain_deletion_refusal(actor: Actor, name: str) -> str | None:
     """Why ``delete_domain`` would refuse this actor this domain now, or None."""
     try:
-        _require_domain_manager(actor, "delete domains")
+        _require_domain_manager(
+            actor, gettext("not permitted: only an operator of every domain may delete domains")
+        )
         return store.domain_deletion_refusal(store.get_domain(name))
     except store.StoreError as error:
         return str(error)
@@ -259,7 +272,9 @@ def create_mailbox(
     normalised = store.normalised_or_refused(normalise_address, address)
     domain_name = domain_of(normalised)
     if create_domain:
-        _require_domain_manager(actor, "create domains")
+        _require_domain_manager(
+            actor, gettext("not permitted: only an operator of every domain may create domains")
+        )
     elif not actor.all_domains:
         _domain_in_scope(actor, domain_name)
     generated = None
@@ -292,7 +307,10 @@ def update_mailbox(actor: Actor, address: str, **settings: int | bool) -> Mailbo
     session whose mailbox is no longer usable, and the authenticator refuses its logins.
     """
     if "active" in settings:
-        _require(may_suspend_mailboxes(actor), "suspending mailboxes needs the suspend permission")
+        _require(
+            may_suspend_mailboxes(actor),
+            gettext("not permitted: suspending mailboxes needs the suspend permission"),
+        )
     with transaction.atomic():
         mailbox = _mailbox_in_scope(actor, address)
         locked = Mailbox.objects.select_for_update().get(pk=mailbox.pk)
@@ -320,13 +338,17 @@ def set_mailbox_active(actor: Actor, address: str, active: bool) -> Mailbox:
 def set_password(actor: Actor, address: str, password: str) -> Mailbox:
     """Replace a mailbox's password. Its open sessions end: runpop3's monitor ends every session
     whose mailbox's password hash is no longer the one it logged in with."""
-    _require(may_set_password(actor), "resetting passwords needs the password permission")
+    _require(
+        may_set_password(actor), gettext("not permitted: resetting passwords needs the password permission")
+    )
     mailbox = _mailbox_in_scope(actor, address)
     return set_password_hash(actor, mailbox.address, store.hash_new_password(password, mailbox.address))
 
 
 def set_password_hash(actor: Actor, address: str, password_hash: str) -> Mailbox:
-    _require(may_set_password(actor), "resetting passwords needs the password permission")
+    _require(
+        may_set_password(actor), gettext("not permitted: resetting passwords needs the password permission")
+    )
     with transaction.atomic():
         mailbox = _mailbox_in_scope(actor, address)
         store.set_password_hash(mailbox.address, password_hash)
@@ -455,7 +477,10 @@ def read_message_body(actor: Actor, message_id: int | str, limit_bytes: int) -> 
     Chunks are read one at a time and no further than the limit, so a 50 MiB message costs
     what its first chunk or two cost.
     """
-    _require(may_read_bodies(actor), "reading messages needs the permission to read message bodies")
+    _require(
+        may_read_bodies(actor),
+        gettext("not permitted: reading messages needs the permission to read message bodies"),
+    )
     message = (
         scopes.visible_to(actor, Message)
         .select_related("mailbox__user", "mailbox__domain")
@@ -463,7 +488,7 @@ def read_message_body(actor: Actor, message_id: int | str, limit_bytes: int) -> 
         .first()
     )
     if message is None:
-        raise MessageNotFound(f"no such message: {message_id}")
+        raise MessageNotFound(gettext("no such message: %(id)s") % {"id": message_id})
     mailbox = message.mailbox
     with transaction.atomic():
         name = f"{mailbox.address} {message.uidl}"
@@ -483,7 +508,7 @@ def _message_pk(message_id: int | str) -> int:
     try:
         return int(message_id)
     except ValueError:
-        raise MessageNotFound(f"no such message: {message_id}") from None
+        raise MessageNotFound(gettext("no such message: %(id)s") % {"id": message_id}) from None
 
 
 # --- Mail imported -----------------------------------------------------------------------------
@@ -494,7 +519,9 @@ def record_mail_import(actor: Actor, mailbox: Mailbox, imported: int, source: st
     a transaction of its own (a run may stop half way and resume), so the entry says how many
     it stored, and from where, once the run ends."""
     if not actor.may_see_domain(mailbox.domain_id):
-        raise NotPermitted(f"not permitted: {mailbox.domain.name} is not a domain you administer")
+        raise NotPermitted(
+            gettext("not permitted: %(name)s is not a domain you administer") % {"name": mailbox.domain.name}
+        )
     with transaction.atomic():
         audit.record(
             actor,
@@ -512,7 +539,9 @@ def record_mail_import(actor: Actor, mailbox: Mailbox, imported: int, source: st
 def prune_history(actor: Actor, days: int) -> history.Pruned:
     """Delete history older than ``days`` (batched, see ``history.prune_history``); every domain's
     history, so the command line's and superusers' alone. One audit entry says how much went."""
-    _require_domain_manager(actor, "prune the session history")
+    _require_domain_manager(
+        actor, gettext("not permitted: only an operator of every domain may prune the session history")
+    )
     pruned = history.prune_history(days)
     with transaction.atomic():
         audit.record(
@@ -540,7 +569,7 @@ def kick_sessions(
     """Ask the POP3 servers to end open sessions of a mailbox, or the sessions named, without
     applying their deletions; return how many were newly marked."""
     if not may_kick(actor):
-        raise NotPermitted("not permitted: kicking POP3 sessions needs the kick permission")
+        raise NotPermitted(gettext("not permitted: kicking POP3 sessions needs the kick permission"))
     sessions = scopes.visible_to(actor, Pop3Session).open().filter(kick_requested_at__isnull=True)
     if address is not None:
         sessions = sessions.filter(mailbox=_mailbox_in_scope(actor, address))
@@ -578,28 +607,34 @@ def save_domain_administrator(
     An administrator is a staff login of its own, never a mailbox's login nor a superuser (whose
     scope is every domain anyway).
     """
-    _require_domain_manager(actor, "make domain administrators")
+    _require_domain_manager(
+        actor, gettext("not permitted: only an operator of every domain may make domain administrators")
+    )
     user_model = get_user_model()
     username = user_model.normalize_username(username.strip())
     if not username:
-        raise store.InvalidInput("the username is empty")
+        raise store.InvalidInput(gettext("the username is empty"))
     domains = {domain.name: domain for domain in (store.get_domain(name) for name in domain_names)}
     if not domains:
-        raise store.InvalidInput("name at least one domain")
+        raise store.InvalidInput(gettext("name at least one domain"))
     password_hash = None if password is None else store.hash_new_password(password, username)
     with transaction.atomic():
         user = user_model.objects.select_for_update().filter(username=username).first()
         created = user is None
         if created and password_hash is None:
-            raise store.InvalidInput("a new administrator needs a password")
+            raise store.InvalidInput(gettext("a new administrator needs a password"))
         if created:
             user = user_model(username=username)
         elif Mailbox.objects.filter(user=user).exists():
             raise store.InvalidInput(
-                f"{username} is a mailbox's login; an administrator needs a login of its own"
+                gettext("%(username)s is a mailbox's login; an administrator needs a login of its own")
+                % {"username": username}
             )
         elif user.is_superuser:
-            raise store.InvalidInput(f"{username} is a superuser, who administers every domain already")
+            raise store.InvalidInput(
+                gettext("%(username)s is a superuser, who administers every domain already")
+                % {"username": username}
+            )
         before = [] if created else sorted(user.administered_domains.values_list("domain__name", flat=True))
         user.is_staff = True
         if password_hash is not None:
@@ -619,11 +654,15 @@ def save_domain_administrator(
 
 def delete_domain_administrator(actor: Actor, username: str) -> None:
     """Delete a domain administrator's login (never another kind of login)."""
-    _require_domain_manager(actor, "delete domain administrators")
+    _require_domain_manager(
+        actor, gettext("not permitted: only an operator of every domain may delete domain administrators")
+    )
     with transaction.atomic():
         user = get_user_model().objects.filter(username=username, administered_domains__isnull=False).first()
         if user is None:
-            raise store.InvalidInput(f"{username} is not a domain administrator")
+            raise store.InvalidInput(
+                gettext("%(username)s is not a domain administrator") % {"username": username}
+            )
         domains = sorted(user.administered_domains.values_list("domain__name", flat=True))
         user.delete()
         audit.record(actor, "delete", "administrator", username, changes={"domains": [domains, None]})

@@ -15,6 +15,7 @@ from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Count, F, Max, Sum
+from django.utils.translation import gettext
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.hosting.store.errors import (
@@ -49,14 +50,14 @@ def get_domain(name: str) -> Domain:
     try:
         return Domain.objects.get(name=domain_name)
     except Domain.DoesNotExist:
-        raise DomainNotFound(f"no such domain: {domain_name}") from None
+        raise DomainNotFound(gettext("no such domain: %(name)s") % {"name": domain_name}) from None
 
 
 def get_mailbox(address: str) -> Mailbox:
     normalised = normalised_or_refused(normalise_address, address)
     mailbox = find_mailbox(normalised)
     if mailbox is None:
-        raise MailboxNotFound(f"no such mailbox: {normalised}")
+        raise MailboxNotFound(gettext("no such mailbox: %(address)s") % {"address": normalised})
     return mailbox
 
 
@@ -75,7 +76,7 @@ def create_mailbox(
     """
     normalised = normalised_or_refused(normalise_address, address)
     if (password is None) == (password_hash is None):
-        raise InvalidInput("give exactly one of a password and a password hash")
+        raise InvalidInput(gettext("give exactly one of a password and a password hash"))
     if quota_bytes is not None:
         _require_in_range(quota_bytes=quota_bytes)
     _require_in_range(MAX_INT32, quota_messages=quota_messages)
@@ -87,7 +88,7 @@ def create_mailbox(
         domain = _domain_for_new_mailbox(domain_of(normalised), create_domain)
         user_model = get_user_model()
         if user_model.objects.filter(username=normalised).exists():
-            raise AlreadyExists(f"mailbox {normalised} already exists")
+            raise AlreadyExists(gettext("mailbox %(address)s already exists") % {"address": normalised})
         user = user_model(username=normalised, email=normalised, password=password_hash)
         user.save()
         mailbox = Mailbox.objects.create(
@@ -105,11 +106,15 @@ def _domain_for_new_mailbox(domain_name: str, create_missing: bool) -> Domain:
     domain = Domain.objects.select_for_update().filter(name=domain_name).first()
     if domain is None:
         if not create_missing:
-            raise DomainNotFound(f"no such domain: {domain_name} (create it first, or pass --create-domain)")
+            raise DomainNotFound(
+                gettext("no such domain: %(name)s (create it first, or pass --create-domain)")
+                % {"name": domain_name}
+            )
         domain = Domain.objects.create(name=domain_name)
     if domain.max_mailboxes and domain.mailboxes.count() >= domain.max_mailboxes:
         raise LimitReached(
-            f"domain {domain_name} already has its maximum of {domain.max_mailboxes} mailboxes"
+            gettext("domain %(name)s already has its maximum of %(count)d mailboxes")
+            % {"name": domain_name, "count": domain.max_mailboxes}
         )
     return domain
 
@@ -273,7 +278,7 @@ def update_domain_settings(domain_id: int, settings: Mapping[str, int | bool | s
         except ValueError as error:
             raise InvalidInput(str(error)) from None
     if "language" in settings and settings["language"] not in dict(django_settings.LANGUAGES):
-        raise InvalidInput(f"unknown language {settings['language']!r}")
+        raise InvalidInput(gettext("unknown language %(code)r") % {"code": settings["language"]})
     Domain.objects.filter(pk=domain_id).update(**settings)
 
 
@@ -324,13 +329,18 @@ def normalised_or_refused(normalise, value: str) -> str:
 def _require_known(settings: Mapping[str, object], known: frozenset[str]) -> None:
     unknown = sorted(set(settings) - known)
     if unknown:
-        raise InvalidInput(f"not a setting that can be changed: {', '.join(unknown)}")
+        raise InvalidInput(
+            gettext("not a setting that can be changed: %(names)s") % {"names": ", ".join(unknown)}
+        )
 
 
 def _require_in_range(maximum: int = MAX_BIGINT, **values: int) -> None:
     for name, value in values.items():
         if not 0 <= value <= maximum:
-            raise InvalidInput(f"{name.replace('_', ' ')} must be between 0 and {maximum}")
+            raise InvalidInput(
+                gettext("%(name)s must be between 0 and %(maximum)d")
+                % {"name": name.replace("_", " "), "maximum": maximum}
+            )
 
 
 def validate_new_password(password: str, username: str) -> None:
@@ -340,14 +350,19 @@ def validate_new_password(password: str, username: str) -> None:
     control = next((char for char in password if unicodedata.category(char) == "Cc" and char != "\t"), None)
     if control is not None:
         raise InvalidInput(
-            f"password rejected: it contains the control character U+{ord(control):04X}, "
-            "which no POP3 client can send"
+            gettext(
+                "password rejected: it contains the control character %(character)s, "
+                "which no POP3 client can send"
+            )
+            % {"character": f"U+{ord(control):04X}"}
         )
     user = get_user_model()(username=username, email=username if "@" in username else "")
     try:
         validate_password(password, user)
     except ValidationError as error:
-        raise InvalidInput("password rejected: " + " ".join(error.messages)) from None
+        raise InvalidInput(
+            gettext("password rejected: %(reasons)s") % {"reasons": " ".join(error.messages)}
+        ) from None
 
 
 def generate_password() -> str:
@@ -401,4 +416,4 @@ def create_domain(
                 default_mailbox_quota_bytes=default_mailbox_quota_bytes,
             )
     except IntegrityError:
-        raise AlreadyExists(f"domain {domain_name} already exists") from None
+        raise AlreadyExists(gettext("domain %(name)s already exists") % {"name": domain_name}) from None

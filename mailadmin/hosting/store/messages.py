@@ -9,6 +9,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Count, F, Sum
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from mailadmin.hosting.store import fastsql
 from mailadmin.hosting.store.errors import InvalidInput, OverQuota
@@ -190,14 +191,14 @@ def _charge_quota(mailbox: Mailbox, size: int, *, imported_uid: int | None, enfo
         )
         row = cursor.fetchone()
     if row is None:
-        raise OverQuota(f"mailbox {mailbox.address} is over quota")
+        raise OverQuota(gettext("mailbox %(address)s is over quota") % {"address": mailbox.address})
     with connection.cursor() as cursor:
         cursor.execute(
             fastsql.CHARGE_DOMAIN if enforce else fastsql.CHARGE_DOMAIN_UNCHECKED,
             {"size": size, "id": mailbox.domain_id},
         )
         if cursor.rowcount != 1:
-            raise OverQuota(f"domain of {mailbox.address} is over quota")
+            raise OverQuota(gettext("domain of %(address)s is over quota") % {"address": mailbox.address})
     next_uid, used_bytes = row
     return (imported_uid if imported_uid is not None else next_uid - 1), used_bytes
 
