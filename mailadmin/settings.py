@@ -239,7 +239,9 @@ MAILADMIN_QUOTA_WARNING_PERCENTS = os.environ.get("MAILADMIN_QUOTA_WARNING_PERCE
 MAILADMIN_QUOTA_WARNING_FROM = os.environ.get("MAILADMIN_QUOTA_WARNING_FROM", "postmaster")
 # The defaults are translated into the domain's language; a text set here is sent as it is.
 MAILADMIN_QUOTA_WARNING_SUBJECT = os.environ.get(
-    "MAILADMIN_QUOTA_WARNING_SUBJECT", gettext_noop("Your mailbox is {percent}% full")
+    "MAILADMIN_QUOTA_WARNING_SUBJECT",
+    # xgettext:no-python-format
+    gettext_noop("Your mailbox is {percent}% full"),
 )
 MAILADMIN_QUOTA_WARNING_BODY = os.environ.get(
     "MAILADMIN_QUOTA_WARNING_BODY",
