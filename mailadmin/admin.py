@@ -521,7 +521,6 @@ class MessageAdmin(ReadOnlyAdmin):
         "envelope_sender",
         "from_header",
         "subject",
-        "body_link",
     ]
     readonly_fields = fields
 
@@ -529,20 +528,20 @@ class MessageAdmin(ReadOnlyAdmin):
     def size(self, message: Message) -> str:
         return format_size(message.size_bytes)
 
-    @admin.display(description=_("body"))
-    def body_link(self, message: Message) -> str:
-        url = reverse("admin:mailadmin_message_body", args=[message.pk])
-        return format_html('<a href="{}">{}</a>', url, gettext("Read the message (recorded)"))
+    change_form_template = "admin/mailadmin/message/change_form.html"
 
-    def get_fields(self, request: HttpRequest, obj: Message | None = None) -> list[str]:
-        may_read = services.may_read_bodies(actor_of(request))
-        return self.fields if may_read else [name for name in self.fields if name != "body_link"]
+    def render_change_form(self, request: HttpRequest, context: dict, *args, obj=None, **kwargs):
+        context["may_read_body"] = services.may_read_bodies(actor_of(request))
+        return super().render_change_form(request, context, *args, obj=obj, **kwargs)
 
     def get_urls(self) -> list:
         body = self.admin_site.admin_view(self.body_view)
         return [path("<path:object_id>/body/", body, name="mailadmin_message_body"), *super().get_urls()]
 
+    @method_decorator(require_POST)
     def body_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """POST only, with the CSRF token: another site must not make a reader's browser read
+        (and so record a reading of) a message they never opened."""
         actor = actor_of(request)
         if not services.may_read_bodies(actor):
             raise PermissionDenied

@@ -11,6 +11,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
 from django.core.management import call_command
 from django.db import connection
+from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from mailadmin.hosting import services
@@ -182,8 +183,6 @@ def test_suspend_and_resume_take_post_only(root_client, make_mailbox):
 
 
 def test_suspend_without_a_csrf_token_is_refused(make_mailbox):
-    from django.test import Client
-
     client = Client(enforce_csrf_checks=True)
     client.force_login(get_user_model().objects.create_superuser("root", "r@example.test", "pw"))
     mailbox = make_mailbox("a@example.test")
@@ -277,9 +276,9 @@ def test_a_body_is_shown_as_escaped_text_and_its_reading_is_recorded(root_client
     deliver([mailbox.address], [MESSAGE])
     message = Message.objects.get()
     change = root_client.get(f"/admin/mailadmin/message/{message.pk}/change/").content.decode()
-    assert f"/admin/mailadmin/message/{message.pk}/body/" in change
+    assert f'action="/admin/mailadmin/message/{message.pk}/body/"' in change
     assert not AuditEntry.objects.exists()
-    response = root_client.get(f"/admin/mailadmin/message/{message.pk}/body/", REMOTE_ADDR="192.0.2.5")
+    response = root_client.post(f"/admin/mailadmin/message/{message.pk}/body/", REMOTE_ADDR="192.0.2.5")
     page = response.content.decode()
     assert response.status_code == 200
     assert "&lt;script&gt;alert(1)&lt;/script&gt; the body" in page
@@ -306,7 +305,7 @@ def test_a_large_body_is_capped(root_client, make_mailbox, settings):
     message = Message.objects.get()
     shown = services.read_message_body(Actor.cli(), message.pk, 100)
     assert (shown.shown_bytes, shown.truncated, len(shown.text)) == (100, True, 100)
-    page = root_client.get(f"/admin/mailadmin/message/{message.pk}/body/").content.decode()
+    page = root_client.post(f"/admin/mailadmin/message/{message.pk}/body/").content.decode()
     assert "Only the first 100" in page
     assert "TAILMARK" not in page
 
@@ -319,7 +318,7 @@ def test_bodies_need_their_own_permission(client, two_domains, make_mailbox):
     change = client.get(f"/admin/mailadmin/message/{message.pk}/change/").content.decode()
     assert "plans for" in change
     assert "/body/" not in change
-    assert client.get(f"/admin/mailadmin/message/{message.pk}/body/").status_code == 403
+    assert client.post(f"/admin/mailadmin/message/{message.pk}/body/").status_code == 403
     assert not AuditEntry.objects.filter(action="read").exists()
 
 
@@ -328,9 +327,25 @@ def test_a_body_outside_the_readers_domains_is_not_found_and_not_recorded(client
     deliver([ours.address, theirs.address], [MESSAGE])
     staff_with(client, "view_message", "view_message_body", domain=two_domains[0])
     their_message = Message.objects.get(mailbox=theirs)
-    assert client.get(f"/admin/mailadmin/message/{their_message.pk}/body/").status_code == 404
-    assert client.get("/admin/mailadmin/message/not-a-number/body/").status_code == 404
+    assert client.post(f"/admin/mailadmin/message/{their_message.pk}/body/").status_code == 404
+    assert client.post("/admin/mailadmin/message/not-a-number/body/").status_code == 404
     assert not AuditEntry.objects.filter(action="read").exists()
     our_message = Message.objects.get(mailbox=ours)
-    assert client.get(f"/admin/mailadmin/message/{our_message.pk}/body/").status_code == 200
+    assert client.post(f"/admin/mailadmin/message/{our_message.pk}/body/").status_code == 200
     assert AuditEntry.objects.get(action="read").object_name == f"a@a.test {our_message.uidl}"
+
+
+def test_reading_a_body_takes_a_post_with_the_csrf_token(make_mailbox):
+    """Another site cannot make a reader's browser read, and so record a reading of, a message."""
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(get_user_model().objects.create_superuser("root", "r@example.test", "pw"))
+    mailbox = make_mailbox("a@example.test")
+    deliver([mailbox.address], [MESSAGE])
+    url = f"/admin/mailadmin/message/{Message.objects.get().pk}/body/"
+    assert client.get(url).status_code == 405
+    assert client.post(url).status_code == 403
+    assert not AuditEntry.objects.filter(action="read").exists()
+    page = client.get(url.replace("body", "change")).content.decode()
+    token = page.split('name="csrfmiddlewaretoken" value="', 1)[1].split('"', 1)[0]
+    assert client.post(url, {"csrfmiddlewaretoken": token}).status_code == 200
+    assert AuditEntry.objects.filter(action="read").count() == 1
