@@ -86,5 +86,5 @@ MESSAGES_IGNORE := --ignore '.venv/*' --ignore 'var/*' --ignore 'tests/*' --igno
 	--ignore 'pop3/*' --ignore 'docs/*'
 .PHONY: messages
 messages: install
-	$(PY) manage.py makemessages --locale id --add-location file $(MESSAGES_IGNORE)
+	$(PY) manage.py makemessages --locale id --add-location file --no-obsolete $(MESSAGES_IGNORE)
 	$(PY) manage.py compilemessages --locale id $(MESSAGES_IGNORE)
