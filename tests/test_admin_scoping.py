@@ -12,6 +12,7 @@ from django.contrib import admin
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
+from django.core.management import call_command
 from django.forms.models import model_to_dict
 from django.utils import timezone
 
@@ -256,3 +257,14 @@ def test_only_superusers_see_domain_administrators(alma, b_objects):
     assert alma.get("/admin/mailadmin/domainadministratorlogin/").status_code == 403
     assert alma.get("/admin/mailadmin/domainadministratorlogin/add/").status_code == 403
     assert "domainadministratorlogin" not in alma.get("/admin/").content.decode()
+
+
+def test_migrate_gives_existing_administrators_permissions_added_since(b_objects):
+    group = Group.objects.get(name=services.ADMINISTRATORS_GROUP)
+    group.permissions.remove(
+        *group.permissions.filter(codename__in=["set_mailbox_password", "suspend_mailbox"])
+    )
+    call_command("migrate", verbosity=0)
+    granted = set(group.permissions.values_list("codename", flat=True))
+    assert granted == set(services.ADMINISTRATOR_PERMISSIONS)
+    assert get_user_model().objects.get(username="bert").has_perm("mailadmin.suspend_mailbox")

@@ -668,6 +668,13 @@ def delete_domain_administrator(actor: Actor, username: str) -> None:
         audit.record(actor, "delete", "administrator", username, changes={"domains": [domains, None]})
 
 
+def refresh_administrators_group() -> None:
+    """Give the administrators' group every permission of ``ADMINISTRATOR_PERMISSIONS``; run after
+    each ``migrate``, so administrators made before a permission was added to it get it too."""
+    if Group.objects.filter(name=ADMINISTRATORS_GROUP).exists():
+        _administrators_group()
+
+
 def _administrators_group() -> Group:
     group, _ = Group.objects.get_or_create(name=ADMINISTRATORS_GROUP)
     permissions = Permission.objects.filter(
