@@ -31,7 +31,7 @@ from django.contrib.auth.models import Group, Permission
 from django.db import transaction
 from django.db.models.functions import Now
 from django.utils import timezone
-from django.utils.translation import gettext
+from django.utils.translation import gettext, gettext_lazy
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.hosting import audit, history, mailboxcsv, scopes, store
@@ -63,6 +63,12 @@ ADMINISTRATOR_PERMISSIONS = (
     "view_authfailure",
     "view_auditentry",
 )
+
+
+# Refusals given in more than one place; each translated as one whole sentence.
+CREATING_DOMAINS_REFUSED = gettext_lazy("not permitted: only an operator of every domain may create domains")
+DELETING_DOMAINS_REFUSED = gettext_lazy("not permitted: only an operator of every domain may delete domains")
+PASSWORD_PERMISSION_MISSING = gettext_lazy("not permitted: resetting passwords needs the password permission")
 
 
 class NotPermitted(store.StoreError):
@@ -102,8 +108,8 @@ def editable_domain_settings(actor: Actor) -> frozenset[str]:
 
 
 def _require_domain_manager(actor: Actor, refusal: str) -> None:
-    """``refusal``: the whole message, e.g. ``gettext("not permitted: only an operator of every
-    domain may create domains")``, so each is translated as one sentence."""
+    """``refusal``: the whole message (such as ``CREATING_DOMAINS_REFUSED``), so each is
+    translated as one sentence."""
     _require(may_manage_domains(actor), refusal)
 
 
@@ -118,7 +124,7 @@ def _person_has(actor: Actor, permission: str) -> bool:
 
 def _require(allowed: bool, refusal: str) -> None:
     if not allowed:
-        raise NotPermitted(refusal)
+        raise NotPermitted(str(refusal))
 
 
 def may_set_password(actor: Actor) -> bool:
@@ -169,9 +175,7 @@ def create_domain(
     max_mailboxes: int = 0,
     default_mailbox_quota_bytes: int = 0,
 ) -> Domain:
-    _require_domain_manager(
-        actor, gettext("not permitted: only an operator of every domain may create domains")
-    )
+    _require_domain_manager(actor, CREATING_DOMAINS_REFUSED)
     settings = {
         "quota_bytes": quota_bytes,
         "max_mailboxes": max_mailboxes,
@@ -209,9 +213,7 @@ def set_domain_active(actor: Actor, name: str, active: bool) -> Domain:
 
 def delete_domain(actor: Actor, name: str) -> None:
     """Delete a domain; refused while it has mailboxes."""
-    _require_domain_manager(
-        actor, gettext("not permitted: only an operator of every domain may delete domains")
-    )
+    _require_domain_manager(actor, DELETING_DOMAINS_REFUSED)
     with transaction.atomic():
         domain = store.delete_domain(name)
         changes = _deleted(domain)
@@ -221,9 +223,7 @@ def delete_domain(actor: Actor, name: str) -> None:
 def domain_deletion_refusal(actor: Actor, name: str) -> str | None:
     """Why ``delete_domain`` would refuse this actor this domain now, or None."""
     try:
-        _require_domain_manager(
-            actor, gettext("not permitted: only an operator of every domain may delete domains")
-        )
+        _require_domain_manager(actor, DELETING_DOMAINS_REFUSED)
         return store.domain_deletion_refusal(store.get_domain(name))
     except store.StoreError as error:
         return str(error)
@@ -272,9 +272,7 @@ def create_mailbox(
     normalised = store.normalised_or_refused(normalise_address, address)
     domain_name = domain_of(normalised)
     if create_domain:
-        _require_domain_manager(
-            actor, gettext("not permitted: only an operator of every domain may create domains")
-        )
+        _require_domain_manager(actor, CREATING_DOMAINS_REFUSED)
     elif not actor.all_domains:
         _domain_in_scope(actor, domain_name)
     generated = None
@@ -338,17 +336,13 @@ def set_mailbox_active(actor: Actor, address: str, active: bool) -> Mailbox:
 def set_password(actor: Actor, address: str, password: str) -> Mailbox:
     """Replace a mailbox's password. Its open sessions end: runpop3's monitor ends every session
     whose mailbox's password hash is no longer the one it logged in with."""
-    _require(
-        may_set_password(actor), gettext("not permitted: resetting passwords needs the password permission")
-    )
+    _require(may_set_password(actor), PASSWORD_PERMISSION_MISSING)
     mailbox = _mailbox_in_scope(actor, address)
     return set_password_hash(actor, mailbox.address, store.hash_new_password(password, mailbox.address))
 
 
 def set_password_hash(actor: Actor, address: str, password_hash: str) -> Mailbox:
-    _require(
-        may_set_password(actor), gettext("not permitted: resetting passwords needs the password permission")
-    )
+    _require(may_set_password(actor), PASSWORD_PERMISSION_MISSING)
     with transaction.atomic():
         mailbox = _mailbox_in_scope(actor, address)
         store.set_password_hash(mailbox.address, password_hash)
