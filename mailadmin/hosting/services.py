@@ -430,7 +430,7 @@ def _naming_line(row: mailboxcsv.Row) -> Iterator[None]:
     try:
         yield
     except store.StoreError as error:
-        raise type(error)(f"line {row.line}: {error}") from None
+        raise type(error)(store.on_line(row.line, error)) from None
 
 
 def recalculate_quota(actor: Actor, address: str | None = None) -> list[store.Drift]:

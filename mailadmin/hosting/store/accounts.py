@@ -175,14 +175,20 @@ def check_password_hash(password_hash: str) -> None:
     try:
         hasher = identify_hasher(password_hash)
     except ValueError:
-        raise InvalidInput("password hash is not in a format the configured hashers accept") from None
+        raise InvalidInput(
+            gettext("password hash is not in a format the configured hashers accept")
+        ) from None
     if len(password_hash) > PASSWORD_COLUMN_LENGTH:
-        raise InvalidInput(f"password hash is longer than {PASSWORD_COLUMN_LENGTH} characters")
+        raise InvalidInput(
+            gettext("password hash is longer than %(length)d characters") % {"length": PASSWORD_COLUMN_LENGTH}
+        )
     _require_hasher_usable(hasher)
     try:
         decoded = hasher.decode(password_hash)
     except (ValueError, TypeError, KeyError, IndexError, AssertionError):
-        raise InvalidInput(f"password hash is not a valid {hasher.algorithm} hash") from None
+        raise InvalidInput(
+            gettext("password hash is not a valid %(algorithm)s hash") % {"algorithm": hasher.algorithm}
+        ) from None
     for cost in _HASH_COSTS.get(hasher.algorithm, ()):
         _require_sane_cost(hasher, cost, decoded[cost.field])
     _require_sane_work(hasher, decoded)
@@ -197,11 +203,14 @@ def _require_hasher_usable(hasher) -> None:
     except ValueError:
         module = hasher.library[0] if isinstance(hasher.library, tuple | list) else hasher.library
         raise InvalidInput(
-            f"password hash is {hasher.algorithm}, which cannot be checked here: "
-            f"the {module} module is not installed"
+            gettext(
+                "password hash is %(algorithm)s, which cannot be checked here: "
+                "the %(module)s module is not installed"
+            )
+            % {"algorithm": hasher.algorithm, "module": module}
         ) from None
     if hasher.algorithm == "scrypt" and not hasattr(hashlib, "scrypt"):
-        raise InvalidInput("password hash is scrypt, which this Python's OpenSSL cannot check")
+        raise InvalidInput(gettext("password hash is scrypt, which this Python's OpenSSL cannot check"))
 
 
 def _require_sane_cost(hasher, cost: _HashCost, value: int) -> None:
@@ -212,8 +221,18 @@ def _require_sane_cost(hasher, cost: _HashCost, value: int) -> None:
         lowest, highest = 1, default * MAX_HASH_COST_FACTOR
     if not lowest <= value <= highest:
         raise InvalidInput(
-            f"password hash has {cost.field.replace('_', ' ')} {value}: {hasher.algorithm} hashes here "
-            f"need {lowest} to {highest} (at most {MAX_HASH_COST_FACTOR} times the current cost)"
+            gettext(
+                "password hash has %(parameter)s %(value)s: %(algorithm)s hashes here need %(lowest)s to "
+                "%(highest)s (at most %(factor)s times the current cost)"
+            )
+            % {
+                "parameter": cost.field.replace("_", " "),
+                "value": value,
+                "algorithm": hasher.algorithm,
+                "lowest": lowest,
+                "highest": highest,
+                "factor": MAX_HASH_COST_FACTOR,
+            }
         )
 
 
@@ -222,28 +241,40 @@ def _require_sane_work(hasher, decoded: dict) -> None:
     work = math.prod(decoded[field] / getattr(hasher, field) for field in fields)
     if work > MAX_HASH_COST_FACTOR:
         raise InvalidInput(
-            f"password hash costs {work:.3g} times the current cost to check: {hasher.algorithm} "
-            f"hashes here may cost at most {MAX_HASH_COST_FACTOR} times"
+            gettext(
+                "password hash costs %(work)s times the current cost to check: %(algorithm)s hashes here "
+                "may cost at most %(factor)s times"
+            )
+            % {"work": f"{work:.3g}", "algorithm": hasher.algorithm, "factor": MAX_HASH_COST_FACTOR}
         )
     if (
         hasher.algorithm == "argon2"
         and decoded["memory_cost"] > hasher.memory_cost * MAX_ARGON2_MEMORY_FACTOR
     ):
         raise InvalidInput(
-            f"password hash needs {decoded['memory_cost']} KiB to check: argon2 hashes here may need at "
-            f"most {hasher.memory_cost * MAX_ARGON2_MEMORY_FACTOR} KiB"
+            gettext(
+                "password hash needs %(needed)s KiB to check: "
+                "argon2 hashes here may need at most %(most)s KiB"
+            )
+            % {"needed": decoded["memory_cost"], "most": hasher.memory_cost * MAX_ARGON2_MEMORY_FACTOR}
         )
 
 
 def _require_scrypt_memory(hasher, decoded: dict) -> None:
     work_factor, block_size = decoded["work_factor"], decoded["block_size"]
     if work_factor < 2 or work_factor & (work_factor - 1):
-        raise InvalidInput(f"password hash has work factor {work_factor}: scrypt needs a power of 2")
+        raise InvalidInput(
+            gettext("password hash has work factor %(factor)s: scrypt needs a power of 2")
+            % {"factor": work_factor}
+        )
     # OpenSSL's reckoning of what scrypt needs (crypto/evp/pbe_scrypt.c).
     needed = 128 * block_size * (work_factor + 2 + decoded["parallelism"])
     maxmem = hasher.maxmem or SCRYPT_DEFAULT_MAXMEM
     if needed > maxmem:
-        raise InvalidInput(f"password hash needs {needed} bytes to check, more than scrypt's {maxmem} here")
+        raise InvalidInput(
+            gettext("password hash needs %(needed)s bytes to check, more than scrypt's %(most)s here")
+            % {"needed": needed, "most": maxmem}
+        )
 
 
 def set_password(address: str, password: str) -> None:

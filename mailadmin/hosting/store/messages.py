@@ -212,7 +212,9 @@ def _prefixed(prefix: bytes, message: SpooledMessage) -> Iterator[bytes]:
 def validate_uidl(uidl: str) -> None:
     """RFC 1939 section 7: 1-70 characters in the range 0x21-0x7E; we also forbid '/'."""
     if not 1 <= len(uidl) <= 70 or any(not 0x21 <= ord(c) <= 0x7E or c == "/" for c in uidl):
-        raise InvalidInput(f"invalid UIDL {uidl!r}: 1-70 printable characters without '/'")
+        raise InvalidInput(
+            gettext("invalid UIDL %(uidl)r: 1-70 printable characters without '/'") % {"uidl": uidl}
+        )
 
 
 def iter_message_bytes(message_id: int) -> Iterator[bytes]:
