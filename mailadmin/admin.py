@@ -130,21 +130,13 @@ class ScopedAdmin(MissingIsNotFound, admin.ModelAdmin):
         return scopes.visible_to(actor_of(request), super().get_queryset(request))
 
 
-class ServiceAdmin(ScopedAdmin):
-    """Edits through a ServiceForm: saving only reloads what the service wrote."""
+class AppliedByServices:
+    """A model admin whose forms are ServiceForms: saving only reloads what the service wrote,
+    and deleting goes through ``delete_model`` (a service call) one object at a time."""
 
     def get_form(self, request: HttpRequest, obj=None, change: bool = False, **kwargs):
         form = super().get_form(request, obj, change, **kwargs)
         return type(form.__name__, (form,), {"actor": actor_of(request)})
-
-    def formfield_for_dbfield(self, db_field, request: HttpRequest, **kwargs):
-        if db_field.name in SIZE_FIELDS:
-            label, help_text = (
-                capfirst(db_field.verbose_name),
-                format_lazy("{} {}", db_field.help_text, SIZE_HELP),
-            )
-            return SizeField(label=label, help_text=help_text)
-        return super().formfield_for_dbfield(db_field, request, **kwargs)
 
     def save_model(self, request: HttpRequest, obj: Model, form: ServiceForm, change: bool) -> None:
         obj.pk = form.applied.pk
@@ -157,6 +149,25 @@ class ServiceAdmin(ScopedAdmin):
 
     def refused(self, request: HttpRequest, error: store.StoreError) -> None:
         self.message_user(request, str(error), messages.ERROR)
+
+
+class ServiceAdmin(AppliedByServices, ScopedAdmin):
+    """Scoped, and edited through ServiceForms."""
+
+    def formfield_for_dbfield(self, db_field, request: HttpRequest, **kwargs):
+        if db_field.name in SIZE_FIELDS:
+            label, help_text = (
+                capfirst(db_field.verbose_name),
+                format_lazy("{} {}", db_field.help_text, SIZE_HELP),
+            )
+            return SizeField(label=label, help_text=help_text)
+        return super().formfield_for_dbfield(db_field, request, **kwargs)
+
+
+def require_same_passwords(first: str, second: str) -> None:
+    """A new password typed twice, alike."""
+    if first != second:
+        raise ValidationError(_("The two passwords differ."))
 
 
 # --- Domains ---------------------------------------------------------------------------------
@@ -323,8 +334,7 @@ class PasswordResetForm(forms.Form):
         cleaned = super().clean()
         if self.errors:
             return cleaned
-        if cleaned["password1"] != cleaned["password2"]:
-            raise ValidationError(_("The two passwords differ."))
+        require_same_passwords(cleaned["password1"], cleaned["password2"])
         try:
             services.set_password(self.actor, self.mailbox.address, cleaned["password1"])
         except store.StoreError as error:
@@ -640,7 +650,7 @@ class AuditEntryAdmin(ReadOnlyAdmin):
 # --- Domain administrators -------------------------------------------------------------------
 
 
-class AdministratorForm(forms.ModelForm):
+class AdministratorForm(ServiceForm):
     """Username, domains and password of a domain administrator, saved by
     ``services.save_domain_administrator`` (which audits it)."""
 
@@ -654,9 +664,6 @@ class AdministratorForm(forms.ModelForm):
     password2 = forms.CharField(
         label=_("password (again)"), widget=forms.PasswordInput, strip=False, required=False
     )
-
-    actor: Actor
-    applied: Model | None = None
 
     class Meta:
         model = DomainAdministratorLogin
@@ -672,31 +679,19 @@ class AdministratorForm(forms.ModelForm):
         else:
             self.fields["password1"].required = self.fields["password2"].required = True
 
-    def clean(self) -> dict:
-        cleaned = super().clean()
-        if self.errors:
-            return cleaned
-        if cleaned["password1"] != cleaned["password2"]:
-            raise ValidationError(_("The two passwords differ."))
-        try:
-            with transaction.atomic():
-                saved = services.save_domain_administrator(
-                    self.actor,
-                    cleaned["username"],
-                    [domain.name for domain in cleaned["domains"]],
-                    cleaned["password1"] or None,
-                )
-        except store.StoreError as error:
-            raise ValidationError(str(error)) from None
-        self.applied = DomainAdministratorLogin.objects.get(username=saved.username)
-        return cleaned
-
-    def _post_clean(self) -> None:
-        pass
+    def apply(self, cleaned: dict) -> DomainAdministratorLogin:
+        require_same_passwords(cleaned["password1"], cleaned["password2"])
+        saved = services.save_domain_administrator(
+            self.actor,
+            cleaned["username"],
+            [domain.name for domain in cleaned["domains"]],
+            cleaned["password1"] or None,
+        )
+        return DomainAdministratorLogin.objects.get(username=saved.username)
 
 
 @admin.register(DomainAdministratorLogin)
-class DomainAdministratorAdmin(MissingIsNotFound, admin.ModelAdmin):
+class DomainAdministratorAdmin(AppliedByServices, MissingIsNotFound, admin.ModelAdmin):
     """Superusers make, change and delete domain administrators here, through the service layer."""
 
     form = AdministratorForm
@@ -714,7 +709,8 @@ class DomainAdministratorAdmin(MissingIsNotFound, admin.ModelAdmin):
         return ", ".join(sorted(tie.domain.name for tie in user.administered_domains.all()))
 
     def _superuser(self, request: HttpRequest) -> bool:
-        return services.may_manage_domains(actor_of(request)) and request.user.is_superuser
+        """Making administrators is for operators of every domain: superusers."""
+        return services.may_manage_domains(actor_of(request))
 
     def has_module_permission(self, request: HttpRequest) -> bool:
         return self._superuser(request)
@@ -731,28 +727,15 @@ class DomainAdministratorAdmin(MissingIsNotFound, admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
         return self._superuser(request)
 
-    def get_form(self, request: HttpRequest, obj=None, change: bool = False, **kwargs):
-        form = super().get_form(request, obj, change, **kwargs)
-        return type(form.__name__, (form,), {"actor": actor_of(request)})
-
-    def save_model(self, request: HttpRequest, obj, form: AdministratorForm, change: bool) -> None:
-        obj.pk = form.applied.pk
-        obj.refresh_from_db()
-        obj._state.adding = False
-
-    def save_related(self, request: HttpRequest, form, formsets, change: bool) -> None:
-        """The service saved the domains already."""
-
     def get_deleted_objects(self, objs, request: HttpRequest):
         names = [str(user) for user in objs]
         return names, {DomainAdministratorLogin._meta.verbose_name_plural: len(names)}, set(), []
 
     def delete_model(self, request: HttpRequest, obj) -> None:
-        services.delete_domain_administrator(actor_of(request), obj.username)
-
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
-        for obj in queryset:
-            self.delete_model(request, obj)
+        try:
+            services.delete_domain_administrator(actor_of(request), obj.username)
+        except store.StoreError as error:
+            self.refused(request, error)
 
 
 # --- Logins ----------------------------------------------------------------------------------
