@@ -258,7 +258,8 @@ class DomainAdmin(ServiceAdmin):
         domains = list(objs)
         refusals = [services.domain_deletion_refusal(actor_of(request), domain.name) for domain in domains]
         protected = [refusal for refusal in refusals if refusal is not None]
-        return [str(domain) for domain in domains], {"domains": len(domains)}, set(), protected
+        model_count = {Domain._meta.verbose_name_plural: len(domains)}
+        return [str(domain) for domain in domains], model_count, set(), protected
 
     def delete_model(self, request: HttpRequest, obj: Domain) -> None:
         try:
