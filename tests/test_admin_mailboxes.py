@@ -349,3 +349,17 @@ def test_reading_a_body_takes_a_post_with_the_csrf_token(make_mailbox):
     token = page.split('name="csrfmiddlewaretoken" value="', 1)[1].split('"', 1)[0]
     assert client.post(url, {"csrfmiddlewaretoken": token}).status_code == 200
     assert AuditEntry.objects.filter(action="read").count() == 1
+
+
+def test_messages_list_asks_the_same_queries_for_one_message_or_a_page(root_client, make_mailbox):
+    mailbox = make_mailbox("a@example.test")
+    url = f"/admin/mailadmin/message/?mailbox__id__exact={mailbox.pk}"
+    deliver([mailbox.address], [b"Subject: first\n\nx\n"])
+    with CaptureQueriesContext(connection) as one:
+        root_client.get(url)
+    for n in range(40):
+        deliver([mailbox.address], [f"Subject: more {n}\n\nx\n".encode()])
+    with CaptureQueriesContext(connection) as many:
+        page = root_client.get(url).content.decode()
+    assert page.count('<td class="field-uidl">') == 41
+    assert len(many.captured_queries) == len(one.captured_queries)
