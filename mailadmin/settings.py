@@ -171,6 +171,8 @@ PASSWORD_HASHERS = [
     "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher",
     "django.contrib.auth.hashers.ScryptPasswordHasher",
     "django.contrib.auth.hashers.BCryptSHA256PasswordHasher",
+    # Dovecot's {SCHEME} hashes, imported from a Dovecot host; argon2 replaces each at its first login.
+    "mailadmin.hosting.dovecothashes.DovecotPasswordHasher",
 ]
 
 AUTH_PASSWORD_VALIDATORS = [

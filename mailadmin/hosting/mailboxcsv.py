@@ -24,6 +24,7 @@ class Row:
     password: str | None
     password_hash: str | None
     quota_bytes: int | None  # None: the domain's default
+    quota_messages: int = 0
 
 
 def parse(handle: TextIO) -> list[Row]:
@@ -40,13 +41,17 @@ def parse(handle: TextIO) -> list[Row]:
             row = _row(line, fields)
         except (ValueError, store.StoreError) as error:
             raise store.InvalidInput(f"line {line}: {error}") from None
-        if row.address in first_line_of:
-            raise store.InvalidInput(
-                f"line {line}: {row.address} is already on line {first_line_of[row.address]}"
-            )
-        first_line_of[row.address] = line
+        require_first_mention(row, first_line_of)
         rows.append(row)
     return rows
+
+
+def require_first_mention(row: Row, first_line_of: dict[str, int]) -> None:
+    """Refuse a second row of one address, naming both lines; note the first in ``first_line_of``."""
+    if row.address in first_line_of:
+        first = first_line_of[row.address]
+        raise store.InvalidInput(f"line {row.line}: {row.address} is already on line {first}")
+    first_line_of[row.address] = row.line
 
 
 def _numbered(handle: TextIO) -> Iterator[tuple[int, list[str]]]:
@@ -68,7 +73,7 @@ def _row(line: int, fields: list[str]) -> Row:
     if bool(password) == bool(password_hash):
         raise ValueError("give exactly one of password and password_hash")
     if password_hash:
-        store.check_password_hash(password_hash)
+        password_hash = store.storable_password_hash(password_hash)
     return Row(line, address, password or None, password_hash or None, _quota(quota))
 
 

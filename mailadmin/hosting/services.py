@@ -298,8 +298,12 @@ def import_mailboxes(
     *,
     dry_run: bool = False,
     progress: Callable[[list[mailboxcsv.Row]], Iterable[mailboxcsv.Row]] = iter,
+    parse: Callable[[TextIO], list[mailboxcsv.Row]] = mailboxcsv.parse,
 ) -> list[Mailbox]:
-    """Create every mailbox of an import file (see ``mailboxcsv``) or, on any error, none.
+    """Create every mailbox of an import file or, on any error, none.
+
+    ``parse`` reads the file: the CSV (``mailboxcsv.parse``, the default) or Dovecot's
+    passwd-file (``dovecotpasswd.parse``).
 
     Each row's domain, password or hash is checked first, so a wrong row costs no hashing; then
     plain passwords are hashed one row at a time, outside any transaction; then every row is
@@ -307,7 +311,7 @@ def import_mailboxes(
     progress bar). A refusal names the line. ``dry_run`` checks every rule the same way and
     rolls the transaction back; it stores nothing, so it hashes nothing either.
     """
-    rows = mailboxcsv.parse(handle)
+    rows = parse(handle)
     for row in rows:
         with _naming_line(row):
             _domain_in_scope(actor, domain_of(row.address))
@@ -341,7 +345,11 @@ def _password_hash(row: mailboxcsv.Row) -> str:
 def _import_row(actor: Actor, row: mailboxcsv.Row, password_hash: str) -> Mailbox:
     with _naming_line(row):
         return create_mailbox(
-            actor, row.address, password_hash=password_hash, quota_bytes=row.quota_bytes
+            actor,
+            row.address,
+            password_hash=password_hash,
+            quota_bytes=row.quota_bytes,
+            quota_messages=row.quota_messages,
         ).mailbox
 
 

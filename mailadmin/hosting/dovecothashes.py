@@ -1,0 +1,187 @@
+"""Dovecot's ``{SCHEME}`` password hashes, checked by a Django password hasher of our own.
+
+A host moving over from Dovecot keeps its users' passwords: the hash Dovecot stored (what
+``doveadm pw`` prints, or the password field of a passwd-file) is imported as it is, behind
+this hasher's prefix: ``{SHA512-CRYPT}$6$...`` is stored as ``dovecot${SHA512-CRYPT}$6$...``.
+Django's ``identify_hasher`` finds this hasher by the prefix; ``check_password`` verifies with
+it and, since it is never the preferred hasher, hands the password to the setter on success,
+so the first successful login rehashes it with the project's argon2 (``must_update`` says so
+too). No Dovecot hash is ever made here.
+
+The verification itself is libpass's (the maintained fork of passlib), with the bcrypt module
+behind BLF-CRYPT; this module only maps Dovecot's scheme names onto its handlers and reports
+what a hash costs to check, in the terms ``store.check_password_hash`` bounds.
+"""
+
+from dataclasses import dataclass
+
+from django.contrib.auth.hashers import (
+    Argon2PasswordHasher,
+    BasePasswordHasher,
+    BCryptSHA256PasswordHasher,
+    mask_hash,
+)
+from django.utils.translation import gettext_noop as _
+from passlib import hash as passlib_hash
+from passlib.context import CryptContext
+
+ALGORITHM = "dovecot"
+PREFIX = f"{ALGORITHM}$"
+# bcrypt reads at most 72 bytes of a password; Dovecot's crypt_blowfish dropped the rest, while
+# the bcrypt module refuses a longer one, so the rest is dropped here as it was there.
+BCRYPT_PASSWORD_BYTES = 72
+# SHA-crypt rounds costing about one argon2 check at Django's defaults on a current server core
+# (SHA512-CRYPT at 100,000 rounds: ~65 ms); an imported hash may cost MAX_HASH_COST_FACTOR times it.
+SHA_CRYPT_REFERENCE_ROUNDS = 100_000
+
+# crypt(3) as Dovecot's {CRYPT} calls it: the hash's own prefix names the method.
+_CRYPT = CryptContext(schemes=["bcrypt", "sha512_crypt", "sha256_crypt", "md5_crypt", "des_crypt"])
+
+
+class NotADovecotHash(ValueError):
+    """A ``{SCHEME}`` hash that cannot be checked here; the message says why, for the operator."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How to check one Dovecot scheme with a libpass handler.
+
+    ``ldap``: the handler reads the hash with its ``{SCHEME}`` tag (LDAP style), given as
+    ``ldap`` names it. ``body_prefixes``: what the hash must begin with, when the handler
+    accepts more than the scheme (libpass's argon2 reads argon2i and argon2id alike).
+    """
+
+    handler: object
+    ldap: str = ""
+    body_prefixes: tuple[str, ...] = ()
+
+    def handler_input(self, body: str) -> str:
+        return f"{self.ldap}{body}"
+
+
+SCHEMES: dict[str, Scheme] = {
+    "ARGON2ID": Scheme(passlib_hash.argon2, body_prefixes=("$argon2id$",)),
+    "ARGON2I": Scheme(passlib_hash.argon2, body_prefixes=("$argon2i$",)),
+    "BLF-CRYPT": Scheme(passlib_hash.bcrypt),
+    "SHA512-CRYPT": Scheme(passlib_hash.sha512_crypt),
+    "SHA256-CRYPT": Scheme(passlib_hash.sha256_crypt),
+    "MD5-CRYPT": Scheme(passlib_hash.md5_crypt),
+    "MD5": Scheme(passlib_hash.md5_crypt),  # Dovecot's alias of MD5-CRYPT
+    "DES-CRYPT": Scheme(passlib_hash.des_crypt),
+    "CRYPT": Scheme(_CRYPT),
+    "SSHA512": Scheme(passlib_hash.ldap_salted_sha512, ldap="{SSHA512}"),
+    "SSHA256": Scheme(passlib_hash.ldap_salted_sha256, ldap="{SSHA256}"),
+    "SSHA": Scheme(passlib_hash.ldap_salted_sha1, ldap="{SSHA}"),
+    "SMD5": Scheme(passlib_hash.ldap_salted_md5, ldap="{SMD5}"),
+    "SHA": Scheme(passlib_hash.ldap_sha1, ldap="{SHA}"),
+    "SHA1": Scheme(passlib_hash.ldap_sha1, ldap="{SHA}"),
+    "LDAP-MD5": Scheme(passlib_hash.ldap_md5, ldap="{MD5}"),
+    "PLAIN-MD5": Scheme(passlib_hash.hex_md5),
+}
+
+
+def is_dovecot_hash(text: str) -> bool:
+    """Whether ``text`` is in Dovecot's own form, ``{SCHEME}hash``."""
+    return text.startswith("{") and "}" in text
+
+
+def to_django(text: str) -> str:
+    """A Dovecot ``{SCHEME}hash`` in the form Django stores (this hasher's prefix added);
+    anything else as it was."""
+    return PREFIX + text if is_dovecot_hash(text) else text
+
+
+def split(encoded: str) -> tuple[str, Scheme, str]:
+    """``dovecot${SCHEME}body`` -> (scheme name, its Scheme, body); NotADovecotHash if unusable."""
+    text = encoded.removeprefix(PREFIX)
+    if not is_dovecot_hash(text):
+        raise NotADovecotHash("a Dovecot hash begins with {SCHEME}")
+    name, _, body = text[1:].partition("}")
+    scheme = SCHEMES.get(name.upper())
+    if scheme is None:
+        known = ", ".join(f"{{{known}}}" for known in SCHEMES)
+        raise NotADovecotHash(f"{{{name}}} is not a Dovecot scheme this server can check (it checks {known})")
+    handler_input = scheme.handler_input(body)
+    wrong_prefix = scheme.body_prefixes and not body.startswith(scheme.body_prefixes)
+    if not body or wrong_prefix or not scheme.handler.identify(handler_input):
+        raise NotADovecotHash(f"not a valid {{{name.upper()}}} hash")
+    return name.upper(), scheme, body
+
+
+def costs(encoded: str) -> dict[str, int]:
+    """What checking the hash costs, under the names ``store.check_password_hash`` bounds:
+    argon2's time_cost, memory_cost and parallelism; bcrypt's work_factor (log2 rounds);
+    SHA-crypt's rounds. The other schemes cost a digest or two: nothing to bound."""
+    name, scheme, body = split(encoded)
+    try:
+        parsed = _parsed(scheme, scheme.handler_input(body))
+    except (ValueError, TypeError) as error:
+        raise NotADovecotHash(f"not a valid {{{name}}} hash ({error})") from None
+    kind = parsed.name
+    if kind == "argon2":
+        return {
+            "time_cost": parsed.rounds,
+            "memory_cost": parsed.memory_cost,
+            "parallelism": parsed.parallelism,
+        }
+    if kind == "bcrypt":
+        return {"work_factor": parsed.rounds}
+    if kind in ("sha256_crypt", "sha512_crypt"):
+        return {"rounds": parsed.rounds}
+    return {}
+
+
+def _parsed(scheme: Scheme, handler_input: str):
+    handler = scheme.handler
+    if isinstance(handler, CryptContext):
+        handler = handler.handler(handler.identify(handler_input, required=True))
+    return handler.from_string(handler_input)
+
+
+def verify(password: str, encoded: str) -> bool:
+    _name, scheme, body = split(encoded)
+    handler_input = scheme.handler_input(body)
+    if _parsed(scheme, handler_input).name == "bcrypt":
+        password = password.encode()[:BCRYPT_PASSWORD_BYTES]
+    return scheme.handler.verify(password, handler_input)
+
+
+class DovecotPasswordHasher(BasePasswordHasher):
+    """Checks imported Dovecot hashes; every one is replaced by argon2 at its first good login.
+
+    The cost attributes are the references the import's cost bounds are measured against
+    (``store.check_password_hash``): today's argon2 and bcrypt defaults, and for SHA-crypt
+    ``SHA_CRYPT_REFERENCE_ROUNDS``.
+    """
+
+    algorithm = ALGORITHM
+    time_cost = Argon2PasswordHasher.time_cost
+    memory_cost = Argon2PasswordHasher.memory_cost
+    parallelism = Argon2PasswordHasher.parallelism
+    bcrypt_rounds = BCryptSHA256PasswordHasher.rounds
+    sha_crypt_rounds = SHA_CRYPT_REFERENCE_ROUNDS
+
+    def encode(self, password: str, salt: str) -> str:
+        raise NotImplementedError("Dovecot hashes are imported, never made here")
+
+    def verify(self, password: str, encoded: str) -> bool:
+        # Unlike Django's hashers this one is never the preferred hasher, so a wrong password
+        # is slowed by the authenticator's fixed failure time, not by harden_runtime.
+        try:
+            return verify(password, encoded)
+        except NotADovecotHash:
+            return False
+
+    def decode(self, encoded: str) -> dict:
+        name, _scheme, body = split(encoded)
+        return {"algorithm": self.algorithm, "scheme": name, "hash": body, **costs(encoded)}
+
+    def safe_summary(self, encoded: str) -> dict:
+        name, _scheme, body = split(encoded)
+        return {_("algorithm"): self.algorithm, _("scheme"): name, _("hash"): mask_hash(body)}
+
+    def must_update(self, encoded: str) -> bool:
+        return True
+
+    def harden_runtime(self, password: str, encoded: str) -> None:
+        pass
