@@ -175,6 +175,9 @@ PASSWORD_HASHERS = [
     "mailadmin.hosting.dovecothashes.DovecotPasswordHasher",
 ]
 
+# ModelBackend, with an upgrade of an outdated hash that cannot overwrite a password set meanwhile.
+AUTHENTICATION_BACKENDS = ["mailadmin.hosting.authbackend.HashUpgradingBackend"]
+
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

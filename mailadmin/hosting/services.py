@@ -286,10 +286,20 @@ def delete_mailbox(actor: Actor, address: str) -> int:
 
 
 def list_mailboxes(actor: Actor, domain_name: str | None = None) -> list[Mailbox]:
-    mailboxes = scopes.visible_to(actor, Mailbox).select_related("user", "domain")
+    mailboxes = _visible_mailboxes(actor, domain_name).select_related("user", "domain")
+    return list(mailboxes.order_by("domain__name", "user__username"))
+
+
+def count_legacy_hashes(actor: Actor, domain_name: str | None = None) -> int:
+    """How many of the mailboxes ``list_mailboxes`` lists still have an imported password hash."""
+    return _visible_mailboxes(actor, domain_name).legacy_hash().count()
+
+
+def _visible_mailboxes(actor: Actor, domain_name: str | None):
+    mailboxes = scopes.visible_to(actor, Mailbox)
     if domain_name is not None:
         mailboxes = mailboxes.filter(domain=_domain_in_scope(actor, domain_name))
-    return list(mailboxes.order_by("domain__name", "user__username"))
+    return mailboxes
 
 
 def import_mailboxes(

@@ -30,6 +30,7 @@ from mailadmin.hosting.store.accounts import (
     storable_password_hash,
     update_domain_settings,
     update_mailbox_settings,
+    upgrade_password_hash,
     validate_new_password,
 )
 from mailadmin.hosting.store.errors import (
@@ -125,6 +126,7 @@ __all__ = [
     "storable_password_hash",
     "update_domain_settings",
     "update_mailbox_settings",
+    "upgrade_password_hash",
     "validate_new_password",
     "validate_uidl",
 ]

@@ -272,6 +272,12 @@ def set_password_hash(address: str, password_hash: str) -> None:
     get_user_model().objects.filter(pk=mailbox.user_id).update(password=stored)
 
 
+def upgrade_password_hash(user_id: int, old_hash: str, new_hash: str) -> bool:
+    """Replace a login's outdated hash of the same password, unless the password changed since
+    ``old_hash`` was read (then nothing is written); whether it was replaced."""
+    return bool(get_user_model().objects.filter(pk=user_id, password=old_hash).update(password=new_hash))
+
+
 def update_mailbox_settings(mailbox_id: int, settings: Mapping[str, int | bool]) -> None:
     """Write only the named settings (``active``, ``quota_bytes``, ``quota_messages``), never a counter."""
     _require_known(settings, MAILBOX_SETTINGS)
