@@ -2,7 +2,12 @@
 
 A host moving over from Dovecot keeps its users' passwords: the hash Dovecot stored (what
 ``doveadm pw`` prints, or the password field of a passwd-file) is imported as it is, behind
-this hasher's prefix: ``{SHA512-CRYPT}$6$...`` is stored as ``dovecot${SHA512-CRYPT}$6$...``.
+this hasher's prefix: ``{SSHA512}...`` is stored as ``dovecot${SSHA512}...``. A crypt(3) hash
+names its method itself (``$6$`` is SHA512-CRYPT), so the schemes of that family are stored
+without their tag, as Dovecot's {CRYPT} reads them: ``{SHA512-CRYPT}$6$...`` becomes
+``dovecot$$6$...``. That keeps a SHA512-CRYPT hash with a ``rounds=`` field within the 128
+characters of ``auth.User.password``.
+
 Django's ``identify_hasher`` finds this hasher by the prefix; ``check_password`` verifies with
 it and, since it is never the preferred hasher, hands the password to the setter on success,
 so the first successful login rehashes it with the project's argon2 (``must_update`` says so
@@ -27,6 +32,7 @@ from passlib.context import CryptContext
 
 ALGORITHM = "dovecot"
 PREFIX = f"{ALGORITHM}$"
+CRYPT_SCHEME = "CRYPT"
 # bcrypt reads at most 72 bytes of a password; Dovecot's crypt_blowfish dropped the rest, while
 # the bcrypt module refuses a longer one, so the rest is dropped here as it was there.
 BCRYPT_PASSWORD_BYTES = 72
@@ -54,6 +60,7 @@ class Scheme:
     handler: object
     ldap: str = ""
     body_prefixes: tuple[str, ...] = ()
+    crypt: bool = False  # a crypt(3) hash, whose $id$ names its method: stored untagged
 
     def handler_input(self, body: str) -> str:
         return f"{self.ldap}{body}"
@@ -62,13 +69,13 @@ class Scheme:
 SCHEMES: dict[str, Scheme] = {
     "ARGON2ID": Scheme(passlib_hash.argon2, body_prefixes=("$argon2id$",)),
     "ARGON2I": Scheme(passlib_hash.argon2, body_prefixes=("$argon2i$",)),
-    "BLF-CRYPT": Scheme(passlib_hash.bcrypt),
-    "SHA512-CRYPT": Scheme(passlib_hash.sha512_crypt),
-    "SHA256-CRYPT": Scheme(passlib_hash.sha256_crypt),
-    "MD5-CRYPT": Scheme(passlib_hash.md5_crypt),
-    "MD5": Scheme(passlib_hash.md5_crypt),  # Dovecot's alias of MD5-CRYPT
-    "DES-CRYPT": Scheme(passlib_hash.des_crypt),
-    "CRYPT": Scheme(_CRYPT),
+    "BLF-CRYPT": Scheme(passlib_hash.bcrypt, crypt=True),
+    "SHA512-CRYPT": Scheme(passlib_hash.sha512_crypt, crypt=True),
+    "SHA256-CRYPT": Scheme(passlib_hash.sha256_crypt, crypt=True),
+    "MD5-CRYPT": Scheme(passlib_hash.md5_crypt, crypt=True),
+    "MD5": Scheme(passlib_hash.md5_crypt, crypt=True),  # Dovecot's alias of MD5-CRYPT
+    "DES-CRYPT": Scheme(passlib_hash.des_crypt, crypt=True),
+    "CRYPT": Scheme(_CRYPT, crypt=True),
     "SSHA512": Scheme(passlib_hash.ldap_salted_sha512, ldap="{SSHA512}"),
     "SSHA256": Scheme(passlib_hash.ldap_salted_sha256, ldap="{SSHA256}"),
     "SSHA": Scheme(passlib_hash.ldap_salted_sha1, ldap="{SSHA}"),
@@ -86,17 +93,27 @@ def is_dovecot_hash(text: str) -> bool:
 
 
 def to_django(text: str) -> str:
-    """A Dovecot ``{SCHEME}hash`` in the form Django stores (this hasher's prefix added);
-    anything else as it was."""
-    return PREFIX + text if is_dovecot_hash(text) else text
+    """A Dovecot ``{SCHEME}hash`` in the form Django stores (this hasher's prefix added, the tag
+    of a crypt(3) scheme dropped once the hash is found to be of that scheme); anything else
+    as it was."""
+    if not is_dovecot_hash(text):
+        return text
+    name, _, body = text[1:].partition("}")
+    scheme = SCHEMES.get(name.upper())
+    if scheme is None or not scheme.crypt:
+        return PREFIX + text
+    costs(PREFIX + text)  # NotADovecotHash, naming the scheme given, unless the hash is one
+    return PREFIX + body
 
 
 def split(encoded: str) -> tuple[str, Scheme, str]:
-    """``dovecot${SCHEME}body`` -> (scheme name, its Scheme, body); NotADovecotHash if unusable."""
+    """``dovecot${SCHEME}body`` (or ``dovecot$body`` for crypt(3)) -> (scheme name, its Scheme,
+    body); NotADovecotHash if it cannot be checked."""
     text = encoded.removeprefix(PREFIX)
-    if not is_dovecot_hash(text):
-        raise NotADovecotHash("a Dovecot hash begins with {SCHEME}")
-    name, _, body = text[1:].partition("}")
+    if is_dovecot_hash(text):
+        name, _, body = text[1:].partition("}")
+    else:
+        name, body = CRYPT_SCHEME, text
     scheme = SCHEMES.get(name.upper())
     if scheme is None:
         known = ", ".join(f"{{{known}}}" for known in SCHEMES)
@@ -113,8 +130,14 @@ def costs(encoded: str) -> dict[str, int]:
     argon2's time_cost, memory_cost and parallelism; bcrypt's work_factor (log2 rounds);
     SHA-crypt's rounds. The other schemes cost a digest or two: nothing to bound."""
     name, scheme, body = split(encoded)
+    handler_input = scheme.handler_input(body)
+    handler = _handler(scheme, handler_input)
+    if hasattr(handler, "has_backend") and not handler.has_backend():
+        raise NotADovecotHash(
+            f"{{{name}}} hashes cannot be checked here: libpass finds no module for {handler.name} installed"
+        )
     try:
-        parsed = _parsed(scheme, scheme.handler_input(body))
+        parsed = handler.from_string(handler_input)
     except (ValueError, TypeError) as error:
         raise NotADovecotHash(f"not a valid {{{name}}} hash ({error})") from None
     kind = parsed.name
@@ -131,17 +154,17 @@ def costs(encoded: str) -> dict[str, int]:
     return {}
 
 
-def _parsed(scheme: Scheme, handler_input: str):
-    handler = scheme.handler
-    if isinstance(handler, CryptContext):
-        handler = handler.handler(handler.identify(handler_input, required=True))
-    return handler.from_string(handler_input)
+def _handler(scheme: Scheme, handler_input: str):
+    """The libpass handler for this hash: the scheme's, or for {CRYPT} the one its prefix names."""
+    if isinstance(scheme.handler, CryptContext):
+        return scheme.handler.handler(scheme.handler.identify(handler_input, required=True))
+    return scheme.handler
 
 
 def verify(password: str, encoded: str) -> bool:
     _name, scheme, body = split(encoded)
     handler_input = scheme.handler_input(body)
-    if _parsed(scheme, handler_input).name == "bcrypt":
+    if _handler(scheme, handler_input).name == "bcrypt":
         password = password.encode()[:BCRYPT_PASSWORD_BYTES]
     return scheme.handler.verify(password, handler_input)
 

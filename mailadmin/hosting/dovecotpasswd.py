@@ -17,7 +17,7 @@ from mailadmin.addresses import normalise_address
 from mailadmin.hosting import dovecothashes, mailboxcsv, store
 from mailadmin.units import parse_size
 
-DEFAULT_SCHEME = "CRYPT"
+DEFAULT_SCHEME = dovecothashes.CRYPT_SCHEME
 FIELD_COUNT = 8
 QUOTA_RULE_FIELDS = ("userdb_quota_rule", "quota_rule")
 KIB = 1024

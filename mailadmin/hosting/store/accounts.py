@@ -170,7 +170,10 @@ def storable_password_hash(password_hash: str) -> str:
     Every way a hash enters (the import files, ``set_password_hash``, a new mailbox, the API)
     comes through here.
     """
-    stored = dovecothashes.to_django(password_hash.strip())
+    try:
+        stored = dovecothashes.to_django(password_hash.strip())
+    except dovecothashes.NotADovecotHash as error:
+        raise InvalidInput(f"password hash: {error}") from None
     check_password_hash(stored)
     return stored
 
