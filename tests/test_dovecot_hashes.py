@@ -153,7 +153,8 @@ def test_a_dovecot_hash_whose_library_backend_is_missing_is_refused(monkeypatch)
 
     monkeypatch.setattr(passlib_hash.bcrypt, "has_backend", lambda name="any": False)
     assert refusal("{BLF-CRYPT}$2y$05$ZH6yfQRK8DNO2w8i2j6yqOFOcL7/bQCDCS2U415cBFFEHrEiv2QIq") == (
-        "password hash: {BLF-CRYPT} hashes cannot be checked here: libpass finds no module for bcrypt installed"
+        "password hash: {BLF-CRYPT} hashes cannot be checked here: "
+        "libpass finds no module for bcrypt installed"
     )
 
 
