@@ -140,6 +140,8 @@ def costs(encoded: str) -> dict[str, int]:
         parsed = handler.from_string(handler_input)
     except (ValueError, TypeError) as error:
         raise NotADovecotHash(f"not a valid {{{name}}} hash ({error})") from None
+    if not parsed.checksum:  # libpass reads a bare salt and cost as a hash to be
+        raise NotADovecotHash(f"not a valid {{{name}}} hash (it holds no checksum)")
     kind = parsed.name
     if kind == "argon2":
         return {
