@@ -52,8 +52,9 @@ class NotADovecotHash(ValueError):
 class Scheme:
     """How to check one Dovecot scheme with a libpass handler.
 
-    ``ldap``: the handler reads the hash with its ``{SCHEME}`` tag (LDAP style), given as
-    ``ldap`` names it. ``body_prefixes``: what the hash must begin with, when the handler
+    ``ldap``: the tag the handler expects in front of the hash, LDAP style (libpass's
+    ``{SSHA}`` for Dovecot's SSHA, ``{MD5}`` for its LDAP-MD5); empty when it reads the bare
+    hash. ``body_prefixes``: what the hash must begin with, when the handler
     accepts more than the scheme (libpass's argon2 reads argon2i and argon2id alike).
     """
 
@@ -140,7 +141,7 @@ def costs(encoded: str) -> dict[str, int]:
         parsed = handler.from_string(handler_input)
     except (ValueError, TypeError) as error:
         raise NotADovecotHash(f"not a valid {{{name}}} hash ({error})") from None
-    if not parsed.checksum:  # libpass reads a bare salt and cost as a hash to be
+    if not parsed.checksum:  # libpass takes a bare salt and cost (a configuration) for a hash
         raise NotADovecotHash(f"not a valid {{{name}}} hash (it holds no checksum)")
     kind = parsed.name
     if kind == "argon2":
