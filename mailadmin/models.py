@@ -135,8 +135,20 @@ class Mailbox(StoreCounters, models.Model):
     next_uid = models.BigIntegerField(default=1, editable=False)
     uid_validity = models.BigIntegerField(default=_unix_time_now, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
+    # The last successful POP3 login, written by the session registry with the session's row;
+    # kept here because session rows are pruned and a mailbox's last login must outlive them.
+    last_login_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_login_from = models.CharField(max_length=64, blank=True, editable=False)
 
-    STORE_OWNED_FIELDS = ("used_bytes", "used_messages", "next_uid", "uid_validity", "quota_warning_percent")
+    STORE_OWNED_FIELDS = (
+        "used_bytes",
+        "used_messages",
+        "next_uid",
+        "uid_validity",
+        "quota_warning_percent",
+        "last_login_at",
+        "last_login_from",
+    )
 
     objects = MailboxQuerySet.as_manager()
 
