@@ -65,6 +65,31 @@ def test_doveadm_hash_of_each_scheme_checks_the_right_password_only(scheme):
     assert check_password(WRONG_PASSWORD, stored) is False
 
 
+ENCODED_SCHEMES = {
+    "SHA512-CRYPT.B64": "dovecot$$6$",
+    "SHA256-CRYPT.HEX": "dovecot$$5$",
+    "ARGON2ID.B64": "dovecot${ARGON2ID}$argon2id$",
+    "SSHA.HEX": "dovecot${SSHA}",
+    "SSHA512.B64": "dovecot${SSHA512}",
+    "PLAIN-MD5.B64": "dovecot${PLAIN-MD5}",
+}
+
+
+@needs_doveadm
+@pytest.mark.parametrize("scheme", ENCODED_SCHEMES)
+def test_a_hash_in_another_encoding_is_stored_in_its_schemes_own(scheme):
+    """doveadm pw -s SCHEME.HEX / .B64, as PostfixAdmin stores some hashes."""
+    stored = store.storable_password_hash(doveadm_hash(scheme))
+    assert stored.startswith(ENCODED_SCHEMES[scheme])
+    assert (check_password(PASSWORD, stored), check_password(WRONG_PASSWORD, stored)) == (True, False)
+
+
+@needs_doveadm
+def test_plain_md5_in_base64_is_stored_as_the_hex_doveadm_writes_by_default():
+    hex_form = store.storable_password_hash(doveadm_hash("PLAIN-MD5"))
+    assert store.storable_password_hash(doveadm_hash("PLAIN-MD5.B64")) == hex_form
+
+
 @needs_mkpasswd
 @pytest.mark.parametrize("method", MKPASSWD_METHODS)
 def test_mkpasswd_hash_of_each_crypt_method_checks_the_right_password_only(method):
@@ -115,6 +140,9 @@ def refusal(password_hash: str) -> str:
         ("{PLAIN}secret", "password hash: {PLAIN} is not a Dovecot scheme this server can check"),
         ("{SSHA}not base64!", "password hash: not a valid {SSHA} hash"),
         ("{PLAIN-MD5}abc", "password hash: not a valid {PLAIN-MD5} hash"),
+        ("{SSHA.HEX}not hex", "password hash: not a valid {SSHA.HEX} hash (not hex)"),
+        ("{SHA512-CRYPT.B64}JDYk!", "password hash: not a valid {SHA512-CRYPT.B64} hash (not b64)"),
+        ("{SSHA.ROT13}abc", "password hash: {SSHA.ROT13} is not a Dovecot scheme this server can check"),
         (
             "{ARGON2ID}$argon2i$v=19$m=32768,t=4,p=1$c2FsdHNhbHQ$aGFzaGhhc2g",
             "password hash: not a valid {ARGON2ID}",

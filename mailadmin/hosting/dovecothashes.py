@@ -6,7 +6,8 @@ this hasher's prefix: ``{SSHA512}...`` is stored as ``dovecot${SSHA512}...``. A 
 names its method itself (``$6$`` is SHA512-CRYPT), so the schemes of that family are stored
 without their tag, as Dovecot's {CRYPT} reads them: ``{SHA512-CRYPT}$6$...`` becomes
 ``dovecot$$6$...``. That keeps a SHA512-CRYPT hash with a ``rounds=`` field within the 128
-characters of ``auth.User.password``.
+characters of ``auth.User.password``. A hash given in another encoding than its scheme's own
+(``{SSHA.HEX}``, ``{SHA512-CRYPT.B64}``, as PostfixAdmin writes some) is stored re-encoded in it.
 
 Django's ``identify_hasher`` finds this hasher by the prefix; ``check_password`` verifies with
 it and, since it is never the preferred hasher, hands the password to the setter on success,
@@ -18,6 +19,8 @@ behind BLF-CRYPT; this module only maps Dovecot's scheme names onto its handlers
 what a hash costs to check, in the terms ``store.check_password_hash`` bounds.
 """
 
+import base64
+import binascii
 from dataclasses import dataclass
 
 from django.contrib.auth.hashers import (
@@ -62,9 +65,18 @@ class Scheme:
     ldap: str = ""
     body_prefixes: tuple[str, ...] = ()
     crypt: bool = False  # a crypt(3) hash, whose $id$ names its method: stored untagged
+    encoding: str = "text"  # how the scheme writes its raw bytes: "text", "base64" or "hex"
 
     def handler_input(self, body: str) -> str:
         return f"{self.ldap}{body}"
+
+    def encode(self, raw: bytes) -> str:
+        """The raw hash (a ``.HEX`` or ``.B64`` body decoded) in this scheme's own encoding."""
+        if self.encoding == "base64":
+            return base64.b64encode(raw).decode("ascii")
+        if self.encoding == "hex":
+            return raw.hex()
+        return raw.decode("ascii")
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -77,14 +89,22 @@ SCHEMES: dict[str, Scheme] = {
     "MD5": Scheme(passlib_hash.md5_crypt, crypt=True),  # Dovecot's alias of MD5-CRYPT
     "DES-CRYPT": Scheme(passlib_hash.des_crypt, crypt=True),
     "CRYPT": Scheme(_CRYPT, crypt=True),
-    "SSHA512": Scheme(passlib_hash.ldap_salted_sha512, ldap="{SSHA512}"),
-    "SSHA256": Scheme(passlib_hash.ldap_salted_sha256, ldap="{SSHA256}"),
-    "SSHA": Scheme(passlib_hash.ldap_salted_sha1, ldap="{SSHA}"),
-    "SMD5": Scheme(passlib_hash.ldap_salted_md5, ldap="{SMD5}"),
-    "SHA": Scheme(passlib_hash.ldap_sha1, ldap="{SHA}"),
-    "SHA1": Scheme(passlib_hash.ldap_sha1, ldap="{SHA}"),
-    "LDAP-MD5": Scheme(passlib_hash.ldap_md5, ldap="{MD5}"),
-    "PLAIN-MD5": Scheme(passlib_hash.hex_md5),
+    "SSHA512": Scheme(passlib_hash.ldap_salted_sha512, ldap="{SSHA512}", encoding="base64"),
+    "SSHA256": Scheme(passlib_hash.ldap_salted_sha256, ldap="{SSHA256}", encoding="base64"),
+    "SSHA": Scheme(passlib_hash.ldap_salted_sha1, ldap="{SSHA}", encoding="base64"),
+    "SMD5": Scheme(passlib_hash.ldap_salted_md5, ldap="{SMD5}", encoding="base64"),
+    "SHA": Scheme(passlib_hash.ldap_sha1, ldap="{SHA}", encoding="base64"),
+    "SHA1": Scheme(passlib_hash.ldap_sha1, ldap="{SHA}", encoding="base64"),
+    "LDAP-MD5": Scheme(passlib_hash.ldap_md5, ldap="{MD5}", encoding="base64"),
+    "PLAIN-MD5": Scheme(passlib_hash.hex_md5, encoding="hex"),
+}
+
+
+# Dovecot's suffixes naming the encoding of a hash, and how to read each.
+_DECODERS = {
+    "B64": lambda body: base64.b64decode(body, validate=True),
+    "BASE64": lambda body: base64.b64decode(body, validate=True),
+    "HEX": bytes.fromhex,
 }
 
 
@@ -100,11 +120,25 @@ def to_django(text: str) -> str:
     if not is_dovecot_hash(text):
         return text
     name, _, body = text[1:].partition("}")
+    name, body = _own_encoding(name, body)
     scheme = SCHEMES.get(name.upper())
     if scheme is None or not scheme.crypt:
-        return PREFIX + text
-    costs(PREFIX + text)  # NotADovecotHash, naming the scheme given, unless the hash is one
+        return f"{PREFIX}{{{name}}}{body}"
+    costs(f"{PREFIX}{{{name}}}{body}")  # NotADovecotHash, naming the scheme given, unless it is one
     return PREFIX + body
+
+
+def _own_encoding(name: str, body: str) -> tuple[str, str]:
+    """``SCHEME.HEX`` / ``SCHEME.B64`` and their body -> ``SCHEME`` and the body in its encoding."""
+    scheme_name, dot, encoding = name.rpartition(".")
+    decode = _DECODERS.get(encoding.upper())
+    scheme = SCHEMES.get(scheme_name.upper())
+    if not dot or decode is None or scheme is None:
+        return name, body
+    try:
+        return scheme_name, scheme.encode(decode(body))
+    except (ValueError, binascii.Error):
+        raise NotADovecotHash(f"not a valid {{{name.upper()}}} hash (not {encoding.lower()})") from None
 
 
 def split(encoded: str) -> tuple[str, Scheme, str]:
