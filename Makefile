@@ -12,9 +12,10 @@ TLS_DIR := var/tls
 
 export DEBUG ?= 1
 
-# Real mail clients the end-to-end tests talk to, and gettext for the catalogue (Debian package: command).
+# Real mail clients the end-to-end tests talk to, the tools that make the Dovecot hashes the
+# migration tests import, and gettext for the catalogue (Debian package: command).
 CLIENT_PACKAGES := fetchmail:fetchmail getmail6:getmail mpop:mpop curl:curl openssl:openssl \
-	postfix:postfix swaks:swaks chromium:chromium gettext:xgettext
+	postfix:postfix swaks:swaks chromium:chromium dovecot-core:doveadm whois:mkpasswd gettext:xgettext
 
 .PHONY: install system-deps run test test-only lint bench clean
 
@@ -45,7 +46,9 @@ run: $(RUN_STAMP) $(TLS_DIR)/cert.pem
 
 # Installs missing client programs with apt-get when run as root; otherwise their tests skip.
 # Postfix is preseeded to "No configuration" (no questions, no main.cf, no system instance on
-# port 25); should the package start one anyway, it is stopped: the tests run their own.
+# port 25); should the package start one anyway, it is stopped: the tests run their own. Dovecot
+# is wanted for doveadm alone: a server it starts is stopped and disabled, so nothing else
+# listens on the POP3/IMAP ports.
 system-deps:
 	@missing=$$(for entry in $(CLIENT_PACKAGES); do command -v $${entry#*:} >/dev/null \
 		|| [ -x /usr/sbin/$${entry#*:} ] || echo $${entry%%:*}; done); \
@@ -54,6 +57,7 @@ system-deps:
 		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 		postfix stop 2>/dev/null || true; \
+		(systemctl disable --now dovecot || doveadm stop) >/dev/null 2>&1 || true; \
 	elif [ -n "$$missing" ]; then echo "not installed (their tests will skip): $$missing"; fi
 
 test: install system-deps test-only

@@ -175,7 +175,12 @@ PASSWORD_HASHERS = [
     "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher",
     "django.contrib.auth.hashers.ScryptPasswordHasher",
     "django.contrib.auth.hashers.BCryptSHA256PasswordHasher",
+    # Dovecot's {SCHEME} hashes, imported from a Dovecot host; argon2 replaces each at its first login.
+    "mailadmin.hosting.dovecothashes.DovecotPasswordHasher",
 ]
+
+# ModelBackend, with an upgrade of an outdated hash that cannot overwrite a password set meanwhile.
+AUTHENTICATION_BACKENDS = ["mailadmin.hosting.authbackend.HashUpgradingBackend"]
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
