@@ -12,6 +12,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from mailadmin.mailin.lmtp.address import listen_address as lmtp_listen_address
 from mailadmin.workercount import AUTO, parse_worker_count
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -282,9 +283,11 @@ POP3_LEASE_TTL = _env_float("POP3_LEASE_TTL", 60.0)
 POP3_MONITOR_INTERVAL = _env_float("POP3_MONITOR_INTERVAL", 1.0)
 
 # --- LMTP (runlmtp) -------------------------------------------------------------------------
-LMTP_BIND = os.environ.get("LMTP_BIND", "127.0.0.1")
-LMTP_PORT = _env_int("LMTP_PORT", 2424)
-LMTP_SOCKET = os.environ.get("LMTP_SOCKET", "")
+# Read through a module of its own: the pipe's fast path finds runlmtp without these settings.
+try:
+    LMTP_BIND, LMTP_PORT, LMTP_SOCKET = lmtp_listen_address(os.environ)
+except ValueError:
+    raise ImproperlyConfigured(f"LMTP_PORT must be a number (int), got {os.environ['LMTP_PORT']!r}") from None
 LMTP_SOCKET_MODE = int(os.environ.get("LMTP_SOCKET_MODE", "660"), 8)
 LMTP_HOSTNAME = os.environ.get("LMTP_HOSTNAME", "") or socket.gethostname()
 LMTP_MAX_RECIPIENTS = _env_int("LMTP_MAX_RECIPIENTS", 1000)
