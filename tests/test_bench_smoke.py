@@ -10,7 +10,7 @@ from bench.dovecot import missing
 from bench.scenarios import SCENARIOS
 from tests.conftest import PROJECT_DIR
 
-SMOKE_TIMEOUT_SECONDS = 300
+SMOKE_TIMEOUT_SECONDS = 900  # a guard against a hang: the run takes about a minute
 
 
 @pytest.mark.slow
@@ -48,5 +48,8 @@ def test_bench_smoke_runs_every_scenario(tmp_path):
             if entry["scenario"] == "fleet_plain"
         }
         assert all(ratio is not None and ratio > 0 for ratio in ratios.values()), ratios
-    assert results["deliver_pipe"]["fast_deliveries"] == 4 * 5  # --repeats 5: each took the fast path
-    assert results["deliver_pipe"]["in_process_deliveries"] == 5
+    # Each delivery took the path it was meant to (the scenario fails otherwise).
+    assert (results["deliver_pipe"]["fast_deliveries"], results["deliver_pipe"]["in_process_deliveries"]) == (
+        4,
+        1,
+    )
