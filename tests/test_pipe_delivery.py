@@ -4,9 +4,12 @@ Which path a delivery took is read from the packages the child imported (the fas
 neither Django nor daphne nor psycopg), never from how long it took.
 """
 
+import io
 import json
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -111,6 +114,99 @@ def test_the_exit_code_of_mixed_failures_is_the_permanent_one() -> None:
     assert pipe.exit_code(statuses) == 67
     assert pipe.exit_code([DeliveryStatus.OVER_QUOTA, DeliveryStatus.TOO_LARGE]) == 69
     assert pipe.exit_code([DeliveryStatus.TEMPORARY_FAILURE]) == 75
+
+
+# --- Against a scripted server: when the fast path hands over, and when it must not --------------
+
+
+def scripted_lmtp(replies_after_data: list[bytes], close_after_dot: bool) -> tuple[int, list[bytes]]:
+    """A one-connection LMTP server on a free port: greets, answers LHLO and the pipelined
+    envelope, then either closes mid-message or reads to the final dot and closes (or replies).
+    Returns the port and the list the bytes it received go to."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    received: list[bytes] = []
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection, listener:
+            connection.sendall(b"220 scripted LMTP\r\n")
+            data = b""
+            while b"LHLO" not in data:
+                data += connection.recv(65536)
+            connection.sendall(b"250-scripted\r\n250-PIPELINING\r\n250 SIZE 100000000\r\n")
+            while data.count(b"\r\n") < 4:  # LHLO, MAIL, RCPT, DATA
+                data += connection.recv(65536)
+            connection.sendall(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n")
+            if not close_after_dot:
+                received.append(data + connection.recv(10))
+                return  # closes in the middle of the message
+            while not data.endswith(b"\r\n.\r\n"):
+                data += connection.recv(65536)
+            received.append(data)
+            for reply in replies_after_data:
+                connection.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], received
+
+
+@pytest.fixture
+def stdin_holding(monkeypatch):
+    def hold(message: bytes) -> None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(message)))
+
+    return hold
+
+
+def test_runlmtp_gone_before_the_final_dot_hands_the_whole_message_over(monkeypatch, stdin_holding) -> None:
+    message = b"Subject: x\n\n" + b"line\n" * 4_000_000  # more than socket buffers hold
+    port, _ = scripted_lmtp([], close_after_dot=False)
+    monkeypatch.setenv("LMTP_PORT", str(port))
+    monkeypatch.setenv("LMTP_BIND", "127.0.0.1")
+    monkeypatch.setenv("LMTP_SOCKET", "")
+    stdin_holding(message)
+    assert pipe.main(["a@example.test"]) is None
+    assert sys.stdin.buffer.read() == message  # the in-process path reads all of it
+
+
+@pytest.mark.parametrize(
+    ("replies", "expected"),
+    [
+        ([], 75),
+        ([b"451 4.3.0 <a@example.test> Temporary internal failure\r\n"], 75),
+        ([b"250 2.0.0 Ok\r\n"], 0),
+    ],
+    ids=["closed after the dot", "451 after the dot", "250 after the dot"],
+)
+def test_after_the_final_dot_there_is_no_handing_over(
+    monkeypatch, stdin_holding, capsys, replies, expected
+) -> None:
+    """The copy may be stored by then: the in-process path must not store it again."""
+    port, received = scripted_lmtp(replies, close_after_dot=True)
+    monkeypatch.setenv("LMTP_PORT", str(port))
+    monkeypatch.setenv("LMTP_BIND", "127.0.0.1")
+    monkeypatch.setenv("LMTP_SOCKET", "")
+    stdin_holding(b"Subject: x\n\n.dot\nend")
+    assert pipe.main(["--sender", "s@x.test", "a@example.test"]) == expected
+    assert received[0].endswith(b"DATA\r\nSubject: x\n\n..dot\nend\r\n.\r\n")
+    assert b"MAIL FROM:<s@x.test> SIZE=20\r\nRCPT TO:<a@example.test>\r\n" in received[0]
+
+
+def test_an_error_reading_standard_input_is_a_temporary_failure(monkeypatch, capsys) -> None:
+    class Broken(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            raise OSError(5, "Input/output error")
+
+    port, _ = scripted_lmtp([], close_after_dot=False)
+    monkeypatch.setenv("LMTP_PORT", str(port))
+    monkeypatch.setenv("LMTP_BIND", "127.0.0.1")
+    monkeypatch.setenv("LMTP_SOCKET", "")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(Broken())))
+    assert pipe.main(["a@example.test"]) == 75
+    assert capsys.readouterr().err == "temporary failure: OSError: [Errno 5] Input/output error\n"
 
 
 # --- Through runlmtp -----------------------------------------------------------------------------

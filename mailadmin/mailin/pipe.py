@@ -24,8 +24,8 @@ import io
 import os
 import socket
 import sys
-from collections.abc import Iterable, Iterator, Mapping
-from typing import BinaryIO
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import BinaryIO, TypeVar
 
 from mailadmin.mailin.lmtp.address import listen_address
 from mailadmin.mailin.status import DeliveryStatus
@@ -70,6 +70,8 @@ READ_SIZE = 64 * 1024
 MEMORY_SPOOL_BYTES = 1024 * 1024
 MAX_COMMAND_BYTES = 512  # RFC 5321 section 4.5.3.1.4
 
+T = TypeVar("T")
+
 
 def exit_code(statuses: Iterable[DeliveryStatus]) -> int:
     """The exit code for the statuses of the recipients that were not delivered."""
@@ -112,6 +114,10 @@ class LmtpClient:
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+
+    def send_each(self, blocks: Iterable[bytes]) -> None:
+        for block in blocks:
+            self.sock.sendall(block)
 
     def reply(self) -> tuple[str, list[str]]:
         """One reply: its code and its lines' texts (RFC 5321 section 4.2.1)."""
@@ -197,22 +203,26 @@ def hand_over(
     Standard input is read once runlmtp has said how large a message it takes (SIZE), so a
     message over that size is refused after one byte more than the limit.
     """
+    limit = _talking(lambda: _greet(client))
+    spool.fill(stdin, limit)  # an error reading standard input is no reason to try again in-process
+    if spool.size == 0:
+        raise FallBack("empty message")  # the in-process path names it (EX_DATAERR)
+    if spool.size > limit:
+        client.quit()
+        return DeliveryStatus.TOO_LARGE
+    refusal = _talking(lambda: _envelope(client, sender, recipient, spool.size))
+    if refusal is not None:
+        return refusal
+    _talking(lambda: client.send_each(_stuffed(spool.blocks())))
+    return _final_reply(client, _TERMINATORS.get(spool.last_byte(), b"\r\n.\r\n"))
+
+
+def _talking(exchange: Callable[[], T]) -> T:
+    """An exchange with runlmtp before the final dot: if the connection fails, FallBack."""
     try:
-        limit = _greet(client)
-        spool.fill(stdin, limit)
-        if spool.size == 0:
-            raise FallBack("empty message")  # the in-process path names it (EX_DATAERR)
-        if spool.size > limit:
-            client.quit()
-            return DeliveryStatus.TOO_LARGE
-        refusal = _envelope(client, sender, recipient, spool.size)
-        if refusal is not None:
-            return refusal
-        for block in _stuffed(spool.blocks()):
-            client.send(block)
+        return exchange()
     except OSError as error:
         raise FallBack(f"runlmtp went away: {error}") from error
-    return _final_reply(client, _TERMINATORS.get(spool.last_byte(), b"\r\n.\r\n"))
 
 
 # What ends the message after its last byte: the final dot on a line of its own. A final bare
@@ -338,6 +348,9 @@ def main(argv: list[str]) -> int | None:
         if spool.read_any:
             sys.stdin = io.TextIOWrapper(spool.rewound())
         return None
+    except Exception as error:  # noqa: BLE001 - as in-process: the MTA retries, never bounces, on our bugs
+        print(f"temporary failure: {error.__class__.__name__}: {error}", file=sys.stderr)
+        return EX_TEMPFAIL
     if status is DeliveryStatus.DELIVERED:
         print(f"{recipient}: delivered")
         return EX_OK
