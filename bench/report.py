@@ -177,6 +177,8 @@ CHECKS = (
         at_least=False,
     ),
     Check("deliver_pipe", "in_process_median_ms", "", "ms in-process", None, kind=INFO),
+    Check("deliver_pipe", "fast_cpu_median_ms", "", "ms CPU/message", None, kind=INFO),
+    Check("deliver_pipe", "in_process_cpu_median_ms", "", "ms CPU in-process", None, kind=INFO),
     Check(
         "memory_25mb",
         "peak_growth_mib",

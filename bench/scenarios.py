@@ -7,6 +7,7 @@ KiB) plus a few lists of samples; ``report`` turns them into the table and the J
 import json
 import math
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -666,8 +667,12 @@ def group_fleet(bench: Bench) -> dict[str, dict]:
 # --- Pipe delivery ------------------------------------------------------------------------------
 
 
-def _pipe_delivery(bench: Bench, recipient: str, message: bytes, where: dict[str, str]) -> tuple[float, str]:
-    """One ``manage.py deliver``: its wall time, and the path it took (from what it printed)."""
+def _pipe_delivery(
+    bench: Bench, recipient: str, message: bytes, where: dict[str, str]
+) -> tuple[float, float, str]:
+    """One ``manage.py deliver``: its wall time, its own CPU time (user and system: steadier than
+    wall time on a busy machine), and the path it took (from what it printed)."""
+    cpu_before = _children_cpu_seconds()
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "manage.py", "deliver", "--sender", corpus.SENDER, recipient],
@@ -678,9 +683,16 @@ def _pipe_delivery(bench: Bench, recipient: str, message: bytes, where: dict[str
         timeout=120,
     )
     elapsed = time.perf_counter() - started
+    cpu = _children_cpu_seconds() - cpu_before
     if result.returncode != 0:
         raise RuntimeError(f"deliver exited {result.returncode}: {result.stderr.decode(errors='replace')}")
-    return elapsed, "in-process" if b" delivered as " in result.stdout else "runlmtp"
+    return elapsed, cpu, "in-process" if b" delivered as " in result.stdout else "runlmtp"
+
+
+def _children_cpu_seconds() -> float:
+    """CPU time of the bench's children that have ended (a finished ``deliver`` among them)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def deliver_pipe(bench: Bench, server: Server) -> dict:
@@ -697,16 +709,18 @@ def deliver_pipe(bench: Bench, server: Server) -> dict:
     figures: dict = {"message_octets": len(message)}
     for path, where in paths.items():
         samples = [_pipe_delivery(bench, recipient, message, where) for _ in range(counts[path])]
-        taken = {taken for _, taken in samples}
+        taken = {taken for _, _, taken in samples}
         if taken != {path}:
             raise RuntimeError(f"deliveries meant for {path} took {sorted(taken)}")
-        times = [elapsed for elapsed, _ in samples]
+        times, cpu = [elapsed for elapsed, _, _ in samples], [cpu for _, cpu, _ in samples]
         key = "fast" if path == "runlmtp" else "in_process"
         figures[f"{key}_deliveries"] = len(times)
         figures[f"{key}_median_ms"] = ms(statistics.median(times))
         figures[f"{key}_max_ms"] = ms(max(times))
+        figures[f"{key}_cpu_median_ms"] = ms(statistics.median(cpu))
         figures[f"{key}_samples_ms"] = [ms(t) for t in times]
     figures["speed_up"] = ratio(figures["in_process_median_ms"], figures["fast_median_ms"])
+    figures["cpu_ratio"] = ratio(figures["in_process_cpu_median_ms"], figures["fast_cpu_median_ms"])
     return figures
 
 
