@@ -6,6 +6,8 @@ Every list and page is narrowed by ``scopes.visible_to``, so a domain administra
 changes only their domains. Counters are shown, never edited here.
 """
 
+from urllib.parse import urlencode
+
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth import get_user_model
@@ -14,7 +16,11 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Count, Model, QuerySet
 from django.http import Http404, HttpRequest
+from django.urls import reverse
+from django.utils import formats, timezone
+from django.utils.html import format_html
 from django.utils.text import capfirst
+from django.utils.translation import gettext_lazy as _
 
 from mailadmin.addresses import domain_of, normalise_address
 from mailadmin.hosting import scopes, services, store
@@ -269,11 +275,20 @@ class MailboxChangeForm(ServiceForm):
 
 @admin.register(Mailbox)
 class MailboxAdmin(ServiceAdmin):
-    list_display = ["address", "domain", "active", "usage", "used_messages"]
+    list_display = ["address", "domain", "active", "usage", "used_messages", "last_login"]
     list_filter = ["active", ("domain", admin.RelatedOnlyFieldListFilter)]
     search_fields = ["user__username"]
     list_select_related = ["user", "domain"]
-    readonly_fields = ["address", "domain", "used_bytes", "used_messages", "uid_validity", "created_at"]
+    readonly_fields = [
+        "address",
+        "domain",
+        "used_bytes",
+        "used_messages",
+        "uid_validity",
+        "created_at",
+        "last_login",
+        "pop3_history",
+    ]
     fields = [
         "address",
         "domain",
@@ -292,6 +307,18 @@ class MailboxAdmin(ServiceAdmin):
     @admin.display(description="usage", ordering="used_bytes")
     def usage(self, mailbox: Mailbox) -> str:
         return _usage(mailbox.used_bytes, mailbox.quota_bytes)
+
+    @admin.display(description=_("last POP3 login"), ordering="last_login_at")
+    def last_login(self, mailbox: Mailbox) -> str:
+        if mailbox.last_login_at is None:
+            return _("never")
+        when = formats.localize(timezone.localtime(mailbox.last_login_at))
+        return _("%(when)s from %(client)s") % {"when": when, "client": mailbox.last_login_from}
+
+    @admin.display(description=_("POP3 history"))
+    def pop3_history(self, mailbox: Mailbox) -> str:
+        link = f"{reverse('admin:history')}?{urlencode({'address': mailbox.address})}"
+        return format_html('<a href="{}">{}</a>', link, _("sessions and failed logins"))
 
     def get_form(self, request: HttpRequest, obj: Mailbox | None = None, change: bool = False, **kwargs):
         kwargs["form"] = MailboxChangeForm if obj is not None else MailboxCreationForm

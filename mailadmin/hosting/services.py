@@ -11,8 +11,8 @@ their quota, and change a domain's ``DOMAIN_ADMINISTRATOR_SETTINGS``; they may n
 delete, suspend or reactivate a domain, change its quota cap or mailbox limit, or make
 administrators. Outside their domains every request is refused alike, whether or not the
 domain or mailbox exists, so a refusal reveals nothing. A person also needs the
-``kick_pop3session`` permission to kick (domain administrators have it): viewing sessions is
-not enough.
+``kick_pop3session`` permission to kick, and ``recalculate_quota`` to recount usage (domain
+administrators have both): viewing sessions or mailboxes is not enough.
 
 Passwords are hashed before a function opens its transaction: argon2 costs ~100 ms and
 ~100 MiB a hash, and a transaction held meanwhile stalls deliveries and logins.
@@ -40,11 +40,13 @@ DOMAIN_ADMINISTRATOR_SETTINGS = frozenset({"default_mailbox_quota_bytes", "quota
 ADMINISTRATORS_GROUP = "Domain administrators"
 DRY_RUN_SALT = "dryrun"
 KICK_PERMISSION = "mailadmin.kick_pop3session"
+RECALCULATE_PERMISSION = "mailadmin.recalculate_quota"
 # What the admin lets a domain administrator do; scopes narrow every one to their domains.
 ADMINISTRATOR_PERMISSIONS = (
     "view_domain",
     "change_domain",
     "view_mailbox",
+    "recalculate_quota",
     "add_mailbox",
     "change_mailbox",
     "delete_mailbox",
@@ -353,18 +355,31 @@ def _naming_line(row: mailboxcsv.Row) -> Iterator[None]:
         raise type(error)(f"line {row.line}: {error}") from None
 
 
-def recalculate_quota(actor: Actor, address: str | None = None) -> list[store.Drift]:
-    """Recount usage counters from the stored messages (every mailbox in scope by default).
+def may_recalculate_quota(actor: Actor) -> bool:
+    """A person needs the recalculate permission (viewing mailboxes is not enough)."""
+    return _may(actor, RECALCULATE_PERMISSION)
+
+
+def recalculate_quota(
+    actor: Actor, address: str | None = None, *, domain_name: str | None = None
+) -> list[store.Drift]:
+    """Recount usage counters from the stored messages: of one mailbox, of one domain's mailboxes,
+    or of every mailbox in scope (the default).
 
     Each row is corrected in its own transaction with its audit entry, so a full recount
     never holds every mailbox at once.
     """
+    if not may_recalculate_quota(actor):
+        raise NotPermitted("not permitted: recalculating quota needs the recalculate permission")
 
     def record(drifts: list[store.Drift]) -> None:
         _record_drifts(actor, drifts)
 
     if address is not None:
         return store.recalculate_quota(_mailbox_in_scope(actor, address).address, record=record)
+    if domain_name is not None:
+        domain_ids = frozenset({_domain_in_scope(actor, domain_name).pk})
+        return store.recalculate_quota(domain_ids=domain_ids, record=record)
     return store.recalculate_quota(domain_ids=actor.domain_ids, record=record)
 
 
@@ -424,14 +439,20 @@ def prune_history(actor: Actor, days: int) -> history.Pruned:
 
 
 def may_kick(actor: Actor) -> bool:
-    """A person needs the kick permission (viewing sessions is not enough); the command line is
-    bounded by its scope alone. Tokens kick nothing until the API gives them a write scope."""
+    """A person needs the kick permission (viewing sessions is not enough)."""
+    return _may(actor, KICK_PERMISSION)
+
+
+def _may(actor: Actor, permission: str) -> bool:
+    """Whether the actor holds ``permission``: a person by their Django permissions, the command
+    line always (bounded by its scope alone). Tokens do nothing until the API gives them a
+    write scope."""
     if actor.kind == ActorKind.CLI:
         return True
     if actor.kind != ActorKind.USER:
         return False
     user = get_user_model().objects.filter(pk=actor.user_id).first()
-    return user is not None and user.has_perm(KICK_PERMISSION)
+    return user is not None and user.has_perm(permission)
 
 
 def kick_sessions(
