@@ -14,7 +14,7 @@ from django.db.models import F, Q
 from django.db.models.functions import Coalesce, Greatest, Now
 from django.utils import timezone
 
-from mailadmin.units import usage_percent_sql
+from mailadmin.units import SqlInteger, usage_percent_sql
 from pop3 import mailbox as pop3_mailbox
 
 
@@ -109,6 +109,9 @@ class Domain(StoreCounters, models.Model):
 BYTES_PERCENT = usage_percent_sql("used_bytes", "quota_bytes")
 MESSAGES_PERCENT = usage_percent_sql("used_messages", "quota_messages")
 USED_PERCENT = Coalesce(Greatest(BYTES_PERCENT, MESSAGES_PERCENT), BYTES_PERCENT, MESSAGES_PERCENT)
+# What mailboxes are sorted and picked by: "% used", unlimited (-1) below every percentage. Never
+# NULL, so one index serves both directions on both databases (SQLite has no NULLS LAST in indexes).
+USED_RANK = Coalesce(USED_PERCENT, SqlInteger(-1))
 
 
 class MailboxQuerySet(models.QuerySet):
@@ -117,14 +120,17 @@ class MailboxQuerySet(models.QuerySet):
         return self.filter(active=True, domain__active=True, user__is_active=True)
 
     def with_usage(self) -> "MailboxQuerySet":
-        """Annotated with ``bytes_percent``, ``messages_percent`` and ``used_percent`` (see above)."""
+        """Annotated with ``bytes_percent``, ``messages_percent``, ``used_percent`` and ``used_rank``."""
         return self.annotate(
-            bytes_percent=BYTES_PERCENT, messages_percent=MESSAGES_PERCENT, used_percent=USED_PERCENT
+            bytes_percent=BYTES_PERCENT,
+            messages_percent=MESSAGES_PERCENT,
+            used_percent=USED_PERCENT,
+            used_rank=USED_RANK,
         )
 
     def using_at_least(self, percent: int) -> "MailboxQuerySet":
         """Mailboxes using ``percent`` or more of either quota (``usage_percent`` rounds down)."""
-        return self.with_usage().filter(used_percent__gte=percent)
+        return self.with_usage().filter(used_rank__gte=percent)
 
 
 class Mailbox(StoreCounters, models.Model):
@@ -168,16 +174,11 @@ class Mailbox(StoreCounters, models.Model):
             models.CheckConstraint(condition=Q(quota_bytes__gte=0), name="mailbox_quota_not_negative"),
             models.CheckConstraint(condition=Q(used_bytes__gte=0), name="mailbox_used_not_negative"),
         ]
-        # The quota page's order, fullest first (unlimited last; read backwards, emptiest first),
-        # over every mailbox and within a domain.
+        # The quota page's order (either way, read forwards or backwards) over every mailbox and
+        # within a domain, and its "80 % or more" filters.
         indexes = [
-            models.Index(USED_PERCENT.desc(nulls_last=True), F("id").desc(), name="mailbox_used_percent"),
-            models.Index(
-                F("domain"),
-                USED_PERCENT.desc(nulls_last=True),
-                F("id").desc(),
-                name="mailbox_domain_used_percent",
-            ),
+            models.Index(USED_RANK, F("id"), name="mailbox_used_rank"),
+            models.Index(F("domain"), USED_RANK, F("id"), name="mailbox_domain_used_rank"),
             models.Index(fields=["last_login_at"], name="mailbox_last_login"),
         ]
 

@@ -6,7 +6,7 @@ works in one works in all, and the one rule for showing usage as a percentage.
 
 import re
 
-from django.db.models import BigIntegerField, Expression, F
+from django.db.models import BigIntegerField, Expression, ExpressionWrapper, F
 from django.db.models.expressions import Combinable
 from django.db.models.functions import NullIf
 
@@ -75,4 +75,5 @@ def usage_percent_sql(used: str, quota: str) -> Combinable:
     Both operands are non-negative integers, so integer division rounds down on SQLite and
     PostgreSQL alike; NULLIF makes an unlimited quota (0) give NULL instead of dividing by zero.
     """
-    return F(used) * SqlInteger(100) / NullIf(F(quota), SqlInteger(0))
+    percent = F(used) * SqlInteger(100) / NullIf(F(quota), SqlInteger(0))
+    return ExpressionWrapper(percent, output_field=BigIntegerField())

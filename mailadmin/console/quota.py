@@ -37,8 +37,8 @@ CSV_CHUNK_ROWS = 2000
 DRIFTS_SHOWN = 20
 VIEW_PERMISSION = "mailadmin.view_mailbox"
 ORDERINGS = {
-    "-used": (F("used_percent").desc(nulls_last=True), F("id").desc()),
-    "used": (F("used_percent").asc(nulls_first=True), F("id").asc()),
+    "-used": ("-used_rank", "-id"),
+    "used": ("used_rank", "id"),
     "address": ("user__username",),
     "-address": ("-user__username",),
 }
