@@ -7,13 +7,14 @@ from mailadmin.hosting import services
 from mailadmin.hosting.actors import Actor
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def cheap_hashes(settings):
+    """Passwords hashed in no time: these tests make many logins."""
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 @pytest.fixture
-def domains():
+def domains(cheap_hashes):
     """ours.test and theirs.test, each with a 1 MiB cap."""
     cli = Actor.cli()
     return (
@@ -23,7 +24,7 @@ def domains():
 
 
 @pytest.fixture
-def root_client(client):
+def root_client(client, cheap_hashes):
     client.force_login(get_user_model().objects.create_superuser("root", "root@example.test", "pw"))
     return client
 
@@ -37,7 +38,7 @@ def ours_client(client, domains):
 
 
 @pytest.fixture
-def plain_staff_client(client):
+def plain_staff_client(client, cheap_hashes):
     """Staff with no permissions at all."""
     client.force_login(get_user_model().objects.create_user("sam", password="pw", is_staff=True))
     return client
