@@ -109,10 +109,16 @@ def verdict(check: Check, value: float | None, smoke: bool) -> str:
     return "met" if met else "NOT met"
 
 
+def _all_checks() -> tuple[Check, ...]:
+    from bench import console  # imports Check from here
+
+    return CHECKS + console.CHECKS
+
+
 def evaluate(results: dict[str, dict], smoke: bool) -> list[dict]:
     """One entry per check: the value next to Dovecot's and the target, and the verdict."""
     entries = []
-    for check in CHECKS:
+    for check in _all_checks():
         if check.scenario not in results:
             continue
         value = _value(results, check)

@@ -89,13 +89,12 @@ def cursor_of(row: Model, kind: Kind) -> str:
     return f"{getattr(row, kind.time_field).isoformat()}{CURSOR_SEPARATOR}{row.pk}"
 
 
-def history_rows(request: HttpRequest, filters: dict) -> QuerySet:
+def history_rows(request: HttpRequest, filters: dict, domain: Domain | None) -> QuerySet:
     """The rows of one kind in the user's scope that match the filters, not yet ordered or cut."""
     kind = KINDS[filters["kind"]]
     rows = scopes.visible_to(actor_of(request), kind.model)
     if kind.model is Pop3Session:
         rows = rows.filter(ended_at__isnull=False)
-    domain = domain_or_404(request, filters["domain"])
     if domain is not None:
         rows = rows.filter(domain=domain)
     if filters["address"]:
@@ -176,15 +175,18 @@ def history_view(request: HttpRequest, site: AdminSite) -> HttpResponse:
     filters = form.cleaned_data
     require(request, PERMISSIONS[filters["kind"]])
     _check_address_scope(request, filters["address"])
+    domain = domain_or_404(request, filters["domain"])
     kind = KINDS[filters["kind"]]
-    rows, older, newer = page_of(history_rows(request, filters), kind, filters["before"], filters["after"])
+    rows = history_rows(request, filters, domain)
+    rows, older, newer = page_of(rows, kind, filters["before"], filters["after"])
     kept = {
         key: value
         for key, value in request.GET.items()
         if key in HistoryFilters.base_fields and key not in ("before", "after") and value
     }
+    # Reasons differ between the kinds: a tab keeps every filter but the reason.
+    tabs = {name: urlencode({**kept, "kind": name, "reason": ""}) for name in KINDS}
     may_see_failures = request.user.has_perm(PERMISSIONS[FAILURES])
-    domain = domain_or_404(request, filters["domain"])
     return render(
         request,
         site,
@@ -195,7 +197,7 @@ def history_view(request: HttpRequest, site: AdminSite) -> HttpResponse:
         rows=rows,
         older=older and urlencode({**kept, "before": cursor_of(rows[-1], kind)}),
         newer=newer and rows and urlencode({**kept, "after": cursor_of(rows[0], kind)}),
-        kinds={name: urlencode({**kept, "kind": name}) for name in KINDS},
+        kinds=tabs,
         mailbox=mailbox_in_scope(request, filters["address"]) if filters["address"] else None,
         top_sources=top_failing_sources(request, domain) if may_see_failures else None,
         end_reasons=Pop3Session.EndReason.choices,

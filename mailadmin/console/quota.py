@@ -67,10 +67,9 @@ class QuotaFilters(forms.Form):
     o = forms.ChoiceField(choices=[(key, key) for key in ORDERINGS], required=False)
 
 
-def mailbox_rows(request: HttpRequest, filters: dict) -> QuerySet[Mailbox]:
+def mailbox_rows(request: HttpRequest, filters: dict, domain: Domain | None) -> QuerySet[Mailbox]:
     """The mailboxes the page (and its CSV) shows: in scope, filtered, with their usage."""
     rows = scopes.visible_to(actor_of(request), Mailbox).with_usage()
-    domain = domain_or_404(request, filters["domain"])
     if domain is not None:
         rows = rows.filter(domain=domain)
     if filters["over"] is not None:
@@ -78,10 +77,9 @@ def mailbox_rows(request: HttpRequest, filters: dict) -> QuerySet[Mailbox]:
     return rows
 
 
-def domain_totals(request: HttpRequest, filters: dict) -> QuerySet[Domain]:
-    """The domains in scope, fullest against their cap first."""
+def domain_totals(request: HttpRequest, domain: Domain | None) -> QuerySet[Domain]:
+    """The domains in scope (or the one filtered on), fullest against their cap first."""
     domains = scopes.visible_to(actor_of(request), Domain)
-    domain = domain_or_404(request, filters["domain"])
     if domain is not None:
         domains = domains.filter(pk=domain.pk)
     domains = domains.annotate(cap_percent=usage_percent_sql("used_bytes", "quota_bytes"))
@@ -114,9 +112,10 @@ def quota_view(request: HttpRequest, site: AdminSite) -> HttpResponse:
     if filters is None:
         return HttpResponseBadRequest(_("Unknown filter value."))
     order = filters["o"] or "-used"
-    rows = mailbox_rows(request, filters).select_related("user", "domain").order_by(*ORDERINGS[order])
+    domain = domain_or_404(request, filters["domain"])
+    rows = mailbox_rows(request, filters, domain).select_related("user", "domain").order_by(*ORDERINGS[order])
     mailboxes = Paginator(rows, PAGE_SIZE).get_page(request.GET.get("page"))
-    domains = Paginator(domain_totals(request, filters), DOMAIN_PAGE_SIZE).get_page(request.GET.get("dpage"))
+    domains = Paginator(domain_totals(request, domain), DOMAIN_PAGE_SIZE).get_page(request.GET.get("dpage"))
     kept = {key: value for key, value in request.GET.items() if key in ("domain", "over", "o") and value}
     return render(
         request,
@@ -153,7 +152,9 @@ def quota_csv_view(request: HttpRequest, site: AdminSite) -> HttpResponse:
     filters = _filters(request.GET)
     if filters is None:
         return HttpResponseBadRequest(_("Unknown filter value."))
-    rows = mailbox_rows(request, filters).values_list("user__username", "domain__name", *CSV_COLUMNS[2:])
+    domain = domain_or_404(request, filters["domain"])
+    columns = ("user__username", "domain__name", *CSV_COLUMNS[2:])
+    rows = mailbox_rows(request, filters, domain).values_list(*columns)
     response = StreamingHttpResponse(_csv_lines(rows), content_type="text/csv; charset=utf-8")
     response["Content-Disposition"] = 'attachment; filename="quota.csv"'
     return response
