@@ -249,3 +249,11 @@ def test_a_position_from_another_domain_reveals_nothing(ours_client, sessions, m
     theirs = Pop3Session.objects.get(node="b-timeout")
     position = f"{theirs.started_at.isoformat()}_{theirs.pk}"
     assert shown(ours_client.get(HISTORY, {"before": position})) == ["tried-ours"]
+
+
+def test_a_tab_keeps_the_filters_but_not_the_other_kinds_reason(root_client, domains):
+    filters = {"kind": "failures", "reason": "bad credentials", "domain": "ours.test"}
+    response = root_client.get(HISTORY, filters)
+    link = response.context["kinds"]["sessions"]
+    assert link == "kind=sessions&reason=&domain=ours.test"
+    assert root_client.get(f"{HISTORY}?{link}").status_code == 200

@@ -59,7 +59,11 @@ csv_executor = BoundedExecutor(2, "console-csv")
 class QuotaFilters(forms.Form):
     domain = forms.CharField(required=False)
     over = forms.TypedChoiceField(
-        choices=[("", gettext_lazy("any use")), ("80", "≥ 80 %"), ("95", "≥ 95 %")],
+        choices=[
+            ("", gettext_lazy("any use")),
+            ("80", gettext_lazy("80 % or more")),
+            ("95", gettext_lazy("95 % or more")),
+        ],
         coerce=int,
         empty_value=None,
         required=False,
