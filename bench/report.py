@@ -110,9 +110,9 @@ def verdict(check: Check, value: float | None, smoke: bool) -> str:
 
 
 def _all_checks() -> tuple[Check, ...]:
-    from bench import console  # imports Check from here
+    from bench import console_pages  # imports Check from here
 
-    return CHECKS + console.CHECKS
+    return CHECKS + console_pages.CHECKS
 
 
 def evaluate(results: dict[str, dict], smoke: bool) -> list[dict]:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import console, corpus
+from bench import console_pages, corpus
 from bench.clients import Pop3, ProtocolError, tls_context
 from bench.load import Tally, Task, Workers, lmtp_worker, login_worker, retr_worker
 from bench.servers import Environment, Server, start_lmtp, start_pop3
@@ -576,7 +576,7 @@ GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Bench], dict[str, dict]]]] = 
     "sessions": (("idle_plain", "idle_tls", "held_sessions"), group_sessions),
     "memory": (("memory_25mb",), group_memory),
     "lmtp": (("lmtp",), group_lmtp),
-    "console": ((console.SCENARIO,), console.group_console),
+    "console_pages": ((console_pages.SCENARIO,), console_pages.group_console_pages),
 }
 SCENARIOS = tuple(name for names, _ in GROUPS.values() for name in names)
 

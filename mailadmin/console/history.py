@@ -111,10 +111,11 @@ def history_rows(request: HttpRequest, filters: dict, domain: Domain | None) -> 
 
 
 def _client_matches(kind: Kind, client: str) -> Q:
-    """A failed login's client matches by its address or by the source it is counted under (an
-    IPv6 /48), so a source of the top list leads to its failures."""
-    if kind.model is AuthFailure:
-        return Q(peer_host=client) | Q(source=client)
+    """A client address; for failed logins also a source they are counted under (an IPv6 /48,
+    written with its prefix length), so a source of the top list leads to its failures. One
+    column either way, so its index answers (an OR of two columns would test row after row)."""
+    if kind.model is AuthFailure and "/" in client:
+        return Q(source=client)
     return Q(peer_host=client)
 
 

@@ -1,12 +1,13 @@
 """The console's pages at scale: server time of the mailbox list, the quota page and the history page
 with 100,000 mailboxes and 1,000,000 session rows.
 
-The parent (``group_console``) runs ``python -m bench.console SIZES.json OUT.json`` as a child with
-the bench's database and settings. The child seeds the rows with a few set-based INSERT ... SELECT
-statements (a generated series of numbers on PostgreSQL, a recursive CTE on SQLite; seconds, not
-the hours a million ORM saves would take), then asks for each page in-process through Django's
-test client, as a signed-in superuser or domain administrator, and times each request from the
-request to the last byte of the response: view, queries and template together.
+The parent (``group_console_pages``) runs ``python -m bench.console_pages SIZES.json OUT.json``
+as a child with the bench's database and settings. The child seeds the rows with a few
+set-based INSERT ... SELECT statements (a generated series of numbers on PostgreSQL, a recursive
+CTE on SQLite: a minute or two, not the hours a million ORM saves would take), then asks for
+each page in-process through Django's test client, as a signed-in superuser or domain
+administrator, and times each request from the request to the last byte of the response:
+view, queries and template together.
 """
 
 import json
@@ -54,7 +55,7 @@ CHECKS = (
 )  # fmt: skip
 
 
-def group_console(bench) -> dict[str, dict]:
+def group_console_pages(bench) -> dict[str, dict]:
     """The bench's console group: one child seeds and measures; its figures are the scenario's."""
     from bench.scenarios import _run
 
@@ -66,9 +67,9 @@ def group_console(bench) -> dict[str, dict]:
 def _measure_in_child(bench) -> dict:
     sizes = Sizes.smoke() if bench.options.smoke else Sizes()
     directory = bench.env.var_dir
-    sizes_path, out_path = directory / "console-sizes.json", directory / "console-figures.json"
+    sizes_path, out_path = directory / f"{SCENARIO}-sizes.json", directory / f"{SCENARIO}-figures.json"
     sizes_path.write_text(json.dumps(asdict(sizes)))
-    bench.env.run("-m", "bench.console", str(sizes_path), str(out_path))
+    bench.env.run("-m", "bench.console_pages", str(sizes_path), str(out_path))
     return json.loads(out_path.read_text())
 
 
