@@ -179,7 +179,7 @@ class Mailbox(StoreCounters, models.Model):
         indexes = [
             models.Index(USED_RANK, F("id"), name="mailbox_used_rank"),
             models.Index(F("domain"), USED_RANK, F("id"), name="mailbox_domain_used_rank"),
-            models.Index(fields=["last_login_at"], name="mailbox_last_login"),
+            models.Index(fields=["last_login_at", "id"], name="mailbox_last_login"),
         ]
 
     def __str__(self) -> str:

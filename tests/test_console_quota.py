@@ -40,7 +40,7 @@ def usage(domains):
 
 def addresses(response) -> list[str]:
     assert response.status_code == 200, response.status_code
-    return [row.address for row in response.context["mailboxes"]]
+    return [row.address for row in response.context["rows"]]
 
 
 @given(used=st.integers(0, 10**15), quota=st.integers(0, 10**13))
@@ -69,6 +69,17 @@ def test_mailboxes_are_sorted_by_the_fuller_quota_fullest_first_and_unlimited_la
         "full@ours.test",
     ]
     assert addresses(root_client.get(QUOTA, {"o": "-address"}))[:2] == ["half@theirs.test", "full@ours.test"]
+
+
+def test_a_later_page_continues_the_order(root_client, usage, monkeypatch):
+    from mailadmin.console import quota
+
+    monkeypatch.setattr(quota, "PAGE_SIZE", 2)
+    assert addresses(root_client.get(QUOTA, {"page": "2"})) == ["edge@ours.test", "below@ours.test"]
+    last = root_client.get(QUOTA, {"page": "3", "o": "used"})
+    assert addresses(last) == ["count@ours.test", "full@ours.test"]
+    page = root_client.get(QUOTA, {"page": "2", "over": "80"}).content.decode()
+    assert '<a href="?over=80&amp;page=1">' in page
 
 
 def test_over_80_and_over_95_pick_mailboxes_at_or_above_either_quota(root_client, usage):
