@@ -39,6 +39,17 @@ def actor_of(request: HttpRequest) -> Actor:
     return request.mailadmin_actor
 
 
+def domain_or_404(request: HttpRequest, name: str) -> Domain | None:
+    """The domain a filter names, if it names one, looked up through the service layer: missing or
+    outside the user's scope, it is not found (404), whichever it is."""
+    if not name:
+        return None
+    try:
+        return services.get_domain(actor_of(request), name)
+    except store.StoreError:
+        raise Http404 from None
+
+
 def _usage(used_bytes: int, quota_bytes: int) -> str:
     if not quota_bytes:
         return f"{format_size(used_bytes)} (unlimited)"
@@ -273,10 +284,40 @@ class MailboxChangeForm(ServiceForm):
         return mailbox
 
 
+class DomainNameFilter(admin.ListFilter):
+    """Mailboxes of a domain typed by name. A list of every domain, as a related-field filter
+    gives, took half the page's time to render at 1,000 domains (~55 of 120 ms)."""
+
+    title = _("domain")
+    parameter_name = "domain"
+    template = "admin/mailadmin/domain_name_filter.html"
+
+    def __init__(self, request: HttpRequest, params: dict, model, model_admin) -> None:
+        super().__init__(request, params, model, model_admin)
+        self.name = params.pop(self.parameter_name, [""])[-1].strip()
+        self.domain = domain_or_404(request, self.name)
+        if self.domain is not None:
+            self.used_parameters[self.parameter_name] = self.name
+
+    def has_output(self) -> bool:
+        return True
+
+    def expected_parameters(self) -> list[str]:
+        return [self.parameter_name]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        return queryset if self.domain is None else queryset.filter(domain=self.domain)
+
+    def choices(self, changelist):
+        """One "choice": the form, with the list's other parameters kept as hidden fields."""
+        kept = [(name, value) for name, value in changelist.params.items() if name != self.parameter_name]
+        yield {"name": self.parameter_name, "value": self.name, "kept": kept}
+
+
 @admin.register(Mailbox)
 class MailboxAdmin(ServiceAdmin):
     list_display = ["address", "domain", "active", "usage", "used_messages", "last_login"]
-    list_filter = ["active", ("domain", admin.RelatedOnlyFieldListFilter)]
+    list_filter = ["active", DomainNameFilter]
     search_fields = ["user__username"]
     list_select_related = ["user", "domain"]
     readonly_fields = [

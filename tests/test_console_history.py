@@ -257,3 +257,22 @@ def test_a_tab_keeps_the_filters_but_not_the_other_kinds_reason(root_client, dom
     link = response.context["kinds"]["sessions"]
     assert link == "kind=sessions&reason=&domain=ours.test"
     assert root_client.get(f"{HISTORY}?{link}").status_code == 200
+
+
+def test_the_mailbox_list_filters_by_a_domain_typed_by_name(root_client, domains):
+    make_mailbox("a@ours.test")
+    make_mailbox("b@theirs.test")
+    response = root_client.get("/admin/mailadmin/mailbox/", {"domain": "Theirs.test", "o": "1"})
+    assert [mailbox.address for mailbox in response.context["cl"].result_list] == ["b@theirs.test"]
+    page = response.content.decode()
+    assert '<input type="hidden" name="o" value="1">' in page
+    assert '<input name="domain" value="Theirs.test"' in page
+    assert root_client.get("/admin/mailadmin/mailbox/", {"domain": "nowhere.test"}).status_code == 404
+
+
+def test_a_domain_administrators_mailbox_list_refuses_another_domain(ours_client, domains):
+    make_mailbox("a@ours.test")
+    make_mailbox("b@theirs.test")
+    response = ours_client.get("/admin/mailadmin/mailbox/", {"domain": "ours.test"})
+    assert [mailbox.address for mailbox in response.context["cl"].result_list] == ["a@ours.test"]
+    assert ours_client.get("/admin/mailadmin/mailbox/", {"domain": "theirs.test"}).status_code == 404

@@ -20,8 +20,8 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
 from mailadmin.addresses import domain_of_login
-from mailadmin.admin import actor_of
-from mailadmin.console.pages import domain_or_404, mailbox_in_scope, render, require
+from mailadmin.admin import actor_of, domain_or_404
+from mailadmin.console.pages import mailbox_in_scope, render, require
 from mailadmin.hosting import scopes
 from mailadmin.models import AuthFailure, Domain, Pop3Session
 from pop3.mailbox import LoginFailure

@@ -1,6 +1,6 @@
 """What every console page shares: its permission check, its context, and looking up filter values
-through the service layer, so a value outside the user's scope is not found (404) wherever it
-is typed."""
+through the service layer (``mailadmin.admin.domain_or_404`` for domains), so a value outside
+the user's scope is not found (404) wherever it is typed."""
 
 from django.contrib.admin import AdminSite
 from django.core.exceptions import PermissionDenied
@@ -9,23 +9,13 @@ from django.template.response import TemplateResponse
 
 from mailadmin.admin import actor_of
 from mailadmin.hosting import services, store
-from mailadmin.models import Domain, Mailbox
+from mailadmin.models import Mailbox
 
 
 def require(request: HttpRequest, *permissions: str) -> None:
     """Refuse (403) a staff user lacking any of ``permissions``."""
     if not request.user.has_perms(permissions):
         raise PermissionDenied
-
-
-def domain_or_404(request: HttpRequest, name: str) -> Domain | None:
-    """The domain named in a filter, if one was named; 404 when it is missing or not in scope."""
-    if not name:
-        return None
-    try:
-        return services.get_domain(actor_of(request), name)
-    except store.StoreError:
-        raise Http404 from None
 
 
 def mailbox_in_scope(request: HttpRequest, address: str) -> Mailbox | None:

@@ -23,8 +23,8 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext
 from django.views.decorators.http import require_POST
 
-from mailadmin.admin import actor_of
-from mailadmin.console.pages import domain_or_404, render, require
+from mailadmin.admin import actor_of, domain_or_404
+from mailadmin.console.pages import render, require
 from mailadmin.executors import BoundedExecutor
 from mailadmin.hosting import scopes, services, store
 from mailadmin.models import Domain, Mailbox
