@@ -9,6 +9,7 @@ import re
 from django.db.models import BigIntegerField, Expression, ExpressionWrapper, F
 from django.db.models.expressions import Combinable
 from django.db.models.functions import NullIf
+from django.utils.translation import gettext
 
 _MULTIPLIERS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 # Binary multiples; "5M", "5MB" and "5MiB" all mean 5 MiB.
@@ -20,7 +21,10 @@ def parse_size(text: str) -> int:
     """Parse a size in bytes, with an optional binary K/M/G/T suffix; raise ValueError otherwise."""
     match = _SIZE.match(text)
     if not match:
-        raise ValueError(f"invalid size {text!r}: use a number of bytes or a number with {SIZE_SUFFIXES}")
+        raise ValueError(
+            gettext("invalid size %(text)r: use a number of bytes or a number with %(suffixes)s")
+            % {"text": text, "suffixes": SIZE_SUFFIXES}
+        )
     number, unit = match.groups()
     return int(number) * _MULTIPLIERS[(unit or "").upper()]
 

@@ -20,7 +20,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, Query
 from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils.translation import gettext as _
-from django.utils.translation import gettext_lazy, ngettext
+from django.utils.translation import ngettext
 from django.views.decorators.http import require_POST
 
 from mailadmin.admin import actor_of, domain_or_404
@@ -59,14 +59,7 @@ csv_executor = BoundedExecutor(2, "console-csv")
 class QuotaFilters(forms.Form):
     domain = forms.CharField(required=False)
     over = forms.TypedChoiceField(
-        choices=[
-            ("", gettext_lazy("any use")),
-            ("80", gettext_lazy("80 % or more")),
-            ("95", gettext_lazy("95 % or more")),
-        ],
-        coerce=int,
-        empty_value=None,
-        required=False,
+        choices=[("80", "80"), ("95", "95")], coerce=int, empty_value=None, required=False
     )
     o = forms.ChoiceField(choices=[(key, key) for key in ORDERINGS], required=False)
 

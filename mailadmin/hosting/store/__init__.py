@@ -40,6 +40,7 @@ from mailadmin.hosting.store.errors import (
     MailboxNotFound,
     OverQuota,
     StoreError,
+    on_line,
 )
 from mailadmin.hosting.store.fastsql import (
     find_mailbox,
@@ -85,6 +86,7 @@ __all__ = [
     "LimitReached",
     "MailboxNotFound",
     "OverQuota",
+    "on_line",
     "StoreError",
     "StoredMessage",
     "acquire_lease",
