@@ -233,3 +233,16 @@ def test_a_domain_administrators_recount_touches_only_their_domains(ours_client,
 def test_a_domain_administrator_opens_no_mailbox_of_another_domain(ours_client, usage):
     theirs = Mailbox.objects.get(user__username="half@theirs.test")
     assert ours_client.get(f"/admin/mailadmin/mailbox/{theirs.pk}/change/").status_code == 404
+
+
+def test_the_recount_service_refuses_tokens_and_people_without_its_permission(domains):
+    Mailbox.objects.filter(pk=mailbox("a@ours.test").pk).update(used_bytes=7)
+    sam = get_user_model().objects.create_user("sam", password="pw", is_staff=True)
+    for actor in (Actor.token("all domains", domain_ids=None), Actor.for_user(sam)):
+        with pytest.raises(services.NotPermitted):
+            services.recalculate_quota(actor)
+    assert Mailbox.objects.get(user__username="a@ours.test").used_bytes == 7
+    drifts = services.recalculate_quota(Actor.cli(), domain_name="ours.test")
+    assert [(drift.subject, drift.counter, drift.recorded, drift.actual) for drift in drifts] == [
+        ("a@ours.test", "used_bytes", 7, 0)
+    ]
