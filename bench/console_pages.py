@@ -73,7 +73,10 @@ def _measure_in_child(bench) -> dict:
     directory = bench.env.var_dir
     sizes_path, out_path = directory / f"{SCENARIO}-sizes.json", directory / f"{SCENARIO}-figures.json"
     sizes_path.write_text(json.dumps(asdict(sizes)))
-    bench.env.run("-m", "bench.console_pages", str(sizes_path), str(out_path))
+    try:
+        bench.env.run("-m", "bench.console_pages", str(sizes_path), str(out_path))
+    except SystemExit as failure:  # env.run's way of failing; a scenario's failure is recorded, not fatal
+        raise RuntimeError(str(failure)) from None
     return json.loads(out_path.read_text())
 
 
@@ -119,8 +122,11 @@ class SeedSql:
     """
 
     def __init__(self, vendor: str, sizes: Sizes) -> None:
+        from django.conf import settings
+
         self.postgresql = vendor == "postgresql"
         self.sizes = sizes
+        self.language = settings.LANGUAGE_CODE  # what a domain made without one gets
 
     def tables(self) -> list[tuple[str, list[str]]]:
         return [
@@ -175,9 +181,10 @@ class SeedSql:
         gib = 1024**3
         return f"""
             INSERT INTO mailadmin_domain (name, active, quota_bytes, used_bytes, max_mailboxes,
-                default_mailbox_quota_bytes, quota_warning_percents, created_at)
+                default_mailbox_quota_bytes, quota_warning_percents, language, created_at)
             SELECT 'c' || {self.text("n")} || '.{BENCH_DOMAIN}', TRUE,
-                CASE WHEN n % 5 = 0 THEN 0 ELSE (4 + n % 8) * {gib} END, 0, 0, 0, '', {self.seconds_ago("0")}
+                CASE WHEN n % 5 = 0 THEN 0 ELSE (4 + n % 8) * {gib} END, 0, 0, 0, '',
+                '{self.language}', {self.seconds_ago("0")}
             FROM {self.numbers(self.sizes.domains)}"""
 
     def logins(self) -> str:
