@@ -82,6 +82,7 @@ def plan(args: argparse.Namespace, fd_limit: int) -> tuple[corpus.CorpusSpec, Op
         repeats=args.repeats,
         pipe_deliveries=4 if args.smoke else 20,
         only=frozenset(filter(None, args.only.split(","))),
+        smoke=args.smoke,
     )
     return spec, options
 

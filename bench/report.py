@@ -209,6 +209,12 @@ def verdict(check: Check, value: float | None, smoke: bool) -> str:
     return "met" if met else "NOT met"
 
 
+def _all_checks() -> tuple[Check, ...]:
+    from bench import console_pages  # imports Check from here
+
+    return CHECKS + console_pages.CHECKS
+
+
 def evaluate(results: dict[str, dict], smoke: bool) -> list[dict]:
     """One entry per check: the value next to Dovecot's and the target, and the verdict.
 
@@ -216,7 +222,7 @@ def evaluate(results: dict[str, dict], smoke: bool) -> list[dict]:
     its verdict from the ratio of ours to it.
     """
     entries = []
-    for check in CHECKS:
+    for check in _all_checks():
         if check.scenario not in results:
             continue
         value = _value(results, check)

@@ -21,7 +21,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bench import corpus
+from bench import console_pages, corpus
 from bench.clients import Pop3, ProtocolError, tls_context
 from bench.dovecot import Dovecot, make_root, missing, remove_root
 from bench.load import Tally, Task, Workers, fleet_worker, lmtp_worker, login_worker, retr_worker
@@ -51,6 +51,7 @@ class Options:
     repeats: int
     pipe_deliveries: int = 20  # through runlmtp; a quarter as many in-process (a second each)
     only: frozenset[str] = frozenset()
+    smoke: bool = False
 
 
 @dataclass
@@ -750,6 +751,7 @@ GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Bench], dict[str, dict]]]] = 
     "sessions": (("idle_plain", "idle_tls", "held_sessions"), group_sessions),
     "memory": (("memory_25mb",), group_memory),
     "lmtp": (("lmtp", "deliver_pipe"), group_lmtp),
+    "console_pages": ((console_pages.SCENARIO,), console_pages.group_console_pages),
 }
 SCENARIOS = tuple(name for names, _ in GROUPS.values() for name in names)
 
