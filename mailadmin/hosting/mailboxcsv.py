@@ -2,7 +2,8 @@
 
 Everything that can be checked without the database is checked here, before anything is
 written; each refusal names the line it is on (a quoted field may span lines: the record's
-first line).
+first line), and carries it as ``error.row``. The same rows also come as a JSON list of
+objects (``address``, ``password``, ``password_hash``, ``quota_bytes``), numbered from 1.
 """
 
 import csv
@@ -15,6 +16,7 @@ from mailadmin.hosting import store
 from mailadmin.units import parse_size
 
 HEADER = ["address", "password", "password_hash", "quota"]
+RECORD_FIELDS = frozenset({"address", "password", "password_hash", "quota_bytes"})
 
 
 @dataclass(frozen=True)
@@ -24,13 +26,60 @@ class Row:
     password: str | None
     password_hash: str | None
     quota_bytes: int | None  # None: the domain's default
+    place: str = "line"  # what ``line`` counts: lines of a file, or rows of a list
+
+    def refusal(self, error: Exception) -> store.StoreError:
+        """``error`` as a refusal naming this row (see ``refusal_at``)."""
+        return refusal_at(self.place, self.line, error)
+
+
+def refusal_at(place: str, number: int, error: Exception | str) -> store.StoreError:
+    """A refusal whose message starts with ``"line 3: "`` and that carries ``row`` and ``field``."""
+    kind = type(error) if isinstance(error, store.StoreError) else store.InvalidInput
+    refusal = kind(f"{place} {number}: {error}", field=getattr(error, "field", None))
+    refusal.row = number
+    return refusal
+
+
+def from_records(records: object) -> list[Row]:
+    """The rows of a JSON list of objects, or ``store.InvalidInput`` naming the first wrong one."""
+    if not isinstance(records, list):
+        raise store.InvalidInput("expected a list of mailboxes")
+    rows: list[Row] = []
+    first_row_of: dict[str, int] = {}
+    for number, record in enumerate(records, start=1):
+        try:
+            row = _record_row(number, record)
+        except (ValueError, store.StoreError) as error:
+            raise refusal_at("row", number, error) from None
+        if row.address in first_row_of:
+            raise refusal_at("row", number, f"{row.address} is already in row {first_row_of[row.address]}")
+        first_row_of[row.address] = number
+        rows.append(row)
+    return rows
+
+
+def _record_row(number: int, record: object) -> Row:
+    if not isinstance(record, dict):
+        raise ValueError("expected an object with an address and a password or password_hash")
+    unknown = sorted(set(record) - RECORD_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown fields: {', '.join(unknown)}")
+    texts = [record.get(name) or "" for name in ("address", "password", "password_hash")]
+    if not all(isinstance(text, str) for text in texts):
+        raise ValueError("address, password and password_hash must be strings")
+    quota = record.get("quota_bytes")
+    if quota is not None and (isinstance(quota, bool) or not isinstance(quota, int) or quota < 0):
+        raise store.InvalidInput("quota_bytes must be a whole number, 0 or more", field="quota_bytes")
+    row = _row(number, [*texts, ""])
+    return Row(number, row.address, row.password, row.password_hash, quota, place="row")
 
 
 def parse(handle: TextIO) -> list[Row]:
     """Every row of the file, or ``store.InvalidInput`` naming the first wrong line."""
     records = _numbered(handle)
     if next(records, (1, None))[1] != HEADER:
-        raise store.InvalidInput(f"line 1: the header must be exactly {','.join(HEADER)}")
+        raise refusal_at("line", 1, f"the header must be exactly {','.join(HEADER)}")
     rows: list[Row] = []
     first_line_of: dict[str, int] = {}
     for line, fields in records:
@@ -39,11 +88,9 @@ def parse(handle: TextIO) -> list[Row]:
         try:
             row = _row(line, fields)
         except (ValueError, store.StoreError) as error:
-            raise store.InvalidInput(f"line {line}: {error}") from None
+            raise refusal_at("line", line, error) from None
         if row.address in first_line_of:
-            raise store.InvalidInput(
-                f"line {line}: {row.address} is already on line {first_line_of[row.address]}"
-            )
+            raise refusal_at("line", line, f"{row.address} is already on line {first_line_of[row.address]}")
         first_line_of[row.address] = line
         rows.append(row)
     return rows
@@ -57,7 +104,7 @@ def _numbered(handle: TextIO) -> Iterator[tuple[int, list[str]]]:
             yield start, fields
             start = reader.line_num + 1
     except csv.Error as error:
-        raise store.InvalidInput(f"line {start}: {error}") from None
+        raise refusal_at("line", start, str(error)) from None
 
 
 def _row(line: int, fields: list[str]) -> Row:
@@ -68,7 +115,11 @@ def _row(line: int, fields: list[str]) -> Row:
     if bool(password) == bool(password_hash):
         raise ValueError("give exactly one of password and password_hash")
     if password_hash:
-        store.check_password_hash(password_hash)
+        try:
+            store.check_password_hash(password_hash)
+        except store.StoreError as error:
+            error.field = error.field or "password_hash"
+            raise
     return Row(line, address, password or None, password_hash or None, _quota(quota))
 
 

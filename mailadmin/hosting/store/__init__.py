@@ -39,6 +39,7 @@ from mailadmin.hosting.store.errors import (
     LimitReached,
     MailboxNotFound,
     OverQuota,
+    StillInUse,
     StoreError,
 )
 from mailadmin.hosting.store.fastsql import (
@@ -85,6 +86,7 @@ __all__ = [
     "LimitReached",
     "MailboxNotFound",
     "OverQuota",
+    "StillInUse",
     "StoreError",
     "StoredMessage",
     "acquire_lease",

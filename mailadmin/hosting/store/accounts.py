@@ -22,6 +22,7 @@ from mailadmin.hosting.store.errors import (
     InvalidInput,
     LimitReached,
     MailboxNotFound,
+    StillInUse,
 )
 from mailadmin.hosting.store.fastsql import find_mailbox
 from mailadmin.models import Domain, Mailbox, Message, MessageChunk, UidValidityCounter, parse_percents
@@ -263,7 +264,7 @@ def update_domain_settings(domain_id: int, settings: Mapping[str, int | bool | s
         try:
             parse_percents(settings["quota_warning_percents"])
         except ValueError as error:
-            raise InvalidInput(str(error)) from None
+            raise InvalidInput(str(error), field="quota_warning_percents") from None
     Domain.objects.filter(pk=domain_id).update(**settings)
 
 
@@ -273,7 +274,7 @@ def delete_domain(name: str) -> Domain:
         domain = Domain.objects.select_for_update().get(pk=get_domain(name).pk)
         refusal = domain_deletion_refusal(domain)
         if refusal is not None:
-            raise InvalidInput(refusal)
+            raise StillInUse(refusal)
         Domain.objects.filter(pk=domain.pk).delete()
     return domain
 
@@ -320,7 +321,7 @@ def _require_known(settings: Mapping[str, object], known: frozenset[str]) -> Non
 def _require_in_range(maximum: int = MAX_BIGINT, **values: int) -> None:
     for name, value in values.items():
         if not 0 <= value <= maximum:
-            raise InvalidInput(f"{name.replace('_', ' ')} must be between 0 and {maximum}")
+            raise InvalidInput(f"{name.replace('_', ' ')} must be between 0 and {maximum}", field=name)
 
 
 def validate_new_password(password: str, username: str) -> None:
@@ -331,13 +332,14 @@ def validate_new_password(password: str, username: str) -> None:
     if control is not None:
         raise InvalidInput(
             f"password rejected: it contains the control character U+{ord(control):04X}, "
-            "which no POP3 client can send"
+            "which no POP3 client can send",
+            field="password",
         )
     user = get_user_model()(username=username, email=username if "@" in username else "")
     try:
         validate_password(password, user)
     except ValidationError as error:
-        raise InvalidInput("password rejected: " + " ".join(error.messages)) from None
+        raise InvalidInput("password rejected: " + " ".join(error.messages), field="password") from None
 
 
 def generate_password() -> str:
