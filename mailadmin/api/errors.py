@@ -6,6 +6,8 @@ A refusal from the service layer maps to a status by its kind: outside the token
 missing 404, not permitted 403, a conflict with what exists 409, anything else 400.
 """
 
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404
 from django.utils.translation import gettext as _
 from rest_framework import exceptions, status
 from rest_framework.views import exception_handler
@@ -40,6 +42,10 @@ def handle_exception(exc: Exception, context: dict):
     refusal = exc
     if isinstance(exc, store.StoreError):
         refusal = _api_exception(exc)
+    elif isinstance(exc, Http404):
+        refusal = exceptions.NotFound()
+    elif isinstance(exc, DjangoPermissionDenied):
+        refusal = exceptions.PermissionDenied()
     response = exception_handler(refusal, context)
     if response is None:
         return None

@@ -6,7 +6,19 @@ from rest_framework.routers import DefaultRouter
 
 from mailadmin.api import views
 
-router = DefaultRouter(trailing_slash="/?")
+
+class Router(DefaultRouter):
+    """Paths with or without a final slash (``mailboxes/<address>`` as documented, and
+    ``mailboxes/``), and no ``.json`` format suffixes: addresses and domain names have dots."""
+
+    include_format_suffixes = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trailing_slash = "/?"
+
+
+router = Router()
 router.register("mailboxes", views.MailboxViewSet, basename="mailbox")
 router.register("domains", views.DomainViewSet, basename="domain")
 router.register("sessions", views.SessionViewSet, basename="session")

@@ -140,6 +140,7 @@ def create_domain(
 
 def update_domain(actor: Actor, name: str, **settings: int | bool | str) -> Domain:
     """Change only the settings given (see ``store.DOMAIN_SETTINGS``); return the domain as saved."""
+    _domain_in_scope(actor, name)  # another's domain is refused alike, whatever the settings
     refused = sorted(set(settings) & store.DOMAIN_SETTINGS - editable_domain_settings(actor))
     if refused:
         raise NotPermitted(f"not permitted: only an operator of every domain may change {', '.join(refused)}")
@@ -194,6 +195,7 @@ def set_domain_active(actor: Actor, name: str, active: bool) -> Domain:
 def delete_domain(actor: Actor, name: str, *, force: bool = False) -> None:
     """Delete a domain; refused while it has mailboxes, unless ``force`` deletes them first (each
     with its mail and its own audit entry, in the same transaction)."""
+    _domain_in_scope(actor, name)  # another's domain is refused alike, whether or not it exists
     _require_domain_manager(actor, "delete domains")
     with transaction.atomic():
         if force:
