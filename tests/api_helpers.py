@@ -35,7 +35,7 @@ class Api:
         extra = {"REMOTE_ADDR": self.address, **headers}
         if self.token is not None:
             extra["HTTP_AUTHORIZATION"] = f"Bearer {self.token}"
-        data = json.dumps(body) if body is not None and content_type == "application/json" else body
+        data = body if body is None or isinstance(body, str | bytes) else json.dumps(body)
         send = getattr(self.client, method.lower())
         if data is None:
             return send(f"/api/v1/{path}", **extra)
