@@ -115,7 +115,8 @@ def test_patch_never_creates(api):
             {"password": "a\x01b long enough"},
             {
                 "password": [
-                    "password rejected: it contains the control character U+0001, which no POP3 client can send"
+                    "password rejected: it contains the control character U+0001, "
+                    "which no POP3 client can send"
                 ]
             },
         ),
