@@ -4,6 +4,7 @@ A group returns ``{scenario: figures}``. Figures are plain numbers (seconds, cou
 KiB) plus a few lists of samples; ``report`` turns them into the table and the JSON.
 """
 
+import json
 import math
 import random
 import statistics
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import corpus
+from bench import api, corpus
 from bench.clients import Pop3, ProtocolError, tls_context
 from bench.load import Tally, Task, Workers, lmtp_worker, login_worker, retr_worker
 from bench.servers import Environment, Server, start_lmtp, start_pop3
@@ -44,6 +45,8 @@ class Options:
     pipelined: int
     repeats: int
     only: frozenset[str] = frozenset()
+    import_rows: int = 10_000
+    token_checks: int = 2000
 
 
 @dataclass
@@ -553,6 +556,79 @@ def group_lmtp(bench: Bench) -> dict[str, dict]:
     return results
 
 
+# --- Provisioning API --------------------------------------------------------------------------
+
+
+def api_put(bench: Bench, server: Server, token: str, password_hash: str) -> dict:
+    """PUT creating a new mailbox each time, with a pre-hashed password."""
+
+    def request(client: int, n: int) -> tuple:
+        body = {"password_hash": password_hash, "quota_bytes": 10**9}
+        return "PUT", f"mailboxes/put-{client}-{n}@{api.DOMAIN}", body, {201}
+
+    return _api_window(bench, server, token, request)
+
+
+def api_get(bench: Bench, server: Server, token: str, created: int) -> dict:
+    """GET of mailboxes the PUT scenario created, round robin."""
+
+    def request(client: int, n: int) -> tuple:
+        return "GET", f"mailboxes/put-{client}-{n % created}@{api.DOMAIN}", None, {200}
+
+    return _api_window(bench, server, token, request)
+
+
+def _api_window(bench: Bench, server: Server, token: str, request) -> dict:
+    seconds, port = bench.options.seconds, server.ports["http"]
+    user_before, system_before = server.cpu_times()
+    tally = api.run_clients(port, token, bench.options.clients, seconds, request)
+    user_after, system_after = server.cpu_times()
+    cpu = Cpu(user_after - user_before, system_after - system_before)
+    return api.figures(tally, seconds, cpu, percentile, ms, ratio)
+
+
+def api_import(bench: Bench, server: Server, token: str, password_hash: str) -> dict:
+    """One POST mailboxes/import of ``import_rows`` pre-hashed mailboxes: all in one transaction."""
+    rows = [
+        {"address": f"import-{n}@{api.DOMAIN}", "password_hash": password_hash}
+        for n in range(bench.options.import_rows)
+    ]
+    client = api.Client(server.ports["http"], token)
+    user_before, system_before = server.cpu_times()
+    started = time.perf_counter()
+    status, body = client.request("POST", "mailboxes/import", rows)
+    seconds = time.perf_counter() - started
+    user_after, system_after = server.cpu_times()
+    client.close()
+    created = json.loads(body).get("count") if status == 201 else None
+    return {
+        "rows": len(rows),
+        "created": created,
+        "seconds": round(seconds, 3),
+        "rows_per_s": ratio(len(rows), seconds),
+        **Cpu(user_after - user_before, system_after - system_before).figures(),
+        "errors": 0 if status == 201 and created == len(rows) else 1,
+        "error_samples": [] if status == 201 else [f"{status} {body[:300]!r}"],
+    }
+
+
+def api_token_check(bench: Bench, token: str) -> dict:
+    result = bench.env.run("-m", "bench.tokencheck", token, str(bench.options.token_checks))
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def group_api(bench: Bench) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    password_hash = api.argon2_hash(api.PASSWORD)
+    with api.api_server(bench) as (server, token):
+        _run(results, bench, "api_put", lambda: api_put(bench, server, token, password_hash))
+        created = max(1, min(results.get("api_put", {}).get("requests", 0) // bench.options.clients, 10**6))
+        _run(results, bench, "api_get", lambda: api_get(bench, server, token, created))
+        _run(results, bench, "api_import", lambda: api_import(bench, server, token, password_hash))
+        _run(results, bench, "api_token_check", lambda: api_token_check(bench, token))
+    return results
+
+
 # --- Running them -----------------------------------------------------------------------------
 
 
@@ -575,6 +651,7 @@ GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Bench], dict[str, dict]]]] = 
     "sessions": (("idle_plain", "idle_tls", "held_sessions"), group_sessions),
     "memory": (("memory_25mb",), group_memory),
     "lmtp": (("lmtp",), group_lmtp),
+    "api": (("api_put", "api_get", "api_import", "api_token_check"), group_api),
 }
 SCENARIOS = tuple(name for names, _ in GROUPS.values() for name in names)
 
