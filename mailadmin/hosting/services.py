@@ -719,14 +719,17 @@ def revoke_token(actor: Actor, prefix: str) -> ApiToken:
 
 def tokens_visible_to(actor: Actor) -> QuerySet:
     """Every token for an operator of every domain; otherwise the tokens confined to the actor's
-    domains (a token that reaches any other domain belongs to whoever holds that one too)."""
+    domains (a token that reaches any other domain belongs to whoever holds that one too).
+
+    Subqueries rather than joins, so the rows need no DISTINCT and can be locked for update.
+    """
     rows = ApiToken.objects.all()
     if actor.all_domains:
         return rows
-    outside = Domain.objects.exclude(pk__in=actor.domain_ids)
-    return (
-        rows.filter(all_domains=False, domains__in=actor.domain_ids).exclude(domains__in=outside).distinct()
-    )
+    ties = ApiToken.domains.through.objects
+    inside = ties.filter(domain_id__in=actor.domain_ids).values("apitoken_id")
+    outside = ties.exclude(domain_id__in=actor.domain_ids).values("apitoken_id")
+    return rows.filter(all_domains=False, pk__in=inside).exclude(pk__in=outside)
 
 
 def token_actor(token: ApiToken, client_address: str) -> Actor:
