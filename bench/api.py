@@ -20,6 +20,8 @@ from bench.servers import HOST, Server, start_daphne
 
 DOMAIN = "api-bench.test"
 PASSWORD = "api bench password"
+# Long enough for the import of 10,000 rows on a busy machine.
+REQUEST_TIMEOUT_SECONDS = 600
 
 
 @dataclass
@@ -39,7 +41,7 @@ class Client:
     """One keep-alive connection sending the token with every request."""
 
     def __init__(self, port: int, token: str) -> None:
-        self.connection = http.client.HTTPConnection(HOST, port, timeout=120)
+        self.connection = http.client.HTTPConnection(HOST, port, timeout=REQUEST_TIMEOUT_SECONDS)
         self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
     def request(self, method: str, path: str, body=None) -> tuple[int, bytes]:

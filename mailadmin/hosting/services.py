@@ -433,9 +433,11 @@ def import_mailbox_rows(
     progress: Callable[[list[mailboxcsv.Row]], Iterable[mailboxcsv.Row]] = iter,
 ) -> list[Mailbox]:
     """``import_mailboxes`` for rows already parsed (``mailboxcsv.parse`` or ``from_records``)."""
+    domains_in_scope: set[str] = set()
     for row in rows:
         with _naming_line(row):
-            _domain_in_scope(actor, domain_of(row.address))
+            if domain_of(row.address) not in domains_in_scope:
+                domains_in_scope.add(_domain_in_scope(actor, domain_of(row.address)).name)
             if row.password is not None:
                 store.validate_new_password(row.password, row.address)
             else:
