@@ -30,6 +30,8 @@ class Tally:
     errors: int = 0
     latencies: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
+    # Requests answered as expected, by client number (what each PUT client created).
+    successes: dict[int, int] = field(default_factory=dict)
 
 
 def argon2_hash(password: str) -> str:
@@ -76,7 +78,9 @@ def run_clients(
                 client = Client(port, token)
             mine.latencies.append(time.perf_counter() - started)
             mine.requests += 1
-            if status not in expected:
+            if status in expected:
+                mine.successes[number] = mine.successes.get(number, 0) + 1
+            else:
                 mine.errors += 1
                 if len(mine.error_samples) < 3:
                     mine.error_samples.append(f"{method} {path}: {status} {content[:200]!r}")
@@ -87,6 +91,7 @@ def run_clients(
             tally.errors += mine.errors
             tally.latencies += mine.latencies
             tally.error_samples += mine.error_samples[: 3 - len(tally.error_samples)]
+            tally.successes.update(mine.successes)
 
     threads = [threading.Thread(target=work, args=(number,)) for number in range(clients)]
     for thread in threads:
@@ -118,4 +123,5 @@ def figures(tally: Tally, seconds: float, cpu, percentile, ms, ratio) -> dict:
         "seconds": seconds,
         "errors": tally.errors,
         "error_samples": tally.error_samples,
+        "successes_by_client": tally.successes,
     }
