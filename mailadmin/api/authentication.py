@@ -17,6 +17,7 @@ from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication, get_authorization_header
 
 from mailadmin.api.clients import client_address, in_networks, source_of
+from mailadmin.api.lookups import find_token, token_domain_ids
 from mailadmin.api.models import ApiToken
 from mailadmin.hosting import services, tokens
 from mailadmin.models import AuthFailure
@@ -44,7 +45,7 @@ class BearerTokenAuthentication(BaseAuthentication):
         if networks and not in_networks(client, networks):
             raise OutsideNetworks()
         _note_use(token, client)
-        return services.token_actor(token, client), token
+        return services.token_actor(token, client, token_domain_ids(token)), token
 
     def authenticate_header(self, request) -> str:
         return 'Bearer realm="api"'
@@ -53,7 +54,7 @@ class BearerTokenAuthentication(BaseAuthentication):
 def _find_token(text: str) -> tuple[ApiToken | None, str]:
     """The usable token ``text`` is, or None and why not (wrong, expired, revoked)."""
     prefix = tokens.prefix_of(text)
-    token = ApiToken.objects.filter(prefix=prefix).first() if prefix else None
+    token = find_token(prefix) if prefix else None
     if token is None or not tokens.matches(text, token.digest):
         return None, "wrong token"
     if token.revoked_at is not None:
