@@ -140,6 +140,14 @@ def test_a_body_that_is_not_json_is_a_json_error(api):
     assert (response.status_code, response.json()["code"]) == (400, "parse_error")
 
 
+def test_a_body_over_the_limit_is_refused_before_it_is_parsed(api, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 100
+    rows = [{"address": f"u{n}@example.test", "password_hash": PASSWORD_HASH} for n in range(2)]
+    response = api.post("mailboxes/import", rows)
+    assert (response.status_code, response.json()["code"]) == (413, "body_too_large")
+    assert not Mailbox.objects.exists()
+
+
 def test_the_last_login_comes_from_the_mailbox_row(api):
     api.put("mailboxes/jo@example.test", {"password_hash": PASSWORD_HASH})
     moment = timezone.now().replace(microsecond=0)

@@ -8,6 +8,7 @@ filter set, registered in ``urls.py``; its changes go through service functions 
 
 import io
 
+from django.conf import settings
 from django.db.models import Count
 from django.utils.translation import gettext as _
 from drf_spectacular.utils import OpenApiParameter, OpenApiTypes, extend_schema, extend_schema_view
@@ -57,8 +58,21 @@ def flag(request: Request, name: str) -> bool:
     return value in {"true", "1"}
 
 
+class BodyTooLarge(exceptions.APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = _("The request body is larger than this server accepts.")
+    default_code = "body_too_large"
+
+
 class ResourceViewSet(viewsets.GenericViewSet):
     """A resource of the API: rows narrowed to the token's scope, changes as the token's actor."""
+
+    def initial(self, request: Request, *args, **kwargs) -> None:
+        """Refuse a body over ``DATA_UPLOAD_MAX_MEMORY_SIZE`` before a parser reads it: DRF's
+        parsers read the stream whole, around Django's own check of ``request.body``."""
+        super().initial(request, *args, **kwargs)
+        if int(request.META.get("CONTENT_LENGTH") or 0) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+            raise BodyTooLarge()
 
     @property
     def actor(self) -> Actor:
