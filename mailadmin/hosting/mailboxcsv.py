@@ -11,12 +11,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
+from django.utils.translation import gettext
+
 from mailadmin.addresses import normalise_address
 from mailadmin.hosting import store
 from mailadmin.units import parse_size
 
 HEADER = ["address", "password", "password_hash", "quota"]
 RECORD_FIELDS = frozenset({"address", "password", "password_hash", "quota_bytes"})
+LINE, ROW = "line", "row"
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class Row:
     password: str | None
     password_hash: str | None
     quota_bytes: int | None  # None: the domain's default
-    place: str = "line"  # what ``line`` counts: lines of a file, or rows of a list
+    place: str = "line"  # what ``line`` counts: LINE of a file, or ROW of a JSON list
 
     def refusal(self, error: Exception) -> store.StoreError:
         """``error`` as a refusal naming this row (see ``refusal_at``)."""
@@ -34,9 +37,14 @@ class Row:
 
 
 def refusal_at(place: str, number: int, error: Exception | str) -> store.StoreError:
-    """A refusal whose message starts with ``"line 3: "`` and that carries ``row`` and ``field``."""
+    """A refusal whose message starts with ``"line 3: "`` (or ``"row 3: "``) and that carries
+    ``row`` and ``field``."""
     kind = type(error) if isinstance(error, store.StoreError) else store.InvalidInput
-    refusal = kind(f"{place} {number}: {error}", field=getattr(error, "field", None))
+    if place == LINE:
+        message = store.on_line(number, error)
+    else:
+        message = gettext("row %(row)d: %(error)s") % {"row": number, "error": error}
+    refusal = kind(message, field=getattr(error, "field", None))
     refusal.row = number
     return refusal
 
@@ -44,16 +52,20 @@ def refusal_at(place: str, number: int, error: Exception | str) -> store.StoreEr
 def from_records(records: object) -> list[Row]:
     """The rows of a JSON list of objects, or ``store.InvalidInput`` naming the first wrong one."""
     if not isinstance(records, list):
-        raise store.InvalidInput("expected a list of mailboxes")
+        raise store.InvalidInput(gettext("expected a list of mailboxes"))
     rows: list[Row] = []
     first_row_of: dict[str, int] = {}
     for number, record in enumerate(records, start=1):
         try:
             row = _record_row(number, record)
         except (ValueError, store.StoreError) as error:
-            raise refusal_at("row", number, error) from None
+            raise refusal_at(ROW, number, error) from None
         if row.address in first_row_of:
-            raise refusal_at("row", number, f"{row.address} is already in row {first_row_of[row.address]}")
+            repeated = gettext("%(address)s is already in row %(first)d") % {
+                "address": row.address,
+                "first": first_row_of[row.address],
+            }
+            raise refusal_at(ROW, number, repeated)
         first_row_of[row.address] = number
         rows.append(row)
     return rows
@@ -61,25 +73,28 @@ def from_records(records: object) -> list[Row]:
 
 def _record_row(number: int, record: object) -> Row:
     if not isinstance(record, dict):
-        raise ValueError("expected an object with an address and a password or password_hash")
+        raise ValueError(gettext("expected an object with an address and a password or password_hash"))
     unknown = sorted(set(record) - RECORD_FIELDS)
     if unknown:
-        raise ValueError(f"unknown fields: {', '.join(unknown)}")
+        raise ValueError(gettext("unknown fields: %(fields)s") % {"fields": ", ".join(unknown)})
     texts = [record.get(name) or "" for name in ("address", "password", "password_hash")]
     if not all(isinstance(text, str) for text in texts):
-        raise ValueError("address, password and password_hash must be strings")
+        raise ValueError(gettext("address, password and password_hash must be strings"))
     quota = record.get("quota_bytes")
     if quota is not None and (isinstance(quota, bool) or not isinstance(quota, int) or quota < 0):
-        raise store.InvalidInput("quota_bytes must be a whole number, 0 or more", field="quota_bytes")
+        raise store.InvalidInput(
+            gettext("quota_bytes must be a whole number, 0 or more"), field="quota_bytes"
+        )
     row = _row(number, [*texts, ""])
-    return Row(number, row.address, row.password, row.password_hash, quota, place="row")
+    return Row(number, row.address, row.password, row.password_hash, quota, place=ROW)
 
 
 def parse(handle: TextIO) -> list[Row]:
     """Every row of the file, or ``store.InvalidInput`` naming the first wrong line."""
     records = _numbered(handle)
     if next(records, (1, None))[1] != HEADER:
-        raise refusal_at("line", 1, f"the header must be exactly {','.join(HEADER)}")
+        header = gettext("the header must be exactly %(header)s") % {"header": ",".join(HEADER)}
+        raise refusal_at(LINE, 1, header)
     rows: list[Row] = []
     first_line_of: dict[str, int] = {}
     for line, fields in records:
@@ -88,9 +103,13 @@ def parse(handle: TextIO) -> list[Row]:
         try:
             row = _row(line, fields)
         except (ValueError, store.StoreError) as error:
-            raise refusal_at("line", line, error) from None
+            raise refusal_at(LINE, line, error) from None
         if row.address in first_line_of:
-            raise refusal_at("line", line, f"{row.address} is already on line {first_line_of[row.address]}")
+            repeated = gettext("%(address)s is already on line %(first)d") % {
+                "address": row.address,
+                "first": first_line_of[row.address],
+            }
+            raise refusal_at(LINE, line, repeated)
         first_line_of[row.address] = line
         rows.append(row)
     return rows
@@ -104,16 +123,19 @@ def _numbered(handle: TextIO) -> Iterator[tuple[int, list[str]]]:
             yield start, fields
             start = reader.line_num + 1
     except csv.Error as error:
-        raise refusal_at("line", start, str(error)) from None
+        raise refusal_at(LINE, start, error) from None
 
 
 def _row(line: int, fields: list[str]) -> Row:
     if len(fields) != len(HEADER):
-        raise ValueError(f"expected {len(HEADER)} fields, found {len(fields)}")
+        raise ValueError(
+            gettext("expected %(expected)d fields, found %(found)d")
+            % {"expected": len(HEADER), "found": len(fields)}
+        )
     address, password, password_hash, quota = fields
     address = normalise_address(address)
     if bool(password) == bool(password_hash):
-        raise ValueError("give exactly one of password and password_hash")
+        raise ValueError(gettext("give exactly one of password and password_hash"))
     if password_hash:
         try:
             store.check_password_hash(password_hash)

@@ -41,6 +41,7 @@ from mailadmin.hosting.store.errors import (
     OverQuota,
     StillInUse,
     StoreError,
+    on_line,
 )
 from mailadmin.hosting.store.fastsql import (
     find_mailbox,
@@ -87,6 +88,7 @@ __all__ = [
     "MailboxNotFound",
     "OverQuota",
     "StillInUse",
+    "on_line",
     "StoreError",
     "StoredMessage",
     "acquire_lease",
