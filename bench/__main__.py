@@ -38,6 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--skip-large", action="store_true", help="no large mailbox (and no large-mailbox row)"
     )
+    parser.add_argument(
+        "--fleet-mailboxes", type=int, help="mailboxes of the fleet compared with Dovecot (500; smoke 4)"
+    )
     parser.add_argument("--pipelined", type=int, default=1000, help="commands in the pipelining row")
     parser.add_argument("--repeats", type=int, default=5, help="sessions/rounds behind the median rows")
     parser.add_argument("--import-rows", type=int, help="mailboxes in the API import (10000; smoke 100)")
@@ -67,6 +70,7 @@ def plan(args: argparse.Namespace, fd_limit: int) -> tuple[corpus.CorpusSpec, Op
     large = 0 if args.skip_large else args.large_mailbox
     spec = dataclasses.replace(
         spec,
+        fleet_users=spec.fleet_users if args.fleet_mailboxes is None else args.fleet_mailboxes,
         idle_users=2 * idle,
         large_mailbox_messages=spec.large_mailbox_messages if large is None else large,
     )
@@ -77,6 +81,7 @@ def plan(args: argparse.Namespace, fd_limit: int) -> tuple[corpus.CorpusSpec, Op
         held_sessions=max(0, min(held, fd_limit - 2 * idle - FD_RESERVE)),
         pipelined=args.pipelined,
         repeats=args.repeats,
+        pipe_deliveries=4 if args.smoke else 20,
         only=frozenset(filter(None, args.only.split(","))),
         import_rows=args.import_rows or (100 if args.smoke else 10_000),
         token_checks=100 if args.smoke else 2000,

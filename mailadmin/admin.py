@@ -343,10 +343,30 @@ class PasswordResetForm(forms.Form):
         return cleaned
 
 
+class PasswordHashFilter(admin.SimpleListFilter):
+    """Legacy (imported, e.g. from Dovecot) or current password hashes, counted by the facets:
+    how far a migration has come, since each login replaces a legacy hash."""
+
+    title = _("password hash")
+    parameter_name = "password_hash"
+
+    def lookups(self, request, model_admin):
+        return [("legacy", _("legacy (replaced at the next login)")), ("current", _("argon2"))]
+
+    def queryset(self, request, queryset):
+        if self.value() == "legacy":
+            return queryset.legacy_hash()
+        if self.value() == "current":
+            return queryset.current_hash()
+        return queryset
+
+
 @admin.register(Mailbox)
 class MailboxAdmin(ServiceAdmin):
     list_display = ["address", "domain", "active", "usage", "used_messages"]
-    list_filter = ["active", ("domain", admin.RelatedOnlyFieldListFilter)]
+    list_filter = ["active", ("domain", admin.RelatedOnlyFieldListFilter), PasswordHashFilter]
+    # Counts beside each filter choice: how many mailboxes still carry a legacy hash, among others.
+    show_facets = admin.ShowFacets.ALWAYS
     search_fields = ["user__username"]
     list_select_related = ["user", "domain"]
     readonly_fields = [

@@ -9,6 +9,7 @@ import time
 from datetime import datetime
 
 from django.conf import settings
+from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX, get_hasher
 from django.contrib.auth.models import User
 from django.db import models
 from django.db.models import Q
@@ -138,6 +139,16 @@ class MailboxQuerySet(models.QuerySet):
     def usable(self) -> "MailboxQuerySet":
         """Mailboxes that may log in and take mail; ``Mailbox.is_usable`` is the same rule."""
         return self.filter(active=True, domain__active=True, user__is_active=True)
+
+    def current_hash(self) -> "MailboxQuerySet":
+        """Mailboxes whose password hash is the preferred hasher's (argon2)."""
+        return self.filter(user__password__startswith=f"{get_hasher().algorithm}$")
+
+    def legacy_hash(self) -> "MailboxQuerySet":
+        """Mailboxes whose password hash is another hasher's (imported from Dovecot, or PBKDF2):
+        the preferred hasher replaces it at the next successful login."""
+        preferred = Q(user__password__startswith=f"{get_hasher().algorithm}$")
+        return self.exclude(preferred | Q(user__password__startswith=UNUSABLE_PASSWORD_PREFIX))
 
 
 class Mailbox(StoreCounters, models.Model):

@@ -29,6 +29,7 @@ class Row:
     password: str | None
     password_hash: str | None
     quota_bytes: int | None  # None: the domain's default
+    quota_messages: int = 0
     place: str = "line"  # what ``line`` counts: LINE of a file, or ROW of a JSON list
 
     def refusal(self, error: Exception) -> store.StoreError:
@@ -104,15 +105,20 @@ def parse(handle: TextIO) -> list[Row]:
             row = _row(line, fields)
         except (ValueError, store.StoreError) as error:
             raise refusal_at(LINE, line, error) from None
-        if row.address in first_line_of:
-            repeated = gettext("%(address)s is already on line %(first)d") % {
-                "address": row.address,
-                "first": first_line_of[row.address],
-            }
-            raise refusal_at(LINE, line, repeated)
-        first_line_of[row.address] = line
+        require_first_mention(row, first_line_of)
         rows.append(row)
     return rows
+
+
+def require_first_mention(row: Row, first_line_of: dict[str, int]) -> None:
+    """Refuse a second row of one address, naming both lines; note the first in ``first_line_of``."""
+    if row.address in first_line_of:
+        repeated = gettext("%(address)s is already on line %(first)d") % {
+            "address": row.address,
+            "first": first_line_of[row.address],
+        }
+        raise refusal_at(LINE, row.line, repeated)
+    first_line_of[row.address] = row.line
 
 
 def _numbered(handle: TextIO) -> Iterator[tuple[int, list[str]]]:
@@ -138,7 +144,7 @@ def _row(line: int, fields: list[str]) -> Row:
         raise ValueError(gettext("give exactly one of password and password_hash"))
     if password_hash:
         try:
-            store.check_password_hash(password_hash)
+            password_hash = store.storable_password_hash(password_hash)
         except store.StoreError as error:
             error.field = error.field or "password_hash"
             raise

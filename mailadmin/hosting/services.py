@@ -398,7 +398,7 @@ def save_mailbox(
         password_hash = store.hash_new_password(password, normalise_address(address))
     elif password_hash is not None:
         with _about_field("password_hash"):
-            store.check_password_hash(password_hash)
+            password_hash = store.storable_password_hash(password_hash)
     if existing is not None:
         return Saved(_update_mailbox_and_password(actor, address, password_hash, settings), created=False)
     if password_hash is None:
@@ -488,10 +488,20 @@ def delete_mailbox(actor: Actor, address: str) -> int:
 
 
 def list_mailboxes(actor: Actor, domain_name: str | None = None) -> list[Mailbox]:
-    mailboxes = scopes.visible_to(actor, Mailbox).select_related("user", "domain")
+    mailboxes = _visible_mailboxes(actor, domain_name).select_related("user", "domain")
+    return list(mailboxes.order_by("domain__name", "user__username"))
+
+
+def count_legacy_hashes(actor: Actor, domain_name: str | None = None) -> int:
+    """How many of the mailboxes ``list_mailboxes`` lists still have an imported password hash."""
+    return _visible_mailboxes(actor, domain_name).legacy_hash().count()
+
+
+def _visible_mailboxes(actor: Actor, domain_name: str | None):
+    mailboxes = scopes.visible_to(actor, Mailbox)
     if domain_name is not None:
         mailboxes = mailboxes.filter(domain=_domain_in_scope(actor, domain_name))
-    return list(mailboxes.order_by("domain__name", "user__username"))
+    return mailboxes
 
 
 def import_mailboxes(
@@ -500,8 +510,12 @@ def import_mailboxes(
     *,
     dry_run: bool = False,
     progress: Callable[[list[mailboxcsv.Row]], Iterable[mailboxcsv.Row]] = iter,
+    parse: Callable[[TextIO], list[mailboxcsv.Row]] = mailboxcsv.parse,
 ) -> list[Mailbox]:
-    """Create every mailbox of an import file (see ``mailboxcsv``) or, on any error, none.
+    """Create every mailbox of an import file or, on any error, none.
+
+    ``parse`` reads the file: the CSV (``mailboxcsv.parse``, the default) or Dovecot's
+    passwd-file (``dovecotpasswd.parse``).
 
     Each row's domain, password or hash is checked first, so a wrong row costs no hashing; then
     plain passwords are hashed one row at a time, outside any transaction; then every row is
@@ -509,7 +523,7 @@ def import_mailboxes(
     progress bar). A refusal names the line. ``dry_run`` checks every rule the same way and
     rolls the transaction back; it stores nothing, so it hashes nothing either.
     """
-    return import_mailbox_rows(actor, mailboxcsv.parse(handle), dry_run=dry_run, progress=progress)
+    return import_mailbox_rows(actor, parse(handle), dry_run=dry_run, progress=progress)
 
 
 def import_mailbox_rows(
@@ -555,7 +569,11 @@ def _password_hash(row: mailboxcsv.Row) -> str:
 def _import_row(actor: Actor, row: mailboxcsv.Row, password_hash: str) -> Mailbox:
     with _naming_line(row):
         return create_mailbox(
-            actor, row.address, password_hash=password_hash, quota_bytes=row.quota_bytes
+            actor,
+            row.address,
+            password_hash=password_hash,
+            quota_bytes=row.quota_bytes,
+            quota_messages=row.quota_messages,
         ).mailbox
 
 

@@ -6,7 +6,6 @@ translate its per-recipient results with small tables of their own.
 
 import email.header
 import email.utils
-import enum
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -19,23 +18,12 @@ from mailadmin.addresses import normalise_address
 from mailadmin.executors import DATABASE_ERRORS
 from mailadmin.hosting import store
 from mailadmin.mailin.messagefile import MessageTooLarge, Readable, SpooledMessage, spool_message
+from mailadmin.mailin.status import DeliveryStatus
 from mailadmin.models import Mailbox
 from mailadmin.units import format_size
 from pop3.session import log_text
 
 logger = logging.getLogger(__name__)
-
-
-class DeliveryStatus(enum.Enum):
-    DELIVERED = "delivered"
-    NO_SUCH_MAILBOX = "no such mailbox"
-    MAILBOX_INACTIVE = "mailbox inactive"
-    OVER_QUOTA = "over quota"
-    TOO_LARGE = "message too large"
-    EMPTY_MESSAGE = "empty message"
-    TEMPORARY_FAILURE = "temporary failure"
-    # All-or-none delivery only: this recipient was fine, but another one failed.
-    NOT_ATTEMPTED = "not delivered because another recipient failed"
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,10 @@ from mailadmin.hosting.store.accounts import (
     normalised_or_refused,
     set_password,
     set_password_hash,
+    storable_password_hash,
     update_domain_settings,
     update_mailbox_settings,
+    upgrade_password_hash,
     validate_new_password,
 )
 from mailadmin.hosting.store.errors import (
@@ -125,8 +127,10 @@ __all__ = [
     "renew_leases",
     "set_password",
     "set_password_hash",
+    "storable_password_hash",
     "update_domain_settings",
     "update_mailbox_settings",
+    "upgrade_password_hash",
     "validate_new_password",
     "validate_uidl",
 ]
