@@ -2,6 +2,9 @@
 lists with filters and pages, kicks, imports all or nothing, Idempotency-Key, the audit trail
 and the schema."""
 
+import base64
+import hashlib
+
 import pytest
 import yaml
 from django.contrib.auth import get_user_model
@@ -53,6 +56,14 @@ def test_the_same_put_twice_creates_then_updates_to_the_same_state(api):
     }
     assert Mailbox.objects.count() == 1
     assert login_works("carol@example.test", PASSWORD)
+
+
+def test_put_takes_a_dovecot_hash_as_imports_do(api):
+    salt = b"8bytesal"
+    ssha = "{SSHA}" + base64.b64encode(hashlib.sha1(PASSWORD.encode() + salt).digest() + salt).decode()
+    assert api.put("mailboxes/dove@example.test", {"password_hash": ssha}).status_code == 201
+    assert login_works("dove@example.test", PASSWORD)
+    assert not login_works("dove@example.test", "not the password")
 
 
 def test_put_with_a_plain_password_hashes_it_and_never_shows_it(api):
