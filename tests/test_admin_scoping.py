@@ -16,6 +16,7 @@ from django.core.management import call_command
 from django.forms.models import model_to_dict
 from django.utils import timezone
 
+from mailadmin.api.models import ApiToken
 from mailadmin.hosting import services
 from mailadmin.hosting.actors import Actor
 from mailadmin.mailin.delivery import deliver
@@ -73,6 +74,7 @@ def b_objects(make_mailbox) -> dict:
     objects[DomainAdministratorLogin] = DomainAdministratorLogin.objects.get(username="bert")
     objects[get_user_model()] = b_mailbox.user
     objects[Group] = Group.objects.get(name=services.ADMINISTRATORS_GROUP)
+    objects[ApiToken] = services.create_token(Actor.cli(), domain_names=["b.test"], name="provisioning").token
     return objects
 
 
@@ -84,7 +86,17 @@ def alma(client, b_objects):
 
 def snapshot() -> dict:
     """Every row a refused request must leave as it was."""
-    models = [Domain, Mailbox, Message, Pop3Session, AuthFailure, AuditEntry, DomainAdministrator, Group]
+    models = [
+        Domain,
+        Mailbox,
+        Message,
+        Pop3Session,
+        AuthFailure,
+        AuditEntry,
+        DomainAdministrator,
+        Group,
+        ApiToken,
+    ]
     rows = {
         model.__name__: sorted(map(repr, (model_to_dict(row) for row in model.objects.all())))
         for model in models

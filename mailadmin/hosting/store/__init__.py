@@ -41,6 +41,7 @@ from mailadmin.hosting.store.errors import (
     LimitReached,
     MailboxNotFound,
     OverQuota,
+    StillInUse,
     StoreError,
     on_line,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "LimitReached",
     "MailboxNotFound",
     "OverQuota",
+    "StillInUse",
     "on_line",
     "StoreError",
     "StoredMessage",
