@@ -324,6 +324,8 @@ class Pop3Session(models.Model):
                 fields=["domain", "started_at"], condition=Q(ended_at__isnull=True), name="pop3session_open"
             ),
             models.Index(fields=["updated_at"], name="pop3session_updated"),
+            # A domain administrator's figures and charts: their domains' recent sessions.
+            models.Index(fields=["domain", "started_at"], name="pop3session_domain_started"),
         ]
 
     def __str__(self) -> str:
@@ -356,7 +358,10 @@ class AuthFailure(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["source", "created_at"], name="authfailure_source_time")]
+        indexes = [
+            models.Index(fields=["source", "created_at"], name="authfailure_source_time"),
+            models.Index(fields=["domain", "created_at"], name="authfailure_domain_time"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.username or '?'} from {self.peer_host}: {self.reason}"
@@ -413,3 +418,82 @@ class AuditEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.actor_name} {self.action} {self.object_type} {self.object_name}"
+
+
+class LmtpNode(models.Model):
+    """A running runlmtp process, heartbeating as :class:`Pop3Node` does for runpop3."""
+
+    name = models.CharField(max_length=200, primary_key=True, help_text="host:pid")
+    started_at = models.DateTimeField()
+    heartbeat_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class HourlyFigures(models.Model):
+    """Pruned session history, summed per hour (of ``started_at``) and domain.
+
+    ``prunehistory`` adds each row it deletes to its hour here in the transaction that deletes
+    it, so a row is counted once: either here or still in its table, never both. The figures of
+    an hour are therefore these plus the rows of that hour not yet pruned (``mailadmin.console.figures``).
+    Failed logins count by ``created_at``. Kept for ``MAILADMIN_FIGURES_DAYS``.
+    """
+
+    hour = models.DateTimeField()
+    domain = models.ForeignKey(Domain, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    sessions = models.BigIntegerField(default=0)
+    logins = models.BigIntegerField(default=0)
+    failed_logins = models.BigIntegerField(default=0)
+    retr_messages = models.BigIntegerField(default=0)
+    retr_bytes = models.BigIntegerField(default=0)
+
+    class Meta:
+        verbose_name_plural = "hourly figures"
+        constraints = [
+            # A NULL domain is distinct from every other in a plain unique index: one each way.
+            models.UniqueConstraint(
+                fields=["hour", "domain"], condition=Q(domain__isnull=False), name="hourlyfigures_hour_domain"
+            ),
+            models.UniqueConstraint(
+                fields=["hour"], condition=Q(domain__isnull=True), name="hourlyfigures_hour_no_domain"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H}:00 {self.domain_id or '-'}"
+
+
+class DeliveryFigures(models.Model):
+    """Deliveries per hour, domain and outcome (``delivered`` or the reason of a refusal).
+
+    Counted by the delivering processes in writes they make anyway: the LMTP group commit's
+    transaction (stored copies, and refusals batched since the last one) or runlmtp's heartbeat.
+    The domain is that of the recipient when it is ours, else NULL.
+    """
+
+    DELIVERED = "delivered"
+
+    hour = models.DateTimeField()
+    domain = models.ForeignKey(Domain, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    outcome = models.CharField(max_length=32)
+    messages = models.BigIntegerField(default=0)
+    size_bytes = models.BigIntegerField(default=0)
+
+    class Meta:
+        verbose_name_plural = "delivery figures"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["hour", "domain", "outcome"],
+                condition=Q(domain__isnull=False),
+                name="deliveryfigures_key",
+            ),
+            models.UniqueConstraint(
+                fields=["hour", "outcome"],
+                condition=Q(domain__isnull=True),
+                name="deliveryfigures_key_no_domain",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H}:00 {self.domain_id or '-'} {self.outcome}: {self.messages}"
