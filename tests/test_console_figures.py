@@ -9,8 +9,8 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from mailadmin.console import figures
-from mailadmin.hosting import history, services
 from mailadmin.hosting import figures as hosting_figures
+from mailadmin.hosting import history, services
 from mailadmin.hosting.actors import Actor
 from mailadmin.models import AuthFailure, Domain, HourlyFigures, LmtpNode, Mailbox, Pop3Node, Pop3Session
 from tests.conftest import open_session_row
