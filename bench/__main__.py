@@ -77,6 +77,7 @@ def plan(args: argparse.Namespace, fd_limit: int) -> tuple[corpus.CorpusSpec, Op
         pipelined=args.pipelined,
         repeats=args.repeats,
         only=frozenset(filter(None, args.only.split(","))),
+        smoke=args.smoke,
     )
     return spec, options
 

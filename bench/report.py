@@ -80,6 +80,38 @@ CHECKS = (
     Check("lmtp", "msg_per_s", "LMTP 4 connections, small", "msg/s", 950, 950),
     Check("lmtp", "p99_ms", "", "ms p99", None, kind=INFO),
     Check(
+        "console_pages",
+        "dashboard_superuser_ms",
+        "console, 100,000 mailboxes, 1,000,000 sessions",
+        "ms dashboard",
+        None,
+        300,
+        at_least=False,
+    ),  # fmt: skip
+    Check(
+        "console_pages",
+        "dashboard_domain_admin_ms",
+        "",
+        "ms dashboard, domain admin",
+        None,
+        300,
+        at_least=False,
+    ),  # fmt: skip
+    Check("console_pages", "mailbox_list_superuser_ms", "", "ms mailbox list", None, 300, at_least=False),
+    Check("console_pages", "quota_superuser_ms", "", "ms quota page", None, 300, at_least=False),
+    Check("console_pages", "history_superuser_ms", "", "ms history page", None, 300, at_least=False),
+    Check("console_pages", "charts_superuser_ms", "", "ms charts", None, kind=INFO),
+    Check(
+        "console_prune",
+        "longest_write_stall_ms",
+        "prunehistory of 1,000,000 rows beside a writer",
+        "ms longest write",
+        None,
+        100,
+        at_least=False,
+    ),  # fmt: skip
+    Check("console_prune", "rows_per_s", "", "rows/s pruned", None, kind=INFO),
+    Check(
         "memory_25mb",
         "peak_growth_mib",
         "10 concurrent RETR of the big message",

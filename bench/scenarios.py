@@ -4,22 +4,25 @@ A group returns ``{scenario: figures}``. Figures are plain numbers (seconds, cou
 KiB) plus a few lists of samples; ``report`` turns them into the table and the JSON.
 """
 
+import json
 import math
 import random
 import statistics
+import subprocess
+import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench import corpus
+from bench import console, corpus
 from bench.clients import Pop3, ProtocolError, tls_context
 from bench.load import Tally, Task, Workers, lmtp_worker, login_worker, retr_worker
-from bench.servers import Environment, Server, start_lmtp, start_pop3
+from bench.servers import PROJECT_DIR, Environment, Server, start_lmtp, start_pop3
 
 MB = 1_000_000  # rates are in decimal megabytes, as Dovecot's figures are
 # Time for the (already running) workers to receive their tasks before the window opens.
@@ -32,6 +35,8 @@ CACHE_ON_TTL = "300"
 # throughput scenarios run two workers; the memory ones one process, so its /proc figures are
 # the whole server.
 LMTP_WORKERS = 2
+# The writer beside prunehistory runs this long alone before and after it.
+WRITER_LEAD_SECONDS = 2.0
 THROUGHPUT_WORKERS = 2
 
 
@@ -44,6 +49,7 @@ class Options:
     pipelined: int
     repeats: int
     only: frozenset[str] = frozenset()
+    smoke: bool = False
 
 
 @dataclass
@@ -553,6 +559,62 @@ def group_lmtp(bench: Bench) -> dict[str, dict]:
     return results
 
 
+# --- The console: pages at scale, prunehistory beside a writer --------------------------------
+
+
+def console_pages(bench: Bench, spec: console.ConsoleSpec) -> dict:
+    spec_path, out = bench.env.var_dir / "console-spec.json", bench.env.var_dir / "console-pages.json"
+    console.write_spec(spec, spec_path)
+    bench.env.run("-m", "bench.console", "pages", str(spec_path), str(out))
+    pages = json.loads(out.read_text())
+    figures: dict = {"pages": pages}
+    for name, timing in pages.items():
+        figures[f"{name}_ms"] = timing.get("median_ms")
+        figures[f"{name}_max_ms"] = timing.get("max_ms")
+    return figures
+
+
+def console_prune(bench: Bench) -> dict:
+    """``prunehistory --days 0`` (every ended session, every failed login) while a writer writes."""
+    stop, out = bench.env.var_dir / "writer.stop", bench.env.var_dir / "writer.json"
+    stop.unlink(missing_ok=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "bench.console", "writer", str(out), str(stop)],
+        cwd=PROJECT_DIR,
+        env=bench.env.variables(),
+    )
+    try:
+        time.sleep(WRITER_LEAD_SECONDS)
+        started = time.perf_counter()
+        pruned = bench.env.run("manage.py", "prunehistory", "--days", "0").stdout.strip()
+        seconds = time.perf_counter() - started
+        time.sleep(WRITER_LEAD_SECONDS)
+    finally:
+        stop.touch()
+        writer.wait(timeout=120)
+    removed = [int(word) for word in pruned.split() if word.isdigit()]
+    return {
+        "output": pruned,
+        "rows_removed": sum(removed[:2]),
+        "prune_seconds": round(seconds, 1),
+        "rows_per_s": ratio(sum(removed[:2]), seconds),
+        **json.loads(out.read_text()),
+    }
+
+
+def group_console(bench: Bench) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    spec = console.ConsoleSpec.smoke() if bench.options.smoke else console.ConsoleSpec()
+    spec_path, out = bench.env.var_dir / "console-spec.json", bench.env.var_dir / "console-seed.json"
+    console.write_spec(spec, spec_path)
+    print(f"  seeding {spec.mailboxes:,} mailboxes and {spec.sessions:,} sessions ...", flush=True)
+    bench.env.run("-m", "bench.console", "seed", str(spec_path), str(out))
+    seeded = {**json.loads(out.read_text()), "spec": asdict(spec)}
+    _run(results, bench, "console_pages", lambda: {**console_pages(bench, spec), **seeded})
+    _run(results, bench, "console_prune", lambda: console_prune(bench))
+    return results
+
+
 # --- Running them -----------------------------------------------------------------------------
 
 
@@ -575,6 +637,8 @@ GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Bench], dict[str, dict]]]] = 
     "sessions": (("idle_plain", "idle_tls", "held_sessions"), group_sessions),
     "memory": (("memory_25mb",), group_memory),
     "lmtp": (("lmtp",), group_lmtp),
+    # Last: its million rows would weigh on the mail scenarios' database.
+    "console": (("console_pages", "console_prune"), group_console),
 }
 SCENARIOS = tuple(name for names, _ in GROUPS.values() for name in names)
 
