@@ -125,8 +125,8 @@ def test_an_hour_pruned_twice_is_counted_once(history_rows):
 def test_a_batch_that_fails_neither_counts_nor_deletes_its_rows(history_rows, monkeypatch):
     before = all_hours()
 
-    def roll_up_then_fail(ids):
-        hosting_figures.roll_up_sessions(ids)
+    def roll_up_then_fail(rows):
+        hosting_figures.roll_up_sessions(rows)
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(history.figures, "roll_up_sessions", roll_up_then_fail)

@@ -104,8 +104,13 @@ def hourly(actor: Actor, since: datetime) -> dict[datetime, Counter]:
         for (hour, _domain), amounts in counts.items():
             totals.setdefault(hour, Counter()).update(amounts)
 
-    add(figures.session_counts(scopes.visible_to(actor, Pop3Session).filter(started_at__gte=since)))
-    add(figures.failure_counts(scopes.visible_to(actor, AuthFailure).filter(created_at__gte=since)))
+    sessions = scopes.visible_to(actor, Pop3Session).filter(started_at__gte=since)
+    add(figures.session_counts(sessions, by_domain=False))
+    add(
+        figures.failure_counts(
+            scopes.visible_to(actor, AuthFailure).filter(created_at__gte=since), by_domain=False
+        )
+    )
     rolled_up = scopes.visible_to(actor, HourlyFigures).filter(hour__gte=since).values("hour")
     for row in rolled_up.annotate(**{name: Sum(name) for name in figures.SESSION_COLUMNS}):
         totals.setdefault(row["hour"], Counter()).update(

@@ -46,13 +46,13 @@ def prune_history(days: int, *, batch_size: int = BATCH_SIZE) -> Pruned:
     return Pruned(sessions=sessions, failures=failures, figures=old_figures)
 
 
-def _delete_in_batches(rows: QuerySet, batch_size: int, roll_up: Callable[[list], None]) -> int:
+def _delete_in_batches(rows: QuerySet, batch_size: int, roll_up: Callable[[list[tuple]], None]) -> int:
     removed = 0
     while True:
         with transaction.atomic():
-            ids = list(rows.values_list("pk", flat=True)[:batch_size])
-            if not ids:
+            batch = list(rows.values_list("pk", "domain_id")[:batch_size])
+            if not batch:
                 return removed
-            roll_up(ids)
-            _, per_model = rows.model.objects.filter(pk__in=ids).delete()
+            roll_up(batch)
+            _, per_model = rows.model.objects.filter(pk__in=[pk for pk, _ in batch]).delete()
         removed += per_model.get(rows.model._meta.label, 0)
