@@ -101,16 +101,11 @@ def hourly(actor: Actor, since: datetime) -> dict[datetime, Counter]:
     totals: dict[datetime, Counter] = {}
 
     def add(counts: figures.HourlyCounts) -> None:
-        for (hour, _domain), amounts in counts.items():
+        for hour, amounts in counts.items():
             totals.setdefault(hour, Counter()).update(amounts)
 
-    sessions = scopes.visible_to(actor, Pop3Session).filter(started_at__gte=since)
-    add(figures.session_counts(sessions, by_domain=False))
-    add(
-        figures.failure_counts(
-            scopes.visible_to(actor, AuthFailure).filter(created_at__gte=since), by_domain=False
-        )
-    )
+    add(figures.session_counts(scopes.visible_to(actor, Pop3Session).filter(started_at__gte=since)))
+    add(figures.failure_counts(scopes.visible_to(actor, AuthFailure).filter(created_at__gte=since)))
     rolled_up = scopes.visible_to(actor, HourlyFigures).filter(hour__gte=since).values("hour")
     for row in rolled_up.annotate(**{name: Sum(name) for name in figures.SESSION_COLUMNS}):
         totals.setdefault(row["hour"], Counter()).update(

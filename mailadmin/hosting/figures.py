@@ -10,8 +10,9 @@ Two writers, each adding to counters in a write it makes anyway:
   commit's transaction; refusals made outside one (at RCPT, of a message too large) wait in a
   per-process :class:`DeliveryTally` for the next commit or runlmtp's next heartbeat.
 
-Both add with one ``INSERT ... ON CONFLICT DO UPDATE`` per table (SQLite and PostgreSQL alike),
-keys sorted, so concurrent writers lock the same rows in the same order. Hours are UTC.
+Both add with ``INSERT ... ON CONFLICT DO UPDATE`` (SQLite and PostgreSQL alike), one statement
+per partial unique index; delivery rows go in sorted, so concurrent deliveries lock the same
+rows in the same order. Hours are UTC.
 """
 
 import threading
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 from django.db import connection
-from django.db.models import Count, DateTimeField, Func, Q, QuerySet, Sum, Value
+from django.db.models import Count, DateTimeField, Func, QuerySet, Sum, Value
 from django.utils import timezone
 
 from mailadmin.models import AuthFailure, DeliveryFigures, Domain, HourlyFigures, Pop3Session
@@ -32,9 +33,9 @@ DELIVERY_COLUMNS = ("messages", "size_bytes")
 # further domains (names come from the network) count under no domain, so memory stays bounded.
 TALLY_MAX_DOMAINS = 1000
 
-# (hour, domain id or None) -> column -> amount
-HourlyCounts = dict[tuple[datetime, int | None], Counter]
-# (hour, domain id or None, outcome) -> [messages, bytes]
+# UTC hour -> column -> amount
+HourlyCounts = dict[datetime, Counter]
+# A drained tally: (UTC hour, recipient domain name or None, outcome) -> messages
 DeliveryCounts = Counter
 
 
@@ -61,28 +62,25 @@ class UtcHour(Func):
         return self.as_sql(compiler, connection, template=template, **extra)
 
 
-# --- Session history: rolled up as it is pruned -----------------------------------------------
+# --- Session history: read by the hour, rolled up as it is pruned -----------------------------
 
 
-def session_counts(sessions: QuerySet, *, by_domain: bool = True) -> HourlyCounts:
-    """The figures of ``sessions``, per UTC hour of ``started_at`` (and domain, unless not
-    ``by_domain``: then every key's domain is None, and a window of rows is read by time alone)."""
-    rows = _per_hour(sessions, "started_at", by_domain).annotate(
+def session_counts(sessions: QuerySet) -> HourlyCounts:
+    """The figures of ``sessions`` per UTC hour of ``started_at``, for a reader of a window of
+    rows (grouped by time alone, so the window is read through the time index)."""
+    rows = _per_hour(sessions, "started_at", by_domain=False).annotate(
         sessions=Count("pk"),
-        logins=Count("pk", filter=Q(authenticated_at__isnull=False)),
+        logins=Count("authenticated_at"),
         retr_messages=Sum("retr_count"),
         retr_bytes=Sum("retr_bytes"),
     )
-    return {
-        (row["hour"], row.get("domain_id")): Counter({name: row.get(name) or 0 for name in SESSION_COLUMNS})
-        for row in rows
-    }
+    return {row["hour"]: Counter({name: row.get(name) or 0 for name in SESSION_COLUMNS}) for row in rows}
 
 
-def failure_counts(failures: QuerySet, *, by_domain: bool = True) -> HourlyCounts:
-    """Failed logins per UTC hour of ``created_at`` (and domain, as in :func:`session_counts`)."""
-    rows = _per_hour(failures, "created_at", by_domain).annotate(failed_logins=Count("pk"))
-    return {(row["hour"], row.get("domain_id")): Counter(failed_logins=row["failed_logins"]) for row in rows}
+def failure_counts(failures: QuerySet) -> HourlyCounts:
+    """Failed logins per UTC hour of ``created_at``, as :func:`session_counts`."""
+    rows = _per_hour(failures, "created_at", by_domain=False).annotate(failed_logins=Count("pk"))
+    return {row["hour"]: Counter(failed_logins=row["failed_logins"]) for row in rows}
 
 
 def _per_hour(rows: QuerySet, time_field: str, by_domain: bool) -> QuerySet:
