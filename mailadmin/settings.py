@@ -10,7 +10,12 @@ import socket
 from pathlib import Path
 
 import dj_database_url
+from django.conf.global_settings import LANGUAGES as DJANGO_LANGUAGES
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.translation import gettext_noop
+
+from mailadmin.mailin.lmtp.address import listen_address as lmtp_listen_address
+from mailadmin.workercount import AUTO, parse_worker_count
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("MAILADMIN_VAR_DIR", BASE_DIR / "var"))
@@ -39,6 +44,14 @@ def _env_int(name: str, default: int) -> int:
 
 def _env_float(name: str, default: float) -> float:
     return _env_number(name, default, float)
+
+
+def _env_workers(name: str) -> int:
+    """A worker count: a whole number, or ``auto`` (the default) for one per usable CPU."""
+    try:
+        return parse_worker_count(os.environ.get(name) or AUTO)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be {AUTO!r} or a number of at least 1") from None
 
 
 def _private_var_dir() -> Path:
@@ -86,6 +99,8 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    # After the session (a chosen language is kept there), before CommonMiddleware (redirects).
+    "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -171,7 +186,12 @@ PASSWORD_HASHERS = [
     "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher",
     "django.contrib.auth.hashers.ScryptPasswordHasher",
     "django.contrib.auth.hashers.BCryptSHA256PasswordHasher",
+    # Dovecot's {SCHEME} hashes, imported from a Dovecot host; argon2 replaces each at its first login.
+    "mailadmin.hosting.dovecothashes.DovecotPasswordHasher",
 ]
+
+# ModelBackend, with an upgrade of an outdated hash that cannot overwrite a password set meanwhile.
+AUTHENTICATION_BACKENDS = ["mailadmin.hosting.authbackend.HashUpgradingBackend"]
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -180,8 +200,23 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 
+
 # --- Internationalisation, static files -----------------------------------------------------
-LANGUAGE_CODE = "en-us"
+# The admin follows the browser's Accept-Language among LANGUAGES (codes, e.g. "en,id"); the
+# first is the default, for the admin and for quota warnings of domains that name none.
+def _languages(codes: list[str]) -> list[tuple[str, str]]:
+    names = dict(DJANGO_LANGUAGES)
+    unknown = [code for code in codes if code not in names]
+    if unknown:
+        raise ImproperlyConfigured(f"LANGUAGES names codes Django does not know: {', '.join(unknown)}")
+    return [(code, names[code]) for code in codes]
+
+
+LANGUAGES = _languages(
+    [code.strip().lower() for code in (os.environ.get("LANGUAGES") or "en,id").split(",") if code.strip()]
+)
+LANGUAGE_CODE = LANGUAGES[0][0]
+LOCALE_PATHS = [BASE_DIR / "locale"]
 TIME_ZONE = os.environ.get("TIME_ZONE", "UTC")
 USE_I18N = True
 USE_TZ = True
@@ -218,14 +253,21 @@ MAILADMIN_MAX_MESSAGE_SIZE_BYTES = _env_int("MAILADMIN_MAX_MESSAGE_SIZE_BYTES", 
 # override in the admin). {address}, {percent}, {used} and {quota} are filled in.
 MAILADMIN_QUOTA_WARNING_PERCENTS = os.environ.get("MAILADMIN_QUOTA_WARNING_PERCENTS", "80,95")
 MAILADMIN_QUOTA_WARNING_FROM = os.environ.get("MAILADMIN_QUOTA_WARNING_FROM", "postmaster")
+# The defaults are translated into the domain's language; a text set here is sent as it is.
 MAILADMIN_QUOTA_WARNING_SUBJECT = os.environ.get(
-    "MAILADMIN_QUOTA_WARNING_SUBJECT", "Your mailbox is {percent}% full"
+    "MAILADMIN_QUOTA_WARNING_SUBJECT",
+    # xgettext:no-python-format
+    gettext_noop("Your mailbox is {percent}% full"),
 )
 MAILADMIN_QUOTA_WARNING_BODY = os.environ.get(
     "MAILADMIN_QUOTA_WARNING_BODY",
-    "Your mailbox {address} uses {used} of its {quota} ({percent}%).\n"
-    "When it is full, new mail will be refused. Please delete messages you no longer need.\n",
+    gettext_noop(
+        "Your mailbox {address} uses {used} of its {quota} ({percent}%).\n"
+        "When it is full, new mail will be refused. Please delete messages you no longer need.\n"
+    ),
 )
+# The admin shows at most this much of a message's text to those allowed to read it.
+MAILADMIN_ADMIN_BODY_BYTES = _env_int("MAILADMIN_ADMIN_BODY_BYTES", 256 * 1024)
 # Header blocks are read up to this size for the subject and sender kept on the message row.
 MAILADMIN_HEADER_CACHE_BYTES = 64 * 1024
 # Ended POP3 sessions and failed logins older than this many days go at `prunehistory`.
@@ -264,7 +306,8 @@ POP3_AUTH_THREADS = _env_int("POP3_AUTH_THREADS", 2)
 # Seconds a successful password verification is remembered (keyed hash, in memory); 0 = off.
 POP3_AUTH_CACHE_TTL = _env_float("POP3_AUTH_CACHE_TTL", 300.0)
 POP3_DB_THREADS = _env_int("POP3_DB_THREADS", 8)
-POP3_WORKERS = _env_int("POP3_WORKERS", 1)
+# Processes serving the listeners; "auto" (the default) is one per CPU this process may use.
+POP3_WORKERS = _env_workers("POP3_WORKERS")
 # runpop3 and runlmtp keep their worker threads' database connections this long (seconds).
 DAEMON_DB_CONN_MAX_AGE = _env_int("DAEMON_DB_CONN_MAX_AGE", 600)
 # Minimum seconds between two logins of one mailbox; advertised as LOGIN-DELAY. 0 = off.
@@ -275,9 +318,11 @@ POP3_LEASE_TTL = _env_float("POP3_LEASE_TTL", 60.0)
 POP3_MONITOR_INTERVAL = _env_float("POP3_MONITOR_INTERVAL", 1.0)
 
 # --- LMTP (runlmtp) -------------------------------------------------------------------------
-LMTP_BIND = os.environ.get("LMTP_BIND", "127.0.0.1")
-LMTP_PORT = _env_int("LMTP_PORT", 2424)
-LMTP_SOCKET = os.environ.get("LMTP_SOCKET", "")
+# Read through a module of its own: the pipe's fast path finds runlmtp without these settings.
+try:
+    LMTP_BIND, LMTP_PORT, LMTP_SOCKET = lmtp_listen_address(os.environ)
+except ValueError:
+    raise ImproperlyConfigured(f"LMTP_PORT must be a number (int), got {os.environ['LMTP_PORT']!r}") from None
 LMTP_SOCKET_MODE = int(os.environ.get("LMTP_SOCKET_MODE", "660"), 8)
 LMTP_HOSTNAME = os.environ.get("LMTP_HOSTNAME", "") or socket.gethostname()
 LMTP_MAX_RECIPIENTS = _env_int("LMTP_MAX_RECIPIENTS", 1000)
@@ -287,7 +332,7 @@ LMTP_MAX_LINE_BYTES = _env_int("LMTP_MAX_LINE_BYTES", 64 * 1024)
 LMTP_OVER_QUOTA_PERMANENT = _env_bool("LMTP_OVER_QUOTA_PERMANENT", False)
 LMTP_IDLE_TIMEOUT = _env_float("LMTP_IDLE_TIMEOUT", 300.0)
 LMTP_DB_THREADS = _env_int("LMTP_DB_THREADS", 4)
-LMTP_WORKERS = _env_int("LMTP_WORKERS", 1)
+LMTP_WORKERS = _env_workers("LMTP_WORKERS")
 # Messages stored in one transaction at most when deliveries queue up (one commit for all).
 LMTP_GROUP_COMMIT_MAX = max(1, _env_int("LMTP_GROUP_COMMIT_MAX", 64))
 # Groups committing at once per runlmtp process on PostgreSQL (SQLite: always one).

@@ -27,8 +27,10 @@ from mailadmin.hosting.store.accounts import (
     normalised_or_refused,
     set_password,
     set_password_hash,
+    storable_password_hash,
     update_domain_settings,
     update_mailbox_settings,
+    upgrade_password_hash,
     validate_new_password,
 )
 from mailadmin.hosting.store.errors import (
@@ -40,6 +42,7 @@ from mailadmin.hosting.store.errors import (
     MailboxNotFound,
     OverQuota,
     StoreError,
+    on_line,
 )
 from mailadmin.hosting.store.fastsql import (
     find_mailbox,
@@ -85,6 +88,7 @@ __all__ = [
     "LimitReached",
     "MailboxNotFound",
     "OverQuota",
+    "on_line",
     "StoreError",
     "StoredMessage",
     "acquire_lease",
@@ -121,8 +125,10 @@ __all__ = [
     "renew_leases",
     "set_password",
     "set_password_hash",
+    "storable_password_hash",
     "update_domain_settings",
     "update_mailbox_settings",
+    "upgrade_password_hash",
     "validate_new_password",
     "validate_uidl",
 ]

@@ -8,14 +8,17 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from django.conf import settings as django_settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import identify_hasher, make_password
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Count, F, Max, Sum
+from django.utils.translation import gettext
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
+from mailadmin.hosting import dovecothashes
 from mailadmin.hosting.store.errors import (
     AlreadyExists,
     DomainNotFound,
@@ -32,7 +35,14 @@ GENERATED_PASSWORD_BYTES = 18
 PASSWORD_COLUMN_LENGTH = 128  # auth.User.password
 MAILBOX_SETTINGS = frozenset({"active", "quota_bytes", "quota_messages"})
 DOMAIN_SETTINGS = frozenset(
-    {"active", "quota_bytes", "max_mailboxes", "default_mailbox_quota_bytes", "quota_warning_percents"}
+    {
+        "active",
+        "quota_bytes",
+        "max_mailboxes",
+        "default_mailbox_quota_bytes",
+        "quota_warning_percents",
+        "language",
+    }
 )
 
 
@@ -41,14 +51,14 @@ def get_domain(name: str) -> Domain:
     try:
         return Domain.objects.get(name=domain_name)
     except Domain.DoesNotExist:
-        raise DomainNotFound(f"no such domain: {domain_name}") from None
+        raise DomainNotFound(gettext("no such domain: %(name)s") % {"name": domain_name}) from None
 
 
 def get_mailbox(address: str) -> Mailbox:
     normalised = normalised_or_refused(normalise_address, address)
     mailbox = find_mailbox(normalised)
     if mailbox is None:
-        raise MailboxNotFound(f"no such mailbox: {normalised}")
+        raise MailboxNotFound(gettext("no such mailbox: %(address)s") % {"address": normalised})
     return mailbox
 
 
@@ -67,19 +77,19 @@ def create_mailbox(
     """
     normalised = normalised_or_refused(normalise_address, address)
     if (password is None) == (password_hash is None):
-        raise InvalidInput("give exactly one of a password and a password hash")
+        raise InvalidInput(gettext("give exactly one of a password and a password hash"))
     if quota_bytes is not None:
         _require_in_range(quota_bytes=quota_bytes)
     _require_in_range(MAX_INT32, quota_messages=quota_messages)
     if password_hash is not None:
-        check_password_hash(password_hash)
+        password_hash = storable_password_hash(password_hash)
     else:
         password_hash = hash_new_password(password, normalised)
     with transaction.atomic():
         domain = _domain_for_new_mailbox(domain_of(normalised), create_domain)
         user_model = get_user_model()
         if user_model.objects.filter(username=normalised).exists():
-            raise AlreadyExists(f"mailbox {normalised} already exists")
+            raise AlreadyExists(gettext("mailbox %(address)s already exists") % {"address": normalised})
         user = user_model(username=normalised, email=normalised, password=password_hash)
         user.save()
         mailbox = Mailbox.objects.create(
@@ -97,11 +107,15 @@ def _domain_for_new_mailbox(domain_name: str, create_missing: bool) -> Domain:
     domain = Domain.objects.select_for_update().filter(name=domain_name).first()
     if domain is None:
         if not create_missing:
-            raise DomainNotFound(f"no such domain: {domain_name} (create it first, or pass --create-domain)")
+            raise DomainNotFound(
+                gettext("no such domain: %(name)s (create it first, or pass --create-domain)")
+                % {"name": domain_name}
+            )
         domain = Domain.objects.create(name=domain_name)
     if domain.max_mailboxes and domain.mailboxes.count() >= domain.max_mailboxes:
         raise LimitReached(
-            f"domain {domain_name} already has its maximum of {domain.max_mailboxes} mailboxes"
+            gettext("domain %(name)s already has its maximum of %(count)d mailboxes")
+            % {"name": domain_name, "count": domain.max_mailboxes}
         )
     return domain
 
@@ -116,6 +130,7 @@ MAX_ARGON2_MEMORY_FACTOR = 2
 # they are not (argon2 at 10 times the passes and 10 times the memory is 100 times the work).
 _WORK_FACTORS = {
     "argon2": ("time_cost", "memory_cost"),
+    dovecothashes.ALGORITHM: ("time_cost", "memory_cost"),
     "scrypt": ("work_factor", "block_size", "parallelism"),
 }
 # OpenSSL's memory limit for scrypt when the hasher's maxmem is 0; above it verification fails.
@@ -146,8 +161,34 @@ _HASH_COSTS: dict[str, tuple[_HashCost, ...]] = {
     ),
     "bcrypt_sha256": (_HashCost("work_factor", "rounds", doubling=True),),
     "bcrypt": (_HashCost("work_factor", "rounds", doubling=True),),
+    # A Dovecot hash has the costs of its scheme's family only (see dovecothashes.costs).
+    dovecothashes.ALGORITHM: (
+        _HashCost("time_cost", "time_cost"),
+        _HashCost("memory_cost", "memory_cost"),
+        _HashCost("parallelism", "parallelism"),
+        _HashCost("work_factor", "bcrypt_rounds", doubling=True),
+        _HashCost("rounds", "sha_crypt_rounds"),
+    ),
 }
+# The hashers whose memory_cost is argon2's.
+_ARGON2_MEMORY = frozenset({"argon2", dovecothashes.ALGORITHM})
 BCRYPT_MIN_ROUNDS = 4
+
+
+def storable_password_hash(password_hash: str) -> str:
+    """A hash made elsewhere, as it is stored here, once ``check_password_hash`` accepts it.
+
+    Django's own formats are stored as given; Dovecot's ``{SCHEME}hash`` gets the prefix of
+    the hasher that checks it (``dovecothashes``), which argon2 replaces at the first login.
+    Every way a hash enters (the import files, ``set_password_hash``, a new mailbox, the API)
+    comes through here.
+    """
+    try:
+        stored = dovecothashes.to_django(password_hash.strip())
+    except dovecothashes.NotADovecotHash as error:
+        raise InvalidInput(f"password hash: {error}") from None
+    check_password_hash(stored)
+    return stored
 
 
 def check_password_hash(password_hash: str) -> None:
@@ -156,22 +197,30 @@ def check_password_hash(password_hash: str) -> None:
     The hash must be in the format of a configured hasher whose library is installed (Django
     finds a missing one only when a login checks the hash), and each of its cost parameters
     must lie between the smallest valid value and ``MAX_HASH_COST_FACTOR`` times the hasher's
-    default. Every way a hash enters (the import file, ``set_password_hash``, a new mailbox)
-    comes through here.
+    default.
     """
     try:
         hasher = identify_hasher(password_hash)
     except ValueError:
-        raise InvalidInput("password hash is not in a format the configured hashers accept") from None
+        raise InvalidInput(
+            gettext("password hash is not in a format the configured hashers accept")
+        ) from None
     if len(password_hash) > PASSWORD_COLUMN_LENGTH:
-        raise InvalidInput(f"password hash is longer than {PASSWORD_COLUMN_LENGTH} characters")
+        raise InvalidInput(
+            gettext("password hash is longer than %(length)d characters") % {"length": PASSWORD_COLUMN_LENGTH}
+        )
     _require_hasher_usable(hasher)
     try:
         decoded = hasher.decode(password_hash)
+    except dovecothashes.NotADovecotHash as error:
+        raise InvalidInput(f"password hash: {error}") from None
     except (ValueError, TypeError, KeyError, IndexError, AssertionError):
-        raise InvalidInput(f"password hash is not a valid {hasher.algorithm} hash") from None
+        raise InvalidInput(
+            gettext("password hash is not a valid %(algorithm)s hash") % {"algorithm": hasher.algorithm}
+        ) from None
     for cost in _HASH_COSTS.get(hasher.algorithm, ()):
-        _require_sane_cost(hasher, cost, decoded[cost.field])
+        if cost.field in decoded:
+            _require_sane_cost(hasher, cost, decoded[cost.field])
     _require_sane_work(hasher, decoded)
     if hasher.algorithm == "scrypt":
         _require_scrypt_memory(hasher, decoded)
@@ -184,11 +233,14 @@ def _require_hasher_usable(hasher) -> None:
     except ValueError:
         module = hasher.library[0] if isinstance(hasher.library, tuple | list) else hasher.library
         raise InvalidInput(
-            f"password hash is {hasher.algorithm}, which cannot be checked here: "
-            f"the {module} module is not installed"
+            gettext(
+                "password hash is %(algorithm)s, which cannot be checked here: "
+                "the %(module)s module is not installed"
+            )
+            % {"algorithm": hasher.algorithm, "module": module}
         ) from None
     if hasher.algorithm == "scrypt" and not hasattr(hashlib, "scrypt"):
-        raise InvalidInput("password hash is scrypt, which this Python's OpenSSL cannot check")
+        raise InvalidInput(gettext("password hash is scrypt, which this Python's OpenSSL cannot check"))
 
 
 def _require_sane_cost(hasher, cost: _HashCost, value: int) -> None:
@@ -199,38 +251,60 @@ def _require_sane_cost(hasher, cost: _HashCost, value: int) -> None:
         lowest, highest = 1, default * MAX_HASH_COST_FACTOR
     if not lowest <= value <= highest:
         raise InvalidInput(
-            f"password hash has {cost.field.replace('_', ' ')} {value}: {hasher.algorithm} hashes here "
-            f"need {lowest} to {highest} (at most {MAX_HASH_COST_FACTOR} times the current cost)"
+            gettext(
+                "password hash has %(parameter)s %(value)s: %(algorithm)s hashes here need %(lowest)s to "
+                "%(highest)s (at most %(factor)s times the current cost)"
+            )
+            % {
+                "parameter": cost.field.replace("_", " "),
+                "value": value,
+                "algorithm": hasher.algorithm,
+                "lowest": lowest,
+                "highest": highest,
+                "factor": MAX_HASH_COST_FACTOR,
+            }
         )
 
 
 def _require_sane_work(hasher, decoded: dict) -> None:
-    fields = _WORK_FACTORS.get(hasher.algorithm, ())
+    fields = [field for field in _WORK_FACTORS.get(hasher.algorithm, ()) if field in decoded]
     work = math.prod(decoded[field] / getattr(hasher, field) for field in fields)
     if work > MAX_HASH_COST_FACTOR:
         raise InvalidInput(
-            f"password hash costs {work:.3g} times the current cost to check: {hasher.algorithm} "
-            f"hashes here may cost at most {MAX_HASH_COST_FACTOR} times"
+            gettext(
+                "password hash costs %(work)s times the current cost to check: %(algorithm)s hashes here "
+                "may cost at most %(factor)s times"
+            )
+            % {"work": f"{work:.3g}", "algorithm": hasher.algorithm, "factor": MAX_HASH_COST_FACTOR}
         )
     if (
-        hasher.algorithm == "argon2"
-        and decoded["memory_cost"] > hasher.memory_cost * MAX_ARGON2_MEMORY_FACTOR
+        hasher.algorithm in _ARGON2_MEMORY
+        and decoded.get("memory_cost", 0) > hasher.memory_cost * MAX_ARGON2_MEMORY_FACTOR
     ):
         raise InvalidInput(
-            f"password hash needs {decoded['memory_cost']} KiB to check: argon2 hashes here may need at "
-            f"most {hasher.memory_cost * MAX_ARGON2_MEMORY_FACTOR} KiB"
+            gettext(
+                "password hash needs %(needed)s KiB to check: "
+                "argon2 hashes here may need at most %(most)s KiB"
+            )
+            % {"needed": decoded["memory_cost"], "most": hasher.memory_cost * MAX_ARGON2_MEMORY_FACTOR}
         )
 
 
 def _require_scrypt_memory(hasher, decoded: dict) -> None:
     work_factor, block_size = decoded["work_factor"], decoded["block_size"]
     if work_factor < 2 or work_factor & (work_factor - 1):
-        raise InvalidInput(f"password hash has work factor {work_factor}: scrypt needs a power of 2")
+        raise InvalidInput(
+            gettext("password hash has work factor %(factor)s: scrypt needs a power of 2")
+            % {"factor": work_factor}
+        )
     # OpenSSL's reckoning of what scrypt needs (crypto/evp/pbe_scrypt.c).
     needed = 128 * block_size * (work_factor + 2 + decoded["parallelism"])
     maxmem = hasher.maxmem or SCRYPT_DEFAULT_MAXMEM
     if needed > maxmem:
-        raise InvalidInput(f"password hash needs {needed} bytes to check, more than scrypt's {maxmem} here")
+        raise InvalidInput(
+            gettext("password hash needs %(needed)s bytes to check, more than scrypt's %(most)s here")
+            % {"needed": needed, "most": maxmem}
+        )
 
 
 def set_password(address: str, password: str) -> None:
@@ -240,9 +314,15 @@ def set_password(address: str, password: str) -> None:
 
 def set_password_hash(address: str, password_hash: str) -> None:
     """Store a hash made elsewhere (a migration from another system) as the mailbox's password."""
-    check_password_hash(password_hash)
+    stored = storable_password_hash(password_hash)
     mailbox = get_mailbox(address)
-    get_user_model().objects.filter(pk=mailbox.user_id).update(password=password_hash)
+    get_user_model().objects.filter(pk=mailbox.user_id).update(password=stored)
+
+
+def upgrade_password_hash(user_id: int, old_hash: str, new_hash: str) -> bool:
+    """Replace a login's outdated hash of the same password, unless the password changed since
+    ``old_hash`` was read (then nothing is written); whether it was replaced."""
+    return bool(get_user_model().objects.filter(pk=user_id, password=old_hash).update(password=new_hash))
 
 
 def update_mailbox_settings(mailbox_id: int, settings: Mapping[str, int | bool]) -> None:
@@ -264,6 +344,8 @@ def update_domain_settings(domain_id: int, settings: Mapping[str, int | bool | s
             parse_percents(settings["quota_warning_percents"])
         except ValueError as error:
             raise InvalidInput(str(error)) from None
+    if "language" in settings and settings["language"] not in dict(django_settings.LANGUAGES):
+        raise InvalidInput(gettext("unknown language %(code)r") % {"code": settings["language"]})
     Domain.objects.filter(pk=domain_id).update(**settings)
 
 
@@ -314,13 +396,18 @@ def normalised_or_refused(normalise, value: str) -> str:
 def _require_known(settings: Mapping[str, object], known: frozenset[str]) -> None:
     unknown = sorted(set(settings) - known)
     if unknown:
-        raise InvalidInput(f"not a setting that can be changed: {', '.join(unknown)}")
+        raise InvalidInput(
+            gettext("not a setting that can be changed: %(names)s") % {"names": ", ".join(unknown)}
+        )
 
 
 def _require_in_range(maximum: int = MAX_BIGINT, **values: int) -> None:
     for name, value in values.items():
         if not 0 <= value <= maximum:
-            raise InvalidInput(f"{name.replace('_', ' ')} must be between 0 and {maximum}")
+            raise InvalidInput(
+                gettext("%(name)s must be between 0 and %(maximum)d")
+                % {"name": name.replace("_", " "), "maximum": maximum}
+            )
 
 
 def validate_new_password(password: str, username: str) -> None:
@@ -330,14 +417,19 @@ def validate_new_password(password: str, username: str) -> None:
     control = next((char for char in password if unicodedata.category(char) == "Cc" and char != "\t"), None)
     if control is not None:
         raise InvalidInput(
-            f"password rejected: it contains the control character U+{ord(control):04X}, "
-            "which no POP3 client can send"
+            gettext(
+                "password rejected: it contains the control character %(character)s, "
+                "which no POP3 client can send"
+            )
+            % {"character": f"U+{ord(control):04X}"}
         )
     user = get_user_model()(username=username, email=username if "@" in username else "")
     try:
         validate_password(password, user)
     except ValidationError as error:
-        raise InvalidInput("password rejected: " + " ".join(error.messages)) from None
+        raise InvalidInput(
+            gettext("password rejected: %(reasons)s") % {"reasons": " ".join(error.messages)}
+        ) from None
 
 
 def generate_password() -> str:
@@ -391,4 +483,4 @@ def create_domain(
                 default_mailbox_quota_bytes=default_mailbox_quota_bytes,
             )
     except IntegrityError:
-        raise AlreadyExists(f"domain {domain_name} already exists") from None
+        raise AlreadyExists(gettext("domain %(name)s already exists") % {"name": domain_name}) from None
