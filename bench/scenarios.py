@@ -21,7 +21,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from bench import console, corpus
+from bench import console, console_pages, corpus
 from bench.clients import Pop3, ProtocolError, tls_context
 from bench.dovecot import Dovecot, make_root, missing, remove_root
 from bench.load import Tally, Task, Workers, fleet_worker, lmtp_worker, login_worker, retr_worker
@@ -809,6 +809,7 @@ GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Bench], dict[str, dict]]]] = 
     "sessions": (("idle_plain", "idle_tls", "held_sessions"), group_sessions),
     "memory": (("memory_25mb",), group_memory),
     "lmtp": (("lmtp", "deliver_pipe"), group_lmtp),
+    "console_pages": ((console_pages.SCENARIO,), console_pages.group_console_pages),
     # Last: its million rows would weigh on the mail scenarios' database.
     "console": (("console_dashboard", "console_prune"), group_console),
 }

@@ -13,6 +13,8 @@ from django.utils import timezone
 from mailadmin.hosting import store
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+# Signed-in clients for the console's pages.
+pytest_plugins = ["tests.console_fixtures"]
 
 
 @pytest.fixture

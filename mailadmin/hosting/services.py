@@ -12,8 +12,9 @@ delete, suspend or reactivate a domain, change its quota cap or mailbox limit, o
 administrators. Outside their domains every request is refused alike, whether or not the
 domain or mailbox exists, so a refusal reveals nothing. A person also needs a permission of
 its own for each action beyond editing: ``kick_pop3session`` to kick, ``set_mailbox_password``
-to reset a password, ``suspend_mailbox`` to suspend or resume (domain administrators have these
-three), ``view_message_body`` to read mail (nobody has it unless given). Viewing is not enough.
+to reset a password, ``suspend_mailbox`` to suspend or resume, ``recalculate_quota`` to recount
+usage (domain administrators have these four), ``view_message_body`` to read mail (nobody has
+it unless given). Viewing is not enough.
 
 Passwords are hashed before a function opens its transaction: argon2 costs ~100 ms and
 ~100 MiB a hash, and a transaction held meanwhile stalls deliveries and logins.
@@ -47,11 +48,13 @@ KICK_PERMISSION = "mailadmin.kick_pop3session"
 SET_PASSWORD_PERMISSION = "mailadmin.set_mailbox_password"
 SUSPEND_PERMISSION = "mailadmin.suspend_mailbox"
 READ_BODY_PERMISSION = "mailadmin.view_message_body"
+RECALCULATE_PERMISSION = "mailadmin.recalculate_quota"
 # What the admin lets a domain administrator do; scopes narrow every one to their domains.
 ADMINISTRATOR_PERMISSIONS = (
     "view_domain",
     "change_domain",
     "view_mailbox",
+    "recalculate_quota",
     "add_mailbox",
     "change_mailbox",
     "delete_mailbox",
@@ -451,18 +454,35 @@ def _naming_line(row: mailboxcsv.Row) -> Iterator[None]:
         raise type(error)(store.on_line(row.line, error)) from None
 
 
-def recalculate_quota(actor: Actor, address: str | None = None) -> list[store.Drift]:
-    """Recount usage counters from the stored messages (every mailbox in scope by default).
+def may_recalculate_quota(actor: Actor) -> bool:
+    """A person needs the recalculate permission (viewing mailboxes is not enough); the command
+    line is bounded by its scope alone. Tokens recount nothing until the API gives them a write
+    scope."""
+    return actor.kind != ActorKind.TOKEN and _person_has(actor, RECALCULATE_PERMISSION)
+
+
+def recalculate_quota(
+    actor: Actor, address: str | None = None, *, domain_name: str | None = None
+) -> list[store.Drift]:
+    """Recount usage counters from the stored messages: of one mailbox, of one domain's mailboxes,
+    or of every mailbox in scope (the default).
 
     Each row is corrected in its own transaction with its audit entry, so a full recount
     never holds every mailbox at once.
     """
+    _require(
+        may_recalculate_quota(actor),
+        gettext("not permitted: recalculating quota needs the recalculate permission"),
+    )
 
     def record(drifts: list[store.Drift]) -> None:
         _record_drifts(actor, drifts)
 
     if address is not None:
         return store.recalculate_quota(_mailbox_in_scope(actor, address).address, record=record)
+    if domain_name is not None:
+        domain_ids = frozenset({_domain_in_scope(actor, domain_name).pk})
+        return store.recalculate_quota(domain_ids=domain_ids, record=record)
     return store.recalculate_quota(domain_ids=actor.domain_ids, record=record)
 
 
