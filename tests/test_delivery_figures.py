@@ -104,8 +104,16 @@ def test_runlmtp_writes_refusals_with_its_heartbeat_when_nothing_is_delivered(tm
 
 
 @pytest.mark.slow
+def test_each_runlmtp_worker_heartbeats_as_a_process_of_its_own(tmp_path: Path):
+    with running_lmtp(tmp_path / "lmtp", LMTP_HEARTBEAT_INTERVAL="0.2", LMTP_WORKERS="2"):
+        wait_for(lambda: LmtpNode.objects.count() == 2)
+        assert alive_processes()["runlmtp"] == 2
+    assert not LmtpNode.objects.exists()
+
+
+@pytest.mark.slow
 def test_runlmtp_heartbeats_while_it_runs_and_signs_off_when_it_stops(tmp_path: Path):
-    with running_lmtp(tmp_path / "lmtp", LMTP_HEARTBEAT_INTERVAL="0.2") as server:
+    with running_lmtp(tmp_path / "lmtp", LMTP_HEARTBEAT_INTERVAL="0.2", LMTP_WORKERS="1") as server:
         node = wait_for(LmtpNode.objects.first)
         assert node.name.endswith(f":{server.pid}")
         wait_for(lambda: LmtpNode.objects.get().heartbeat_at > node.heartbeat_at)
@@ -116,7 +124,7 @@ def test_runlmtp_heartbeats_while_it_runs_and_signs_off_when_it_stops(tmp_path: 
 
 @pytest.mark.slow
 def test_a_runlmtp_that_died_drops_out_once_its_heartbeat_lapses(tmp_path: Path):
-    with running_lmtp(tmp_path / "lmtp") as server:
+    with running_lmtp(tmp_path / "lmtp", LMTP_WORKERS="1") as server:
         wait_for(LmtpNode.objects.exists)
         server.kill()
     assert alive_processes()["runlmtp"] == 1  # its last heartbeat is still fresh
