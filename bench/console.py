@@ -122,9 +122,9 @@ def _seed_statements(spec: ConsoleSpec, sql: Sql, first_domain: int) -> list[str
         f"SELECT '!', FALSE, {address}, '', '', '', FALSE, TRUE, {sql.seconds_ago('0')} FROM series",
         # One INSERT in user id order: mailbox ids follow the users' order, k for user k.
         "INSERT INTO mailadmin_mailbox (user_id, domain_id, active, quota_bytes, quota_messages, used_bytes, "
-        "used_messages, quota_warning_percent, next_uid, uid_validity, created_at) "
+        "used_messages, quota_warning_percent, next_uid, uid_validity, created_at, last_login_from) "
         f"SELECT u.id, {first_domain} + (u.id - {first_user}) % {d}, TRUE, {QUOTA_BYTES}, 0, "
-        f"{QUOTA_BYTES} / 100 * ((u.id - {first_user}) * 37 % 101), 0, 0, 1, 1, u.date_joined "
+        f"{QUOTA_BYTES} / 100 * ((u.id - {first_user}) * 37 % 101), 0, 0, 1, 1, u.date_joined, '' "
         f"FROM auth_user u WHERE u.username LIKE '%%.{CONSOLE_DOMAIN}' ORDER BY u.id",
         f"{sql.series(spec.sessions)} INSERT INTO mailadmin_pop3session (id, node, username, mailbox_id, "
         "domain_id, peer_host, peer_port, local_host, local_port, implicit_tls, tls_version, tls_cipher, "
@@ -164,9 +164,9 @@ def time_pages(spec: ConsoleSpec) -> dict:
     from mailadmin.hosting.actors import Actor
 
     settings.ALLOWED_HOSTS = ["*"]
-    root = get_user_model().objects.create_superuser("bench-root", "", None)
-    services.save_domain_administrator(Actor.cli(), "bench-admin", [domain_name(0)], uuid.uuid4().hex)
-    admin = get_user_model().objects.get(username="bench-admin")
+    root = get_user_model().objects.create_superuser("dashboard-root", "", None)
+    services.save_domain_administrator(Actor.cli(), "dashboard-admin", [domain_name(0)], uuid.uuid4().hex)
+    admin = get_user_model().objects.get(username="dashboard-admin")
     pages = {"dashboard": "/admin/", "mailbox_list": "/admin/mailadmin/mailbox/", "charts": "/admin/charts/"}
     for name, url_name, query in (("quota", "admin:quota", "?over=80"), ("history", "admin:history", "")):
         try:
