@@ -99,6 +99,35 @@ CHECKS = (
     ),
     Check("api_token_check", "cpu_ms_per_check", "API token check", "ms CPU/check", None, 1, at_least=False),
     Check(
+        "console_dashboard",
+        "dashboard_superuser_ms",
+        "console, 100,000 mailboxes, 1,000,000 sessions",
+        "ms dashboard",
+        None,
+        300,
+        at_least=False,
+    ),  # fmt: skip
+    Check(
+        "console_dashboard",
+        "dashboard_domain_admin_ms",
+        "",
+        "ms dashboard, domain admin",
+        None,
+        300,
+        at_least=False,
+    ),  # fmt: skip
+    Check("console_dashboard", "charts_superuser_ms", "", "ms charts", None, kind=INFO),
+    Check(
+        "console_prune",
+        "longest_write_stall_ms",
+        "prunehistory of 1,000,000 rows beside a writer",
+        "ms longest write",
+        None,
+        100,
+        at_least=False,
+    ),  # fmt: skip
+    Check("console_prune", "rows_per_s", "", "rows/s pruned", None, kind=INFO),
+    Check(
         "lmtp", "msg_per_s", "LMTP, ratio to Dovecot this run", "msg/s", None, 1.5, reference="dovecot_lmtp"
     ),
     Check(

@@ -18,10 +18,10 @@ import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from bench import api, console_pages, corpus
+from bench import api, console, console_pages, corpus
 from bench.clients import Pop3, ProtocolError, tls_context
 from bench.dovecot import Dovecot, make_root, missing, remove_root
 from bench.load import Tally, Task, Workers, fleet_worker, lmtp_worker, login_worker, retr_worker
@@ -39,6 +39,8 @@ CACHE_ON_TTL = "300"
 # are the whole server and the hashing threads are the two the README describes.
 AS_SHIPPED = None
 ONE_PROCESS = 1
+# The writer beside prunehistory runs this long alone before and after it.
+WRITER_LEAD_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -661,6 +663,62 @@ def group_api(bench: Bench) -> dict[str, dict]:
     return results
 
 
+# --- The console: pages at scale, prunehistory beside a writer --------------------------------
+
+
+def console_dashboard(bench: Bench, spec: console.ConsoleSpec) -> dict:
+    spec_path, out = bench.env.var_dir / "console-spec.json", bench.env.var_dir / "console-pages.json"
+    console.write_spec(spec, spec_path)
+    bench.env.run("-m", "bench.console", "pages", str(spec_path), str(out))
+    pages = json.loads(out.read_text())
+    figures: dict = {"pages": pages}
+    for name, timing in pages.items():
+        figures[f"{name}_ms"] = timing.get("median_ms")
+        figures[f"{name}_max_ms"] = timing.get("max_ms")
+    return figures
+
+
+def console_prune(bench: Bench) -> dict:
+    """``prunehistory --days 0`` (every ended session, every failed login) while a writer writes."""
+    stop, out = bench.env.var_dir / "writer.stop", bench.env.var_dir / "writer.json"
+    stop.unlink(missing_ok=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "bench.console", "writer", str(out), str(stop)],
+        cwd=PROJECT_DIR,
+        env=bench.env.variables(),
+    )
+    try:
+        time.sleep(WRITER_LEAD_SECONDS)
+        started = time.perf_counter()
+        pruned = bench.env.run("manage.py", "prunehistory", "--days", "0").stdout.strip()
+        seconds = time.perf_counter() - started
+        time.sleep(WRITER_LEAD_SECONDS)
+    finally:
+        stop.touch()
+        writer.wait(timeout=120)
+    removed = [int(word) for word in pruned.split() if word.isdigit()]
+    return {
+        "output": pruned,
+        "rows_removed": sum(removed[:2]),
+        "prune_seconds": round(seconds, 1),
+        "rows_per_s": ratio(sum(removed[:2]), seconds),
+        **json.loads(out.read_text()),
+    }
+
+
+def group_console(bench: Bench) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    spec = console.ConsoleSpec.smoke() if bench.options.smoke else console.ConsoleSpec()
+    spec_path, out = bench.env.var_dir / "console-spec.json", bench.env.var_dir / "console-seed.json"
+    console.write_spec(spec, spec_path)
+    print(f"  seeding {spec.mailboxes:,} mailboxes and {spec.sessions:,} sessions ...", flush=True)
+    bench.env.run("-m", "bench.console", "seed", str(spec_path), str(out))
+    seeded = {**json.loads(out.read_text()), "spec": asdict(spec)}
+    _run(results, bench, "console_dashboard", lambda: {**console_dashboard(bench, spec), **seeded})
+    _run(results, bench, "console_prune", lambda: console_prune(bench))
+    return results
+
+
 # --- The fleet: runpop3 and Dovecot, as shipped, in the same run --------------------------------
 
 
@@ -833,6 +891,8 @@ GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Bench], dict[str, dict]]]] = 
     "lmtp": (("lmtp", "deliver_pipe"), group_lmtp),
     "console_pages": ((console_pages.SCENARIO,), console_pages.group_console_pages),
     "api": (("api_put", "api_get", "api_import", "api_token_check"), group_api),
+    # Last: its million rows would weigh on the mail scenarios' database.
+    "console": (("console_dashboard", "console_prune"), group_console),
 }
 SCENARIOS = tuple(name for names, _ in GROUPS.values() for name in names)
 

@@ -281,6 +281,10 @@ MAILADMIN_ADMIN_BODY_BYTES = _env_int("MAILADMIN_ADMIN_BODY_BYTES", 256 * 1024)
 MAILADMIN_HEADER_CACHE_BYTES = 64 * 1024
 # Ended POP3 sessions and failed logins older than this many days go at `prunehistory`.
 MAILADMIN_HISTORY_DAYS = _env_int("MAILADMIN_HISTORY_DAYS", 30)
+# The hourly figures the console's charts read (what prunehistory rolled up) are kept this long.
+MAILADMIN_FIGURES_DAYS = _env_int("MAILADMIN_FIGURES_DAYS", 365)
+# /metrics answers only when this is set, and then only to "Authorization: Bearer <token>".
+MAILADMIN_METRICS_TOKEN = os.environ.get("MAILADMIN_METRICS_TOKEN", "")
 
 
 # --- POP3 (runpop3) -------------------------------------------------------------------------
@@ -338,6 +342,9 @@ LMTP_WORKERS = _env_workers("LMTP_WORKERS")
 LMTP_GROUP_COMMIT_MAX = max(1, _env_int("LMTP_GROUP_COMMIT_MAX", 64))
 # Groups committing at once per runlmtp process on PostgreSQL (SQLite: always one).
 LMTP_GROUP_WRITERS = max(1, _env_int("LMTP_GROUP_WRITERS", 2))
+# How often a runlmtp process heartbeats (the console counts it alive meanwhile) and writes the
+# refusals it counted since its last delivery.
+LMTP_HEARTBEAT_INTERVAL = _env_float("LMTP_HEARTBEAT_INTERVAL", 5.0)
 
 # --- Provisioning API (/api/v1/) ------------------------------------------------------------
 REST_FRAMEWORK = {

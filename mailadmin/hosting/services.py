@@ -715,7 +715,11 @@ def prune_history(actor: Actor, days: int) -> history.Pruned:
             "prune history",
             "history",
             f"older than {days} days",
-            changes={"ended sessions": [pruned.sessions, 0], "failed logins": [pruned.failures, 0]},
+            changes={
+                "ended sessions": [pruned.sessions, 0],
+                "failed logins": [pruned.failures, 0],
+                "hourly figures": [pruned.figures, 0],
+            },
         )
     return pruned
 
