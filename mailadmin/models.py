@@ -302,6 +302,9 @@ class Pop3Session(models.Model):
     top_bytes = models.BigIntegerField(default=0)
     deleted_count = models.PositiveIntegerField(default=0)
     deleted_bytes = models.BigIntegerField(default=0)
+    # Marked by DELE so far: removed only if the session reaches its UPDATE state.
+    marked_count = models.PositiveIntegerField(default=0)
+    marked_bytes = models.BigIntegerField(default=0)
     message_count = models.PositiveIntegerField(default=0)
     message_bytes = models.BigIntegerField(default=0)
     # Database time of the row's last write: every writer sets it (runpop3's registry, the

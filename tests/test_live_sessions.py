@@ -130,8 +130,8 @@ def test_a_row_shows_the_listed_columns(make_mailbox, live_node):
         commands=7,
         retr_count=2,
         retr_bytes=3072,
-        deleted_count=1,
-        deleted_bytes=1024,
+        marked_count=1,
+        marked_bytes=1024,
     )
 
     [row] = sessions.read_page(Actor.cli(), sessions.View()).rows
@@ -148,8 +148,8 @@ def test_a_row_shows_the_listed_columns(make_mailbox, live_node):
         "commands": 7,
         "retrieved": 2,
         "retrieved_size": "3.0 KiB",
-        "deleted": 1,
-        "deleted_size": "1.0 KiB",
+        "marked": 1,
+        "marked_size": "1.0 KiB",
     }
 
 

@@ -35,8 +35,8 @@ ROW_FIELDS = (
     "commands",
     "retr_count",
     "retr_bytes",
-    "deleted_count",
-    "deleted_bytes",
+    "marked_count",
+    "marked_bytes",
 )
 
 
@@ -122,6 +122,6 @@ def row_of(session: dict) -> dict:
         "commands": session["commands"],
         "retrieved": session["retr_count"],
         "retrieved_size": format_size(session["retr_bytes"]),
-        "deleted": session["deleted_count"],
-        "deleted_size": format_size(session["deleted_bytes"]),
+        "marked": session["marked_count"],
+        "marked_size": format_size(session["marked_bytes"]),
     }

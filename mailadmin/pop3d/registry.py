@@ -69,6 +69,8 @@ STAT_FIELDS = (
     "top_bytes",
     "deleted_count",
     "deleted_bytes",
+    "marked_count",
+    "marked_bytes",
     "message_count",
     "message_bytes",
 )

@@ -52,7 +52,7 @@
       cell(new Date(row.since).toLocaleString()),
       cell(row.commands, "number"),
       cell(`${row.retrieved} (${row.retrieved_size})`, "number retrieved"),
-      cell(`${row.deleted} (${row.deleted_size})`, "number deleted"),
+      cell(`${row.marked} (${row.marked_size})`, "number marked"),
     );
     if (mayKick) {
       const td = document.createElement("td");
