@@ -6,7 +6,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
@@ -342,9 +342,9 @@ def test_staff_get_a_snapshot_then_the_changes(make_mailbox, live_node, fast_has
         connected, _ = await socket.connect(timeout=RECEIVE_TIMEOUT)
         assert connected
         snapshot = await receive(socket)
-        second = await sync_to_async(open_session_row)(mailbox, peer_host="198.51.100.9")
+        second = await database_sync_to_async(open_session_row)(mailbox, peer_host="198.51.100.9")
         added = await receive(socket)
-        await sync_to_async(end)(first)
+        await database_sync_to_async(end)(first)
         removed = await receive(socket)
         await socket.disconnect()
         return [snapshot, added, removed, str(second.pk)]
@@ -396,8 +396,8 @@ def test_a_domain_administrator_gets_only_their_domains_sessions(make_mailbox, l
         connected, _ = await socket.connect(timeout=RECEIVE_TIMEOUT)
         assert connected
         snapshot = await receive(socket)
-        await sync_to_async(open_session_row)(theirs)
-        later = await sync_to_async(open_session_row)(ours)
+        await database_sync_to_async(open_session_row)(theirs)
+        later = await database_sync_to_async(open_session_row)(ours)
         changes = await receive(socket)
         await socket.disconnect()
         return snapshot, changes, str(later.pk)
@@ -446,8 +446,8 @@ def test_with_redis_a_notice_from_runpop3_reaches_the_page(
         socket = communicator(cookie)
         await socket.connect(timeout=RECEIVE_TIMEOUT)
         await receive(socket)
-        session = await sync_to_async(open_session_row)(mailbox)
-        notice = await sync_to_async(feed.notice_about)([session.pk.hex])
+        session = await database_sync_to_async(open_session_row)(mailbox)
+        notice = await database_sync_to_async(feed.notice_about)([session.pk.hex])
         await get_channel_layer().group_send(feed.SESSIONS_GROUP, notice)
         changes = await receive(socket)
         await socket.disconnect()
