@@ -80,6 +80,16 @@ CHECKS = (
     Check("lmtp", "msg_per_s", "LMTP 4 connections, small", "msg/s", 950, 950),
     Check("lmtp", "p99_ms", "", "ms p99", None, kind=INFO),
     Check(
+        "live_page",
+        "p95_ms",
+        "login to live page, 1,000 sessions churning",
+        "ms p95",
+        None,
+        2000,
+        at_least=False,
+    ),
+    Check("live_page", "churn_logins_per_s", "", "logins/s churn", None, kind=INFO),
+    Check(
         "memory_25mb",
         "peak_growth_mib",
         "10 concurrent RETR of the big message",

@@ -16,10 +16,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import corpus
+from bench import corpus, live
 from bench.clients import Pop3, ProtocolError, tls_context
 from bench.load import Tally, Task, Workers, lmtp_worker, login_worker, retr_worker
-from bench.servers import Environment, Server, start_lmtp, start_pop3
+from bench.servers import Environment, Server, start_lmtp, start_pop3, start_web
 
 MB = 1_000_000  # rates are in decimal megabytes, as Dovecot's figures are
 # Time for the (already running) workers to receive their tasks before the window opens.
@@ -78,6 +78,11 @@ class Bench:
     @contextmanager
     def lmtp(self, name: str) -> Iterator[Server]:
         with self._running(start_lmtp(self.env, name, LMTP_WORKERS=str(LMTP_WORKERS))) as server:
+            yield server
+
+    @contextmanager
+    def web(self, name: str) -> Iterator[Server]:
+        with self._running(start_web(self.env, name)) as server:
             yield server
 
     @contextmanager
@@ -553,6 +558,58 @@ def group_lmtp(bench: Bench) -> dict[str, dict]:
     return results
 
 
+# --- The live sessions page ------------------------------------------------------------------
+
+LIVE_CHURN_SESSIONS = 1000
+LIVE_PROBES = 40
+
+
+def live_page(bench: Bench, pop3: Server, web: Server) -> dict:
+    """Delay from a POP3 login to its row on an open live page, while held sessions churn."""
+    port = pop3.ports["plain"]
+    users = [bench.spec.idle_user(i) for i in range(min(LIVE_CHURN_SESSIONS, bench.spec.idle_users))]
+    held = live.hold(port, users)
+    churn = live.Churn(port, held)
+    session_key = bench.env.run("-m", "bench.console").stdout.strip()
+    page = live.LivePage(web.ports["http"], session_key)
+    probes = 3 if bench.spec.users < 10 else LIVE_PROBES
+    delays: list[float] = []
+    missed = 0
+    churn.start()
+    started = time.perf_counter()
+    try:
+        for n in range(probes):
+            delay = live.probe(page, port, bench.spec.user(n % bench.spec.users))
+            if delay is None:
+                missed += 1
+            else:
+                delays.append(delay)
+    finally:
+        seconds = time.perf_counter() - started
+        churn.stop()
+        page.close()
+        quit_all(list(churn.sessions.values()))
+    return {
+        "held_sessions": len(users),
+        "open_failures": len(users) - len(held),
+        "churn_logins_per_s": ratio(churn.cycles, seconds),
+        "churn_errors": churn.errors,
+        "probes": probes,
+        "missed": missed,
+        "p50_ms": ms(percentile(delays, 50)),
+        "p95_ms": ms(percentile(delays, 95)),
+        "max_ms": ms(max(delays, default=None)),
+        "page_messages": page.messages,
+    }
+
+
+def group_live(bench: Bench) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    with bench.pop3("runpop3-live", cache_ttl=CACHE_ON_TTL) as pop3, bench.web("daphne-live") as web:
+        _run(results, bench, "live_page", lambda: live_page(bench, pop3, web))
+    return results
+
+
 # --- Running them -----------------------------------------------------------------------------
 
 
@@ -575,6 +632,7 @@ GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Bench], dict[str, dict]]]] = 
     "sessions": (("idle_plain", "idle_tls", "held_sessions"), group_sessions),
     "memory": (("memory_25mb",), group_memory),
     "lmtp": (("lmtp",), group_lmtp),
+    "live": (("live_page",), group_live),
 }
 SCENARIOS = tuple(name for names, _ in GROUPS.values() for name in names)
 

@@ -298,3 +298,39 @@ def _start(
         )
     _await_lines(process, expected, stderr_path)
     return Server(name, process, ports, stderr_path, settings)
+
+
+def start_web(env: Environment, name: str, **settings: str) -> Server:
+    """daphne serving mailadmin.asgi, as ``make run`` starts it; ready once its port accepts."""
+
+    def attempt() -> Server:
+        port = free_port()
+        command = ["-m", "daphne", "-b", HOST, "-p", str(port), "mailadmin.asgi:application"]
+        stderr_path = env.var_dir / f"{name}.stderr"
+        with stderr_path.open("wb") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, *command],
+                cwd=PROJECT_DIR,
+                env=env.variables(**settings),
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        _await_port(process, port, stderr_path)
+        return Server(name, process, {"http": port}, stderr_path, settings)
+
+    return _with_retries(attempt)
+
+
+def _await_port(process: subprocess.Popen, port: int, stderr_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        try:
+            socket.create_connection((HOST, port), timeout=1).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                text = stderr_path.read_text(errors="replace")
+                reason = "cannot listen" if "Address already in use" in text else "did not start"
+                raise RuntimeError(f"server {reason}:\n{text}") from None
+            time.sleep(0.1)

@@ -90,7 +90,9 @@ class SessionPoller:
     async def _run(self) -> None:
         layer = get_channel_layer()
         reader = ChangeReader()
+        loop = asyncio.get_running_loop()
         while True:
+            next_look = loop.time() + POLL_SECONDS  # a look per second, however long each takes
             try:
                 message = await console_database.run(reader.read)
             except TRANSIENT_DB_ERRORS as error:
@@ -101,7 +103,7 @@ class SessionPoller:
                 message = None
             if message is not None:
                 await layer.group_send(feed.SESSIONS_GROUP, message)
-            await asyncio.sleep(POLL_SECONDS)
+            await asyncio.sleep(max(0.0, next_look - loop.time()))
 
 
 session_poller = SessionPoller()
