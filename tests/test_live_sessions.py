@@ -18,7 +18,7 @@ from django.utils import timezone
 from mailadmin.asgi import application
 from mailadmin.console import sessions
 from mailadmin.console.consumers import differences
-from mailadmin.console.poller import ChangeReader
+from mailadmin.console.poller import ChangeReader, SessionPoller
 from mailadmin.console.routing import LIVE_SESSIONS_SOCKET_PATH
 from mailadmin.executors import BoundedExecutor
 from mailadmin.hosting import services
@@ -32,7 +32,7 @@ from tests.conftest import open_session_row
 
 NODE = "n:1"  # open_session_row's process
 ORIGIN = b"http://127.0.0.1:8000"
-RECEIVE_TIMEOUT = 15.0
+RECEIVE_TIMEOUT = 30.0
 PAGE_URL = "/admin/sessions/live/"
 KICK_URL = "/admin/sessions/live/kick/"
 
@@ -230,6 +230,36 @@ def test_the_change_reader_names_no_rows_when_too_many_changed(make_mailbox):
 
     assert reader.read() == {"type": "sessions.changed", "rows": None}
     assert reader.read() is None
+
+
+def poller_tasks() -> int:
+    return sum(task.get_coro().__qualname__ == "SessionPoller._run" for task in asyncio.all_tasks())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_poller_runs_from_the_first_page_to_the_last():
+    poller = SessionPoller()
+
+    async def scenario() -> list[tuple[bool, int]]:
+        seen = []
+        for step in (poller.subscribe, poller.subscribe, poller.unsubscribe, poller.unsubscribe):
+            step()
+            await asyncio.sleep(0.01)  # a cancelled task ends at the loop's next turn
+            seen.append((poller.running, poller_tasks()))
+        return seen
+
+    assert asyncio.run(scenario()) == [(True, 1), (True, 1), (True, 1), (False, 0)]
+
+
+def test_no_poller_runs_when_runpop3_publishes_through_redis(settings):
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer"}}
+    poller = SessionPoller()
+
+    async def scenario() -> tuple[bool, int]:
+        poller.subscribe()
+        return poller.running, poller_tasks()
+
+    assert asyncio.run(scenario()) == (False, 0)
 
 
 # --- runpop3's doorbell (with a channel layer that crosses processes) ------------------------
