@@ -570,7 +570,7 @@ def live_page(bench: Bench, pop3: Server, web: Server) -> dict:
     users = [bench.spec.idle_user(i) for i in range(min(LIVE_CHURN_SESSIONS, bench.spec.idle_users))]
     held = live.hold(port, users)
     churn = live.Churn(port, held)
-    session_key = bench.env.run("-m", "bench.console").stdout.strip()
+    session_key = bench.env.run("-m", "bench.staff_session").stdout.strip()
     page = live.LivePage(web.ports["http"], session_key)
     probes = 3 if bench.spec.users < 10 else LIVE_PROBES
     delays: list[float] = []

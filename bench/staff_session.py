@@ -1,4 +1,4 @@
-"""``python -m bench.console``: a signed-in admin session for the bench's websocket client.
+"""``python -m bench.staff_session``: a signed-in admin session for the bench's websocket client.
 
 Prints the session key of a superuser's session (made in the bench database), which the
 client sends as the ``sessionid`` cookie, as a browser that logged in would.
