@@ -40,7 +40,13 @@ def database_url() -> str:
 
 
 def child_environment(**extra: str) -> dict[str, str]:
-    return {**os.environ, "DATABASE_URL": database_url(), "DEBUG": "1", **extra}
+    """The test's environment for a child process, on the test database.
+
+    Without DJANGO_ALLOW_ASYNC_UNSAFE, which browser tests set for their own thread only
+    (tests.browser): a server child must keep Django's check that no ORM call runs on its loop.
+    """
+    inherited = {name: value for name, value in os.environ.items() if name != "DJANGO_ALLOW_ASYNC_UNSAFE"}
+    return {**inherited, "DATABASE_URL": database_url(), "DEBUG": "1", **extra}
 
 
 def run_manage(*args: str, input: bytes = b"", **extra_env: str) -> subprocess.CompletedProcess:
