@@ -16,8 +16,9 @@ What a test module needs, imported from here (importing a fixture makes it avail
 
 Playwright's sync API keeps an event loop marked as running in the test's thread while a
 browser is open; Django would then refuse the test's own (synchronous, safe) ORM calls, so the
-``browser`` fixture sets DJANGO_ALLOW_ASYNC_UNSAFE for its test. The browser lives for one test
-only: the marked loop would otherwise break later tests that call ``asyncio.run``.
+``browser`` fixture sets DJANGO_ALLOW_ASYNC_UNSAFE for its test (server children started through
+``child_environment`` do not inherit it). The browser lives for one test only: the marked loop
+would otherwise break later tests that call ``asyncio.run``.
 """
 
 import shutil
