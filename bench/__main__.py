@@ -40,6 +40,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--pipelined", type=int, default=1000, help="commands in the pipelining row")
     parser.add_argument("--repeats", type=int, default=5, help="sessions/rounds behind the median rows")
+    parser.add_argument(
+        "--live-sessions", type=int, help="sessions churning under the live page (1000; smoke 5)"
+    )
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
     parser.add_argument("--output-dir", type=Path, default=PROJECT_DIR / "var" / "bench")
     parser.add_argument("--keep-db", action="store_true", help="keep the bench database afterwards")
@@ -76,6 +79,8 @@ def plan(args: argparse.Namespace, fd_limit: int) -> tuple[corpus.CorpusSpec, Op
         held_sessions=max(0, min(held, fd_limit - 2 * idle - FD_RESERVE)),
         pipelined=args.pipelined,
         repeats=args.repeats,
+        live_sessions=args.live_sessions if args.live_sessions is not None else (5 if args.smoke else 1000),
+        live_probes=3 if args.smoke else 40,
         only=frozenset(filter(None, args.only.split(","))),
     )
     return spec, options

@@ -43,6 +43,8 @@ class Options:
     held_sessions: int
     pipelined: int
     repeats: int
+    live_sessions: int = 1000
+    live_probes: int = 40
     only: frozenset[str] = frozenset()
 
 
@@ -560,19 +562,16 @@ def group_lmtp(bench: Bench) -> dict[str, dict]:
 
 # --- The live sessions page ------------------------------------------------------------------
 
-LIVE_CHURN_SESSIONS = 1000
-LIVE_PROBES = 40
-
 
 def live_page(bench: Bench, pop3: Server, web: Server) -> dict:
     """Delay from a POP3 login to its row on an open live page, while held sessions churn."""
     port = pop3.ports["plain"]
-    users = [bench.spec.idle_user(i) for i in range(min(LIVE_CHURN_SESSIONS, bench.spec.idle_users))]
+    users = [bench.spec.idle_user(i) for i in range(min(bench.options.live_sessions, bench.spec.idle_users))]
     held = live.hold(port, users)
     churn = live.Churn(port, held)
     session_key = bench.env.run("-m", "bench.staff_session").stdout.strip()
     page = live.LivePage(web.ports["http"], session_key)
-    probes = 3 if bench.spec.users < 10 else LIVE_PROBES
+    probes = bench.options.live_probes
     delays: list[float] = []
     missed = 0
     churn.start()
