@@ -43,7 +43,10 @@ def fast_hashing(settings):
 
 
 @pytest.fixture
-def live_node(db):
+def live_node(db, settings):
+    """The process of open_session_row's rows, heartbeating; taken for dead only after hours
+    (ten monitor intervals), however slowly a loaded machine runs the test."""
+    settings.POP3_MONITOR_INTERVAL = 3600.0
     now = timezone.now()
     return Pop3Node.objects.create(name=NODE, started_at=now, heartbeat_at=now)
 
