@@ -11,8 +11,10 @@ from channels.layers import get_channel_layer
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Permission
+from django.db import connection
 from django.db.models.functions import Now
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from mailadmin.asgi import application
@@ -106,6 +108,19 @@ def test_a_page_holds_at_most_page_size_rows_newest_first(make_mailbox, live_nod
     assert ids(first.rows) == [str(session.pk) for session in made[:100]]
     assert ids(second.rows) == [str(session.pk) for session in made[100:]]
     assert (beyond.number, ids(beyond.rows)) == (2, ids(second.rows))
+
+
+@pytest.mark.django_db
+def test_a_page_and_its_total_come_from_one_statement(make_mailbox, live_node):
+    """A count apart from the rows could disagree with them while sessions come and go."""
+    mailbox = make_mailbox("alice@example.test")
+    open_session_row(mailbox)
+    open_session_row(mailbox)
+
+    with CaptureQueriesContext(connection) as queries:
+        page = sessions.read_page(Actor.cli(), sessions.View())
+
+    assert (len(queries.captured_queries), page.total, len(page.rows)) == (1, 2, 2)
 
 
 @pytest.mark.django_db

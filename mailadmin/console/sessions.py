@@ -8,7 +8,7 @@ lost waits for (``registry.stale_after``), even before another process sweeps th
 from dataclasses import dataclass, field
 
 from django.conf import settings
-from django.db.models import Q, QuerySet
+from django.db.models import Count, Q, QuerySet, Window
 from django.utils import timezone
 
 from mailadmin.hosting import scopes
@@ -92,14 +92,30 @@ def open_sessions(actor: Actor, search: str = "") -> QuerySet[Pop3Session]:
 
 
 def read_page(actor: Actor, view: View) -> Page:
-    """One page of rows, newest session first; a page past the end shows the last one."""
-    sessions = open_sessions(actor, view.search)
-    total = sessions.count()
-    pages = max(1, -(-total // PAGE_SIZE))
-    number = min(view.page, pages)
-    start = (number - 1) * PAGE_SIZE
-    values = sessions.order_by("-started_at", "pk").values(*ROW_FIELDS)[start : start + PAGE_SIZE]
-    return Page([row_of(session) for session in values], total, number, pages)
+    """One page of rows, newest session first; a page past the end shows the last one.
+
+    The total comes with the rows, from one statement (a window count), so the two agree even
+    while sessions come and go.
+    """
+    sessions = (
+        open_sessions(actor, view.search)
+        .order_by("-started_at", "pk")
+        .annotate(total=Window(Count("pk")))
+        .values(*ROW_FIELDS, "total")
+    )
+    number = view.page
+    while True:
+        start = (number - 1) * PAGE_SIZE
+        values = list(sessions[start : start + PAGE_SIZE])
+        if values or number == 1:
+            break
+        number = pages_for(open_sessions(actor, view.search).count())
+    total = values[0]["total"] if values else 0
+    return Page([row_of(session) for session in values], total, number, pages_for(total))
+
+
+def pages_for(total: int) -> int:
+    return max(1, -(-total // PAGE_SIZE))
 
 
 def row_of(session: dict) -> dict:
