@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import argon2
 
-from bench.servers import HOST, Server, start_daphne
+from bench.servers import HOST, Server, start_web
 
 DOMAIN = "api-bench.test"
 PASSWORD = "api bench password"
@@ -108,7 +108,7 @@ def api_server(bench) -> Iterator[tuple[Server, str]]:
     token = bench.env.run("manage.py", "createtoken", "--scope", "write", "--name", "bench").stdout.split()[
         -1
     ]
-    with bench._running(start_daphne(bench.env, "daphne")) as server:
+    with bench._running(start_web(bench.env, "daphne")) as server:
         yield server, token
 
 

@@ -223,6 +223,16 @@ CHECKS = (
     Check("deliver_pipe", "fast_cpu_median_ms", "", "ms CPU/message", None, kind=INFO),
     Check("deliver_pipe", "in_process_cpu_median_ms", "", "ms CPU in-process", None, kind=INFO),
     Check(
+        "live_page",
+        "p95_ms",
+        "login to live page, 1,000 sessions churning",
+        "ms p95",
+        None,
+        2000,
+        at_least=False,
+    ),
+    Check("live_page", "churn_logins_per_s", "", "logins/s churn", None, kind=INFO),
+    Check(
         "memory_25mb",
         "peak_growth_mib",
         "10 concurrent RETR of the big message",

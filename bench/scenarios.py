@@ -21,11 +21,11 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from bench import api, console, console_pages, corpus
+from bench import api, console, console_pages, corpus, live
 from bench.clients import Pop3, ProtocolError, tls_context
 from bench.dovecot import Dovecot, make_root, missing, remove_root
 from bench.load import Tally, Task, Workers, fleet_worker, lmtp_worker, login_worker, retr_worker
-from bench.servers import PROJECT_DIR, Environment, Server, start_lmtp, start_pop3
+from bench.servers import PROJECT_DIR, Environment, Server, start_lmtp, start_pop3, start_web
 
 MB = 1_000_000  # rates are in decimal megabytes, as Dovecot's figures are
 # Time for the (already running) workers to receive their tasks before the window opens.
@@ -52,6 +52,8 @@ class Options:
     pipelined: int
     repeats: int
     pipe_deliveries: int = 20  # through runlmtp; a quarter as many in-process (a second each)
+    live_sessions: int = 1000
+    live_probes: int = 40
     only: frozenset[str] = frozenset()
     smoke: bool = False
     import_rows: int = 10_000
@@ -77,11 +79,14 @@ class Bench:
         return str(self.options.held_sessions + 2 * self.options.idle_sessions + 100)
 
     @contextmanager
-    def pop3(self, name: str, cache_ttl: str | None, workers: int | None = ONE_PROCESS) -> Iterator[Server]:
+    def pop3(
+        self, name: str, cache_ttl: str | None, workers: int | None = ONE_PROCESS, **extra: str
+    ) -> Iterator[Server]:
         """runpop3; ``cache_ttl`` and ``workers`` None leave the shipped defaults."""
         settings = {
             "POP3_MAX_CONNECTIONS": self.connection_limit,
             "POP3_MAX_CONNECTIONS_PER_IP": self.connection_limit,
+            **extra,
         }
         if workers is not None:
             settings["POP3_WORKERS"] = str(workers)
@@ -110,6 +115,11 @@ class Bench:
     @property
     def spec_path(self) -> Path:
         return self.env.var_dir / "corpus-spec.json"
+
+    @contextmanager
+    def web(self, name: str) -> Iterator[Server]:
+        with self._running(start_web(self.env, name)) as server:
+            yield server
 
     @contextmanager
     def _running(self, server: Server) -> Iterator[Server]:
@@ -863,6 +873,63 @@ def deliver_pipe(bench: Bench, server: Server) -> dict:
     return figures
 
 
+# --- The live sessions page ------------------------------------------------------------------
+
+
+LIVE_HOLD_SECONDS = "7200"
+
+
+def live_page(bench: Bench, pop3: Server, web: Server) -> dict:
+    """Delay from a POP3 login to its row on an open live page, while held sessions churn."""
+    port = pop3.ports["plain"]
+    users = [bench.spec.idle_user(i) for i in range(min(bench.options.live_sessions, bench.spec.idle_users))]
+    held = live.hold(port, users)
+    churn = live.Churn(port, held)
+    session_key = bench.env.run("-m", "bench.staff_session").stdout.strip()
+    page = live.LivePage(web.ports["http"], session_key)
+    probes = bench.options.live_probes
+    delays: list[float] = []
+    missed = 0
+    churn.start()
+    started = time.perf_counter()
+    try:
+        for n in range(probes):
+            delay = live.probe(page, port, bench.spec.user(n % bench.spec.users))
+            if delay is None:
+                missed += 1
+            else:
+                delays.append(delay)
+    finally:
+        seconds = time.perf_counter() - started
+        churn.stop()
+        page.close()
+        quit_all(list(churn.sessions.values()))
+    return {
+        "held_sessions": len(users),
+        "open_failures": len(users) - len(held),
+        "churn_logins_per_s": ratio(churn.cycles, seconds),
+        "churn_errors": churn.errors,
+        "probes": probes,
+        "missed": missed,
+        "p50_ms": ms(percentile(delays, 50)),
+        "p95_ms": ms(percentile(delays, 95)),
+        "max_ms": ms(max(delays, default=None)),
+        "page_messages": page.messages,
+    }
+
+
+def group_live(bench: Bench) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    # Opening 1,000 sessions (an argon2 check each) can take longer than the idle timeout and
+    # the credential cache's TTL on a busy machine: neither may lapse before the churn starts.
+    with (
+        bench.pop3("runpop3-live", cache_ttl=LIVE_HOLD_SECONDS, POP3_IDLE_TIMEOUT=LIVE_HOLD_SECONDS) as pop3,
+        bench.web("daphne-live") as web,
+    ):
+        _run(results, bench, "live_page", lambda: live_page(bench, pop3, web))
+    return results
+
+
 # --- Running them -----------------------------------------------------------------------------
 
 
@@ -891,6 +958,7 @@ GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Bench], dict[str, dict]]]] = 
     "lmtp": (("lmtp", "deliver_pipe"), group_lmtp),
     "console_pages": ((console_pages.SCENARIO,), console_pages.group_console_pages),
     "api": (("api_put", "api_get", "api_import", "api_token_check"), group_api),
+    "live": (("live_page",), group_live),
     # Last: its million rows would weigh on the mail scenarios' database.
     "console": (("console_dashboard", "console_prune"), group_console),
 }

@@ -304,8 +304,9 @@ def _start(
     return Server(name, process, ports, stderr_path, settings)
 
 
-def start_daphne(env: Environment, name: str, **settings: str) -> Server:
-    """daphne serving the project (the web admin and the API) on a free port, plain HTTP."""
+def start_web(env: Environment, name: str, **settings: str) -> Server:
+    """daphne serving mailadmin.asgi (the admin, the console and the API), as ``make run`` starts it,
+    on a free port, plain HTTP; ready once its port accepts."""
 
     def attempt() -> Server:
         port = free_port()
@@ -321,20 +322,22 @@ def start_daphne(env: Environment, name: str, **settings: str) -> Server:
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
             )
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not _accepting(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"daphne did not start:\n{stderr_path.read_text(errors='replace')}")
-            time.sleep(0.1)
+        _await_port(process, port, stderr_path)
         return Server(name, process, {"http": port}, stderr_path, values)
 
     return _with_retries(attempt)
 
 
-def _accepting(port: int) -> bool:
-    try:
-        socket.create_connection((HOST, port), timeout=1).close()
-    except OSError:
-        return False
-    return True
+def _await_port(process: subprocess.Popen, port: int, stderr_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        try:
+            socket.create_connection((HOST, port), timeout=1).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                text = stderr_path.read_text(errors="replace")
+                reason = "cannot listen" if "Address already in use" in text else "did not start"
+                raise RuntimeError(f"server {reason}:\n{text}") from None
+            time.sleep(0.1)

@@ -1,4 +1,8 @@
-"""ASGI entry point served by daphne: HTTP today, websockets with the live console."""
+"""ASGI entry point served by daphne: HTTP, and the console's websockets.
+
+Websockets are for signed-in users (the admin's session cookie) from pages of ours: a
+connection whose Origin is not one of ALLOWED_HOSTS is refused before any consumer runs.
+"""
 
 import os
 
@@ -8,6 +12,16 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mailadmin.settings")
 
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402  (needs the app registry)
+# These need the app registry that get_asgi_application() has just loaded.
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
-application = ProtocolTypeRouter({"http": django_asgi_app})
+from mailadmin.console.routing import websocket_urlpatterns  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+    }
+)

@@ -436,6 +436,9 @@ class Pop3Session(models.Model):
     top_bytes = models.BigIntegerField(_("bytes sent by TOP"), default=0)
     deleted_count = models.PositiveIntegerField(_("messages deleted"), default=0)
     deleted_bytes = models.BigIntegerField(_("bytes deleted"), default=0)
+    # Marked by DELE so far: removed only if the session reaches its UPDATE state.
+    marked_count = models.PositiveIntegerField(_("messages marked deleted"), default=0)
+    marked_bytes = models.BigIntegerField(_("bytes marked deleted"), default=0)
     message_count = models.PositiveIntegerField(_("messages at login"), default=0)
     message_bytes = models.BigIntegerField(_("bytes at login"), default=0)
     # Database time of the row's last write: every writer sets it (runpop3's registry, the

@@ -113,8 +113,10 @@ class SessionStats:
     retr_bytes: int = 0
     top_count: int = 0
     top_bytes: int = 0
-    deleted_count: int = 0
+    deleted_count: int = 0  # removed by the UPDATE state
     deleted_bytes: int = 0
+    marked_count: int = 0  # marked by DELE and not unmarked by RSET, so far
+    marked_bytes: int = 0
     message_count: int = 0
     message_bytes: int = 0
 

@@ -326,6 +326,7 @@ class Session:
             case protocol.Rset():
                 self._deleted.clear()
                 self._live = (len(self._messages), sum(info.size for info in self._messages))
+                self.stats.marked_count = self.stats.marked_bytes = 0
                 self._write(ok("maildrop has {} messages ({} octets)".format(*self._live)))
             case _:
                 raise protocol.LocalProtocolError(f"unhandled event {event!r}")
@@ -404,6 +405,8 @@ class Session:
     def _mark_deleted(self, number: int, info: MessageInfo) -> bytes:
         self._deleted.add(number)
         self._live = (self._live[0] - 1, self._live[1] - info.size)
+        self.stats.marked_count += 1
+        self.stats.marked_bytes += info.size
         return ok(TEXT_MARKED)
 
     async def _send_message(self, number: int, top_lines: int | None) -> None:

@@ -42,7 +42,13 @@ def database_url() -> str:
 
 
 def child_environment(**extra: str) -> dict[str, str]:
-    return {**os.environ, "DATABASE_URL": database_url(), "DEBUG": "1", **extra}
+    """The test's environment for a child process, on the test database.
+
+    Without DJANGO_ALLOW_ASYNC_UNSAFE, which browser tests set for their own thread only
+    (tests.browser): a server child must keep Django's check that no ORM call runs on its loop.
+    """
+    inherited = {name: value for name, value in os.environ.items() if name != "DJANGO_ALLOW_ASYNC_UNSAFE"}
+    return {**inherited, "DATABASE_URL": database_url(), "DEBUG": "1", **extra}
 
 
 # Where ``manage.py deliver`` looks for runlmtp in tests that start none: a loopback port no
@@ -78,3 +84,29 @@ def open_session_row(mailbox=None, **fields):
     if mailbox is not None:
         values.update(username=mailbox.address, mailbox=mailbox, domain=mailbox.domain)
     return Pop3Session.objects.create(**{**values, **fields})
+
+
+# Redis for the live-update tests: a database number of their own, so nothing else is touched.
+TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/7")
+
+
+def redis_url_or_skip() -> str:
+    """TEST_REDIS_URL if a Redis server answers there; otherwise the test is skipped, saying why."""
+    import redis
+
+    try:
+        redis.Redis.from_url(TEST_REDIS_URL, socket_connect_timeout=2, socket_timeout=2).ping()
+    except redis.exceptions.RedisError as error:
+        pytest.skip(f"no Redis answers at {TEST_REDIS_URL} (set TEST_REDIS_URL): {error}")
+    return TEST_REDIS_URL
+
+
+@pytest.fixture
+def redis_layer(settings) -> str:
+    """This process's channel layer on Redis (as with REDIS_URL set); the URL, for children."""
+    url = redis_url_or_skip()
+    settings.REDIS_URL = url
+    settings.CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [url]}}
+    }
+    return url

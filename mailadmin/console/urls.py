@@ -4,7 +4,7 @@ from functools import partial
 
 from django.urls import path
 
-from mailadmin.console import history, quota, views
+from mailadmin.console import history, live, quota, views
 
 
 def console_urls(site) -> list:
@@ -17,4 +17,6 @@ def console_urls(site) -> list:
         path("quota/", page(quota.quota_view), name="quota"),
         path("quota/csv/", page(quota.quota_csv_view), name="quota_csv"),
         path("quota/recalculate/", page(quota.recalculate_view), name="quota_recalculate"),
+        path("sessions/live/", page(live.live_sessions), name="live_sessions"),
+        path("sessions/live/kick/", site.admin_view(live.kick_session), name="live_sessions_kick"),
     ]

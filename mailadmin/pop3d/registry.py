@@ -11,7 +11,9 @@ POP3_MONITOR_INTERVAL, in one unit on the database executor:
 * finds its sessions to end: kicked (``kick_requested_at`` set by the admin, the API or
   ``kickpop3``), mailbox no longer usable (``Mailbox.objects.usable()``), password changed,
   mailbox deleted; and ends them with no UPDATE applied;
-* now and then marks sessions of processes that stopped heartbeating as ``lost``.
+* now and then marks sessions of processes that stopped heartbeating as ``lost``;
+* with a channel layer that crosses processes, rings the live sessions page's doorbell about
+  the rows it wrote (``mailadmin.pop3d.feed``).
 
 The loop never ends on an error: a failed tick is logged, its row writes are kept for the next
 tick (dropped instead when the error is not a transient one, so one bad row cannot block the
@@ -38,6 +40,7 @@ from django.utils import timezone
 from mailadmin.addresses import domain_of_login
 from mailadmin.executors import TRANSIENT_DB_ERRORS, BoundedExecutor
 from mailadmin.models import Domain, Mailbox, Pop3Node, Pop3Session
+from mailadmin.pop3d import feed
 from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.maildrop import OrmMaildrop
 from pop3.mailbox import ConnectionInfo, EndReason, LoginFailure, Maildrop, SessionStats
@@ -66,6 +69,8 @@ STAT_FIELDS = (
     "top_bytes",
     "deleted_count",
     "deleted_bytes",
+    "marked_count",
+    "marked_bytes",
     "message_count",
     "message_bytes",
 )
@@ -214,6 +219,7 @@ class Pop3Monitor:
         node: str,
         interval: float,
         on_give_up: Callable[[], None],
+        publisher: feed.SessionPublisher | None = None,
     ) -> None:
         self.executor = executor
         self.leases = leases
@@ -223,6 +229,7 @@ class Pop3Monitor:
         # Called, and gave_up set, when a held lease has gone unrenewed for its whole TTL.
         self.on_give_up = on_give_up
         self.gave_up = False
+        self.publisher = publisher
         self._tracked: dict[str, SessionRecorder] = {}
         self._ticks = 0
         self._stopping: asyncio.Event | None = None
@@ -284,8 +291,16 @@ class Pop3Monitor:
         sweep = self._ticks % SWEEP_EVERY_TICKS == 1
         owners = self.leases.owners()
         try:
-            kicks = await self.executor.run(
-                sync_node, self.node, outbox, tracked, self.leases, owners, self.interval, sweep
+            kicks, notice = await self.executor.run(
+                sync_node,
+                self.node,
+                outbox,
+                tracked,
+                self.leases,
+                owners,
+                self.interval,
+                sweep,
+                self.publisher is not None,
             )
         except TRANSIENT_DB_ERRORS as error:
             logger.warning("POP3 monitor: the database is unavailable (%s); retrying", error)
@@ -294,6 +309,8 @@ class Pop3Monitor:
         except Exception:
             logger.exception("POP3 monitor tick failed; its session row writes are dropped")
             return False
+        if notice is not None:
+            self.publisher.send(notice)
         for session_id in kicks:
             recorder = self._tracked.get(session_id)
             if recorder is not None:
@@ -312,6 +329,8 @@ class Pop3Monitor:
         if self.gave_up:
             return
         await self.tick()
+        if self.publisher is not None:
+            await self.publisher.settle()
         try:
             await self.executor.run(unregister_node, self.node)
         except TRANSIENT_DB_ERRORS as error:
@@ -341,8 +360,10 @@ def sync_node(
     owners: list[str],
     interval: float,
     sweep: bool,
-) -> list[str]:
-    """One monitor tick's database work; returns the ids of sessions to end.
+    notify: bool = False,
+) -> tuple[list[str], dict | None]:
+    """One monitor tick's database work; returns the ids of sessions to end, and (if ``notify``)
+    the notice about the session rows written, or None when none were.
 
     The heartbeat and lease renewal come first and never depend on the row writes: a row that
     cannot be written must not stop this process from holding its locks.
@@ -353,9 +374,12 @@ def sync_node(
     )
     leases.renew(owners)
     write_session_rows(outbox)
-    if sweep:
-        sweep_lost_sessions(interval)
-    return sessions_to_end(tracked)
+    swept = sweep_lost_sessions(interval) if sweep else 0
+    notice = None
+    if notify:
+        written = [fields["id"] for fields in outbox.inserts] + list(outbox.updates)
+        notice = feed.notice_about(written, anything=swept > 0)
+    return sessions_to_end(tracked), notice
 
 
 def write_session_rows(outbox: _Outbox) -> None:

@@ -168,6 +168,7 @@ class RecordingObserver:
     def __init__(self) -> None:
         self.calls: list[tuple] = []
         self.progress_calls = 0
+        self.progress_stats: list[SessionStats] = []
         self.maildrops: list[Maildrop] = []
         self.final_stats: SessionStats | None = None
 
@@ -186,6 +187,7 @@ class RecordingObserver:
 
     def progress(self, stats: SessionStats) -> None:
         self.progress_calls += 1
+        self.progress_stats.append(dataclasses.replace(stats))
 
     def closed(self, reason: EndReason, stats: SessionStats) -> None:
         self.calls.append(("closed", reason))
@@ -866,6 +868,16 @@ def test_dele_then_drop_deletes_nothing():
     assert_untouched(store)
     assert observer.calls[-1] == ("closed", EndReason.DROPPED)
     assert observer.final_stats.deleted_count == 0
+    assert (observer.final_stats.marked_count, observer.final_stats.marked_bytes) == (2, len(M1) + len(M2))
+
+
+def test_the_marked_counters_follow_dele_and_rset_as_the_session_runs():
+    store = alice_store()
+    observer = RecordingObserver()
+    io = ScriptedIO(LOGIN, b"DELE 2\r\nRSET\r\nDELE 3\r\nDELE 9\r\nDELE 3\r\n")
+    run(make_session(io, store, observer=observer))
+    marked = [(stats.marked_count, stats.marked_bytes) for stats in observer.progress_stats]
+    assert marked[-5:] == [(1, len(M2)), (0, 0), (1, len(M3)), (1, len(M3)), (1, len(M3))]
 
 
 def test_kick_mid_session_says_why_and_deletes_nothing():
@@ -1002,6 +1014,8 @@ def test_session_stats_count_commands_bytes_retrievals_and_deletions():
         top_bytes=len(b"+OK\r\n") + 24 + len(b"l1\r\n") + len(b".\r\n"),  # 36
         deleted_count=1,
         deleted_bytes=23,
+        marked_count=1,
+        marked_bytes=23,
         message_count=3,
         message_bytes=106,
     )

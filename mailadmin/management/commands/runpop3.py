@@ -10,11 +10,13 @@ import resource
 import signal
 import socket
 
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from mailadmin import checks
 from mailadmin.executors import BoundedExecutor, keep_connections_open
+from mailadmin.pop3d import feed
 from mailadmin.pop3d.authenticator import AuthPolicy, Pop3Authenticator
 from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.registry import Pop3Monitor, node_name
@@ -35,6 +37,13 @@ def auth_policy() -> AuthPolicy:
         penalty_window_seconds=settings.POP3_AUTH_PENALTY_WINDOW,
         login_delay_seconds=settings.POP3_LOGIN_DELAY,
     )
+
+
+def session_publisher() -> feed.SessionPublisher | None:
+    """Live session notices go out only through a layer the web processes share (Redis)."""
+    if not feed.layer_crosses_processes():
+        return None
+    return feed.SessionPublisher(get_channel_layer())
 
 
 # Descriptors a runpop3 process needs besides its clients' sockets: the listeners, log and TLS
@@ -190,7 +199,12 @@ class Command(BaseCommand):
         leases = LeaseKeeper(database, node=node, ttl_seconds=settings.POP3_LEASE_TTL)
         stop = asyncio.Event()
         monitor = Pop3Monitor(
-            database, leases, node=node, interval=settings.POP3_MONITOR_INTERVAL, on_give_up=stop.set
+            database,
+            leases,
+            node=node,
+            interval=settings.POP3_MONITOR_INTERVAL,
+            on_give_up=stop.set,
+            publisher=session_publisher(),
         )
         authenticator = Pop3Authenticator(auth_policy(), database=database, hashing=hashing, leases=leases)
         server = Pop3Server(config, authenticator, monitor.recorder)
