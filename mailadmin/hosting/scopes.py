@@ -7,7 +7,17 @@ an administrator) are visible only to actors whose scope is every domain.
 from django.db.models import Model, QuerySet
 
 from mailadmin.hosting.actors import Actor
-from mailadmin.models import AuditEntry, AuthFailure, Domain, Mailbox, Message, Pop3Session
+from mailadmin.models import (
+    Alias,
+    AliasDomain,
+    AuditEntry,
+    AuthFailure,
+    Domain,
+    DomainCatchAll,
+    Mailbox,
+    Message,
+    Pop3Session,
+)
 
 # How each scoped model reaches the domain it belongs to.
 DOMAIN_PATHS: dict[type[Model], str] = {
@@ -17,6 +27,9 @@ DOMAIN_PATHS: dict[type[Model], str] = {
     Pop3Session: "domain",
     AuthFailure: "domain",
     AuditEntry: "domain",
+    Alias: "domain",
+    DomainCatchAll: "domain",
+    AliasDomain: "target",
 }
 
 

@@ -10,9 +10,10 @@ may create, change, delete and set passwords of mailboxes, kick their sessions, 
 their quota, and change a domain's ``DOMAIN_ADMINISTRATOR_SETTINGS``; they may not create,
 delete, suspend or reactivate a domain, change its quota cap or mailbox limit, or make
 administrators. Outside their domains every request is refused alike, whether or not the
-domain or mailbox exists, so a refusal reveals nothing. A person also needs the
-``kick_pop3session`` permission to kick (domain administrators have it): viewing sessions is
-not enough.
+domain or mailbox exists, so a refusal reveals nothing. Aliases, catch-alls and alias domains
+follow the same rule (``aliases``, whose docstring says what it adds for destinations). A
+person also needs the ``kick_pop3session`` permission to kick (domain administrators have
+it): viewing sessions is not enough.
 
 Passwords are hashed before a function opens its transaction: argon2 costs ~100 ms and
 ~100 MiB a hash, and a transaction held meanwhile stalls deliveries and logins.
@@ -53,6 +54,15 @@ ADMINISTRATOR_PERMISSIONS = (
     "kick_pop3session",
     "view_authfailure",
     "view_auditentry",
+    "view_alias",
+    "add_alias",
+    "change_alias",
+    "delete_alias",
+    "view_domaincatchall",
+    "add_domaincatchall",
+    "change_domaincatchall",
+    "delete_domaincatchall",
+    "view_aliasdomain",
 )
 
 

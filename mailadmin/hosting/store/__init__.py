@@ -31,7 +31,15 @@ from mailadmin.hosting.store.accounts import (
     update_mailbox_settings,
     validate_new_password,
 )
+from mailadmin.hosting.store.aliases import (
+    StoreDirectory,
+    count_alias_delivery,
+    is_hosted_domain,
+    require_address_free,
+    require_domain_name_free,
+)
 from mailadmin.hosting.store.errors import (
+    AliasNotFound,
     AlreadyExists,
     DomainNotFound,
     InvalidInput,
@@ -73,6 +81,7 @@ from mailadmin.hosting.store.messages import (
 from mailadmin.hosting.store.quota import Drift, recalculate_quota
 
 __all__ = [
+    "AliasNotFound",
     "DOMAIN_SETTINGS",
     "MAILBOX_SETTINGS",
     "AlreadyExists",
@@ -86,12 +95,14 @@ __all__ = [
     "MailboxNotFound",
     "OverQuota",
     "StoreError",
+    "StoreDirectory",
     "StoredMessage",
     "acquire_lease",
     "append_message",
     "append_message_in_group",
     "check_password_hash",
     "commit_maildrop",
+    "count_alias_delivery",
     "create_domain",
     "create_mailbox",
     "delete_domain",
@@ -105,6 +116,7 @@ __all__ = [
     "generate_password",
     "get_domain",
     "get_mailbox",
+    "is_hosted_domain",
     "hash_new_password",
     "iter_mailbox_messages_for_export",
     "iter_message_bytes",
@@ -119,6 +131,8 @@ __all__ = [
     "release_lease",
     "release_node_leases",
     "renew_leases",
+    "require_address_free",
+    "require_domain_name_free",
     "set_password",
     "set_password_hash",
     "update_domain_settings",

@@ -13,6 +13,10 @@ class MailboxNotFound(StoreError):
     pass
 
 
+class AliasNotFound(StoreError):
+    pass
+
+
 class AlreadyExists(StoreError):
     pass
 

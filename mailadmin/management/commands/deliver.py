@@ -3,8 +3,10 @@
 Exit codes follow sysexits(3), which Postfix's pipe(8) and Exim's pipe transport understand:
 0 delivered to every recipient; 65 (EX_DATAERR) the message is empty; 67 (EX_NOUSER) a
 recipient does not exist; 69 (EX_UNAVAILABLE) permanently refused (mailbox disabled, message
-too large); 75 (EX_TEMPFAIL) try again later (over quota, database unavailable, anything
-unexpected). Delivery is all or none, so a retry after a non-zero exit never duplicates mail.
+too large, an alias loop); 75 (EX_TEMPFAIL) try again later (over quota, database unavailable,
+anything unexpected); 78 (EX_CONFIG) an alias forwards to outside addresses, which the MTA must
+expand itself. Delivery is all or none, so a retry after a non-zero exit never duplicates mail:
+an alias gets its copy into every mailbox it reaches, or into none.
 """
 
 import sys
@@ -18,6 +20,7 @@ EX_DATAERR = 65
 EX_NOUSER = 67
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
+EX_CONFIG = 78
 
 EXIT_CODES = {
     DeliveryStatus.EMPTY_MESSAGE: EX_DATAERR,
@@ -26,9 +29,11 @@ EXIT_CODES = {
     DeliveryStatus.TOO_LARGE: EX_UNAVAILABLE,
     DeliveryStatus.OVER_QUOTA: EX_TEMPFAIL,
     DeliveryStatus.TEMPORARY_FAILURE: EX_TEMPFAIL,
+    DeliveryStatus.OUTSIDE_DESTINATION: EX_CONFIG,
+    DeliveryStatus.ALIAS_LOOP: EX_UNAVAILABLE,
 }
 # When recipients fail differently, a permanent reason wins: retrying cannot help.
-SEVERITY = [EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_TEMPFAIL]
+SEVERITY = [EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_CONFIG, EX_TEMPFAIL]
 
 
 class Command(BaseCommand):

@@ -1,0 +1,104 @@
+"""The alias tables as delivery reads them, the rule that keeps addresses unique, and the
+counters of what each alias received.
+
+Delivery asks these only for an address that is not a mailbox (``fastsql.find_recipient``
+misses first), so a plain mailbox still costs one query.
+"""
+
+from django.db import connection
+from django.utils import timezone
+
+from mailadmin.hosting.expansion import AliasEntry, catch_all_source
+from mailadmin.hosting.store.errors import AlreadyExists
+from mailadmin.hosting.store.fastsql import find_mailbox, find_recipient
+from mailadmin.models import Alias, AliasDailyCount, AliasDestination, AliasDomain, Domain
+
+
+class StoreDirectory:
+    """The tables as :func:`mailadmin.hosting.expansion.expand` reads them.
+
+    With ``size_bytes``, a mailbox is ``(mailbox, fits)`` as :func:`find_recipient` gives it (for
+    delivery); without, the mailbox alone. ``proposed`` stands for one alias's destinations as
+    they would be saved, for the loop check before saving.
+    """
+
+    def __init__(self, size_bytes: int | None = None, proposed: AliasEntry | None = None) -> None:
+        self.size_bytes = size_bytes
+        self.proposed = proposed
+
+    def mailbox(self, address: str) -> object | None:
+        if self.size_bytes is None:
+            return find_mailbox(address)
+        return find_recipient(address, self.size_bytes)
+
+    def aliases(self, address: str) -> tuple[AliasEntry | None, AliasEntry | None]:
+        catch_all = catch_all_source(address.rpartition("@")[2])
+        found = active_aliases(address, catch_all)
+        if self.proposed is not None and self.proposed.source in (address, catch_all):
+            found[self.proposed.source] = self.proposed
+        return found.get(address), found.get(catch_all)
+
+    def alias_domain_target(self, domain: str) -> str | None:
+        return AliasDomain.objects.filter(name=domain).values_list("target__name", flat=True).first()
+
+    def is_hosted(self, domain: str) -> bool:
+        return is_hosted_domain(domain)
+
+
+def active_aliases(*sources: str) -> dict[str, AliasEntry]:
+    """The active aliases (of active domains) among ``sources``, with their destinations: one query."""
+    rows = (
+        AliasDestination.objects.filter(
+            alias__source__in=sources, alias__active=True, alias__domain__active=True
+        )
+        .order_by("alias_id", "id")
+        .values_list("alias_id", "alias__source", "address")
+    )
+    destinations: dict[tuple[int, str], list[str]] = {}
+    for alias_id, source, address in rows:
+        destinations.setdefault((alias_id, source), []).append(address)
+    return {
+        source: AliasEntry(alias_id, source, tuple(found))
+        for (alias_id, source), found in destinations.items()
+    }
+
+
+def is_hosted_domain(name: str) -> bool:
+    return Domain.objects.filter(name=name).exists() or AliasDomain.objects.filter(name=name).exists()
+
+
+def require_address_free(address: str) -> None:
+    """One rule for both directions: an address is a mailbox or an alias, never both."""
+    if find_mailbox(address) is not None:
+        raise AlreadyExists(f"{address} is a mailbox; an alias cannot have its address")
+    if Alias.objects.filter(source=address).exists():
+        raise AlreadyExists(f"{address} is an alias; delete it first to use its address")
+
+
+def require_domain_name_free(name: str) -> None:
+    """A name is a domain or an alias domain, never both."""
+    if Domain.objects.filter(name=name).exists():
+        raise AlreadyExists(f"{name} is a domain already")
+    if AliasDomain.objects.filter(name=name).exists():
+        raise AlreadyExists(f"{name} is an alias domain already")
+
+
+# From the alias row itself, so an alias deleted since the RCPT is not counted (its count row
+# would break the foreign key at commit, failing the whole group).
+COUNT_DELIVERY = (
+    f"INSERT INTO {AliasDailyCount._meta.db_table} (alias_id, day, messages) "
+    f"SELECT id, %s, 1 FROM {Alias._meta.db_table} WHERE id = %s "
+    "ON CONFLICT (alias_id, day) DO UPDATE SET messages = messages + 1"
+)
+
+
+def count_alias_delivery(alias_ids: list[int]) -> None:
+    """Count one message received by each alias, on today's (UTC) row: an upsert each.
+
+    Called in the delivery's own transaction, so the count commits (or rolls back) with the
+    copies it counts. SQLite 3.24+ and PostgreSQL both know ``ON CONFLICT ... DO UPDATE``.
+    """
+    today = timezone.now().date()
+    with connection.cursor() as cursor:
+        for alias_id in sorted(alias_ids):
+            cursor.execute(COUNT_DELIVERY, [today, alias_id])
