@@ -25,7 +25,8 @@ from typing import Protocol
 from mailadmin.addresses import domain_of
 from mailadmin.models import CATCH_ALL_PREFIX
 
-# Postfix's own virtual_alias_recursion_limit is 1000; real alias chains are one or two deep.
+# Aliases and catch-alls one chain may pass through. Postfix's virtual_alias_recursion_limit
+# is 1000; real chains are one or two deep, and a long one is a mistake worth naming.
 MAX_DEPTH = 10
 # Postfix's virtual_alias_expansion_limit: addresses one recipient may expand to.
 MAX_ADDRESSES = 1000
@@ -137,7 +138,7 @@ def _follow(entry: AliasEntry, path: tuple[str, ...], directory: Directory, expa
 def _count_visit(address: str, path: tuple[str, ...], expansion: Expansion) -> None:
     if address in path:
         raise AliasLoop([*path, address])
-    if len(path) >= MAX_DEPTH:
+    if len(path) > MAX_DEPTH:
         raise ExpansionTooLarge(f"alias chain deeper than {MAX_DEPTH}: {' -> '.join([*path, address])}")
     expansion.visits += 1
     if expansion.visits > MAX_ADDRESSES:
