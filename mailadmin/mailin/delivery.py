@@ -245,6 +245,7 @@ def _store_delivery(
     """
     by_mailbox: dict[int, RecipientResult] = {}
     results = []
+    through_aliases: set[int] = set()  # each alias counts the message once, however often named
     for recipient in delivery.recipients:
         for mailbox in recipient.mailboxes:
             if mailbox.pk not in by_mailbox:
@@ -254,9 +255,11 @@ def _store_delivery(
                     else _store_copy((index, mailbox.pk), mailbox, delivery, copies)
                 )
         result = _recipient_result(recipient, [by_mailbox[mailbox.pk] for mailbox in recipient.mailboxes])
-        if result.delivered and recipient.alias_ids:
-            store.count_alias_delivery(list(recipient.alias_ids))
+        if result.delivered:
+            through_aliases.update(recipient.alias_ids)
         results.append(result)
+    if through_aliases:
+        store.count_alias_delivery(sorted(through_aliases))
     return results
 
 
