@@ -12,9 +12,9 @@ TLS_DIR := var/tls
 
 export DEBUG ?= 1
 
-# Real mail clients the end-to-end tests talk to (Debian package: command).
+# Real mail clients the end-to-end tests talk to (Debian package: command, or a file it installs).
 CLIENT_PACKAGES := fetchmail:fetchmail getmail6:getmail mpop:mpop curl:curl openssl:openssl \
-	postfix:postfix swaks:swaks chromium:chromium
+	postfix:postfix swaks:swaks chromium:chromium postfix-pgsql:/usr/lib/postfix/postfix-pgsql.so
 
 .PHONY: install system-deps run test test-only lint bench clean
 
@@ -48,7 +48,7 @@ run: $(RUN_STAMP) $(TLS_DIR)/cert.pem
 # port 25); should the package start one anyway, it is stopped: the tests run their own.
 system-deps:
 	@missing=$$(for entry in $(CLIENT_PACKAGES); do command -v $${entry#*:} >/dev/null \
-		|| [ -x /usr/sbin/$${entry#*:} ] || echo $${entry%%:*}; done); \
+		|| [ -x /usr/sbin/$${entry#*:} ] || [ -e $${entry#*:} ] || echo $${entry%%:*}; done); \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing $$missing"; \
 		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
