@@ -85,10 +85,11 @@ def require_domain_name_free(name: str) -> None:
 
 # From the alias row itself, so an alias deleted since the RCPT is not counted (its count row
 # would break the foreign key at commit, failing the whole group).
+_COUNT_TABLE = AliasDailyCount._meta.db_table
 COUNT_DELIVERY = (
-    f"INSERT INTO {AliasDailyCount._meta.db_table} (alias_id, day, messages) "
+    f"INSERT INTO {_COUNT_TABLE} (alias_id, day, messages) "
     f"SELECT id, %s, 1 FROM {Alias._meta.db_table} WHERE id = %s "
-    "ON CONFLICT (alias_id, day) DO UPDATE SET messages = messages + 1"
+    f"ON CONFLICT (alias_id, day) DO UPDATE SET messages = {_COUNT_TABLE}.messages + 1"
 )
 
 
