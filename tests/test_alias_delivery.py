@@ -201,3 +201,26 @@ def test_runlmtp_answers_each_recipient_of_an_alias_on_its_own(make_mailbox, tmp
         assert client.command("QUIT").startswith("221")
     assert stored("bob@ours.test") == [trace_headers(SENDER, "bob@ours.test") + BODY]
     assert (usage("ann@ours.test"), received_today("team@ours.test")) == ((0, 0), 1)
+
+
+@pytest.mark.django_db
+def test_the_days_first_message_forgets_counts_older_than_30_days(make_mailbox):
+    make_mailbox("ann@ours.test")
+    alias = aliases.create_alias(CLI, "info@ours.test", ["ann@ours.test"])
+    today = timezone.now().date()
+    for days_ago in (30, 29):
+        AliasDailyCount.objects.create(alias=alias, day=today - timezone.timedelta(days=days_ago), messages=5)
+    deliver(["info@ours.test"], [BODY])
+    deliver(["info@ours.test"], [BODY])
+    kept = AliasDailyCount.objects.filter(alias=alias).order_by("day").values_list("day", "messages")
+    assert list(kept) == [(today - timezone.timedelta(days=29), 5), (today, 2)]
+    assert aliases.list_aliases(CLI)[0].received_recently == 7
+
+
+@pytest.mark.django_db
+def test_an_unknown_address_costs_three_queries_at_rcpt(make_mailbox):
+    make_mailbox("ann@ours.test")
+    with CaptureQueriesContext(connection) as queries:
+        assert look_up_recipient("nobody@ours.test") is DeliveryStatus.NO_SUCH_MAILBOX
+    # the mailbox; its alias and catch-all; an alias domain of its name: never its own domain row
+    assert len(queries) == 3

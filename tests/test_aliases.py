@@ -7,7 +7,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from mailadmin.hosting import aliases, expansion, scopes, services, store
+from mailadmin.hosting import aliases, expansion, postfixmap, scopes, services, store
 from mailadmin.hosting.actors import Actor
 from mailadmin.models import Alias, AliasDailyCount, AliasDestination, AliasDomain, AuditEntry, DomainCatchAll
 
@@ -396,3 +396,37 @@ def test_importaliases_command_names_the_row(ours, tmp_path):
         run("importaliases", str(path))
     path.write_text("source,destinations\ninfo@ours.test,ann@ours.test\n")
     assert run("importaliases", str(path)) == "imported 1 alias\n"
+
+
+# --- The Postfix table -----------------------------------------------------------------------
+
+
+def test_the_postfix_table_maps_mailboxes_to_themselves_aliases_and_alias_domains(ours, tmp_path):
+    aliases.create_alias(CLI, "team@ours.test", ["ann@ours.test", "bob@ours.test"])
+    aliases.create_alias(CLI, "off@ours.test", ["ann@ours.test"], active=False)
+    aliases.set_catch_all(CLI, "ours.test", ["cid@ours.test"])
+    aliases.create_alias(CLI, "fwd@theirs.test", ["Someone@Remote.Example"])
+    aliases.create_alias_domain(CLI, "ours-alias.test", "ours.test")
+    assert list(postfixmap.map_lines()) == [
+        "@ours-alias.test @ours.test",
+        "@ours.test cid@ours.test",
+        "ann@ours-alias.test ann@ours.test",
+        "ann@ours.test ann@ours.test",
+        "bob@ours-alias.test bob@ours.test",
+        "bob@ours.test bob@ours.test",
+        "cid@ours-alias.test cid@ours.test",
+        "cid@ours.test cid@ours.test",
+        "fwd@theirs.test someone@remote.example",
+        "team@ours-alias.test team@ours.test",
+        "team@ours.test ann@ours.test,bob@ours.test",
+        "tom@theirs.test tom@theirs.test",
+    ]
+    path = tmp_path / "aliases"
+    assert (
+        run("exportaliases", "--postfix", str(path))
+        == f"wrote 12 entries to {path}; now run: postmap {path}\n"
+    )
+    assert path.read_text().splitlines() == list(postfixmap.map_lines())
+    assert run("exportaliases", "--sql-view").startswith(
+        "CREATE OR REPLACE VIEW postfix_virtual_aliases AS\nSELECT"
+    )

@@ -18,21 +18,18 @@ its catch-all is not counted); and an alias that would expand into a loop, or de
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import TextIO
 
 from django.db import transaction
 from django.db.models import Q, QuerySet, Sum
-from django.utils import timezone
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.hosting import aliascsv, audit, expansion, scopes, store
 from mailadmin.hosting.actors import Actor
 from mailadmin.hosting.services import NotPermitted, _domain_in_scope, _require_domain_manager
+from mailadmin.hosting.store.aliases import RECENT_DAYS as RECENT_DAYS  # for the doors
+from mailadmin.hosting.store.aliases import first_recent_day
 from mailadmin.models import Alias, AliasDestination, AliasDomain, Domain
-
-RECENT_DAYS = 30
-
 
 # --- Reading ---------------------------------------------------------------------------------
 
@@ -40,8 +37,7 @@ RECENT_DAYS = 30
 def with_recent_counts(aliases: QuerySet) -> QuerySet:
     """Aliases annotated with ``received_recently``: messages received in the last RECENT_DAYS
     days, summed from at most that many daily rows each."""
-    since = timezone.now().date() - timedelta(days=RECENT_DAYS - 1)
-    received = Sum("daily_counts__messages", filter=Q(daily_counts__day__gte=since), default=0)
+    received = Sum("daily_counts__messages", filter=Q(daily_counts__day__gte=first_recent_day()), default=0)
     return aliases.annotate(received_recently=received)
 
 

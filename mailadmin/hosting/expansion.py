@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mailadmin.addresses import domain_of
 from mailadmin.models import CATCH_ALL_PREFIX
 
 # Aliases and catch-alls one chain may pass through. Postfix's virtual_alias_recursion_limit
@@ -91,9 +90,6 @@ def expand(address: str, directory: Directory) -> Expansion:
     """
     expansion = Expansion()
     _visit(address, (), directory, expansion)
-    if expansion.outside == [address]:
-        expansion.outside.clear()
-        expansion.unknown.append(address)
     return expansion
 
 
@@ -110,6 +106,7 @@ def _visit(address: str, path: tuple[str, ...], directory: Directory, expansion:
     if mailbox is not None:
         expansion.mailboxes.setdefault(address, mailbox)
         return
+    root = not path
     path = (*path, address)
     local, _, domain = address.rpartition("@")
     own, catch_all = directory.aliases(address)
@@ -119,7 +116,7 @@ def _visit(address: str, path: tuple[str, ...], directory: Directory, expansion:
         _visit(f"{local}@{target}", path, directory, expansion)
     elif catch_all is not None:
         _follow(catch_all, path, directory, expansion)
-    elif directory.is_hosted(domain):
+    elif root or directory.is_hosted(domain):  # the address asked for is never an outside one
         _append_once(expansion.unknown, address)
     else:
         _append_once(expansion.outside, address)
@@ -154,7 +151,3 @@ def _append_once(items: list[str], address: str) -> None:
 
 def catch_all_source(domain: str) -> str:
     return f"{CATCH_ALL_PREFIX}{domain}"
-
-
-def catch_all_domain(source: str) -> str:
-    return domain_of(source)

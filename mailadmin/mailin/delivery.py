@@ -130,18 +130,15 @@ def look_up_recipient(recipient: str, size_hint: int = 0) -> Recipient | Deliver
 
     For LMTP's RCPT stage, as Dovecot looks the user up at RCPT: the delivery then stores into
     this mailbox, and its quota is charged (and checked again, by the same rule) atomically in
-    the group. A mailbox's address costs one query; only an address that is no mailbox is
-    expanded through the alias tables (:mod:`mailadmin.hosting.expansion`).
+    the group. A mailbox's address costs one query (``store.find_recipient``, the expansion's
+    first question); only an address that is no mailbox is looked up in the alias tables
+    (:mod:`mailadmin.hosting.expansion`).
     """
     address = _normalised_or_none(recipient)
     if address is None:
         return DeliveryStatus.NO_SUCH_MAILBOX
-    size = max(size_hint, 1)
-    found = store.find_recipient(address, size)
-    if found is not None:
-        return _accepted(recipient, [found], ())
     try:
-        expansion = expansion_rules.expand(address, store.StoreDirectory(size))
+        expansion = expansion_rules.expand(address, store.StoreDirectory(max(size_hint, 1)))
     except expansion_rules.ExpansionError as error:
         logger.warning("RCPT %s refused: %s", log_text(recipient), error)
         return DeliveryStatus.ALIAS_LOOP

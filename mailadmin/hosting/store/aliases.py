@@ -5,6 +5,8 @@ Delivery asks these only for an address that is not a mailbox (``fastsql.find_re
 misses first), so a plain mailbox still costs one query.
 """
 
+from datetime import date, timedelta
+
 from django.db import connection
 from django.utils import timezone
 
@@ -83,14 +85,18 @@ def require_domain_name_free(name: str) -> None:
         raise AlreadyExists(f"{name} is an alias domain already")
 
 
+# Days of counts kept per alias: what the admin shows ("received in the last 30 days").
+RECENT_DAYS = 30
+_COUNT_TABLE = AliasDailyCount._meta.db_table
 # From the alias row itself, so an alias deleted since the RCPT is not counted (its count row
 # would break the foreign key at commit, failing the whole group).
-_COUNT_TABLE = AliasDailyCount._meta.db_table
 COUNT_DELIVERY = (
     f"INSERT INTO {_COUNT_TABLE} (alias_id, day, messages) "
     f"SELECT id, %s, 1 FROM {Alias._meta.db_table} WHERE id = %s "
-    f"ON CONFLICT (alias_id, day) DO UPDATE SET messages = {_COUNT_TABLE}.messages + 1"
+    f"ON CONFLICT (alias_id, day) DO UPDATE SET messages = {_COUNT_TABLE}.messages + 1 "
+    "RETURNING messages"
 )
+FORGET_OLD_COUNTS = f"DELETE FROM {_COUNT_TABLE} WHERE alias_id = %s AND day < %s"
 
 
 def count_alias_delivery(alias_ids: list[int]) -> None:
@@ -98,9 +104,19 @@ def count_alias_delivery(alias_ids: list[int]) -> None:
     order (as every writer of a group takes its rows, so groups never deadlock).
 
     Called in the delivery's own transaction, so the count commits (or rolls back) with the
-    copies it counts. SQLite 3.24+ and PostgreSQL both know ``ON CONFLICT ... DO UPDATE``.
+    copies it counts. SQLite 3.35+ and PostgreSQL both know ``ON CONFLICT ... DO UPDATE ...
+    RETURNING``. The day's first message also deletes the alias's rows that fell out of the
+    last RECENT_DAYS days, so the table never holds more than that per alias, without a job.
     """
     today = timezone.now().date()
     with connection.cursor() as cursor:
         for alias_id in alias_ids:
             cursor.execute(COUNT_DELIVERY, [today, alias_id])
+            row = cursor.fetchone()
+            if row is not None and row[0] == 1:
+                cursor.execute(FORGET_OLD_COUNTS, [alias_id, first_recent_day()])
+
+
+def first_recent_day() -> date:
+    """The oldest day whose count is among the last RECENT_DAYS days (today included)."""
+    return timezone.now().date() - timedelta(days=RECENT_DAYS - 1)
