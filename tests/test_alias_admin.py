@@ -155,3 +155,24 @@ def test_alias_domains_are_added_by_operators_only(root_client):
     response = root_client.post("/admin/mailadmin/aliasdomain/add/", {"name": "other.test", "target": target})
     assert response.status_code == 302, form_errors(response)
     assert AliasDomain.objects.get(name="other.test").target.name == "ours.test"
+
+
+def test_outside_forwarding_is_an_operators_tick_on_the_domain_page(root_client):
+    domain = services.get_domain(CLI, "ours.test")
+    olivia = Client()
+    services.save_domain_administrator(CLI, "olivia", ["ours.test"], "a long admin passphrase")
+    olivia.force_login(get_user_model().objects.get(username="olivia"))
+    assert (
+        'name="allow_outside_destinations"'
+        not in olivia.get(f"/admin/mailadmin/domain/{domain.pk}/change/").content.decode()
+    )
+    form = {"active": "on", "quota_bytes": "0", "max_mailboxes": "0", "max_aliases": "3"}
+    form |= {"default_mailbox_quota_bytes": "0", "allow_outside_destinations": "on"}
+    response = root_client.post(f"/admin/mailadmin/domain/{domain.pk}/change/", form)
+    assert response.status_code == 302, form_errors(response)
+    domain.refresh_from_db()
+    assert (domain.max_aliases, domain.allow_outside_destinations) == (3, True)
+    response = olivia.post(
+        "/admin/mailadmin/alias/add/", {"source": "x@ours.test", "destinations": "a@remote.example"}
+    )
+    assert response.status_code == 302
