@@ -199,6 +199,8 @@ def test_alias_domain_names_and_domain_names_never_overlap(ours):
     aliases.create_alias_domain(CLI, "other.test", "ours.test")
     with pytest.raises(store.AlreadyExists, match="other.test is an alias domain already"):
         services.create_domain(CLI, "other.test")
+    with pytest.raises(store.AlreadyExists, match="other.test is an alias domain already"):
+        services.create_mailbox(CLI, "x@other.test", password="a good long password", create_domain=True)
 
 
 def test_a_domain_with_aliases_is_kept_until_they_are_deleted(make_mailbox):

@@ -34,7 +34,6 @@ from mailadmin.hosting.store.accounts import (
 from mailadmin.hosting.store.aliases import (
     StoreDirectory,
     count_alias_delivery,
-    is_hosted_domain,
     require_address_free,
     require_domain_name_free,
 )
@@ -116,7 +115,6 @@ __all__ = [
     "generate_password",
     "get_domain",
     "get_mailbox",
-    "is_hosted_domain",
     "hash_new_password",
     "iter_mailbox_messages_for_export",
     "iter_message_bytes",

@@ -16,7 +16,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Count, F, Max, Sum
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
-from mailadmin.hosting.store.aliases import require_address_free
+from mailadmin.hosting.store.aliases import require_address_free, require_not_alias_domain
 from mailadmin.hosting.store.errors import (
     AlreadyExists,
     DomainNotFound,
@@ -26,7 +26,6 @@ from mailadmin.hosting.store.errors import (
 )
 from mailadmin.hosting.store.fastsql import find_mailbox
 from mailadmin.models import (
-    AliasDomain,
     Domain,
     Mailbox,
     Message,
@@ -116,6 +115,7 @@ def _domain_for_new_mailbox(domain_name: str, create_missing: bool) -> Domain:
     if domain is None:
         if not create_missing:
             raise DomainNotFound(f"no such domain: {domain_name} (create it first, or pass --create-domain)")
+        require_not_alias_domain(domain_name)
         domain = Domain.objects.create(name=domain_name)
     if domain.max_mailboxes and domain.mailboxes.count() >= domain.max_mailboxes:
         raise LimitReached(
@@ -409,8 +409,7 @@ def create_domain(
     _require_in_range(MAX_INT32, max_mailboxes=max_mailboxes)
     try:
         with transaction.atomic():
-            if AliasDomain.objects.filter(name=domain_name).exists():
-                raise AlreadyExists(f"{domain_name} is an alias domain already")
+            require_not_alias_domain(domain_name)
             return Domain.objects.create(
                 name=domain_name,
                 quota_bytes=quota_bytes,

@@ -1,8 +1,8 @@
-"""The alias tables as delivery reads them, the rule that keeps addresses unique, and the
-counters of what each alias received.
+"""The alias tables as delivery reads them, the rules that keep addresses and domain names
+unique, and the counters of what each alias received.
 
-Delivery asks these only for an address that is not a mailbox (``fastsql.find_recipient``
-misses first), so a plain mailbox still costs one query.
+Expansion asks first whether an address is a mailbox (``fastsql.find_recipient``, one cached
+query) and reads the alias tables only when it is not, so a plain mailbox costs what it did.
 """
 
 from datetime import date, timedelta
@@ -44,7 +44,7 @@ class StoreDirectory:
         return AliasDomain.objects.filter(name=domain).values_list("target__name", flat=True).first()
 
     def is_hosted(self, domain: str) -> bool:
-        return is_hosted_domain(domain)
+        return Domain.objects.filter(name=domain).exists() or AliasDomain.objects.filter(name=domain).exists()
 
 
 def active_aliases(*sources: str) -> dict[str, AliasEntry]:
@@ -65,10 +65,6 @@ def active_aliases(*sources: str) -> dict[str, AliasEntry]:
     }
 
 
-def is_hosted_domain(name: str) -> bool:
-    return Domain.objects.filter(name=name).exists() or AliasDomain.objects.filter(name=name).exists()
-
-
 def require_address_free(address: str) -> None:
     """One rule for both directions: an address is a mailbox or an alias, never both."""
     if find_mailbox(address) is not None:
@@ -78,9 +74,14 @@ def require_address_free(address: str) -> None:
 
 
 def require_domain_name_free(name: str) -> None:
-    """A name is a domain or an alias domain, never both."""
+    """A name is a domain or an alias domain, never both: checked for a new alias domain."""
     if Domain.objects.filter(name=name).exists():
         raise AlreadyExists(f"{name} is a domain already")
+    require_not_alias_domain(name)
+
+
+def require_not_alias_domain(name: str) -> None:
+    """The same rule, for a new domain (whose own name is unique in its table already)."""
     if AliasDomain.objects.filter(name=name).exists():
         raise AlreadyExists(f"{name} is an alias domain already")
 
