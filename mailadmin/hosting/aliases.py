@@ -65,7 +65,7 @@ def create_alias(actor: Actor, source: str, destinations: Iterable[str], *, acti
     """A new alias of ``source`` (``local@domain``) to ``destinations``."""
     wanted = _normalised_destinations(destinations)
     with transaction.atomic():
-        alias = _new_alias(actor, _alias_source(source), wanted, active)
+        alias = _new_alias(actor, _alias_source(actor, source), wanted, active)
         _require_valid_destinations(actor, alias.domain, alias.source, wanted)
         changes = {"destinations": [None, list(wanted)], "active": [None, active]}
         audit.record(actor, "create", "alias", alias.source, domain=alias.domain, changes=changes)
@@ -85,7 +85,7 @@ def update_alias(
 
 def save_alias(actor: Actor, source: str, destinations: Iterable[str], *, active: bool = True) -> Alias:
     """Create the alias, or give an existing one exactly these destinations and active flag."""
-    normalised = _alias_source(source)
+    normalised = _alias_source(actor, source)
     if Alias.objects.filter(source=normalised).exists():
         return update_alias(actor, normalised, destinations=destinations, active=active)
     return create_alias(actor, normalised, destinations, active=active)
@@ -154,8 +154,11 @@ def import_aliases(actor: Actor, handle: TextIO) -> list[Alias]:
     return [alias for _, alias in created]
 
 
-def _alias_source(source: str) -> str:
+def _alias_source(actor: Actor, source: str) -> str:
+    """The normalised source of a new alias, refused (after the actor's scope) in an alias domain."""
     normalised = store.normalised_or_refused(normalise_address, source)
+    if not actor.all_domains:
+        _domain_in_scope(actor, domain_of(normalised))  # outside their domains: refused alike
     if AliasDomain.objects.filter(name=domain_of(normalised)).exists():
         raise store.InvalidInput(
             f"{domain_of(normalised)} is an alias domain: its addresses are its target domain's"
