@@ -298,6 +298,9 @@ def test_alias_domains_are_made_by_operators_and_seen_by_the_targets_administrat
     assert list(scopes.visible_to(ours_admin, AliasDomain).values_list("name", flat=True)) == [
         "ours-alias.test"
     ]
+    # an address of an alias domain is no address of theirs, and the refusal says no more
+    with pytest.raises(services.NotPermitted, match="theirs-alias.test is not a domain you administer"):
+        aliases.create_alias(ours_admin, "x@theirs-alias.test", ["ann@ours.test"])
 
 
 # --- Import ----------------------------------------------------------------------------------
