@@ -108,9 +108,9 @@ def set_catch_all(actor: Actor, domain_name: str, destinations: Iterable[str] | 
     """
     wanted = None if destinations is None else _normalised_destinations(destinations)
     with transaction.atomic():
-        domain = _domain_in_scope(actor, domain_name)
+        domain = _locked_domain(_domain_in_scope(actor, domain_name))  # one catch-all made at a time
         source = expansion.catch_all_source(domain.name)
-        existing = Alias.objects.select_for_update().filter(source=source).first()
+        existing = Alias.objects.filter(source=source).first()
         if wanted is None:
             if existing is not None:
                 delete_alias(actor, source)
@@ -167,7 +167,11 @@ def _alias_source(actor: Actor, source: str) -> str:
 
 
 def _new_alias(actor: Actor, source: str, destinations: Sequence[str], active: bool) -> Alias:
-    """The alias row and its destinations, once scope, address and limit allow it."""
+    """The alias row and its destinations, once scope, address and limit allow it.
+
+    The domain row is locked first, so concurrent creations take turns at its limit and at
+    the check that the address is free.
+    """
     domain = _locked_domain(_domain_in_scope(actor, domain_of(source)))
     store.require_address_free(source)
     if domain.max_aliases and domain.aliases.addresses().count() >= domain.max_aliases:
