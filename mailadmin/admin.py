@@ -361,6 +361,9 @@ def _destinations_field() -> DestinationsField:
     return DestinationsField(label=_("Destinations"), help_text=DESTINATIONS_HELP)
 
 
+ALIAS_SETTINGS = frozenset({"destinations", "active"})
+
+
 class AliasCreationForm(ServiceForm):
     source = forms.CharField(label=_("Address"), help_text=_("The alias's address, local@domain."))
     destinations = _destinations_field()
@@ -388,9 +391,6 @@ class AliasChangeForm(ServiceForm):
 
     def apply(self, cleaned: dict) -> Alias:
         return aliases.update_alias(self.actor, self.instance.source, **self.edited(ALIAS_SETTINGS))
-
-
-ALIAS_SETTINGS = frozenset({"destinations", "active"})
 
 
 class CatchAllCreationForm(ServiceForm):
