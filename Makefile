@@ -12,9 +12,11 @@ TLS_DIR := var/tls
 
 export DEBUG ?= 1
 
-# Real mail clients the end-to-end tests talk to (Debian package: command, or a file it installs).
+# Real mail clients the end-to-end tests talk to, and gettext for the catalogue (Debian package:
+# command, or a file it installs).
 CLIENT_PACKAGES := fetchmail:fetchmail getmail6:getmail mpop:mpop curl:curl openssl:openssl \
-	postfix:postfix swaks:swaks chromium:chromium postfix-pgsql:/usr/lib/postfix/postfix-pgsql.so
+	postfix:postfix swaks:swaks chromium:chromium gettext:xgettext \
+	postfix-pgsql:/usr/lib/postfix/postfix-pgsql.so
 
 .PHONY: install system-deps run test test-only lint bench clean
 
@@ -79,3 +81,12 @@ bench-smoke: install
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .hypothesis
+
+# The Indonesian catalogue (locale/id): collect every translatable string of ours into the .po
+# (translate the new ones there), then compile the .mo committed beside it. Needs gettext.
+MESSAGES_IGNORE := --ignore '.venv/*' --ignore 'var/*' --ignore 'tests/*' --ignore 'bench/*' \
+	--ignore 'pop3/*' --ignore 'docs/*'
+.PHONY: messages
+messages: install
+	$(PY) manage.py makemessages --locale id --add-location file --no-obsolete $(MESSAGES_IGNORE)
+	$(PY) manage.py compilemessages --locale id $(MESSAGES_IGNORE)

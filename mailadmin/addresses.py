@@ -3,6 +3,8 @@
 import re
 import unicodedata
 
+from django.utils.translation import gettext
+
 MAX_DOMAIN_LENGTH = 253  # RFC 1035 section 2.3.4, without the trailing dot
 MAX_LOCAL_PART_LENGTH = 64  # RFC 5321 section 4.5.3.1.1
 ACE_PREFIX = "xn--"  # RFC 5890 section 2.3.1
@@ -15,24 +17,33 @@ def normalise_domain(name: str) -> str:
     """Return the lower-case A-label form of ``name`` or raise ValueError saying what is wrong."""
     candidate = name.strip().rstrip(".").lower()
     if not candidate:
-        raise ValueError("domain name is empty")
+        raise ValueError(gettext("domain name is empty"))
     try:
         ascii_name = candidate.encode("idna").decode("ascii")
     except UnicodeError:
-        raise ValueError(f"{name!r} is not a valid internationalised domain name") from None
+        raise ValueError(
+            gettext("%(name)r is not a valid internationalised domain name") % {"name": name}
+        ) from None
     if len(ascii_name) > MAX_DOMAIN_LENGTH:
-        raise ValueError(f"domain name longer than {MAX_DOMAIN_LENGTH} characters")
+        raise ValueError(
+            gettext("domain name longer than %(length)d characters") % {"length": MAX_DOMAIN_LENGTH}
+        )
     labels = ascii_name.split(".")
     if len(labels) < 2:
-        raise ValueError(f"{name!r} is not a fully qualified domain name")
+        raise ValueError(gettext("%(name)r is not a fully qualified domain name") % {"name": name})
     for label in labels:
         if not _LABEL.match(label):
-            raise ValueError(f"{name!r} has an invalid label {label!r}")
+            raise ValueError(
+                gettext("%(name)r has an invalid label %(label)r") % {"name": name, "label": label}
+            )
         if label.startswith(ACE_PREFIX) and not _decodes(label):
-            raise ValueError(f"{name!r} has a label {label!r} that is not a valid A-label")
+            raise ValueError(
+                gettext("%(name)r has a label %(label)r that is not a valid A-label")
+                % {"name": name, "label": label}
+            )
     if labels[-1].isdigit():
         # RFC 3696 section 2: a top-level domain is never all-numeric; this is an IP address.
-        raise ValueError(f"{name!r} is an address, not a domain name")
+        raise ValueError(gettext("%(name)r is an address, not a domain name") % {"name": name})
     return ascii_name
 
 
@@ -50,10 +61,12 @@ def normalise_address(address: str) -> str:
     candidate = address.strip()
     local, at, domain = candidate.rpartition("@")
     if not at or not local:
-        raise ValueError(f"{address!r} is not an address of the form local@domain")
+        raise ValueError(
+            gettext("%(address)r is not an address of the form local@domain") % {"address": address}
+        )
     local = local.lower()
     if len(local) > MAX_LOCAL_PART_LENGTH or not _LOCAL_PART.match(local):
-        raise ValueError(f"{address!r} has an invalid local part")
+        raise ValueError(gettext("%(address)r has an invalid local part") % {"address": address})
     return f"{local}@{normalise_domain(domain)}"
 
 

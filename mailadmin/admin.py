@@ -9,15 +9,23 @@ changes only their domains. Counters are shown, never edited here.
 import re
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.db.models import Count, Model, QuerySet
-from django.http import Http404, HttpRequest
-from django.utils.text import capfirst
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.decorators import method_decorator
+from django.utils.html import format_html
+from django.utils.text import capfirst, format_lazy
+from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
+from django.views.decorators.http import require_POST
 
 from mailadmin.addresses import domain_of, normalise_address
 from mailadmin.hosting import aliases, scopes, services, store
@@ -28,15 +36,18 @@ from mailadmin.models import (
     AuditEntry,
     AuthFailure,
     Domain,
+    DomainAdministratorLogin,
     DomainCatchAll,
     Mailbox,
     Message,
     Pop3Session,
+    language_choices,
 )
 from mailadmin.units import compact_size, format_size, parse_size, usage_percent
 
 SIZE_FIELDS = frozenset({"quota_bytes", "default_mailbox_quota_bytes"})
-SIZE_HELP = "Bytes, or a size such as 500M or 2G."
+MAILBOX_QUOTAS = frozenset({"quota_bytes", "quota_messages"})
+SIZE_HELP = _("Bytes, or a size such as 500M or 2G.")
 
 
 def actor_of(request: HttpRequest) -> Actor:
@@ -48,9 +59,12 @@ def actor_of(request: HttpRequest) -> Actor:
 
 def _usage(used_bytes: int, quota_bytes: int) -> str:
     if not quota_bytes:
-        return f"{format_size(used_bytes)} (unlimited)"
-    percent = usage_percent(used_bytes, quota_bytes)
-    return f"{format_size(used_bytes)} of {format_size(quota_bytes)} ({percent}%)"
+        return gettext("%(used)s (unlimited)") % {"used": format_size(used_bytes)}
+    return gettext("%(used)s of %(quota)s (%(percent)s%%)") % {
+        "used": format_size(used_bytes),
+        "quota": format_size(quota_bytes),
+        "percent": usage_percent(used_bytes, quota_bytes),
+    }
 
 
 class SizeField(forms.CharField):
@@ -100,31 +114,34 @@ class ServiceForm(forms.ModelForm):
         return {name: self.cleaned_data[name] for name in self.changed_data if name in names}
 
 
-class ScopedAdmin(admin.ModelAdmin):
+class MissingIsNotFound:
+    """An object outside the page's queryset is not found (404) on every page that takes an id.
+
+    Django's admin answers some of those pages (change, history) with a redirect to the index
+    instead; a 404 everywhere keeps the answer the same whichever page is asked.
+    """
+
+    def get_object(self, request: HttpRequest, object_id: str, from_field: str | None = None):
+        found = super().get_object(request, object_id, from_field)
+        if found is None:
+            raise Http404(f"no {self.opts.model_name} with id {object_id!r} here")
+        return found
+
+
+class ScopedAdmin(MissingIsNotFound, admin.ModelAdmin):
     """Rows narrowed to the user's scope; another scope's object is not found (404)."""
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:
         return scopes.visible_to(actor_of(request), super().get_queryset(request))
 
-    def get_object(self, request: HttpRequest, object_id: str, from_field: str | None = None):
-        found = super().get_object(request, object_id, from_field)
-        if found is None:
-            raise Http404(f"no {self.opts.verbose_name} with id {object_id!r} here")
-        return found
 
-
-class ServiceAdmin(ScopedAdmin):
-    """Edits through a ServiceForm: saving only reloads what the service wrote."""
+class AppliedByServices:
+    """A model admin whose forms are ServiceForms: saving only reloads what the service wrote,
+    and deleting goes through ``delete_model`` (a service call) one object at a time."""
 
     def get_form(self, request: HttpRequest, obj=None, change: bool = False, **kwargs):
         form = super().get_form(request, obj, change, **kwargs)
         return type(form.__name__, (form,), {"actor": actor_of(request)})
-
-    def formfield_for_dbfield(self, db_field, request: HttpRequest, **kwargs):
-        if db_field.name in SIZE_FIELDS:
-            label, help_text = capfirst(db_field.verbose_name), f"{db_field.help_text} {SIZE_HELP}"
-            return SizeField(label=label, help_text=help_text)
-        return super().formfield_for_dbfield(db_field, request, **kwargs)
 
     def save_model(self, request: HttpRequest, obj: Model, form: ServiceForm, change: bool) -> None:
         obj.pk = form.applied.pk
@@ -137,6 +154,25 @@ class ServiceAdmin(ScopedAdmin):
 
     def refused(self, request: HttpRequest, error: store.StoreError) -> None:
         self.message_user(request, str(error), messages.ERROR)
+
+
+class ServiceAdmin(AppliedByServices, ScopedAdmin):
+    """Scoped, and edited through ServiceForms."""
+
+    def formfield_for_dbfield(self, db_field, request: HttpRequest, **kwargs):
+        if db_field.name in SIZE_FIELDS:
+            label, help_text = (
+                capfirst(db_field.verbose_name),
+                format_lazy("{} {}", db_field.help_text, SIZE_HELP),
+            )
+            return SizeField(label=label, help_text=help_text)
+        return super().formfield_for_dbfield(db_field, request, **kwargs)
+
+
+def require_same_passwords(first: str, second: str) -> None:
+    """A new password typed twice, alike."""
+    if first != second:
+        raise ValidationError(_("The two passwords differ."))
 
 
 # --- Domains ---------------------------------------------------------------------------------
@@ -158,6 +194,12 @@ class DomainCreationForm(ServiceForm):
 
 
 class DomainChangeForm(ServiceForm):
+    language = forms.ChoiceField(
+        label=_("language"),
+        choices=language_choices,
+        help_text=Domain._meta.get_field("language").help_text,
+    )
+
     class Meta:
         model = Domain
         fields = sorted(store.DOMAIN_SETTINGS)
@@ -178,6 +220,7 @@ class DomainAdmin(ServiceAdmin):
         "max_mailboxes",
         "default_mailbox_quota_bytes",
         "quota_warning_percents",
+        "language",
         "max_aliases",
         "allow_outside_destinations",
         "used_bytes",
@@ -186,13 +229,14 @@ class DomainAdmin(ServiceAdmin):
     creation_fields = ["name", "quota_bytes", "max_mailboxes", "default_mailbox_quota_bytes"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Domain]:
-        return super().get_queryset(request).annotate(mailbox_count=Count("mailboxes"))
+        # An aggregate drops Meta.ordering: named again for pages (autocomplete) that page it.
+        return super().get_queryset(request).annotate(mailbox_count=Count("mailboxes")).order_by("name")
 
-    @admin.display(description="mailboxes", ordering="mailbox_count")
+    @admin.display(description=_("mailboxes"), ordering="mailbox_count")
     def mailbox_count(self, domain: Domain) -> int:
         return domain.mailbox_count
 
-    @admin.display(description="usage", ordering="used_bytes")
+    @admin.display(description=_("usage"), ordering="used_bytes")
     def usage(self, domain: Domain) -> str:
         return _usage(domain.used_bytes, domain.quota_bytes)
 
@@ -221,7 +265,8 @@ class DomainAdmin(ServiceAdmin):
         domains = list(objs)
         refusals = [services.domain_deletion_refusal(actor_of(request), domain.name) for domain in domains]
         protected = [refusal for refusal in refusals if refusal is not None]
-        return [str(domain) for domain in domains], {"domains": len(domains)}, set(), protected
+        model_count = {Domain._meta.verbose_name_plural: len(domains)}
+        return [str(domain) for domain in domains], model_count, set(), protected
 
     def delete_model(self, request: HttpRequest, obj: Domain) -> None:
         try:
@@ -234,12 +279,14 @@ class DomainAdmin(ServiceAdmin):
 
 
 class MailboxCreationForm(ServiceForm):
-    address = forms.CharField(help_text="The full address; it is also the POP3 login name.")
-    password = forms.CharField(widget=forms.PasswordInput, strip=False)
+    address = forms.CharField(
+        label=_("address"), help_text=_("The full address; it is also the POP3 login name.")
+    )
+    password = forms.CharField(label=_("password"), widget=forms.PasswordInput, strip=False)
     quota_bytes = SizeField(
         required=False,
-        label="Quota",
-        help_text=f"Blank = the domain's default quota; 0 = unlimited. {SIZE_HELP}",
+        label=_("Quota"),
+        help_text=format_lazy("{} {}", _("Blank = the domain's default quota; 0 = unlimited."), SIZE_HELP),
     )
 
     class Meta:
@@ -266,20 +313,41 @@ class MailboxCreationForm(ServiceForm):
 
 
 class MailboxChangeForm(ServiceForm):
-    new_password = forms.CharField(
-        widget=forms.PasswordInput, strip=False, required=False, help_text="Blank = unchanged."
-    )
+    """Quotas only: the password and the active flag have pages and permissions of their own."""
 
     class Meta:
         model = Mailbox
-        fields = sorted(store.MAILBOX_SETTINGS)
+        fields = sorted(MAILBOX_QUOTAS)
 
     def apply(self, cleaned: dict) -> Mailbox:
-        address = self.instance.address
-        mailbox = services.update_mailbox(self.actor, address, **self.edited(store.MAILBOX_SETTINGS))
-        if cleaned["new_password"]:
-            services.set_password(self.actor, address, cleaned["new_password"])
-        return mailbox
+        return services.update_mailbox(self.actor, self.instance.address, **self.edited(MAILBOX_QUOTAS))
+
+
+class PasswordResetForm(forms.Form):
+    """A new password typed twice, set through ``services.set_password``."""
+
+    password1 = forms.CharField(label=_("New password"), widget=forms.PasswordInput, strip=False)
+    password2 = forms.CharField(
+        label=_("New password (again)"),
+        widget=forms.PasswordInput,
+        strip=False,
+        help_text=_("The mailbox's open POP3 sessions end when the password changes."),
+    )
+
+    def __init__(self, actor: Actor, mailbox: Mailbox, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.actor, self.mailbox = actor, mailbox
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        if self.errors:
+            return cleaned
+        require_same_passwords(cleaned["password1"], cleaned["password2"])
+        try:
+            services.set_password(self.actor, self.mailbox.address, cleaned["password1"])
+        except store.StoreError as error:
+            raise ValidationError(str(error)) from None
+        return cleaned
 
 
 @admin.register(Mailbox)
@@ -288,25 +356,36 @@ class MailboxAdmin(ServiceAdmin):
     list_filter = ["active", ("domain", admin.RelatedOnlyFieldListFilter)]
     search_fields = ["user__username"]
     list_select_related = ["user", "domain"]
-    readonly_fields = ["address", "domain", "used_bytes", "used_messages", "uid_validity", "created_at"]
-    fields = [
+    readonly_fields = [
         "address",
         "domain",
         "active",
-        "quota_bytes",
-        "quota_messages",
-        "new_password",
-        *readonly_fields[2:],
+        "used_bytes",
+        "messages_link",
+        "uid_validity",
+        "last_login_at",
+        "last_login_from",
+        "created_at",
     ]
+    fields = ["address", "domain", "active", "quota_bytes", "quota_messages", *readonly_fields[3:]]
     creation_fields = ["address", "password", "quota_bytes", "quota_messages"]
+    actions = ["suspend", "resume"]
+    change_form_template = "admin/mailadmin/mailbox/change_form.html"
 
-    @admin.display(description="address", ordering="user__username")
+    @admin.display(description=_("address"), ordering="user__username")
     def address(self, mailbox: Mailbox) -> str:
         return mailbox.address
 
-    @admin.display(description="usage", ordering="used_bytes")
+    @admin.display(description=_("usage"), ordering="used_bytes")
     def usage(self, mailbox: Mailbox) -> str:
         return _usage(mailbox.used_bytes, mailbox.quota_bytes)
+
+    @admin.display(description=_("messages"))
+    def messages_link(self, mailbox: Mailbox) -> str:
+        url = reverse("admin:mailadmin_message_changelist") + f"?mailbox__id__exact={mailbox.pk}"
+        count = mailbox.used_messages
+        label = ngettext("%(count)d message", "%(count)d messages", count) % {"count": count}
+        return format_html('<a href="{}">{}</a>', url, label)
 
     def get_form(self, request: HttpRequest, obj: Mailbox | None = None, change: bool = False, **kwargs):
         kwargs["form"] = MailboxChangeForm if obj is not None else MailboxCreationForm
@@ -322,10 +401,14 @@ class MailboxAdmin(ServiceAdmin):
         """Summarise each mailbox's mail instead of listing (and permission-checking) every message."""
         mailboxes = list(objs)
         summary = [
-            f"{mailbox}: {mailbox.used_messages} messages, {format_size(mailbox.used_bytes)}"
+            gettext("%(mailbox)s: %(count)s messages, %(size)s")
+            % {"mailbox": mailbox, "count": mailbox.used_messages, "size": format_size(mailbox.used_bytes)}
             for mailbox in mailboxes
         ]
-        model_count = {"mailboxes": len(mailboxes), "messages": sum(m.used_messages for m in mailboxes)}
+        model_count = {
+            Mailbox._meta.verbose_name_plural: len(mailboxes),
+            Message._meta.verbose_name_plural: sum(m.used_messages for m in mailboxes),
+        }
         return summary, model_count, set(), []
 
     def delete_model(self, request: HttpRequest, obj: Mailbox) -> None:
@@ -333,6 +416,92 @@ class MailboxAdmin(ServiceAdmin):
             services.delete_mailbox(actor_of(request), obj.address)
         except store.StoreError as error:
             self.refused(request, error)
+
+    # Suspend and resume: changelist actions and buttons on the mailbox's page.
+
+    def has_suspend_permission(self, request: HttpRequest, obj: Mailbox | None = None) -> bool:
+        return services.may_suspend_mailboxes(actor_of(request))
+
+    def has_password_permission(self, request: HttpRequest, obj: Mailbox | None = None) -> bool:
+        return services.may_set_password(actor_of(request))
+
+    @admin.action(
+        description=_("Suspend the selected mailboxes (their sessions end)"), permissions=["suspend"]
+    )
+    def suspend(self, request: HttpRequest, queryset: QuerySet[Mailbox]) -> None:
+        self._set_active(request, queryset, active=False)
+
+    @admin.action(description=_("Resume the selected mailboxes"), permissions=["suspend"])
+    def resume(self, request: HttpRequest, queryset: QuerySet[Mailbox]) -> None:
+        self._set_active(request, queryset, active=True)
+
+    def _set_active(self, request: HttpRequest, mailboxes, *, active: bool) -> None:
+        changed = 0
+        for mailbox in mailboxes:
+            try:
+                services.set_mailbox_active(actor_of(request), mailbox.address, active)
+            except store.StoreError as error:
+                self.refused(request, error)
+                continue
+            changed += 1
+        if active:
+            text = ngettext("%(count)d mailbox resumed.", "%(count)d mailboxes resumed.", changed)
+        else:
+            text = ngettext("%(count)d mailbox suspended.", "%(count)d mailboxes suspended.", changed)
+        self.message_user(request, text % {"count": changed})
+
+    def get_urls(self) -> list:
+        wrap = self.admin_site.admin_view
+        return [
+            path("<path:object_id>/password/", wrap(self.password_view), name="mailadmin_mailbox_password"),
+            path("<path:object_id>/suspend/", wrap(self.suspend_view), name="mailadmin_mailbox_suspend"),
+            path("<path:object_id>/resume/", wrap(self.resume_view), name="mailadmin_mailbox_resume"),
+            *super().get_urls(),
+        ]
+
+    def _permitted_mailbox(self, request: HttpRequest, object_id: str, allowed) -> Mailbox:
+        """The mailbox (404 outside the user's scope), if ``allowed(request)``; else 403."""
+        mailbox = self.get_object(request, unquote(object_id))
+        if not allowed(request, mailbox):
+            raise PermissionDenied
+        return mailbox
+
+    def password_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        mailbox = self._permitted_mailbox(request, object_id, self.has_password_permission)
+        form = PasswordResetForm(actor_of(request), mailbox, request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            self.message_user(
+                request, gettext("Password of %(address)s reset.") % {"address": mailbox.address}
+            )
+            return HttpResponseRedirect(reverse("admin:mailadmin_mailbox_change", args=[mailbox.pk]))
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "original": mailbox,
+            "form": form,
+            "title": gettext("Reset the password of %(address)s") % {"address": mailbox.address},
+        }
+        return TemplateResponse(request, "admin/mailadmin/mailbox/password.html", context)
+
+    @method_decorator(require_POST)
+    def suspend_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return self._active_view(request, object_id, active=False)
+
+    @method_decorator(require_POST)
+    def resume_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return self._active_view(request, object_id, active=True)
+
+    def _active_view(self, request: HttpRequest, object_id: str, *, active: bool) -> HttpResponse:
+        mailbox = self._permitted_mailbox(request, object_id, self.has_suspend_permission)
+        self._set_active(request, [mailbox], active=active)
+        return HttpResponseRedirect(reverse("admin:mailadmin_mailbox_change", args=[mailbox.pk]))
+
+    def render_change_form(self, request: HttpRequest, context: dict, *args, obj=None, **kwargs):
+        context.update(
+            may_suspend=obj is not None and self.has_suspend_permission(request, obj),
+            may_reset_password=obj is not None and self.has_password_permission(request, obj),
+        )
+        return super().render_change_form(request, context, *args, obj=obj, **kwargs)
 
 
 # --- Aliases, catch-alls, alias domains ------------------------------------------------------
@@ -517,21 +686,69 @@ class ReadOnlyAdmin(ScopedAdmin):
 
 @admin.register(Message)
 class MessageAdmin(ReadOnlyAdmin):
-    """Metadata only: an operator never needs, and should not casually see, message bodies."""
+    """Metadata from the message rows; a body only for holders of ``view_message_body``, each
+    reading audited (``services.read_message_body``) and capped, shown as escaped plain text.
 
-    list_display = ["mailbox", "uidl", "size_bytes", "from_header", "subject", "received_at"]
+    The list reads no chunk and, for a mailbox of 100,000 messages, one page of rows and one
+    count: the total over every mailbox in scope is not counted again (``show_full_result_count``).
+    """
+
+    list_display = ["received_at", "size", "uidl", "from_header", "subject", "mailbox"]
     list_select_related = ["mailbox__user"]
     search_fields = ["mailbox__user__username", "uidl", "subject", "from_header"]
-    fields = ["mailbox", "uidl", "size_bytes", "received_at", "envelope_sender", "from_header", "subject"]
+    show_full_result_count = False
+    fields = [
+        "mailbox",
+        "uidl",
+        "size_bytes",
+        "received_at",
+        "envelope_sender",
+        "from_header",
+        "subject",
+    ]
     readonly_fields = fields
+
+    @admin.display(description=_("size"), ordering="size_bytes")
+    def size(self, message: Message) -> str:
+        return format_size(message.size_bytes)
+
+    change_form_template = "admin/mailadmin/message/change_form.html"
+
+    def render_change_form(self, request: HttpRequest, context: dict, *args, obj=None, **kwargs):
+        context["may_read_body"] = services.may_read_bodies(actor_of(request))
+        return super().render_change_form(request, context, *args, obj=obj, **kwargs)
+
+    def get_urls(self) -> list:
+        body = self.admin_site.admin_view(self.body_view)
+        return [path("<path:object_id>/body/", body, name="mailadmin_message_body"), *super().get_urls()]
+
+    @method_decorator(require_POST)
+    def body_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """POST only, with the CSRF token: another site must not make a reader's browser read
+        (and so record a reading of) a message they never opened."""
+        actor = actor_of(request)
+        if not services.may_read_bodies(actor):
+            raise PermissionDenied
+        try:
+            shown = services.read_message_body(actor, unquote(object_id), settings.MAILADMIN_ADMIN_BODY_BYTES)
+        except services.MessageNotFound:
+            raise Http404(f"no message with id {object_id!r} here") from None
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "original": shown.message,
+            "shown": shown,
+            "title": gettext("Message %(uidl)s") % {"uidl": shown.message.uidl},
+        }
+        return TemplateResponse(request, "admin/mailadmin/message/body.html", context)
 
 
 class OpenSessionFilter(admin.SimpleListFilter):
-    title = "state"
+    title = _("state")
     parameter_name = "state"
 
     def lookups(self, request, model_admin):
-        return [("open", "open"), ("ended", "ended")]
+        return [("open", _("open")), ("ended", _("ended"))]
 
     def queryset(self, request, queryset):
         if self.value() == "open":
@@ -561,7 +778,9 @@ class Pop3SessionAdmin(ReadOnlyAdmin):
     search_fields = ["username", "peer_host", "node"]
     actions = ["kick"]
 
-    @admin.action(description="Kick the selected open sessions (no deletions applied)", permissions=["kick"])
+    @admin.action(
+        description=_("Kick the selected open sessions (no deletions applied)"), permissions=["kick"]
+    )
     def kick(self, request: HttpRequest, queryset: QuerySet[Pop3Session]) -> None:
         session_ids = queryset.values_list("pk", flat=True)
         try:
@@ -569,7 +788,10 @@ class Pop3SessionAdmin(ReadOnlyAdmin):
         except store.StoreError as error:
             self.refused(request, error)
             return
-        self.message_user(request, f"Kick requested for {count} session{'s' if count != 1 else ''}.")
+        text = ngettext(
+            "Kick requested for %(count)d session.", "Kick requested for %(count)d sessions.", count
+        )
+        self.message_user(request, text % {"count": count})
 
     def has_kick_permission(self, request: HttpRequest) -> bool:
         return services.may_kick(actor_of(request))
@@ -599,16 +821,108 @@ class AuditEntryAdmin(ReadOnlyAdmin):
     exclude = ["domain"]
 
 
+# --- Domain administrators -------------------------------------------------------------------
+
+
+class AdministratorForm(ServiceForm):
+    """Username, domains and password of a domain administrator, saved by
+    ``services.save_domain_administrator`` (which audits it)."""
+
+    username = forms.CharField(label=_("username"), max_length=150)
+    domains = forms.ModelMultipleChoiceField(
+        label=_("domains"),
+        queryset=Domain.objects.all(),
+        widget=admin.widgets.FilteredSelectMultiple(_("domains"), False),
+    )
+    password1 = forms.CharField(label=_("password"), widget=forms.PasswordInput, strip=False, required=False)
+    password2 = forms.CharField(
+        label=_("password (again)"), widget=forms.PasswordInput, strip=False, required=False
+    )
+
+    class Meta:
+        model = DomainAdministratorLogin
+        fields: list[str] = []
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.pk is not None:
+            self.fields["username"].disabled = True
+            self.fields["username"].initial = self.instance.username
+            self.fields["domains"].initial = Domain.objects.filter(administrators__user=self.instance)
+            self.fields["password1"].help_text = _("Blank = unchanged.")
+        else:
+            self.fields["password1"].required = self.fields["password2"].required = True
+
+    def apply(self, cleaned: dict) -> DomainAdministratorLogin:
+        require_same_passwords(cleaned["password1"], cleaned["password2"])
+        saved = services.save_domain_administrator(
+            self.actor,
+            cleaned["username"],
+            [domain.name for domain in cleaned["domains"]],
+            cleaned["password1"] or None,
+        )
+        return DomainAdministratorLogin.objects.get(username=saved.username)
+
+
+@admin.register(DomainAdministratorLogin)
+class DomainAdministratorAdmin(AppliedByServices, MissingIsNotFound, admin.ModelAdmin):
+    """Superusers make, change and delete domain administrators here, through the service layer."""
+
+    form = AdministratorForm
+    list_display = ["username", "administered", "is_active", "last_login"]
+    search_fields = ["username"]
+    fields = ["username", "domains", "password1", "password2"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet:
+        return DomainAdministratorLogin.objects.administrators().prefetch_related(
+            "administered_domains__domain"
+        )
+
+    @admin.display(description=_("domains"))
+    def administered(self, user: DomainAdministratorLogin) -> str:
+        return ", ".join(sorted(tie.domain.name for tie in user.administered_domains.all()))
+
+    def _superuser(self, request: HttpRequest) -> bool:
+        """Making administrators is for operators of every domain: superusers."""
+        return services.may_manage_domains(actor_of(request))
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return self._superuser(request)
+
+    def has_view_permission(self, request: HttpRequest, obj=None) -> bool:
+        return self._superuser(request)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return self._superuser(request)
+
+    def has_change_permission(self, request: HttpRequest, obj=None) -> bool:
+        return self._superuser(request)
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return self._superuser(request)
+
+    def get_deleted_objects(self, objs, request: HttpRequest):
+        names = [str(user) for user in objs]
+        return names, {DomainAdministratorLogin._meta.verbose_name_plural: len(names)}, set(), []
+
+    def delete_model(self, request: HttpRequest, obj) -> None:
+        try:
+            services.delete_domain_administrator(actor_of(request), obj.username)
+        except store.StoreError as error:
+            self.refused(request, error)
+
+
 # --- Logins ----------------------------------------------------------------------------------
 
 
-class LoginUserAdmin(UserAdmin):
+class LoginUserAdmin(MissingIsNotFound, UserAdmin):
     """Operator logins only: neither mailbox logins nor domain administrators.
 
     A mailbox's login is its address, which never changes; its password and active flag are set on
-    the mailbox's own page, through the service layer. A domain administrator's domains and
-    password are set by ``createadmin`` (the service layer, audited). Leaving both out of this
-    queryset keeps every user page (change, password, delete) from reaching them around it.
+    the mailbox's own pages, through the service layer. A domain administrator's domains and
+    password are set on the domain administrators' pages or by ``createadmin`` (the service
+    layer, audited). Leaving both out of this queryset keeps every user page (change, password,
+    delete) from reaching them around it.
     """
 
     def get_queryset(self, request: HttpRequest) -> QuerySet:

@@ -9,10 +9,13 @@ import time
 from datetime import datetime
 
 from django.conf import settings
+from django.contrib.auth.models import User
 from django.db import models
 from django.db.models import Q
 from django.db.models.functions import Now
 from django.utils import timezone
+from django.utils.translation import gettext
+from django.utils.translation import gettext_lazy as _
 
 from pop3 import mailbox as pop3_mailbox
 
@@ -26,9 +29,11 @@ def parse_percents(text: str) -> list[int]:
     try:
         percents = sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise ValueError(f"{text!r} is not a comma-separated list of percentages") from None
+        raise ValueError(
+            gettext("%(text)r is not a comma-separated list of percentages") % {"text": text}
+        ) from None
     if any(not 1 <= percent <= 100 for percent in percents):
-        raise ValueError("warning percentages must be between 1 and 100")
+        raise ValueError(gettext("warning percentages must be between 1 and 100"))
     return percents
 
 
@@ -64,34 +69,66 @@ class StoreCounters:
         super().save(*args, force_insert=force_insert, update_fields=update_fields, **kwargs)
 
 
+def _default_language() -> str:
+    return settings.LANGUAGE_CODE
+
+
+def language_choices() -> list[tuple[str, str]]:
+    """The configured languages, named in the reader's language (Django's catalogue names them)."""
+    return [(code, _(name)) for code, name in settings.LANGUAGES]
+
+
 class Domain(StoreCounters, models.Model):
     name = models.CharField(
-        max_length=253, unique=True, help_text="Lower-case; internationalised names are stored as A-labels."
+        _("name"),
+        max_length=253,
+        unique=True,
+        help_text=_("Lower-case; internationalised names are stored as A-labels."),
     )
-    active = models.BooleanField(default=True)
+    active = models.BooleanField(_("active"), default=True)
     quota_bytes = models.BigIntegerField(
-        default=0, help_text="Cap on the total size of all mail in the domain; 0 = unlimited."
+        _("quota"), default=0, help_text=_("Cap on the total size of all mail in the domain; 0 = unlimited.")
     )
-    used_bytes = models.BigIntegerField(default=0, editable=False)
-    max_mailboxes = models.PositiveIntegerField(default=0, help_text="0 = unlimited.")
+    used_bytes = models.BigIntegerField(_("used"), default=0, editable=False)
+    max_mailboxes = models.PositiveIntegerField(
+        _("maximum mailboxes"), default=0, help_text=_("0 = unlimited.")
+    )
     default_mailbox_quota_bytes = models.BigIntegerField(
-        default=0, help_text="Quota given to new mailboxes when none is named; 0 = unlimited."
+        _("default mailbox quota"),
+        default=0,
+        help_text=_("Quota given to new mailboxes when none is named; 0 = unlimited."),
     )
     quota_warning_percents = models.CharField(
+        _("quota warning percentages"),
         max_length=50,
         blank=True,
-        help_text="Usage percentages whose crossing delivers a warning, e.g. '80,95'; blank = the default.",
+        help_text=_(
+            "Usage percentages whose crossing delivers a warning, e.g. '80,95'; blank = the default."
+        ),
     )
-    max_aliases = models.PositiveIntegerField(default=0, help_text="0 = unlimited; catch-alls not counted.")
+    language = models.CharField(
+        _("language"),
+        max_length=16,
+        default=_default_language,
+        help_text=_("The language of the messages sent to the domain's mailboxes, such as quota warnings."),
+    )
+    max_aliases = models.PositiveIntegerField(
+        _("maximum aliases"), default=0, help_text=_("0 = unlimited; the catch-all is not counted.")
+    )
     allow_outside_destinations = models.BooleanField(
+        _("allow outside destinations"),
         default=False,
-        help_text="Whether its domain administrators may forward its aliases to addresses not hosted here.",
+        help_text=_(
+            "Whether its domain administrators may forward its aliases to addresses not hosted here."
+        ),
     )
-    created_at = models.DateTimeField(auto_now_add=True)
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
 
     STORE_OWNED_FIELDS = ("used_bytes",)
 
     class Meta:
+        verbose_name = _("domain")
+        verbose_name_plural = _("domains")
         ordering = ["name"]
         constraints = [
             models.CheckConstraint(condition=Q(quota_bytes__gte=0), name="domain_quota_not_negative"),
@@ -114,29 +151,52 @@ class MailboxQuerySet(models.QuerySet):
 
 
 class Mailbox(StoreCounters, models.Model):
-    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="mailbox")
-    domain = models.ForeignKey(Domain, on_delete=models.PROTECT, related_name="mailboxes")
-    active = models.BooleanField(default=True)
-    quota_bytes = models.BigIntegerField(default=0, help_text="0 = unlimited.")
-    quota_messages = models.PositiveIntegerField(default=0, help_text="0 = unlimited.")
-    used_bytes = models.BigIntegerField(default=0, editable=False)
-    used_messages = models.PositiveIntegerField(default=0, editable=False)
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="mailbox", verbose_name=_("login")
+    )
+    domain = models.ForeignKey(
+        Domain, on_delete=models.PROTECT, related_name="mailboxes", verbose_name=_("domain")
+    )
+    active = models.BooleanField(_("active"), default=True)
+    quota_bytes = models.BigIntegerField(_("quota"), default=0, help_text=_("0 = unlimited."))
+    quota_messages = models.PositiveIntegerField(_("message quota"), default=0, help_text=_("0 = unlimited."))
+    used_bytes = models.BigIntegerField(_("used"), default=0, editable=False)
+    used_messages = models.PositiveIntegerField(_("messages"), default=0, editable=False)
     # The highest warning percentage already announced; lowered again when usage falls.
-    quota_warning_percent = models.PositiveSmallIntegerField(default=0, editable=False)
+    quota_warning_percent = models.PositiveSmallIntegerField(
+        _("last quota warning"), default=0, editable=False
+    )
     # UIDs are never reused: the next one comes from this counter, bumped in the delivering
     # transaction. uid_validity makes UIDLs of a re-created mailbox differ from the old one's:
     # the store gives each new mailbox one from UidValidityCounter, larger than any before.
-    next_uid = models.BigIntegerField(default=1, editable=False)
-    uid_validity = models.BigIntegerField(default=_unix_time_now, editable=False)
-    created_at = models.DateTimeField(auto_now_add=True)
+    next_uid = models.BigIntegerField(_("next UID"), default=1, editable=False)
+    uid_validity = models.BigIntegerField(_("UID validity"), default=_unix_time_now, editable=False)
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    # The last successful POP3 login, written by the session registry with the session's row;
+    # kept here because session rows are pruned and a mailbox's last login must outlive them.
+    last_login_at = models.DateTimeField(_("last login"), null=True, blank=True, editable=False)
+    last_login_from = models.CharField(_("last login from"), max_length=64, blank=True, editable=False)
 
-    STORE_OWNED_FIELDS = ("used_bytes", "used_messages", "next_uid", "uid_validity", "quota_warning_percent")
+    STORE_OWNED_FIELDS = (
+        "used_bytes",
+        "used_messages",
+        "next_uid",
+        "uid_validity",
+        "quota_warning_percent",
+        "last_login_at",
+        "last_login_from",
+    )
 
     objects = MailboxQuerySet.as_manager()
 
     class Meta:
-        verbose_name_plural = "mailboxes"
+        verbose_name = _("mailbox")
+        verbose_name_plural = _("mailboxes")
         ordering = ["user__username"]
+        permissions = [
+            ("set_mailbox_password", _("Can reset the password of a mailbox")),
+            ("suspend_mailbox", _("Can suspend and resume a mailbox")),
+        ]
         constraints = [
             models.CheckConstraint(condition=Q(quota_bytes__gte=0), name="mailbox_quota_not_negative"),
             models.CheckConstraint(condition=Q(used_bytes__gte=0), name="mailbox_used_not_negative"),
@@ -181,21 +241,31 @@ class MessageQuerySet(models.QuerySet):
 
 
 class Message(models.Model):
-    mailbox = models.ForeignKey(Mailbox, on_delete=models.CASCADE, related_name="messages")
-    uidl = models.CharField(max_length=70, help_text="POP3 unique-id: 1-70 printable characters, no '/'.")
-    size_bytes = models.BigIntegerField(help_text="Exact octets of the CRLF-normalised message.")
-    received_at = models.DateTimeField()
-    envelope_sender = models.CharField(max_length=320, blank=True)
+    mailbox = models.ForeignKey(
+        Mailbox, on_delete=models.CASCADE, related_name="messages", verbose_name=_("mailbox")
+    )
+    uidl = models.CharField(
+        _("UIDL"), max_length=70, help_text=_("POP3 unique-id: 1-70 printable characters, no '/'.")
+    )
+    size_bytes = models.BigIntegerField(
+        _("size"), help_text=_("Exact octets of the CRLF-normalised message.")
+    )
+    received_at = models.DateTimeField(_("received"))
+    envelope_sender = models.CharField(_("envelope sender"), max_length=320, blank=True)
     # The full header length (through the empty line), so TOP knows where the body starts.
-    header_size_bytes = models.BigIntegerField()
-    subject = models.CharField(max_length=255, blank=True)
-    from_header = models.CharField(max_length=255, blank=True)
+    header_size_bytes = models.BigIntegerField(_("header size"))
+    subject = models.CharField(_("subject"), max_length=255, blank=True)
+    from_header = models.CharField(_("from"), max_length=255, blank=True)
     # Identifies where an imported message came from so a re-run skips it.
-    import_key = models.CharField(max_length=200, null=True, blank=True, editable=False)
+    import_key = models.CharField(_("import key"), max_length=200, null=True, blank=True, editable=False)
 
     objects = MessageQuerySet.as_manager()
 
     class Meta:
+        verbose_name = _("message")
+        verbose_name_plural = _("messages")
+        # Reading mail is a privilege apart from seeing that it exists; each reading is audited.
+        permissions = [("view_message_body", _("Can read the body of a message"))]
         constraints = [
             models.UniqueConstraint(fields=["mailbox", "uidl"], name="message_uidl_unique_per_mailbox"),
             models.UniqueConstraint(
@@ -245,9 +315,9 @@ class MaildropLease(models.Model):
 class Pop3Node(models.Model):
     """A running runpop3 process; its heartbeat says whether its open sessions are real."""
 
-    name = models.CharField(max_length=200, primary_key=True, help_text="host:pid")
-    started_at = models.DateTimeField()
-    heartbeat_at = models.DateTimeField()
+    name = models.CharField(_("name"), max_length=200, primary_key=True, help_text=_("host:pid"))
+    started_at = models.DateTimeField(_("started"))
+    heartbeat_at = models.DateTimeField(_("heartbeat"))
 
     def __str__(self) -> str:
         return self.name
@@ -268,57 +338,78 @@ class Pop3SessionQuerySet(models.QuerySet):
         return self.filter(updated_at__gt=moment)
 
 
+# The POP3 library's end reasons, as people read them.
+END_REASON_LABELS = {
+    pop3_mailbox.EndReason.QUIT: _("quit"),
+    pop3_mailbox.EndReason.DROPPED: _("dropped"),
+    pop3_mailbox.EndReason.TIMEOUT: _("timeout"),
+    pop3_mailbox.EndReason.KICKED: _("kicked"),
+    pop3_mailbox.EndReason.SHUTDOWN: _("shutdown"),
+    pop3_mailbox.EndReason.ERROR: _("error"),
+}
+
+
 class Pop3Session(models.Model):
     """One POP3 connection, written by the runpop3 process that serves it, as it runs."""
 
     # How a session ended: as the POP3 session reports it, or lost when its process died.
     EndReason = models.TextChoices(
         "EndReason",
-        [(reason.name, reason.value) for reason in pop3_mailbox.EndReason]
-        + [("LOST", ("lost", "lost (its server stopped heartbeating)"))],
+        [(reason.name, (reason.value, END_REASON_LABELS[reason])) for reason in pop3_mailbox.EndReason]
+        + [("LOST", ("lost", _("lost (its server stopped heartbeating)")))],
     )
 
-    id = models.UUIDField(primary_key=True, editable=False)
-    node = models.CharField(max_length=200, help_text="host:pid of the runpop3 process.")
-    username = models.CharField(max_length=320, blank=True, help_text="The login name given, if any.")
+    id = models.UUIDField(_("id"), primary_key=True, editable=False)
+    node = models.CharField(_("process"), max_length=200, help_text=_("host:pid of the runpop3 process."))
+    username = models.CharField(
+        _("username"), max_length=320, blank=True, help_text=_("The login name given, if any.")
+    )
     mailbox = models.ForeignKey(
-        Mailbox, null=True, blank=True, on_delete=models.SET_NULL, related_name="pop3_sessions"
+        Mailbox,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="pop3_sessions",
+        verbose_name=_("mailbox"),
     )
     # The domain of the login (or of the name tried), so a domain's administrators see its sessions.
-    domain = models.ForeignKey(Domain, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    peer_host = models.CharField(max_length=64)
-    peer_port = models.PositiveIntegerField()
-    local_host = models.CharField(max_length=64)
-    local_port = models.PositiveIntegerField()
-    implicit_tls = models.BooleanField(default=False)
-    tls_version = models.CharField(max_length=32, blank=True)
-    tls_cipher = models.CharField(max_length=100, blank=True)
-    started_at = models.DateTimeField()
-    authenticated_at = models.DateTimeField(null=True, blank=True)
-    ended_at = models.DateTimeField(null=True, blank=True)
-    end_reason = models.CharField(max_length=16, choices=EndReason.choices, blank=True)
-    kick_requested_at = models.DateTimeField(null=True, blank=True)
-    commands = models.PositiveIntegerField(default=0)
-    bytes_in = models.BigIntegerField(default=0)
-    bytes_out = models.BigIntegerField(default=0)
-    retr_count = models.PositiveIntegerField(default=0)
-    retr_bytes = models.BigIntegerField(default=0)
-    top_count = models.PositiveIntegerField(default=0)
-    top_bytes = models.BigIntegerField(default=0)
-    deleted_count = models.PositiveIntegerField(default=0)
-    deleted_bytes = models.BigIntegerField(default=0)
-    message_count = models.PositiveIntegerField(default=0)
-    message_bytes = models.BigIntegerField(default=0)
+    domain = models.ForeignKey(
+        Domain, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", verbose_name=_("domain")
+    )
+    peer_host = models.CharField(_("client address"), max_length=64)
+    peer_port = models.PositiveIntegerField(_("client port"))
+    local_host = models.CharField(_("server address"), max_length=64)
+    local_port = models.PositiveIntegerField(_("server port"))
+    implicit_tls = models.BooleanField(_("implicit TLS"), default=False)
+    tls_version = models.CharField(_("TLS version"), max_length=32, blank=True)
+    tls_cipher = models.CharField(_("TLS cipher"), max_length=100, blank=True)
+    started_at = models.DateTimeField(_("started"))
+    authenticated_at = models.DateTimeField(_("logged in"), null=True, blank=True)
+    ended_at = models.DateTimeField(_("ended"), null=True, blank=True)
+    end_reason = models.CharField(_("end reason"), max_length=16, choices=EndReason.choices, blank=True)
+    kick_requested_at = models.DateTimeField(_("kick requested"), null=True, blank=True)
+    commands = models.PositiveIntegerField(_("commands"), default=0)
+    bytes_in = models.BigIntegerField(_("bytes in"), default=0)
+    bytes_out = models.BigIntegerField(_("bytes out"), default=0)
+    retr_count = models.PositiveIntegerField(_("messages retrieved"), default=0)
+    retr_bytes = models.BigIntegerField(_("bytes retrieved"), default=0)
+    top_count = models.PositiveIntegerField(_("TOP commands"), default=0)
+    top_bytes = models.BigIntegerField(_("bytes sent by TOP"), default=0)
+    deleted_count = models.PositiveIntegerField(_("messages deleted"), default=0)
+    deleted_bytes = models.BigIntegerField(_("bytes deleted"), default=0)
+    message_count = models.PositiveIntegerField(_("messages at login"), default=0)
+    message_bytes = models.BigIntegerField(_("bytes at login"), default=0)
     # Database time of the row's last write: every writer sets it (runpop3's registry, the
     # sweep of lost sessions, kicks), so a console fetches only what changed since its last look.
-    updated_at = models.DateTimeField(db_default=Now())
+    updated_at = models.DateTimeField(_("updated"), db_default=Now())
 
     objects = Pop3SessionQuerySet.as_manager()
 
     class Meta:
-        verbose_name = "POP3 session"
+        verbose_name = _("POP3 session")
+        verbose_name_plural = _("POP3 sessions")
         ordering = ["-started_at"]
-        permissions = [("kick_pop3session", "Can kick POP3 session")]
+        permissions = [("kick_pop3session", _("Can kick POP3 session"))]
         indexes = [
             models.Index(fields=["node", "ended_at"], name="pop3session_node_live"),
             models.Index(fields=["mailbox", "ended_at"], name="pop3session_mailbox_live"),
@@ -343,23 +434,33 @@ class AuthFailure(models.Model):
     does not grow the penalty (as in Dovecot).
     """
 
-    created_at = models.DateTimeField(db_index=True)
+    created_at = models.DateTimeField(_("created"), db_index=True)
     # No database constraint: the failure row may be written before its session row is flushed.
     session = models.ForeignKey(
-        Pop3Session, null=True, blank=True, on_delete=models.DO_NOTHING, db_constraint=False, related_name="+"
+        Pop3Session,
+        null=True,
+        blank=True,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        related_name="+",
+        verbose_name=_("POP3 session"),
     )
-    username = models.CharField(max_length=320, blank=True)
+    username = models.CharField(_("username"), max_length=320, blank=True)
     # The domain of the name tried, when it is one of ours: what a domain's administrators see.
-    domain = models.ForeignKey(Domain, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    peer_host = models.CharField(max_length=64)
-    source = models.CharField(max_length=64)
-    mechanism = models.CharField(max_length=16)
-    reason = models.CharField(max_length=64)
-    attempt = models.CharField(max_length=32, blank=True)
+    domain = models.ForeignKey(
+        Domain, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", verbose_name=_("domain")
+    )
+    peer_host = models.CharField(_("client address"), max_length=64)
+    source = models.CharField(_("source"), max_length=64)
+    mechanism = models.CharField(_("mechanism"), max_length=16)
+    reason = models.CharField(_("reason"), max_length=64)
+    attempt = models.CharField(_("attempt"), max_length=32, blank=True)
     # Credential failures grow the source's penalty; a locked mailbox or a session cap does not.
-    penalised = models.BooleanField(default=True)
+    penalised = models.BooleanField(_("penalised"), default=True)
 
     class Meta:
+        verbose_name = _("failed login")
+        verbose_name_plural = _("failed logins")
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["source", "created_at"], name="authfailure_source_time")]
 
@@ -374,11 +475,18 @@ class DomainAdministrator(models.Model):
     """
 
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="administered_domains"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        related_name="administered_domains",
+        verbose_name=_("administrator"),
     )
-    domain = models.ForeignKey(Domain, on_delete=models.CASCADE, related_name="administrators")
+    domain = models.ForeignKey(
+        Domain, on_delete=models.CASCADE, related_name="administrators", verbose_name=_("domain")
+    )
 
     class Meta:
+        verbose_name = _("domain administration")
+        verbose_name_plural = _("domain administrations")
         constraints = [
             models.UniqueConstraint(fields=["user", "domain"], name="domain_administrator_unique"),
         ]
@@ -395,21 +503,24 @@ class AuditEntry(models.Model):
     ``[before, after]``; a password or hash appears only as ``"changed"``.
     """
 
-    created_at = models.DateTimeField(default=timezone.now)
-    actor_kind = models.CharField(max_length=16)
-    actor_name = models.CharField(max_length=200)
+    created_at = models.DateTimeField(_("created"), default=timezone.now)
+    actor_kind = models.CharField(_("actor kind"), max_length=16)
+    actor_name = models.CharField(_("actor"), max_length=200)
     # The user's id as it was; no foreign key, so the entry outlives the user.
-    actor_user_id = models.IntegerField(null=True, blank=True)
-    client_address = models.CharField(max_length=64, blank=True)
-    action = models.CharField(max_length=40)
-    object_type = models.CharField(max_length=40)
-    object_name = models.CharField(max_length=320)
-    domain = models.ForeignKey(Domain, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
-    domain_name = models.CharField(max_length=253, blank=True)
-    changes = models.JSONField(default=dict, blank=True)
+    actor_user_id = models.IntegerField(_("actor user id"), null=True, blank=True)
+    client_address = models.CharField(_("client address"), max_length=64, blank=True)
+    action = models.CharField(_("action"), max_length=40)
+    object_type = models.CharField(_("object type"), max_length=40)
+    object_name = models.CharField(_("object"), max_length=320)
+    domain = models.ForeignKey(
+        Domain, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", verbose_name=_("domain")
+    )
+    domain_name = models.CharField(_("domain name"), max_length=253, blank=True)
+    changes = models.JSONField(_("changes"), default=dict, blank=True)
 
     class Meta:
-        verbose_name_plural = "audit entries"
+        verbose_name = _("audit entry")
+        verbose_name_plural = _("audit entries")
         ordering = ["-created_at", "-id"]
         indexes = [
             models.Index(fields=["domain", "created_at"], name="auditentry_domain_time"),
@@ -418,6 +529,25 @@ class AuditEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.actor_name} {self.action} {self.object_type} {self.object_name}"
+
+
+class AdministratorQuerySet(models.QuerySet):
+    def administrators(self) -> "AdministratorQuerySet":
+        return self.filter(administered_domains__isnull=False).distinct()
+
+
+class DomainAdministratorLogin(User):
+    """The login of a domain administrator, as the admin lists them (a view of ``auth.User``).
+
+    Made and changed through ``services.save_domain_administrator`` only, by superusers.
+    """
+
+    objects = AdministratorQuerySet.as_manager()
+
+    class Meta:
+        proxy = True
+        verbose_name = _("domain administrator")
+        verbose_name_plural = _("domain administrators")
 
 
 # A source of this form, "@domain", is the domain's catch-all (Postfix's virtual(5) notation).
@@ -441,16 +571,19 @@ class Alias(models.Model):
     """
 
     source = models.CharField(
-        max_length=320, unique=True, help_text="local@domain, or @domain for a catch-all."
+        _("address"), max_length=320, unique=True, help_text=_("local@domain, or @domain for a catch-all.")
     )
-    domain = models.ForeignKey(Domain, on_delete=models.PROTECT, related_name="aliases")
-    active = models.BooleanField(default=True)
-    created_at = models.DateTimeField(auto_now_add=True)
+    domain = models.ForeignKey(
+        Domain, on_delete=models.PROTECT, related_name="aliases", verbose_name=_("domain")
+    )
+    active = models.BooleanField(_("active"), default=True)
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
 
     objects = AliasQuerySet.as_manager()
 
     class Meta:
-        verbose_name_plural = "aliases"
+        verbose_name = _("alias")
+        verbose_name_plural = _("aliases")
         ordering = ["source"]
 
     def __str__(self) -> str:
@@ -473,8 +606,8 @@ class DomainCatchAll(Alias):
 
     class Meta:
         proxy = True
-        verbose_name = "catch-all"
-        verbose_name_plural = "catch-alls"
+        verbose_name = _("catch-all")
+        verbose_name_plural = _("catch-alls")
 
 
 class AliasDestination(models.Model):
@@ -500,11 +633,20 @@ class AliasDomain(models.Model):
     ``@name @target`` virtual(5) entry.
     """
 
-    name = models.CharField(max_length=253, unique=True, help_text="Lower-case, A-labels.")
-    target = models.ForeignKey(Domain, on_delete=models.PROTECT, related_name="alias_domains")
-    created_at = models.DateTimeField(auto_now_add=True)
+    name = models.CharField(
+        _("name"),
+        max_length=253,
+        unique=True,
+        help_text=_("Lower-case; internationalised names are stored as A-labels."),
+    )
+    target = models.ForeignKey(
+        Domain, on_delete=models.PROTECT, related_name="alias_domains", verbose_name=_("target domain")
+    )
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
 
     class Meta:
+        verbose_name = _("alias domain")
+        verbose_name_plural = _("alias domains")
         ordering = ["name"]
 
     def __str__(self) -> str:

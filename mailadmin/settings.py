@@ -10,7 +10,9 @@ import socket
 from pathlib import Path
 
 import dj_database_url
+from django.conf.global_settings import LANGUAGES as DJANGO_LANGUAGES
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.translation import gettext_noop
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("MAILADMIN_VAR_DIR", BASE_DIR / "var"))
@@ -86,6 +88,8 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    # After the session (a chosen language is kept there), before CommonMiddleware (redirects).
+    "django.middleware.locale.LocaleMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -180,8 +184,23 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 
+
 # --- Internationalisation, static files -----------------------------------------------------
-LANGUAGE_CODE = "en-us"
+# The admin follows the browser's Accept-Language among LANGUAGES (codes, e.g. "en,id"); the
+# first is the default, for the admin and for quota warnings of domains that name none.
+def _languages(codes: list[str]) -> list[tuple[str, str]]:
+    names = dict(DJANGO_LANGUAGES)
+    unknown = [code for code in codes if code not in names]
+    if unknown:
+        raise ImproperlyConfigured(f"LANGUAGES names codes Django does not know: {', '.join(unknown)}")
+    return [(code, names[code]) for code in codes]
+
+
+LANGUAGES = _languages(
+    [code.strip().lower() for code in (os.environ.get("LANGUAGES") or "en,id").split(",") if code.strip()]
+)
+LANGUAGE_CODE = LANGUAGES[0][0]
+LOCALE_PATHS = [BASE_DIR / "locale"]
 TIME_ZONE = os.environ.get("TIME_ZONE", "UTC")
 USE_I18N = True
 USE_TZ = True
@@ -218,14 +237,21 @@ MAILADMIN_MAX_MESSAGE_SIZE_BYTES = _env_int("MAILADMIN_MAX_MESSAGE_SIZE_BYTES", 
 # override in the admin). {address}, {percent}, {used} and {quota} are filled in.
 MAILADMIN_QUOTA_WARNING_PERCENTS = os.environ.get("MAILADMIN_QUOTA_WARNING_PERCENTS", "80,95")
 MAILADMIN_QUOTA_WARNING_FROM = os.environ.get("MAILADMIN_QUOTA_WARNING_FROM", "postmaster")
+# The defaults are translated into the domain's language; a text set here is sent as it is.
 MAILADMIN_QUOTA_WARNING_SUBJECT = os.environ.get(
-    "MAILADMIN_QUOTA_WARNING_SUBJECT", "Your mailbox is {percent}% full"
+    "MAILADMIN_QUOTA_WARNING_SUBJECT",
+    # xgettext:no-python-format
+    gettext_noop("Your mailbox is {percent}% full"),
 )
 MAILADMIN_QUOTA_WARNING_BODY = os.environ.get(
     "MAILADMIN_QUOTA_WARNING_BODY",
-    "Your mailbox {address} uses {used} of its {quota} ({percent}%).\n"
-    "When it is full, new mail will be refused. Please delete messages you no longer need.\n",
+    gettext_noop(
+        "Your mailbox {address} uses {used} of its {quota} ({percent}%).\n"
+        "When it is full, new mail will be refused. Please delete messages you no longer need.\n"
+    ),
 )
+# The admin shows at most this much of a message's text to those allowed to read it.
+MAILADMIN_ADMIN_BODY_BYTES = _env_int("MAILADMIN_ADMIN_BODY_BYTES", 256 * 1024)
 # Header blocks are read up to this size for the subject and sender kept on the message row.
 MAILADMIN_HEADER_CACHE_BYTES = 64 * 1024
 # Ended POP3 sessions and failed logins older than this many days go at `prunehistory`.

@@ -6,6 +6,8 @@ works in one works in all, and the one rule for showing usage as a percentage.
 
 import re
 
+from django.utils.translation import gettext
+
 _MULTIPLIERS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 # Binary multiples; "5M", "5MB" and "5MiB" all mean 5 MiB.
 _SIZE = re.compile(r"^\s*(\d+)\s*(?:([KMGT])I?)?B?\s*$", re.IGNORECASE)
@@ -16,7 +18,10 @@ def parse_size(text: str) -> int:
     """Parse a size in bytes, with an optional binary K/M/G/T suffix; raise ValueError otherwise."""
     match = _SIZE.match(text)
     if not match:
-        raise ValueError(f"invalid size {text!r}: use a number of bytes or a number with {SIZE_SUFFIXES}")
+        raise ValueError(
+            gettext("invalid size %(text)r: use a number of bytes or a number with %(suffixes)s")
+            % {"text": text, "suffixes": SIZE_SUFFIXES}
+        )
     number, unit = match.groups()
     return int(number) * _MULTIPLIERS[(unit or "").upper()]
 

@@ -167,7 +167,7 @@ def test_outside_forwarding_is_an_operators_tick_on_the_domain_page(root_client)
         not in olivia.get(f"/admin/mailadmin/domain/{domain.pk}/change/").content.decode()
     )
     form = {"active": "on", "quota_bytes": "0", "max_mailboxes": "0", "max_aliases": "3"}
-    form |= {"default_mailbox_quota_bytes": "0", "allow_outside_destinations": "on"}
+    form |= {"default_mailbox_quota_bytes": "0", "allow_outside_destinations": "on", "language": "en"}
     response = root_client.post(f"/admin/mailadmin/domain/{domain.pk}/change/", form)
     assert response.status_code == 302, form_errors(response)
     domain.refresh_from_db()

@@ -65,7 +65,8 @@ def test_a_session_row_carries_the_domain_of_its_login_or_of_the_name_tried(make
         registry.write_session_rows(outbox)
 
     statements = [query["sql"].split()[0] for query in queries.captured_queries]
-    assert statements.count("UPDATE") == 4 and "SELECT" not in statements
+    # One per session row, and one for the mailbox's last login.
+    assert statements.count("UPDATE") == 5 and "SELECT" not in statements
     assert [row(r).domain_id for r in (tried_ours, tried_unknown, tried_no_domain, logged_in)] == [
         other.pk,
         None,
@@ -73,6 +74,28 @@ def test_a_session_row_carries_the_domain_of_its_login_or_of_the_name_tried(make
         mailbox.domain_id,
     ]
     assert row(logged_in).mailbox_id == mailbox.pk
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_login_becomes_the_mailboxs_last_login_and_outlives_its_pruned_session_row(make_mailbox):
+    mailbox = make_mailbox("alice@example.test")
+    pop3 = monitor()
+    recorder = opened(pop3)
+    recorder.logged_in(
+        "alice@example.test", "USER", OrmMaildrop(pop3.executor, pop3.leases.lease(mailbox.pk), [])
+    )
+    asyncio.run(pop3.tick())
+    session = row(recorder)
+    mailbox.refresh_from_db()
+    assert (mailbox.last_login_at, mailbox.last_login_from) == (session.authenticated_at, "192.0.2.7")
+
+    recorder.closed(EndReason.QUIT, SessionStats())
+    asyncio.run(pop3.tick())
+    Pop3Session.objects.filter(pk=session.pk).update(started_at=LONG_AGO, ended_at=LONG_AGO)
+    call_command("prunehistory", "--days", "1")
+    mailbox.refresh_from_db()
+    assert not Pop3Session.objects.exists()
+    assert (mailbox.last_login_at, mailbox.last_login_from) == (session.authenticated_at, "192.0.2.7")
 
 
 def failure_request(username: str) -> LoginRequest:

@@ -10,7 +10,15 @@ from mailadmin.mailin.delivery import DeliveryStatus, deliver
 from mailadmin.models import Domain, Mailbox, Message
 
 STORE_OWNED = {
-    Mailbox: ["used_bytes", "used_messages", "next_uid", "uid_validity", "quota_warning_percent"],
+    Mailbox: [
+        "used_bytes",
+        "used_messages",
+        "next_uid",
+        "uid_validity",
+        "quota_warning_percent",
+        "last_login_at",
+        "last_login_from",
+    ],
     Domain: ["used_bytes"],
 }
 CASES = [(model, name) for model, names in STORE_OWNED.items() for name in names]

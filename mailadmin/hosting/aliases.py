@@ -22,6 +22,7 @@ from typing import TextIO
 
 from django.db import transaction
 from django.db.models import Q, QuerySet, Sum
+from django.utils.translation import gettext_lazy
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.hosting import aliascsv, audit, expansion, scopes, store
@@ -30,6 +31,14 @@ from mailadmin.hosting.services import NotPermitted, _domain_in_scope, _require_
 from mailadmin.hosting.store.aliases import RECENT_DAYS as RECENT_DAYS  # for the doors
 from mailadmin.hosting.store.aliases import first_recent_day
 from mailadmin.models import Alias, AliasDestination, AliasDomain, Domain
+
+CREATING_ALIAS_DOMAINS_REFUSED = gettext_lazy(
+    "not permitted: only an operator of every domain may create alias domains"
+)
+DELETING_ALIAS_DOMAINS_REFUSED = gettext_lazy(
+    "not permitted: only an operator of every domain may delete alias domains"
+)
+
 
 # --- Reading ---------------------------------------------------------------------------------
 
@@ -288,7 +297,7 @@ def _naming_line(row: aliascsv.Row) -> Iterator[None]:
 
 def create_alias_domain(actor: Actor, name: str, target: str) -> AliasDomain:
     """Make ``name`` another name of the hosted domain ``target``: ``user@name`` is ``user@target``."""
-    _require_domain_manager(actor, "create alias domains")
+    _require_domain_manager(actor, CREATING_ALIAS_DOMAINS_REFUSED)
     alias_name = store.normalised_or_refused(normalise_domain, name)
     with transaction.atomic():
         target_domain = _locked_domain(store.get_domain(target))
@@ -303,7 +312,7 @@ def create_alias_domain(actor: Actor, name: str, target: str) -> AliasDomain:
 
 
 def delete_alias_domain(actor: Actor, name: str) -> None:
-    _require_domain_manager(actor, "delete alias domains")
+    _require_domain_manager(actor, DELETING_ALIAS_DOMAINS_REFUSED)
     alias_name = store.normalised_or_refused(normalise_domain, name)
     with transaction.atomic():
         alias_domain = AliasDomain.objects.select_related("target").filter(name=alias_name).first()

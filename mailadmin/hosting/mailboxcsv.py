@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
+from django.utils.translation import gettext
+
 from mailadmin.addresses import normalise_address
 from mailadmin.hosting import store
 from mailadmin.units import parse_size
@@ -30,7 +32,9 @@ def parse(handle: TextIO) -> list[Row]:
     """Every row of the file, or ``store.InvalidInput`` naming the first wrong line."""
     records = _numbered(handle)
     if next(records, (1, None))[1] != HEADER:
-        raise store.InvalidInput(f"line 1: the header must be exactly {','.join(HEADER)}")
+        raise store.InvalidInput(
+            gettext("line 1: the header must be exactly %(header)s") % {"header": ",".join(HEADER)}
+        )
     rows: list[Row] = []
     first_line_of: dict[str, int] = {}
     for line, fields in records:
@@ -39,10 +43,11 @@ def parse(handle: TextIO) -> list[Row]:
         try:
             row = _row(line, fields)
         except (ValueError, store.StoreError) as error:
-            raise store.InvalidInput(f"line {line}: {error}") from None
+            raise store.InvalidInput(store.on_line(line, error)) from None
         if row.address in first_line_of:
             raise store.InvalidInput(
-                f"line {line}: {row.address} is already on line {first_line_of[row.address]}"
+                gettext("line %(line)d: %(address)s is already on line %(first)d")
+                % {"line": line, "address": row.address, "first": first_line_of[row.address]}
             )
         first_line_of[row.address] = line
         rows.append(row)
@@ -57,16 +62,19 @@ def _numbered(handle: TextIO) -> Iterator[tuple[int, list[str]]]:
             yield start, fields
             start = reader.line_num + 1
     except csv.Error as error:
-        raise store.InvalidInput(f"line {start}: {error}") from None
+        raise store.InvalidInput(store.on_line(start, error)) from None
 
 
 def _row(line: int, fields: list[str]) -> Row:
     if len(fields) != len(HEADER):
-        raise ValueError(f"expected {len(HEADER)} fields, found {len(fields)}")
+        raise ValueError(
+            gettext("expected %(expected)d fields, found %(found)d")
+            % {"expected": len(HEADER), "found": len(fields)}
+        )
     address, password, password_hash, quota = fields
     address = normalise_address(address)
     if bool(password) == bool(password_hash):
-        raise ValueError("give exactly one of password and password_hash")
+        raise ValueError(gettext("give exactly one of password and password_hash"))
     if password_hash:
         store.check_password_hash(password_hash)
     return Row(line, address, password or None, password_hash or None, _quota(quota))

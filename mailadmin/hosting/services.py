@@ -12,8 +12,10 @@ delete, suspend or reactivate a domain, change its quota cap or mailbox limit, o
 administrators. Outside their domains every request is refused alike, whether or not the
 domain or mailbox exists, so a refusal reveals nothing. Aliases, catch-alls and alias domains
 follow the same rule (``aliases``, whose docstring says what it adds for destinations). A
-person also needs the ``kick_pop3session`` permission to kick (domain administrators have
-it): viewing sessions is not enough.
+person also needs a permission of its own for each action beyond editing: ``kick_pop3session``
+to kick, ``set_mailbox_password`` to reset a password, ``suspend_mailbox`` to suspend or resume
+(domain administrators have these three), ``view_message_body`` to read mail (nobody has it
+unless given). Viewing is not enough.
 
 Passwords are hashed before a function opens its transaction: argon2 costs ~100 ms and
 ~100 MiB a hash, and a transaction held meanwhile stalls deliveries and logins.
@@ -31,16 +33,22 @@ from django.contrib.auth.models import Group, Permission
 from django.db import transaction
 from django.db.models.functions import Now
 from django.utils import timezone
+from django.utils.translation import gettext, gettext_lazy
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.hosting import audit, history, mailboxcsv, scopes, store
 from mailadmin.hosting.actors import Actor, ActorKind
-from mailadmin.models import Domain, DomainAdministrator, Mailbox, Pop3Session
+from mailadmin.models import Domain, DomainAdministrator, Mailbox, Message, Pop3Session
 
-DOMAIN_ADMINISTRATOR_SETTINGS = frozenset({"default_mailbox_quota_bytes", "quota_warning_percents"})
+DOMAIN_ADMINISTRATOR_SETTINGS = frozenset(
+    {"default_mailbox_quota_bytes", "quota_warning_percents", "language"}
+)
 ADMINISTRATORS_GROUP = "Domain administrators"
 DRY_RUN_SALT = "dryrun"
 KICK_PERMISSION = "mailadmin.kick_pop3session"
+SET_PASSWORD_PERMISSION = "mailadmin.set_mailbox_password"
+SUSPEND_PERMISSION = "mailadmin.suspend_mailbox"
+READ_BODY_PERMISSION = "mailadmin.view_message_body"
 # What the admin lets a domain administrator do; scopes narrow every one to their domains.
 ADMINISTRATOR_PERMISSIONS = (
     "view_domain",
@@ -49,6 +57,8 @@ ADMINISTRATOR_PERMISSIONS = (
     "add_mailbox",
     "change_mailbox",
     "delete_mailbox",
+    "set_mailbox_password",
+    "suspend_mailbox",
     "view_message",
     "view_pop3session",
     "kick_pop3session",
@@ -66,14 +76,34 @@ ADMINISTRATOR_PERMISSIONS = (
 )
 
 
+# Refusals given in more than one place; each translated as one whole sentence.
+CREATING_DOMAINS_REFUSED = gettext_lazy("not permitted: only an operator of every domain may create domains")
+DELETING_DOMAINS_REFUSED = gettext_lazy("not permitted: only an operator of every domain may delete domains")
+PASSWORD_PERMISSION_MISSING = gettext_lazy("not permitted: resetting passwords needs the password permission")
+
+
 class NotPermitted(store.StoreError):
     """The actor's scope does not cover the request."""
+
+
+class MessageNotFound(store.StoreError):
+    """No message by that id within the actor's scope."""
 
 
 @dataclass(frozen=True)
 class NewMailbox:
     mailbox: Mailbox
     generated_password: str | None
+
+
+@dataclass(frozen=True)
+class MessageText:
+    """The start of a message, as much as a person is shown of it."""
+
+    message: Message
+    text: str
+    shown_bytes: int
+    truncated: bool
 
 
 # --- Scope checks ----------------------------------------------------------------------------
@@ -88,9 +118,37 @@ def editable_domain_settings(actor: Actor) -> frozenset[str]:
     return store.DOMAIN_SETTINGS if may_manage_domains(actor) else DOMAIN_ADMINISTRATOR_SETTINGS
 
 
-def _require_domain_manager(actor: Actor, what: str) -> None:
-    if not may_manage_domains(actor):
-        raise NotPermitted(f"not permitted: only an operator of every domain may {what}")
+def _require_domain_manager(actor: Actor, refusal: str) -> None:
+    """``refusal``: the whole message (such as ``CREATING_DOMAINS_REFUSED``), so each is
+    translated as one sentence."""
+    _require(may_manage_domains(actor), refusal)
+
+
+def _person_has(actor: Actor, permission: str) -> bool:
+    """A person needs ``permission`` on top of their scope; the command line and tokens are
+    bounded by their scope alone (each door that gives tokens an action says so)."""
+    if actor.kind != ActorKind.USER:
+        return True
+    user = get_user_model().objects.filter(pk=actor.user_id).first()
+    return user is not None and user.has_perm(permission)
+
+
+def _require(allowed: bool, refusal: str) -> None:
+    if not allowed:
+        raise NotPermitted(str(refusal))
+
+
+def may_set_password(actor: Actor) -> bool:
+    return _person_has(actor, SET_PASSWORD_PERMISSION)
+
+
+def may_suspend_mailboxes(actor: Actor) -> bool:
+    return _person_has(actor, SUSPEND_PERMISSION)
+
+
+def may_read_bodies(actor: Actor) -> bool:
+    """Reading mail is for people given the permission, and the command line; no token."""
+    return actor.kind != ActorKind.TOKEN and _person_has(actor, READ_BODY_PERMISSION)
 
 
 def _domain_in_scope(actor: Actor, name: str) -> Domain:
@@ -99,7 +157,9 @@ def _domain_in_scope(actor: Actor, name: str) -> Domain:
         return store.get_domain(domain_name)
     domain = Domain.objects.filter(name=domain_name, pk__in=actor.domain_ids).first()
     if domain is None:
-        raise NotPermitted(f"not permitted: {domain_name} is not a domain you administer")
+        raise NotPermitted(
+            gettext("not permitted: %(name)s is not a domain you administer") % {"name": domain_name}
+        )
     return domain
 
 
@@ -112,7 +172,7 @@ def _mailbox_in_scope(actor: Actor, address: str) -> Mailbox:
     if mailbox is not None and mailbox.domain_id in actor.domain_ids:
         return mailbox
     _domain_in_scope(actor, domain_of(normalised))  # outside their domains: refused alike
-    raise store.MailboxNotFound(f"no such mailbox: {normalised}")
+    raise store.MailboxNotFound(gettext("no such mailbox: %(address)s") % {"address": normalised})
 
 
 # --- Domains ---------------------------------------------------------------------------------
@@ -126,7 +186,7 @@ def create_domain(
     max_mailboxes: int = 0,
     default_mailbox_quota_bytes: int = 0,
 ) -> Domain:
-    _require_domain_manager(actor, "create domains")
+    _require_domain_manager(actor, CREATING_DOMAINS_REFUSED)
     settings = {
         "quota_bytes": quota_bytes,
         "max_mailboxes": max_mailboxes,
@@ -142,7 +202,10 @@ def update_domain(actor: Actor, name: str, **settings: int | bool | str) -> Doma
     """Change only the settings given (see ``store.DOMAIN_SETTINGS``); return the domain as saved."""
     refused = sorted(set(settings) & store.DOMAIN_SETTINGS - editable_domain_settings(actor))
     if refused:
-        raise NotPermitted(f"not permitted: only an operator of every domain may change {', '.join(refused)}")
+        raise NotPermitted(
+            gettext("not permitted: only an operator of every domain may change %(names)s")
+            % {"names": ", ".join(refused)}
+        )
     with transaction.atomic():
         domain = _locked_domain(_domain_in_scope(actor, name))
         changes = audit.changed_fields({field: getattr(domain, field, None) for field in settings}, settings)
@@ -161,7 +224,7 @@ def set_domain_active(actor: Actor, name: str, active: bool) -> Domain:
 
 def delete_domain(actor: Actor, name: str) -> None:
     """Delete a domain; refused while it has mailboxes."""
-    _require_domain_manager(actor, "delete domains")
+    _require_domain_manager(actor, DELETING_DOMAINS_REFUSED)
     with transaction.atomic():
         domain = store.delete_domain(name)
         changes = _deleted(domain)
@@ -171,7 +234,7 @@ def delete_domain(actor: Actor, name: str) -> None:
 def domain_deletion_refusal(actor: Actor, name: str) -> str | None:
     """Why ``delete_domain`` would refuse this actor this domain now, or None."""
     try:
-        _require_domain_manager(actor, "delete domains")
+        _require_domain_manager(actor, DELETING_DOMAINS_REFUSED)
         return store.domain_deletion_refusal(store.get_domain(name))
     except store.StoreError as error:
         return str(error)
@@ -220,7 +283,7 @@ def create_mailbox(
     normalised = store.normalised_or_refused(normalise_address, address)
     domain_name = domain_of(normalised)
     if create_domain:
-        _require_domain_manager(actor, "create domains")
+        _require_domain_manager(actor, CREATING_DOMAINS_REFUSED)
     elif not actor.all_domains:
         _domain_in_scope(actor, domain_name)
     generated = None
@@ -247,7 +310,16 @@ def create_mailbox(
 
 
 def update_mailbox(actor: Actor, address: str, **settings: int | bool) -> Mailbox:
-    """Change only the settings given (see ``store.MAILBOX_SETTINGS``); return the mailbox as saved."""
+    """Change only the settings given (see ``store.MAILBOX_SETTINGS``); return the mailbox as saved.
+
+    Suspending (``active=False``) ends the mailbox's open sessions: runpop3's monitor ends every
+    session whose mailbox is no longer usable, and the authenticator refuses its logins.
+    """
+    if "active" in settings:
+        _require(
+            may_suspend_mailboxes(actor),
+            gettext("not permitted: suspending mailboxes needs the suspend permission"),
+        )
     with transaction.atomic():
         mailbox = _mailbox_in_scope(actor, address)
         locked = Mailbox.objects.select_for_update().get(pk=mailbox.pk)
@@ -267,12 +339,21 @@ def get_mailbox(actor: Actor, address: str) -> Mailbox:
     return _mailbox_in_scope(actor, address)
 
 
+def set_mailbox_active(actor: Actor, address: str, active: bool) -> Mailbox:
+    """Resume (``active=True``) or suspend a mailbox; see ``update_mailbox``."""
+    return update_mailbox(actor, address, active=active)
+
+
 def set_password(actor: Actor, address: str, password: str) -> Mailbox:
+    """Replace a mailbox's password. Its open sessions end: runpop3's monitor ends every session
+    whose mailbox's password hash is no longer the one it logged in with."""
+    _require(may_set_password(actor), PASSWORD_PERMISSION_MISSING)
     mailbox = _mailbox_in_scope(actor, address)
     return set_password_hash(actor, mailbox.address, store.hash_new_password(password, mailbox.address))
 
 
 def set_password_hash(actor: Actor, address: str, password_hash: str) -> Mailbox:
+    _require(may_set_password(actor), PASSWORD_PERMISSION_MISSING)
     with transaction.atomic():
         mailbox = _mailbox_in_scope(actor, address)
         store.set_password_hash(mailbox.address, password_hash)
@@ -360,7 +441,7 @@ def _naming_line(row: mailboxcsv.Row) -> Iterator[None]:
     try:
         yield
     except store.StoreError as error:
-        raise type(error)(f"line {row.line}: {error}") from None
+        raise type(error)(store.on_line(row.line, error)) from None
 
 
 def recalculate_quota(actor: Actor, address: str | None = None) -> list[store.Drift]:
@@ -391,6 +472,50 @@ def _record_drifts(actor: Actor, drifts: list[store.Drift]) -> None:
         audit.record(actor, "recalculate quota", object_type, subject, domain=domain, changes=changes)
 
 
+# --- Messages --------------------------------------------------------------------------------
+
+
+def read_message_body(actor: Actor, message_id: int | str, limit_bytes: int) -> MessageText:
+    """The first ``limit_bytes`` of a message, for a person allowed to read mail; each reading
+    is recorded (who, which message, when) before anything is read.
+
+    Chunks are read one at a time and no further than the limit, so a 50 MiB message costs
+    what its first chunk or two cost.
+    """
+    _require(
+        may_read_bodies(actor),
+        gettext("not permitted: reading messages needs the permission to read message bodies"),
+    )
+    message = (
+        scopes.visible_to(actor, Message)
+        .select_related("mailbox__user", "mailbox__domain")
+        .filter(pk=_message_pk(message_id))
+        .first()
+    )
+    if message is None:
+        raise MessageNotFound(gettext("no such message: %(id)s") % {"id": message_id})
+    mailbox = message.mailbox
+    with transaction.atomic():
+        name = f"{mailbox.address} {message.uidl}"
+        audit.record(
+            actor, "read", "message", name, domain=mailbox.domain, changes={"message id": message.pk}
+        )
+    shown = bytearray()
+    for chunk in store.iter_message_bytes(message.pk):
+        shown += chunk[: limit_bytes - len(shown)]
+        if len(shown) >= limit_bytes:
+            break
+    text = bytes(shown).decode("utf-8", errors="replace")
+    return MessageText(message, text, len(shown), message.size_bytes > len(shown))
+
+
+def _message_pk(message_id: int | str) -> int:
+    try:
+        return int(message_id)
+    except ValueError:
+        raise MessageNotFound(gettext("no such message: %(id)s") % {"id": message_id}) from None
+
+
 # --- Mail imported -----------------------------------------------------------------------------
 
 
@@ -399,7 +524,9 @@ def record_mail_import(actor: Actor, mailbox: Mailbox, imported: int, source: st
     a transaction of its own (a run may stop half way and resume), so the entry says how many
     it stored, and from where, once the run ends."""
     if not actor.may_see_domain(mailbox.domain_id):
-        raise NotPermitted(f"not permitted: {mailbox.domain.name} is not a domain you administer")
+        raise NotPermitted(
+            gettext("not permitted: %(name)s is not a domain you administer") % {"name": mailbox.domain.name}
+        )
     with transaction.atomic():
         audit.record(
             actor,
@@ -417,7 +544,9 @@ def record_mail_import(actor: Actor, mailbox: Mailbox, imported: int, source: st
 def prune_history(actor: Actor, days: int) -> history.Pruned:
     """Delete history older than ``days`` (batched, see ``history.prune_history``); every domain's
     history, so the command line's and superusers' alone. One audit entry says how much went."""
-    _require_domain_manager(actor, "prune the session history")
+    _require_domain_manager(
+        actor, gettext("not permitted: only an operator of every domain may prune the session history")
+    )
     pruned = history.prune_history(days)
     with transaction.atomic():
         audit.record(
@@ -436,12 +565,7 @@ def prune_history(actor: Actor, days: int) -> history.Pruned:
 def may_kick(actor: Actor) -> bool:
     """A person needs the kick permission (viewing sessions is not enough); the command line is
     bounded by its scope alone. Tokens kick nothing until the API gives them a write scope."""
-    if actor.kind == ActorKind.CLI:
-        return True
-    if actor.kind != ActorKind.USER:
-        return False
-    user = get_user_model().objects.filter(pk=actor.user_id).first()
-    return user is not None and user.has_perm(KICK_PERMISSION)
+    return actor.kind != ActorKind.TOKEN and _person_has(actor, KICK_PERMISSION)
 
 
 def kick_sessions(
@@ -450,7 +574,7 @@ def kick_sessions(
     """Ask the POP3 servers to end open sessions of a mailbox, or the sessions named, without
     applying their deletions; return how many were newly marked."""
     if not may_kick(actor):
-        raise NotPermitted("not permitted: kicking POP3 sessions needs the kick permission")
+        raise NotPermitted(gettext("not permitted: kicking POP3 sessions needs the kick permission"))
     sessions = scopes.visible_to(actor, Pop3Session).open().filter(kick_requested_at__isnull=True)
     if address is not None:
         sessions = sessions.filter(mailbox=_mailbox_in_scope(actor, address))
@@ -480,47 +604,80 @@ class Administrator:
 
 
 def save_domain_administrator(
-    actor: Actor, username: str, domain_names: Iterable[str], password: str
+    actor: Actor, username: str, domain_names: Iterable[str], password: str | None
 ) -> Administrator:
-    """Create a domain administrator, or give an existing one exactly these domains and password.
+    """Create a domain administrator, or give an existing one exactly these domains (and this
+    password; ``None`` keeps an existing administrator's).
 
     An administrator is a staff login of its own, never a mailbox's login nor a superuser (whose
     scope is every domain anyway).
     """
-    _require_domain_manager(actor, "make domain administrators")
+    _require_domain_manager(
+        actor, gettext("not permitted: only an operator of every domain may make domain administrators")
+    )
     user_model = get_user_model()
     username = user_model.normalize_username(username.strip())
     if not username:
-        raise store.InvalidInput("the username is empty")
+        raise store.InvalidInput(gettext("the username is empty"))
     domains = {domain.name: domain for domain in (store.get_domain(name) for name in domain_names)}
     if not domains:
-        raise store.InvalidInput("name at least one domain")
-    password_hash = store.hash_new_password(password, username)
+        raise store.InvalidInput(gettext("name at least one domain"))
+    password_hash = None if password is None else store.hash_new_password(password, username)
     with transaction.atomic():
         user = user_model.objects.select_for_update().filter(username=username).first()
         created = user is None
+        if created and password_hash is None:
+            raise store.InvalidInput(gettext("a new administrator needs a password"))
         if created:
             user = user_model(username=username)
         elif Mailbox.objects.filter(user=user).exists():
             raise store.InvalidInput(
-                f"{username} is a mailbox's login; an administrator needs a login of its own"
+                gettext("%(username)s is a mailbox's login; an administrator needs a login of its own")
+                % {"username": username}
             )
         elif user.is_superuser:
-            raise store.InvalidInput(f"{username} is a superuser, who administers every domain already")
+            raise store.InvalidInput(
+                gettext("%(username)s is a superuser, who administers every domain already")
+                % {"username": username}
+            )
         before = [] if created else sorted(user.administered_domains.values_list("domain__name", flat=True))
         user.is_staff = True
-        user.password = password_hash
+        if password_hash is not None:
+            user.password = password_hash
         user.save()
         user.groups.add(_administrators_group())
         DomainAdministrator.objects.filter(user=user).exclude(domain__in=domains.values()).delete()
         for domain in domains.values():
             DomainAdministrator.objects.get_or_create(user=user, domain=domain)
         after = sorted(domains)
-        changes: dict = {"password": audit.SECRET_CHANGED}
+        changes: dict = {} if password_hash is None else {"password": audit.SECRET_CHANGED}
         if before != after:
             changes["domains"] = [before or None, after]
         audit.record(actor, "create" if created else "update", "administrator", username, changes=changes)
     return Administrator(username, created, after)
+
+
+def delete_domain_administrator(actor: Actor, username: str) -> None:
+    """Delete a domain administrator's login (never another kind of login)."""
+    _require_domain_manager(
+        actor, gettext("not permitted: only an operator of every domain may delete domain administrators")
+    )
+    with transaction.atomic():
+        user = get_user_model().objects.filter(username=username, administered_domains__isnull=False).first()
+        if user is None:
+            raise store.InvalidInput(
+                gettext("%(username)s is not a domain administrator") % {"username": username}
+            )
+        domains = sorted(user.administered_domains.values_list("domain__name", flat=True))
+        user.delete()
+        audit.record(actor, "delete", "administrator", username, changes={"domains": [domains, None]})
+
+
+def refresh_administrators_group() -> None:
+    """Give the administrators' group every permission of ``ADMINISTRATOR_PERMISSIONS``; run after
+    each ``migrate``, so administrators made before a permission was added to it get it too."""
+    if Group.objects.filter(name=ADMINISTRATORS_GROUP).exists():
+        _administrators_group()
 
 
 def _administrators_group() -> Group:

@@ -4,6 +4,7 @@ It knows nothing of LMTP or exit codes; the doors (``manage.py deliver``, the LM
 translate its per-recipient results with small tables of their own.
 """
 
+import email.header
 import email.utils
 import enum
 import logging
@@ -12,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from django.conf import settings
 from django.db import DataError, IntegrityError, transaction
+from django.utils import translation
 
 from mailadmin.addresses import normalise_address
 from mailadmin.executors import DATABASE_ERRORS
@@ -355,13 +357,16 @@ def _deliver_warning(mailbox: Mailbox, percent: int, used_bytes: int) -> None:
         "quota": format_size(mailbox.quota_bytes),
     }
     sender = f"{settings.MAILADMIN_QUOTA_WARNING_FROM}@{mailbox.domain.name}"
+    with translation.override(mailbox.domain.language):
+        subject = translation.gettext(settings.MAILADMIN_QUOTA_WARNING_SUBJECT).format(**values)
+        body = translation.gettext(settings.MAILADMIN_QUOTA_WARNING_BODY).format(**values)
     text = (
         f"From: {sender}\nTo: {mailbox.address}\n"
-        f"Subject: {settings.MAILADMIN_QUOTA_WARNING_SUBJECT.format(**values)}\n"
+        f"Subject: {_header_text(subject)}\n"
         f"Date: {email.utils.formatdate(localtime=False)}\n"
         f"Message-ID: {email.utils.make_msgid(domain=mailbox.domain.name)}\n"
         "Auto-Submitted: auto-generated\nContent-Type: text/plain; charset=utf-8\n\n"
-        f"{settings.MAILADMIN_QUOTA_WARNING_BODY.format(**values)}"
+        f"{body}"
     )
     with spool_message([text.encode()]) as warning:
         # A warning must reach a nearly full mailbox: it is charged but not refused.
@@ -372,6 +377,11 @@ def _deliver_warning(mailbox: Mailbox, percent: int, used_bytes: int) -> None:
             envelope_sender="",
             enforce_quota=False,
         )
+
+
+def _header_text(text: str) -> str:
+    """ASCII as it is; other text as RFC 2047 encoded words (a translated subject)."""
+    return text if text.isascii() else email.header.Header(text, "utf-8").encode()
 
 
 def trace_headers(sender: str, recipient: str) -> bytes:

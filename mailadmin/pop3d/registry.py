@@ -28,11 +28,11 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, F, OuterRef, Subquery
-from django.db.models.functions import Now
+from django.db.models import Exists, F, OuterRef, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce, Now
 from django.utils import timezone
 
 from mailadmin.addresses import domain_of_login
@@ -384,7 +384,14 @@ def _apply(inserts: list[dict], updates) -> None:
             mailbox = Mailbox.objects.filter(pk=fields["mailbox_id"])
             fields["mailbox_id"] = Subquery(mailbox.values("pk"))
             fields["domain_id"] = Subquery(mailbox.values("domain_id"))
+            _record_last_login(mailbox, session_id, fields["authenticated_at"])
         Pop3Session.objects.filter(pk=session_id).update(**fields)
+
+
+def _record_last_login(mailbox: QuerySet, session_id: str, when: datetime) -> None:
+    """The mailbox's last login: this session's time and client address (its row exists by now)."""
+    peer_host = Pop3Session.objects.filter(pk=session_id).values("peer_host")
+    mailbox.update(last_login_at=when, last_login_from=Coalesce(Subquery(peer_host), Value("")))
 
 
 def _apply_alone(inserts: list[dict], updates) -> None:

@@ -47,6 +47,7 @@ from mailadmin.hosting.store.errors import (
     MailboxNotFound,
     OverQuota,
     StoreError,
+    on_line,
 )
 from mailadmin.hosting.store.fastsql import (
     find_mailbox,
@@ -93,6 +94,7 @@ __all__ = [
     "LimitReached",
     "MailboxNotFound",
     "OverQuota",
+    "on_line",
     "StoreError",
     "StoreDirectory",
     "StoredMessage",

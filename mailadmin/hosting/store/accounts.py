@@ -8,12 +8,14 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from django.conf import settings as django_settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import identify_hasher, make_password
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import Count, F, Max, Sum
+from django.utils.translation import gettext
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.hosting.store.aliases import require_address_free, require_not_alias_domain
@@ -48,6 +50,7 @@ DOMAIN_SETTINGS = frozenset(
         "quota_warning_percents",
         "max_aliases",
         "allow_outside_destinations",
+        "language",
     }
 )
 
@@ -57,14 +60,14 @@ def get_domain(name: str) -> Domain:
     try:
         return Domain.objects.get(name=domain_name)
     except Domain.DoesNotExist:
-        raise DomainNotFound(f"no such domain: {domain_name}") from None
+        raise DomainNotFound(gettext("no such domain: %(name)s") % {"name": domain_name}) from None
 
 
 def get_mailbox(address: str) -> Mailbox:
     normalised = normalised_or_refused(normalise_address, address)
     mailbox = find_mailbox(normalised)
     if mailbox is None:
-        raise MailboxNotFound(f"no such mailbox: {normalised}")
+        raise MailboxNotFound(gettext("no such mailbox: %(address)s") % {"address": normalised})
     return mailbox
 
 
@@ -83,7 +86,7 @@ def create_mailbox(
     """
     normalised = normalised_or_refused(normalise_address, address)
     if (password is None) == (password_hash is None):
-        raise InvalidInput("give exactly one of a password and a password hash")
+        raise InvalidInput(gettext("give exactly one of a password and a password hash"))
     if quota_bytes is not None:
         _require_in_range(quota_bytes=quota_bytes)
     _require_in_range(MAX_INT32, quota_messages=quota_messages)
@@ -95,7 +98,7 @@ def create_mailbox(
         domain = _domain_for_new_mailbox(domain_of(normalised), create_domain)
         user_model = get_user_model()
         if user_model.objects.filter(username=normalised).exists():
-            raise AlreadyExists(f"mailbox {normalised} already exists")
+            raise AlreadyExists(gettext("mailbox %(address)s already exists") % {"address": normalised})
         require_address_free(normalised)
         user = user_model(username=normalised, email=normalised, password=password_hash)
         user.save()
@@ -114,12 +117,16 @@ def _domain_for_new_mailbox(domain_name: str, create_missing: bool) -> Domain:
     domain = Domain.objects.select_for_update().filter(name=domain_name).first()
     if domain is None:
         if not create_missing:
-            raise DomainNotFound(f"no such domain: {domain_name} (create it first, or pass --create-domain)")
+            raise DomainNotFound(
+                gettext("no such domain: %(name)s (create it first, or pass --create-domain)")
+                % {"name": domain_name}
+            )
         require_not_alias_domain(domain_name)
         domain = Domain.objects.create(name=domain_name)
     if domain.max_mailboxes and domain.mailboxes.count() >= domain.max_mailboxes:
         raise LimitReached(
-            f"domain {domain_name} already has its maximum of {domain.max_mailboxes} mailboxes"
+            gettext("domain %(name)s already has its maximum of %(count)d mailboxes")
+            % {"name": domain_name, "count": domain.max_mailboxes}
         )
     return domain
 
@@ -180,14 +187,20 @@ def check_password_hash(password_hash: str) -> None:
     try:
         hasher = identify_hasher(password_hash)
     except ValueError:
-        raise InvalidInput("password hash is not in a format the configured hashers accept") from None
+        raise InvalidInput(
+            gettext("password hash is not in a format the configured hashers accept")
+        ) from None
     if len(password_hash) > PASSWORD_COLUMN_LENGTH:
-        raise InvalidInput(f"password hash is longer than {PASSWORD_COLUMN_LENGTH} characters")
+        raise InvalidInput(
+            gettext("password hash is longer than %(length)d characters") % {"length": PASSWORD_COLUMN_LENGTH}
+        )
     _require_hasher_usable(hasher)
     try:
         decoded = hasher.decode(password_hash)
     except (ValueError, TypeError, KeyError, IndexError, AssertionError):
-        raise InvalidInput(f"password hash is not a valid {hasher.algorithm} hash") from None
+        raise InvalidInput(
+            gettext("password hash is not a valid %(algorithm)s hash") % {"algorithm": hasher.algorithm}
+        ) from None
     for cost in _HASH_COSTS.get(hasher.algorithm, ()):
         _require_sane_cost(hasher, cost, decoded[cost.field])
     _require_sane_work(hasher, decoded)
@@ -202,11 +215,14 @@ def _require_hasher_usable(hasher) -> None:
     except ValueError:
         module = hasher.library[0] if isinstance(hasher.library, tuple | list) else hasher.library
         raise InvalidInput(
-            f"password hash is {hasher.algorithm}, which cannot be checked here: "
-            f"the {module} module is not installed"
+            gettext(
+                "password hash is %(algorithm)s, which cannot be checked here: "
+                "the %(module)s module is not installed"
+            )
+            % {"algorithm": hasher.algorithm, "module": module}
         ) from None
     if hasher.algorithm == "scrypt" and not hasattr(hashlib, "scrypt"):
-        raise InvalidInput("password hash is scrypt, which this Python's OpenSSL cannot check")
+        raise InvalidInput(gettext("password hash is scrypt, which this Python's OpenSSL cannot check"))
 
 
 def _require_sane_cost(hasher, cost: _HashCost, value: int) -> None:
@@ -217,8 +233,18 @@ def _require_sane_cost(hasher, cost: _HashCost, value: int) -> None:
         lowest, highest = 1, default * MAX_HASH_COST_FACTOR
     if not lowest <= value <= highest:
         raise InvalidInput(
-            f"password hash has {cost.field.replace('_', ' ')} {value}: {hasher.algorithm} hashes here "
-            f"need {lowest} to {highest} (at most {MAX_HASH_COST_FACTOR} times the current cost)"
+            gettext(
+                "password hash has %(parameter)s %(value)s: %(algorithm)s hashes here need %(lowest)s to "
+                "%(highest)s (at most %(factor)s times the current cost)"
+            )
+            % {
+                "parameter": cost.field.replace("_", " "),
+                "value": value,
+                "algorithm": hasher.algorithm,
+                "lowest": lowest,
+                "highest": highest,
+                "factor": MAX_HASH_COST_FACTOR,
+            }
         )
 
 
@@ -227,28 +253,40 @@ def _require_sane_work(hasher, decoded: dict) -> None:
     work = math.prod(decoded[field] / getattr(hasher, field) for field in fields)
     if work > MAX_HASH_COST_FACTOR:
         raise InvalidInput(
-            f"password hash costs {work:.3g} times the current cost to check: {hasher.algorithm} "
-            f"hashes here may cost at most {MAX_HASH_COST_FACTOR} times"
+            gettext(
+                "password hash costs %(work)s times the current cost to check: %(algorithm)s hashes here "
+                "may cost at most %(factor)s times"
+            )
+            % {"work": f"{work:.3g}", "algorithm": hasher.algorithm, "factor": MAX_HASH_COST_FACTOR}
         )
     if (
         hasher.algorithm == "argon2"
         and decoded["memory_cost"] > hasher.memory_cost * MAX_ARGON2_MEMORY_FACTOR
     ):
         raise InvalidInput(
-            f"password hash needs {decoded['memory_cost']} KiB to check: argon2 hashes here may need at "
-            f"most {hasher.memory_cost * MAX_ARGON2_MEMORY_FACTOR} KiB"
+            gettext(
+                "password hash needs %(needed)s KiB to check: "
+                "argon2 hashes here may need at most %(most)s KiB"
+            )
+            % {"needed": decoded["memory_cost"], "most": hasher.memory_cost * MAX_ARGON2_MEMORY_FACTOR}
         )
 
 
 def _require_scrypt_memory(hasher, decoded: dict) -> None:
     work_factor, block_size = decoded["work_factor"], decoded["block_size"]
     if work_factor < 2 or work_factor & (work_factor - 1):
-        raise InvalidInput(f"password hash has work factor {work_factor}: scrypt needs a power of 2")
+        raise InvalidInput(
+            gettext("password hash has work factor %(factor)s: scrypt needs a power of 2")
+            % {"factor": work_factor}
+        )
     # OpenSSL's reckoning of what scrypt needs (crypto/evp/pbe_scrypt.c).
     needed = 128 * block_size * (work_factor + 2 + decoded["parallelism"])
     maxmem = hasher.maxmem or SCRYPT_DEFAULT_MAXMEM
     if needed > maxmem:
-        raise InvalidInput(f"password hash needs {needed} bytes to check, more than scrypt's {maxmem} here")
+        raise InvalidInput(
+            gettext("password hash needs %(needed)s bytes to check, more than scrypt's %(most)s here")
+            % {"needed": needed, "most": maxmem}
+        )
 
 
 def set_password(address: str, password: str) -> None:
@@ -283,6 +321,8 @@ def update_domain_settings(domain_id: int, settings: Mapping[str, int | bool | s
             parse_percents(settings["quota_warning_percents"])
         except ValueError as error:
             raise InvalidInput(str(error)) from None
+    if "language" in settings and settings["language"] not in dict(django_settings.LANGUAGES):
+        raise InvalidInput(gettext("unknown language %(code)r") % {"code": settings["language"]})
     Domain.objects.filter(pk=domain_id).update(**settings)
 
 
@@ -339,13 +379,18 @@ def normalised_or_refused(normalise, value: str) -> str:
 def _require_known(settings: Mapping[str, object], known: frozenset[str]) -> None:
     unknown = sorted(set(settings) - known)
     if unknown:
-        raise InvalidInput(f"not a setting that can be changed: {', '.join(unknown)}")
+        raise InvalidInput(
+            gettext("not a setting that can be changed: %(names)s") % {"names": ", ".join(unknown)}
+        )
 
 
 def _require_in_range(maximum: int = MAX_BIGINT, **values: int) -> None:
     for name, value in values.items():
         if not 0 <= value <= maximum:
-            raise InvalidInput(f"{name.replace('_', ' ')} must be between 0 and {maximum}")
+            raise InvalidInput(
+                gettext("%(name)s must be between 0 and %(maximum)d")
+                % {"name": name.replace("_", " "), "maximum": maximum}
+            )
 
 
 def validate_new_password(password: str, username: str) -> None:
@@ -355,14 +400,19 @@ def validate_new_password(password: str, username: str) -> None:
     control = next((char for char in password if unicodedata.category(char) == "Cc" and char != "\t"), None)
     if control is not None:
         raise InvalidInput(
-            f"password rejected: it contains the control character U+{ord(control):04X}, "
-            "which no POP3 client can send"
+            gettext(
+                "password rejected: it contains the control character %(character)s, "
+                "which no POP3 client can send"
+            )
+            % {"character": f"U+{ord(control):04X}"}
         )
     user = get_user_model()(username=username, email=username if "@" in username else "")
     try:
         validate_password(password, user)
     except ValidationError as error:
-        raise InvalidInput("password rejected: " + " ".join(error.messages)) from None
+        raise InvalidInput(
+            gettext("password rejected: %(reasons)s") % {"reasons": " ".join(error.messages)}
+        ) from None
 
 
 def generate_password() -> str:
@@ -417,4 +467,4 @@ def create_domain(
                 default_mailbox_quota_bytes=default_mailbox_quota_bytes,
             )
     except IntegrityError:
-        raise AlreadyExists(f"domain {domain_name} already exists") from None
+        raise AlreadyExists(gettext("domain %(name)s already exists") % {"name": domain_name}) from None

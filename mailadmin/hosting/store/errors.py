@@ -1,5 +1,7 @@
 """What the store refuses, as exceptions whose messages an operator can read as they are."""
 
+from django.utils.translation import gettext
+
 
 class StoreError(Exception):
     """A request the store refuses; the message is fit to show an operator as it is."""
@@ -35,3 +37,8 @@ class InvalidInput(StoreError):
 
 class LeaseLost(StoreError):
     """The session no longer holds the mailbox lock (it lapsed and was taken over)."""
+
+
+def on_line(line: int, error: Exception) -> str:
+    """An error's message, naming the line of an import file it is about."""
+    return gettext("line %(line)d: %(error)s") % {"line": line, "error": error}

@@ -9,6 +9,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Count, F, Sum
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from mailadmin.hosting.store import fastsql
 from mailadmin.hosting.store.errors import InvalidInput, OverQuota
@@ -190,14 +191,14 @@ def _charge_quota(mailbox: Mailbox, size: int, *, imported_uid: int | None, enfo
         )
         row = cursor.fetchone()
     if row is None:
-        raise OverQuota(f"mailbox {mailbox.address} is over quota")
+        raise OverQuota(gettext("mailbox %(address)s is over quota") % {"address": mailbox.address})
     with connection.cursor() as cursor:
         cursor.execute(
             fastsql.CHARGE_DOMAIN if enforce else fastsql.CHARGE_DOMAIN_UNCHECKED,
             {"size": size, "id": mailbox.domain_id},
         )
         if cursor.rowcount != 1:
-            raise OverQuota(f"domain of {mailbox.address} is over quota")
+            raise OverQuota(gettext("domain of %(address)s is over quota") % {"address": mailbox.address})
     next_uid, used_bytes = row
     return (imported_uid if imported_uid is not None else next_uid - 1), used_bytes
 
@@ -211,7 +212,9 @@ def _prefixed(prefix: bytes, message: SpooledMessage) -> Iterator[bytes]:
 def validate_uidl(uidl: str) -> None:
     """RFC 1939 section 7: 1-70 characters in the range 0x21-0x7E; we also forbid '/'."""
     if not 1 <= len(uidl) <= 70 or any(not 0x21 <= ord(c) <= 0x7E or c == "/" for c in uidl):
-        raise InvalidInput(f"invalid UIDL {uidl!r}: 1-70 printable characters without '/'")
+        raise InvalidInput(
+            gettext("invalid UIDL %(uidl)r: 1-70 printable characters without '/'") % {"uidl": uidl}
+        )
 
 
 def iter_message_bytes(message_id: int) -> Iterator[bytes]:
