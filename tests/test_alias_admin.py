@@ -176,3 +176,12 @@ def test_outside_forwarding_is_an_operators_tick_on_the_domain_page(root_client)
         "/admin/mailadmin/alias/add/", {"source": "x@ours.test", "destinations": "a@remote.example"}
     )
     assert response.status_code == 302
+
+
+def test_an_alias_refusal_reaches_the_form_in_the_browsers_language(root_client):
+    response = root_client.post(
+        "/admin/mailadmin/alias/add/",
+        {"source": "x@ours.test", "destinations": "nobody@ours.test"},
+        HTTP_ACCEPT_LANGUAGE="id",
+    )
+    assert "nobody@ours.test bukan kotak surat dan bukan alias" in form_errors(response)

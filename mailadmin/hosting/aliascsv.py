@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
+from django.utils.translation import gettext
+
 from mailadmin.addresses import normalise_address, normalise_domain
 from mailadmin.hosting import store
 from mailadmin.models import CATCH_ALL_PREFIX
@@ -35,7 +37,9 @@ def parse(handle: TextIO) -> list[Row]:
     """Every row of the file, or ``store.InvalidInput`` naming the first wrong line."""
     records = _numbered(handle)
     if next(records, (1, None))[1] != HEADER:
-        raise store.InvalidInput(f"line 1: the header must be exactly {','.join(HEADER)}")
+        raise store.InvalidInput(
+            gettext("line 1: the header must be exactly %(header)s") % {"header": ",".join(HEADER)}
+        )
     rows: list[Row] = []
     first_line_of: dict[str, int] = {}
     for line, fields in records:
@@ -44,10 +48,13 @@ def parse(handle: TextIO) -> list[Row]:
         try:
             row = _row(line, fields)
         except ValueError as error:
-            raise store.InvalidInput(f"line {line}: {error}") from None
+            raise store.InvalidInput(
+                gettext("line %(line)d: %(error)s") % {"line": line, "error": error}
+            ) from None
         if row.source in first_line_of:
             raise store.InvalidInput(
-                f"line {line}: {row.source} is already on line {first_line_of[row.source]}"
+                gettext("line %(line)d: %(address)s is already on line %(first)d")
+                % {"line": line, "address": row.source, "first": first_line_of[row.source]}
             )
         first_line_of[row.source] = line
         rows.append(row)
@@ -62,12 +69,17 @@ def _numbered(handle: TextIO) -> Iterator[tuple[int, list[str]]]:
             yield start, fields
             start = reader.line_num + 1
     except csv.Error as error:
-        raise store.InvalidInput(f"line {start}: {error}") from None
+        raise store.InvalidInput(
+            gettext("line %(line)d: %(error)s") % {"line": start, "error": error}
+        ) from None
 
 
 def _row(line: int, fields: list[str]) -> Row:
     if len(fields) != len(HEADER):
-        raise ValueError(f"expected {len(HEADER)} fields, found {len(fields)}")
+        raise ValueError(
+            gettext("expected %(expected)d fields, found %(found)d")
+            % {"expected": len(HEADER), "found": len(fields)}
+        )
     source, destinations = fields
     return Row(line, normalise_source(source), normalise_destinations(_SEPARATORS.split(destinations)))
 
@@ -84,5 +96,5 @@ def normalise_destinations(destinations: list[str]) -> tuple[str, ...]:
     """Each destination normalised, without repeats, in the order given; ValueError if none."""
     normalised = [normalise_address(destination) for destination in destinations if destination.strip()]
     if not normalised:
-        raise ValueError("an alias needs at least one destination")
+        raise ValueError(gettext("an alias needs at least one destination"))
     return tuple(dict.fromkeys(normalised))

@@ -22,7 +22,7 @@ from typing import TextIO
 
 from django.db import transaction
 from django.db.models import Q, QuerySet, Sum
-from django.utils.translation import gettext_lazy
+from django.utils.translation import gettext, gettext_lazy
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.hosting import aliascsv, audit, expansion, scopes, store
@@ -170,7 +170,8 @@ def _alias_source(actor: Actor, source: str) -> str:
         _domain_in_scope(actor, domain_of(normalised))  # outside their domains: refused alike
     if AliasDomain.objects.filter(name=domain_of(normalised)).exists():
         raise store.InvalidInput(
-            f"{domain_of(normalised)} is an alias domain: its addresses are its target domain's"
+            gettext("%(name)s is an alias domain: its addresses are its target domain's")
+            % {"name": domain_of(normalised)}
         )
     return normalised
 
@@ -185,7 +186,8 @@ def _new_alias(actor: Actor, source: str, destinations: Sequence[str], active: b
     store.require_address_free(source)
     if domain.max_aliases and domain.aliases.addresses().count() >= domain.max_aliases:
         raise store.LimitReached(
-            f"domain {domain.name} already has its maximum of {domain.max_aliases} aliases"
+            gettext("domain %(name)s already has its maximum of %(count)d aliases")
+            % {"name": domain.name, "count": domain.max_aliases}
         )
     alias = Alias.objects.create(source=source, domain=domain, active=active)
     _replace_destinations(alias, destinations)
@@ -234,7 +236,9 @@ def _require_valid_destinations(
     try:
         expansion.check_alias(source, destinations, store.StoreDirectory(proposed=entry))
     except expansion.ExpansionError as error:
-        raise store.InvalidInput(f"{source} refused: {error}") from None
+        raise store.InvalidInput(
+            gettext("%(source)s refused: %(reason)s") % {"source": source, "reason": error}
+        ) from None
 
 
 def _require_allowed_destination(actor: Actor, domain: Domain, destination: str) -> None:
@@ -244,19 +248,27 @@ def _require_allowed_destination(actor: Actor, domain: Domain, destination: str)
     if hosted is None and alias_domain is None:
         if not actor.all_domains and not domain.allow_outside_destinations:
             raise NotPermitted(
-                f"not permitted: {domain.name} does not allow forwarding to outside addresses ({destination})"
+                gettext(
+                    "not permitted: %(name)s does not allow forwarding to outside addresses (%(address)s)"
+                )
+                % {"name": domain.name, "address": destination}
             )
         return
     owner = hosted if hosted is not None else alias_domain.target
     if not actor.may_see_domain(owner.pk):
-        raise NotPermitted(f"not permitted: {destination_domain} is not a domain you administer")
+        raise NotPermitted(
+            gettext("not permitted: %(name)s is not a domain you administer") % {"name": destination_domain}
+        )
     if alias_domain is not None:
         local = destination.rpartition("@")[0]
         raise store.InvalidInput(
-            f"{destination} is in the alias domain {alias_domain.name}: name {local}@{owner.name} instead"
+            gettext("%(address)s is in the alias domain %(name)s: name %(instead)s instead")
+            % {"address": destination, "name": alias_domain.name, "instead": f"{local}@{owner.name}"}
         )
     if store.find_mailbox(destination) is None and not Alias.objects.filter(source=destination).exists():
-        raise store.InvalidInput(f"{destination} is neither a mailbox nor an alias")
+        raise store.InvalidInput(
+            gettext("%(address)s is neither a mailbox nor an alias") % {"address": destination}
+        )
 
 
 def _alias_in_scope(actor: Actor, source: str) -> Alias:
@@ -270,13 +282,13 @@ def _alias_in_scope(actor: Actor, source: str) -> Alias:
         return alias
     if not actor.all_domains:
         _domain_in_scope(actor, domain_of(normalised))
-    raise store.AliasNotFound(f"no such alias: {normalised}")
+    raise store.AliasNotFound(gettext("no such alias: %(address)s") % {"address": normalised})
 
 
 def _locked(alias: Alias) -> Alias:
     locked = Alias.objects.select_for_update().select_related("domain").filter(pk=alias.pk).first()
     if locked is None:
-        raise store.AliasNotFound(f"no such alias: {alias.source}")
+        raise store.AliasNotFound(gettext("no such alias: %(address)s") % {"address": alias.source})
     return locked
 
 
@@ -289,7 +301,7 @@ def _naming_line(row: aliascsv.Row) -> Iterator[None]:
     try:
         yield
     except store.StoreError as error:
-        raise type(error)(f"line {row.line}: {error}") from None
+        raise type(error)(gettext("line %(line)d: %(error)s") % {"line": row.line, "error": error}) from None
 
 
 # --- Alias domains ---------------------------------------------------------------------------
@@ -302,7 +314,9 @@ def create_alias_domain(actor: Actor, name: str, target: str) -> AliasDomain:
     with transaction.atomic():
         target_domain = _locked_domain(store.get_domain(target))
         if alias_name == target_domain.name:
-            raise store.InvalidInput(f"{alias_name} cannot be an alias domain of itself")
+            raise store.InvalidInput(
+                gettext("%(name)s cannot be an alias domain of itself") % {"name": alias_name}
+            )
         store.require_domain_name_free(alias_name)
         alias_domain = AliasDomain.objects.create(name=alias_name, target=target_domain)
         _recheck_aliases_into(alias_name)
@@ -317,7 +331,7 @@ def delete_alias_domain(actor: Actor, name: str) -> None:
     with transaction.atomic():
         alias_domain = AliasDomain.objects.select_related("target").filter(name=alias_name).first()
         if alias_domain is None:
-            raise store.DomainNotFound(f"no such alias domain: {alias_name}")
+            raise store.DomainNotFound(gettext("no such alias domain: %(name)s") % {"name": alias_name})
         alias_domain.delete()
         changes = {"target": [alias_domain.target.name, None]}
         audit.record(actor, "delete", "alias domain", alias_name, domain=alias_domain.target, changes=changes)
@@ -332,4 +346,7 @@ def _recheck_aliases_into(domain_name: str) -> None:
         try:
             expansion.expand(source, store.StoreDirectory())
         except expansion.ExpansionError as error:
-            raise store.InvalidInput(f"refused: the alias {source} would loop: {error}") from None
+            raise store.InvalidInput(
+                gettext("refused: the alias %(source)s would loop: %(reason)s")
+                % {"source": source, "reason": error}
+            ) from None

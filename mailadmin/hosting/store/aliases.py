@@ -9,6 +9,7 @@ from datetime import date, timedelta
 
 from django.db import connection
 from django.utils import timezone
+from django.utils.translation import gettext
 
 from mailadmin.hosting.expansion import AliasEntry, catch_all_source
 from mailadmin.hosting.store.errors import AlreadyExists
@@ -68,22 +69,26 @@ def active_aliases(*sources: str) -> dict[str, AliasEntry]:
 def require_address_free(address: str) -> None:
     """One rule for both directions: an address is a mailbox or an alias, never both."""
     if find_mailbox(address) is not None:
-        raise AlreadyExists(f"{address} is a mailbox; an alias cannot have its address")
+        raise AlreadyExists(
+            gettext("%(address)s is a mailbox; an alias cannot have its address") % {"address": address}
+        )
     if Alias.objects.filter(source=address).exists():
-        raise AlreadyExists(f"{address} is an alias; delete it first to use its address")
+        raise AlreadyExists(
+            gettext("%(address)s is an alias; delete it first to use its address") % {"address": address}
+        )
 
 
 def require_domain_name_free(name: str) -> None:
     """A name is a domain or an alias domain, never both: checked for a new alias domain."""
     if Domain.objects.filter(name=name).exists():
-        raise AlreadyExists(f"{name} is a domain already")
+        raise AlreadyExists(gettext("%(name)s is a domain already") % {"name": name})
     require_not_alias_domain(name)
 
 
 def require_not_alias_domain(name: str) -> None:
     """The same rule, for a new domain (whose own name is unique in its table already)."""
     if AliasDomain.objects.filter(name=name).exists():
-        raise AlreadyExists(f"{name} is an alias domain already")
+        raise AlreadyExists(gettext("%(name)s is an alias domain already") % {"name": name})
 
 
 # Days of counts kept per alias: what the admin shows ("received in the last 30 days").
