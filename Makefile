@@ -12,10 +12,12 @@ TLS_DIR := var/tls
 
 export DEBUG ?= 1
 
-# Real mail clients the end-to-end tests talk to, and gettext for the catalogue (Debian package:
-# command, or a file it installs).
+# Real mail clients the end-to-end tests talk to, the tools that make the Dovecot hashes the
+# migration tests import, the Dovecot the bench runs beside ours, and gettext for the catalogue
+# (Debian package: command, or a file it installs).
 CLIENT_PACKAGES := fetchmail:fetchmail getmail6:getmail mpop:mpop curl:curl openssl:openssl \
-	postfix:postfix swaks:swaks chromium:chromium gettext:xgettext \
+	postfix:postfix swaks:swaks chromium:chromium dovecot-core:doveadm whois:mkpasswd \
+	dovecot-pop3d:/usr/lib/dovecot/pop3 dovecot-lmtpd:/usr/lib/dovecot/lmtp gettext:xgettext \
 	postfix-pgsql:/usr/lib/postfix/postfix-pgsql.so
 
 .PHONY: install system-deps run test test-only lint bench clean
@@ -47,7 +49,8 @@ run: $(RUN_STAMP) $(TLS_DIR)/cert.pem
 
 # Installs missing client programs with apt-get when run as root; otherwise their tests skip.
 # Postfix is preseeded to "No configuration" (no questions, no main.cf, no system instance on
-# port 25); should the package start one anyway, it is stopped: the tests run their own.
+# port 25); should the package start one anyway, it is stopped: the tests run their own. So is
+# a system Dovecot (ports 110, 995, 143, 993), and disabled: the bench starts its own.
 system-deps:
 	@missing=$$(for entry in $(CLIENT_PACKAGES); do command -v $${entry#*:} >/dev/null \
 		|| [ -x /usr/sbin/$${entry#*:} ] || [ -e $${entry#*:} ] || echo $${entry%%:*}; done); \
@@ -56,6 +59,8 @@ system-deps:
 		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 		postfix stop 2>/dev/null || true; \
+		systemctl disable --now dovecot.service 2>/dev/null || true; \
+		update-rc.d dovecot disable 2>/dev/null || true; doveadm stop 2>/dev/null || true; \
 	elif [ -n "$$missing" ]; then echo "not installed (their tests will skip): $$missing"; fi
 
 test: install system-deps test-only
@@ -71,12 +76,13 @@ lint: install
 
 # The benchmark suite (bench/, docs/benchmarks.md) against live runpop3/runlmtp: SQLite by
 # default, PostgreSQL with DATABASE_URL=postgres://...; e.g. BENCH_ARGS="--seconds 30".
+# Dovecot (from system-deps) runs beside them in the same run; without it its side is skipped.
 .PHONY: bench-smoke
-bench: install
+bench: install system-deps
 	$(PY) -m bench $(BENCH_ARGS)
 
 # Every scenario for about a second on tiny corpora, so the bench never rots (.ci/run).
-bench-smoke: install
+bench-smoke: install system-deps
 	$(PY) -m bench --smoke $(BENCH_ARGS)
 
 clean:

@@ -6,6 +6,14 @@ import sys
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["deliver"]:
+        # Pipe delivery first tries a running runlmtp, before Django is imported (about a
+        # second); it leaves the message to the command below when it cannot answer for it.
+        from mailadmin.mailin.pipe import main as deliver_through_runlmtp
+
+        code = deliver_through_runlmtp(sys.argv[2:])
+        if code is not None:
+            sys.exit(code)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mailadmin.settings")
     from django.core.management import execute_from_command_line
 

@@ -38,6 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--skip-large", action="store_true", help="no large mailbox (and no large-mailbox row)"
     )
+    parser.add_argument(
+        "--fleet-mailboxes", type=int, help="mailboxes of the fleet compared with Dovecot (500; smoke 4)"
+    )
     parser.add_argument("--pipelined", type=int, default=1000, help="commands in the pipelining row")
     parser.add_argument("--repeats", type=int, default=5, help="sessions/rounds behind the median rows")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
@@ -66,6 +69,7 @@ def plan(args: argparse.Namespace, fd_limit: int) -> tuple[corpus.CorpusSpec, Op
     large = 0 if args.skip_large else args.large_mailbox
     spec = dataclasses.replace(
         spec,
+        fleet_users=spec.fleet_users if args.fleet_mailboxes is None else args.fleet_mailboxes,
         idle_users=2 * idle,
         large_mailbox_messages=spec.large_mailbox_messages if large is None else large,
     )
@@ -76,7 +80,9 @@ def plan(args: argparse.Namespace, fd_limit: int) -> tuple[corpus.CorpusSpec, Op
         held_sessions=max(0, min(held, fd_limit - 2 * idle - FD_RESERVE)),
         pipelined=args.pipelined,
         repeats=args.repeats,
+        pipe_deliveries=4 if args.smoke else 20,
         only=frozenset(filter(None, args.only.split(","))),
+        smoke=args.smoke,
     )
     return spec, options
 

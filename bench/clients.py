@@ -121,6 +121,22 @@ class Pop3(LineClient):
     def retr(self, number: int) -> int:
         return self.multiline(f"RETR {number}")
 
+    def retr_content(self, number: int) -> bytes:
+        """RETR a message and return it whole, dot-stuffing removed: its bytes, to be checked."""
+        self.command(f"RETR {number}")
+        pending = bytearray(b"\r\n") + self.buffer
+        self.buffer.clear()
+        while (found := pending.find(TERMINATOR)) < 0:
+            data = self.sock.recv(RECV_SIZE)
+            if not data:
+                raise EOFError("the server closed the connection inside a multi-line reply")
+            pending += data
+        self.buffer += pending[found + len(TERMINATOR) :]
+        body = bytes(pending[2 : found + 2])  # the status line's CRLF off, the last line's CRLF on
+        if body.startswith(b"."):  # a first line starting with a dot came stuffed
+            body = body[1:]
+        return body.replace(b"\r\n..", b"\r\n.")
+
     def quit(self) -> None:
         """QUIT, then wait for the close: the server closes once the mailbox lock is released."""
         self.command("QUIT")

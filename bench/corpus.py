@@ -25,6 +25,12 @@ LINE_WIDTH = 76
 # The large mailbox reuses this many message bodies, each spooled once, with a per-message header.
 LARGE_MAILBOX_VARIANTS = 32
 LARGE_MAILBOX_BATCH = 1000
+# One fleet mailbox in this many gets a 1-5 MB MIME message among its text messages.
+FLEET_LARGE_ONE_IN = 2
+# Fleet messages are cut from a few long texts and attachments, each message with headers of
+# its own: generating 1.4 GB of prose message by message would take minutes.
+FLEET_TEXT_VARIANTS = 16
+FLEET_ATTACHMENT_VARIANTS = 4
 WORDS = (
     "mail server mailbox message quota lease session login retrieve delivery chunk header body "
     "provider hosting poll client cache argon password verify network loopback transfer octets "
@@ -49,6 +55,11 @@ class CorpusSpec:
     big_users: int = 10
     big_message_bytes: int = 25_000_000
     sink_users: int = 4
+    # The fleet: many mailboxes of mixed mail, the workload compared with Dovecot in one run.
+    fleet_users: int = 500
+    fleet_messages: int = 40  # per mailbox; about one mailbox in FLEET_LARGE_ONE_IN adds a large one
+    fleet_min_bytes: int = 2_000
+    fleet_max_bytes: int = 70_000
 
     @classmethod
     def smoke(cls) -> "CorpusSpec":
@@ -63,6 +74,8 @@ class CorpusSpec:
             large_mailbox_messages=1_000,
             big_users=3,
             big_message_bytes=2_000_000,
+            fleet_users=4,
+            fleet_messages=5,
         )
 
     def user(self, index: int) -> str:
@@ -76,6 +89,13 @@ class CorpusSpec:
 
     def sink_user(self, index: int) -> str:
         return f"sink{index}@{DOMAIN}"
+
+    def fleet_user(self, index: int) -> str:
+        return f"fleet{index:03d}@{DOMAIN}"
+
+    @property
+    def fleet(self) -> list[str]:
+        return [self.fleet_user(i) for i in range(self.fleet_users)]
 
     @property
     def large_mailbox_user(self) -> str:
@@ -166,6 +186,26 @@ def corpus_plan(spec: CorpusSpec) -> list[tuple[str, str, int]]:
     return plan
 
 
+def fleet_plan(spec: CorpusSpec) -> list[list[tuple[str, int]]]:
+    """Per fleet mailbox, (kind, size) of each message in delivery order: text of
+    ``fleet_min_bytes``-``fleet_max_bytes``, and in about one mailbox in FLEET_LARGE_ONE_IN
+    one MIME message of ``large_min_bytes``-``large_max_bytes`` (about 70 KB a message on average)."""
+    rng = random.Random(spec.seed + 4)
+    plan = []
+    for _ in range(spec.fleet_users):
+        sizes = [
+            ("text", rng.randint(spec.fleet_min_bytes, spec.fleet_max_bytes))
+            for _ in range(spec.fleet_messages)
+        ]
+        if rng.randrange(FLEET_LARGE_ONE_IN) == 0:
+            sizes.insert(
+                rng.randrange(len(sizes) + 1),
+                ("attachment", rng.randint(spec.large_min_bytes, spec.large_max_bytes)),
+            )
+        plan.append(sizes)
+    return plan
+
+
 # --- Building it (child process, Django set up) ----------------------------------------------
 
 
@@ -184,6 +224,7 @@ def build(spec: CorpusSpec) -> dict:
         [spec.idle_user(i) for i in range(spec.idle_users)]
         + [spec.big_user(i) for i in range(spec.big_users)]
         + [spec.sink_user(i) for i in range(spec.sink_users)]
+        + spec.fleet
         + ([spec.large_mailbox_user] if spec.large_mailbox_messages else [])
     )
     for user in others:
@@ -195,6 +236,7 @@ def build(spec: CorpusSpec) -> dict:
     }
     manifest.update(_deliver_corpus(spec))
     manifest.update(_deliver_big(spec))
+    manifest.update(_fill_fleet(spec))
     if spec.large_mailbox_messages:
         manifest.update(_fill_large_mailbox(spec))
     drifts = store.recalculate_quota()  # the counters must match the messages exactly
@@ -272,6 +314,77 @@ def _fill_large_mailbox(spec: CorpusSpec) -> dict:
         "large_mailbox_messages": spec.large_mailbox_messages,
         "large_mailbox_seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def _fill_fleet(spec: CorpusSpec) -> dict:
+    """The fleet's mail, through ``store.append_message`` in batched transactions."""
+    from django.db import transaction
+
+    from mailadmin.hosting import store
+    from mailadmin.mailin.delivery import trace_headers
+    from mailadmin.mailin.messagefile import spool_message
+
+    started = time.perf_counter()
+    rng = random.Random(spec.seed + 5)
+    texts = [
+        b"\r\n".join(_text_lines(rng, spec.fleet_max_bytes)) + b"\r\n" for _ in range(FLEET_TEXT_VARIANTS)
+    ]
+    attachments = [
+        attachment_message(rng, "fleet", n, spec.large_max_bytes) for n in range(FLEET_ATTACHMENT_VARIANTS)
+    ]
+    count = octets = 0
+    pending = 0
+    atomic = transaction.atomic()
+    atomic.__enter__()
+    try:
+        for index, sizes in enumerate(fleet_plan(spec)):
+            user = spec.fleet_user(index)
+            mailbox = store.get_mailbox(user)
+            trace = trace_headers(SENDER, user)
+            for number, (kind, size) in enumerate(sizes):
+                data = _fleet_message(rng, user, number, kind, size, texts, attachments)
+                with spool_message([data]) as body:
+                    store.append_message(mailbox, body, prefix=trace)
+                count, octets, pending = count + 1, octets + len(data), pending + 1
+                if pending >= LARGE_MAILBOX_BATCH:
+                    atomic.__exit__(None, None, None)
+                    atomic = transaction.atomic()
+                    atomic.__enter__()
+                    pending = 0
+    except BaseException as error:
+        atomic.__exit__(type(error), error, error.__traceback__)
+        raise
+    atomic.__exit__(None, None, None)
+    return {
+        "fleet_messages": count,
+        "fleet_bytes_approx": octets,
+        "fleet_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _fleet_message(
+    rng: random.Random,
+    user: str,
+    number: int,
+    kind: str,
+    size: int,
+    texts: list[bytes],
+    attachments: list[bytes],
+) -> bytes:
+    """A message of about ``size`` bytes cut from the shared texts/attachments, its headers its own."""
+    if kind == "attachment":
+        variant = rng.choice(attachments)
+        head, _, parts = variant.partition(b"\r\n\r\n")
+        content_type = head[head.index(b"Content-Type:") :].split(b"\r\n", 1)[0].decode()
+        closing = variant[variant.rstrip(b"\r\n").rfind(b"\r\n") + 2 :]  # the last boundary line
+        head = _headers(rng, user, number, content_type + "\r\n")
+        body = parts[: max(0, size - len(head) - len(closing))]
+        return head + b"\r\n" + body[: body.rfind(b"\r\n") + 2] + closing
+    head = _headers(rng, user, number, "Content-Type: text/plain; charset=us-ascii\r\n")
+    text = rng.choice(texts)
+    start = text.find(b"\r\n", rng.randrange(max(1, len(text) - size))) + 2
+    body = text[start : start + max(0, size - len(head))]
+    return head + b"\r\n" + body[: body.rfind(b"\r\n") + 2]
 
 
 def write_spec(spec: CorpusSpec, path: Path) -> None:

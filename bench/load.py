@@ -7,6 +7,7 @@ samples the server's CPU at the window's edges meanwhile (see ``scenarios.measur
 
 import itertools
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -29,6 +30,8 @@ class Task:
     cafile: str = ""  # TLS (implicit) when set
     message: bytes = b""  # LMTP only
     sender: str = ""
+    # Fleet only: per user, the (size, CRC-32) of its messages, which every RETR is checked against.
+    expected: dict[str, frozenset[tuple[int, int]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Tally:
     messages: int = 0
     octets: int = 0
     latencies: list[float] = field(default_factory=list)
+    retr_latencies: list[float] = field(default_factory=list)  # fleet: each RETR, command to last byte
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     late_start_seconds: float = 0.0
@@ -54,6 +58,7 @@ class Tally:
         self.messages += other.messages
         self.octets += other.octets
         self.latencies += other.latencies
+        self.retr_latencies += other.retr_latencies
         self.errors += other.errors
         self.error_samples += other.error_samples[: ERROR_SAMPLES - len(self.error_samples)]
         self.late_start_seconds = max(self.late_start_seconds, other.late_start_seconds)
@@ -89,6 +94,40 @@ def retr_worker(task: Task) -> Tally:
                     break
                 tally.messages += 1
                 tally.octets += octets
+            else:
+                tally.operations += 1
+            client.quit()
+        except CLIENT_ERRORS as error:
+            tally.error(error)
+    return tally
+
+
+def fleet_worker(task: Task) -> Tally:
+    """Round-robin over the task's mailboxes: log in, RETR every message and check its bytes
+    against ``task.expected``, QUIT without deleting. Latencies: login, and each RETR."""
+    tally = Tally()
+    context = tls_context(Path(task.cafile)) if task.cafile else None
+    _wait_for_start(task, tally)
+    for user in itertools.cycle(task.users):
+        if time.time() >= task.end_at:
+            break
+        try:
+            started = time.perf_counter()
+            client = Pop3.connect(task.port, context)
+            client.login(user, task.password)
+            tally.latencies.append(time.perf_counter() - started)
+            count, _ = client.stat()
+            for number in range(1, count + 1):
+                asked = time.perf_counter()
+                content = client.retr_content(number)
+                took = time.perf_counter() - asked
+                if (len(content), zlib.crc32(content)) not in task.expected[user]:
+                    raise ProtocolError(f"{user} message {number}: {len(content)} bytes, not as stored")
+                if time.time() > task.end_at:
+                    break
+                tally.messages += 1
+                tally.octets += len(content)
+                tally.retr_latencies.append(took)
             else:
                 tally.operations += 1
             client.quit()

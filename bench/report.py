@@ -4,7 +4,9 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# What a row's verdict means: "target" is a goal stated by issue 5; "ref" compares with
+# Dovecot's figures are issue 5's, except in rows with a ``reference``: those are measured in
+# the same run (bench.dovecot), with targets from issue 14 as ratios.
+# What a row's verdict means: "target" is a goal stated by issue 5 or 14; "ref" compares with
 # Dovecot's figure only; "info" is shown for context with nothing to meet.
 TARGET, REFERENCE, INFO = "target", "ref", "info"
 
@@ -21,6 +23,9 @@ class Check:
     kind: str = TARGET
     scale: float = 1.0  # figure * scale = the value in ``unit``
     note: str = ""
+    # A scenario measuring Dovecot in the same run: its figure replaces ``dovecot``, and the
+    # target is then a ratio of ours to it.
+    reference: str = ""
 
 
 CHECKS = (
@@ -80,6 +85,101 @@ CHECKS = (
     Check("lmtp", "msg_per_s", "LMTP 4 connections, small", "msg/s", 950, 950),
     Check("lmtp", "p99_ms", "", "ms p99", None, kind=INFO),
     Check(
+        "lmtp", "msg_per_s", "LMTP, ratio to Dovecot this run", "msg/s", None, 1.5, reference="dovecot_lmtp"
+    ),
+    Check(
+        "fleet_plain",
+        "msg_per_s",
+        "fleet RETR, plain, as shipped",
+        "msg/s",
+        None,
+        1.0,
+        reference="dovecot_fleet_plain",
+    ),
+    Check("fleet_plain", "mb_per_s", "", "MB/s", None, 1.0, reference="dovecot_fleet_plain"),
+    Check(
+        "fleet_plain",
+        "cpu_ms_per_mb",
+        "",
+        "ms CPU/MB",
+        None,
+        1.0,
+        at_least=False,
+        reference="dovecot_fleet_plain",
+    ),
+    Check(
+        "fleet_plain",
+        "retr_p50_ms",
+        "",
+        "ms RETR p50",
+        None,
+        at_least=False,
+        kind=INFO,
+        reference="dovecot_fleet_plain",
+    ),
+    Check(
+        "fleet_plain",
+        "retr_p99_ms",
+        "",
+        "ms RETR p99",
+        None,
+        at_least=False,
+        kind=INFO,
+        reference="dovecot_fleet_plain",
+    ),
+    Check(
+        "fleet_tls",
+        "msg_per_s",
+        "fleet RETR, TLS, as shipped",
+        "msg/s",
+        None,
+        1.0,
+        reference="dovecot_fleet_tls",
+    ),
+    Check("fleet_tls", "mb_per_s", "", "MB/s", None, 1.0, reference="dovecot_fleet_tls"),
+    Check(
+        "fleet_tls",
+        "cpu_ms_per_mb",
+        "",
+        "ms CPU/MB",
+        None,
+        1.0,
+        at_least=False,
+        reference="dovecot_fleet_tls",
+    ),
+    Check(
+        "fleet_tls",
+        "retr_p50_ms",
+        "",
+        "ms RETR p50",
+        None,
+        at_least=False,
+        kind=INFO,
+        reference="dovecot_fleet_tls",
+    ),
+    Check(
+        "fleet_tls",
+        "retr_p99_ms",
+        "",
+        "ms RETR p99",
+        None,
+        at_least=False,
+        kind=INFO,
+        reference="dovecot_fleet_tls",
+    ),
+    Check(
+        "deliver_pipe",
+        "fast_median_ms",
+        "pipe delivery through runlmtp",
+        "ms/message",
+        None,
+        50,
+        at_least=False,
+    ),
+    Check("deliver_pipe", "in_process_median_ms", "", "ms in-process", None, kind=INFO),
+    Check("deliver_pipe", "fast_cpu_median_ms", "", "ms CPU/message", None, kind=INFO),
+    Check("deliver_pipe", "in_process_cpu_median_ms", "", "ms CPU in-process", None, kind=INFO),
+    Check(
         "memory_25mb",
         "peak_growth_mib",
         "10 concurrent RETR of the big message",
@@ -109,14 +209,31 @@ def verdict(check: Check, value: float | None, smoke: bool) -> str:
     return "met" if met else "NOT met"
 
 
+def _all_checks() -> tuple[Check, ...]:
+    from bench import console_pages  # imports Check from here
+
+    return CHECKS + console_pages.CHECKS
+
+
 def evaluate(results: dict[str, dict], smoke: bool) -> list[dict]:
-    """One entry per check: the value next to Dovecot's and the target, and the verdict."""
+    """One entry per check: the value next to Dovecot's and the target, and the verdict.
+
+    A check with a ``reference`` takes Dovecot's figure from that scenario of the same run, and
+    its verdict from the ratio of ours to it.
+    """
     entries = []
-    for check in CHECKS:
+    for check in _all_checks():
         if check.scenario not in results:
             continue
         value = _value(results, check)
-        entries.append({**asdict(check), "value": value, "verdict": verdict(check, value, smoke)})
+        entry = {**asdict(check), "value": value, "verdict": verdict(check, value, smoke)}
+        if check.reference:
+            dovecot = results.get(check.reference, {}).get(check.figure)
+            share = round(value / dovecot, 3) if value is not None and dovecot else None
+            entry.update(dovecot=dovecot, ratio=share, verdict=verdict(check, share, smoke))
+            if dovecot is None and check.kind != INFO and not smoke:
+                entry["verdict"] = "no Dovecot figure"
+        entries.append(entry)
     return entries
 
 
@@ -133,19 +250,26 @@ def number(value: float | None) -> str:
 def target_text(check: dict) -> str:
     if check["target"] is None:
         return ""
-    return f"{'≥' if check['at_least'] else '≤'} {number(check['target'])}"
+    ratio = "x Dovecot" if check["reference"] else ""
+    return f"{'≥' if check['at_least'] else '≤'} {number(check['target'])}{ratio}"
+
+
+def measured_text(entry: dict) -> str:
+    if entry.get("ratio") is None:
+        return number(entry["value"])
+    return f"{number(entry['value'])} ({entry['ratio']:.2f}x)"
 
 
 def table(entries: list[dict], results: dict[str, dict]) -> str:
     """A Markdown table (readable on a terminal and pasteable into docs/benchmarks.md)."""
-    rows = [("scenario", "measured", "unit", "Dovecot 2.3.19", "target", "kind", "verdict")]
+    rows = [("scenario", "measured (ratio)", "unit", "Dovecot 2.3.19", "target", "kind", "verdict")]
     for entry in entries:
         error = "error" in results.get(entry["scenario"], {})
         label = entry["label"]
         rows.append(
             (
                 f"{label} ({entry['scenario']})" if label else "",
-                "ERROR" if error else number(entry["value"]),
+                "ERROR" if error else measured_text(entry),
                 entry["unit"],
                 number(entry["dovecot"]),
                 target_text(entry),

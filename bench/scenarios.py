@@ -4,22 +4,28 @@ A group returns ``{scenario: figures}``. Figures are plain numbers (seconds, cou
 KiB) plus a few lists of samples; ``report`` turns them into the table and the JSON.
 """
 
+import json
 import math
 import random
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from bench import corpus
+from bench import console_pages, corpus
 from bench.clients import Pop3, ProtocolError, tls_context
-from bench.load import Tally, Task, Workers, lmtp_worker, login_worker, retr_worker
-from bench.servers import Environment, Server, start_lmtp, start_pop3
+from bench.dovecot import Dovecot, make_root, missing, remove_root
+from bench.load import Tally, Task, Workers, fleet_worker, lmtp_worker, login_worker, retr_worker
+from bench.servers import PROJECT_DIR, Environment, Server, start_lmtp, start_pop3
 
 MB = 1_000_000  # rates are in decimal megabytes, as Dovecot's figures are
 # Time for the (already running) workers to receive their tasks before the window opens.
@@ -28,11 +34,11 @@ START_DELAY_SECONDS = 0.5
 SETTLE_SECONDS = 1.5
 OPENING_THREADS = 4
 CACHE_ON_TTL = "300"
-# One server process uses one core; the machine has two, shared with the clients. The
-# throughput scenarios run two workers; the memory ones one process, so its /proc figures are
-# the whole server.
-LMTP_WORKERS = 2
-THROUGHPUT_WORKERS = 2
+# The throughput scenarios run the servers as shipped (POP3_WORKERS and LMTP_WORKERS unset:
+# one worker per usable CPU); the cold and memory ones one process, so that its /proc figures
+# are the whole server and the hashing threads are the two the README describes.
+AS_SHIPPED = None
+ONE_PROCESS = 1
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,9 @@ class Options:
     held_sessions: int
     pipelined: int
     repeats: int
+    pipe_deliveries: int = 20  # through runlmtp; a quarter as many in-process (a second each)
     only: frozenset[str] = frozenset()
+    smoke: bool = False
 
 
 @dataclass
@@ -65,20 +73,39 @@ class Bench:
         return str(self.options.held_sessions + 2 * self.options.idle_sessions + 100)
 
     @contextmanager
-    def pop3(self, name: str, cache_ttl: str, workers: int = 1) -> Iterator[Server]:
+    def pop3(self, name: str, cache_ttl: str | None, workers: int | None = ONE_PROCESS) -> Iterator[Server]:
+        """runpop3; ``cache_ttl`` and ``workers`` None leave the shipped defaults."""
         settings = {
-            "POP3_WORKERS": str(workers),
-            "POP3_AUTH_CACHE_TTL": cache_ttl,
             "POP3_MAX_CONNECTIONS": self.connection_limit,
             "POP3_MAX_CONNECTIONS_PER_IP": self.connection_limit,
         }
+        if workers is not None:
+            settings["POP3_WORKERS"] = str(workers)
+        if cache_ttl is not None:
+            settings["POP3_AUTH_CACHE_TTL"] = cache_ttl
         with self._running(start_pop3(self.env, name, self.certificate, **settings)) as server:
             yield server
 
     @contextmanager
     def lmtp(self, name: str) -> Iterator[Server]:
-        with self._running(start_lmtp(self.env, name, LMTP_WORKERS=str(LMTP_WORKERS))) as server:
+        """runlmtp as shipped (LMTP_WORKERS unset)."""
+        with self._running(start_lmtp(self.env, name)) as server:
             yield server
+
+    @contextmanager
+    def dovecot(self) -> Iterator[Dovecot]:
+        """Dovecot on the fleet's Maildirs (exported from the bench database first)."""
+        root = make_root()
+        try:
+            self.env.run("-m", "bench.maildirs", str(self.spec_path), str(root))
+            with self._running(Dovecot.start(root, self.certificate)) as server:
+                yield server
+        finally:
+            remove_root(root, self.env.var_dir)
+
+    @property
+    def spec_path(self) -> Path:
+        return self.env.var_dir / "corpus-spec.json"
 
     @contextmanager
     def _running(self, server: Server) -> Iterator[Server]:
@@ -272,11 +299,11 @@ def group_cold(bench: Bench) -> dict[str, dict]:
 def group_warm(bench: Bench) -> dict[str, dict]:
     """The credential cache on and warmed: logins skip argon2, as polling clients' do."""
     results: dict[str, dict] = {}
-    with bench.pop3("runpop3-warm", cache_ttl=CACHE_ON_TTL, workers=THROUGHPUT_WORKERS) as server:
+    with bench.pop3("runpop3-warm", cache_ttl=AS_SHIPPED, workers=AS_SHIPPED) as server:
         users = bench.spec.corpus_users
         if bench.spec.large_mailbox_messages:
             users = users + [bench.spec.large_mailbox_user]
-        warm_up_seconds = warm_up(server, users, THROUGHPUT_WORKERS)
+        warm_up_seconds = warm_up(server, users, server.worker_count())
         _run(
             results,
             bench,
@@ -550,7 +577,152 @@ def group_lmtp(bench: Bench) -> dict[str, dict]:
     results: dict[str, dict] = {}
     with bench.lmtp("runlmtp") as server:
         _run(results, bench, "lmtp", lambda: lmtp(bench, server))
+        _run(results, bench, "deliver_pipe", lambda: deliver_pipe(bench, server))
     return results
+
+
+# --- The fleet: runpop3 and Dovecot, as shipped, in the same run --------------------------------
+
+
+def fleet(
+    bench: Bench, server: Server | Dovecot, expected: dict[str, frozenset], *, tls: bool = False
+) -> dict:
+    """Every client logs in to its mailboxes in turn, RETRs each message, checks its bytes, QUITs."""
+    start_at = time.time() + START_DELAY_SECONDS
+    tasks = [
+        replace(bench.task(server, hand, start_at, tls=tls), expected={user: expected[user] for user in hand})
+        for hand in bench.spread(bench.spec.fleet)
+    ]
+    tally, cpu = measure(bench, server, fleet_worker, tasks)
+    seconds = bench.options.seconds
+    return {
+        "server": server.name,
+        "workers": server.worker_count(),
+        "clients": len(tasks),
+        "sessions": tally.operations,
+        "messages": tally.messages,
+        "octets": tally.octets,
+        "msg_per_s": ratio(tally.messages, seconds),
+        "mb_per_s": ratio(tally.octets, seconds * MB),
+        **cpu.figures(),
+        "cpu_ms_per_mb": ratio(cpu.total * 1000, tally.octets / MB),
+        "retr_p50_ms": ms(percentile(tally.retr_latencies, 50)),
+        "retr_p99_ms": ms(percentile(tally.retr_latencies, 99)),
+        "retr_mean_ms": ms(statistics.fmean(tally.retr_latencies)) if tally.retr_latencies else None,
+        "login_p50_ms": ms(percentile(tally.latencies, 50)),
+        "login_p99_ms": ms(percentile(tally.latencies, 99)),
+        **tally_figures(tally, seconds),
+    }
+
+
+def _expected(root: Path) -> dict[str, frozenset]:
+    found = json.loads((root / "expected.json").read_text())
+    return {user: frozenset(map(tuple, pairs)) for user, pairs in found.items()}
+
+
+def _skipped(reason: str) -> dict:
+    print(f"    skipped: {reason}", flush=True)
+    return {"skipped": reason}
+
+
+def group_fleet(bench: Bench) -> dict[str, dict]:
+    """The issue's workload on runpop3 (as shipped) and on Dovecot, alternating, both running.
+
+    Both are warmed first: runpop3's credential cache in every worker, Dovecot's indexes.
+    """
+    results: dict[str, dict] = {}
+    reason = missing()
+    with ExitStack() as stack:
+        server = stack.enter_context(bench.pop3("runpop3-fleet", cache_ttl=AS_SHIPPED, workers=AS_SHIPPED))
+        dovecot = None if reason else stack.enter_context(bench.dovecot())
+        if dovecot is not None:
+            expected = _expected(dovecot.root)
+        else:
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            bench.env.run("-m", "bench.maildirs", str(bench.spec_path), str(scratch), "--expected-only")
+            expected = _expected(scratch)
+        warm_up_seconds = warm_up(server, bench.spec.fleet, server.worker_count())
+        if dovecot is not None:
+            warm_up(dovecot, bench.spec.fleet, dovecot.worker_count())
+        for tls in (False, True):
+            kind = "tls" if tls else "plain"
+            _run(
+                results,
+                bench,
+                f"fleet_{kind}",
+                lambda tls=tls: {
+                    **fleet(bench, server, expected, tls=tls),
+                    "warm_up_seconds": warm_up_seconds,
+                },
+            )
+            _run(
+                results,
+                bench,
+                f"dovecot_fleet_{kind}",
+                lambda tls=tls: fleet(bench, dovecot, expected, tls=tls) if dovecot else _skipped(reason),
+            )
+        _run(results, bench, "dovecot_lmtp", lambda: lmtp(bench, dovecot) if dovecot else _skipped(reason))
+    return results
+
+
+# --- Pipe delivery ------------------------------------------------------------------------------
+
+
+def _pipe_delivery(
+    bench: Bench, recipient: str, message: bytes, where: dict[str, str]
+) -> tuple[float, float, str]:
+    """One ``manage.py deliver``: its wall time, its own CPU time (user and system: steadier than
+    wall time on a busy machine), and the path it took (from what it printed)."""
+    cpu_before = _children_cpu_seconds()
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "manage.py", "deliver", "--sender", corpus.SENDER, recipient],
+        input=message,
+        capture_output=True,
+        cwd=PROJECT_DIR,
+        env=bench.env.variables(**where),
+        timeout=120,
+    )
+    elapsed = time.perf_counter() - started
+    cpu = _children_cpu_seconds() - cpu_before
+    if result.returncode != 0:
+        raise RuntimeError(f"deliver exited {result.returncode}: {result.stderr.decode(errors='replace')}")
+    return elapsed, cpu, "in-process" if b" delivered as " in result.stdout else "runlmtp"
+
+
+def _children_cpu_seconds() -> float:
+    """CPU time of the bench's children that have ended (a finished ``deliver`` among them)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def deliver_pipe(bench: Bench, server: Server) -> dict:
+    """``manage.py deliver`` one message at a time: through the running runlmtp, then with no
+    runlmtp to reach (the in-process path, Django started for each message)."""
+    recipient = bench.spec.sink_user(0)
+    message = corpus.text_message(random.Random(bench.spec.seed), recipient, 0, bench.spec.small_bytes)
+    paths = {
+        "runlmtp": {"LMTP_BIND": "127.0.0.1", "LMTP_PORT": str(server.ports["lmtp"]), "LMTP_SOCKET": ""},
+        "in-process": {"LMTP_BIND": "127.0.0.1", "LMTP_PORT": "1", "LMTP_SOCKET": ""},
+    }
+    count = bench.options.pipe_deliveries
+    counts = {"runlmtp": count, "in-process": max(1, count // 4)}
+    figures: dict = {"message_octets": len(message)}
+    for path, where in paths.items():
+        samples = [_pipe_delivery(bench, recipient, message, where) for _ in range(counts[path])]
+        taken = {taken for _, _, taken in samples}
+        if taken != {path}:
+            raise RuntimeError(f"deliveries meant for {path} took {sorted(taken)}")
+        times, cpu = [elapsed for elapsed, _, _ in samples], [cpu for _, cpu, _ in samples]
+        key = "fast" if path == "runlmtp" else "in_process"
+        figures[f"{key}_deliveries"] = len(times)
+        figures[f"{key}_median_ms"] = ms(statistics.median(times))
+        figures[f"{key}_max_ms"] = ms(max(times))
+        figures[f"{key}_cpu_median_ms"] = ms(statistics.median(cpu))
+        figures[f"{key}_samples_ms"] = [ms(t) for t in times]
+    figures["speed_up"] = ratio(figures["in_process_median_ms"], figures["fast_median_ms"])
+    figures["cpu_ratio"] = ratio(figures["in_process_cpu_median_ms"], figures["fast_cpu_median_ms"])
+    return figures
 
 
 # --- Running them -----------------------------------------------------------------------------
@@ -572,9 +744,14 @@ def _run(results: dict[str, dict], bench: Bench, scenario: str, action: Callable
 GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Bench], dict[str, dict]]]] = {
     "cold": (("logins_cold", "retr_cold"), group_cold),
     "warm": (("logins_warm", "retr_plain", "retr_tls", "large_mailbox", "pipelined"), group_warm),
+    "fleet": (
+        ("fleet_plain", "dovecot_fleet_plain", "fleet_tls", "dovecot_fleet_tls", "dovecot_lmtp"),
+        group_fleet,
+    ),
     "sessions": (("idle_plain", "idle_tls", "held_sessions"), group_sessions),
     "memory": (("memory_25mb",), group_memory),
-    "lmtp": (("lmtp",), group_lmtp),
+    "lmtp": (("lmtp", "deliver_pipe"), group_lmtp),
+    "console_pages": ((console_pages.SCENARIO,), console_pages.group_console_pages),
 }
 SCENARIOS = tuple(name for names, _ in GROUPS.values() for name in names)
 

@@ -165,6 +165,10 @@ class Server:
     def pid(self) -> int:
         return self.process.pid
 
+    def worker_count(self) -> int:
+        """Processes serving connections: the workers (``--workers``), or the server itself."""
+        return len(_children(self.pid)) or 1
+
     def cpu_times(self) -> tuple[float, float]:
         """(user, system) CPU seconds so far of every thread of the server and its workers."""
         user = system = 0

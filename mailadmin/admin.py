@@ -7,6 +7,7 @@ changes only their domains. Counters are shown, never edited here.
 """
 
 import re
+from urllib.parse import urlencode
 
 from django import forms
 from django.conf import settings
@@ -20,6 +21,7 @@ from django.db.models import Count, Model, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import formats, timezone
 from django.utils.decorators import method_decorator
 from django.utils.html import format_html
 from django.utils.text import capfirst, format_lazy
@@ -55,6 +57,17 @@ def actor_of(request: HttpRequest) -> Actor:
     if not hasattr(request, "mailadmin_actor"):
         request.mailadmin_actor = Actor.for_user(request.user, request.META.get("REMOTE_ADDR", ""))
     return request.mailadmin_actor
+
+
+def domain_or_404(request: HttpRequest, name: str) -> Domain | None:
+    """The domain a filter names, if it names one, looked up through the service layer: missing or
+    outside the user's scope, it is not found (404), whichever it is."""
+    if not name:
+        return None
+    try:
+        return services.get_domain(actor_of(request), name)
+    except store.StoreError:
+        raise Http404 from None
 
 
 def _usage(used_bytes: int, quota_bytes: int) -> str:
@@ -350,10 +363,60 @@ class PasswordResetForm(forms.Form):
         return cleaned
 
 
+class PasswordHashFilter(admin.SimpleListFilter):
+    """Legacy (imported, e.g. from Dovecot) or current password hashes, counted by the facets:
+    how far a migration has come, since each login replaces a legacy hash."""
+
+    title = _("password hash")
+    parameter_name = "password_hash"
+
+    def lookups(self, request, model_admin):
+        return [("legacy", _("legacy (replaced at the next login)")), ("current", _("argon2"))]
+
+    def queryset(self, request, queryset):
+        if self.value() == "legacy":
+            return queryset.legacy_hash()
+        if self.value() == "current":
+            return queryset.current_hash()
+        return queryset
+
+
+class DomainNameFilter(admin.ListFilter):
+    """Mailboxes of a domain typed by name. A list of every domain, as a related-field filter
+    gives, took half the page's time to render at 1,000 domains (~55 of 120 ms)."""
+
+    title = _("domain")
+    parameter_name = "domain"
+    template = "admin/mailadmin/domain_name_filter.html"
+
+    def __init__(self, request: HttpRequest, params: dict, model, model_admin) -> None:
+        super().__init__(request, params, model, model_admin)
+        self.name = params.pop(self.parameter_name, [""])[-1].strip()
+        self.domain = domain_or_404(request, self.name)
+        if self.domain is not None:
+            self.used_parameters[self.parameter_name] = self.name
+
+    def has_output(self) -> bool:
+        return True
+
+    def expected_parameters(self) -> list[str]:
+        return [self.parameter_name]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        return queryset if self.domain is None else queryset.filter(domain=self.domain)
+
+    def choices(self, changelist):
+        """One "choice": the form, with the list's other parameters kept as hidden fields."""
+        kept = [(name, value) for name, value in changelist.params.items() if name != self.parameter_name]
+        yield {"name": self.parameter_name, "value": self.name, "kept": kept}
+
+
 @admin.register(Mailbox)
 class MailboxAdmin(ServiceAdmin):
-    list_display = ["address", "domain", "active", "usage", "used_messages"]
-    list_filter = ["active", ("domain", admin.RelatedOnlyFieldListFilter)]
+    list_display = ["address", "domain", "active", "usage", "used_messages", "last_login"]
+    list_filter = ["active", DomainNameFilter, PasswordHashFilter]
+    # Counts beside each filter choice: how many mailboxes still carry a legacy hash, among others.
+    show_facets = admin.ShowFacets.ALWAYS
     search_fields = ["user__username"]
     list_select_related = ["user", "domain"]
     readonly_fields = [
@@ -363,8 +426,8 @@ class MailboxAdmin(ServiceAdmin):
         "used_bytes",
         "messages_link",
         "uid_validity",
-        "last_login_at",
-        "last_login_from",
+        "last_login",
+        "pop3_history",
         "created_at",
     ]
     fields = ["address", "domain", "active", "quota_bytes", "quota_messages", *readonly_fields[3:]]
@@ -386,6 +449,18 @@ class MailboxAdmin(ServiceAdmin):
         count = mailbox.used_messages
         label = ngettext("%(count)d message", "%(count)d messages", count) % {"count": count}
         return format_html('<a href="{}">{}</a>', url, label)
+
+    @admin.display(description=_("last POP3 login"), ordering="last_login_at")
+    def last_login(self, mailbox: Mailbox) -> str:
+        if mailbox.last_login_at is None:
+            return _("never")
+        when = formats.localize(timezone.localtime(mailbox.last_login_at))
+        return _("%(when)s from %(client)s") % {"when": when, "client": mailbox.last_login_from}
+
+    @admin.display(description=_("POP3 history"))
+    def pop3_history(self, mailbox: Mailbox) -> str:
+        link = f"{reverse('admin:history')}?{urlencode({'address': mailbox.address})}"
+        return format_html('<a href="{}">{}</a>', link, _("sessions and failed logins"))
 
     def get_form(self, request: HttpRequest, obj: Mailbox | None = None, change: bool = False, **kwargs):
         kwargs["form"] = MailboxChangeForm if obj is not None else MailboxCreationForm

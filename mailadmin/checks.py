@@ -1,8 +1,9 @@
 """System checks for configuration mistakes in the POP3 server's set-up.
 
 Each catches a set-up that would otherwise fail later and less clearly: a TLS file that
-runpop3 cannot read, and an in-memory channel layer that silently keeps each process's live
-updates to itself. They concern runpop3 alone, so they are deployment checks (``manage.py
+runpop3 cannot read. (Several worker processes without Redis need no note: they are the
+default on a host of several cores, and the console learns of sessions from the database.)
+They concern runpop3 alone, so they are deployment checks (``manage.py
 check --deploy``) that runpop3 also runs at start, not checks every command runs: the pipe
 ``deliver`` runs as a user who should not be able to read the TLS key at all.
 """
@@ -10,9 +11,8 @@ check --deploy``) that runpop3 also runs at start, not checks every command runs
 import os
 
 from django.conf import settings
-from django.core.checks import Error, Warning, register
+from django.core.checks import Error, register
 
-IN_MEMORY_LAYER = "channels.layers.InMemoryChannelLayer"
 POP3_TAG = "mailadmin_pop3"
 
 
@@ -39,23 +39,3 @@ def tls_files_readable(app_configs=None, **kwargs) -> list[Error]:
             )
         )
     return errors
-
-
-@register(POP3_TAG, deploy=True)
-def channel_layer_crosses_processes(app_configs=None, **kwargs) -> list[Warning]:
-    """Several POP3 worker processes need a channel layer they share; the in-memory one is per process.
-
-    Only runpop3 has live state to publish (its sessions); LMTP workers publish nothing.
-    """
-    backend = settings.CHANNEL_LAYERS.get("default", {}).get("BACKEND", "")
-    if backend != IN_MEMORY_LAYER or settings.POP3_WORKERS <= 1:
-        return []
-    return [
-        Warning(
-            f"The in-memory channel layer does not cross processes, and POP3_WORKERS={settings.POP3_WORKERS} "
-            "runs several.",
-            hint="Set REDIS_URL so live updates reach every process; without it the web console "
-            "learns of sessions only from the database, a poll later.",
-            id="mailadmin.W001",
-        )
-    ]

@@ -9,14 +9,16 @@ import time
 from datetime import datetime
 
 from django.conf import settings
+from django.contrib.auth.hashers import UNUSABLE_PASSWORD_PREFIX, get_hasher
 from django.contrib.auth.models import User
 from django.db import models
-from django.db.models import Q
-from django.db.models.functions import Now
+from django.db.models import F, Q
+from django.db.models.functions import Coalesce, Greatest, Now
 from django.utils import timezone
 from django.utils.translation import gettext
 from django.utils.translation import gettext_lazy as _
 
+from mailadmin.units import SqlInteger, usage_percent_sql
 from pop3 import mailbox as pop3_mailbox
 
 
@@ -144,10 +146,44 @@ class Domain(StoreCounters, models.Model):
         return parse_percents(self.quota_warning_percents or settings.MAILADMIN_QUOTA_WARNING_PERCENTS)
 
 
+# A mailbox's use of each quota in whole percent (NULL: unlimited), and of the fuller of the two,
+# which is what "% used" means wherever mailboxes are sorted or picked by it. On PostgreSQL
+# GREATEST skips NULLs, on SQLite MAX() returns NULL: the COALESCE makes both skip them.
+BYTES_PERCENT = usage_percent_sql("used_bytes", "quota_bytes")
+MESSAGES_PERCENT = usage_percent_sql("used_messages", "quota_messages")
+USED_PERCENT = Coalesce(Greatest(BYTES_PERCENT, MESSAGES_PERCENT), BYTES_PERCENT, MESSAGES_PERCENT)
+# What mailboxes are sorted and picked by: "% used", unlimited (-1) below every percentage. Never
+# NULL, so one index serves both directions on both databases (SQLite has no NULLS LAST in indexes).
+USED_RANK = Coalesce(USED_PERCENT, SqlInteger(-1))
+
+
 class MailboxQuerySet(models.QuerySet):
     def usable(self) -> "MailboxQuerySet":
         """Mailboxes that may log in and take mail; ``Mailbox.is_usable`` is the same rule."""
         return self.filter(active=True, domain__active=True, user__is_active=True)
+
+    def current_hash(self) -> "MailboxQuerySet":
+        """Mailboxes whose password hash is the preferred hasher's (argon2)."""
+        return self.filter(user__password__startswith=f"{get_hasher().algorithm}$")
+
+    def legacy_hash(self) -> "MailboxQuerySet":
+        """Mailboxes whose password hash is another hasher's (imported from Dovecot, or PBKDF2):
+        the preferred hasher replaces it at the next successful login."""
+        preferred = Q(user__password__startswith=f"{get_hasher().algorithm}$")
+        return self.exclude(preferred | Q(user__password__startswith=UNUSABLE_PASSWORD_PREFIX))
+
+    def with_usage(self) -> "MailboxQuerySet":
+        """Annotated with ``bytes_percent``, ``messages_percent``, ``used_percent`` and ``used_rank``."""
+        return self.annotate(
+            bytes_percent=BYTES_PERCENT,
+            messages_percent=MESSAGES_PERCENT,
+            used_percent=USED_PERCENT,
+            used_rank=USED_RANK,
+        )
+
+    def using_at_least(self, percent: int) -> "MailboxQuerySet":
+        """Mailboxes using ``percent`` or more of either quota (``usage_percent`` rounds down)."""
+        return self.with_usage().filter(used_rank__gte=percent)
 
 
 class Mailbox(StoreCounters, models.Model):
@@ -196,10 +232,18 @@ class Mailbox(StoreCounters, models.Model):
         permissions = [
             ("set_mailbox_password", _("Can reset the password of a mailbox")),
             ("suspend_mailbox", _("Can suspend and resume a mailbox")),
+            ("recalculate_quota", _("Can recalculate quota counters")),
         ]
         constraints = [
             models.CheckConstraint(condition=Q(quota_bytes__gte=0), name="mailbox_quota_not_negative"),
             models.CheckConstraint(condition=Q(used_bytes__gte=0), name="mailbox_used_not_negative"),
+        ]
+        # The quota page's order (either way, read forwards or backwards) over every mailbox and
+        # within a domain, and its "80 % or more" filters.
+        indexes = [
+            models.Index(USED_RANK, F("id"), name="mailbox_used_rank"),
+            models.Index(F("domain"), USED_RANK, F("id"), name="mailbox_domain_used_rank"),
+            models.Index(fields=["last_login_at", "id"], name="mailbox_last_login"),
         ]
 
     def __str__(self) -> str:
@@ -323,6 +367,11 @@ class Pop3Node(models.Model):
         return self.name
 
 
+def _history_indexes(table: str, time_field: str, filters: list[str]) -> list[models.Index]:
+    """One index per filter of the history page, each read newest first within the value asked for."""
+    return [models.Index(fields=[name, time_field], name=f"{table}_{name}_time") for name in filters]
+
+
 class Pop3SessionQuerySet(models.QuerySet):
     def open(self) -> "Pop3SessionQuerySet":
         """Sessions not yet ended, including those of a process that died and was not yet swept."""
@@ -420,6 +469,8 @@ class Pop3Session(models.Model):
                 fields=["domain", "started_at"], condition=Q(ended_at__isnull=True), name="pop3session_open"
             ),
             models.Index(fields=["updated_at"], name="pop3session_updated"),
+            # The history page: newest first, within one login name, domain, client or end reason.
+            *_history_indexes("pop3session", "started_at", ["username", "domain", "peer_host", "end_reason"]),
         ]
 
     def __str__(self) -> str:
@@ -462,7 +513,10 @@ class AuthFailure(models.Model):
         verbose_name = _("failed login")
         verbose_name_plural = _("failed logins")
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["source", "created_at"], name="authfailure_source_time")]
+        indexes = [
+            models.Index(fields=["source", "created_at"], name="authfailure_source_time"),
+            *_history_indexes("authfailure", "created_at", ["username", "domain", "peer_host", "reason"]),
+        ]
 
     def __str__(self) -> str:
         return f"{self.username or '?'} from {self.peer_host}: {self.reason}"

@@ -6,6 +6,8 @@ With ``--workers N`` a daemon binds its sockets, forks N copies of itself that e
 Nothing the workers share lives in memory: leases, sessions, penalties and quotas are rows.
 """
 
+import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -15,10 +17,22 @@ from collections.abc import Callable
 
 from django.db import connections
 
+from mailadmin.workercount import AUTO, parse_worker_count
+
 logger = logging.getLogger(__name__)
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def worker_count_argument(value: str) -> int:
+    """``--workers``: a number of at least 1, or ``auto`` for one per usable CPU."""
+    try:
+        return parse_worker_count(value)
+    except ValueError:
+        expected = f"expected a number of at least 1 or {AUTO!r}, got {value!r}"
+        raise argparse.ArgumentTypeError(expected) from None
 
 
 def run_workers(count: int, serve: Callable[[], None], started: Callable[[], None]) -> int:
@@ -41,10 +55,11 @@ def run_workers(count: int, serve: Callable[[], None], started: Callable[[], Non
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     try:
         try:
+            parent = os.getpid()
             for _ in range(count):
                 pid = os.fork()
                 if pid == 0:
-                    os._exit(_worker(serve))
+                    os._exit(_worker(serve, parent))
                 supervisor.workers.add(pid)
         except OSError:  # out of processes or memory: take back the workers already started
             supervisor.stop_all()
@@ -60,7 +75,17 @@ def run_workers(count: int, serve: Callable[[], None], started: Callable[[], Non
             signal.signal(signum, handler)
 
 
-def _worker(serve: Callable[[], None]) -> int:
+def die_with_parent(signum: int) -> None:
+    """Have the kernel send ``signum`` to this process when its parent dies, even by SIGKILL."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+
+
+def _worker(serve: Callable[[], None], parent: int) -> int:
+    # A daemon killed with SIGKILL takes its workers with it, as a single process would go:
+    # none is left holding the listeners, its sessions or their leases.
+    die_with_parent(signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above
+        return 1
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)

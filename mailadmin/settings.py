@@ -14,6 +14,9 @@ from django.conf.global_settings import LANGUAGES as DJANGO_LANGUAGES
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.translation import gettext_noop
 
+from mailadmin.mailin.lmtp.address import listen_address as lmtp_listen_address
+from mailadmin.workercount import AUTO, parse_worker_count
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("MAILADMIN_VAR_DIR", BASE_DIR / "var"))
 
@@ -41,6 +44,14 @@ def _env_int(name: str, default: int) -> int:
 
 def _env_float(name: str, default: float) -> float:
     return _env_number(name, default, float)
+
+
+def _env_workers(name: str) -> int:
+    """A worker count: a whole number, or ``auto`` (the default) for one per usable CPU."""
+    try:
+        return parse_worker_count(os.environ.get(name) or AUTO)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be {AUTO!r} or a number of at least 1") from None
 
 
 def _private_var_dir() -> Path:
@@ -175,7 +186,12 @@ PASSWORD_HASHERS = [
     "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher",
     "django.contrib.auth.hashers.ScryptPasswordHasher",
     "django.contrib.auth.hashers.BCryptSHA256PasswordHasher",
+    # Dovecot's {SCHEME} hashes, imported from a Dovecot host; argon2 replaces each at its first login.
+    "mailadmin.hosting.dovecothashes.DovecotPasswordHasher",
 ]
+
+# ModelBackend, with an upgrade of an outdated hash that cannot overwrite a password set meanwhile.
+AUTHENTICATION_BACKENDS = ["mailadmin.hosting.authbackend.HashUpgradingBackend"]
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -286,7 +302,8 @@ POP3_AUTH_THREADS = _env_int("POP3_AUTH_THREADS", 2)
 # Seconds a successful password verification is remembered (keyed hash, in memory); 0 = off.
 POP3_AUTH_CACHE_TTL = _env_float("POP3_AUTH_CACHE_TTL", 300.0)
 POP3_DB_THREADS = _env_int("POP3_DB_THREADS", 8)
-POP3_WORKERS = _env_int("POP3_WORKERS", 1)
+# Processes serving the listeners; "auto" (the default) is one per CPU this process may use.
+POP3_WORKERS = _env_workers("POP3_WORKERS")
 # runpop3 and runlmtp keep their worker threads' database connections this long (seconds).
 DAEMON_DB_CONN_MAX_AGE = _env_int("DAEMON_DB_CONN_MAX_AGE", 600)
 # Minimum seconds between two logins of one mailbox; advertised as LOGIN-DELAY. 0 = off.
@@ -297,9 +314,11 @@ POP3_LEASE_TTL = _env_float("POP3_LEASE_TTL", 60.0)
 POP3_MONITOR_INTERVAL = _env_float("POP3_MONITOR_INTERVAL", 1.0)
 
 # --- LMTP (runlmtp) -------------------------------------------------------------------------
-LMTP_BIND = os.environ.get("LMTP_BIND", "127.0.0.1")
-LMTP_PORT = _env_int("LMTP_PORT", 2424)
-LMTP_SOCKET = os.environ.get("LMTP_SOCKET", "")
+# Read through a module of its own: the pipe's fast path finds runlmtp without these settings.
+try:
+    LMTP_BIND, LMTP_PORT, LMTP_SOCKET = lmtp_listen_address(os.environ)
+except ValueError:
+    raise ImproperlyConfigured(f"LMTP_PORT must be a number (int), got {os.environ['LMTP_PORT']!r}") from None
 LMTP_SOCKET_MODE = int(os.environ.get("LMTP_SOCKET_MODE", "660"), 8)
 LMTP_HOSTNAME = os.environ.get("LMTP_HOSTNAME", "") or socket.gethostname()
 LMTP_MAX_RECIPIENTS = _env_int("LMTP_MAX_RECIPIENTS", 1000)
@@ -309,7 +328,7 @@ LMTP_MAX_LINE_BYTES = _env_int("LMTP_MAX_LINE_BYTES", 64 * 1024)
 LMTP_OVER_QUOTA_PERMANENT = _env_bool("LMTP_OVER_QUOTA_PERMANENT", False)
 LMTP_IDLE_TIMEOUT = _env_float("LMTP_IDLE_TIMEOUT", 300.0)
 LMTP_DB_THREADS = _env_int("LMTP_DB_THREADS", 4)
-LMTP_WORKERS = _env_int("LMTP_WORKERS", 1)
+LMTP_WORKERS = _env_workers("LMTP_WORKERS")
 # Messages stored in one transaction at most when deliveries queue up (one commit for all).
 LMTP_GROUP_COMMIT_MAX = max(1, _env_int("LMTP_GROUP_COMMIT_MAX", 64))
 # Groups committing at once per runlmtp process on PostgreSQL (SQLite: always one).

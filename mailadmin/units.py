@@ -6,6 +6,9 @@ works in one works in all, and the one rule for showing usage as a percentage.
 
 import re
 
+from django.db.models import BigIntegerField, Expression, ExpressionWrapper, F
+from django.db.models.expressions import Combinable
+from django.db.models.functions import NullIf
 from django.utils.translation import gettext
 
 _MULTIPLIERS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -51,3 +54,30 @@ def usage_percent(used_bytes: int, quota_bytes: int) -> int | None:
     if not quota_bytes:
         return None
     return 100 * used_bytes // quota_bytes
+
+
+class SqlInteger(Expression):
+    """An integer written into the SQL itself, not passed as a parameter.
+
+    An index on an expression serves a query only when the query's expression is the same SQL:
+    a literal ``100`` in the index and a bound parameter in the query are not.
+    """
+
+    output_field = BigIntegerField()
+
+    def __init__(self, value: int) -> None:
+        super().__init__()
+        self.value = int(value)
+
+    def as_sql(self, compiler, connection) -> tuple[str, list]:
+        return str(self.value), []
+
+
+def usage_percent_sql(used: str, quota: str) -> Combinable:
+    """``usage_percent`` in SQL, for sorting and filtering in the database: NULL when unlimited.
+
+    Both operands are non-negative integers, so integer division rounds down on SQLite and
+    PostgreSQL alike; NULLIF makes an unlimited quota (0) give NULL instead of dividing by zero.
+    """
+    percent = F(used) * SqlInteger(100) / NullIf(F(quota), SqlInteger(0))
+    return ExpressionWrapper(percent, output_field=BigIntegerField())

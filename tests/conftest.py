@@ -13,6 +13,8 @@ from django.utils import timezone
 from mailadmin.hosting import store
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+# Signed-in clients for the console's pages.
+pytest_plugins = ["tests.console_fixtures"]
 
 
 @pytest.fixture
@@ -43,13 +45,18 @@ def child_environment(**extra: str) -> dict[str, str]:
     return {**os.environ, "DATABASE_URL": database_url(), "DEBUG": "1", **extra}
 
 
+# Where ``manage.py deliver`` looks for runlmtp in tests that start none: a loopback port no
+# one listens on. Another runlmtp may listen on the default port, serving another database.
+NO_RUNLMTP = {"LMTP_BIND": "127.0.0.1", "LMTP_PORT": "1", "LMTP_SOCKET": ""}
+
+
 def run_manage(*args: str, input: bytes = b"", **extra_env: str) -> subprocess.CompletedProcess:
     """Run ``manage.py`` in a real child process against the test database."""
     return subprocess.run(
         [sys.executable, str(PROJECT_DIR / "manage.py"), *args],
         input=input,
         capture_output=True,
-        env=child_environment(**extra_env),
+        env=child_environment(**{**NO_RUNLMTP, **extra_env}),
         cwd=PROJECT_DIR,
         timeout=120,
     )

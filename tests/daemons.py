@@ -57,8 +57,18 @@ class DaemonProcess:
         except FileNotFoundError:
             return ""
 
+    def workers(self) -> list[int]:
+        """The worker processes the server forked (``--workers``); none when it serves alone."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+        return [int(child) for child in children.split()]
+
     def memory_kib(self, key: str) -> int:
-        """A ``/proc/PID/status`` figure in KiB: VmRSS (now) or VmHWM (peak)."""
+        """A ``/proc/PID/status`` figure in KiB: VmRSS (now) or VmHWM (peak).
+
+        Only of a server serving alone (``*_WORKERS=1``): a supervisor's figures would say
+        nothing about its workers, and a test bounding them could not fail.
+        """
+        assert self.workers() == [], "memory figures need a server without workers (*_WORKERS=1)"
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith(f"{key}:"):
                 return int(line.split()[1])

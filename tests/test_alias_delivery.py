@@ -26,6 +26,8 @@ from mailadmin.models import AliasDailyCount, Mailbox, Message
 from tests.conftest import run_manage
 from tests.lmtp_replies import RECIPIENT_OK, SAVED
 from tests.lmtp_server import running_lmtp
+from tests.test_pipe_delivery import FAST
+from tests.test_pipe_delivery import deliver as piped
 
 CLI = Actor.cli()
 SENDER = "someone@remote.test"
@@ -150,22 +152,28 @@ def test_an_alias_domain_and_a_catch_all_deliver_and_count(make_mailbox):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_deliver_command_keeps_all_or_none_through_an_alias(make_mailbox):
+def test_deliver_command_delivers_an_alias_to_the_mailboxes_with_room_as_runlmtp_does(make_mailbox):
     make_mailbox("ann@ours.test", quota_bytes=FULL)
     make_mailbox("bob@ours.test")
     aliases.create_alias(CLI, "team@ours.test", ["ann@ours.test", "bob@ours.test"])
     aliases.create_alias(CLI, "fwd@ours.test", ["bob@ours.test", "someone@remote.example"])
     done = run_manage("deliver", "--sender", SENDER, "team@ours.test", input=BODY)
-    assert done.returncode == 75, done.stderr
-    assert b"team@ours.test: over quota" in done.stderr
-    assert stored("bob@ours.test") == [] and received_today("team@ours.test") == 0
+    assert done.returncode == 0, done.stderr
+    assert b"(not for ann@ours.test: over quota)" in done.stdout
+    assert stored("bob@ours.test") == [trace_headers(SENDER, "bob@ours.test") + BODY]
+    assert (usage("ann@ours.test"), received_today("team@ours.test")) == ((0, 0), 1)
     done = run_manage("deliver", "fwd@ours.test", input=BODY)
     assert done.returncode == 78
     assert b"fwd@ours.test: alias forwards to outside addresses; expand aliases in the MTA" in done.stderr
-    Mailbox.objects.filter(user__username="ann@ours.test").update(quota_bytes=0)
-    done = run_manage("deliver", "--sender", SENDER, "team@ours.test", input=BODY)
-    assert done.returncode == 0, done.stderr
-    assert (len(stored("ann@ours.test")), len(stored("bob@ours.test"))) == (1, 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_deliver_command_stores_nothing_when_another_recipient_fails(make_mailbox):
+    make_mailbox("bob@ours.test")
+    aliases.create_alias(CLI, "team@ours.test", ["bob@ours.test"])
+    done = run_manage("deliver", "team@ours.test", "nobody@ours.test", input=BODY)
+    assert done.returncode == 67
+    assert stored("bob@ours.test") == [] and received_today("team@ours.test") == 0
 
 
 @pytest.mark.slow
@@ -224,3 +232,19 @@ def test_an_unknown_address_costs_three_queries_at_rcpt(make_mailbox):
         assert look_up_recipient("nobody@ours.test") is DeliveryStatus.NO_SUCH_MAILBOX
     # the mailbox; its alias and catch-all; an alias domain of its name: never its own domain row
     assert len(queries) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_the_pipes_fast_path_answers_an_alias_as_the_command_does(make_mailbox, tmp_path):
+    make_mailbox("ann@ours.test", quota_bytes=FULL)
+    make_mailbox("bob@ours.test")
+    aliases.create_alias(CLI, "team@ours.test", ["ann@ours.test", "bob@ours.test"])
+    aliases.create_alias(CLI, "fwd@ours.test", ["someone@remote.example"])
+    with running_lmtp(tmp_path / "lmtp") as lmtp:
+        done, path = piped(tmp_path, "--sender", SENDER, "team@ours.test", message=BODY, lmtp=lmtp)
+        assert (done.returncode, path) == (0, FAST), done.stderr
+        done, path = piped(tmp_path, "fwd@ours.test", message=BODY, lmtp=lmtp)
+        assert (done.returncode, path) == (78, FAST), done.stderr
+    assert stored("bob@ours.test") == [trace_headers(SENDER, "bob@ours.test") + BODY]
+    assert usage("ann@ours.test") == (0, 0)

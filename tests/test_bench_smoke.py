@@ -6,10 +6,11 @@ import sys
 
 import pytest
 
+from bench.dovecot import missing
 from bench.scenarios import SCENARIOS
 from tests.conftest import PROJECT_DIR
 
-SMOKE_TIMEOUT_SECONDS = 300
+SMOKE_TIMEOUT_SECONDS = 900  # a guard against a hang: the run takes about a minute
 
 
 @pytest.mark.slow
@@ -28,5 +29,27 @@ def test_bench_smoke_runs_every_scenario(tmp_path):
     assert set(payload["results"]) == set(SCENARIOS)
     assert payload["problems"] == []
     assert all("error" not in figures for figures in payload["results"].values())
-    assert payload["results"]["retr_plain"]["messages"] > 0
-    assert payload["results"]["lmtp"]["delivered"] > 0
+    results = payload["results"]
+    assert results["retr_plain"]["messages"] > 0
+    assert results["lmtp"]["delivered"] > 0
+    # The fleet's clients check every message's bytes: any mismatch is a client error, a problem.
+    assert results["fleet_plain"]["messages"] > 0
+    assert results["fleet_tls"]["messages"] > 0
+    dovecot = ["dovecot_fleet_plain", "dovecot_fleet_tls", "dovecot_lmtp"]
+    if missing():
+        assert {name: results[name].get("skipped") for name in dovecot} == dict.fromkeys(dovecot, missing())
+    else:
+        assert results["dovecot_fleet_plain"]["messages"] > 0
+        assert results["dovecot_fleet_tls"]["messages"] > 0
+        assert results["dovecot_lmtp"]["delivered"] > 0
+        ratios = {
+            entry["figure"]: entry["ratio"]
+            for entry in payload["checks"]
+            if entry["scenario"] == "fleet_plain"
+        }
+        assert all(ratio is not None and ratio > 0 for ratio in ratios.values()), ratios
+    # Each delivery took the path it was meant to (the scenario fails otherwise).
+    assert (results["deliver_pipe"]["fast_deliveries"], results["deliver_pipe"]["in_process_deliveries"]) == (
+        4,
+        1,
+    )

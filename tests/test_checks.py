@@ -1,16 +1,13 @@
-"""System checks: unreadable TLS files and a channel layer that cannot cross processes."""
+"""System checks: unreadable or half-configured TLS files."""
 
 from pathlib import Path
 
 import pytest
 from django.core import checks as django_checks
-from django.core.checks import Error, Warning
+from django.core.checks import Error
 
 from mailadmin import checks
 from tests.conftest import run_manage
-
-IN_MEMORY = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
-REDIS = {"default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": ["x"]}}}
 
 
 @pytest.fixture
@@ -50,17 +47,6 @@ def test_a_directory_is_not_a_certificate(settings, readable_pair, tmp_path):
 def test_one_tls_setting_without_the_other_is_an_error(settings, readable_pair):
     settings.POP3_TLS_CERTFILE, settings.POP3_TLS_KEYFILE = readable_pair[0], ""
     assert [e.id for e in checks.tls_files_readable()] == ["mailadmin.E002"]
-
-
-@pytest.mark.parametrize(
-    ("layers", "workers", "expected"),
-    [(IN_MEMORY, 1, []), (IN_MEMORY, 2, ["mailadmin.W001"]), (REDIS, 2, []), (REDIS, 1, [])],
-)
-def test_in_memory_layer_warns_only_with_several_pop3_workers(settings, layers, workers, expected):
-    settings.CHANNEL_LAYERS, settings.POP3_WORKERS = layers, workers
-    found = checks.channel_layer_crosses_processes()
-    assert [e.id for e in found] == expected
-    assert all(type(e) is Warning for e in found)
 
 
 def test_the_checks_run_for_deployment_but_not_before_every_command(settings, tmp_path):

@@ -445,6 +445,29 @@ def test_maildir_root_imports_one_folder_per_address(make_mailbox, tmp_path):
 
 
 @pytest.mark.django_db
+def test_maildir_root_reads_dovecot_domain_folders_and_home_maildirs(make_mailbox, tmp_path):
+    """Dovecot's ``maildir:/var/vmail/%d/%n`` layout, and ``~/Maildir`` inside a home folder."""
+    alice, bob = make_mailbox("alice@example.test"), make_mailbox("bob@example.test")
+    make_maildir(tmp_path / "example.test" / "alice")
+    make_maildir(tmp_path / "example.test" / "Bob" / "Maildir", uidlist=None)
+    assert command("importmail", "--maildir-root", str(tmp_path)) == (
+        "bob@example.test: 6 imported, 0 already present\nalice@example.test: 6 imported, 0 already present\n"
+    )
+    assert uidls(alice)[:3] == ["legacy-uidl-1", "000000075F5E1000", "UIDL-9"]
+    assert Message.objects.filter(mailbox=bob).count() == 6
+
+
+@pytest.mark.django_db
+def test_maildir_root_with_a_folder_of_no_known_domain_imports_nothing(make_mailbox, tmp_path):
+    make_mailbox("alice@example.test")
+    make_maildir(tmp_path / "alice@example.test")
+    make_maildir(tmp_path / "nowhere.test" / "carol")
+    with pytest.raises(CommandError, match=f"^{re.escape(str(tmp_path))}/nowhere.test: no such domain"):
+        command("importmail", "--maildir-root", str(tmp_path))
+    assert Message.objects.count() == 0
+
+
+@pytest.mark.django_db
 def test_maildir_root_skips_a_symlinked_address_folder(make_mailbox, tmp_path, caplog):
     alice = make_mailbox("alice@example.test")
     outside = make_maildir(tmp_path / "outside")

@@ -308,7 +308,8 @@ def test_sigterm_during_a_login_waiting_for_the_lock_leaves_no_lease_behind(
     tmp_path: Path, make_mailbox
 ) -> None:
     mailbox = make_mailbox(ADDRESS)
-    with running_pop3(tmp_path) as server, server.connect(timeout=10) as client:
+    # One process: the test watches its threads wait for the write lock.
+    with running_pop3(tmp_path, POP3_WORKERS="1") as server, server.connect(timeout=10) as client:
         now = timezone.now()
         try:
             with transaction.atomic():
@@ -385,7 +386,8 @@ def test_deleting_a_mailbox_right_after_its_login_does_not_stall_the_monitor(
 ) -> None:
     make_mailbox(ADDRESS)
     make_mailbox("bob@example.test")
-    with running_pop3(tmp_path, POP3_MONITOR_INTERVAL="2") as server:
+    # One process: the test times the login against its monitor's tick.
+    with running_pop3(tmp_path, POP3_MONITOR_INTERVAL="2", POP3_WORKERS="1") as server:
         with server.connect() as doomed:
             next_monitor_tick(server.pid)  # ~2 s until the next one: the login update stays queued
             assert doomed.login(ADDRESS) == LOGGED_IN
@@ -408,7 +410,7 @@ def test_fifty_concurrent_wrong_passwords_neither_block_the_loop_nor_run_more_th
     victim = make_mailbox(ADDRESS)
     assert victim.user.password.startswith("argon2$")  # the production hasher, ~100 MiB per check
     make_mailbox("pinger@example.test")
-    with running_pop3(tmp_path, POP3_AUTH_THREADS="2") as server:
+    with running_pop3(tmp_path, POP3_AUTH_THREADS="2", POP3_WORKERS="1") as server:  # its memory
         baseline = server.memory_kib("VmHWM")
         pinger = server.connect()
         assert pinger.login("pinger@example.test") == LOGGED_IN
@@ -476,13 +478,16 @@ def big_message_lines(size: int) -> Iterator[bytes]:
 
 
 def test_retr_of_a_25_mb_message_to_a_slow_reader_streams_in_bounded_memory(
-    pop3_server: Pop3Process, make_mailbox
+    tmp_path: Path, make_mailbox
 ) -> None:
     make_mailbox(ADDRESS)
     assert deliver([ADDRESS], big_message_lines(25 * 1000 * 1000))[0].delivered
     message = Message.objects.get()
     expected = sha256(iter_message_bytes(message.pk))
-    with pop3_server.connect(timeout=30) as client:
+    with (
+        running_pop3(tmp_path, POP3_WORKERS="1") as pop3_server,  # its memory: one process
+        pop3_server.connect(timeout=30) as client,
+    ):
         assert client.login(ADDRESS) == LOGGED_IN
         rss_before = pop3_server.reset_peak_memory()
         client.send(b"RETR 1\r\n")
@@ -511,14 +516,17 @@ def test_retr_of_a_25_mb_message_to_a_slow_reader_streams_in_bounded_memory(
 
 
 def test_two_hundred_pipelined_retrs_to_a_client_not_reading_are_all_answered_in_bounded_memory(
-    pop3_server: Pop3Process, make_mailbox
+    tmp_path: Path, make_mailbox
 ) -> None:
     make_mailbox(ADDRESS)
     assert deliver([ADDRESS], big_message_lines(200 * 1000))[0].delivered
     message = Message.objects.get()
     expected = stored(message.pk)
     count = 200
-    with pop3_server.connect(timeout=30) as client:
+    with (
+        running_pop3(tmp_path, POP3_WORKERS="1") as pop3_server,  # its memory: one process
+        pop3_server.connect(timeout=30) as client,
+    ):
         assert client.login(ADDRESS) == LOGGED_IN
         rss_before = pop3_server.reset_peak_memory()
         client.send(b"RETR 1\r\n" * count)

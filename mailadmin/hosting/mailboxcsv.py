@@ -26,6 +26,7 @@ class Row:
     password: str | None
     password_hash: str | None
     quota_bytes: int | None  # None: the domain's default
+    quota_messages: int = 0
 
 
 def parse(handle: TextIO) -> list[Row]:
@@ -44,14 +45,20 @@ def parse(handle: TextIO) -> list[Row]:
             row = _row(line, fields)
         except (ValueError, store.StoreError) as error:
             raise store.InvalidInput(store.on_line(line, error)) from None
-        if row.address in first_line_of:
-            raise store.InvalidInput(
-                gettext("line %(line)d: %(address)s is already on line %(first)d")
-                % {"line": line, "address": row.address, "first": first_line_of[row.address]}
-            )
-        first_line_of[row.address] = line
+        require_first_mention(row, first_line_of)
         rows.append(row)
     return rows
+
+
+def require_first_mention(row: Row, first_line_of: dict[str, int]) -> None:
+    """Refuse a second row of one address, naming both lines; note the first in ``first_line_of``."""
+    if row.address in first_line_of:
+        first = first_line_of[row.address]
+        raise store.InvalidInput(
+            gettext("line %(line)d: %(address)s is already on line %(first)d")
+            % {"line": row.line, "address": row.address, "first": first}
+        )
+    first_line_of[row.address] = row.line
 
 
 def _numbered(handle: TextIO) -> Iterator[tuple[int, list[str]]]:
@@ -76,7 +83,7 @@ def _row(line: int, fields: list[str]) -> Row:
     if bool(password) == bool(password_hash):
         raise ValueError(gettext("give exactly one of password and password_hash"))
     if password_hash:
-        store.check_password_hash(password_hash)
+        password_hash = store.storable_password_hash(password_hash)
     return Row(line, address, password or None, password_hash or None, _quota(quota))
 
 

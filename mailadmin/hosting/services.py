@@ -13,9 +13,9 @@ administrators. Outside their domains every request is refused alike, whether or
 domain or mailbox exists, so a refusal reveals nothing. Aliases, catch-alls and alias domains
 follow the same rule (``aliases``, whose docstring says what it adds for destinations). A
 person also needs a permission of its own for each action beyond editing: ``kick_pop3session``
-to kick, ``set_mailbox_password`` to reset a password, ``suspend_mailbox`` to suspend or resume
-(domain administrators have these three), ``view_message_body`` to read mail (nobody has it
-unless given). Viewing is not enough.
+to kick, ``set_mailbox_password`` to reset a password, ``suspend_mailbox`` to suspend or resume,
+``recalculate_quota`` to recount usage (domain administrators have these four),
+``view_message_body`` to read mail (nobody has it unless given). Viewing is not enough.
 
 Passwords are hashed before a function opens its transaction: argon2 costs ~100 ms and
 ~100 MiB a hash, and a transaction held meanwhile stalls deliveries and logins.
@@ -49,11 +49,13 @@ KICK_PERMISSION = "mailadmin.kick_pop3session"
 SET_PASSWORD_PERMISSION = "mailadmin.set_mailbox_password"
 SUSPEND_PERMISSION = "mailadmin.suspend_mailbox"
 READ_BODY_PERMISSION = "mailadmin.view_message_body"
+RECALCULATE_PERMISSION = "mailadmin.recalculate_quota"
 # What the admin lets a domain administrator do; scopes narrow every one to their domains.
 ADMINISTRATOR_PERMISSIONS = (
     "view_domain",
     "change_domain",
     "view_mailbox",
+    "recalculate_quota",
     "add_mailbox",
     "change_mailbox",
     "delete_mailbox",
@@ -377,10 +379,20 @@ def delete_mailbox(actor: Actor, address: str) -> int:
 
 
 def list_mailboxes(actor: Actor, domain_name: str | None = None) -> list[Mailbox]:
-    mailboxes = scopes.visible_to(actor, Mailbox).select_related("user", "domain")
+    mailboxes = _visible_mailboxes(actor, domain_name).select_related("user", "domain")
+    return list(mailboxes.order_by("domain__name", "user__username"))
+
+
+def count_legacy_hashes(actor: Actor, domain_name: str | None = None) -> int:
+    """How many of the mailboxes ``list_mailboxes`` lists still have an imported password hash."""
+    return _visible_mailboxes(actor, domain_name).legacy_hash().count()
+
+
+def _visible_mailboxes(actor: Actor, domain_name: str | None):
+    mailboxes = scopes.visible_to(actor, Mailbox)
     if domain_name is not None:
         mailboxes = mailboxes.filter(domain=_domain_in_scope(actor, domain_name))
-    return list(mailboxes.order_by("domain__name", "user__username"))
+    return mailboxes
 
 
 def import_mailboxes(
@@ -389,8 +401,12 @@ def import_mailboxes(
     *,
     dry_run: bool = False,
     progress: Callable[[list[mailboxcsv.Row]], Iterable[mailboxcsv.Row]] = iter,
+    parse: Callable[[TextIO], list[mailboxcsv.Row]] = mailboxcsv.parse,
 ) -> list[Mailbox]:
-    """Create every mailbox of an import file (see ``mailboxcsv``) or, on any error, none.
+    """Create every mailbox of an import file or, on any error, none.
+
+    ``parse`` reads the file: the CSV (``mailboxcsv.parse``, the default) or Dovecot's
+    passwd-file (``dovecotpasswd.parse``).
 
     Each row's domain, password or hash is checked first, so a wrong row costs no hashing; then
     plain passwords are hashed one row at a time, outside any transaction; then every row is
@@ -398,7 +414,7 @@ def import_mailboxes(
     progress bar). A refusal names the line. ``dry_run`` checks every rule the same way and
     rolls the transaction back; it stores nothing, so it hashes nothing either.
     """
-    rows = mailboxcsv.parse(handle)
+    rows = parse(handle)
     for row in rows:
         with _naming_line(row):
             _domain_in_scope(actor, domain_of(row.address))
@@ -432,7 +448,11 @@ def _password_hash(row: mailboxcsv.Row) -> str:
 def _import_row(actor: Actor, row: mailboxcsv.Row, password_hash: str) -> Mailbox:
     with _naming_line(row):
         return create_mailbox(
-            actor, row.address, password_hash=password_hash, quota_bytes=row.quota_bytes
+            actor,
+            row.address,
+            password_hash=password_hash,
+            quota_bytes=row.quota_bytes,
+            quota_messages=row.quota_messages,
         ).mailbox
 
 
@@ -444,18 +464,35 @@ def _naming_line(row: mailboxcsv.Row) -> Iterator[None]:
         raise type(error)(store.on_line(row.line, error)) from None
 
 
-def recalculate_quota(actor: Actor, address: str | None = None) -> list[store.Drift]:
-    """Recount usage counters from the stored messages (every mailbox in scope by default).
+def may_recalculate_quota(actor: Actor) -> bool:
+    """A person needs the recalculate permission (viewing mailboxes is not enough); the command
+    line is bounded by its scope alone. Tokens recount nothing until the API gives them a write
+    scope."""
+    return actor.kind != ActorKind.TOKEN and _person_has(actor, RECALCULATE_PERMISSION)
+
+
+def recalculate_quota(
+    actor: Actor, address: str | None = None, *, domain_name: str | None = None
+) -> list[store.Drift]:
+    """Recount usage counters from the stored messages: of one mailbox, of one domain's mailboxes,
+    or of every mailbox in scope (the default).
 
     Each row is corrected in its own transaction with its audit entry, so a full recount
     never holds every mailbox at once.
     """
+    _require(
+        may_recalculate_quota(actor),
+        gettext("not permitted: recalculating quota needs the recalculate permission"),
+    )
 
     def record(drifts: list[store.Drift]) -> None:
         _record_drifts(actor, drifts)
 
     if address is not None:
         return store.recalculate_quota(_mailbox_in_scope(actor, address).address, record=record)
+    if domain_name is not None:
+        domain_ids = frozenset({_domain_in_scope(actor, domain_name).pk})
+        return store.recalculate_quota(domain_ids=domain_ids, record=record)
     return store.recalculate_quota(domain_ids=actor.domain_ids, record=record)
 
 

@@ -6,7 +6,6 @@ translate its per-recipient results with small tables of their own.
 
 import email.header
 import email.utils
-import enum
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -20,26 +19,12 @@ from mailadmin.executors import DATABASE_ERRORS
 from mailadmin.hosting import expansion as expansion_rules
 from mailadmin.hosting import store
 from mailadmin.mailin.messagefile import MessageTooLarge, Readable, SpooledMessage, spool_message
+from mailadmin.mailin.status import DeliveryStatus
 from mailadmin.models import Mailbox
 from mailadmin.units import format_size
 from pop3.session import log_text
 
 logger = logging.getLogger(__name__)
-
-
-class DeliveryStatus(enum.Enum):
-    DELIVERED = "delivered"
-    NO_SUCH_MAILBOX = "no such mailbox"
-    MAILBOX_INACTIVE = "mailbox inactive"
-    # An alias forwarding to addresses this server cannot store into: the MTA must expand it.
-    OUTSIDE_DESTINATION = "alias forwards to outside addresses; expand aliases in the MTA"
-    ALIAS_LOOP = "alias expansion loops or is too deep"
-    OVER_QUOTA = "over quota"
-    TOO_LARGE = "message too large"
-    EMPTY_MESSAGE = "empty message"
-    TEMPORARY_FAILURE = "temporary failure"
-    # All-or-none delivery only: this recipient was fine, but another one failed.
-    NOT_ATTEMPTED = "not delivered because another recipient failed"
 
 
 @dataclass(frozen=True)
@@ -224,7 +209,7 @@ def _store_group(
             if (d, mailbox.pk) not in failed
         )
         results = [_store_delivery(d, delivery, failed, copies) for d, delivery in enumerate(deliveries)]
-        refused = any(not result.delivered or result.missed for group in results for result in group)
+        refused = any(not result.delivered for group in results for result in group)
         if all_or_none and refused:
             transaction.set_rollback(True)
             copies.clear()
@@ -293,9 +278,6 @@ def _store_copy(
 
 
 def _not_attempted_if_delivered(result: RecipientResult) -> RecipientResult:
-    """Its result once the group is rolled back: an alias that missed a mailbox takes that refusal."""
-    if result.missed:
-        return RecipientResult(result.recipient, result.missed[0].status)
     return RecipientResult(result.recipient, DeliveryStatus.NOT_ATTEMPTED) if result.delivered else result
 
 

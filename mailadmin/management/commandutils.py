@@ -88,19 +88,19 @@ def quota_text(quota_bytes: int) -> str:
     return format_size(quota_bytes) if quota_bytes else "unlimited"
 
 
-def read_password() -> str:
-    """The password from stdin, without its line ending (no echo on a terminal).
+def read_password(what: str = "password") -> str:
+    """The password (or password hash) from stdin, without its line ending (no echo on a terminal).
 
     Input of several lines is refused rather than guessed at: which line was meant is unknown.
     """
     if sys.stdin.isatty():
-        text = getpass.getpass("Password: ")
+        text = getpass.getpass(f"{what.capitalize()}: ")
     else:
         text = sys.stdin.read().removesuffix("\n").removesuffix("\r")
     if "\n" in text or "\r" in text:
-        raise CommandError("stdin holds more than one line: give the password alone, on one line")
+        raise CommandError(f"stdin holds more than one line: give the {what} alone, on one line")
     if not text:
-        raise CommandError("empty password on stdin")
+        raise CommandError(f"empty {what} on stdin")
     return text
 
 

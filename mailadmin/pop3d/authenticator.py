@@ -10,11 +10,13 @@ Order of work for one attempt, as in Dovecot:
    customers behind one carrier NAT) are never queued behind each other;
 2. ``django.contrib.auth.authenticate`` runs on the small hashing executor, so at most
    POP3_AUTH_THREADS argon2 verifications (~100 MiB each) run at once in this process. It
-   hashes for unknown users too and upgrades outdated hashes on success, off the event loop;
+   hashes for unknown users too and upgrades outdated hashes (an imported Dovecot or PBKDF2
+   hash) to argon2 on success, off the event loop (``hosting.authbackend``);
 3. the mailbox must be usable (``Mailbox.objects.usable()``): unknown user, wrong password and
    inactive mailbox get the same answer at the same time: a failure is answered
    POP3_AUTH_FAILURE_DELAY after the attempt began (once the penalty is slept off), however
-   long its check took, so the hasher of an account (argon2, an imported PBKDF2) does not show.
+   long its check took, so the hasher of an account (argon2, an imported PBKDF2 or Dovecot
+   hash) does not show.
    A stored hash no configured hasher can check (its library missing, its parameters broken or
    costing more than the import allows, ``store.check_password_hash``) is a failure like any
    other, decided without running it, and logged once per account for the operator;
@@ -30,7 +32,9 @@ POP3 clients log in on every poll, so a successful verification is remembered fo
 POP3_AUTH_CACHE_TTL seconds (Dovecot's auth_cache makes the same trade): a keyed hash of the
 password, tied to a fingerprint of the stored password hash. A warm login re-reads the user's
 row (active flags, current hash) but skips argon2; a password change, a disabled login or an
-expired entry sends it back to a full verification. Failures are never cached, and the
+expired entry sends it back to a full verification. A login that upgraded an imported hash is
+remembered with the argon2 hash it wrote (or, if a password was set meanwhile and the upgrade
+was not written, with the old one, which no longer matches). Failures are never cached, and the
 penalty is slept off before the cache is consulted. The cost: for up to the TTL, a process
 holds, in memory only, enough to recognise a password it has just verified.
 """

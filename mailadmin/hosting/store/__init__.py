@@ -27,8 +27,10 @@ from mailadmin.hosting.store.accounts import (
     normalised_or_refused,
     set_password,
     set_password_hash,
+    storable_password_hash,
     update_domain_settings,
     update_mailbox_settings,
+    upgrade_password_hash,
     validate_new_password,
 )
 from mailadmin.hosting.store.aliases import (
@@ -135,8 +137,10 @@ __all__ = [
     "require_domain_name_free",
     "set_password",
     "set_password_hash",
+    "storable_password_hash",
     "update_domain_settings",
     "update_mailbox_settings",
+    "upgrade_password_hash",
     "validate_new_password",
     "validate_uidl",
 ]

@@ -18,6 +18,7 @@ from django.db.models import Count, F, Max, Sum
 from django.utils.translation import gettext
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
+from mailadmin.hosting import dovecothashes
 from mailadmin.hosting.store.aliases import require_address_free, require_not_alias_domain
 from mailadmin.hosting.store.errors import (
     AlreadyExists,
@@ -91,7 +92,7 @@ def create_mailbox(
         _require_in_range(quota_bytes=quota_bytes)
     _require_in_range(MAX_INT32, quota_messages=quota_messages)
     if password_hash is not None:
-        check_password_hash(password_hash)
+        password_hash = storable_password_hash(password_hash)
     else:
         password_hash = hash_new_password(password, normalised)
     with transaction.atomic():
@@ -141,6 +142,7 @@ MAX_ARGON2_MEMORY_FACTOR = 2
 # they are not (argon2 at 10 times the passes and 10 times the memory is 100 times the work).
 _WORK_FACTORS = {
     "argon2": ("time_cost", "memory_cost"),
+    dovecothashes.ALGORITHM: ("time_cost", "memory_cost"),
     "scrypt": ("work_factor", "block_size", "parallelism"),
 }
 # OpenSSL's memory limit for scrypt when the hasher's maxmem is 0; above it verification fails.
@@ -171,8 +173,34 @@ _HASH_COSTS: dict[str, tuple[_HashCost, ...]] = {
     ),
     "bcrypt_sha256": (_HashCost("work_factor", "rounds", doubling=True),),
     "bcrypt": (_HashCost("work_factor", "rounds", doubling=True),),
+    # A Dovecot hash has the costs of its scheme's family only (see dovecothashes.costs).
+    dovecothashes.ALGORITHM: (
+        _HashCost("time_cost", "time_cost"),
+        _HashCost("memory_cost", "memory_cost"),
+        _HashCost("parallelism", "parallelism"),
+        _HashCost("work_factor", "bcrypt_rounds", doubling=True),
+        _HashCost("rounds", "sha_crypt_rounds"),
+    ),
 }
+# The hashers whose memory_cost is argon2's.
+_ARGON2_MEMORY = frozenset({"argon2", dovecothashes.ALGORITHM})
 BCRYPT_MIN_ROUNDS = 4
+
+
+def storable_password_hash(password_hash: str) -> str:
+    """A hash made elsewhere, as it is stored here, once ``check_password_hash`` accepts it.
+
+    Django's own formats are stored as given; Dovecot's ``{SCHEME}hash`` gets the prefix of
+    the hasher that checks it (``dovecothashes``), which argon2 replaces at the first login.
+    Every way a hash enters (the import files, ``set_password_hash``, a new mailbox, the API)
+    comes through here.
+    """
+    try:
+        stored = dovecothashes.to_django(password_hash.strip())
+    except dovecothashes.NotADovecotHash as error:
+        raise InvalidInput(f"password hash: {error}") from None
+    check_password_hash(stored)
+    return stored
 
 
 def check_password_hash(password_hash: str) -> None:
@@ -181,8 +209,7 @@ def check_password_hash(password_hash: str) -> None:
     The hash must be in the format of a configured hasher whose library is installed (Django
     finds a missing one only when a login checks the hash), and each of its cost parameters
     must lie between the smallest valid value and ``MAX_HASH_COST_FACTOR`` times the hasher's
-    default. Every way a hash enters (the import file, ``set_password_hash``, a new mailbox)
-    comes through here.
+    default.
     """
     try:
         hasher = identify_hasher(password_hash)
@@ -197,12 +224,15 @@ def check_password_hash(password_hash: str) -> None:
     _require_hasher_usable(hasher)
     try:
         decoded = hasher.decode(password_hash)
+    except dovecothashes.NotADovecotHash as error:
+        raise InvalidInput(f"password hash: {error}") from None
     except (ValueError, TypeError, KeyError, IndexError, AssertionError):
         raise InvalidInput(
             gettext("password hash is not a valid %(algorithm)s hash") % {"algorithm": hasher.algorithm}
         ) from None
     for cost in _HASH_COSTS.get(hasher.algorithm, ()):
-        _require_sane_cost(hasher, cost, decoded[cost.field])
+        if cost.field in decoded:
+            _require_sane_cost(hasher, cost, decoded[cost.field])
     _require_sane_work(hasher, decoded)
     if hasher.algorithm == "scrypt":
         _require_scrypt_memory(hasher, decoded)
@@ -249,7 +279,7 @@ def _require_sane_cost(hasher, cost: _HashCost, value: int) -> None:
 
 
 def _require_sane_work(hasher, decoded: dict) -> None:
-    fields = _WORK_FACTORS.get(hasher.algorithm, ())
+    fields = [field for field in _WORK_FACTORS.get(hasher.algorithm, ()) if field in decoded]
     work = math.prod(decoded[field] / getattr(hasher, field) for field in fields)
     if work > MAX_HASH_COST_FACTOR:
         raise InvalidInput(
@@ -260,8 +290,8 @@ def _require_sane_work(hasher, decoded: dict) -> None:
             % {"work": f"{work:.3g}", "algorithm": hasher.algorithm, "factor": MAX_HASH_COST_FACTOR}
         )
     if (
-        hasher.algorithm == "argon2"
-        and decoded["memory_cost"] > hasher.memory_cost * MAX_ARGON2_MEMORY_FACTOR
+        hasher.algorithm in _ARGON2_MEMORY
+        and decoded.get("memory_cost", 0) > hasher.memory_cost * MAX_ARGON2_MEMORY_FACTOR
     ):
         raise InvalidInput(
             gettext(
@@ -296,9 +326,15 @@ def set_password(address: str, password: str) -> None:
 
 def set_password_hash(address: str, password_hash: str) -> None:
     """Store a hash made elsewhere (a migration from another system) as the mailbox's password."""
-    check_password_hash(password_hash)
+    stored = storable_password_hash(password_hash)
     mailbox = get_mailbox(address)
-    get_user_model().objects.filter(pk=mailbox.user_id).update(password=password_hash)
+    get_user_model().objects.filter(pk=mailbox.user_id).update(password=stored)
+
+
+def upgrade_password_hash(user_id: int, old_hash: str, new_hash: str) -> bool:
+    """Replace a login's outdated hash of the same password, unless the password changed since
+    ``old_hash`` was read (then nothing is written); whether it was replaced."""
+    return bool(get_user_model().objects.filter(pk=user_id, password=old_hash).update(password=new_hash))
 
 
 def update_mailbox_settings(mailbox_id: int, settings: Mapping[str, int | bool]) -> None:

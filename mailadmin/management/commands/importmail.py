@@ -89,7 +89,11 @@ class Command(BaseCommand):
             "--maildir-root",
             type=Path,
             metavar="DIR",
-            help="One Maildir per mailbox, each named by its address.",
+            help=(
+                "One Maildir per mailbox, each named by its address, or one folder per domain holding "
+                "a Maildir per local part (Dovecot's %%u or %%d/%%n layouts; a Maildir may be a home "
+                "folder's Maildir/)."
+            ),
         )
 
     def handle(
@@ -137,18 +141,42 @@ def _is_mailbox_folder(path: Path) -> bool:
 
 
 def _mailbox_folders(root: Path) -> list[tuple[Mailbox, Path]]:
-    """Every mailbox folder under ``root`` with its mailbox, all checked before anything is imported."""
-    try:
-        folders = sorted(path for path in root.iterdir() if _is_mailbox_folder(path))
-    except OSError as error:
-        raise CommandError(f"cannot read {root}: {error.strerror}") from None
+    """Every mailbox folder under ``root`` with its mailbox, all checked before anything is imported.
+
+    A folder named by an address is that mailbox's (Dovecot's ``mail_location = maildir:DIR/%u``);
+    one named by a domain holds a folder per local part (``maildir:DIR/%d/%n``). A mailbox's
+    Maildir may also be the ``Maildir`` folder inside it (a home directory, ``maildir:~/Maildir``).
+    """
     pairs = []
-    for folder in folders:
-        try:
-            pairs.append((services.get_mailbox(Actor.cli(), folder.name), folder))
-        except store.StoreError as error:
-            raise CommandError(f"{folder}: {error}") from None
+    for folder in _folders(root):
+        if "@" in folder.name:
+            pairs.append(_with_mailbox(folder.name, folder))
+        else:
+            _in_scope(folder, services.get_domain, folder.name)
+            pairs.extend(_with_mailbox(f"{local.name}@{folder.name}", local) for local in _folders(folder))
     return pairs
+
+
+def _folders(parent: Path) -> list[Path]:
+    try:
+        return sorted(path for path in parent.iterdir() if _is_mailbox_folder(path))
+    except OSError as error:
+        raise CommandError(f"cannot read {parent}: {error.strerror}") from None
+
+
+def _with_mailbox(address: str, folder: Path) -> tuple[Mailbox, Path]:
+    mailbox = _in_scope(folder, services.get_mailbox, address)
+    home_maildir = folder / "Maildir"
+    if _is_mailbox_folder(home_maildir) and not (folder / "cur").is_dir():
+        return mailbox, home_maildir
+    return mailbox, folder
+
+
+def _in_scope(folder: Path, get, name: str):
+    try:
+        return get(Actor.cli(), name)
+    except store.StoreError as error:
+        raise CommandError(f"{folder}: {error}") from None
 
 
 def _import_mbox(run: _MailboxImport, path: Path) -> None:

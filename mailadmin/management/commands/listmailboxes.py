@@ -22,12 +22,18 @@ class Command(OperatorCommand):
     def handle(self, *args, domain: str | None, **options) -> None:
         with store_errors():
             mailboxes = services.list_mailboxes(Actor.cli(), domain)
+            legacy = services.count_legacy_hashes(Actor.cli(), domain)
         rows = [HEADER, *(_row(mailbox) for mailbox in mailboxes)]
         widths = [max(len(row[column]) for row in rows) for column in range(len(HEADER))]
         for row in rows:
             cells = [_align(name, cell, width) for name, cell, width in zip(HEADER, row, widths, strict=True)]
             self.stdout.write("  ".join(cells).rstrip())
         self.stdout.write(f"{len(mailboxes)} mailbox{'' if len(mailboxes) == 1 else 'es'}")
+        if legacy:
+            self.stdout.write(
+                f"{legacy} of them still {'has' if legacy == 1 else 'have'} a legacy password hash "
+                "(imported; replaced by argon2 at the next login)"
+            )
 
 
 def _row(mailbox: Mailbox) -> tuple[str, ...]:

@@ -8,7 +8,6 @@ credentials), so nothing important scrolls away under start-up logs; requests fo
 are left out of the web access log.
 """
 
-import ctypes
 import re
 import signal
 import socket
@@ -22,10 +21,10 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from mailadmin.management.commands import setupdemo
+from mailadmin.prefork import die_with_parent
 
 STOP_GRACE_SECONDS = 10
 POLL_SECONDS = 0.2
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STATIC_REQUEST = re.compile(r'"(GET|HEAD) /static/')
 LISTENING = re.compile(r"\b(POP3S?|LMTP) listening on ")
 
@@ -142,8 +141,7 @@ class Command(BaseCommand):
 
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM when runall dies, even by SIGKILL (Linux prctl)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)
 
 
 def _accepting(address: tuple[str, int]) -> bool:

@@ -14,7 +14,7 @@ from django.db import connection
 from mailadmin.executors import BoundedExecutor, keep_connections_open
 from mailadmin.mailin.lmtp.protocol import Policy
 from mailadmin.mailin.lmtp.server import LmtpConfig, LmtpServer
-from mailadmin.prefork import run_workers
+from mailadmin.prefork import run_workers, worker_count_argument
 from pop3.server import LISTEN_BACKLOG, listening_socket
 
 SHUTDOWN_GRACE_SECONDS = 30.0
@@ -31,9 +31,9 @@ class Command(BaseCommand):
         where.add_argument("--socket", default=settings.LMTP_SOCKET, help="Unix socket path instead of TCP.")
         parser.add_argument(
             "--workers",
-            type=int,
+            type=worker_count_argument,
             default=settings.LMTP_WORKERS,
-            help="Processes serving the listener; one uses one core (LMTP_WORKERS).",
+            help="Processes serving the listener, or 'auto': one per usable CPU (LMTP_WORKERS).",
         )
 
     def handle(self, *args, bind: str, port: int, socket: str, workers: int, **options):
@@ -53,13 +53,19 @@ class Command(BaseCommand):
             raise CommandError(f"cannot listen: {error}") from None
         try:
 
-            def started() -> None:
+            def announce() -> None:
                 count = f" ({workers} workers)" if workers > 1 else ""
                 self.stdout.write(f"runlmtp: LMTP listening on {where}{count}")
                 self.stdout.flush()
 
+            def started() -> None:
+                announce()
+                # Only the workers serve it: once they have closed theirs at SIGTERM, a client
+                # is refused rather than left waiting in a backlog nobody accepts from.
+                listener.close()
+
             if workers == 1:
-                started()
+                announce()
                 asyncio.run(self._serve(config, listener))
             elif run_workers(workers, lambda: asyncio.run(self._serve(config, listener)), started):
                 raise CommandError("a worker failed")

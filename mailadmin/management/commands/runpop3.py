@@ -18,7 +18,7 @@ from mailadmin.executors import BoundedExecutor, keep_connections_open
 from mailadmin.pop3d.authenticator import AuthPolicy, Pop3Authenticator
 from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.registry import Pop3Monitor, node_name
-from mailadmin.prefork import run_workers
+from mailadmin.prefork import run_workers, worker_count_argument
 from pop3.server import Pop3Server, ServerConfig, listening_socket
 from pop3.session import Timeouts
 
@@ -100,9 +100,9 @@ class Command(BaseCommand):
         parser.add_argument("--keyfile", default=settings.POP3_TLS_KEYFILE, help="PEM private key.")
         parser.add_argument(
             "--workers",
-            type=int,
+            type=worker_count_argument,
             default=settings.POP3_WORKERS,
-            help="Processes serving the listeners; one uses one core (POP3_WORKERS).",
+            help="Processes serving the listeners, or 'auto': one per usable CPU (POP3_WORKERS).",
         )
 
     def _connection_cap(self) -> int:
@@ -155,6 +155,9 @@ class Command(BaseCommand):
             def started() -> None:
                 for kind, listener in sockets.items():
                     self._announce(f"runpop3 ({workers} workers)", kind, listener.getsockname())
+                    # Only the workers serve it: once they have closed theirs at SIGTERM, a
+                    # client is refused rather than left in a backlog nobody accepts from.
+                    listener.close()
 
             if run_workers(
                 workers, lambda: self._serve_until_stopped(config, sockets, announce=False), started

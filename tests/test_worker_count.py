@@ -1,0 +1,100 @@
+"""``POP3_WORKERS``/``LMTP_WORKERS`` and ``--workers``: a number or ``auto`` (one per usable CPU)."""
+
+import argparse
+import os
+import signal
+import smtplib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailadmin.prefork import worker_count_argument
+from mailadmin.workercount import parse_worker_count, usable_cpus
+from tests.conftest import PROJECT_DIR, child_environment
+from tests.lmtp_server import running_lmtp
+from tests.pop3_server import wait_for
+
+
+def test_auto_is_the_number_of_cpus_this_process_may_use() -> None:
+    assert usable_cpus() == len(os.sched_getaffinity(0))
+    assert parse_worker_count("auto") == usable_cpus()
+    assert parse_worker_count(" AUTO ") == usable_cpus()
+    assert parse_worker_count("3") == 3
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "", "1.5"])
+def test_anything_else_is_refused(value: str) -> None:
+    with pytest.raises(ValueError):
+        parse_worker_count(value)
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a number of at least 1 or 'auto'"):
+        worker_count_argument(value)
+
+
+def test_auto_follows_the_affinity_mask_taskset_and_containers_narrow() -> None:
+    first_cpu = min(os.sched_getaffinity(0))
+    code = (
+        f"import os; os.sched_setaffinity(0, {{{first_cpu}}}); "
+        "from mailadmin.workercount import parse_worker_count; print(parse_worker_count('auto'))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_DIR)
+    assert (result.returncode, result.stdout) == (0, "1\n"), result.stderr
+
+
+def settings_in_child(**environment: str) -> subprocess.CompletedProcess:
+    code = "from django.conf import settings; print(settings.POP3_WORKERS, settings.LMTP_WORKERS)"
+    env = {key: value for key, value in child_environment(**environment).items() if value != "<unset>"}
+    return subprocess.run(
+        [sys.executable, "manage.py", "shell", "--no-imports", "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_DIR,
+        env=env,
+    )
+
+
+@pytest.mark.django_db
+def test_both_default_to_auto_and_take_a_number() -> None:
+    default = settings_in_child(POP3_WORKERS="<unset>", LMTP_WORKERS="<unset>")
+    assert default.stdout == f"{usable_cpus()} {usable_cpus()}\n", default.stderr
+    assert settings_in_child(POP3_WORKERS="3", LMTP_WORKERS="auto").stdout == f"3 {usable_cpus()}\n"
+    refused = settings_in_child(POP3_WORKERS="0")
+    assert refused.returncode == 1
+    assert "POP3_WORKERS must be 'auto' or a number of at least 1" in refused.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_runlmtp_with_auto_forks_one_worker_per_cpu_and_delivers(tmp_path: Path, make_mailbox) -> None:
+    address = make_mailbox("auto@example.test").address
+    with running_lmtp(tmp_path / "lmtp", LMTP_WORKERS="auto") as server:
+        assert len(server.workers()) == (usable_cpus() if usable_cpus() > 1 else 0)
+        with server.smtplib_client() as lmtp:
+            assert lmtp.sendmail("s@remote.test", [address], b"Subject: auto\r\n\r\nx\r\n") == {}
+
+
+def running(pid: int) -> bool:
+    """Neither gone nor a zombie waiting to be reaped (by whatever adopted it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+def test_workers_die_with_a_supervisor_killed_by_sigkill(tmp_path: Path, make_mailbox) -> None:
+    """None is left holding the listener (and, for runpop3, sessions and their leases)."""
+    address = make_mailbox("orphan@example.test").address
+    with running_lmtp(tmp_path / "lmtp", LMTP_WORKERS="2") as server:
+        workers = server.workers()
+        assert len(workers) == 2
+        server.process.send_signal(signal.SIGKILL)
+        assert server.process.wait(timeout=30) == -signal.SIGKILL
+        assert wait_for(lambda: not any(map(running, workers)), timeout=10)
+        with pytest.raises(ConnectionRefusedError):
+            smtplib.LMTP("127.0.0.1", server.port, local_hostname="client.test", timeout=5).sendmail(
+                "s@remote.test", [address], b"x\r\n"
+            )
