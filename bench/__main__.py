@@ -43,6 +43,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--pipelined", type=int, default=1000, help="commands in the pipelining row")
     parser.add_argument("--repeats", type=int, default=5, help="sessions/rounds behind the median rows")
+    parser.add_argument("--import-rows", type=int, help="mailboxes in the API import (10000; smoke 100)")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(SCENARIOS)}")
     parser.add_argument("--output-dir", type=Path, default=PROJECT_DIR / "var" / "bench")
     parser.add_argument("--keep-db", action="store_true", help="keep the bench database afterwards")
@@ -83,6 +84,8 @@ def plan(args: argparse.Namespace, fd_limit: int) -> tuple[corpus.CorpusSpec, Op
         pipe_deliveries=4 if args.smoke else 20,
         only=frozenset(filter(None, args.only.split(","))),
         smoke=args.smoke,
+        import_rows=args.import_rows or (100 if args.smoke else 10_000),
+        token_checks=100 if args.smoke else 2000,
     )
     return spec, options
 

@@ -84,6 +84,49 @@ CHECKS = (
     Check("pipelined", "seconds", "1,000 pipelined LIST n/UIDL n", "ms", 2.5, 10, at_least=False, scale=1000),
     Check("lmtp", "msg_per_s", "LMTP 4 connections, small", "msg/s", 950, 950),
     Check("lmtp", "p99_ms", "", "ms p99", None, kind=INFO),
+    Check("api_put", "req_per_s", "API PUT mailbox, pre-hashed password", "req/s", None, 200),
+    Check("api_put", "p99_ms", "", "ms p99", None, kind=INFO),
+    Check("api_get", "req_per_s", "API GET mailbox", "req/s", None, 1000),
+    Check("api_get", "cpu_ms_per_request", "", "ms CPU/request", None, kind=INFO),
+    Check(
+        "api_import",
+        "seconds",
+        "API import of 10,000 pre-hashed mailboxes, one call",
+        "s",
+        None,
+        30,
+        at_least=False,
+    ),
+    Check("api_token_check", "cpu_ms_per_check", "API token check", "ms CPU/check", None, 1, at_least=False),
+    Check(
+        "console_dashboard",
+        "dashboard_superuser_ms",
+        "console, 100,000 mailboxes, 1,000,000 sessions",
+        "ms dashboard",
+        None,
+        300,
+        at_least=False,
+    ),  # fmt: skip
+    Check(
+        "console_dashboard",
+        "dashboard_domain_admin_ms",
+        "",
+        "ms dashboard, domain admin",
+        None,
+        300,
+        at_least=False,
+    ),  # fmt: skip
+    Check("console_dashboard", "charts_superuser_ms", "", "ms charts", None, kind=INFO),
+    Check(
+        "console_prune",
+        "longest_write_stall_ms",
+        "prunehistory of 1,000,000 rows beside a writer",
+        "ms longest write",
+        None,
+        100,
+        at_least=False,
+    ),  # fmt: skip
+    Check("console_prune", "rows_per_s", "", "rows/s pruned", None, kind=INFO),
     Check(
         "lmtp", "msg_per_s", "LMTP, ratio to Dovecot this run", "msg/s", None, 1.5, reference="dovecot_lmtp"
     ),

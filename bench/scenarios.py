@@ -18,10 +18,10 @@ import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from bench import console_pages, corpus
+from bench import api, console, console_pages, corpus
 from bench.clients import Pop3, ProtocolError, tls_context
 from bench.dovecot import Dovecot, make_root, missing, remove_root
 from bench.load import Tally, Task, Workers, fleet_worker, lmtp_worker, login_worker, retr_worker
@@ -39,6 +39,8 @@ CACHE_ON_TTL = "300"
 # are the whole server and the hashing threads are the two the README describes.
 AS_SHIPPED = None
 ONE_PROCESS = 1
+# The writer beside prunehistory runs this long alone before and after it.
+WRITER_LEAD_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class Options:
     pipe_deliveries: int = 20  # through runlmtp; a quarter as many in-process (a second each)
     only: frozenset[str] = frozenset()
     smoke: bool = False
+    import_rows: int = 10_000
+    token_checks: int = 2000
 
 
 @dataclass
@@ -581,6 +585,140 @@ def group_lmtp(bench: Bench) -> dict[str, dict]:
     return results
 
 
+# --- Provisioning API --------------------------------------------------------------------------
+
+
+def api_put(bench: Bench, server: Server, token: str, password_hash: str) -> dict:
+    """PUT creating a new mailbox each time, with a pre-hashed password."""
+
+    def request(client: int, n: int) -> tuple:
+        body = {"password_hash": password_hash, "quota_bytes": 10**9}
+        return "PUT", f"mailboxes/put-{client}-{n}@{api.DOMAIN}", body, {201}
+
+    return _api_window(bench, server, token, request)
+
+
+def api_get(bench: Bench, server: Server, token: str, created: dict[int, int]) -> dict:
+    """GET of the mailboxes the PUT scenario created (``created``: how many by each client)."""
+    made = [(client, count) for client, count in sorted(created.items()) if count]
+    if not made:
+        raise RuntimeError("api_get reads what api_put created: run them together")
+
+    def request(client: int, n: int) -> tuple:
+        owner, count = made[client % len(made)]
+        return "GET", f"mailboxes/put-{owner}-{n % count}@{api.DOMAIN}", None, {200}
+
+    return _api_window(bench, server, token, request)
+
+
+def _api_window(bench: Bench, server: Server, token: str, request) -> dict:
+    seconds, port = bench.options.seconds, server.ports["http"]
+    user_before, system_before = server.cpu_times()
+    tally = api.run_clients(port, token, bench.options.clients, seconds, request)
+    user_after, system_after = server.cpu_times()
+    cpu = Cpu(user_after - user_before, system_after - system_before)
+    return api.figures(tally, seconds, cpu, percentile, ms, ratio)
+
+
+def api_import(bench: Bench, server: Server, token: str, password_hash: str) -> dict:
+    """One POST mailboxes/import of ``import_rows`` pre-hashed mailboxes: all in one transaction."""
+    rows = [
+        {"address": f"import-{n}@{api.DOMAIN}", "password_hash": password_hash}
+        for n in range(bench.options.import_rows)
+    ]
+    client = api.Client(server.ports["http"], token)
+    user_before, system_before = server.cpu_times()
+    started = time.perf_counter()
+    status, body = client.request("POST", "mailboxes/import", rows)
+    seconds = time.perf_counter() - started
+    user_after, system_after = server.cpu_times()
+    client.close()
+    created = json.loads(body).get("count") if status == 201 else None
+    return {
+        "rows": len(rows),
+        "created": created,
+        "seconds": round(seconds, 3),
+        "rows_per_s": ratio(len(rows), seconds),
+        **Cpu(user_after - user_before, system_after - system_before).figures(),
+        "errors": 0 if status == 201 and created == len(rows) else 1,
+        "error_samples": [] if status == 201 else [f"{status} {body[:300]!r}"],
+    }
+
+
+def api_token_check(bench: Bench, token: str) -> dict:
+    result = bench.env.run("-m", "bench.tokencheck", token, str(bench.options.token_checks))
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def group_api(bench: Bench) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    password_hash = api.argon2_hash(api.PASSWORD)
+    with api.api_server(bench) as (server, token):
+        _run(results, bench, "api_put", lambda: api_put(bench, server, token, password_hash))
+        created = results.get("api_put", {}).get("successes_by_client", {})
+        _run(results, bench, "api_get", lambda: api_get(bench, server, token, created))
+        _run(results, bench, "api_import", lambda: api_import(bench, server, token, password_hash))
+    # Apart from the server: a write it still has in hand must not stall the checks.
+    _run(results, bench, "api_token_check", lambda: api_token_check(bench, token))
+    return results
+
+
+# --- The console: pages at scale, prunehistory beside a writer --------------------------------
+
+
+def console_dashboard(bench: Bench, spec: console.ConsoleSpec) -> dict:
+    spec_path, out = bench.env.var_dir / "console-spec.json", bench.env.var_dir / "console-pages.json"
+    console.write_spec(spec, spec_path)
+    bench.env.run("-m", "bench.console", "pages", str(spec_path), str(out))
+    pages = json.loads(out.read_text())
+    figures: dict = {"pages": pages}
+    for name, timing in pages.items():
+        figures[f"{name}_ms"] = timing.get("median_ms")
+        figures[f"{name}_max_ms"] = timing.get("max_ms")
+    return figures
+
+
+def console_prune(bench: Bench) -> dict:
+    """``prunehistory --days 0`` (every ended session, every failed login) while a writer writes."""
+    stop, out = bench.env.var_dir / "writer.stop", bench.env.var_dir / "writer.json"
+    stop.unlink(missing_ok=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-m", "bench.console", "writer", str(out), str(stop)],
+        cwd=PROJECT_DIR,
+        env=bench.env.variables(),
+    )
+    try:
+        time.sleep(WRITER_LEAD_SECONDS)
+        started = time.perf_counter()
+        pruned = bench.env.run("manage.py", "prunehistory", "--days", "0").stdout.strip()
+        seconds = time.perf_counter() - started
+        time.sleep(WRITER_LEAD_SECONDS)
+    finally:
+        stop.touch()
+        writer.wait(timeout=120)
+    removed = [int(word) for word in pruned.split() if word.isdigit()]
+    return {
+        "output": pruned,
+        "rows_removed": sum(removed[:2]),
+        "prune_seconds": round(seconds, 1),
+        "rows_per_s": ratio(sum(removed[:2]), seconds),
+        **json.loads(out.read_text()),
+    }
+
+
+def group_console(bench: Bench) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    spec = console.ConsoleSpec.smoke() if bench.options.smoke else console.ConsoleSpec()
+    spec_path, out = bench.env.var_dir / "console-spec.json", bench.env.var_dir / "console-seed.json"
+    console.write_spec(spec, spec_path)
+    print(f"  seeding {spec.mailboxes:,} mailboxes and {spec.sessions:,} sessions ...", flush=True)
+    bench.env.run("-m", "bench.console", "seed", str(spec_path), str(out))
+    seeded = {**json.loads(out.read_text()), "spec": asdict(spec)}
+    _run(results, bench, "console_dashboard", lambda: {**console_dashboard(bench, spec), **seeded})
+    _run(results, bench, "console_prune", lambda: console_prune(bench))
+    return results
+
+
 # --- The fleet: runpop3 and Dovecot, as shipped, in the same run --------------------------------
 
 
@@ -752,6 +890,9 @@ GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Bench], dict[str, dict]]]] = 
     "memory": (("memory_25mb",), group_memory),
     "lmtp": (("lmtp", "deliver_pipe"), group_lmtp),
     "console_pages": ((console_pages.SCENARIO,), console_pages.group_console_pages),
+    "api": (("api_put", "api_get", "api_import", "api_token_check"), group_api),
+    # Last: its million rows would weigh on the mail scenarios' database.
+    "console": (("console_dashboard", "console_prune"), group_console),
 }
 SCENARIOS = tuple(name for names, _ in GROUPS.values() for name in names)
 

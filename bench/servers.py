@@ -302,3 +302,39 @@ def _start(
         )
     _await_lines(process, expected, stderr_path)
     return Server(name, process, ports, stderr_path, settings)
+
+
+def start_daphne(env: Environment, name: str, **settings: str) -> Server:
+    """daphne serving the project (the web admin and the API) on a free port, plain HTTP."""
+
+    def attempt() -> Server:
+        port = free_port()
+        command = ["-m", "daphne", "-b", HOST, "-p", str(port), "mailadmin.asgi:application"]
+        # DEBUG is off in the bench, which would redirect plain HTTP to HTTPS.
+        values = {"SECURE_SSL_REDIRECT": "0", **settings}
+        stderr_path = env.var_dir / f"{name}.stderr"
+        with stderr_path.open("wb") as stderr:
+            process = subprocess.Popen(  # its access log (stdout) is not wanted: one line per request
+                [sys.executable, *command],
+                cwd=PROJECT_DIR,
+                env=env.variables(**values),
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not _accepting(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError(f"daphne did not start:\n{stderr_path.read_text(errors='replace')}")
+            time.sleep(0.1)
+        return Server(name, process, {"http": port}, stderr_path, values)
+
+    return _with_retries(attempt)
+
+
+def _accepting(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=1).close()
+    except OSError:
+        return False
+    return True

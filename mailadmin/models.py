@@ -585,6 +585,85 @@ class AuditEntry(models.Model):
         return f"{self.actor_name} {self.action} {self.object_type} {self.object_name}"
 
 
+class LmtpNode(models.Model):
+    """A running runlmtp process, heartbeating as :class:`Pop3Node` does for runpop3."""
+
+    name = models.CharField(max_length=200, primary_key=True, help_text="host:pid")
+    started_at = models.DateTimeField()
+    heartbeat_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class HourlyFigures(models.Model):
+    """Pruned session history, summed per hour (of ``started_at``) and domain.
+
+    ``prunehistory`` adds each row it deletes to its hour here in the transaction that deletes
+    it, so a row is counted once: either here or still in its table, never both. The figures of
+    an hour are therefore these plus the rows of that hour not yet pruned (``mailadmin.console.figures``).
+    Failed logins count by ``created_at``. Kept for ``MAILADMIN_FIGURES_DAYS``.
+    """
+
+    hour = models.DateTimeField()
+    domain = models.ForeignKey(Domain, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    sessions = models.BigIntegerField(default=0)
+    logins = models.BigIntegerField(default=0)
+    failed_logins = models.BigIntegerField(default=0)
+    retr_messages = models.BigIntegerField(default=0)
+    retr_bytes = models.BigIntegerField(default=0)
+
+    class Meta:
+        verbose_name_plural = "hourly figures"
+        constraints = [
+            # A NULL domain is distinct from every other in a plain unique index: one each way.
+            models.UniqueConstraint(
+                fields=["hour", "domain"], condition=Q(domain__isnull=False), name="hourlyfigures_hour_domain"
+            ),
+            models.UniqueConstraint(
+                fields=["hour"], condition=Q(domain__isnull=True), name="hourlyfigures_hour_no_domain"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H}:00 {self.domain_id or '-'}"
+
+
+class DeliveryFigures(models.Model):
+    """Deliveries per hour, domain and outcome (``delivered`` or the reason of a refusal).
+
+    Counted by the delivering processes in writes they make anyway: the LMTP group commit's
+    transaction (stored copies, and refusals batched since the last one) or runlmtp's heartbeat.
+    The domain is that of the recipient when it is ours, else NULL.
+    """
+
+    DELIVERED = "delivered"
+
+    hour = models.DateTimeField()
+    domain = models.ForeignKey(Domain, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    outcome = models.CharField(max_length=32)
+    messages = models.BigIntegerField(default=0)
+    size_bytes = models.BigIntegerField(default=0)
+
+    class Meta:
+        verbose_name_plural = "delivery figures"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["hour", "domain", "outcome"],
+                condition=Q(domain__isnull=False),
+                name="deliveryfigures_key",
+            ),
+            models.UniqueConstraint(
+                fields=["hour", "outcome"],
+                condition=Q(domain__isnull=True),
+                name="deliveryfigures_key_no_domain",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H}:00 {self.domain_id or '-'} {self.outcome}: {self.messages}"
+
+
 class AdministratorQuerySet(models.QuerySet):
     def administrators(self) -> "AdministratorQuerySet":
         return self.filter(administered_domains__isnull=False).distinct()

@@ -46,6 +46,10 @@ def _env_float(name: str, default: float) -> float:
     return _env_number(name, default, float)
 
 
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
 def _env_workers(name: str) -> int:
     """A worker count: a whole number, or ``auto`` (the default) for one per usable CPU."""
     try:
@@ -92,7 +96,12 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "mailadmin.apps.MailadminConfig",
+    "mailadmin.api.apps.ApiConfig",
 ]
 
 MIDDLEWARE = [
@@ -272,13 +281,13 @@ MAILADMIN_ADMIN_BODY_BYTES = _env_int("MAILADMIN_ADMIN_BODY_BYTES", 256 * 1024)
 MAILADMIN_HEADER_CACHE_BYTES = 64 * 1024
 # Ended POP3 sessions and failed logins older than this many days go at `prunehistory`.
 MAILADMIN_HISTORY_DAYS = _env_int("MAILADMIN_HISTORY_DAYS", 30)
+# The hourly figures the console's charts read (what prunehistory rolled up) are kept this long.
+MAILADMIN_FIGURES_DAYS = _env_int("MAILADMIN_FIGURES_DAYS", 365)
+# /metrics answers only when this is set, and then only to "Authorization: Bearer <token>".
+MAILADMIN_METRICS_TOKEN = os.environ.get("MAILADMIN_METRICS_TOKEN", "")
 
 
 # --- POP3 (runpop3) -------------------------------------------------------------------------
-def _env_list(name: str) -> list[str]:
-    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
-
-
 POP3_BIND = os.environ.get("POP3_BIND", "127.0.0.1")
 POP3_PORT = _env_int("POP3_PORT", 1110)
 POP3S_PORT = _env_int("POP3S_PORT", 1995)
@@ -333,6 +342,47 @@ LMTP_WORKERS = _env_workers("LMTP_WORKERS")
 LMTP_GROUP_COMMIT_MAX = max(1, _env_int("LMTP_GROUP_COMMIT_MAX", 64))
 # Groups committing at once per runlmtp process on PostgreSQL (SQLite: always one).
 LMTP_GROUP_WRITERS = max(1, _env_int("LMTP_GROUP_WRITERS", 2))
+# How often a runlmtp process heartbeats (the console counts it alive meanwhile) and writes the
+# refusals it counted since its last delivery.
+LMTP_HEARTBEAT_INTERVAL = _env_float("LMTP_HEARTBEAT_INTERVAL", 5.0)
+
+# --- Provisioning API (/api/v1/) ------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["mailadmin.api.authentication.BearerTokenAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["mailadmin.api.permissions.TokenScope"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "mailadmin.api.pagination.Pages",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "mailadmin.api.errors.handle_exception",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "mailadmin provisioning API",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_AUTHENTICATION": [],
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+API_PAGE_SIZE = _env_int("API_PAGE_SIZE", 100)
+API_MAX_PAGE_SIZE = 1000
+# Proxies (CIDRs) whose X-Forwarded-For names the client; from anywhere else the header is ignored.
+API_TRUSTED_PROXIES = _env_list("API_TRUSTED_PROXIES")
+# A source (an IPv4 address, an IPv6 /48) that failed to authenticate this many times within
+# the window gets 429 until its oldest failure leaves the window; counted in the database.
+API_AUTH_FAILURE_LIMIT = _env_int("API_AUTH_FAILURE_LIMIT", 10)
+API_AUTH_FAILURE_WINDOW = _env_int("API_AUTH_FAILURE_WINDOW", 300)
+# A token's last use is written at most this often (seconds), so busy clients cost no write per request.
+API_LAST_USED_INTERVAL = 60
+# An Idempotency-Key's first answer is replayed for this long (seconds).
+API_IDEMPOTENCY_TTL = 24 * 3600
+# Largest request body read (the import of 10,000 pre-hashed mailboxes is about 2 MiB).
+DATA_UPLOAD_MAX_MEMORY_SIZE = _env_int("API_MAX_BODY_BYTES", 16 * 1024 * 1024)
 
 LOGGING = {
     "version": 1,

@@ -501,3 +501,9 @@ def test_a_password_with_a_control_character_is_a_form_error(staff_client, make_
         "password rejected: it contains the control character U+000D, which no POP3 client can send"
     )
     assert not Mailbox.objects.filter(user__username="new@example.test").exists()
+
+
+def test_the_login_page_renders_for_a_visitor_not_signed_in(client):
+    page = client.get("/admin/login/")
+    assert page.status_code == 200
+    assert 'name="username"' in page.content.decode()

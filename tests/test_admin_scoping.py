@@ -14,8 +14,9 @@ from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
 from django.core.management import call_command
 from django.forms.models import model_to_dict
-from django.utils import timezone
+from django.utils import timezone, translation
 
+from mailadmin.api.models import ApiToken
 from mailadmin.hosting import aliases, services
 from mailadmin.hosting.actors import Actor
 from mailadmin.mailin.delivery import deliver
@@ -77,6 +78,7 @@ def b_objects(make_mailbox) -> dict:
     objects[DomainAdministratorLogin] = DomainAdministratorLogin.objects.get(username="bert")
     objects[get_user_model()] = b_mailbox.user
     objects[Group] = Group.objects.get(name=services.ADMINISTRATORS_GROUP)
+    objects[ApiToken] = services.create_token(Actor.cli(), domain_names=["b.test"], name="provisioning").token
     for domain in ("a.test", "b.test"):
         aliases.create_alias(Actor.cli(), f"team@{domain}", [f"user@{domain}"])
         aliases.set_catch_all(Actor.cli(), domain, [f"user@{domain}"])
@@ -94,9 +96,27 @@ def alma(client, b_objects):
 
 
 def snapshot() -> dict:
-    """Every row a refused request must leave as it was."""
-    models = [Domain, Mailbox, Message, Pop3Session, AuthFailure, AuditEntry, DomainAdministrator, Group]
-    models += [Alias, AliasDestination, AliasDomain]
+    """Every row a refused request must leave as it was (in English: a row's text names its
+    model in the active language, which the requests walked may have changed)."""
+    with translation.override("en"):
+        return _rows()
+
+
+def _rows() -> dict:
+    models = [
+        Domain,
+        Mailbox,
+        Message,
+        Pop3Session,
+        AuthFailure,
+        AuditEntry,
+        DomainAdministrator,
+        Group,
+        ApiToken,
+        Alias,
+        AliasDestination,
+        AliasDomain,
+    ]
     rows = {
         model.__name__: sorted(map(repr, (model_to_dict(row) for row in model.objects.all())))
         for model in models

@@ -30,7 +30,7 @@ class GatedExecutor:
         self.most_running = 0
         self.gate = asyncio.Event()
 
-    async def run(self, function, deliveries):
+    async def run(self, function, deliveries, tally):
         self.groups.append(list(deliveries))
         self.running += 1
         self.most_running = max(self.most_running, self.running)

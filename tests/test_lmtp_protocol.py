@@ -414,7 +414,9 @@ def test_an_over_long_last_line_is_refused_without_waiting_for_its_end():
     assert conn.next_event() is NEED_DATA
     assert conn.buffered_bytes == 0  # nothing of the line is kept
     conn.receive_data(b"\r\n.\r\n")
-    assert conn.next_event() == MessageRefused(wire(LINE_TOO_LONG))
+    assert conn.next_event() == MessageRefused(
+        wire(LINE_TOO_LONG), protocol.REPLY_LINE_TOO_LONG, ("alice@example.test",)
+    )
 
 
 def test_a_message_the_server_refuses_mid_way_gets_one_reply_per_recipient_and_the_session_goes_on(

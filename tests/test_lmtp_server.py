@@ -71,7 +71,7 @@ class StandInStore:
         if function is look_up_recipient:
             return Recipient(args[0], mailboxes=())
         assert function is deliver_group
-        [deliveries] = args
+        deliveries, _tally = args
         self.messages += [b"".join(d.message.chunks(4096)) for d in deliveries]
         return self.outcome(deliveries)
 

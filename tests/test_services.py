@@ -565,12 +565,16 @@ def test_a_person_needs_the_kick_permission_to_kick(domains, make_mailbox):
     assert services.kick_sessions(Actor.for_user(viewer), session_ids=[session.pk]) == 1
 
 
-def test_a_token_kicks_nothing_until_tokens_have_a_write_scope(make_mailbox):
-    session = open_session_row(make_mailbox("a@ours.test"))
-    with pytest.raises(services.NotPermitted):
-        services.kick_sessions(Actor.token("billing", domain_ids=None), session_ids=[session.pk])
-    session.refresh_from_db()
-    assert session.kick_requested_at is None
+def test_a_token_kicks_within_its_domains_only(make_mailbox):
+    """The API lets only write tokens call this; the service bounds a token by its domains."""
+    ours, theirs = (
+        open_session_row(make_mailbox("a@ours.test")),
+        open_session_row(make_mailbox("b@theirs.test")),
+    )
+    billing = Actor.token("billing", domain_ids=frozenset({ours.domain_id}))
+    assert services.kick_sessions(billing, session_ids=[ours.pk, theirs.pk]) == 1
+    ours.refresh_from_db(), theirs.refresh_from_db()
+    assert (ours.kick_requested_at is not None, theirs.kick_requested_at) == (True, None)
 
 
 # --- Domain administrators -------------------------------------------------------------------

@@ -207,8 +207,18 @@ def test_prunehistory_removes_what_ended_before_the_cutoff_and_never_an_open_ses
     assert list(
         AuditEntry.objects.order_by("pk").values_list("actor_kind", "action", "object_name", "changes")
     ) == [
-        ("cli", "prune history", "older than 30 days", {"ended sessions": [1, 0], "failed logins": [1, 0]}),
-        ("cli", "prune history", "older than 0 days", {"ended sessions": [1, 0], "failed logins": [1, 0]}),
+        (
+            "cli",
+            "prune history",
+            "older than 30 days",
+            {"ended sessions": [1, 0], "failed logins": [1, 0], "hourly figures": [0, 0]},
+        ),
+        (
+            "cli",
+            "prune history",
+            "older than 0 days",
+            {"ended sessions": [1, 0], "failed logins": [1, 0], "hourly figures": [0, 0]},
+        ),
     ]
 
 
@@ -247,9 +257,12 @@ def test_pruning_deletes_in_transactions_of_one_batch_each():
     with CaptureQueriesContext(connection) as queries:
         assert prune_history(30, batch_size=2) == Pruned(sessions=5, failures=5)
     deletes = [query["sql"] for query in queries.captured_queries if query["sql"].startswith("DELETE")]
-    assert [sql.split()[2].strip('"') for sql in deletes] == ["mailadmin_pop3session"] * 3 + [
-        "mailadmin_authfailure"
-    ] * 3
+    assert [sql.split()[2].strip('"') for sql in deletes] == [
+        "mailadmin_hourlyfigures",
+        "mailadmin_deliveryfigures",
+        *["mailadmin_pop3session"] * 3,
+        *["mailadmin_authfailure"] * 3,
+    ]
     assert not Pop3Session.objects.exists() and not AuthFailure.objects.exists()
 
 

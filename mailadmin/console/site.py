@@ -9,6 +9,12 @@ class ConsoleSite(admin.AdminSite):
     site_title = _("mailadmin")
     index_title = _("Console")
 
+    def index(self, request, extra_context=None):
+        """The admin's index with the dashboard's figures and charts above the app list."""
+        from mailadmin.console.views import dashboard_context
+
+        return super().index(request, {**dashboard_context(request), **(extra_context or {})})
+
     def get_urls(self):
         from mailadmin.console.urls import console_urls
 

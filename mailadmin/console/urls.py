@@ -4,7 +4,7 @@ from functools import partial
 
 from django.urls import path
 
-from mailadmin.console import history, quota
+from mailadmin.console import history, quota, views
 
 
 def console_urls(site) -> list:
@@ -12,6 +12,7 @@ def console_urls(site) -> list:
         return site.admin_view(partial(view, site=site))
 
     return [
+        path("charts/", site.admin_view(views.charts_view(site)), name="charts"),
         path("history/", page(history.history_view), name="history"),
         path("quota/", page(quota.quota_view), name="quota"),
         path("quota/csv/", page(quota.quota_csv_view), name="quota_csv"),

@@ -34,6 +34,9 @@ class Actor:
 
     @classmethod
     def for_user(cls, user, client_address: str = "") -> "Actor":
+        if not user.is_authenticated:
+            # A visitor not signed in (the login page asks what it may show): nothing.
+            return cls(ActorKind.USER, "", None, client_address or "", frozenset())
         if user.is_superuser:
             domain_ids = None
         else:

@@ -21,25 +21,30 @@ Passwords are hashed before a function opens its transaction: argon2 costs ~100 
 ~100 MiB a hash, and a transaction held meanwhile stalls deliveries and logins.
 """
 
+import ipaddress
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TextIO
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import PBKDF2PasswordHasher
 from django.contrib.auth.models import Group, Permission
 from django.db import transaction
+from django.db.models import QuerySet
 from django.db.models.functions import Now
 from django.utils import timezone
 from django.utils.translation import gettext, gettext_lazy
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
-from mailadmin.hosting import audit, history, mailboxcsv, scopes, store
+from mailadmin.api.models import ApiToken
+from mailadmin.hosting import audit, history, mailboxcsv, scopes, store, tokens
 from mailadmin.hosting.actors import Actor, ActorKind
 from mailadmin.models import Domain, DomainAdministrator, Mailbox, Message, Pop3Session
 
+DOMAIN_CREATION_SETTINGS = ("quota_bytes", "max_mailboxes", "default_mailbox_quota_bytes")
 DOMAIN_ADMINISTRATOR_SETTINGS = frozenset(
     {"default_mailbox_quota_bytes", "quota_warning_percents", "language"}
 )
@@ -81,11 +86,19 @@ ADMINISTRATOR_PERMISSIONS = (
 # Refusals given in more than one place; each translated as one whole sentence.
 CREATING_DOMAINS_REFUSED = gettext_lazy("not permitted: only an operator of every domain may create domains")
 DELETING_DOMAINS_REFUSED = gettext_lazy("not permitted: only an operator of every domain may delete domains")
+EVERY_DOMAIN_TOKEN_REFUSED = gettext_lazy(
+    "not permitted: only an operator of every domain may make a token for every domain"
+)
 PASSWORD_PERMISSION_MISSING = gettext_lazy("not permitted: resetting passwords needs the password permission")
 
 
 class NotPermitted(store.StoreError):
     """The actor's scope does not cover the request."""
+
+
+class OutOfScope(NotPermitted):
+    """The domain (or what is in it) lies outside the actor's domains, whether or not it exists:
+    a door may answer it as "not found", as it would an object that does not exist."""
 
 
 class MessageNotFound(store.StoreError):
@@ -159,7 +172,7 @@ def _domain_in_scope(actor: Actor, name: str) -> Domain:
         return store.get_domain(domain_name)
     domain = Domain.objects.filter(name=domain_name, pk__in=actor.domain_ids).first()
     if domain is None:
-        raise NotPermitted(
+        raise OutOfScope(
             gettext("not permitted: %(name)s is not a domain you administer") % {"name": domain_name}
         )
     return domain
@@ -202,6 +215,7 @@ def create_domain(
 
 def update_domain(actor: Actor, name: str, **settings: int | bool | str) -> Domain:
     """Change only the settings given (see ``store.DOMAIN_SETTINGS``); return the domain as saved."""
+    _domain_in_scope(actor, name)  # another's domain is refused alike, whatever the settings
     refused = sorted(set(settings) & store.DOMAIN_SETTINGS - editable_domain_settings(actor))
     if refused:
         raise NotPermitted(
@@ -219,15 +233,52 @@ def update_domain(actor: Actor, name: str, **settings: int | bool | str) -> Doma
     return domain
 
 
+@dataclass(frozen=True)
+class Saved:
+    """What a create-or-update call left: the row as stored, and whether it was made just now."""
+
+    row: Domain | Mailbox
+    created: bool
+
+
+def save_domain(actor: Actor, name: str, **settings: int | bool | str) -> Saved:
+    """Create the domain with these settings, or change an existing one's to them.
+
+    Safe to repeat: the second call changes nothing. Creating needs an operator of every
+    domain; an actor confined to some domains gets the same refusal for any other domain,
+    whether it exists or not.
+    """
+    try:
+        existing = _domain_in_scope(actor, name)
+    except store.DomainNotFound:
+        existing = None
+    if existing is not None:
+        return Saved(update_domain(actor, existing.name, **settings), created=False)
+    creation = {field: settings.pop(field) for field in DOMAIN_CREATION_SETTINGS if field in settings}
+    try:
+        with transaction.atomic():
+            domain = create_domain(actor, name, **creation)
+            if settings:
+                domain = update_domain(actor, domain.name, **settings)
+    except store.AlreadyExists:  # made meanwhile by a concurrent call: set it as asked
+        return Saved(update_domain(actor, name, **creation, **settings), created=False)
+    return Saved(domain, created=True)
+
+
 def set_domain_active(actor: Actor, name: str, active: bool) -> Domain:
     """Suspend (``active=False``) or reactivate a domain: its mailboxes can neither log in nor receive."""
     return update_domain(actor, name, active=active)
 
 
-def delete_domain(actor: Actor, name: str) -> None:
-    """Delete a domain; refused while it has mailboxes."""
+def delete_domain(actor: Actor, name: str, *, force: bool = False) -> None:
+    """Delete a domain; refused while it has mailboxes, unless ``force`` deletes them first (each
+    with its mail and its own audit entry, in the same transaction)."""
+    _domain_in_scope(actor, name)  # another's domain is refused alike, whether or not it exists
     _require_domain_manager(actor, DELETING_DOMAINS_REFUSED)
     with transaction.atomic():
+        if force:
+            for mailbox in list_mailboxes(actor, name):
+                delete_mailbox(actor, mailbox.address)
         domain = store.delete_domain(name)
         changes = _deleted(domain)
         audit.record(actor, "delete", "domain", domain.name, domain_name=domain.name, changes=changes)
@@ -333,6 +384,76 @@ def update_mailbox(actor: Actor, address: str, **settings: int | bool) -> Mailbo
     return store.get_mailbox(mailbox.address)
 
 
+def save_mailbox(
+    actor: Actor,
+    address: str,
+    *,
+    password: str | None = None,
+    password_hash: str | None = None,
+    **settings: int | bool,
+) -> Saved:
+    """Create the mailbox with these settings, or change an existing one's to them.
+
+    Safe to repeat after a timeout: the second call leaves the same state. Creating needs a
+    password or a password hash; on an existing mailbox either one, if given, replaces the
+    password, and settings not given are left alone.
+    """
+    if password is not None and password_hash is not None:
+        raise store.InvalidInput(
+            gettext("give a password or a password hash, not both"), field="password_hash"
+        )
+    try:
+        existing = _mailbox_in_scope(actor, address)
+    except store.MailboxNotFound:
+        existing = None
+    address = existing.address if existing is not None else address
+    if password is not None:
+        password_hash = store.hash_new_password(password, normalise_address(address))
+    elif password_hash is not None:
+        with _about_field("password_hash"):
+            password_hash = store.storable_password_hash(password_hash)
+    if existing is not None:
+        return Saved(_update_mailbox_and_password(actor, address, password_hash, settings), created=False)
+    if password_hash is None:
+        raise store.InvalidInput(
+            gettext("a new mailbox needs a password or a password hash"), field="password"
+        )
+    try:
+        with transaction.atomic():
+            mailbox = create_mailbox(
+                actor,
+                address,
+                password_hash=password_hash,
+                quota_bytes=settings.get("quota_bytes"),
+                quota_messages=settings.get("quota_messages", 0),
+            ).mailbox
+            if settings.get("active") is False:
+                mailbox = update_mailbox(actor, mailbox.address, active=False)
+    except store.AlreadyExists:  # made meanwhile by a concurrent call: set it as asked
+        return Saved(_update_mailbox_and_password(actor, address, password_hash, settings), created=False)
+    return Saved(mailbox, created=True)
+
+
+def _update_mailbox_and_password(
+    actor: Actor, address: str, password_hash: str | None, settings: dict
+) -> Mailbox:
+    with transaction.atomic():
+        mailbox = update_mailbox(actor, address, **settings)
+        if password_hash is not None:
+            set_password_hash(actor, address, password_hash)
+    return mailbox
+
+
+@contextmanager
+def _about_field(name: str) -> Iterator[None]:
+    """A refusal raised inside is about the input ``name`` (unless it names one already)."""
+    try:
+        yield
+    except store.StoreError as error:
+        error.field = error.field or name
+        raise
+
+
 def get_domain(actor: Actor, name: str) -> Domain:
     return _domain_in_scope(actor, name)
 
@@ -358,7 +479,8 @@ def set_password_hash(actor: Actor, address: str, password_hash: str) -> Mailbox
     _require(may_set_password(actor), PASSWORD_PERMISSION_MISSING)
     with transaction.atomic():
         mailbox = _mailbox_in_scope(actor, address)
-        store.set_password_hash(mailbox.address, password_hash)
+        with _about_field("password_hash"):
+            store.set_password_hash(mailbox.address, password_hash)
         _record_password_change(actor, mailbox)
     return mailbox
 
@@ -414,10 +536,22 @@ def import_mailboxes(
     progress bar). A refusal names the line. ``dry_run`` checks every rule the same way and
     rolls the transaction back; it stores nothing, so it hashes nothing either.
     """
-    rows = parse(handle)
+    return import_mailbox_rows(actor, parse(handle), dry_run=dry_run, progress=progress)
+
+
+def import_mailbox_rows(
+    actor: Actor,
+    rows: list[mailboxcsv.Row],
+    *,
+    dry_run: bool = False,
+    progress: Callable[[list[mailboxcsv.Row]], Iterable[mailboxcsv.Row]] = iter,
+) -> list[Mailbox]:
+    """``import_mailboxes`` for rows already parsed (``mailboxcsv.parse`` or ``from_records``)."""
+    domains_in_scope: set[str] = set()
     for row in rows:
         with _naming_line(row):
-            _domain_in_scope(actor, domain_of(row.address))
+            if domain_of(row.address) not in domains_in_scope:
+                domains_in_scope.add(_domain_in_scope(actor, domain_of(row.address)).name)
             if row.password is not None:
                 store.validate_new_password(row.password, row.address)
             else:
@@ -461,7 +595,7 @@ def _naming_line(row: mailboxcsv.Row) -> Iterator[None]:
     try:
         yield
     except store.StoreError as error:
-        raise type(error)(store.on_line(row.line, error)) from None
+        raise row.refusal(error) from None
 
 
 def may_recalculate_quota(actor: Actor) -> bool:
@@ -591,7 +725,11 @@ def prune_history(actor: Actor, days: int) -> history.Pruned:
             "prune history",
             "history",
             f"older than {days} days",
-            changes={"ended sessions": [pruned.sessions, 0], "failed logins": [pruned.failures, 0]},
+            changes={
+                "ended sessions": [pruned.sessions, 0],
+                "failed logins": [pruned.failures, 0],
+                "hourly figures": [pruned.figures, 0],
+            },
         )
     return pruned
 
@@ -600,9 +738,9 @@ def prune_history(actor: Actor, days: int) -> history.Pruned:
 
 
 def may_kick(actor: Actor) -> bool:
-    """A person needs the kick permission (viewing sessions is not enough); the command line is
-    bounded by its scope alone. Tokens kick nothing until the API gives them a write scope."""
-    return actor.kind != ActorKind.TOKEN and _person_has(actor, KICK_PERMISSION)
+    """A person needs the kick permission (viewing sessions is not enough); the command line and
+    API tokens are bounded by their scope alone (the API lets only write tokens change anything)."""
+    return _person_has(actor, KICK_PERMISSION)
 
 
 def kick_sessions(
@@ -724,3 +862,112 @@ def _administrators_group() -> Group:
     )
     group.permissions.add(*permissions)
     return group
+
+
+# --- API tokens ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewToken:
+    token: ApiToken
+    secret: str  # the whole token, to show once: only its digest is stored
+
+
+def create_token(
+    actor: Actor,
+    *,
+    name: str = "",
+    domain_names: Iterable[str] = (),
+    scope: str = ApiToken.Scope.READ,
+    expires_days: int | None = None,
+    allowed_networks: Iterable[str] = (),
+) -> NewToken:
+    """Make an API token for the domains named, within the actor's own domains.
+
+    A token for no domain acts on every domain, so only an operator of every domain may make
+    one. ``allowed_networks`` are CIDRs (a bare address is its own network); none: anywhere.
+    """
+    names = list(domain_names)
+    if not names:
+        _require_domain_manager(actor, EVERY_DOMAIN_TOKEN_REFUSED)
+    if scope not in ApiToken.Scope.values:
+        raise store.InvalidInput(
+            gettext("scope must be one of %(scopes)s") % {"scopes": ", ".join(ApiToken.Scope.values)},
+            field="scope",
+        )
+    if expires_days is not None and expires_days < 1:
+        raise store.InvalidInput(gettext("a token must be valid for 1 day or more"), field="expires_days")
+    networks = [_network(text) for text in allowed_networks]
+    issued = tokens.issue()
+    with transaction.atomic():
+        domains = [_domain_in_scope(actor, domain_name) for domain_name in names]
+        token = ApiToken.objects.create(
+            name=name.strip()[:100],
+            prefix=issued.prefix,
+            digest=issued.digest,
+            scope=scope,
+            all_domains=not domains,
+            allowed_networks=",".join(networks),
+            expires_at=None if expires_days is None else timezone.now() + timedelta(days=expires_days),
+            created_by=actor.name,
+        )
+        token.domains.set(domains)
+        changes = {
+            "name": [None, token.name],
+            "scope": [None, scope],
+            "domains": [None, sorted(domain.name for domain in domains) or "all"],
+            "networks": [None, networks or "any"],
+            "expires": [None, token.expires_at.isoformat() if token.expires_at else "never"],
+        }
+        audit.record(actor, "create", "api token", token.prefix, domain=_sole(domains), changes=changes)
+    return NewToken(token, issued.token)
+
+
+def revoke_token(actor: Actor, prefix: str) -> ApiToken:
+    """Revoke a token the actor may see (see ``tokens_visible_to``); revoking twice changes nothing."""
+    with transaction.atomic():
+        token = tokens_visible_to(actor).select_for_update().filter(prefix=prefix.strip()).first()
+        if token is None:
+            raise OutOfScope(gettext("no such token: %(prefix)s") % {"prefix": prefix.strip()})
+        if token.revoked_at is None:
+            token.revoked_at = timezone.now()
+            token.save(update_fields=["revoked_at"])
+            domain = _sole(list(token.domains.all()))
+            audit.record(actor, "revoke", "api token", token.prefix, domain=domain)
+    return token
+
+
+def tokens_visible_to(actor: Actor) -> QuerySet:
+    """Every token for an operator of every domain; otherwise the tokens confined to the actor's
+    domains (a token that reaches any other domain belongs to whoever holds that one too).
+
+    Subqueries rather than joins, so the rows need no DISTINCT and can be locked for update.
+    """
+    rows = ApiToken.objects.all()
+    if actor.all_domains:
+        return rows
+    ties = ApiToken.domains.through.objects
+    inside = ties.filter(domain_id__in=actor.domain_ids).values("apitoken_id")
+    outside = ties.exclude(domain_id__in=actor.domain_ids).values("apitoken_id")
+    return rows.filter(all_domains=False, pk__in=inside).exclude(pk__in=outside)
+
+
+def token_actor(token: ApiToken, client_address: str, domain_ids: Iterable[int]) -> Actor:
+    """The actor a request with ``token`` acts as; ``domain_ids`` are the token's domains (the
+    caller reads them, as fast as it can: this runs for every API request)."""
+    scope = None if token.all_domains else frozenset(domain_ids)
+    return Actor.token(f"token:{token.prefix} {token.name}".strip(), scope, client_address)
+
+
+def _network(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise store.InvalidInput(
+            gettext("%(text)r is not a network (CIDR) or address") % {"text": text}, field="allowed_networks"
+        ) from None
+
+
+def _sole(domains: list[Domain]) -> Domain | None:
+    """The domain an audit entry is filed under: the only one, so its administrators see it."""
+    return domains[0] if len(domains) == 1 else None

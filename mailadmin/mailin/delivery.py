@@ -14,10 +14,10 @@ from django.conf import settings
 from django.db import DataError, IntegrityError, transaction
 from django.utils import translation
 
-from mailadmin.addresses import normalise_address
+from mailadmin.addresses import domain_of_login, normalise_address
 from mailadmin.executors import DATABASE_ERRORS
 from mailadmin.hosting import expansion as expansion_rules
-from mailadmin.hosting import store
+from mailadmin.hosting import figures, store
 from mailadmin.mailin.messagefile import MessageTooLarge, Readable, SpooledMessage, spool_message
 from mailadmin.mailin.status import DeliveryStatus
 from mailadmin.models import Mailbox
@@ -58,10 +58,14 @@ def deliver(
     try:
         message = spool_message(stream)
     except MessageTooLarge:
-        return [RecipientResult(recipient, DeliveryStatus.TOO_LARGE) for recipient in recipients]
+        return record_refusals(
+            [RecipientResult(recipient, DeliveryStatus.TOO_LARGE) for recipient in recipients]
+        )
     with message:
         if message.size_bytes == 0:
-            return [RecipientResult(recipient, DeliveryStatus.EMPTY_MESSAGE) for recipient in recipients]
+            return record_refusals(
+                [RecipientResult(recipient, DeliveryStatus.EMPTY_MESSAGE) for recipient in recipients]
+            )
         return _deliver_spooled(recipients, message, sender=sender, all_or_none=all_or_none)
 
 
@@ -73,10 +77,15 @@ def _deliver_spooled(
         found = [look_up_recipient(recipient, message.size_bytes) for recipient in recipients]
         accepted = [entry for entry in found if isinstance(entry, Recipient)]
         if all_or_none and len(accepted) < len(found):
-            return [
-                _not_attempted_unless_refused(r, entry) for r, entry in zip(recipients, found, strict=True)
-            ]
-        stored = iter(deliver_group([Delivery(accepted, message, sender)], all_or_none=all_or_none)[0])
+            return record_refusals(
+                [_not_attempted_unless_refused(r, entry) for r, entry in zip(recipients, found, strict=True)]
+            )
+        tally = figures.DeliveryTally()
+        for r, entry in zip(recipients, found, strict=True):
+            if not isinstance(entry, Recipient):
+                count_refusal(tally, r, outcome_name(entry))
+        group = [Delivery(accepted, message, sender)]
+        stored = iter(deliver_group(group, all_or_none=all_or_none, tally=tally)[0])
     except DATABASE_ERRORS:
         logger.exception("delivery to %s failed", " ".join(map(log_text, recipients)))
         return [RecipientResult(recipient, DeliveryStatus.TEMPORARY_FAILURE) for recipient in recipients]
@@ -84,6 +93,32 @@ def _deliver_spooled(
         next(stored) if isinstance(entry, Recipient) else RecipientResult(r, entry)
         for r, entry in zip(recipients, found, strict=True)
     ]
+
+
+def outcome_name(status: DeliveryStatus) -> str:
+    """How the delivery figures name an outcome: ``over_quota``, ``no_such_mailbox``, ..."""
+    return status.name.lower()
+
+
+def count_refusal(tally: figures.DeliveryTally, recipient: str, outcome: str) -> None:
+    """Count a recipient refused before its group commit, under its domain when it names one."""
+    tally.add(domain_of_login(recipient), outcome)
+
+
+def record_refusals(results: list[RecipientResult]) -> list[RecipientResult]:
+    """Write the refusals among ``results`` in a transaction of their own, for a door that made
+    no other (the pipe's one delivery per process); a database that fails loses only them."""
+    tally = figures.DeliveryTally()
+    for result in results:
+        if result.status not in UNCOUNTED:
+            count_refusal(tally, result.recipient, outcome_name(result.status))
+    if len(tally):
+        try:
+            with transaction.atomic():
+                figures.add_deliveries([], [], tally.drain())
+        except DATABASE_ERRORS:
+            logger.warning("delivery figures not written: the database is unavailable")
+    return results
 
 
 def _not_attempted_unless_refused(recipient: str, entry: "Recipient | DeliveryStatus") -> RecipientResult:
@@ -158,8 +193,15 @@ def _accepted(
     return Recipient(recipient, tuple(mailbox for mailbox, _ in usable), alias_ids)
 
 
+# Outcomes that are not refusals of their own: the recipient's copy was not even tried.
+UNCOUNTED = frozenset({DeliveryStatus.DELIVERED, DeliveryStatus.NOT_ATTEMPTED})
+
+
 def deliver_group(
-    deliveries: Sequence[Delivery], *, all_or_none: bool = False
+    deliveries: Sequence[Delivery],
+    tally: figures.DeliveryTally | None = None,
+    *,
+    all_or_none: bool = False,
 ) -> list[list[RecipientResult]]:
     """Store several deliveries in one transaction: one commit (one fsync) for all of them.
 
@@ -171,11 +213,14 @@ def deliver_group(
     it, so it alone is a TEMPORARY_FAILURE: one retry per failing copy at most. Returns one
     result list per delivery once the commit is done. When the database itself fails, raises
     DatabaseError and nothing of the group was stored.
+
+    The group's stored copies and refusals, and the refusals waiting in ``tally``, are added to
+    the delivery figures in the same transaction: counting costs no commit of its own.
     """
     failed: set[tuple[int, int]] = set()  # (delivery, mailbox id) of copies that failed
     while True:
         try:
-            return _store_group(deliveries, failed, all_or_none)
+            return _store_group(deliveries, failed, all_or_none, tally or figures.DeliveryTally())
         except _CopyFailed as failure:
             logger.error("delivery to %s failed", log_text(failure.address), exc_info=failure.__cause__)
             failed.add(failure.position)
@@ -196,11 +241,14 @@ class _CopyFailed(Exception):
 
 
 def _store_group(
-    deliveries: Sequence[Delivery], failed: set[tuple[int, int]], all_or_none: bool
+    deliveries: Sequence[Delivery],
+    failed: set[tuple[int, int]],
+    all_or_none: bool,
+    tally: figures.DeliveryTally,
 ) -> list[list[RecipientResult]]:
     """One attempt at :func:`deliver_group`, skipping the copies in ``failed``."""
     copies: list[_Copy] = []
-    with transaction.atomic():
+    with tally.pending() as waiting, transaction.atomic():
         store.lock_group(
             mailbox
             for d, delivery in enumerate(deliveries)
@@ -214,9 +262,31 @@ def _store_group(
             transaction.set_rollback(True)
             copies.clear()
             results = [[_not_attempted_if_delivered(result) for result in group] for group in results]
+            tally.restore(waiting)
+        else:
+            _count(deliveries, results, copies, waiting)
+    if all_or_none and refused:
+        record_refusals([result for group in results for result in group])
     for copy in copies:
         _warn_if_quota_crossed(copy)
     return results
+
+
+def _count(
+    deliveries: Sequence[Delivery],
+    results: list[list[RecipientResult]],
+    copies: list["_Copy"],
+    waiting: figures.DeliveryCounts,
+) -> None:
+    """The group's figures: one per stored copy, one per refused recipient, and ``waiting``."""
+    refusals = [
+        (recipient.mailbox.domain_id, outcome_name(result.status))
+        for delivery, group in zip(deliveries, results, strict=True)
+        for recipient, result in zip(delivery.recipients, group, strict=True)
+        if result.status not in UNCOUNTED
+    ]
+    stored = [(copy.mailbox.domain_id, copy.size_bytes) for copy in copies]
+    figures.add_deliveries(stored, refusals, waiting)
 
 
 def _store_delivery(
@@ -291,7 +361,7 @@ def _store_in_group(mailbox: Mailbox, delivery: Delivery, copies: list["_Copy"])
     )
     if stored is None:
         return RecipientResult(mailbox.address, DeliveryStatus.OVER_QUOTA)
-    copies.append(_Copy(stored.uidl, mailbox, stored.mailbox_used_bytes))
+    copies.append(_Copy(stored.uidl, mailbox, stored.mailbox_used_bytes, stored.size_bytes))
     return RecipientResult(mailbox.address, DeliveryStatus.DELIVERED, stored.uidl)
 
 
@@ -302,6 +372,7 @@ class _Copy:
     uidl: str
     mailbox: Mailbox
     used_bytes: int
+    size_bytes: int
 
 
 def _active(mailbox: Mailbox) -> bool:

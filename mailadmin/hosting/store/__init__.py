@@ -48,6 +48,7 @@ from mailadmin.hosting.store.errors import (
     LimitReached,
     MailboxNotFound,
     OverQuota,
+    StillInUse,
     StoreError,
     on_line,
 )
@@ -96,6 +97,7 @@ __all__ = [
     "LimitReached",
     "MailboxNotFound",
     "OverQuota",
+    "StillInUse",
     "on_line",
     "StoreError",
     "StoreDirectory",

@@ -26,6 +26,7 @@ from mailadmin.hosting.store.errors import (
     InvalidInput,
     LimitReached,
     MailboxNotFound,
+    StillInUse,
 )
 from mailadmin.hosting.store.fastsql import find_mailbox
 from mailadmin.models import (
@@ -356,9 +357,11 @@ def update_domain_settings(domain_id: int, settings: Mapping[str, int | bool | s
         try:
             parse_percents(settings["quota_warning_percents"])
         except ValueError as error:
-            raise InvalidInput(str(error)) from None
+            raise InvalidInput(str(error), field="quota_warning_percents") from None
     if "language" in settings and settings["language"] not in dict(django_settings.LANGUAGES):
-        raise InvalidInput(gettext("unknown language %(code)r") % {"code": settings["language"]})
+        raise InvalidInput(
+            gettext("unknown language %(code)r") % {"code": settings["language"]}, field="language"
+        )
     Domain.objects.filter(pk=domain_id).update(**settings)
 
 
@@ -368,7 +371,7 @@ def delete_domain(name: str) -> Domain:
         domain = Domain.objects.select_for_update().get(pk=get_domain(name).pk)
         refusal = domain_deletion_refusal(domain)
         if refusal is not None:
-            raise InvalidInput(refusal)
+            raise StillInUse(refusal)
         Domain.objects.filter(pk=domain.pk).delete()
     return domain
 
@@ -425,7 +428,8 @@ def _require_in_range(maximum: int = MAX_BIGINT, **values: int) -> None:
         if not 0 <= value <= maximum:
             raise InvalidInput(
                 gettext("%(name)s must be between 0 and %(maximum)d")
-                % {"name": name.replace("_", " "), "maximum": maximum}
+                % {"name": name.replace("_", " "), "maximum": maximum},
+                field=name,
             )
 
 
@@ -440,14 +444,16 @@ def validate_new_password(password: str, username: str) -> None:
                 "password rejected: it contains the control character %(character)s, "
                 "which no POP3 client can send"
             )
-            % {"character": f"U+{ord(control):04X}"}
+            % {"character": f"U+{ord(control):04X}"},
+            field="password",
         )
     user = get_user_model()(username=username, email=username if "@" in username else "")
     try:
         validate_password(password, user)
     except ValidationError as error:
         raise InvalidInput(
-            gettext("password rejected: %(reasons)s") % {"reasons": " ".join(error.messages)}
+            gettext("password rejected: %(reasons)s") % {"reasons": " ".join(error.messages)},
+            field="password",
         ) from None
 
 

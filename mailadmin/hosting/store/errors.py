@@ -4,7 +4,15 @@ from django.utils.translation import gettext
 
 
 class StoreError(Exception):
-    """A request the store refuses; the message is fit to show an operator as it is."""
+    """A request the store refuses; the message is fit to show an operator as it is.
+
+    ``field`` names the input the refusal is about, when it is about one (``quota_bytes``,
+    ``password``), so a door can show the message against that field.
+    """
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class DomainNotFound(StoreError):
@@ -33,6 +41,10 @@ class OverQuota(StoreError):
 
 class InvalidInput(StoreError):
     pass
+
+
+class StillInUse(InvalidInput):
+    """Refused while other rows depend on it (a domain that still has mailboxes)."""
 
 
 class LeaseLost(StoreError):

@@ -175,10 +175,13 @@ class MessageEnd(Event, Generic[R]):
 
 
 @dataclass(frozen=True)
-class MessageRefused(Event):
-    """The final dot of a refused message: drop what was spooled and send ``data``."""
+class MessageRefused(Event, Generic[R]):
+    """The final dot of a refused message: drop what was spooled and send ``data``, the
+    ``refusal`` line once for each of ``recipients``."""
 
     data: bytes
+    refusal: str = ""
+    recipients: tuple[R, ...] = ()
 
 
 @dataclass
@@ -381,7 +384,10 @@ class Connection(Generic[R]):
         transaction, self._transaction = self._transaction, _Transaction()
         self.state = State.READY
         if transaction.refusal is not None:
-            return MessageRefused(reply(*[transaction.refusal] * len(transaction.recipients)))
+            recipients = tuple(transaction.recipients)
+            return MessageRefused(
+                reply(*[transaction.refusal] * len(recipients)), transaction.refusal, recipients
+            )
         return MessageEnd(transaction.sender, tuple(transaction.recipients))
 
 

@@ -20,13 +20,16 @@ import socket
 from dataclasses import dataclass
 
 from mailadmin.executors import DATABASE_ERRORS, BoundedExecutor
+from mailadmin.hosting.figures import DeliveryTally
 from mailadmin.mailin.delivery import (
     Delivery,
     DeliveryStatus,
     Recipient,
     RecipientResult,
+    count_refusal,
     deliver_group,
     look_up_recipient,
+    outcome_name,
 )
 from mailadmin.mailin.lmtp import protocol
 from mailadmin.mailin.lmtp.protocol import (
@@ -61,6 +64,13 @@ STATUS_REPLIES = {
     DeliveryStatus.ALIAS_LOOP: protocol.REPLY_ALIAS_LOOP,
 }
 
+TEMPORARY_FAILURE = outcome_name(DeliveryStatus.TEMPORARY_FAILURE)
+# How the delivery figures count a message refused while it was read.
+REFUSAL_OUTCOMES = {
+    protocol.REPLY_TOO_BIG: outcome_name(DeliveryStatus.TOO_LARGE),
+    protocol.REPLY_LINE_TOO_LONG: "line_too_long",
+}
+
 
 @dataclass(frozen=True)
 class LmtpConfig:
@@ -80,11 +90,15 @@ class GroupCommitter:
     write lock) or a WAL flush (PostgreSQL). Committing whatever has queued up (up to
     ``max_group`` messages) in one transaction turns N commits into one. On SQLite one writer
     per process never queues behind its own lock; on PostgreSQL, where a commit is mostly a
-    wait for the server, ``writers`` groups commit at once.
+    wait for the server, ``writers`` groups commit at once. Each group's transaction also writes
+    the refusals ``tally`` counted since the last one (see ``mailadmin.hosting.figures``).
     """
 
-    def __init__(self, executor: BoundedExecutor, max_group: int, writers: int = 1) -> None:
+    def __init__(
+        self, executor: BoundedExecutor, max_group: int, writers: int = 1, tally: DeliveryTally | None = None
+    ) -> None:
         self.executor = executor
+        self.tally = tally or DeliveryTally()
         self.max_group = max_group
         self.writers = writers
         self._queue: list[tuple[Delivery, asyncio.Future]] = []
@@ -114,7 +128,8 @@ class GroupCommitter:
         while self._queue:
             group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
             try:
-                results = await self.executor.run(deliver_group, [delivery for delivery, _ in group])
+                deliveries = [delivery for delivery, _ in group]
+                results = await self.executor.run(deliver_group, deliveries, self.tally)
             except Exception as error:  # every waiting session answers for its own recipients
                 for _, future in group:
                     if not future.done():
@@ -248,6 +263,9 @@ class LmtpSession(asyncio.Protocol):
             self._reply(await self._deliver(event))
         elif isinstance(event, MessageRefused):
             self._drop_spool()
+            outcome = REFUSAL_OUTCOMES.get(event.refusal, "refused")
+            for recipient in event.recipients:
+                count_refusal(self.committer.tally, recipient.address, outcome)
             self._reply(event.data)
         elif isinstance(event, Close):
             self._reply(event.data)
@@ -259,9 +277,11 @@ class LmtpSession(asyncio.Protocol):
             found = await self.executor.run(look_up_recipient, event.address, event.size_hint)
         except DATABASE_ERRORS:
             logger.warning("RCPT %s: database unavailable", log_text(event.address), exc_info=True)
+            count_refusal(self.committer.tally, event.address, TEMPORARY_FAILURE)
             return reply(protocol.REPLY_DATABASE_DOWN)
         if isinstance(found, Recipient):
             return self.conn.accept_recipient(found)
+        count_refusal(self.committer.tally, event.address, outcome_name(found))
         return self._status_reply(found, event.address)
 
     def _spool(self, data: bytes) -> None:
@@ -291,6 +311,8 @@ class LmtpSession(asyncio.Protocol):
             results: list[RecipientResult] = await asyncio.shield(pending)
         except Exception:  # every recipient still gets its own reply
             logger.warning("delivery failed", exc_info=True)
+            for recipient in event.recipients:
+                count_refusal(self.committer.tally, recipient.address, TEMPORARY_FAILURE)
             return b"".join(
                 recipient_reply(protocol.REPLY_TEMPORARY_FAILURE, r.address) for r in event.recipients
             )

@@ -12,8 +12,10 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
 from mailadmin.executors import BoundedExecutor, keep_connections_open
+from mailadmin.mailin.lmtp.heartbeat import LmtpHeartbeat
 from mailadmin.mailin.lmtp.protocol import Policy
 from mailadmin.mailin.lmtp.server import LmtpConfig, LmtpServer
+from mailadmin.pop3d.registry import node_name
 from mailadmin.prefork import run_workers, worker_count_argument
 from pop3.server import LISTEN_BACKLOG, listening_socket
 
@@ -82,9 +84,14 @@ class Command(BaseCommand):
         loop.add_signal_handler(signal.SIGINT, stop.set)
         executor = BoundedExecutor(settings.LMTP_DB_THREADS, "lmtp-db")
         server = LmtpServer(config, executor)
+        heartbeat = LmtpHeartbeat(
+            executor, server.committer.tally, node=node_name(), interval=settings.LMTP_HEARTBEAT_INTERVAL
+        )
         await server.listen(listener)
+        heartbeat.start()
         await stop.wait()
         await server.shutdown(SHUTDOWN_GRACE_SECONDS)
+        await heartbeat.stop()
         executor.shutdown()
 
 

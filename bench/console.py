@@ -1,0 +1,263 @@
+"""Console scenarios: the admin's pages at scale, and ``prunehistory`` beside a writer.
+
+``python -m bench.console seed SPEC.json`` fills the bench database with bulk SQL (one
+``INSERT ... SELECT`` over a generated series per table, seconds for a million rows):
+``mailboxes`` mailboxes over ``domains`` domains, ``sessions`` POP3 session rows over the last
+``days`` days (the newest ``open_sessions`` still open) and ``failures`` failed logins.
+
+``python -m bench.console pages SPEC.json OUT.json`` times the pages in-process with Django's
+test client: the server's time for each request, from the URL to the finished response, with
+no network in it. ``python -m bench.console writer OUT.json STOP`` stands in for runpop3's
+monitor: every ``WRITE_EVERY_SECONDS`` one transaction inserting and updating session rows,
+timed, until the file STOP appears; the prune scenario runs it beside ``prunehistory``.
+"""
+
+import json
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+CONSOLE_DOMAIN = "console.test"
+QUOTA_BYTES = 100 * 1024 * 1024
+SESSION_SECONDS = 30
+WRITE_EVERY_SECONDS = 0.02
+ROWS_PER_WRITE = 5
+
+
+@dataclass(frozen=True)
+class ConsoleSpec:
+    mailboxes: int = 100_000
+    domains: int = 100
+    sessions: int = 1_000_000
+    open_sessions: int = 1_000
+    failures: int = 100_000
+    days: int = 30
+    requests: int = 10
+
+    @classmethod
+    def smoke(cls) -> "ConsoleSpec":
+        return cls(mailboxes=500, domains=5, sessions=5_000, open_sessions=20, failures=500, requests=2)
+
+
+def domain_name(index: int) -> str:
+    return f"d{index}.{CONSOLE_DOMAIN}"
+
+
+# --- Seeding ---------------------------------------------------------------------------------
+
+
+class Sql:
+    """The few expressions where SQLite and PostgreSQL differ."""
+
+    def __init__(self, vendor: str) -> None:
+        self.vendor = vendor
+
+    def series(self, count: int) -> str:
+        if self.vendor == "postgresql":
+            return f"WITH series AS (SELECT generate_series(0, {count - 1}) AS i)"
+        return (
+            f"WITH RECURSIVE series(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM series WHERE i < {count - 1})"
+        )
+
+    def seconds_ago(self, seconds: str) -> str:
+        if self.vendor == "postgresql":
+            return f"(now() - ({seconds}) * interval '1 second')"
+        return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || ({seconds}) || ' seconds')"
+
+    def plus_seconds(self, moment: str, seconds: int) -> str:
+        if self.vendor == "postgresql":
+            return f"({moment} + interval '{seconds} seconds')"
+        return f"strftime('%Y-%m-%d %H:%M:%f', {moment}, '+{seconds} seconds')"
+
+    def new_uuid(self) -> str:
+        return "gen_random_uuid()" if self.vendor == "postgresql" else "lower(hex(randomblob(16)))"
+
+    def text(self, expression: str) -> str:
+        return f"CAST({expression} AS TEXT)"
+
+
+def seed(spec: ConsoleSpec) -> dict:
+    from django.db import connection, transaction
+
+    from mailadmin.models import Domain
+
+    sql = Sql(connection.vendor)
+    started = time.perf_counter()
+    with transaction.atomic():
+        Domain.objects.bulk_create(
+            [Domain(name=domain_name(d), quota_bytes=QUOTA_BYTES * 2000) for d in range(spec.domains)]
+        )
+        first_domain = Domain.objects.get(name=domain_name(0)).pk
+        with connection.cursor() as cursor:
+            for statement in _seed_statements(spec, sql, first_domain):
+                cursor.execute(statement)
+                # Statistics of the rows just added: without them PostgreSQL plans the next
+                # statement's join for a table of one row (and runs for hours).
+                cursor.execute("ANALYZE")
+            # Near their cap: a few domains, for the dashboard's figure.
+            cursor.execute(
+                "UPDATE mailadmin_domain SET used_bytes = quota_bytes * 9 / 10 "
+                f"WHERE name LIKE '%%.{CONSOLE_DOMAIN}' AND id % 10 = 0"
+            )
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE")
+    return {"seed_seconds": round(time.perf_counter() - started, 1)}
+
+
+def _seed_statements(spec: ConsoleSpec, sql: Sql, first_domain: int) -> list[str]:
+    """Users, mailboxes, sessions, failed logins; mailbox k is in domain k % domains."""
+    d = spec.domains
+    address, session_address = _address(sql, "i", d), _address(sql, f"(i % {spec.mailboxes})", d)
+    window = spec.days * 86400
+    started = sql.seconds_ago(f"i * {window}.0 / {spec.sessions}")
+    ended = sql.plus_seconds(started, SESSION_SECONDS)
+    first_user = f"(SELECT min(id) FROM auth_user WHERE username LIKE '%%.{CONSOLE_DOMAIN}')"
+    mailbox = f"(SELECT min(id) FROM mailadmin_mailbox) + i % {spec.mailboxes}"
+    return [
+        f"{sql.series(spec.mailboxes)} INSERT INTO auth_user (password, is_superuser, username, first_name, "
+        "last_name, email, is_staff, is_active, date_joined) "
+        f"SELECT '!', FALSE, {address}, '', '', '', FALSE, TRUE, {sql.seconds_ago('0')} FROM series",
+        # One INSERT in user id order: mailbox ids follow the users' order, k for user k.
+        "INSERT INTO mailadmin_mailbox (user_id, domain_id, active, quota_bytes, quota_messages, used_bytes, "
+        "used_messages, quota_warning_percent, next_uid, uid_validity, created_at, last_login_from) "
+        f"SELECT u.id, {first_domain} + (u.id - {first_user}) % {d}, TRUE, {QUOTA_BYTES}, 0, "
+        f"{QUOTA_BYTES} / 100 * ((u.id - {first_user}) * 37 % 101), 0, 0, 1, 1, u.date_joined, '' "
+        f"FROM auth_user u WHERE u.username LIKE '%%.{CONSOLE_DOMAIN}' ORDER BY u.id",
+        f"{sql.series(spec.sessions)} INSERT INTO mailadmin_pop3session (id, node, username, mailbox_id, "
+        "domain_id, peer_host, peer_port, local_host, local_port, implicit_tls, tls_version, tls_cipher, "
+        "started_at, authenticated_at, ended_at, end_reason, commands, bytes_in, bytes_out, retr_count, "
+        "retr_bytes, top_count, top_bytes, deleted_count, deleted_bytes, message_count, message_bytes, "
+        f"updated_at) SELECT {sql.new_uuid()}, 'bench:1', {session_address}, {mailbox}, "
+        f"{first_domain} + i % {spec.mailboxes} % {d}, '192.0.2.' || {sql.text('i % 250')}, 40000, "
+        f"'127.0.0.1', 110, FALSE, 'TLSv1.3', '', {started}, "
+        f"CASE WHEN i % 10 = 0 THEN NULL ELSE {started} END, "
+        f"CASE WHEN i < {spec.open_sessions} THEN NULL ELSE {ended} END, "
+        f"CASE WHEN i < {spec.open_sessions} THEN '' ELSE 'quit' END, "
+        "6, 60, 4000, i % 5, i % 5 * 20000, 0, 0, i % 5, i % 5 * 20000, 5, 100000, "
+        f"{started} FROM series",
+        f"{sql.series(spec.failures)} INSERT INTO mailadmin_authfailure (created_at, username, domain_id, "
+        "peer_host, source, mechanism, reason, attempt, penalised) "
+        f"SELECT {sql.seconds_ago(f'i * {window}.0 / {spec.failures}')}, {address}, "
+        f"{first_domain} + i % {d}, '198.51.100.' || {sql.text('i % 250')}, "
+        f"'198.51.100.' || {sql.text('i % 250')}, 'USER', 'bad credentials', '', TRUE FROM series",
+    ]
+
+
+def _address(sql: Sql, index: str, domains: int) -> str:
+    """Mailbox ``index``'s address, as SQL: m<k>@d<k % domains>.console.test."""
+    return f"'m' || {sql.text(index)} || '@d' || {sql.text(f'{index} % {domains}')} || '.{CONSOLE_DOMAIN}'"
+
+
+# --- Pages -----------------------------------------------------------------------------------
+
+
+def time_pages(spec: ConsoleSpec) -> dict:
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+    from django.urls import NoReverseMatch, reverse
+
+    from mailadmin.hosting import services
+    from mailadmin.hosting.actors import Actor
+
+    settings.ALLOWED_HOSTS = ["*"]
+    root = get_user_model().objects.create_superuser("dashboard-root", "", None)
+    services.save_domain_administrator(Actor.cli(), "dashboard-admin", [domain_name(0)], uuid.uuid4().hex)
+    admin = get_user_model().objects.get(username="dashboard-admin")
+    pages = {"dashboard": "/admin/", "mailbox_list": "/admin/mailadmin/mailbox/", "charts": "/admin/charts/"}
+    for name, url_name, query in (("quota", "admin:quota", "?over=80"), ("history", "admin:history", "")):
+        try:
+            pages[name] = reverse(url_name) + query
+        except NoReverseMatch:
+            pass
+    results = {}
+    for who, user in (("superuser", root), ("domain_admin", admin)):
+        client = Client()
+        client.force_login(user)
+        for page, url in pages.items():
+            results[f"{page}_{who}"] = _timed_requests(client, url, spec.requests)
+    return results
+
+
+def _timed_requests(client, url: str, count: int) -> dict:
+    samples = []
+    for attempt in range(count + 1):  # the first pays for imports, templates and connections
+        started = time.perf_counter()
+        response = client.get(url, secure=True)
+        if attempt:
+            samples.append(time.perf_counter() - started)
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: HTTP {response.status_code}")
+    return {
+        "url": url,
+        "requests": count,
+        "median_ms": round(statistics.median(samples) * 1000, 1),
+        "max_ms": round(max(samples) * 1000, 1),
+    }
+
+
+# --- A writer beside the prune ---------------------------------------------------------------
+
+
+def write_until(stop: Path) -> dict:
+    """runpop3's monitor, roughly: a small transaction of session inserts and updates, on and on."""
+    from django.db import transaction
+    from django.db.models.functions import Now
+    from django.utils import timezone
+
+    from mailadmin.models import Pop3Session
+
+    latencies = []
+    while not stop.exists():
+        started = time.perf_counter()
+        with transaction.atomic():
+            rows = [
+                Pop3Session(
+                    id=uuid.uuid4(),
+                    node="bench-writer:1",
+                    peer_host="192.0.2.1",
+                    peer_port=1,
+                    local_host="127.0.0.1",
+                    local_port=110,
+                    started_at=timezone.now(),
+                )
+                for _ in range(ROWS_PER_WRITE)
+            ]
+            Pop3Session.objects.bulk_create(rows)
+            for row in rows:
+                Pop3Session.objects.filter(pk=row.pk).update(commands=1, updated_at=Now())
+        latencies.append(time.perf_counter() - started)
+        time.sleep(WRITE_EVERY_SECONDS)
+    ordered = sorted(latencies[1:])  # the first write pays for the connection and imports
+    return {
+        "writes": len(latencies),
+        "write_p50_ms": round(ordered[len(ordered) // 2] * 1000, 1) if ordered else None,
+        "write_p99_ms": round(ordered[int(len(ordered) * 0.99)] * 1000, 1) if ordered else None,
+        "longest_write_stall_ms": round(ordered[-1] * 1000, 1) if ordered else None,
+    }
+
+
+def main(argv: list[str]) -> None:
+    import django
+
+    django.setup()
+    command = argv[0]
+    if command == "seed":
+        Path(argv[2]).write_text(json.dumps(seed(ConsoleSpec(**json.loads(Path(argv[1]).read_text())))))
+    elif command == "pages":
+        Path(argv[2]).write_text(json.dumps(time_pages(ConsoleSpec(**json.loads(Path(argv[1]).read_text())))))
+    elif command == "writer":
+        Path(argv[1]).write_text(json.dumps(write_until(Path(argv[2]))))
+    else:
+        raise SystemExit(f"unknown command {command!r}")
+
+
+def write_spec(spec: ConsoleSpec, path: Path) -> None:
+    path.write_text(json.dumps(asdict(spec)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
