@@ -278,9 +278,10 @@ def _count(
     copies: list["_Copy"],
     waiting: figures.DeliveryCounts,
 ) -> None:
-    """The group's figures: one per stored copy, one per refused recipient, and ``waiting``."""
+    """The group's figures: one per stored copy, one per refused recipient (in the domain of its
+    first mailbox: an alias's are its own domain's or those it may reach), and ``waiting``."""
     refusals = [
-        (recipient.mailbox.domain_id, outcome_name(result.status))
+        (recipient.mailboxes[0].domain_id, outcome_name(result.status))
         for delivery, group in zip(deliveries, results, strict=True)
         for recipient, result in zip(delivery.recipients, group, strict=True)
         if result.status not in UNCOUNTED
