@@ -14,10 +14,11 @@ export DEBUG ?= 1
 
 # Real mail clients the end-to-end tests talk to, the tools that make the Dovecot hashes the
 # migration tests import, the Dovecot the bench runs beside ours, and gettext for the catalogue
-# (Debian package: command).
+# (Debian package: command, or a file it installs).
 CLIENT_PACKAGES := fetchmail:fetchmail getmail6:getmail mpop:mpop curl:curl openssl:openssl \
 	postfix:postfix swaks:swaks chromium:chromium dovecot-core:doveadm whois:mkpasswd \
-	dovecot-pop3d:/usr/lib/dovecot/pop3 dovecot-lmtpd:/usr/lib/dovecot/lmtp gettext:xgettext
+	dovecot-pop3d:/usr/lib/dovecot/pop3 dovecot-lmtpd:/usr/lib/dovecot/lmtp gettext:xgettext \
+	postfix-pgsql:/usr/lib/postfix/postfix-pgsql.so
 
 .PHONY: install system-deps run test test-only lint bench clean
 
@@ -52,7 +53,7 @@ run: $(RUN_STAMP) $(TLS_DIR)/cert.pem
 # a system Dovecot (ports 110, 995, 143, 993), and disabled: the bench starts its own.
 system-deps:
 	@missing=$$(for entry in $(CLIENT_PACKAGES); do command -v $${entry#*:} >/dev/null \
-		|| [ -x /usr/sbin/$${entry#*:} ] || echo $${entry%%:*}; done); \
+		|| [ -x /usr/sbin/$${entry#*:} ] || [ -e $${entry#*:} ] || echo $${entry%%:*}; done); \
 	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing $$missing"; \
 		echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \

@@ -6,6 +6,7 @@ Every list and page is narrowed by ``scopes.visible_to``, so a domain administra
 changes only their domains. Counters are shown, never edited here.
 """
 
+import re
 from urllib.parse import urlencode
 
 from django import forms
@@ -29,13 +30,16 @@ from django.utils.translation import gettext_lazy as _
 from django.views.decorators.http import require_POST
 
 from mailadmin.addresses import domain_of, normalise_address
-from mailadmin.hosting import scopes, services, store
+from mailadmin.hosting import aliases, scopes, services, store
 from mailadmin.hosting.actors import Actor
 from mailadmin.models import (
+    Alias,
+    AliasDomain,
     AuditEntry,
     AuthFailure,
     Domain,
     DomainAdministratorLogin,
+    DomainCatchAll,
     Mailbox,
     Message,
     Pop3Session,
@@ -230,6 +234,8 @@ class DomainAdmin(ServiceAdmin):
         "default_mailbox_quota_bytes",
         "quota_warning_percents",
         "language",
+        "max_aliases",
+        "allow_outside_destinations",
         "used_bytes",
         "created_at",
     ]
@@ -571,6 +577,172 @@ class MailboxAdmin(ServiceAdmin):
             may_reset_password=obj is not None and self.has_password_permission(request, obj),
         )
         return super().render_change_form(request, context, *args, obj=obj, **kwargs)
+
+
+# --- Aliases, catch-alls, alias domains ------------------------------------------------------
+
+
+class DestinationsField(forms.CharField):
+    """Destination addresses typed one per line (or separated by commas), shown one per line."""
+
+    widget = forms.Textarea(attrs={"rows": 4})
+
+    def to_python(self, value) -> list[str]:
+        text = super().to_python(value) or ""
+        return [part for part in re.split(r"[,\s]+", text) if part]
+
+    def prepare_value(self, value):
+        return "\n".join(value) if isinstance(value, list) else value
+
+
+DESTINATIONS_HELP = _(
+    "One address per line: mailboxes or aliases of this server, or outside addresses where the domain "
+    "allows them."
+)
+
+
+def _destinations_field() -> DestinationsField:
+    return DestinationsField(label=_("Destinations"), help_text=DESTINATIONS_HELP)
+
+
+ALIAS_SETTINGS = frozenset({"destinations", "active"})
+
+
+class AliasCreationForm(ServiceForm):
+    source = forms.CharField(label=_("Address"), help_text=_("The alias's address, local@domain."))
+    destinations = _destinations_field()
+
+    class Meta:
+        model = Alias
+        fields = ["active"]
+
+    def apply(self, cleaned: dict) -> Alias:
+        return aliases.create_alias(
+            self.actor, cleaned["source"], cleaned["destinations"], active=cleaned["active"]
+        )
+
+
+class AliasChangeForm(ServiceForm):
+    destinations = _destinations_field()
+
+    class Meta:
+        model = Alias
+        fields = ["active"]
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.initial["destinations"] = aliases.destinations_of(self.instance)
+
+    def apply(self, cleaned: dict) -> Alias:
+        return aliases.update_alias(self.actor, self.instance.source, **self.edited(ALIAS_SETTINGS))
+
+
+class CatchAllCreationForm(ServiceForm):
+    domain_name = forms.CharField(
+        label=_("Domain"), help_text=_("The domain whose other addresses it receives.")
+    )
+    destinations = _destinations_field()
+
+    class Meta:
+        model = DomainCatchAll
+        fields: list[str] = []
+
+    def apply(self, cleaned: dict) -> Alias:
+        return aliases.set_catch_all(self.actor, cleaned["domain_name"], cleaned["destinations"])
+
+
+class AliasPagesAdmin(ServiceAdmin):
+    """Aliases and catch-alls alike: edited through ``hosting.aliases``; counts from daily rows."""
+
+    list_display = ["source", "domain", "active", "destination_list", "received_recently"]
+    list_filter = ["active", ("domain", admin.RelatedOnlyFieldListFilter)]
+    search_fields = ["source", "destinations__address"]
+    list_select_related = ["domain"]
+    readonly_fields = ["source", "domain", "received_recently", "created_at"]
+    fields = ["source", "domain", "active", "destinations", "received_recently", "created_at"]
+    creation_form: type[ServiceForm]
+    creation_fields: list[str]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Alias]:
+        return aliases.with_recent_counts(super().get_queryset(request)).prefetch_related("destinations")
+
+    @admin.display(description=_("destinations"))
+    def destination_list(self, alias: Alias) -> str:
+        return ", ".join(aliases.destinations_of(alias))
+
+    @admin.display(description=_("received, last %(days)d days") % {"days": aliases.RECENT_DAYS})
+    def received_recently(self, alias: Alias) -> int:
+        return alias.received_recently
+
+    def get_form(self, request: HttpRequest, obj: Alias | None = None, change: bool = False, **kwargs):
+        kwargs["form"] = AliasChangeForm if obj is not None else self.creation_form
+        return super().get_form(request, obj, change, **kwargs)
+
+    def get_fields(self, request: HttpRequest, obj: Alias | None = None) -> list[str]:
+        return self.fields if obj is not None else self.creation_fields
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Alias | None = None) -> list[str]:
+        return self.readonly_fields if obj is not None else []
+
+    def delete_model(self, request: HttpRequest, obj: Alias) -> None:
+        try:
+            aliases.delete_alias(actor_of(request), obj.source)
+        except store.StoreError as error:
+            self.refused(request, error)
+
+    def get_deleted_objects(self, objs, request: HttpRequest):
+        """Only the aliases are named: their destinations and counters go with them."""
+        rows = list(objs)
+        return [str(alias) for alias in rows], {self.opts.verbose_name_plural: len(rows)}, set(), []
+
+
+@admin.register(Alias)
+class AliasAdmin(AliasPagesAdmin):
+    creation_form = AliasCreationForm
+    creation_fields = ["source", "destinations", "active"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Alias]:
+        return super().get_queryset(request).addresses()
+
+
+@admin.register(DomainCatchAll)
+class DomainCatchAllAdmin(AliasPagesAdmin):
+    creation_form = CatchAllCreationForm
+    creation_fields = ["domain_name", "destinations"]
+
+
+class AliasDomainForm(ServiceForm):
+    class Meta:
+        model = AliasDomain
+        fields = ["name", "target"]
+
+    def apply(self, cleaned: dict) -> AliasDomain:
+        return aliases.create_alias_domain(self.actor, cleaned["name"], cleaned["target"].name)
+
+
+@admin.register(AliasDomain)
+class AliasDomainAdmin(ServiceAdmin):
+    """Alias domains claim a domain name: operators of every domain add and delete them."""
+
+    list_display = ["name", "target", "created_at"]
+    search_fields = ["name", "target__name"]
+    list_select_related = ["target"]
+    form = AliasDomainForm
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return super().has_add_permission(request) and services.may_manage_domains(actor_of(request))
+
+    def has_change_permission(self, request: HttpRequest, obj: AliasDomain | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: AliasDomain | None = None) -> bool:
+        return super().has_delete_permission(request, obj) and services.may_manage_domains(actor_of(request))
+
+    def delete_model(self, request: HttpRequest, obj: AliasDomain) -> None:
+        try:
+            aliases.delete_alias_domain(actor_of(request), obj.name)
+        except store.StoreError as error:
+            self.refused(request, error)
 
 
 # --- Read-only records -----------------------------------------------------------------------

@@ -114,6 +114,16 @@ class Domain(StoreCounters, models.Model):
         default=_default_language,
         help_text=_("The language of the messages sent to the domain's mailboxes, such as quota warnings."),
     )
+    max_aliases = models.PositiveIntegerField(
+        _("maximum aliases"), default=0, help_text=_("0 = unlimited; the catch-all is not counted.")
+    )
+    allow_outside_destinations = models.BooleanField(
+        _("allow outside destinations"),
+        default=False,
+        help_text=_(
+            "Whether its domain administrators may forward its aliases to addresses not hosted here."
+        ),
+    )
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
 
     STORE_OWNED_FIELDS = ("used_bytes",)
@@ -674,3 +684,124 @@ class DomainAdministratorLogin(User):
         proxy = True
         verbose_name = _("domain administrator")
         verbose_name_plural = _("domain administrators")
+
+
+# A source of this form, "@domain", is the domain's catch-all (Postfix's virtual(5) notation).
+CATCH_ALL_PREFIX = "@"
+
+
+class AliasQuerySet(models.QuerySet):
+    def addresses(self) -> "AliasQuerySet":
+        """Aliases of one address, without the domains' catch-alls."""
+        return self.exclude(source__startswith=CATCH_ALL_PREFIX)
+
+
+class Alias(models.Model):
+    """An address whose mail goes to other addresses: local mailboxes, other aliases, outside ones.
+
+    A source of the form ``@domain`` is that domain's catch-all, used only for an address that
+    is neither a mailbox nor an alias: the same table and notation as Postfix's virtual(5), so
+    one expansion rule, one counter and one Postfix view serve both (``DomainCatchAll`` is the
+    catch-alls' own admin page). A source is never a mailbox's address, and a mailbox is never
+    created over an alias (``store.require_address_free``).
+    """
+
+    source = models.CharField(
+        _("address"), max_length=320, unique=True, help_text=_("local@domain, or @domain for a catch-all.")
+    )
+    domain = models.ForeignKey(
+        Domain, on_delete=models.PROTECT, related_name="aliases", verbose_name=_("domain")
+    )
+    active = models.BooleanField(_("active"), default=True)
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+
+    objects = AliasQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("alias")
+        verbose_name_plural = _("aliases")
+        ordering = ["source"]
+
+    def __str__(self) -> str:
+        return self.source
+
+    @property
+    def is_catch_all(self) -> bool:
+        return self.source.startswith(CATCH_ALL_PREFIX)
+
+
+class CatchAllManager(models.Manager):
+    def get_queryset(self) -> models.QuerySet:
+        return super().get_queryset().filter(source__startswith=CATCH_ALL_PREFIX)
+
+
+class DomainCatchAll(Alias):
+    """The catch-alls among the aliases (source ``@domain``), for a page of their own."""
+
+    objects = CatchAllManager()
+
+    class Meta:
+        proxy = True
+        verbose_name = _("catch-all")
+        verbose_name_plural = _("catch-alls")
+
+
+class AliasDestination(models.Model):
+    """One address an alias delivers to, normalised: a mailbox, another alias or an outside address."""
+
+    alias = models.ForeignKey(Alias, on_delete=models.CASCADE, related_name="destinations")
+    address = models.CharField(max_length=320)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["alias", "address"], name="alias_destination_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.alias_id} -> {self.address}"
+
+
+class AliasDomain(models.Model):
+    """Another name for a hosted domain: ``user@name`` is delivered as ``user@target``.
+
+    Its name is no domain of its own (no mailbox or alias can be in it), as in Postfix's
+    ``@name @target`` virtual(5) entry.
+    """
+
+    name = models.CharField(
+        _("name"),
+        max_length=253,
+        unique=True,
+        help_text=_("Lower-case; internationalised names are stored as A-labels."),
+    )
+    target = models.ForeignKey(
+        Domain, on_delete=models.PROTECT, related_name="alias_domains", verbose_name=_("target domain")
+    )
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+
+    class Meta:
+        verbose_name = _("alias domain")
+        verbose_name_plural = _("alias domains")
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} -> {self.target}"
+
+
+class AliasDailyCount(models.Model):
+    """How many messages an alias received on one day (UTC): written by the store as it delivers.
+
+    A row per alias and day keeps "the last 30 days" a sum of at most 30 small rows, with no
+    scan of the messages (which do not record the alias they came through).
+    """
+
+    alias = models.ForeignKey(Alias, on_delete=models.CASCADE, related_name="daily_counts")
+    day = models.DateField()
+    messages = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["alias", "day"], name="alias_daily_count_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.alias_id} on {self.day}: {self.messages}"

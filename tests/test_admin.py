@@ -258,7 +258,7 @@ def test_domain_change_through_the_service_keeps_usage(staff_client, make_mailbo
     domain = Domain.objects.get(name="example.test")
     response = staff_client.post(
         f"/admin/mailadmin/domain/{domain.pk}/change/",
-        {"active": "on", "quota_bytes": "10G", "max_mailboxes": "5"}
+        {"active": "on", "quota_bytes": "10G", "max_mailboxes": "5", "max_aliases": "0"}
         | {"default_mailbox_quota_bytes": "1G", "quota_warning_percents": "80,95", "language": "en"},
     )
     assert response.status_code == 302

@@ -14,18 +14,22 @@ from django.contrib.auth.models import Group
 from django.contrib.contenttypes.models import ContentType
 from django.core.management import call_command
 from django.forms.models import model_to_dict
-from django.utils import timezone
+from django.utils import timezone, translation
 
 from mailadmin.api.models import ApiToken
-from mailadmin.hosting import services
+from mailadmin.hosting import aliases, services
 from mailadmin.hosting.actors import Actor
 from mailadmin.mailin.delivery import deliver
 from mailadmin.models import (
+    Alias,
+    AliasDestination,
+    AliasDomain,
     AuditEntry,
     AuthFailure,
     Domain,
     DomainAdministrator,
     DomainAdministratorLogin,
+    DomainCatchAll,
     Mailbox,
     Message,
     Pop3Session,
@@ -75,6 +79,13 @@ def b_objects(make_mailbox) -> dict:
     objects[get_user_model()] = b_mailbox.user
     objects[Group] = Group.objects.get(name=services.ADMINISTRATORS_GROUP)
     objects[ApiToken] = services.create_token(Actor.cli(), domain_names=["b.test"], name="provisioning").token
+    for domain in ("a.test", "b.test"):
+        aliases.create_alias(Actor.cli(), f"team@{domain}", [f"user@{domain}"])
+        aliases.set_catch_all(Actor.cli(), domain, [f"user@{domain}"])
+        aliases.create_alias_domain(Actor.cli(), f"alias-{domain}", domain)
+    objects[Alias] = Alias.objects.get(source="team@b.test")
+    objects[DomainCatchAll] = DomainCatchAll.objects.get(source="@b.test")
+    objects[AliasDomain] = AliasDomain.objects.get(name="alias-b.test")
     return objects
 
 
@@ -85,7 +96,13 @@ def alma(client, b_objects):
 
 
 def snapshot() -> dict:
-    """Every row a refused request must leave as it was."""
+    """Every row a refused request must leave as it was (in English: a row's text names its
+    model in the active language, which the requests walked may have changed)."""
+    with translation.override("en"):
+        return _rows()
+
+
+def _rows() -> dict:
     models = [
         Domain,
         Mailbox,
@@ -96,6 +113,9 @@ def snapshot() -> dict:
         DomainAdministrator,
         Group,
         ApiToken,
+        Alias,
+        AliasDestination,
+        AliasDomain,
     ]
     rows = {
         model.__name__: sorted(map(repr, (model_to_dict(row) for row in model.objects.all())))

@@ -182,6 +182,7 @@ def test_a_domains_language_is_set_through_the_admin_and_audited(root_client):
         "active": "on",
         "quota_bytes": "0",
         "max_mailboxes": "0",
+        "max_aliases": "0",
         "default_mailbox_quota_bytes": "0",
         "quota_warning_percents": "",
         "language": "id",

@@ -69,7 +69,7 @@ class StandInStore:
 
     async def run(self, function, *args):
         if function is look_up_recipient:
-            return Recipient(args[0], mailbox=None)
+            return Recipient(args[0], mailboxes=())
         assert function is deliver_group
         deliveries, _tally = args
         self.messages += [b"".join(d.message.chunks(4096)) for d in deliveries]

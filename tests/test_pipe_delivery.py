@@ -79,6 +79,8 @@ def test_every_refusal_runlmtp_sends_maps_to_the_status_it_stands_for() -> None:
         DeliveryStatus.TOO_LARGE,
         DeliveryStatus.TEMPORARY_FAILURE,
         DeliveryStatus.OVER_QUOTA,
+        DeliveryStatus.OUTSIDE_DESTINATION,
+        DeliveryStatus.ALIAS_LOOP,
     }
 
 

@@ -8,10 +8,13 @@ from django.db.models import Model, QuerySet
 
 from mailadmin.hosting.actors import Actor
 from mailadmin.models import (
+    Alias,
+    AliasDomain,
     AuditEntry,
     AuthFailure,
     DeliveryFigures,
     Domain,
+    DomainCatchAll,
     HourlyFigures,
     Mailbox,
     Message,
@@ -28,6 +31,9 @@ DOMAIN_PATHS: dict[type[Model], str] = {
     AuditEntry: "domain",
     HourlyFigures: "domain",
     DeliveryFigures: "domain",
+    Alias: "domain",
+    DomainCatchAll: "domain",
+    AliasDomain: "target",
 }
 
 

@@ -10,11 +10,12 @@ may create, change, delete and set passwords of mailboxes, kick their sessions, 
 their quota, and change a domain's ``DOMAIN_ADMINISTRATOR_SETTINGS``; they may not create,
 delete, suspend or reactivate a domain, change its quota cap or mailbox limit, or make
 administrators. Outside their domains every request is refused alike, whether or not the
-domain or mailbox exists, so a refusal reveals nothing. A person also needs a permission of
-its own for each action beyond editing: ``kick_pop3session`` to kick, ``set_mailbox_password``
-to reset a password, ``suspend_mailbox`` to suspend or resume, ``recalculate_quota`` to recount
-usage (domain administrators have these four), ``view_message_body`` to read mail (nobody has
-it unless given). Viewing is not enough.
+domain or mailbox exists, so a refusal reveals nothing. Aliases, catch-alls and alias domains
+follow the same rule (``aliases``, whose docstring says what it adds for destinations). A
+person also needs a permission of its own for each action beyond editing: ``kick_pop3session``
+to kick, ``set_mailbox_password`` to reset a password, ``suspend_mailbox`` to suspend or resume,
+``recalculate_quota`` to recount usage (domain administrators have these four),
+``view_message_body`` to read mail (nobody has it unless given). Viewing is not enough.
 
 Passwords are hashed before a function opens its transaction: argon2 costs ~100 ms and
 ~100 MiB a hash, and a transaction held meanwhile stalls deliveries and logins.
@@ -70,6 +71,15 @@ ADMINISTRATOR_PERMISSIONS = (
     "kick_pop3session",
     "view_authfailure",
     "view_auditentry",
+    "view_alias",
+    "add_alias",
+    "change_alias",
+    "delete_alias",
+    "view_domaincatchall",
+    "add_domaincatchall",
+    "change_domaincatchall",
+    "delete_domaincatchall",
+    "view_aliasdomain",
 )
 
 

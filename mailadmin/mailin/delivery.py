@@ -16,6 +16,7 @@ from django.utils import translation
 
 from mailadmin.addresses import domain_of_login, normalise_address
 from mailadmin.executors import DATABASE_ERRORS
+from mailadmin.hosting import expansion as expansion_rules
 from mailadmin.hosting import figures, store
 from mailadmin.mailin.messagefile import MessageTooLarge, Readable, SpooledMessage, spool_message
 from mailadmin.mailin.status import DeliveryStatus
@@ -31,6 +32,8 @@ class RecipientResult:
     recipient: str
     status: DeliveryStatus
     uidl: str | None = None
+    # A recipient DELIVERED through an alias: the results of its mailboxes that refused a copy.
+    missed: tuple["RecipientResult", ...] = ()
 
     @property
     def delivered(self) -> bool:
@@ -124,10 +127,15 @@ def _not_attempted_unless_refused(recipient: str, entry: "Recipient | DeliverySt
 
 @dataclass(frozen=True)
 class Recipient:
-    """An accepted recipient: the address as the client gave it, and its mailbox at that time."""
+    """An accepted recipient: the address as the client gave it, and the mailboxes it reaches.
+
+    One mailbox for a mailbox's address; for an alias, each distinct mailbox it expands to (at
+    that time), with the aliases passed through, whose counters the delivery moves.
+    """
 
     address: str
-    mailbox: Mailbox
+    mailboxes: tuple[Mailbox, ...]
+    alias_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,18 +152,45 @@ def look_up_recipient(recipient: str, size_hint: int = 0) -> Recipient | Deliver
 
     For LMTP's RCPT stage, as Dovecot looks the user up at RCPT: the delivery then stores into
     this mailbox, and its quota is charged (and checked again, by the same rule) atomically in
-    the group. One query.
+    the group. A mailbox's address costs one query (``store.find_recipient``, the expansion's
+    first question); only an address that is no mailbox is looked up in the alias tables
+    (:mod:`mailadmin.hosting.expansion`).
     """
     address = _normalised_or_none(recipient)
-    found = store.find_recipient(address, max(size_hint, 1)) if address else None
-    if found is None:
+    if address is None:
         return DeliveryStatus.NO_SUCH_MAILBOX
-    mailbox, fits = found
-    if not _active(mailbox):
+    try:
+        expansion = expansion_rules.expand(address, store.StoreDirectory(max(size_hint, 1)))
+    except expansion_rules.ExpansionError as error:
+        logger.warning("RCPT %s refused: %s", log_text(recipient), error)
+        return DeliveryStatus.ALIAS_LOOP
+    if expansion.outside:
+        logger.warning(
+            "RCPT %s refused: forwards to %s (outside addresses are for the MTA to expand)",
+            log_text(recipient),
+            ", ".join(map(log_text, expansion.outside)),
+        )
+        return DeliveryStatus.OUTSIDE_DESTINATION
+    return _accepted(recipient, list(expansion.mailboxes.values()), tuple(expansion.alias_ids))
+
+
+def _accepted(
+    recipient: str, found: list[tuple[Mailbox, bool]], alias_ids: tuple[int, ...]
+) -> Recipient | DeliveryStatus:
+    """A recipient of the usable mailboxes found, if one of them has room now; else why not.
+
+    Through an alias, a disabled mailbox among several is left out (as a deleted one is), and
+    one that is full now is still tried at commit: it may have room by then, and its refusal
+    then fails its copy alone.
+    """
+    usable = [(mailbox, fits) for mailbox, fits in found if _active(mailbox)]
+    if not found:
+        return DeliveryStatus.NO_SUCH_MAILBOX
+    if not usable:
         return DeliveryStatus.MAILBOX_INACTIVE
-    if not fits:
+    if not any(fits for _, fits in usable):
         return DeliveryStatus.OVER_QUOTA
-    return Recipient(recipient, mailbox)
+    return Recipient(recipient, tuple(mailbox for mailbox, _ in usable), alias_ids)
 
 
 # Outcomes that are not refusals of their own: the recipient's copy was not even tried.
@@ -182,7 +217,7 @@ def deliver_group(
     The group's stored copies and refusals, and the refusals waiting in ``tally``, are added to
     the delivery figures in the same transaction: counting costs no commit of its own.
     """
-    failed: set[tuple[int, int]] = set()
+    failed: set[tuple[int, int]] = set()  # (delivery, mailbox id) of copies that failed
     while True:
         try:
             return _store_group(deliveries, failed, all_or_none, tally or figures.DeliveryTally())
@@ -215,10 +250,11 @@ def _store_group(
     copies: list[_Copy] = []
     with tally.pending() as waiting, transaction.atomic():
         store.lock_group(
-            recipient.mailbox
+            mailbox
             for d, delivery in enumerate(deliveries)
-            for r, recipient in enumerate(delivery.recipients)
-            if (d, r) not in failed
+            for recipient in delivery.recipients
+            for mailbox in recipient.mailboxes
+            if (d, mailbox.pk) not in failed
         )
         results = [_store_delivery(d, delivery, failed, copies) for d, delivery in enumerate(deliveries)]
         refused = any(not result.delivered for group in results for result in group)
@@ -242,9 +278,10 @@ def _count(
     copies: list["_Copy"],
     waiting: figures.DeliveryCounts,
 ) -> None:
-    """The group's figures: one per stored copy, one per refused recipient, and ``waiting``."""
+    """The group's figures: one per stored copy, one per refused recipient (in the domain of its
+    first mailbox: an alias's are its own domain's or those it may reach), and ``waiting``."""
     refusals = [
-        (recipient.mailbox.domain_id, outcome_name(result.status))
+        (recipient.mailboxes[0].domain_id, outcome_name(result.status))
         for delivery, group in zip(deliveries, results, strict=True)
         for recipient, result in zip(delivery.recipients, group, strict=True)
         if result.status not in UNCOUNTED
@@ -256,44 +293,67 @@ def _count(
 def _store_delivery(
     index: int, delivery: Delivery, failed: set[tuple[int, int]], copies: list["_Copy"]
 ) -> list[RecipientResult]:
-    """One copy per mailbox, however many of the recipients name it; each name gets its result.
+    """One copy per mailbox, however many of the recipients reach it; each name gets its result.
 
     An MTA may give the same mailbox twice (two spellings of one address, or a list expanded
-    twice); RFC 2033 still wants one reply per accepted RCPT.
+    twice), and aliases may reach it too; RFC 2033 still wants one reply per accepted RCPT.
     """
     by_mailbox: dict[int, RecipientResult] = {}
     results = []
-    for r, recipient in enumerate(delivery.recipients):
-        first = by_mailbox.get(recipient.mailbox.pk)
-        if first is None:
-            first = by_mailbox[recipient.mailbox.pk] = (
-                RecipientResult(recipient.address, DeliveryStatus.TEMPORARY_FAILURE)
-                if (index, r) in failed
-                else _store_copy((index, r), recipient, delivery, copies)
-            )
-        results.append(replace(first, recipient=recipient.address))
+    through_aliases: set[int] = set()  # each alias counts the message once, however often named
+    for recipient in delivery.recipients:
+        for mailbox in recipient.mailboxes:
+            if mailbox.pk not in by_mailbox:
+                by_mailbox[mailbox.pk] = (
+                    RecipientResult(mailbox.address, DeliveryStatus.TEMPORARY_FAILURE)
+                    if (index, mailbox.pk) in failed
+                    else _store_copy((index, mailbox.pk), mailbox, delivery, copies)
+                )
+        result = _recipient_result(recipient, [by_mailbox[mailbox.pk] for mailbox in recipient.mailboxes])
+        if result.delivered:
+            through_aliases.update(recipient.alias_ids)
+        results.append(result)
+    if through_aliases:
+        store.count_alias_delivery(sorted(through_aliases))
     return results
 
 
+def _recipient_result(recipient: Recipient, copies: list[RecipientResult]) -> RecipientResult:
+    """A recipient's result from its copies' (one, unless it is an alias).
+
+    An alias is DELIVERED once any of its mailboxes has its copy, naming in ``missed`` those
+    that refused theirs (full): a temporary failure would make the MTA send the message again
+    to the mailboxes that have it. When none has it, the first copy's refusal is the answer.
+    """
+    stored = [copy for copy in copies if copy.delivered]
+    if not stored:
+        return replace(copies[0], recipient=recipient.address)
+    missed = tuple(copy for copy in copies if not copy.delivered)
+    if missed:
+        refusals = ", ".join(f"{copy.recipient} ({copy.status.value})" for copy in missed)
+        logger.warning("delivery to %s: stored, but not for %s", log_text(recipient.address), refusals)
+    return RecipientResult(recipient.address, DeliveryStatus.DELIVERED, stored[0].uidl, missed)
+
+
 def _store_copy(
-    position: tuple[int, int], recipient: Recipient, delivery: Delivery, copies: list["_Copy"]
+    position: tuple[int, int], mailbox: Mailbox, delivery: Delivery, copies: list["_Copy"]
 ) -> RecipientResult:
     try:
-        return _store_in_group(recipient, delivery, copies)
+        return _store_in_group(mailbox, delivery, copies)
     except COPY_ERRORS as error:
-        raise _CopyFailed(position, recipient.address) from error
+        raise _CopyFailed(position, mailbox.address) from error
     except DATABASE_ERRORS:
         raise
     except Exception as error:
-        raise _CopyFailed(position, recipient.address) from error
+        raise _CopyFailed(position, mailbox.address) from error
 
 
 def _not_attempted_if_delivered(result: RecipientResult) -> RecipientResult:
     return RecipientResult(result.recipient, DeliveryStatus.NOT_ATTEMPTED) if result.delivered else result
 
 
-def _store_in_group(recipient: Recipient, delivery: Delivery, copies: list["_Copy"]) -> RecipientResult:
-    mailbox = recipient.mailbox
+def _store_in_group(mailbox: Mailbox, delivery: Delivery, copies: list["_Copy"]) -> RecipientResult:
+    """One mailbox's copy, as a result under the mailbox's address."""
     stored = store.append_message_in_group(
         mailbox,
         delivery.message,
@@ -301,9 +361,9 @@ def _store_in_group(recipient: Recipient, delivery: Delivery, copies: list["_Cop
         envelope_sender=delivery.sender,
     )
     if stored is None:
-        return RecipientResult(recipient.address, DeliveryStatus.OVER_QUOTA)
+        return RecipientResult(mailbox.address, DeliveryStatus.OVER_QUOTA)
     copies.append(_Copy(stored.uidl, mailbox, stored.mailbox_used_bytes, stored.size_bytes))
-    return RecipientResult(recipient.address, DeliveryStatus.DELIVERED, stored.uidl)
+    return RecipientResult(mailbox.address, DeliveryStatus.DELIVERED, stored.uidl)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ EX_DATAERR = 65
 EX_NOUSER = 67
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
+EX_CONFIG = 78
 
 EXIT_CODES = {
     DeliveryStatus.EMPTY_MESSAGE: EX_DATAERR,
@@ -43,9 +44,11 @@ EXIT_CODES = {
     DeliveryStatus.TOO_LARGE: EX_UNAVAILABLE,
     DeliveryStatus.OVER_QUOTA: EX_TEMPFAIL,
     DeliveryStatus.TEMPORARY_FAILURE: EX_TEMPFAIL,
+    DeliveryStatus.OUTSIDE_DESTINATION: EX_CONFIG,
+    DeliveryStatus.ALIAS_LOOP: EX_UNAVAILABLE,
 }
 # When recipients fail differently, a permanent reason wins: retrying cannot help.
-SEVERITY = [EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_TEMPFAIL]
+SEVERITY = [EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_CONFIG, EX_TEMPFAIL]
 
 # runlmtp's refusals by enhanced status code (RFC 3463), as the in-process path names them.
 # Over quota stays temporary even as 5.2.2 (LMTP_OVER_QUOTA_PERMANENT), as it is in-process.
@@ -56,6 +59,8 @@ REFUSALS = {
     "5.2.2": DeliveryStatus.OVER_QUOTA,
     "5.3.4": DeliveryStatus.TOO_LARGE,
     "4.3.0": DeliveryStatus.TEMPORARY_FAILURE,
+    "5.3.5": DeliveryStatus.OUTSIDE_DESTINATION,
+    "5.4.6": DeliveryStatus.ALIAS_LOOP,
 }
 # A message runlmtp refused whole without storing it, which the in-process path takes: a
 # line longer than LMTP_MAX_LINE_BYTES.

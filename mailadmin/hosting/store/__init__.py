@@ -33,7 +33,14 @@ from mailadmin.hosting.store.accounts import (
     upgrade_password_hash,
     validate_new_password,
 )
+from mailadmin.hosting.store.aliases import (
+    StoreDirectory,
+    count_alias_delivery,
+    require_address_free,
+    require_domain_name_free,
+)
 from mailadmin.hosting.store.errors import (
+    AliasNotFound,
     AlreadyExists,
     DomainNotFound,
     InvalidInput,
@@ -77,6 +84,7 @@ from mailadmin.hosting.store.messages import (
 from mailadmin.hosting.store.quota import Drift, recalculate_quota
 
 __all__ = [
+    "AliasNotFound",
     "DOMAIN_SETTINGS",
     "MAILBOX_SETTINGS",
     "AlreadyExists",
@@ -92,12 +100,14 @@ __all__ = [
     "StillInUse",
     "on_line",
     "StoreError",
+    "StoreDirectory",
     "StoredMessage",
     "acquire_lease",
     "append_message",
     "append_message_in_group",
     "check_password_hash",
     "commit_maildrop",
+    "count_alias_delivery",
     "create_domain",
     "create_mailbox",
     "delete_domain",
@@ -125,6 +135,8 @@ __all__ = [
     "release_lease",
     "release_node_leases",
     "renew_leases",
+    "require_address_free",
+    "require_domain_name_free",
     "set_password",
     "set_password_hash",
     "storable_password_hash",

@@ -19,6 +19,7 @@ from django.utils.translation import gettext
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.hosting import dovecothashes
+from mailadmin.hosting.store.aliases import require_address_free, require_not_alias_domain
 from mailadmin.hosting.store.errors import (
     AlreadyExists,
     DomainNotFound,
@@ -28,7 +29,14 @@ from mailadmin.hosting.store.errors import (
     StillInUse,
 )
 from mailadmin.hosting.store.fastsql import find_mailbox
-from mailadmin.models import Domain, Mailbox, Message, MessageChunk, UidValidityCounter, parse_percents
+from mailadmin.models import (
+    Domain,
+    Mailbox,
+    Message,
+    MessageChunk,
+    UidValidityCounter,
+    parse_percents,
+)
 
 MAX_BIGINT = 2**63 - 1
 MAX_INT32 = 2**31 - 1  # PositiveIntegerField on PostgreSQL
@@ -42,6 +50,8 @@ DOMAIN_SETTINGS = frozenset(
         "max_mailboxes",
         "default_mailbox_quota_bytes",
         "quota_warning_percents",
+        "max_aliases",
+        "allow_outside_destinations",
         "language",
     }
 )
@@ -91,6 +101,7 @@ def create_mailbox(
         user_model = get_user_model()
         if user_model.objects.filter(username=normalised).exists():
             raise AlreadyExists(gettext("mailbox %(address)s already exists") % {"address": normalised})
+        require_address_free(normalised)
         user = user_model(username=normalised, email=normalised, password=password_hash)
         user.save()
         mailbox = Mailbox.objects.create(
@@ -112,6 +123,7 @@ def _domain_for_new_mailbox(domain_name: str, create_missing: bool) -> Domain:
                 gettext("no such domain: %(name)s (create it first, or pass --create-domain)")
                 % {"name": domain_name}
             )
+        require_not_alias_domain(domain_name)
         domain = Domain.objects.create(name=domain_name)
     if domain.max_mailboxes and domain.mailboxes.count() >= domain.max_mailboxes:
         raise LimitReached(
@@ -339,7 +351,8 @@ def update_domain_settings(domain_id: int, settings: Mapping[str, int | bool | s
     _require_known(settings, DOMAIN_SETTINGS)
     sizes = ("quota_bytes", "default_mailbox_quota_bytes")
     _require_in_range(**{name: settings[name] for name in sizes if name in settings})
-    _require_in_range(MAX_INT32, **{name: settings[name] for name in ("max_mailboxes",) if name in settings})
+    limits = ("max_mailboxes", "max_aliases")
+    _require_in_range(MAX_INT32, **{name: settings[name] for name in limits if name in settings})
     if "quota_warning_percents" in settings:
         try:
             parse_percents(settings["quota_warning_percents"])
@@ -364,12 +377,18 @@ def delete_domain(name: str) -> Domain:
 
 
 def domain_deletion_refusal(domain: Domain) -> str | None:
-    """Why the domain cannot be deleted now, or None: its mailboxes protect it."""
-    mailbox_count = domain.mailboxes.count()
-    if not mailbox_count:
-        return None
-    noun = "mailbox" if mailbox_count == 1 else "mailboxes"
-    return f"domain {domain.name} still has {mailbox_count} {noun}; delete them first"
+    """Why the domain cannot be deleted now, or None: its mailboxes, aliases and alias domains
+    protect it."""
+    for count, one, several in (
+        (domain.mailboxes.count(), "mailbox", "mailboxes"),
+        (domain.aliases.count(), "alias or catch-all", "aliases and catch-alls"),
+        (domain.alias_domains.count(), "alias domain", "alias domains"),
+    ):
+        if count:
+            return (
+                f"domain {domain.name} still has {count} {one if count == 1 else several}; delete them first"
+            )
+    return None
 
 
 def delete_mailbox(address: str) -> int:
@@ -482,6 +501,7 @@ def create_domain(
     _require_in_range(MAX_INT32, max_mailboxes=max_mailboxes)
     try:
         with transaction.atomic():
+            require_not_alias_domain(domain_name)
             return Domain.objects.create(
                 name=domain_name,
                 quota_bytes=quota_bytes,

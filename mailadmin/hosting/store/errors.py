@@ -23,6 +23,10 @@ class MailboxNotFound(StoreError):
     pass
 
 
+class AliasNotFound(StoreError):
+    pass
+
+
 class AlreadyExists(StoreError):
     pass
 

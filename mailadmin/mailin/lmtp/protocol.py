@@ -65,6 +65,8 @@ REPLY_SIZE_SYNTAX = "501 5.5.4 Syntax: SIZE=<number of octets>"
 REPLY_BAD_PARAMETER = "555 5.5.4 Unsupported MAIL parameter"
 # After DATA, one per accepted recipient (RFC 2033 section 4.2), and at RCPT.
 REPLY_DELIVERED = "250 2.0.0 <{rcpt}> Saved"
+# An alias stored for some of its mailboxes: sending again would duplicate theirs (README).
+REPLY_DELIVERED_EXCEPT = "250 2.0.0 <{rcpt}> Saved, except for {missed}"
 REPLY_USER_UNKNOWN = "550 5.1.1 <{rcpt}> User unknown"
 REPLY_MAILBOX_DISABLED = "550 5.2.1 <{rcpt}> Mailbox disabled"
 REPLY_OVER_QUOTA_TEMPORARY = "452 4.2.2 <{rcpt}> Mailbox is full"
@@ -72,6 +74,13 @@ REPLY_OVER_QUOTA_PERMANENT = "552 5.2.2 <{rcpt}> Mailbox is full"
 REPLY_TOO_BIG = "552 5.3.4 Message too big for system"
 REPLY_LINE_TOO_LONG = "500 5.5.2 Message line too long"
 REPLY_TEMPORARY_FAILURE = "451 4.3.0 <{rcpt}> Temporary internal failure"
+# X.3.5, system incorrectly configured: outside addresses reach us only if the MTA leaves
+# aliases unexpanded. X.4.6, routing loop detected.
+REPLY_OUTSIDE_DESTINATION = (
+    "550 5.3.5 <{rcpt}> Alias forwards to outside addresses: "
+    "the MTA must expand aliases (Postfix virtual_alias_maps)"
+)
+REPLY_ALIAS_LOOP = "550 5.4.6 <{rcpt}> Alias loop or expansion too deep"
 REPLY_DATABASE_DOWN = "451 4.3.0 Temporary internal failure"
 # When the server ends the session (RFC 5321 section 3.8).
 REPLY_SHUTTING_DOWN = "421 4.3.2 Shutting down"

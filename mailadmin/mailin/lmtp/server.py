@@ -60,6 +60,8 @@ STATUS_REPLIES = {
     DeliveryStatus.MAILBOX_INACTIVE: protocol.REPLY_MAILBOX_DISABLED,
     DeliveryStatus.TOO_LARGE: protocol.REPLY_TOO_BIG,
     DeliveryStatus.TEMPORARY_FAILURE: protocol.REPLY_TEMPORARY_FAILURE,
+    DeliveryStatus.OUTSIDE_DESTINATION: protocol.REPLY_OUTSIDE_DESTINATION,
+    DeliveryStatus.ALIAS_LOOP: protocol.REPLY_ALIAS_LOOP,
 }
 
 TEMPORARY_FAILURE = outcome_name(DeliveryStatus.TEMPORARY_FAILURE)
@@ -316,7 +318,13 @@ class LmtpSession(asyncio.Protocol):
             )
         finally:
             self._committing = False
-        return b"".join(self._status_reply(result.status, result.recipient) for result in results)
+        return b"".join(self._result_reply(result) for result in results)
+
+    def _result_reply(self, result: RecipientResult) -> bytes:
+        if result.missed:
+            missed = ", ".join(f"{copy.recipient} ({copy.status.value})" for copy in result.missed)
+            return reply(protocol.REPLY_DELIVERED_EXCEPT.format(rcpt=result.recipient, missed=missed))
+        return self._status_reply(result.status, result.recipient)
 
     def _status_reply(self, status: DeliveryStatus, address: str) -> bytes:
         if status is DeliveryStatus.OVER_QUOTA:

@@ -3,8 +3,11 @@
 Exit codes follow sysexits(3), which Postfix's pipe(8) and Exim's pipe transport understand:
 0 delivered to every recipient; 65 (EX_DATAERR) the message is empty; 67 (EX_NOUSER) a
 recipient does not exist; 69 (EX_UNAVAILABLE) permanently refused (mailbox disabled, message
-too large); 75 (EX_TEMPFAIL) try again later (over quota, database unavailable, anything
-unexpected). Delivery is all or none, so a retry after a non-zero exit never duplicates mail.
+too large, an alias loop); 75 (EX_TEMPFAIL) try again later (over quota, database unavailable,
+anything unexpected); 78 (EX_CONFIG) an alias forwards to outside addresses, which the MTA must
+expand itself. Delivery is all or none, so a retry after a non-zero exit never duplicates mail.
+An alias counts as delivered once any of its mailboxes has its copy (those full are named), as
+over LMTP: sending it again would duplicate the copies stored.
 
 ``manage.py`` first offers the message to a running runlmtp (:mod:`mailadmin.mailin.pipe`),
 without starting Django; this command delivers what that fast path leaves to it.
@@ -38,8 +41,15 @@ class Command(BaseCommand):
         results = deliver(recipients, sys.stdin.buffer, sender=sender, all_or_none=True)
         failures = [result for result in results if result.status in EXIT_CODES]
         if not failures:
-            self.stdout.write(" ".join(f"{r.recipient}: delivered as {r.uidl}" for r in results))
+            self.stdout.write(" ".join(f"{r.recipient}: delivered as {r.uidl}{_missed(r)}" for r in results))
             return
         code = exit_code(result.status for result in failures)
         reasons = "; ".join(f"{result.recipient}: {result.status.value}" for result in failures)
         raise CommandError(f"not delivered: {reasons}", returncode=code)
+
+
+def _missed(result) -> str:
+    """An alias's mailboxes that did not get their copy (full), after the stored ones."""
+    if not result.missed:
+        return ""
+    return " (not for " + ", ".join(f"{copy.recipient}: {copy.status.value}" for copy in result.missed) + ")"
