@@ -12,6 +12,7 @@ from datetime import timedelta
 import pytest
 from django.utils import formats, timezone
 
+from mailadmin.console.figures import start_of_day
 from mailadmin.hosting import services
 from mailadmin.hosting.actors import Actor
 from mailadmin.hosting.figures import hour_of
@@ -78,7 +79,8 @@ def seeded(transactional_db, make_mailbox):
 
     mailboxes = {mailbox.address: mailbox for mailbox in Mailbox.objects.select_related("domain", "user")}
     now = timezone.now()
-    recent = now - timedelta(minutes=5)
+    # Within the last hour, today, and in the same hour as the open session below.
+    recent = max(now - timedelta(minutes=5), start_of_day(now), hour_of(now))
     for address, retrieved in (("ann@north.test", 3000), ("ben@north.test", 1000), ("dan@south.test", 500)):
         open_session_row(
             mailboxes[address],
@@ -89,7 +91,7 @@ def seeded(transactional_db, make_mailbox):
             retr_count=1,
             retr_bytes=retrieved,
         )
-    open_session_row(mailboxes["ann@north.test"], authenticated_at=now)
+    open_session_row(mailboxes["ann@north.test"], started_at=recent, authenticated_at=recent)
     for username, domain in (("ann@north.test", north), ("cat@north.test", north), ("dan@south.test", south)):
         AuthFailure.objects.create(
             created_at=recent,
