@@ -12,7 +12,7 @@ What a test module needs, imported from here (importing a fixture makes it avail
 * ``staff_page``: a Playwright page signed in to the admin of ``web_server`` as a superuser,
   through the login form. ``open_staff_page(browser, web)`` does the same for any web child.
 * ``save_screenshot(page, name)``: a full-page PNG under ``var/test-artifacts/`` (git-ignored),
-  kept after the run; the path is returned.
+  or under ``SCREENSHOT_DIR`` when that is set, kept after the run; the path is returned.
 
 Playwright's sync API keeps an event loop marked as running in the test's thread while a
 browser is open; Django would then refuse the test's own (synchronous, safe) ORM calls, so the
@@ -21,6 +21,7 @@ browser is open; Django would then refuse the test's own (synchronous, safe) ORM
 would otherwise break later tests that call ``asyncio.run``.
 """
 
+import os
 import shutil
 import socket
 import time
@@ -163,8 +164,10 @@ def staff_page_fixture(browser, web_server: WebProcess):
 
 
 def save_screenshot(page, name: str) -> Path:
-    """A full-page screenshot kept as a test artifact: ``var/test-artifacts/<name>.png``."""
-    ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS_DIR / f"{name}.png"
+    """A full-page screenshot kept as a test artifact: ``var/test-artifacts/<name>.png``, or
+    ``$SCREENSHOT_DIR/<name>.png`` when that is set."""
+    directory = Path(os.environ.get("SCREENSHOT_DIR") or ARTIFACTS_DIR)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
     return path
