@@ -12,7 +12,6 @@ from pathlib import Path
 import dj_database_url
 from django.conf.global_settings import LANGUAGES as DJANGO_LANGUAGES
 from django.core.exceptions import ImproperlyConfigured
-from django.utils.translation import gettext_noop
 
 from mailadmin.mailin.lmtp.address import listen_address as lmtp_listen_address
 from mailadmin.workercount import AUTO, parse_worker_count
@@ -36,6 +35,12 @@ def _env_number(name: str, default: float, kind: type = int):
         return kind(value)
     except ValueError:
         raise ImproperlyConfigured(f"{name} must be a number ({kind.__name__}), got {value!r}") from None
+
+
+def gettext_noop(message: str) -> str:
+    """Marks a default text for the catalogue without touching the translation machinery, which
+    would read these settings while they are still being defined (Django's advice for settings)."""
+    return message
 
 
 def _env_int(name: str, default: int) -> int:
