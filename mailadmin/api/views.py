@@ -2,7 +2,7 @@
 actor, and renders. Scopes, rules and audit are the service layer's; lists are narrowed by
 ``scopes.visible_to``.
 
-Adding a resource (aliases, say) is one ``ResourceViewSet`` subclass with its serializers and
+Adding a resource is one ``ResourceViewSet`` subclass with its serializers and
 filter set, registered in ``urls.py``; its changes go through service functions of its own.
 """
 
