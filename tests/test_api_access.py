@@ -8,9 +8,9 @@ import pytest
 from django.utils import timezone
 
 from mailadmin.api.models import ApiToken
-from mailadmin.hosting import services, store
+from mailadmin.hosting import aliases, services, store
 from mailadmin.hosting.actors import Actor
-from mailadmin.models import AuditEntry, AuthFailure, Mailbox
+from mailadmin.models import Alias, AuditEntry, AuthFailure, Mailbox
 from tests.api_helpers import PASSWORD_HASH, Api, make_token
 from tests.conftest import open_session_row
 
@@ -19,9 +19,11 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def two_domains(make_mailbox):
-    """alice@a.test and bob@b.test, each with an open POP3 session and an audit entry."""
+    """alice@a.test and bob@b.test, each with an open POP3 session and an audit entry; the
+    alias info@b.test to bob."""
     alice, bob = make_mailbox("alice@a.test"), make_mailbox("bob@b.test")
     services.update_mailbox(Actor.cli(), "bob@b.test", quota_messages=5)
+    aliases.create_alias(Actor.cli(), "info@b.test", ["bob@b.test"])
     return {
         "alice": alice,
         "bob": bob,
@@ -46,19 +48,26 @@ def every_request(objects) -> list[tuple[str, str, object]]:
         ("PUT", "domains/c.test", {}),
         ("PATCH", "domains/b.test", {"quota_warning_percents": [50]}),
         ("DELETE", "domains/b.test?force=true", None),
+        ("GET", "aliases/info@b.test", None),
+        ("PUT", "aliases/info@b.test", {"destinations": ["bob@b.test"], "active": False}),
+        ("PUT", "aliases/new@b.test", {"destinations": ["bob@b.test"]}),
+        ("PUT", "aliases/@b.test", {"destinations": ["bob@b.test"]}),
+        ("PATCH", "aliases/info@b.test", {"active": False}),
+        ("DELETE", "aliases/info@b.test", None),
         ("GET", f"sessions/{session}", None),
         ("POST", f"sessions/{session}/kick", None),
         ("GET", f"audit/{entry}", None),
     ]
 
 
-LISTS = ["mailboxes/", "domains/", "sessions/", "audit/"]
+LISTS = ["mailboxes/", "domains/", "aliases/", "sessions/", "audit/"]
 
 
 def unchanged(objects) -> None:
     bob = Mailbox.objects.get(user__username="bob@b.test")
     assert (bob.quota_bytes, bob.active, bob.domain.active) == (0, True, True)
     assert not Mailbox.objects.filter(user__username="new@b.test").exists()
+    assert list(Alias.objects.values_list("source", "active")) == [("info@b.test", True)]
     objects["bob_session"].refresh_from_db()
     assert objects["bob_session"].kick_requested_at is None
 
@@ -80,6 +89,7 @@ def test_a_token_for_one_domain_lists_only_that_domain(two_domains):
     api = Api(make_token("a.test", scope="read"))
     assert [row["address"] for row in api.get("mailboxes/").json()["results"]] == ["alice@a.test"]
     assert [row["name"] for row in api.get("domains/").json()["results"]] == ["a.test"]
+    assert api.get("aliases/").json()["count"] == 0
     assert api.get("sessions/").json()["count"] == 0
     assert {row["domain"] for row in api.get("audit/").json()["results"]} == {"a.test"}
 

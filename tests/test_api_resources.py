@@ -412,6 +412,8 @@ def test_the_schema_validates_and_names_every_endpoint(client):
         "/api/v1/mailboxes/import/",
         "/api/v1/domains/",
         "/api/v1/domains/{name}/",
+        "/api/v1/aliases/",
+        "/api/v1/aliases/{source}/",
         "/api/v1/sessions/",
         "/api/v1/sessions/{id}/",
         "/api/v1/sessions/{id}/kick/",
@@ -419,6 +421,17 @@ def test_the_schema_validates_and_names_every_endpoint(client):
         "/api/v1/audit/{id}/",
     }
     assert set(schema["paths"]["/api/v1/mailboxes/{address}/"]) >= {"get", "put", "patch", "delete"}
+    assert set(schema["paths"]["/api/v1/aliases/{source}/"]) >= {"get", "put", "patch", "delete"}
+    alias = schema["components"]["schemas"]["Alias"]["properties"]
+    assert set(alias) == {
+        "source",
+        "domain",
+        "destinations",
+        "active",
+        "catch_all",
+        "received_last_30_days",
+        "created",
+    }
     assert schema["components"]["securitySchemes"]["bearerToken"] == {
         "type": "http",
         "scheme": "bearer",

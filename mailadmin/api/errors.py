@@ -30,6 +30,7 @@ _REFUSALS: list[tuple[type[store.StoreError], type[exceptions.APIException], str
     (services.OutOfScope, exceptions.NotFound, "not_found"),
     (store.DomainNotFound, exceptions.NotFound, "not_found"),
     (store.MailboxNotFound, exceptions.NotFound, "not_found"),
+    (store.AliasNotFound, exceptions.NotFound, "not_found"),
     (services.NotPermitted, exceptions.PermissionDenied, "not_permitted"),
     (store.AlreadyExists, Conflict, "already_exists"),
     (store.LimitReached, Conflict, "limit_reached"),

@@ -3,7 +3,7 @@
 import django_filters
 from django.db.models import F, QuerySet
 
-from mailadmin.models import AuditEntry, Domain, Mailbox, Pop3Session
+from mailadmin.models import Alias, AliasDestination, AuditEntry, Domain, Mailbox, Pop3Session
 
 
 class MailboxFilter(django_filters.FilterSet):
@@ -31,6 +31,22 @@ class DomainFilter(django_filters.FilterSet):
     class Meta:
         model = Domain
         fields = ["active"]
+
+
+class AliasFilter(django_filters.FilterSet):
+    domain = django_filters.CharFilter(field_name="domain__name")
+    active = django_filters.BooleanFilter()
+    destination = django_filters.CharFilter(
+        method="filter_destination", label="Aliases with this address among their destinations."
+    )
+
+    class Meta:
+        model = Alias
+        fields = ["domain", "active", "destination"]
+
+    def filter_destination(self, rows: QuerySet, name: str, value: str) -> QuerySet:
+        # A subquery, not a join: a join would repeat the rows the received counts are summed over.
+        return rows.filter(pk__in=AliasDestination.objects.filter(address__iexact=value).values("alias"))
 
 
 class SessionFilter(django_filters.FilterSet):

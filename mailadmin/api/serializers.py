@@ -9,7 +9,8 @@ from django.utils.translation import gettext as _
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from mailadmin.models import AuditEntry, Domain, Mailbox, Pop3Session
+from mailadmin.hosting import aliases
+from mailadmin.models import Alias, AuditEntry, Domain, Mailbox, Pop3Session
 
 
 class InputSerializer(serializers.Serializer):
@@ -124,6 +125,35 @@ class DomainInputSerializer(InputSerializer):
     max_mailboxes = serializers.IntegerField(required=False)
     default_mailbox_quota_bytes = serializers.IntegerField(required=False)
     quota_warning_percents = PercentsField(required=False, allow_empty=True)
+
+
+# --- Aliases ---------------------------------------------------------------------------------
+
+
+class AliasSerializer(serializers.Serializer):
+    """An alias or catch-all, from a row annotated by ``aliases.with_recent_counts`` with its
+    destinations prefetched."""
+
+    source = serializers.CharField(read_only=True, help_text="local@domain, or @domain for a catch-all.")
+    domain = serializers.CharField(source="domain.name", read_only=True)
+    destinations = serializers.SerializerMethodField()
+    active = serializers.BooleanField(read_only=True)
+    catch_all = serializers.BooleanField(source="is_catch_all", read_only=True)
+    received_last_30_days = serializers.IntegerField(
+        source="received_recently",
+        read_only=True,
+        help_text=f"Messages received in the last {aliases.RECENT_DAYS} days.",
+    )
+    created = serializers.DateTimeField(source="created_at", read_only=True)
+
+    @extend_schema_field(serializers.ListField(child=serializers.CharField()))
+    def get_destinations(self, alias: Alias) -> list[str]:
+        return aliases.destinations_of(alias)
+
+
+class AliasInputSerializer(InputSerializer):
+    destinations = serializers.ListField(child=serializers.CharField(), allow_empty=True)
+    active = serializers.BooleanField(required=False)
 
 
 # --- Sessions and audit ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ class Router(DefaultRouter):
 router = Router()
 router.register("mailboxes", views.MailboxViewSet, basename="mailbox")
 router.register("domains", views.DomainViewSet, basename="domain")
+router.register("aliases", views.AliasViewSet, basename="alias")
 router.register("sessions", views.SessionViewSet, basename="session")
 router.register("audit", views.AuditViewSet, basename="audit")
 

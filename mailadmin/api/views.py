@@ -2,7 +2,7 @@
 actor, and renders. Scopes, rules and audit are the service layer's; lists are narrowed by
 ``scopes.visible_to``.
 
-Adding a resource (aliases, say) is one ``ResourceViewSet`` subclass with its serializers and
+Adding a resource is one ``ResourceViewSet`` subclass with its serializers and
 filter set, registered in ``urls.py``; its changes go through service functions of its own.
 """
 
@@ -21,9 +21,9 @@ from rest_framework.response import Response
 from mailadmin.api import filters, serializers
 from mailadmin.api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from mailadmin.api.idempotency import idempotent
-from mailadmin.hosting import audit, mailboxcsv, scopes, services
+from mailadmin.hosting import aliases, audit, mailboxcsv, scopes, services
 from mailadmin.hosting.actors import Actor
-from mailadmin.models import AuditEntry, Domain, Mailbox, Pop3Session
+from mailadmin.models import Alias, AuditEntry, Domain, Mailbox, Pop3Session
 
 IDEMPOTENCY_PARAMETER = OpenApiParameter(
     IDEMPOTENCY_HEADER,
@@ -202,6 +202,53 @@ class DomainViewSet(mixins.ListModelMixin, ResourceViewSet):
 
     def _counted(self, domain: Domain) -> Domain:
         return self.get_queryset().get(pk=domain.pk)
+
+
+SOURCE = OpenApiParameter(
+    "source", OpenApiTypes.STR, OpenApiParameter.PATH, description="local@domain, or @domain for a catch-all."
+)
+
+
+@extend_schema_view(
+    retrieve=extend_schema(parameters=[SOURCE]),
+    update=extend_schema(
+        parameters=[SOURCE],
+        request=serializers.AliasInputSerializer,
+        responses={200: serializers.AliasSerializer, 201: serializers.AliasSerializer},
+        description="Create (201) or update (200) the alias or catch-all; safe to repeat.",
+    ),
+    partial_update=extend_schema(parameters=[SOURCE], request=serializers.AliasInputSerializer),
+    destroy=extend_schema(parameters=[SOURCE]),
+)
+class AliasViewSet(mixins.ListModelMixin, ResourceViewSet):
+    queryset = Alias.objects.select_related("domain").order_by("domain__name", "source")
+    serializer_class = serializers.AliasSerializer
+    filterset_class = filters.AliasFilter
+    lookup_field = "source"
+    lookup_value_regex = "[^/]*@[^/]+"
+
+    def get_queryset(self):
+        # Counted per request: the 30 days end today.
+        return aliases.with_recent_counts(super().get_queryset()).prefetch_related("destinations")
+
+    def retrieve(self, request: Request, source: str) -> Response:
+        return self.render(self._counted(aliases.get_alias(self.actor, source)))
+
+    def update(self, request: Request, source: str) -> Response:
+        saved = aliases.save_alias(self.actor, source, **self.input(serializers.AliasInputSerializer))
+        code = status.HTTP_201_CREATED if saved.created else status.HTTP_200_OK
+        return self.render(self._counted(saved.row), code)
+
+    def partial_update(self, request: Request, source: str) -> Response:
+        changes = self.input(serializers.AliasInputSerializer, partial=True)
+        return self.render(self._counted(aliases.update_alias(self.actor, source, **changes)))
+
+    def destroy(self, request: Request, source: str) -> Response:
+        aliases.delete_alias(self.actor, source)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    def _counted(self, alias: Alias) -> Alias:
+        return self.get_queryset().get(pk=alias.pk)
 
 
 @extend_schema_view(list=extend_schema(description="Open and recent POP3 sessions, newest first."))

@@ -27,10 +27,10 @@ from django.utils.translation import gettext, gettext_lazy
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.hosting import aliascsv, audit, expansion, scopes, store
 from mailadmin.hosting.actors import Actor
-from mailadmin.hosting.services import NotPermitted, _domain_in_scope, _require_domain_manager
+from mailadmin.hosting.services import NotPermitted, Saved, _domain_in_scope, _require_domain_manager
 from mailadmin.hosting.store.aliases import RECENT_DAYS as RECENT_DAYS  # for the doors
 from mailadmin.hosting.store.aliases import first_recent_day
-from mailadmin.models import Alias, AliasDestination, AliasDomain, Domain
+from mailadmin.models import CATCH_ALL_PREFIX, Alias, AliasDestination, AliasDomain, Domain
 
 CREATING_ALIAS_DOMAINS_REFUSED = gettext_lazy(
     "not permitted: only an operator of every domain may create alias domains"
@@ -92,12 +92,29 @@ def update_alias(
     return alias
 
 
-def save_alias(actor: Actor, source: str, destinations: Iterable[str], *, active: bool = True) -> Alias:
-    """Create the alias, or give an existing one exactly these destinations and active flag."""
-    normalised = _alias_source(actor, source)
-    if Alias.objects.filter(source=normalised).exists():
-        return update_alias(actor, normalised, destinations=destinations, active=active)
-    return create_alias(actor, normalised, destinations, active=active)
+def save_alias(
+    actor: Actor, source: str, destinations: Iterable[str], *, active: bool | None = None
+) -> Saved:
+    """Create the alias (or, for an ``@domain`` source, the catch-all), or give an existing one
+    exactly these destinations. Safe to repeat: the second call changes nothing. ``active``
+    not given is True for a new alias and left alone on an existing one."""
+    destinations = list(destinations)
+    normalised = _any_source(source)
+    if normalised.startswith(CATCH_ALL_PREFIX):
+        existed = Alias.objects.filter(source=normalised).exists()
+        catch_all = set_catch_all(actor, domain_of(normalised), destinations, active=active)
+        return Saved(catch_all, created=not existed)
+    normalised = _alias_source(actor, normalised)
+    if not Alias.objects.filter(source=normalised).exists():
+        try:
+            with transaction.atomic():
+                created = create_alias(actor, normalised, destinations, active=active is not False)
+            return Saved(created, created=True)
+        except store.AlreadyExists:
+            if not Alias.objects.filter(source=normalised).exists():
+                raise  # the address is a mailbox's
+            # made meanwhile by a concurrent call: set it as asked
+    return Saved(update_alias(actor, normalised, destinations=destinations, active=active), created=False)
 
 
 def delete_alias(actor: Actor, source: str) -> None:
@@ -110,10 +127,13 @@ def delete_alias(actor: Actor, source: str) -> None:
         audit.record(actor, "delete", object_type, alias.source, domain=alias.domain, changes=changes)
 
 
-def set_catch_all(actor: Actor, domain_name: str, destinations: Iterable[str] | None) -> Alias | None:
+def set_catch_all(
+    actor: Actor, domain_name: str, destinations: Iterable[str] | None, *, active: bool | None = True
+) -> Alias | None:
     """Give a domain a catch-all to ``destinations`` (replacing any), or none with ``None``.
 
     A catch-all receives mail for the domain's addresses that are neither mailbox nor alias.
+    ``active=None`` leaves an existing catch-all's flag alone (a new one is active).
     """
     wanted = None if destinations is None else _normalised_destinations(destinations)
     with transaction.atomic():
@@ -125,12 +145,14 @@ def set_catch_all(actor: Actor, domain_name: str, destinations: Iterable[str] | 
                 delete_alias(actor, source)
             return None
         if existing is not None:
-            _apply(actor, existing, wanted, True, object_type="catch-all")
+            _apply(actor, existing, wanted, active, object_type="catch-all")
             return existing
-        alias = Alias.objects.create(source=source, domain=domain)
+        alias = Alias.objects.create(source=source, domain=domain, active=active is not False)
         _replace_destinations(alias, wanted)
         _require_valid_destinations(actor, domain, source, wanted)
         changes = {"destinations": [None, list(wanted)]}
+        if not alias.active:
+            changes["active"] = [None, False]
         audit.record(actor, "create", "catch-all", source, domain=domain, changes=changes)
     return alias
 
@@ -223,7 +245,7 @@ def _normalised_destinations(destinations: Iterable[str]) -> tuple[str, ...]:
     try:
         return aliascsv.normalise_destinations(list(destinations))
     except ValueError as error:
-        raise store.InvalidInput(str(error)) from None
+        raise store.InvalidInput(str(error), field="destinations") from None
 
 
 def _require_valid_destinations(
@@ -271,12 +293,17 @@ def _require_allowed_destination(actor: Actor, domain: Domain, destination: str)
         )
 
 
-def _alias_in_scope(actor: Actor, source: str) -> Alias:
-    """The alias, if the actor's scope covers its domain; outside it, refused alike."""
+def _any_source(source: str) -> str:
+    """``local@domain`` or a catch-all's ``@domain``, normalised, or refused."""
     try:
-        normalised = aliascsv.normalise_source(source)
+        return aliascsv.normalise_source(source)
     except ValueError as error:
         raise store.InvalidInput(str(error)) from None
+
+
+def _alias_in_scope(actor: Actor, source: str) -> Alias:
+    """The alias, if the actor's scope covers its domain; outside it, refused alike."""
+    normalised = _any_source(source)
     alias = Alias.objects.select_related("domain").filter(source=normalised).first()
     if alias is not None and actor.may_see_domain(alias.domain_id):
         return alias

@@ -42,7 +42,7 @@ from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.api.models import ApiToken
 from mailadmin.hosting import audit, history, mailboxcsv, scopes, store, tokens
 from mailadmin.hosting.actors import Actor, ActorKind
-from mailadmin.models import Domain, DomainAdministrator, Mailbox, Message, Pop3Session
+from mailadmin.models import Alias, Domain, DomainAdministrator, Mailbox, Message, Pop3Session
 
 DOMAIN_CREATION_SETTINGS = ("quota_bytes", "max_mailboxes", "default_mailbox_quota_bytes")
 DOMAIN_ADMINISTRATOR_SETTINGS = frozenset(
@@ -237,7 +237,7 @@ def update_domain(actor: Actor, name: str, **settings: int | bool | str) -> Doma
 class Saved:
     """What a create-or-update call left: the row as stored, and whether it was made just now."""
 
-    row: Domain | Mailbox
+    row: Domain | Mailbox | Alias
     created: bool
 
 
