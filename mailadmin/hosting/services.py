@@ -41,7 +41,7 @@ from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.api.models import ApiToken
 from mailadmin.hosting import audit, history, mailboxcsv, scopes, store, tokens
 from mailadmin.hosting.actors import Actor, ActorKind
-from mailadmin.models import Domain, DomainAdministrator, Mailbox, Message, Pop3Session
+from mailadmin.models import AuditEntry, Domain, DomainAdministrator, Mailbox, Message, Pop3Session
 
 DOMAIN_CREATION_SETTINGS = ("quota_bytes", "max_mailboxes", "default_mailbox_quota_bytes")
 DOMAIN_ADMINISTRATOR_SETTINGS = frozenset(
@@ -346,9 +346,7 @@ def create_mailbox(
         )
         if not domain_existed:
             audit.record(actor, "create", "domain", domain_name, domain=mailbox.domain)
-        settings = {"active": True, "quota_bytes": mailbox.quota_bytes, "quota_messages": quota_messages}
-        changes = {**_created(settings), "password": audit.SECRET_CHANGED}
-        audit.record(actor, "create", "mailbox", mailbox.address, domain=mailbox.domain, changes=changes)
+        _creation_entry(actor, mailbox).save(force_insert=True)
     return NewMailbox(mailbox, generated)
 
 
@@ -548,8 +546,16 @@ def import_mailbox_rows(
                 store.check_password_hash(row.password_hash)
     hash_row = _stand_in_hash if dry_run else _password_hash
     hashed = [(row, hash_row(row)) for row in progress(rows)]
+    batch = [
+        store.NewMailbox(row.address, password_hash, row.quota_bytes, row.quota_messages)
+        for row, password_hash in hashed
+    ]
     with transaction.atomic():
-        created = [_import_row(actor, row, password_hash) for row, password_hash in hashed]
+        try:
+            created = store.create_mailboxes(batch)
+        except store.BatchRefusal as refusal:
+            raise rows[refusal.index].refusal(refusal.error) from None
+        audit.record_many([_creation_entry(actor, mailbox) for mailbox in created])
         if dry_run:
             transaction.set_rollback(True)
     return created
@@ -569,15 +575,11 @@ def _password_hash(row: mailboxcsv.Row) -> str:
         return store.hash_new_password(row.password, row.address)
 
 
-def _import_row(actor: Actor, row: mailboxcsv.Row, password_hash: str) -> Mailbox:
-    with _naming_line(row):
-        return create_mailbox(
-            actor,
-            row.address,
-            password_hash=password_hash,
-            quota_bytes=row.quota_bytes,
-            quota_messages=row.quota_messages,
-        ).mailbox
+def _creation_entry(actor: Actor, mailbox: Mailbox) -> AuditEntry:
+    """The audit entry of a new mailbox, as ``create_mailbox`` writes it."""
+    settings = {"active": True, "quota_bytes": mailbox.quota_bytes, "quota_messages": mailbox.quota_messages}
+    changes = {**_created(settings), "password": audit.SECRET_CHANGED}
+    return audit.unsaved(actor, "create", "mailbox", mailbox.address, domain=mailbox.domain, changes=changes)
 
 
 @contextmanager
