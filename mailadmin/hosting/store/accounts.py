@@ -439,7 +439,12 @@ def set_password(address: str, password: str) -> None:
 def set_password_hash(address: str, password_hash: str) -> None:
     """Store a hash made elsewhere (a migration from another system) as the mailbox's password."""
     stored = storable_password_hash(password_hash)
-    mailbox = get_mailbox(address)
+    replace_password_hash(get_mailbox(address), stored)
+
+
+def replace_password_hash(mailbox: Mailbox, password_hash: str) -> None:
+    """``set_password_hash`` of a mailbox already found."""
+    stored = storable_password_hash(password_hash)
     get_user_model().objects.filter(pk=mailbox.user_id).update(password=stored)
 
 
