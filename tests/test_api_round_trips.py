@@ -5,7 +5,7 @@ import asyncio
 
 import asgiref.sync
 import pytest
-from django.db import connection
+from django.db import connection, connections
 from django.test import AsyncClient
 from django.test.utils import CaptureQueriesContext
 
@@ -90,7 +90,10 @@ def test_an_asgi_request_takes_the_middleware_in_one_thread_hop(monkeypatch):
     request = client.get(
         "/api/v1/mailboxes/a@example.test", secure=True, headers={"Authorization": f"Bearer {token}"}
     )
-    response = asyncio.run(request)
+    try:
+        response = asyncio.run(request)
+    finally:  # the connection the view opened on Django's sync thread
+        asyncio.run(asgiref.sync.sync_to_async(connections.close_all)())
     assert response.status_code == 200, response.content
     assert response["X-Frame-Options"] == "DENY"  # the middleware still ran
     middleware_hops = [hop for hop in hops if "Middleware" in hop and "process_view" not in hop]
