@@ -120,6 +120,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last: it puts the stack above in sync mode, one thread hop per request (see the module).
+    "mailadmin.middleware.SyncMiddlewareChain",
 ]
 
 ROOT_URLCONF = "mailadmin.urls"

@@ -618,3 +618,67 @@ def test_save_domain_administrator_refuses_mailbox_logins_superusers_and_scoped_
     with pytest.raises(store.InvalidInput, match="password rejected"):
         services.save_domain_administrator(CLI, "eve", ["ours.test"], "password")
     assert not get_user_model().objects.filter(username="eve").exists()
+
+
+def _import_file(addresses: list[str], quota: str = "") -> io.StringIO:
+    lines = "".join(f"{address},,{CHEAP_HASH},{quota}\n" for address in addresses)
+    return io.StringIO("address,password,password_hash,quota\n" + lines)
+
+
+def test_import_statements_do_not_grow_with_the_rows(domains):
+    counts = []
+    for count, prefix in ((3, "few"), (60, "many")):
+        addresses = [f"{prefix}{number}@ours.test" for number in range(count // 2)]
+        addresses += [f"{prefix}{number}@theirs.test" for number in range(count - count // 2)]
+        with CaptureQueriesContext(connection) as queries:
+            created = services.import_mailboxes(CLI, _import_file(addresses))
+        assert [mailbox.address for mailbox in created] == addresses
+        counts.append(len(queries))
+    assert counts[0] == counts[1] == 12
+    entries = AuditEntry.objects.filter(action="create", object_type="mailbox")
+    assert Mailbox.objects.count() == entries.count() == 63
+
+
+def test_import_gives_each_mailbox_its_own_uid_validity_from_the_counter(domains):
+    before = store.next_uid_validity()
+    created = services.import_mailboxes(CLI, _import_file([f"u{number}@ours.test" for number in range(5)]))
+    values = [mailbox.uid_validity for mailbox in Mailbox.objects.filter(pk__in=[m.pk for m in created])]
+    assert sorted(values) == list(range(values[0], values[0] + 5)) and values[0] > before
+    assert store.next_uid_validity() > values[-1]
+
+
+def test_import_audit_entries_match_a_single_creation(domains):
+    services.create_mailbox(CLI, "single@ours.test", password_hash=CHEAP_HASH, quota_bytes=1024**2)
+    single = last_entry()
+    services.import_mailboxes(CLI, _import_file(["bulk@ours.test"], "1M"))
+    bulk = last_entry()
+    assert (bulk.changes, bulk.actor_kind) == (single.changes, single.actor_kind)
+    assert bulk.domain_name == "ours.test"
+    assert bulk.changes == {
+        "active": [None, True],
+        "quota_bytes": [None, 1024**2],
+        "quota_messages": [None, 0],
+        "password": "changed",
+    }
+
+
+def test_import_refuses_the_first_row_past_the_domain_maximum(domains, make_mailbox):
+    services.update_domain(CLI, "ours.test", max_mailboxes=3)
+    make_mailbox("old@ours.test")
+    rows = _import_file(["a@theirs.test", "a@ours.test", "b@ours.test", "c@ours.test", "d@ours.test"])
+    with pytest.raises(store.LimitReached, match="^line 5: domain ours.test already has its maximum of 3"):
+        services.import_mailboxes(CLI, rows)
+    assert list(Mailbox.objects.values_list("user__username", flat=True)) == ["old@ours.test"]
+
+
+def test_import_refuses_an_existing_mailbox_naming_the_earliest_wrong_row(domains, make_mailbox):
+    make_mailbox("b@ours.test")
+    make_mailbox("d@ours.test")
+    rows = _import_file(["a@ours.test", "d@ours.test", "b@ours.test"])
+    with pytest.raises(store.AlreadyExists, match="^line 3: mailbox d@ours.test already exists$"):
+        services.import_mailboxes(CLI, rows)
+    services.update_domain(CLI, "ours.test", max_mailboxes=5)
+    rows = _import_file(["a@ours.test", "b@ours.test", "c@ours.test"])
+    with pytest.raises(store.AlreadyExists, match="^line 3: mailbox b@ours.test already exists$"):
+        services.import_mailboxes(CLI, rows)
+    assert Mailbox.objects.count() == 2

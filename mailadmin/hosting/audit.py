@@ -17,6 +17,7 @@ from mailadmin.models import AuditEntry, Domain
 
 SECRET_FIELDS = frozenset({"password", "password_hash"})
 SECRET_CHANGED = "changed"
+BATCH_SIZE = 500
 
 
 def changed_fields(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, list[Any]]:
@@ -38,7 +39,30 @@ def record(
 
     ``domain_name`` alone serves when the domain row is gone (its deletion).
     """
-    return AuditEntry.objects.create(
+    entry = unsaved(
+        actor, action, object_type, object_name, domain=domain, domain_name=domain_name, changes=changes
+    )
+    entry.save(force_insert=True)
+    return entry
+
+
+def record_many(entries: list[AuditEntry]) -> None:
+    """Write entries made by ``unsaved`` in batches; call inside the transaction of the changes."""
+    AuditEntry.objects.bulk_create(entries, batch_size=BATCH_SIZE)
+
+
+def unsaved(
+    actor: Actor,
+    action: str,
+    object_type: str,
+    object_name: str,
+    *,
+    domain: Domain | None = None,
+    domain_name: str = "",
+    changes: Mapping[str, Any] | None = None,
+) -> AuditEntry:
+    """The entry ``record`` writes, not yet saved (for ``record_many``)."""
+    return AuditEntry(
         actor_kind=actor.kind,
         actor_name=actor.name,
         actor_user_id=actor.user_id,

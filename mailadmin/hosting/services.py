@@ -24,7 +24,7 @@ Passwords are hashed before a function opens its transaction: argon2 costs ~100 
 import ipaddress
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TextIO
@@ -42,7 +42,7 @@ from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.api.models import ApiToken
 from mailadmin.hosting import audit, history, mailboxcsv, scopes, store, tokens
 from mailadmin.hosting.actors import Actor, ActorKind
-from mailadmin.models import Alias, Domain, DomainAdministrator, Mailbox, Message, Pop3Session
+from mailadmin.models import Alias, AuditEntry, Domain, DomainAdministrator, Mailbox, Message, Pop3Session
 
 DOMAIN_CREATION_SETTINGS = ("quota_bytes", "max_mailboxes", "default_mailbox_quota_bytes")
 DOMAIN_ADMINISTRATOR_SETTINGS = frozenset(
@@ -356,9 +356,7 @@ def create_mailbox(
         )
         if not domain_existed:
             audit.record(actor, "create", "domain", domain_name, domain=mailbox.domain)
-        settings = {"active": True, "quota_bytes": mailbox.quota_bytes, "quota_messages": quota_messages}
-        changes = {**_created(settings), "password": audit.SECRET_CHANGED}
-        audit.record(actor, "create", "mailbox", mailbox.address, domain=mailbox.domain, changes=changes)
+        _creation_entry(actor, mailbox).save(force_insert=True)
     return NewMailbox(mailbox, generated)
 
 
@@ -368,20 +366,42 @@ def update_mailbox(actor: Actor, address: str, **settings: int | bool) -> Mailbo
     Suspending (``active=False``) ends the mailbox's open sessions: runpop3's monitor ends every
     session whose mailbox is no longer usable, and the authenticator refuses its logins.
     """
+    _require_settings_permitted(actor, settings)
+    with transaction.atomic():
+        locked = _locked_mailbox(_mailbox_in_scope(actor, address))
+        _apply_mailbox_settings(actor, locked, settings)
+    return locked
+
+
+def _require_settings_permitted(actor: Actor, settings: dict) -> None:
     if "active" in settings:
         _require(
             may_suspend_mailboxes(actor),
             gettext("not permitted: suspending mailboxes needs the suspend permission"),
         )
-    with transaction.atomic():
-        mailbox = _mailbox_in_scope(actor, address)
-        locked = Mailbox.objects.select_for_update().get(pk=mailbox.pk)
-        changes = audit.changed_fields({field: getattr(locked, field, None) for field in settings}, settings)
-        store.update_mailbox_settings(mailbox.pk, settings)
-        if changes:
-            action = _change_action(changes)
-            audit.record(actor, action, "mailbox", mailbox.address, domain=mailbox.domain, changes=changes)
-    return store.get_mailbox(mailbox.address)
+
+
+def _locked_mailbox(mailbox: Mailbox) -> Mailbox:
+    """The mailbox's row as it is now, locked until the transaction ends, with its login and domain."""
+    locked = Mailbox.objects.select_for_update(of=("self",)).select_related("user", "domain")
+    try:
+        return locked.get(pk=mailbox.pk)
+    except Mailbox.DoesNotExist:  # deleted since it was found
+        raise store.MailboxNotFound(
+            gettext("no such mailbox: %(address)s") % {"address": mailbox.address}
+        ) from None
+
+
+def _apply_mailbox_settings(actor: Actor, locked: Mailbox, settings: dict) -> None:
+    """Write ``settings`` to a locked mailbox through the store, audit what changed, and show it
+    on ``locked``."""
+    changes = audit.changed_fields({field: getattr(locked, field, None) for field in settings}, settings)
+    store.update_mailbox_settings(locked.pk, settings)
+    for field, value in settings.items():
+        setattr(locked, field, value)
+    if changes:
+        action = _change_action(changes)
+        audit.record(actor, action, "mailbox", locked.address, domain=locked.domain, changes=changes)
 
 
 def save_mailbox(
@@ -413,13 +433,15 @@ def save_mailbox(
         with _about_field("password_hash"):
             password_hash = store.storable_password_hash(password_hash)
     if existing is not None:
-        return Saved(_update_mailbox_and_password(actor, address, password_hash, settings), created=False)
+        return Saved(_update_mailbox_and_password(actor, existing, password_hash, settings), created=False)
     if password_hash is None:
         raise store.InvalidInput(
             gettext("a new mailbox needs a password or a password hash"), field="password"
         )
+    # A suspension that follows the creation shares its transaction; alone, the creation has its own.
+    suspending = settings.get("active") is False
     try:
-        with transaction.atomic():
+        with transaction.atomic() if suspending else nullcontext():
             mailbox = create_mailbox(
                 actor,
                 address,
@@ -427,21 +449,28 @@ def save_mailbox(
                 quota_bytes=settings.get("quota_bytes"),
                 quota_messages=settings.get("quota_messages", 0),
             ).mailbox
-            if settings.get("active") is False:
+            if suspending:
                 mailbox = update_mailbox(actor, mailbox.address, active=False)
     except store.AlreadyExists:  # made meanwhile by a concurrent call: set it as asked
-        return Saved(_update_mailbox_and_password(actor, address, password_hash, settings), created=False)
+        existing = _mailbox_in_scope(actor, address)
+        return Saved(_update_mailbox_and_password(actor, existing, password_hash, settings), created=False)
     return Saved(mailbox, created=True)
 
 
 def _update_mailbox_and_password(
-    actor: Actor, address: str, password_hash: str | None, settings: dict
+    actor: Actor, mailbox: Mailbox, password_hash: str | None, settings: dict
 ) -> Mailbox:
+    """``update_mailbox`` and then ``set_password_hash`` of ``mailbox`` (found in the actor's scope),
+    in one transaction that locks its row once."""
+    _require_settings_permitted(actor, settings)
+    if password_hash is not None:
+        _require(may_set_password(actor), PASSWORD_PERMISSION_MISSING)
     with transaction.atomic():
-        mailbox = update_mailbox(actor, address, **settings)
+        locked = _locked_mailbox(mailbox)
+        _apply_mailbox_settings(actor, locked, settings)
         if password_hash is not None:
-            set_password_hash(actor, address, password_hash)
-    return mailbox
+            _apply_password_hash(actor, locked, password_hash)
+    return locked
 
 
 @contextmanager
@@ -479,10 +508,14 @@ def set_password_hash(actor: Actor, address: str, password_hash: str) -> Mailbox
     _require(may_set_password(actor), PASSWORD_PERMISSION_MISSING)
     with transaction.atomic():
         mailbox = _mailbox_in_scope(actor, address)
-        with _about_field("password_hash"):
-            store.set_password_hash(mailbox.address, password_hash)
-        _record_password_change(actor, mailbox)
+        _apply_password_hash(actor, mailbox, password_hash)
     return mailbox
+
+
+def _apply_password_hash(actor: Actor, mailbox: Mailbox, password_hash: str) -> None:
+    with _about_field("password_hash"):
+        store.replace_password_hash(mailbox, password_hash)
+    _record_password_change(actor, mailbox)
 
 
 def _record_password_change(actor: Actor, mailbox: Mailbox) -> None:
@@ -558,8 +591,16 @@ def import_mailbox_rows(
                 store.check_password_hash(row.password_hash)
     hash_row = _stand_in_hash if dry_run else _password_hash
     hashed = [(row, hash_row(row)) for row in progress(rows)]
+    batch = [
+        store.NewMailbox(row.address, password_hash, row.quota_bytes, row.quota_messages)
+        for row, password_hash in hashed
+    ]
     with transaction.atomic():
-        created = [_import_row(actor, row, password_hash) for row, password_hash in hashed]
+        try:
+            created = store.create_mailboxes(batch)
+        except store.BatchRefusal as refusal:
+            raise rows[refusal.index].refusal(refusal.error) from None
+        audit.record_many([_creation_entry(actor, mailbox) for mailbox in created])
         if dry_run:
             transaction.set_rollback(True)
     return created
@@ -579,15 +620,11 @@ def _password_hash(row: mailboxcsv.Row) -> str:
         return store.hash_new_password(row.password, row.address)
 
 
-def _import_row(actor: Actor, row: mailboxcsv.Row, password_hash: str) -> Mailbox:
-    with _naming_line(row):
-        return create_mailbox(
-            actor,
-            row.address,
-            password_hash=password_hash,
-            quota_bytes=row.quota_bytes,
-            quota_messages=row.quota_messages,
-        ).mailbox
+def _creation_entry(actor: Actor, mailbox: Mailbox) -> AuditEntry:
+    """The audit entry of a new mailbox, as ``create_mailbox`` writes it."""
+    settings = {"active": True, "quota_bytes": mailbox.quota_bytes, "quota_messages": mailbox.quota_messages}
+    changes = {**_created(settings), "password": audit.SECRET_CHANGED}
+    return audit.unsaved(actor, "create", "mailbox", mailbox.address, domain=mailbox.domain, changes=changes)
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from mailadmin.hosting.store.errors import (
     LimitReached,
     MailboxNotFound,
     StillInUse,
+    StoreError,
 )
 from mailadmin.hosting.store.fastsql import find_mailbox
 from mailadmin.models import (
@@ -125,12 +126,134 @@ def _domain_for_new_mailbox(domain_name: str, create_missing: bool) -> Domain:
             )
         require_not_alias_domain(domain_name)
         domain = Domain.objects.create(name=domain_name)
-    if domain.max_mailboxes and domain.mailboxes.count() >= domain.max_mailboxes:
+    require_room_for_mailboxes(domain, domain.mailboxes.count(), 1)
+    return domain
+
+
+def require_room_for_mailboxes(domain: Domain, existing: int, adding: int) -> None:
+    """Refuse adding ``adding`` mailboxes to a domain that has ``existing`` if that passes its maximum."""
+    if domain.max_mailboxes and existing + adding > domain.max_mailboxes:
         raise LimitReached(
             gettext("domain %(name)s already has its maximum of %(count)d mailboxes")
-            % {"name": domain_name, "count": domain.max_mailboxes}
+            % {"name": domain.name, "count": domain.max_mailboxes}
         )
-    return domain
+
+
+@dataclass(frozen=True)
+class NewMailbox:
+    """One mailbox for ``create_mailboxes``: a hash already accepted, ``quota_bytes=None`` the default."""
+
+    address: str
+    password_hash: str
+    quota_bytes: int | None = None
+    quota_messages: int = 0
+
+
+class BatchRefusal(Exception):
+    """``create_mailboxes`` refused the batch: ``error`` is about ``batch[index]``."""
+
+    def __init__(self, index: int, error: StoreError) -> None:
+        super().__init__(str(error))
+        self.index = index
+        self.error = error
+
+
+BATCH_SIZE = 500
+
+
+def create_mailboxes(batch: list[NewMailbox]) -> list[Mailbox]:
+    """Create the logins and mailboxes of ``batch``, all or none, with the rules of ``create_mailbox``.
+
+    Statements do not grow with the rows' count one by one: the domains are row-locked and their
+    mailboxes counted once, existing logins looked up in chunks, the ``uid_validity`` values
+    taken from the counter in one step, and the rows inserted in batches. A refusal is a
+    ``BatchRefusal`` naming the first row it concerns (the earliest, when several rows are wrong).
+    Call inside a transaction.
+    """
+    if not batch:
+        return []
+    refusals: list[BatchRefusal] = []
+    addresses: list[str] = []
+    hashes: list[str] = []
+    for index, new in enumerate(batch):
+        try:
+            address, password_hash = _checked_new_mailbox(new)
+        except InvalidInput as error:
+            refusals.append(BatchRefusal(index, error))
+            address = password_hash = ""
+        addresses.append(address)
+        hashes.append(password_hash)
+    rows_of_domain: dict[str, list[int]] = {}
+    for index, address in enumerate(addresses):
+        if address:
+            rows_of_domain.setdefault(domain_of(address), []).append(index)
+    domains = {
+        domain.name: domain
+        for domain in Domain.objects.select_for_update().filter(name__in=list(rows_of_domain)).order_by("pk")
+    }
+    counts = dict(
+        Mailbox.objects.filter(domain__in=list(domains.values()))
+        .values_list("domain")
+        .annotate(count=Count("id"))
+        .values_list("domain", "count")
+    )
+    for name, indexes in rows_of_domain.items():
+        domain = domains.get(name)
+        if domain is None:
+            missing = gettext("no such domain: %(name)s (create it first, or pass --create-domain)")
+            refusals.append(BatchRefusal(indexes[0], DomainNotFound(missing % {"name": name})))
+            continue
+        existing = counts.get(domain.pk, 0)
+        try:
+            require_room_for_mailboxes(domain, existing, len(indexes))
+        except LimitReached as error:
+            refusals.append(BatchRefusal(indexes[max(domain.max_mailboxes - existing, 0)], error))
+    user_model = get_user_model()
+    index_of = {address: index for index, address in enumerate(addresses) if address}
+    for start in range(0, len(addresses), BATCH_SIZE):
+        chunk = [address for address in addresses[start : start + BATCH_SIZE] if address]
+        taken = user_model.objects.filter(username__in=chunk)
+        for username in taken.values_list("username", flat=True):
+            exists = gettext("mailbox %(address)s already exists") % {"address": username}
+            refusals.append(BatchRefusal(index_of[username], AlreadyExists(exists)))
+    _raise_first(refusals)
+    users = user_model.objects.bulk_create(
+        [
+            user_model(username=address, email=address, password=password_hash)
+            for address, password_hash in zip(addresses, hashes, strict=True)
+        ],
+        batch_size=BATCH_SIZE,
+    )
+    first_uid_validity = next_uid_validity(len(batch))
+    mailboxes = []
+    for offset, (user, address, new) in enumerate(zip(users, addresses, batch, strict=True)):
+        domain = domains[domain_of(address)]
+        quota_bytes = domain.default_mailbox_quota_bytes if new.quota_bytes is None else new.quota_bytes
+        mailboxes.append(
+            Mailbox(
+                user=user,
+                domain=domain,
+                uid_validity=first_uid_validity + offset,
+                quota_bytes=quota_bytes,
+                quota_messages=new.quota_messages,
+            )
+        )
+    return Mailbox.objects.bulk_create(mailboxes, batch_size=BATCH_SIZE)
+
+
+def _checked_new_mailbox(new: NewMailbox) -> tuple[str, str]:
+    """The normalised address and the hash as stored, once the row passes the checks
+    ``create_mailbox`` makes before the database."""
+    normalised = normalised_or_refused(normalise_address, new.address)
+    if new.quota_bytes is not None:
+        _require_in_range(quota_bytes=new.quota_bytes)
+    _require_in_range(MAX_INT32, quota_messages=new.quota_messages)
+    return normalised, storable_password_hash(new.password_hash)
+
+
+def _raise_first(refusals: list[BatchRefusal]) -> None:
+    if refusals:
+        raise min(refusals, key=lambda refusal: refusal.index)
 
 
 # An imported hash may cost at most this many times today's default to check: a cost far above
@@ -328,7 +451,12 @@ def set_password(address: str, password: str) -> None:
 def set_password_hash(address: str, password_hash: str) -> None:
     """Store a hash made elsewhere (a migration from another system) as the mailbox's password."""
     stored = storable_password_hash(password_hash)
-    mailbox = get_mailbox(address)
+    replace_password_hash(get_mailbox(address), stored)
+
+
+def replace_password_hash(mailbox: Mailbox, password_hash: str) -> None:
+    """``set_password_hash`` of a mailbox already found."""
+    stored = storable_password_hash(password_hash)
     get_user_model().objects.filter(pk=mailbox.user_id).update(password=stored)
 
 
@@ -471,12 +599,13 @@ def hash_new_password(password: str, username: str) -> str:
     return make_password(password)
 
 
-def next_uid_validity() -> int:
+def next_uid_validity(count: int = 1) -> int:
     """A ``uid_validity`` for a new mailbox: the clock in seconds, or one more than the last given.
 
     Strictly increasing, so a mailbox deleted and re-created within one second never repeats
     its predecessor's UIDLs. The conditional UPDATE succeeds for one taker of each value; the
-    others read again.
+    others read again. ``count`` takes that many consecutive values in one step and returns
+    the first.
     """
     counter = UidValidityCounter.objects.filter(pk=UidValidityCounter.ROW_ID)
     while True:
@@ -489,7 +618,7 @@ def next_uid_validity() -> int:
             )
             continue
         given = max(int(time.time()), last + 1)
-        if counter.filter(last_given=last).update(last_given=given):
+        if counter.filter(last_given=last).update(last_given=given + count - 1):
             return given
 
 
