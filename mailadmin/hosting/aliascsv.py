@@ -6,9 +6,7 @@ the domain's catch-all. Everything that can be checked without the database is c
 each refusal names the line (a quoted field may span lines: the record's first line).
 """
 
-import csv
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -16,6 +14,7 @@ from django.utils.translation import gettext
 
 from mailadmin.addresses import normalise_address, normalise_domain
 from mailadmin.hosting import store
+from mailadmin.hosting.mailboxcsv import numbered_records
 from mailadmin.models import CATCH_ALL_PREFIX
 
 HEADER = ["source", "destinations"]
@@ -35,7 +34,7 @@ class Row:
 
 def parse(handle: TextIO) -> list[Row]:
     """Every row of the file, or ``store.InvalidInput`` naming the first wrong line."""
-    records = _numbered(handle)
+    records = numbered_records(handle)
     if next(records, (1, None))[1] != HEADER:
         raise store.InvalidInput(
             gettext("line 1: the header must be exactly %(header)s") % {"header": ",".join(HEADER)}
@@ -59,19 +58,6 @@ def parse(handle: TextIO) -> list[Row]:
         first_line_of[row.source] = line
         rows.append(row)
     return rows
-
-
-def _numbered(handle: TextIO) -> Iterator[tuple[int, list[str]]]:
-    reader = csv.reader(handle, strict=True)
-    start = 1
-    try:
-        for fields in reader:
-            yield start, fields
-            start = reader.line_num + 1
-    except csv.Error as error:
-        raise store.InvalidInput(
-            gettext("line %(line)d: %(error)s") % {"line": start, "error": error}
-        ) from None
 
 
 def _row(line: int, fields: list[str]) -> Row:

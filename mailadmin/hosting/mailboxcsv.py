@@ -92,7 +92,7 @@ def _record_row(number: int, record: object) -> Row:
 
 def parse(handle: TextIO) -> list[Row]:
     """Every row of the file, or ``store.InvalidInput`` naming the first wrong line."""
-    records = _numbered(handle)
+    records = numbered_records(handle)
     if next(records, (1, None))[1] != HEADER:
         header = gettext("the header must be exactly %(header)s") % {"header": ",".join(HEADER)}
         raise refusal_at(LINE, 1, header)
@@ -121,7 +121,8 @@ def require_first_mention(row: Row, first_line_of: dict[str, int]) -> None:
     first_line_of[row.address] = row.line
 
 
-def _numbered(handle: TextIO) -> Iterator[tuple[int, list[str]]]:
+def numbered_records(handle: TextIO) -> Iterator[tuple[int, list[str]]]:
+    """The CSV records of ``handle`` with the line each starts on; a malformed one names its line."""
     reader = csv.reader(handle, strict=True)
     start = 1
     try:
