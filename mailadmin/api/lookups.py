@@ -12,6 +12,7 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.models.expressions import Col
 
 from mailadmin.api.models import ApiToken
+from mailadmin.hosting.store.fastsql import converted_columns, fetch_converted_row
 
 
 @dataclass(frozen=True)
@@ -24,15 +25,9 @@ class _Lookup:
 def find_token(prefix: str) -> ApiToken | None:
     db = connections[DEFAULT_DB_ALIAS]
     lookup = _token_lookup(db.vendor)
-    with db.cursor() as cursor:
-        cursor.execute(lookup.sql, [prefix])
-        row = cursor.fetchone()
-    if row is None:
+    values = fetch_converted_row(lookup.sql, [prefix], lookup.converted)
+    if values is None:
         return None
-    values = list(row)
-    for index, column in lookup.converted:
-        for convert in db.ops.get_db_converters(column) + column.get_db_converters(db):
-            values[index] = convert(values[index], column, db)
     return ApiToken.from_db(db.alias, lookup.names, values)
 
 
@@ -64,9 +59,5 @@ def _token_lookup(vendor: str) -> _Lookup:
     return _Lookup(
         sql=f"SELECT {selected} FROM {quote(ApiToken._meta.db_table)} WHERE {quote('prefix')} = %s",
         names=[field.attname for field in fields],
-        converted=[
-            (index, column)
-            for index, column in enumerate(columns)
-            if db.ops.get_db_converters(column) + column.get_db_converters(db)
-        ],
+        converted=converted_columns(columns),
     )

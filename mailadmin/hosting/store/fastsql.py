@@ -45,15 +45,9 @@ def find_recipient(address: str, size_bytes: int) -> tuple[Mailbox, bool] | None
 def _fetch_mailbox(lookup: "_Lookup", params: dict) -> tuple[Mailbox, tuple] | None:
     """The mailbox (with user and domain) of ``lookup``'s row, and the row's extra columns."""
     db = connections[DEFAULT_DB_ALIAS]
-    with db.cursor() as cursor:
-        cursor.execute(lookup.sql, params)
-        row = cursor.fetchone()
-    if row is None:
+    values = fetch_converted_row(lookup.sql, params, lookup.converted)
+    if values is None:
         return None
-    values = list(row)
-    for index, column in lookup.converted:
-        for convert in db.ops.get_db_converters(column) + column.get_db_converters(db):
-            values[index] = convert(values[index], column, db)
     instances = []
     for model, names in lookup.models:
         instances.append(model.from_db(db.alias, names, values[: len(names)]))
@@ -87,12 +81,33 @@ def _mailbox_lookup(vendor: str, fits: bool = False) -> _Lookup:
         models=[
             (model, [field.attname for field in model._meta.concrete_fields]) for model in tables.values()
         ],
-        converted=[
-            (index, column)
-            for index, column in enumerate(columns)
-            if db.ops.get_db_converters(column) + column.get_db_converters(db)
-        ],
+        converted=converted_columns(columns),
     )
+
+
+def converted_columns(columns: list[Col]) -> list[tuple[int, Col]]:
+    """The columns (with their places in the row) whose values this backend converts on reading."""
+    db = connections[DEFAULT_DB_ALIAS]
+    return [
+        (index, column)
+        for index, column in enumerate(columns)
+        if db.ops.get_db_converters(column) + column.get_db_converters(db)
+    ]
+
+
+def fetch_converted_row(sql: str, params, converted: list[tuple[int, Col]]) -> list | None:
+    """The first row of ``sql`` with its values converted as a queryset would convert them."""
+    db = connections[DEFAULT_DB_ALIAS]
+    with db.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    values = list(row)
+    for index, column in converted:
+        for convert in db.ops.get_db_converters(column) + column.get_db_converters(db):
+            values[index] = convert(values[index], column, db)
+    return values
 
 
 def insert_returning_pk(model: type, **values) -> int:
