@@ -181,9 +181,10 @@ class SeedSql:
         gib = 1024**3
         return f"""
             INSERT INTO mailadmin_domain (name, active, quota_bytes, used_bytes, max_mailboxes,
-                default_mailbox_quota_bytes, quota_warning_percents, language, created_at)
+                max_aliases, allow_outside_destinations, default_mailbox_quota_bytes,
+                quota_warning_percents, language, created_at)
             SELECT 'c' || {self.text("n")} || '.{BENCH_DOMAIN}', TRUE,
-                CASE WHEN n % 5 = 0 THEN 0 ELSE (4 + n % 8) * {gib} END, 0, 0, 0, '',
+                CASE WHEN n % 5 = 0 THEN 0 ELSE (4 + n % 8) * {gib} END, 0, 0, 0, FALSE, 0, '',
                 '{self.language}', {self.seconds_ago("0")}
             FROM {self.numbers(self.sizes.domains)}"""
 
@@ -229,15 +230,15 @@ class SeedSql:
             INSERT INTO mailadmin_pop3session (id, node, username, mailbox_id, domain_id, peer_host,
                 peer_port, local_host, local_port, implicit_tls, tls_version, tls_cipher, started_at,
                 authenticated_at, ended_at, end_reason, commands, bytes_in, bytes_out, retr_count,
-                retr_bytes, top_count, top_bytes, deleted_count, deleted_bytes, message_count,
-                message_bytes, updated_at)
+                retr_bytes, top_count, top_bytes, deleted_count, deleted_bytes, marked_count,
+                marked_bytes, message_count, message_bytes, updated_at)
             SELECT {self.uuid("n + 1")}, 'bench:1', {self.address("m")}, {first_mailbox} + m,
                 {first_domain} + m / {per}, {self.ipv4("10", "m")}, 40000 + n % 20000, '127.0.0.1', 995,
                 TRUE, 'TLSv1.3', 'TLS_AES_256_GCM_SHA384', {self.seconds_ago("n * 2 + 60")},
                 {self.seconds_ago("n * 2 + 59")}, {self.seconds_ago("n * 2")},
                 CASE WHEN n % 200 = 7 THEN 'kicked' WHEN n % 100 = 11 THEN 'dropped'
                      WHEN n % 50 = 3 THEN 'timeout' ELSE 'quit' END,
-                6, 60, 5000, n % 3, n % 3 * 20000, 0, 0, n % 3, n % 3 * 20000, 3, 60000,
+                6, 60, 5000, n % 3, n % 3 * 20000, 0, 0, n % 3, n % 3 * 20000, 0, 0, 3, 60000,
                 {self.seconds_ago("n * 2")}
             FROM (SELECT n, n * 7919 % {mailboxes} AS m FROM {self.numbers(self.sizes.sessions)}) AS s"""
 

@@ -8,13 +8,23 @@ from pathlib import Path
 
 import pytest
 from django.db import connection
-from django.utils import timezone
+from django.utils import timezone, translation
 
 from mailadmin.hosting import store
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # Signed-in clients for the console's pages.
 pytest_plugins = ["tests.console_fixtures"]
+
+
+@pytest.fixture(autouse=True)
+def default_language():
+    """Every test ends in the default language: a request the test client makes with
+    ``Accept-Language: id`` leaves Indonesian active in the thread, and the next test on this
+    worker would read its messages in it."""
+    translation.deactivate()
+    yield
+    translation.deactivate()
 
 
 @pytest.fixture
