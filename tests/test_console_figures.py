@@ -315,3 +315,35 @@ def test_bar_heights_are_to_scale():
     assert heights[2] == 0 and heights[1] == pytest.approx(4 * heights[0])
     assert [tick.text for tick in chart.y_ticks] == ["0", "1", "2", "3", "4"]
     assert re.fullmatch(r"[0-9.]+", str(chart.bars[0].x))
+
+
+def test_each_batch_is_sized_from_how_long_the_last_one_took(history_rows, monkeypatch):
+    """Unsized, the first batch takes FIRST_BATCH_SIZE rows, and each next one as many as the
+    last batch's pace would fit in BATCH_SECONDS (a fixed 250 rows held SQLite's lock 107 ms)."""
+    took = iter([0.12, 0.01])  # the first batch four times too slow, the second three times too quick
+    now = [0.0]
+
+    def monotonic() -> float:
+        return now[0]
+
+    def roll_up(rows):
+        sizes.append(len(rows))
+        now[0] += next(took, 0.0)
+        real_roll_up(rows)
+
+    sizes: list[int] = []
+    real_roll_up = history.figures.roll_up_sessions
+    monkeypatch.setattr(history.time, "monotonic", monotonic)
+    monkeypatch.setattr(history.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(history.figures, "roll_up_sessions", roll_up)
+    monkeypatch.setattr(history, "FIRST_BATCH_SIZE", 4)
+    monkeypatch.setattr(history, "MIN_BATCH_SIZE", 1)
+    history.prune_history(30)
+    # 4 rows in 0.12 s: 1 would take 0.03 s; 1 row in 0.01 s: 3 would, but at most twice as many
+    # (2, of which 1 is left). A fixed size of 4 would have made [4, 2].
+    assert sizes == [4, 1, 1]
+    assert history.next_batch_size(2, 0.01) == 4
+    assert history.next_batch_size(100, 0.3) == 10
+    assert history.next_batch_size(5, 1.0) == history.MIN_BATCH_SIZE
+    assert history.next_batch_size(4000, 0.001) == history.MAX_BATCH_SIZE
+    assert history.next_batch_size(4000, 0.0) == history.MAX_BATCH_SIZE

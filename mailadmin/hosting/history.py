@@ -20,11 +20,13 @@ from django.utils import timezone
 from mailadmin.hosting import figures
 from mailadmin.models import AuthFailure, Pop3Session
 
-# Rows per transaction. Measured beside a writer standing in for runpop3 (bench, console_prune,
-# SQLite, 100,000 sessions, a machine loaded ~15 times over): 1,000-row batches made its p99
-# write 1.15 s and the prune 59 s; 250-row batches 0.29 s and 96 s. A prune is a nightly job;
-# runpop3's writes are not.
-BATCH_SIZE = 250
+# A batch holds SQLite's writer lock, or PostgreSQL's row locks, for about this long: the next
+# batch is sized from how long the last one took. A fixed size cannot suit both engines and
+# every disk: 250 rows made runpop3's longest wait 107 ms on SQLite (bench, console_prune,
+# 1,000,000 rows, quiet machine), where a faster disk or engine could take far more.
+BATCH_SECONDS = 0.03
+FIRST_BATCH_SIZE = 100
+MIN_BATCH_SIZE, MAX_BATCH_SIZE = 10, 5000
 # After each batch the prune waits as long as the batch took (up to this): a writer waiting
 # for the lock (runpop3's monitor, on SQLite polling for the writer lock every half
 # millisecond) gets in, instead of losing every race to the prune's next batch and waiting
@@ -39,9 +41,11 @@ class Pruned:
     figures: int = 0  # hourly figure rows older than MAILADMIN_FIGURES_DAYS
 
 
-def prune_history(days: int, *, batch_size: int = BATCH_SIZE) -> Pruned:
+def prune_history(days: int, *, batch_size: int | None = None) -> Pruned:
     """Delete sessions that ended, and failed logins made, more than ``days`` days ago, adding
-    them to the hourly figures as they go; and figures older than MAILADMIN_FIGURES_DAYS."""
+    them to the hourly figures as they go; and figures older than MAILADMIN_FIGURES_DAYS.
+
+    Batches are sized to take about BATCH_SECONDS each, unless ``batch_size`` fixes their size."""
     if days < 0:
         raise ValueError("days must be 0 or more")
     cutoff = timezone.now() - timedelta(days=days)
@@ -56,15 +60,25 @@ def prune_history(days: int, *, batch_size: int = BATCH_SIZE) -> Pruned:
     return Pruned(sessions=sessions, failures=failures, figures=old_figures)
 
 
-def _delete_in_batches(rows: QuerySet, batch_size: int, roll_up: Callable[[list[tuple]], None]) -> int:
-    removed = 0
+def _delete_in_batches(rows: QuerySet, batch_size: int | None, roll_up: Callable[[list[tuple]], None]) -> int:
+    removed, size = 0, batch_size or FIRST_BATCH_SIZE
     while True:
         started = time.monotonic()
         with transaction.atomic():
-            batch = list(rows.values_list("pk", "domain_id")[:batch_size])
+            batch = list(rows.values_list("pk", "domain_id")[:size])
             if not batch:
                 return removed
             roll_up(batch)
             _, per_model = rows.model.objects.filter(pk__in=[pk for pk, _ in batch]).delete()
         removed += per_model.get(rows.model._meta.label, 0)
-        time.sleep(min(MAX_PAUSE_SECONDS, time.monotonic() - started))
+        took = time.monotonic() - started
+        if batch_size is None:
+            size = next_batch_size(size, took)
+        time.sleep(min(MAX_PAUSE_SECONDS, took))
+
+
+def next_batch_size(size: int, took: float) -> int:
+    """The size that would have taken BATCH_SECONDS at the last batch's pace, growing at most
+    twofold per batch (a quick batch may have been luck) and within the bounds."""
+    wanted = size * BATCH_SECONDS / took if took > 0 else 2 * size
+    return max(MIN_BATCH_SIZE, min(MAX_BATCH_SIZE, 2 * size, int(wanted)))
