@@ -435,6 +435,20 @@ class MailboxAdmin(ServiceAdmin):
     actions = ["suspend", "resume"]
     change_form_template = "admin/mailadmin/mailbox/change_form.html"
 
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str):
+        """A whole address that is a mailbox finds just that mailbox, through the username index;
+        anything else is the admin's substring search, a scan of every row (about 180 ms at
+        100,000 mailboxes on PostgreSQL, bench ``console_pages``)."""
+        try:
+            address = normalise_address(search_term)
+        except ValueError:
+            address = None
+        if address is not None:
+            exact = queryset.filter(user__username=address)
+            if exact.exists():
+                return exact, False
+        return super().get_search_results(request, queryset, search_term)
+
     @admin.display(description=_("address"), ordering="user__username")
     def address(self, mailbox: Mailbox) -> str:
         return mailbox.address
