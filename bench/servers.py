@@ -305,12 +305,13 @@ def _start(
 
 
 def start_web(env: Environment, name: str, **settings: str) -> Server:
-    """daphne serving mailadmin.asgi (the admin, the console and the API), as ``make run`` starts it,
-    on a free port, plain HTTP; ready once its port accepts."""
+    """``runweb`` (daphne in WEB_WORKERS processes, ``auto`` unless ``settings`` say otherwise)
+    serving the admin, the console and the API, as ``make run`` starts it, on a free port, plain
+    HTTP; ready once its port accepts."""
 
     def attempt() -> Server:
         port = free_port()
-        command = ["-m", "daphne", "-b", HOST, "-p", str(port), "mailadmin.asgi:application"]
+        command = ["manage.py", "runweb", "--bind", HOST, "--port", str(port)]
         # DEBUG is off in the bench, which would redirect plain HTTP to HTTPS.
         values = {"SECURE_SSL_REDIRECT": "0", **settings}
         stderr_path = env.var_dir / f"{name}.stderr"

@@ -25,6 +25,8 @@ TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
 # Any failure of the database at all: what mail delivery answers with a temporary failure,
 # since a message is never bounced for a fault of ours (the MTA retries once it is mended).
 DATABASE_ERRORS = (DatabaseError, InterfaceError)
+# How long a web request waits for a pooled connection before it fails (psycopg_pool.PoolTimeout).
+POOL_WAIT_SECONDS = 30
 
 
 class BoundedExecutor:
@@ -58,3 +60,22 @@ def keep_connections_open(max_age_seconds: int) -> None:
     for database in settings.DATABASES.values():
         database["CONN_MAX_AGE"] = max_age_seconds
         database["CONN_HEALTH_CHECKS"] = True
+
+
+def pool_connections(max_size: int) -> None:
+    """Share at most ``max_size`` PostgreSQL connections among a web process's requests.
+
+    Under ASGI Django gives every request a context, and a connection, of its own, and closes
+    it when the request ends: without a pool each API call or page would start a PostgreSQL
+    backend process and pay its authentication. Called by the web workers before any request
+    connects; SQLite, whose connections are in-process, is left as it is.
+    """
+    for database in settings.DATABASES.values():
+        if database["ENGINE"] != "django.db.backends.postgresql":
+            continue
+        database["CONN_MAX_AGE"] = 0  # Django refuses a pool beside persistent connections
+        database.setdefault("OPTIONS", {})["pool"] = {
+            "min_size": 1,
+            "max_size": max_size,
+            "timeout": POOL_WAIT_SECONDS,
+        }

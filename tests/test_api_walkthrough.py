@@ -1,5 +1,5 @@
 """The README's provisioning walkthrough, run as written: its shell block with real ``curl``
-against a daphne child serving the test database."""
+against ``runweb`` (two daphne workers on one port) serving the test database."""
 
 import json
 import os
@@ -38,16 +38,16 @@ def walkthrough() -> tuple[str, str]:
 
 
 @contextmanager
-def daphne(stderr_path: Path) -> Iterator[int]:
+def web_server(stderr_path: Path) -> Iterator[int]:
     port = free_port()
-    command = [sys.executable, "-m", "daphne", "-b", HOST, "-p", str(port), "mailadmin.asgi:application"]
+    command = [sys.executable, "manage.py", "runweb", "--bind", HOST, "--port", str(port), "--workers", "2"]
     with stderr_path.open("wb") as stderr:
         process = subprocess.Popen(command, cwd=PROJECT_DIR, env=child_environment(), stderr=stderr)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not _accepting(port):
             assert process.poll() is None, stderr_path.read_text()
-            assert time.monotonic() < deadline, "daphne did not start listening"
+            assert time.monotonic() < deadline, "runweb did not start listening"
             time.sleep(0.1)
         yield port
     finally:
@@ -88,9 +88,9 @@ def answer(line: str) -> tuple[dict, int]:
     return json.loads(body), int(status)
 
 
-def test_the_readme_walkthrough_runs_against_daphne(tmp_path):
+def test_the_readme_walkthrough_runs_against_runweb(tmp_path):
     before_kick, from_kick = walkthrough()
-    with daphne(tmp_path / "daphne.stderr") as port:
+    with web_server(tmp_path / "runweb.stderr") as port:
         api = f"http://{HOST}:{port}/api/v1"
         lines = run_shell(before_kick + 'echo "TOKEN=$TOKEN"', tmp_path, API=api)
         token = lines.pop().removeprefix("TOKEN=")

@@ -30,7 +30,7 @@ LISTENING = re.compile(r"\b(POP3S?|LMTP) listening on ")
 
 
 class Command(BaseCommand):
-    help = "Run daphne (web admin) and the POP3/LMTP listeners until interrupted."
+    help = "Run the web admin (runweb) and the POP3/LMTP listeners until interrupted."
 
     def add_arguments(self, parser):
         parser.add_argument("--bind", default="127.0.0.1", help="Address for the web admin.")
@@ -72,11 +72,11 @@ class Command(BaseCommand):
 
     def _start(self, bind: str, http_port: int) -> dict[str, subprocess.Popen]:
         manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
-        web = [sys.executable, "-m", "daphne", "-b", bind, "-p", str(http_port), "mailadmin.asgi:application"]
+        web = [*manage, "runweb", "--bind", bind, "--port", str(http_port)]
         children = {
             name: subprocess.Popen(command, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
             for name, command in (
-                ("daphne", web),
+                ("runweb", web),
                 ("runpop3", [*manage, "runpop3"]),
                 ("runlmtp", [*manage, "runlmtp"]),
             )

@@ -1,0 +1,100 @@
+"""``runweb``: daphne in ``WEB_WORKERS`` processes sharing one listening socket.
+
+One daphne process serves the console and the API on one core: its Twisted loop and Django's
+request threads share one interpreter lock. ``runweb`` binds the port, starts ``WEB_WORKERS``
+daphne processes that each accept on it (the kernel hands every new connection to one of
+them) and stays behind as a small supervisor, as runpop3 and runlmtp do with their workers.
+Nothing the web workers share lives in memory: signed-in sessions, the live page's rows and
+the API's failure counts are rows (or Redis, with ``REDIS_URL``).
+
+The workers are new interpreters, not forks of this one: importing daphne installs its Twisted
+reactor on an event loop, and a forked loop would share its epoll instance with its siblings.
+"""
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from mailadmin.prefork import STOP_SIGNALS, die_with_parent
+
+APPLICATION = "mailadmin.asgi:application"
+STOP_GRACE_SECONDS = 10
+POLL_SECONDS = 0.2
+
+
+def bind(address: str, port: int) -> socket.socket:
+    """An IPv4 listening socket the workers inherit. (Twisted's ``fd:`` endpoint, which daphne
+    adopts it through, takes IPv4 sockets only; put a proxy in front for IPv6.)"""
+    listener = socket.create_server((address, port), family=socket.AF_INET, backlog=socket.SOMAXCONN)
+    listener.set_inheritable(True)
+    return listener
+
+
+def worker_command(listener: socket.socket, daphne_args: list[str]) -> list[str]:
+    """A web worker: ``python -m mailadmin.webworker``, accepting on the inherited socket."""
+    endpoint = f"fd:fileno={listener.fileno()}"
+    return [sys.executable, "-m", "mailadmin.webworker", "-e", endpoint, *daphne_args, APPLICATION]
+
+
+def run(listener: socket.socket, workers: int, daphne_args: list[str], started: Callable[[], None]) -> int:
+    """Start ``workers`` daphne processes on ``listener``, call ``started()``, and wait until
+    they end: 0 when they were stopped (SIGTERM, SIGINT, passed on to each), 1 when one ended by
+    itself, after the others have been stopped, so that a supervisor restarts the service whole."""
+    command = worker_command(listener, daphne_args)
+    supervisor = _Supervisor()
+    previous = {signum: signal.signal(signum, supervisor.forward) for signum in STOP_SIGNALS}
+    try:
+        for _ in range(workers):
+            supervisor.children.append(
+                subprocess.Popen(
+                    command, pass_fds=[listener.fileno()], preexec_fn=lambda: die_with_parent(signal.SIGTERM)
+                )
+            )
+        listener.close()  # the workers hold it now
+        started()
+        return supervisor.wait()
+    finally:
+        supervisor.stop()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class _Supervisor:
+    def __init__(self) -> None:
+        self.children: list[subprocess.Popen] = []
+        self.stopping = False
+
+    def forward(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    def wait(self) -> int:
+        while not self.stopping:
+            ended = [child for child in self.children if child.poll() is not None]
+            if ended:
+                sys.stderr.write(
+                    f"web worker {ended[0].pid} ended unexpectedly (exit status {ended[0].returncode}); "
+                    "stopping the others\n"
+                )
+                return 1
+            time.sleep(POLL_SECONDS)
+        self.stop()
+        stopped = (0, -signal.SIGTERM, -signal.SIGINT)
+        return 0 if all(child.returncode in stopped for child in self.children) else 1
+
+    def stop(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.terminate()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for child in self.children:
+            try:
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()

@@ -1,0 +1,146 @@
+"""``runweb``: daphne in several processes on one port, supervised together; on PostgreSQL each
+worker keeps a bounded pool of connections instead of connecting for every request."""
+
+import http.client
+import io
+import os
+import signal
+import time
+from types import SimpleNamespace
+
+import pytest
+from django.core.management import call_command
+from django.db import connection
+
+from mailadmin import executors
+from tests.conftest import run_manage
+from tests.daemons import HOST, STARTUP_TIMEOUT, DaemonProcess, free_port, running_daemon, start_daemon
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+class RunWeb(DaemonProcess):
+    command = "runweb"
+
+
+def start_runweb(tmp_path, *arguments: str, **environment: str) -> tuple[RunWeb, int]:
+    port = free_port()
+    web = start_daemon(
+        RunWeb,
+        ["--port", str(port), *arguments],
+        stderr_path=tmp_path / "runweb.stderr",
+        environment=environment,
+        ready=["Web listening on"],
+    )
+    return web, port
+
+
+def get(port: int, path: str, **headers: str) -> int:
+    """The status of ``GET path``, once a worker answers (they start after the port is bound)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        connection_ = http.client.HTTPConnection(HOST, port, timeout=10)
+        try:
+            connection_.request("GET", path, headers=headers)
+            return connection_.getresponse().status
+        except (ConnectionError, http.client.RemoteDisconnected):
+            assert time.monotonic() < deadline, "no web worker answered"
+            time.sleep(0.1)
+        finally:
+            connection_.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_workers_serve_one_port_and_stop_together_on_sigterm(tmp_path):
+    web, port = start_runweb(tmp_path, "--workers", "2")
+    assert get(port, "/admin/login/") == 200
+    workers = web.workers()
+    assert len(workers) == 2
+    assert [get(port, "/admin/login/") for _ in range(6)] == [200] * 6
+    assert web.terminate() == 0
+    assert [pid for pid in workers if alive(pid)] == []
+
+
+def test_a_worker_that_dies_stops_the_others_and_runweb_fails(tmp_path):
+    with running_daemon(tmp_path, lambda attempt: start_runweb(tmp_path, "--workers", "2")[0]) as web:
+        first, second = web.workers()
+        os.kill(first, signal.SIGKILL)
+        assert web.process.wait(timeout=30) == 1
+    assert not alive(second)
+    assert f"web worker {first} ended unexpectedly (exit status -9); stopping the others" in web.stderr_text()
+
+
+def test_the_workers_count_comes_from_web_workers(tmp_path):
+    with running_daemon(tmp_path, lambda attempt: start_runweb(tmp_path, WEB_WORKERS="3")[0]) as web:
+        assert len(web.workers()) == 3
+        assert web.stdout_lines[0].endswith("(3 daphne processes)")
+
+
+def test_a_port_in_use_is_refused_naming_it(tmp_path):
+    with running_daemon(tmp_path, lambda attempt: start_runweb(tmp_path, "--workers", "1")[0]) as web:
+        port = web_port(web)
+        taken = run_manage("runweb", "--port", str(port), "--workers", "1")
+        assert taken.returncode == 1
+        assert f"cannot listen on 127.0.0.1:{port}:" in taken.stderr.decode()
+
+
+# --- Connections ---------------------------------------------------------------------------------
+
+
+def test_pool_connections_pools_postgresql_only(monkeypatch):
+    databases = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "CONN_MAX_AGE": 600,
+            "OPTIONS": {"keepalives": 1},
+        },
+        "local": {"ENGINE": "mailadmin.sqlite", "CONN_MAX_AGE": 0, "OPTIONS": {"timeout": 5}},
+    }
+    monkeypatch.setattr(executors, "settings", SimpleNamespace(DATABASES=databases))
+    executors.pool_connections(4)
+    assert databases == {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "CONN_MAX_AGE": 0,
+            "OPTIONS": {"keepalives": 1, "pool": {"min_size": 1, "max_size": 4, "timeout": 30}},
+        },
+        "local": {"ENGINE": "mailadmin.sqlite", "CONN_MAX_AGE": 0, "OPTIONS": {"timeout": 5}},
+    }
+
+
+def backends_of_others() -> list[int]:
+    """PostgreSQL backends connected to the test database, other than this test's own."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        return sorted(pid for (pid,) in cursor.fetchall())
+
+
+def test_a_worker_keeps_its_postgresql_connections_between_requests(tmp_path):
+    """Without the pool each request started a backend and ended it: none was left between
+    requests, and twenty requests made twenty backends."""
+    if connection.vendor != "postgresql":
+        pytest.skip("connection pools are for PostgreSQL; SQLite connects in-process")
+    out = io.StringIO()
+    call_command("createtoken", "--scope", "read", "--name", "pool", stdout=out)
+    bearer = {"Authorization": f"Bearer {out.getvalue().split()[-1]}"}
+    start = lambda attempt: start_runweb(tmp_path, "--workers", "1", WEB_DB_POOL_SIZE="2")[0]  # noqa: E731
+    with running_daemon(tmp_path, start) as web:
+        seen: set[int] = set()
+        for _ in range(20):
+            assert get(web_port(web), "/api/v1/mailboxes/", **bearer) == 200
+            seen.update(backends_of_others())
+        assert 1 <= len(seen) <= 2
+        assert 1 <= len(backends_of_others()) <= 2
+
+
+def web_port(web: RunWeb) -> int:
+    return int(web.stdout_lines[0].split(":")[1].split()[0])
