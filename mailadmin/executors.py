@@ -63,19 +63,20 @@ def keep_connections_open(max_age_seconds: int) -> None:
 
 
 def pool_connections(max_size: int) -> None:
-    """Share at most ``max_size`` PostgreSQL connections among a web process's requests.
+    """Reuse at most ``max_size`` database connections among a web process's requests.
 
     Under ASGI Django gives every request a context, and a connection, of its own, and closes
     it when the request ends: without a pool each API call or page would start a PostgreSQL
-    backend process and pay its authentication. Called by the web workers before any request
-    connects; SQLite, whose connections are in-process, is left as it is.
+    backend process and pay its authentication, or open the SQLite file and set it up again.
+    PostgreSQL gets Django's pool (psycopg_pool); SQLite, the parking of ``mailadmin.sqlite``.
+    Called by the web workers before any request connects.
     """
     for database in settings.DATABASES.values():
-        if database["ENGINE"] != "django.db.backends.postgresql":
+        if database["ENGINE"] == "django.db.backends.postgresql":
+            database["CONN_MAX_AGE"] = 0  # Django refuses a pool beside persistent connections
+            pool = {"min_size": 1, "max_size": max_size, "timeout": POOL_WAIT_SECONDS}
+        elif database["ENGINE"] == "mailadmin.sqlite":
+            pool = max_size
+        else:
             continue
-        database["CONN_MAX_AGE"] = 0  # Django refuses a pool beside persistent connections
-        database.setdefault("OPTIONS", {})["pool"] = {
-            "min_size": 1,
-            "max_size": max_size,
-            "timeout": POOL_WAIT_SECONDS,
-        }
+        database.setdefault("OPTIONS", {})["pool"] = pool

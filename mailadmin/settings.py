@@ -322,8 +322,8 @@ POP3_DB_THREADS = _env_int("POP3_DB_THREADS", 8)
 POP3_WORKERS = _env_workers("POP3_WORKERS")
 # daphne processes ``runweb`` (and so ``runall``) starts on the web port; "auto" is one per CPU.
 WEB_WORKERS = _env_workers("WEB_WORKERS")
-# PostgreSQL connections each web worker keeps in its pool, shared by its requests.
-WEB_DB_POOL_SIZE = max(1, _env_int("WEB_DB_POOL_SIZE", 8))
+# Requests a web worker serves at once (its threads), and the database connections it keeps for them.
+WEB_THREADS = max(1, _env_int("WEB_THREADS", 8))
 # runpop3 and runlmtp keep their worker threads' database connections this long (seconds).
 DAEMON_DB_CONN_MAX_AGE = _env_int("DAEMON_DB_CONN_MAX_AGE", 600)
 # Minimum seconds between two logins of one mailbox; advertised as LOGIN-DELAY. 0 = off.

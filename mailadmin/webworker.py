@@ -18,7 +18,7 @@ def main(argv: list[str]) -> None:
 
     from mailadmin.executors import pool_connections
 
-    pool_connections(settings.WEB_DB_POOL_SIZE)
+    pool_connections(settings.WEB_THREADS)
     CommandLineInterface().run(argv)
 
 

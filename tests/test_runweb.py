@@ -5,6 +5,7 @@ import http.client
 import io
 import os
 import signal
+import sqlite3
 import time
 from types import SimpleNamespace
 
@@ -102,6 +103,7 @@ def test_pool_connections_pools_postgresql_only(monkeypatch):
             "OPTIONS": {"keepalives": 1},
         },
         "local": {"ENGINE": "mailadmin.sqlite", "CONN_MAX_AGE": 0, "OPTIONS": {"timeout": 5}},
+        "other": {"ENGINE": "django.db.backends.mysql", "OPTIONS": {}},
     }
     monkeypatch.setattr(executors, "settings", SimpleNamespace(DATABASES=databases))
     executors.pool_connections(4)
@@ -111,8 +113,66 @@ def test_pool_connections_pools_postgresql_only(monkeypatch):
             "CONN_MAX_AGE": 0,
             "OPTIONS": {"keepalives": 1, "pool": {"min_size": 1, "max_size": 4, "timeout": 30}},
         },
-        "local": {"ENGINE": "mailadmin.sqlite", "CONN_MAX_AGE": 0, "OPTIONS": {"timeout": 5}},
+        "local": {"ENGINE": "mailadmin.sqlite", "CONN_MAX_AGE": 0, "OPTIONS": {"timeout": 5, "pool": 4}},
+        "other": {"ENGINE": "django.db.backends.mysql", "OPTIONS": {}},
     }
+
+
+def sqlite_wrapper(path, pool: int):
+    """A connection of ``mailadmin.sqlite`` to the database file ``path``, parking up to ``pool``."""
+    from mailadmin.sqlite.base import DatabaseWrapper
+
+    settings_dict = {
+        **connection.settings_dict,
+        "NAME": str(path),
+        "OPTIONS": {"pool": pool},
+        "TIME_ZONE": None,
+    }
+    return DatabaseWrapper(settings_dict, alias="parking")
+
+
+def raw_connection(wrapper):
+    wrapper.ensure_connection()
+    return wrapper.connection
+
+
+def test_sqlite_connections_are_parked_for_the_next_and_at_most_pool_of_them(tmp_path):
+    first, second, third = (sqlite_wrapper(tmp_path / "db.sqlite3", pool=1) for _ in range(3))
+    first_raw, second_raw = raw_connection(first), raw_connection(second)
+    assert first_raw is not second_raw
+    first.close()
+    second.close()  # no room: really closed
+    reused = raw_connection(third)
+    assert reused is first_raw
+    with third.cursor() as cursor:  # still set up as a new one is
+        cursor.execute("PRAGMA foreign_keys")
+        assert cursor.fetchone() == (1,)
+    third.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        second_raw.execute("SELECT 1")
+
+
+def test_a_sqlite_connection_in_a_transaction_is_closed_not_parked(tmp_path):
+    wrapper, later = (
+        sqlite_wrapper(tmp_path / "db.sqlite3", pool=2),
+        sqlite_wrapper(tmp_path / "db.sqlite3", pool=2),
+    )
+    raw = raw_connection(wrapper)
+    raw.execute("BEGIN")
+    wrapper.close()
+    assert raw_connection(later) is not raw
+    later.close()
+
+
+def test_without_a_pool_a_sqlite_connection_is_closed(tmp_path):
+    wrapper, later = (
+        sqlite_wrapper(tmp_path / "db.sqlite3", pool=0),
+        sqlite_wrapper(tmp_path / "db.sqlite3", pool=0),
+    )
+    raw = raw_connection(wrapper)
+    wrapper.close()
+    assert raw_connection(later) is not raw
+    later.close()
 
 
 def backends_of_others() -> list[int]:
@@ -132,7 +192,7 @@ def test_a_worker_keeps_its_postgresql_connections_between_requests(tmp_path):
     out = io.StringIO()
     call_command("createtoken", "--scope", "read", "--name", "pool", stdout=out)
     bearer = {"Authorization": f"Bearer {out.getvalue().split()[-1]}"}
-    start = lambda attempt: start_runweb(tmp_path, "--workers", "1", WEB_DB_POOL_SIZE="2")[0]  # noqa: E731
+    start = lambda attempt: start_runweb(tmp_path, "--workers", "1", WEB_THREADS="2")[0]  # noqa: E731
     with running_daemon(tmp_path, start) as web:
         seen: set[int] = set()
         for _ in range(20):
