@@ -17,8 +17,10 @@ def main(argv: list[str]) -> None:
     from django.conf import settings
 
     from mailadmin.executors import pool_connections
+    from mailadmin.webworkers import announce_ready
 
     pool_connections(settings.WEB_THREADS)
+    announce_ready()
     CommandLineInterface().run(argv)
 
 

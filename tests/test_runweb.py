@@ -69,6 +69,13 @@ def test_workers_serve_one_port_and_stop_together_on_sigterm(tmp_path):
     assert [pid for pid in workers if alive(pid)] == []
 
 
+def test_runweb_says_it_listens_once_every_worker_serves(tmp_path):
+    """It said so as soon as it had started the workers, seconds before they served."""
+    with running_daemon(tmp_path, lambda attempt: start_runweb(tmp_path, "--workers", "2")[0]) as web:
+        assert web.stderr_text().count("Listening on TCP address") == 2
+        assert web.stdout_lines[0] == f"Web listening on 127.0.0.1:{web_port(web)} (2 daphne processes)"
+
+
 def test_a_worker_that_dies_stops_the_others_and_runweb_fails(tmp_path):
     with running_daemon(tmp_path, lambda attempt: start_runweb(tmp_path, "--workers", "2")[0]) as web:
         first, second = web.workers()
