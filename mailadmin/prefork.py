@@ -11,9 +11,11 @@ import ctypes
 import logging
 import os
 import signal
+import subprocess
 import sys
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from django.db import connections
 
@@ -73,6 +75,21 @@ def run_workers(count: int, serve: Callable[[], None], started: Callable[[], Non
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def stop_children(children: Iterable[subprocess.Popen], grace_seconds: float) -> None:
+    """SIGTERM every child still running, wait up to ``grace_seconds`` for all, SIGKILL the rest."""
+    children = list(children)
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + grace_seconds
+    for child in children:
+        try:
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
 
 
 def die_with_parent(signum: int) -> None:

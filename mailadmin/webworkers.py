@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from mailadmin.prefork import STOP_SIGNALS, die_with_parent
+from mailadmin.prefork import STOP_SIGNALS, die_with_parent, stop_children
 
 APPLICATION = "mailadmin.asgi:application"
 READY_FD_VARIABLE = "MAILADMIN_WEB_READY_FD"
@@ -129,13 +129,4 @@ class _Supervisor:
         return next((child for child in self.children if child.poll() is not None), None)
 
     def stop(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.terminate()
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for child in self.children:
-            try:
-                child.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        stop_children(self.children, STOP_GRACE_SECONDS)

@@ -21,7 +21,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from mailadmin.management.commands import setupdemo
-from mailadmin.prefork import die_with_parent
+from mailadmin.prefork import die_with_parent, stop_children
 
 STOP_GRACE_SECONDS = 10
 POLL_SECONDS = 0.2
@@ -57,7 +57,7 @@ class Command(BaseCommand):
                 self._announce(http_port, listeners, demo)
                 announced = True
             time.sleep(POLL_SECONDS)
-        self._stop(children)
+        stop_children(children.values(), STOP_GRACE_SECONDS)
         failed = {
             name: child.returncode
             for name, child in children.items()
@@ -125,18 +125,6 @@ class Command(BaseCommand):
         else:
             self.stdout.write("Listening: " + ", ".join(f"{name} {at}" for name, at in where.items()))
         self.stdout.flush()
-
-    def _stop(self, children: dict[str, subprocess.Popen]) -> None:
-        for child in children.values():
-            if child.poll() is None:
-                child.terminate()
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for child in children.values():
-            try:
-                child.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
 
 
 def _die_with_parent() -> None:
