@@ -129,7 +129,7 @@ def insert_returning_pks(model: type, names: tuple[str, ...], rows: Sequence[Seq
 
 
 @functools.lru_cache(maxsize=256)
-def insert_sql(model: type, names: tuple[str, ...], vendor: str, rows: int = 1) -> str:
+def insert_sql(model: type, names: tuple[str, ...], vendor: str, rows: int) -> str:
     quote = connections[DEFAULT_DB_ALIAS].ops.quote_name
     columns = ", ".join(quote(model._meta.get_field(name).column) for name in names)
     table, pk = quote(model._meta.db_table), quote(model._meta.pk.column)
