@@ -173,28 +173,58 @@ def test_a_copy_whose_uidl_collides_fails_alone_and_the_rest_of_the_group_is_sto
         assert_counters_exact(address)
 
 
-@pytest.mark.django_db
-@pytest.mark.parametrize(
-    "error", [DataError("value too long"), ValueError("a bug")], ids=["data-error", "unexpected"]
-)
-def test_a_copy_that_raises_after_its_charge_fails_alone_and_leaves_no_partial_state(
-    make_mailbox, settings, monkeypatch, error
-):
-    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
-    for address in ("one@example.test", "bad@example.test", "two@example.test"):
-        make_mailbox(address)
-    recipients = looked_up("one@example.test", "bad@example.test", "two@example.test")
-    real_append = store.append_message_in_group
-    calls: list[str] = []
+class StoreCalls:
+    """Records each call of the store's group append (``("group", [addresses])``) and one-copy
+    append (the address); a copy for an address in ``failing`` raises its error once stored,
+    so only the rollback can remove what it wrote."""
 
-    def append_failing_for_bad(mailbox, message, **options):
-        calls.append(mailbox.address)
-        stored = real_append(mailbox, message, **options)  # charged and inserted: all of it must go
-        if mailbox.address == "bad@example.test":
-            raise error
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list = []
+        self.failing: dict[str, Exception] = {}
+        self._group, self._one = store.append_messages_in_group, store.append_message_in_group
+        monkeypatch.setattr(store, "append_messages_in_group", self.append_group)
+        monkeypatch.setattr(store, "append_message_in_group", self.append_one)
+
+    def append_group(self, copies):
+        addresses = [copy.mailbox.address for copy in copies]
+        self.calls.append(("group", addresses))
+        stored = self._group(copies)
+        self._fail_if_any(addresses)
         return stored
 
-    monkeypatch.setattr(store, "append_message_in_group", append_failing_for_bad)
+    def append_one(self, mailbox, message, **options):
+        self.calls.append(mailbox.address)
+        stored = self._one(mailbox, message, **options)
+        self._fail_if_any([mailbox.address])
+        return stored
+
+    def _fail_if_any(self, addresses: list[str]) -> None:
+        for address in addresses:
+            if address in self.failing:
+                raise self.failing[address]
+
+
+@pytest.fixture
+def store_calls(monkeypatch) -> StoreCalls:
+    return StoreCalls(monkeypatch)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "error",
+    [IntegrityError("duplicate key"), DataError("value too long"), ValueError("a bug")],
+    ids=["integrity-error", "data-error", "unexpected"],
+)
+def test_a_copy_that_raises_after_its_charge_fails_alone_and_leaves_no_partial_state(
+    make_mailbox, settings, store_calls, error
+):
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
+    addresses = ["one@example.test", "bad@example.test", "two@example.test"]
+    for address in addresses:
+        make_mailbox(address)
+    recipients = looked_up(*addresses)
+    store_calls.failing["bad@example.test"] = error
+
     results = deliver_group(group_of(recipients))
 
     assert statuses(results) == [
@@ -204,7 +234,11 @@ def test_a_copy_that_raises_after_its_charge_fails_alone_and_leaves_no_partial_s
             ("two@example.test", DeliveryStatus.DELIVERED),
         ]
     ]
-    assert calls == ["one@example.test", "bad@example.test", "one@example.test", "two@example.test"]
+    assert store_calls.calls == [
+        ("group", addresses),  # together: the error does not say whose it is
+        "one@example.test", "bad@example.test",  # one at a time, until the failing copy
+        "one@example.test", "two@example.test",  # without it
+    ]  # fmt: skip
     assert [len(stored_subjects(r.address)) for r in recipients] == [1, 0, 1]
     assert Mailbox.objects.get(user__username="bad@example.test").next_uid == 1
     for recipient in recipients:
@@ -213,22 +247,14 @@ def test_a_copy_that_raises_after_its_charge_fails_alone_and_leaves_no_partial_s
 
 @pytest.mark.django_db
 def test_every_failing_copy_is_retried_once_and_the_group_keeps_the_others(
-    make_mailbox, settings, monkeypatch
+    make_mailbox, settings, store_calls
 ):
     settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
     addresses = ["a@example.test", "bad1@example.test", "b@example.test", "bad2@example.test"]
     for address in addresses:
         make_mailbox(address)
-    real_append = store.append_message_in_group
-    calls: list[str] = []
+    store_calls.failing = {address: IntegrityError("duplicate key") for address in addresses[1::2]}
 
-    def append(mailbox, message, **options):
-        calls.append(mailbox.address)
-        if mailbox.address.startswith("bad"):
-            raise IntegrityError("duplicate key")
-        return real_append(mailbox, message, **options)
-
-    monkeypatch.setattr(store, "append_message_in_group", append)
     results = deliver_group(group_of(*([r] for r in looked_up(*addresses))))
 
     assert [group[0].status for group in results] == [
@@ -237,8 +263,9 @@ def test_every_failing_copy_is_retried_once_and_the_group_keeps_the_others(
         DeliveryStatus.DELIVERED,
         DeliveryStatus.TEMPORARY_FAILURE,
     ]
-    assert calls == [
-        "a@example.test", "bad1@example.test",  # first attempt
+    assert store_calls.calls == [
+        ("group", addresses),
+        "a@example.test", "bad1@example.test",  # one at a time
         "a@example.test", "b@example.test", "bad2@example.test",  # without bad1
         "a@example.test", "b@example.test",  # without both
     ]  # fmt: skip
@@ -255,24 +282,16 @@ def test_every_failing_copy_is_retried_once_and_the_group_keeps_the_others(
     ids=lambda error: type(error).__name__,
 )
 def test_a_database_error_that_is_not_one_copys_fails_the_whole_group_without_a_retry(
-    make_mailbox, monkeypatch, error
+    make_mailbox, store_calls, error
 ):
     for address in ("one@example.test", "two@example.test"):
         make_mailbox(address)
     recipients = looked_up("one@example.test", "two@example.test")
-    real_append = store.append_message_in_group
-    calls: list[str] = []
+    store_calls.failing["two@example.test"] = error
 
-    def connection_lost_on_second(mailbox, message, **options):
-        calls.append(mailbox.address)
-        if len(calls) == 2:
-            raise error
-        return real_append(mailbox, message, **options)
-
-    monkeypatch.setattr(store, "append_message_in_group", connection_lost_on_second)
     with pytest.raises(type(error)):
         deliver_group(group_of([recipients[0]], [recipients[1]]))
-    assert calls == ["one@example.test", "two@example.test"]
+    assert store_calls.calls == [("group", ["one@example.test", "two@example.test"])]
     assert Message.objects.count() == 0
     assert list(Mailbox.objects.values_list("used_bytes", "used_messages", "next_uid")) == [(0, 0, 1)] * 2
 
@@ -300,21 +319,13 @@ def test_all_or_none_with_a_failing_copy_stores_nothing_and_says_which_one_faile
     ids=["nul-subject", "nul-encoded-word", "392-character-sender", "undecodable-sender"],
 )
 def test_a_message_with_odd_header_or_sender_values_is_stored_at_the_first_attempt(
-    make_mailbox, settings, monkeypatch, body, sender
+    make_mailbox, settings, store_calls, body, sender
 ):
     """Cleaned when the row is written, such a copy never fails, so the group is never stored again."""
     settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
     make_mailbox("one@example.test")
     make_mailbox("two@example.test")
     one, two = looked_up("one@example.test", "two@example.test")
-    real_append = store.append_message_in_group
-    calls: list[str] = []
-
-    def counting_append(mailbox, message, **options):
-        calls.append(mailbox.address)
-        return real_append(mailbox, message, **options)
-
-    monkeypatch.setattr(store, "append_message_in_group", counting_append)
     plain = Delivery([one], spool_message([b"Subject: plain\r\n\r\nplain\r\n"]), SENDER)
     odd = Delivery([two], spool_message([body]), sender)
     results = deliver_group([plain, odd])
@@ -323,7 +334,7 @@ def test_a_message_with_odd_header_or_sender_values_is_stored_at_the_first_attem
         [("one@example.test", DeliveryStatus.DELIVERED)],
         [("two@example.test", DeliveryStatus.DELIVERED)],
     ]
-    assert calls == ["one@example.test", "two@example.test"]
+    assert store_calls.calls == [("group", ["one@example.test", "two@example.test"])]
 
 
 @pytest.mark.django_db

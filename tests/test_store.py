@@ -347,15 +347,12 @@ def test_a_group_that_fails_in_the_database_stores_none_of_its_messages(make_mai
         group_delivery("second@example.test", b"Subject: 2\r\n\r\ntwo\r\n"),
     ]
     real_write = fastsql.write_chunks
-    calls = []
 
-    def failing_second_write(message_id, pieces):
-        calls.append(message_id)
-        if len(calls) == 2:
-            raise DatabaseError("disk I/O error")
-        real_write(message_id, pieces)
+    def write_then_fail(messages):  # the group's last write: every row and counter is in by now
+        real_write(messages)
+        raise DatabaseError("disk I/O error")
 
-    monkeypatch.setattr(fastsql, "write_chunks", failing_second_write)
+    monkeypatch.setattr(fastsql, "write_chunks", write_then_fail)
     with pytest.raises(DatabaseError):
         deliver_group(deliveries)
     assert Message.objects.count() == 0

@@ -205,22 +205,32 @@ def deliver_group(
 ) -> list[list[RecipientResult]]:
     """Store several deliveries in one transaction: one commit (one fsync) for all of them.
 
-    A copy that no longer fits (or whose mailbox went away since it was looked up) is refused
-    on its own without a savepoint (``store.append_message_in_group``); the others are stored,
-    unless ``all_or_none``: then one refusal rolls everything back and the other copies are
-    NOT_ATTEMPTED. A copy whose own store fails (:data:`COPY_ERRORS`: a constraint, a value
-    the database refuses, a bug) rolls the group back, and the group is stored again without
-    it, so it alone is a TEMPORARY_FAILURE: one retry per failing copy at most. Returns one
-    result list per delivery once the commit is done. When the database itself fails, raises
-    DatabaseError and nothing of the group was stored.
+    The copies go in together (``store.append_messages_in_group``: a few statements for the
+    whole group). A copy that no longer fits (or whose mailbox went away since it was looked
+    up) is refused on its own without a savepoint; the others are stored, unless
+    ``all_or_none``: then one refusal rolls everything back and the other copies are
+    NOT_ATTEMPTED. When storing them together fails in a way that may be one copy's
+    (:data:`COPY_ERRORS`: a constraint, a value the database refuses, a bug), the group is rolled
+    back and stored again one copy at a time, which finds the copy: the group is rolled back
+    once more and stored without it, so it alone is a TEMPORARY_FAILURE (one retry per failing
+    copy). Returns one result list per delivery once the commit is done. When the database
+    itself fails, raises DatabaseError and nothing of the group was stored.
 
     The group's stored copies and refusals, and the refusals waiting in ``tally``, are added to
     the delivery figures in the same transaction: counting costs no commit of its own.
     """
-    failed: set[tuple[int, int]] = set()  # (delivery, mailbox id) of copies that failed
+    failed: set[_Position] = set()  # copies that failed
+    one_by_one = False
     while True:
         try:
-            return _store_group(deliveries, failed, all_or_none, tally or figures.DeliveryTally())
+            return _store_group(deliveries, failed, all_or_none, tally or figures.DeliveryTally(), one_by_one)
+        except _GroupFailed as failure:
+            logger.warning(
+                "a group of %d deliveries failed; storing its copies one at a time",
+                len(deliveries),
+                exc_info=failure.__cause__,
+            )
+            one_by_one = True
         except _CopyFailed as failure:
             logger.error("delivery to %s failed", log_text(failure.address), exc_info=failure.__cause__)
             failed.add(failure.position)
@@ -232,31 +242,35 @@ def deliver_group(
 # connection, a lock, the disk) is the group's, and fails all of it.
 COPY_ERRORS = (IntegrityError, DataError)
 
+# A copy's place in a group: (the delivery's index, the mailbox's id).
+_Position = tuple[int, int]
+
 
 class _CopyFailed(Exception):
-    def __init__(self, position: tuple[int, int], address: str) -> None:
+    def __init__(self, position: _Position, address: str) -> None:
         super().__init__(f"copy {position} for {address}")
         self.position = position
         self.address = address
 
 
+class _GroupFailed(Exception):
+    """Storing the group's copies together failed with what may be one copy's error."""
+
+
 def _store_group(
     deliveries: Sequence[Delivery],
-    failed: set[tuple[int, int]],
+    failed: set[_Position],
     all_or_none: bool,
     tally: figures.DeliveryTally,
+    one_by_one: bool,
 ) -> list[list[RecipientResult]]:
     """One attempt at :func:`deliver_group`, skipping the copies in ``failed``."""
     copies: list[_Copy] = []
+    planned = _planned_copies(deliveries, failed)
     with tally.pending() as waiting, transaction.atomic():
-        store.lock_group(
-            mailbox
-            for d, delivery in enumerate(deliveries)
-            for recipient in delivery.recipients
-            for mailbox in recipient.mailboxes
-            if (d, mailbox.pk) not in failed
-        )
-        results = [_store_delivery(d, delivery, failed, copies) for d, delivery in enumerate(deliveries)]
+        store.lock_group(mailbox for _, mailbox, _ in planned)
+        outcomes = _store_copies(planned, copies, one_by_one)
+        results = [_delivery_results(d, delivery, outcomes) for d, delivery in enumerate(deliveries)]
         refused = any(not result.delivered for group in results for result in group)
         if all_or_none and refused:
             transaction.set_rollback(True)
@@ -270,6 +284,54 @@ def _store_group(
     for copy in copies:
         _warn_if_quota_crossed(copy)
     return results
+
+
+def _planned_copies(
+    deliveries: Sequence[Delivery], failed: set[_Position]
+) -> list[tuple[_Position, Mailbox, Delivery]]:
+    """One copy per mailbox of each delivery, however many of its recipients reach it.
+
+    An MTA may give the same mailbox twice (two spellings of one address, or a list expanded
+    twice), and aliases may reach it too; RFC 2033 still wants one reply per accepted RCPT
+    (:func:`_delivery_results`).
+    """
+    planned: dict[_Position, tuple[_Position, Mailbox, Delivery]] = {}
+    for d, delivery in enumerate(deliveries):
+        for recipient in delivery.recipients:
+            for mailbox in recipient.mailboxes:
+                position = (d, mailbox.pk)
+                if position not in failed and position not in planned:
+                    planned[position] = (position, mailbox, delivery)
+    return list(planned.values())
+
+
+def _store_copies(
+    planned: list[tuple[_Position, Mailbox, Delivery]], copies: list["_Copy"], one_by_one: bool
+) -> dict[_Position, RecipientResult]:
+    """Each planned copy's result: together, or (a group of one, or to find a failing copy) one at a time."""
+    if one_by_one or len(planned) == 1:
+        return {
+            position: _store_copy(position, mailbox, delivery, copies)
+            for position, mailbox, delivery in planned
+        }
+    group = [
+        store.GroupCopy(
+            mailbox, delivery.message, trace_headers(delivery.sender, mailbox.address), delivery.sender
+        )
+        for _, mailbox, delivery in planned
+    ]
+    try:
+        stored = store.append_messages_in_group(group)
+    except COPY_ERRORS as error:
+        raise _GroupFailed() from error
+    except DATABASE_ERRORS:
+        raise
+    except Exception as error:
+        raise _GroupFailed() from error
+    return {
+        position: _copy_result(mailbox, one, copies)
+        for (position, mailbox, _), one in zip(planned, stored, strict=True)
+    }
 
 
 def _count(
@@ -290,26 +352,20 @@ def _count(
     figures.add_deliveries(stored, refusals, waiting)
 
 
-def _store_delivery(
-    index: int, delivery: Delivery, failed: set[tuple[int, int]], copies: list["_Copy"]
+def _delivery_results(
+    index: int, delivery: Delivery, outcomes: dict[_Position, RecipientResult]
 ) -> list[RecipientResult]:
-    """One copy per mailbox, however many of the recipients reach it; each name gets its result.
-
-    An MTA may give the same mailbox twice (two spellings of one address, or a list expanded
-    twice), and aliases may reach it too; RFC 2033 still wants one reply per accepted RCPT.
-    """
-    by_mailbox: dict[int, RecipientResult] = {}
+    """Each recipient's result from its mailboxes' copies (a copy that failed before, and was
+    not tried again, a TEMPORARY_FAILURE); the aliases that got the message are counted."""
     results = []
     through_aliases: set[int] = set()  # each alias counts the message once, however often named
     for recipient in delivery.recipients:
-        for mailbox in recipient.mailboxes:
-            if mailbox.pk not in by_mailbox:
-                by_mailbox[mailbox.pk] = (
-                    RecipientResult(mailbox.address, DeliveryStatus.TEMPORARY_FAILURE)
-                    if (index, mailbox.pk) in failed
-                    else _store_copy((index, mailbox.pk), mailbox, delivery, copies)
-                )
-        result = _recipient_result(recipient, [by_mailbox[mailbox.pk] for mailbox in recipient.mailboxes])
+        copies = [
+            outcomes.get((index, mailbox.pk))
+            or RecipientResult(mailbox.address, DeliveryStatus.TEMPORARY_FAILURE)
+            for mailbox in recipient.mailboxes
+        ]
+        result = _recipient_result(recipient, copies)
         if result.delivered:
             through_aliases.update(recipient.alias_ids)
         results.append(result)
@@ -336,34 +392,37 @@ def _recipient_result(recipient: Recipient, copies: list[RecipientResult]) -> Re
 
 
 def _store_copy(
-    position: tuple[int, int], mailbox: Mailbox, delivery: Delivery, copies: list["_Copy"]
+    position: _Position, mailbox: Mailbox, delivery: Delivery, copies: list["_Copy"]
 ) -> RecipientResult:
+    """One copy stored on its own; any error but the database's is this copy's."""
     try:
-        return _store_in_group(mailbox, delivery, copies)
+        stored = store.append_message_in_group(
+            mailbox,
+            delivery.message,
+            prefix=trace_headers(delivery.sender, mailbox.address),
+            envelope_sender=delivery.sender,
+        )
     except COPY_ERRORS as error:
         raise _CopyFailed(position, mailbox.address) from error
     except DATABASE_ERRORS:
         raise
     except Exception as error:
         raise _CopyFailed(position, mailbox.address) from error
+    return _copy_result(mailbox, stored, copies)
 
 
-def _not_attempted_if_delivered(result: RecipientResult) -> RecipientResult:
-    return RecipientResult(result.recipient, DeliveryStatus.NOT_ATTEMPTED) if result.delivered else result
-
-
-def _store_in_group(mailbox: Mailbox, delivery: Delivery, copies: list["_Copy"]) -> RecipientResult:
-    """One mailbox's copy, as a result under the mailbox's address."""
-    stored = store.append_message_in_group(
-        mailbox,
-        delivery.message,
-        prefix=trace_headers(delivery.sender, mailbox.address),
-        envelope_sender=delivery.sender,
-    )
+def _copy_result(
+    mailbox: Mailbox, stored: store.StoredMessage | None, copies: list["_Copy"]
+) -> RecipientResult:
+    """One mailbox's copy, as a result under the mailbox's address; a stored one joins ``copies``."""
     if stored is None:
         return RecipientResult(mailbox.address, DeliveryStatus.OVER_QUOTA)
     copies.append(_Copy(stored.uidl, mailbox, stored.mailbox_used_bytes, stored.size_bytes))
     return RecipientResult(mailbox.address, DeliveryStatus.DELIVERED, stored.uidl)
+
+
+def _not_attempted_if_delivered(result: RecipientResult) -> RecipientResult:
+    return RecipientResult(result.recipient, DeliveryStatus.NOT_ATTEMPTED) if result.delivered else result
 
 
 @dataclass(frozen=True)

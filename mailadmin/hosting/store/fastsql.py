@@ -5,7 +5,7 @@ millisecond per delivery); each statement here is built once per process and bac
 """
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -110,48 +110,56 @@ def fetch_converted_row(sql: str, params, converted: list[tuple[int, Col]]) -> l
     return values
 
 
-def insert_returning_pk(model: type, **values) -> int:
-    """``model.objects.create(**values).pk`` without compiling the INSERT on every delivery.
+def insert_returning_pks(model: type, names: tuple[str, ...], rows: Sequence[Sequence]) -> list[int]:
+    """Insert ``rows`` (values for the fields ``names``) in one statement; their pks, in row order.
 
-    Values are prepared by their fields as the ORM would; the SQL is built once per model and
-    set of columns. Only for models without save() logic or signals of their own.
+    ``bulk_create`` without compiling the INSERT each time: values are prepared by their fields
+    as the ORM would, and the SQL is built once per model, columns and number of rows. The pks
+    come from ``RETURNING`` in row order, which ``bulk_create`` relies on as well on both
+    backends. Only for models without save() logic or signals of their own.
     """
     db = connections[DEFAULT_DB_ALIAS]
-    fields = [model._meta.get_field(name) for name in values]
+    fields = [model._meta.get_field(name) for name in names]
+    params = [
+        field.get_db_prep_save(value, db) for row in rows for field, value in zip(fields, row, strict=True)
+    ]
     with db.cursor() as cursor:
-        cursor.execute(
-            insert_sql(model, tuple(values), db.vendor),
-            [field.get_db_prep_save(value, db) for field, value in zip(fields, values.values(), strict=True)],
-        )
-        return cursor.fetchone()[0]
+        cursor.execute(insert_sql(model, names, db.vendor, len(rows)), params)
+        return [pk for (pk,) in cursor.fetchall()]
 
 
-@functools.cache
-def insert_sql(model: type, names: tuple[str, ...], vendor: str) -> str:
+@functools.lru_cache(maxsize=256)
+def insert_sql(model: type, names: tuple[str, ...], vendor: str, rows: int) -> str:
     quote = connections[DEFAULT_DB_ALIAS].ops.quote_name
     columns = ", ".join(quote(model._meta.get_field(name).column) for name in names)
-    placeholders = ", ".join(["%s"] * len(names))
-    pk = quote(model._meta.pk.column)
-    return f"INSERT INTO {quote(model._meta.db_table)} ({columns}) VALUES ({placeholders}) RETURNING {pk}"
+    table, pk = quote(model._meta.db_table), quote(model._meta.pk.column)
+    return f"INSERT INTO {table} ({columns}) VALUES {values_sql(rows, len(names))} RETURNING {pk}"
 
 
-def mailbox_fits(alias: str = "") -> str:
-    """The quota rule, as SQL: a mailbox row has room for one more message of ``%(size)s`` bytes.
+@functools.lru_cache(maxsize=256)
+def values_sql(rows: int, columns: int) -> str:
+    """``(%s, %s), (%s, %s)``: the placeholders of ``rows`` rows of ``columns`` values."""
+    row = "(" + ", ".join(["%s"] * columns) + ")"
+    return ", ".join([row] * rows)
 
-    A quota of 0 is no limit. Written once, for the charge (``CHARGE_MAILBOX``) and for the
-    look-up before it (:func:`find_recipient`).
+
+def mailbox_fits(alias: str = "", size: str = "%(size)s", messages: str = "1") -> str:
+    """The quota rule, as SQL: a mailbox row has room for ``messages`` more of ``size`` bytes in all.
+
+    A quota of 0 is no limit. Written once, for the charges (``CHARGE_MAILBOX``,
+    :func:`charge_mailboxes`) and for the look-up before them (:func:`find_recipient`).
     """
     column = f"{alias}." if alias else ""
     return (
-        f"({column}quota_bytes = 0 OR {column}used_bytes + %(size)s <= {column}quota_bytes)"
-        f" AND ({column}quota_messages = 0 OR {column}used_messages < {column}quota_messages)"
+        f"({column}quota_bytes = 0 OR {column}used_bytes + {size} <= {column}quota_bytes)"
+        f" AND ({column}quota_messages = 0 OR {column}used_messages + {messages} <= {column}quota_messages)"
     )
 
 
-def domain_fits(alias: str = "") -> str:
-    """The domain's cap, as SQL: its mailboxes together have room for ``%(size)s`` more bytes."""
+def domain_fits(alias: str = "", size: str = "%(size)s") -> str:
+    """The domain's cap, as SQL: its mailboxes together have room for ``size`` more bytes."""
     column = f"{alias}." if alias else ""
-    return f"({column}quota_bytes = 0 OR {column}used_bytes + %(size)s <= {column}quota_bytes)"
+    return f"({column}quota_bytes = 0 OR {column}used_bytes + {size} <= {column}quota_bytes)"
 
 
 # One statement checks the quota, charges it and hands out the UID (SQLite 3.35+ and PostgreSQL
@@ -163,29 +171,91 @@ CHARGE = (
 )
 CHARGE_MAILBOX = CHARGE.format(condition=f" AND {mailbox_fits()}")
 CHARGE_MAILBOX_UNCHECKED = CHARGE.format(condition="")
+# ``uids``: how many of the UIDs the charge took go back; only those no UIDL was made from.
 UNCHARGE_MAILBOX = (
-    f"UPDATE {MAILBOX_TABLE} SET used_bytes = used_bytes - %(size)s, used_messages = used_messages - 1 "
-    "WHERE id = %(id)s"
+    f"UPDATE {MAILBOX_TABLE} SET used_bytes = used_bytes - %(size)s, "
+    "used_messages = used_messages - %(messages)s, next_uid = next_uid - %(uids)s WHERE id = %(id)s"
 )
 DOMAIN_TABLE = Domain._meta.db_table
 CHARGE_DOMAIN_UNCHECKED = f"UPDATE {DOMAIN_TABLE} SET used_bytes = used_bytes + %(size)s WHERE id = %(id)s"
 CHARGE_DOMAIN = f"{CHARGE_DOMAIN_UNCHECKED} AND {domain_fits()}"
 
+# A group's charges, one statement per table: each row of ``charge`` (made of VALUES, the SQL
+# both databases accept for ``UPDATE ... FROM``) is charged only if all of it fits.
+CHARGE_MAILBOXES = (
+    "WITH charge (mailbox_id, add_bytes, add_messages) AS (VALUES {values}) "
+    f"UPDATE {MAILBOX_TABLE} SET used_bytes = used_bytes + add_bytes, "
+    "used_messages = used_messages + add_messages, next_uid = next_uid + add_messages "
+    f"FROM charge WHERE id = mailbox_id AND {mailbox_fits(size='add_bytes', messages='add_messages')} "
+    "RETURNING id, next_uid, used_bytes"
+)
+CHARGE_DOMAINS = (
+    "WITH charge (domain_id, add_bytes) AS (VALUES {values}) "
+    f"UPDATE {DOMAIN_TABLE} SET used_bytes = used_bytes + add_bytes "
+    f"FROM charge WHERE id = domain_id AND {domain_fits(size='add_bytes')} RETURNING id"
+)
 
-def write_chunks(message_id: int, pieces: Iterable[bytes]) -> None:
-    """Re-cut ``pieces`` into chunk rows of exactly the configured size (the last may be shorter)."""
+
+def charge_mailboxes(charges: Sequence[tuple[int, int, int]]) -> dict[int, tuple[int, int]]:
+    """Charge each ``(mailbox id, bytes, messages)`` that fits whole, taking a UID per message.
+
+    Returns, per mailbox charged, its ``next_uid`` and ``used_bytes`` after the charge; a
+    mailbox missing from it was left as it was (no room for all of it, or gone).
+    """
+    if not charges:
+        return {}
+    with connection.cursor() as cursor:
+        cursor.execute(CHARGE_MAILBOXES.format(values=values_sql(len(charges), 3)), _flat(charges))
+        return {mailbox_id: (next_uid, used_bytes) for mailbox_id, next_uid, used_bytes in cursor.fetchall()}
+
+
+def charge_domains(charges: Sequence[tuple[int, int]]) -> set[int]:
+    """Charge each ``(domain id, bytes)`` that fits whole; the ids of the domains charged."""
+    if not charges:
+        return set()
+    with connection.cursor() as cursor:
+        cursor.execute(CHARGE_DOMAINS.format(values=values_sql(len(charges), 2)), _flat(charges))
+        return {domain_id for (domain_id,) in cursor.fetchall()}
+
+
+def _flat(rows: Iterable[Sequence]) -> list:
+    return [value for row in rows for value in row]
+
+
+def write_chunks(messages: Iterable[tuple[int, Iterable[bytes]]]) -> None:
+    """Cut each ``(message id, pieces)`` into chunk rows of exactly the configured size (a
+    message's last may be shorter), several rows per INSERT: rows wait for a statement until
+    they hold a chunk's worth of bytes, so a group of small messages is one statement and a
+    large message still one chunk per statement."""
     chunk_size = settings.MAILADMIN_CHUNK_SIZE_BYTES
-    buffer = bytearray()
-    seq = 0
+    waiting: list[tuple[int, int, bytes]] = []
+    waiting_bytes = 0
     with chunk_cursor() as cursor:
-        for piece in pieces:
-            buffer += piece
-            while len(buffer) >= chunk_size:
-                cursor.execute(INSERT_CHUNK, [message_id, seq, bytes(buffer[:chunk_size])])
-                del buffer[:chunk_size]
-                seq += 1
-        if buffer:
-            cursor.execute(INSERT_CHUNK, [message_id, seq, bytes(buffer)])
+        for message_id, pieces in messages:
+            for seq, data in enumerate(_cut(pieces, chunk_size)):
+                waiting.append((message_id, seq, data))
+                waiting_bytes += len(data)
+                if waiting_bytes >= chunk_size:
+                    _insert_chunks(cursor, waiting)
+                    waiting, waiting_bytes = [], 0
+        if waiting:
+            _insert_chunks(cursor, waiting)
+
+
+def _cut(pieces: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """``pieces`` joined and cut again into parts of ``size`` bytes; the last may be shorter (not empty)."""
+    buffer = bytearray()
+    for piece in pieces:
+        buffer += piece
+        while len(buffer) >= size:
+            yield bytes(buffer[:size])
+            del buffer[:size]
+    if buffer:
+        yield bytes(buffer)
+
+
+def _insert_chunks(cursor: CursorWrapper, rows: list[tuple[int, int, bytes]]) -> None:
+    cursor.execute(f"{INSERT_CHUNKS} {values_sql(len(rows), 3)}", _flat(rows))
 
 
 def chunk_cursor() -> CursorWrapper:
@@ -209,7 +279,7 @@ def chunk_cursor() -> CursorWrapper:
 
 
 CHUNK_TABLE = MessageChunk._meta.db_table
-INSERT_CHUNK = f"INSERT INTO {CHUNK_TABLE} (message_id, seq, data) VALUES (%s, %s, %s)"
+INSERT_CHUNKS = f"INSERT INTO {CHUNK_TABLE} (message_id, seq, data) VALUES"
 SELECT_CHUNK = f"SELECT data FROM {CHUNK_TABLE} WHERE message_id = %s AND seq = %s"
 SELECT_FIRST_CHUNKS = f"SELECT message_id, data FROM {CHUNK_TABLE} WHERE seq = 0 AND message_id IN"
 

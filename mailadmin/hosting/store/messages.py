@@ -1,7 +1,8 @@
 """Messages and their chunks: stored with their quota charge, deleted with its release."""
 
 import re
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -68,9 +69,10 @@ def append_message(
     with transaction.atomic():
         next_uid, used_bytes = _charge_quota(mailbox, size, imported_uid=uid, enforce=enforce_quota)
         message_uidl = uidl if uidl is not None else format_uidl(next_uid, mailbox.uid_validity)
-        return _insert_message(
+        new = _NewMessage(
             mailbox, message, prefix, message_uidl, used_bytes, envelope_sender, received_at, import_key
         )
+        return _insert_messages([new])[0]
 
 
 def append_message_in_group(
@@ -82,22 +84,115 @@ def append_message_in_group(
     None, having undone its own partial charge, instead of raising: the transaction goes on
     without a savepoint per message. Database errors still raise, for the caller to roll back.
     """
-    if not connection.in_atomic_block:
-        raise RuntimeError("append_message_in_group needs an open transaction")
-    size = len(prefix) + message.size_bytes
-    charge = {"size": size, "id": mailbox.pk, "uid_step": 1}
+    _require_transaction()
+    copy = GroupCopy(mailbox, message, prefix, envelope_sender)
+    charge = _charge_copy(copy)
+    return None if charge is None else _insert_messages([_NewMessage.of(copy, charge)])[0]
+
+
+@dataclass(frozen=True)
+class GroupCopy:
+    """One message for one mailbox, among a group's (:func:`append_messages_in_group`)."""
+
+    mailbox: Mailbox
+    message: SpooledMessage
+    prefix: bytes
+    envelope_sender: str
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.prefix) + self.message.size_bytes
+
+
+def append_messages_in_group(copies: Sequence[GroupCopy]) -> list[StoredMessage | None]:
+    """:func:`append_message_in_group` for many copies, in the same few statements however many.
+
+    The copies of each mailbox are charged together (one UPDATE for all mailboxes, one for all
+    domains), their rows inserted by one INSERT and their chunks by as few as their bytes allow.
+    A mailbox or domain without room for all its copies at once has them charged one at a
+    time, in group order, after the others, as :func:`append_message_in_group` charges them.
+    Returns one result per copy, None for a refused one.
+
+    A database error here cannot say which copy caused it (a UIDL that collides, a value
+    refused): the caller rolls back and stores the copies one at a time to find out.
+    """
+    _require_transaction()
+    charges = _charge_group(copies)
+    stored = iter(
+        _insert_messages(
+            [_NewMessage.of(copy, charge) for copy, charge in zip(copies, charges, strict=True) if charge]
+        )
+    )
+    return [next(stored) if charge else None for charge in charges]
+
+
+# A copy's charge: its UID and its mailbox's usage right after it was charged.
+_Charge = tuple[int, int]
+
+
+def _charge_group(copies: Sequence[GroupCopy]) -> list[_Charge | None]:
+    """Charge the group's copies: mailboxes and domains that have room for all of theirs at once
+    in one statement each, the others copy by copy. Writes mailboxes before domains, as every
+    writer does (on PostgreSQL the caller has locked them all first: ``lock_group``)."""
+    by_mailbox: dict[int, list[int]] = {}  # mailbox id -> its copies' places, in group order
+    for index, copy in enumerate(copies):
+        by_mailbox.setdefault(copy.mailbox.pk, []).append(index)
+    total = {
+        mailbox_id: sum(copies[i].size_bytes for i in places) for mailbox_id, places in by_mailbox.items()
+    }
+    charged = fastsql.charge_mailboxes(
+        [(mailbox_id, total[mailbox_id], len(by_mailbox[mailbox_id])) for mailbox_id in sorted(by_mailbox)]
+    )
+    domain_of = {copy.mailbox.pk: copy.mailbox.domain_id for copy in copies}
+    domain_total: Counter[int] = Counter()
+    for mailbox_id in charged:
+        domain_total[domain_of[mailbox_id]] += total[mailbox_id]
+    refused_domains = set(domain_total) - fastsql.charge_domains(sorted(domain_total.items()))
+    charges: list[_Charge | None] = [None] * len(copies)
+    for mailbox_id, (next_uid, used_bytes) in charged.items():
+        places = by_mailbox[mailbox_id]
+        if domain_of[mailbox_id] in refused_domains:
+            _uncharge(mailbox_id, total[mailbox_id], len(places), uids=len(places))
+            continue
+        uid, used_bytes = next_uid - len(places), used_bytes - total[mailbox_id]
+        for place in places:
+            used_bytes += copies[place].size_bytes
+            charges[place] = (uid, used_bytes)
+            uid += 1
+    for place, copy in enumerate(copies):
+        if copy.mailbox.pk not in charged or domain_of[copy.mailbox.pk] in refused_domains:
+            charges[place] = _charge_copy(copy)
+    return charges
+
+
+def _charge_copy(copy: GroupCopy) -> _Charge | None:
+    """Charge one copy to its mailbox and domain; None, with nothing charged, if either is full."""
+    mailbox, size = copy.mailbox, copy.size_bytes
     with connection.cursor() as cursor:
-        cursor.execute(fastsql.CHARGE_MAILBOX, charge)
+        cursor.execute(fastsql.CHARGE_MAILBOX, {"size": size, "id": mailbox.pk, "uid_step": 1})
         row = cursor.fetchone()
         if row is None:
             return None
         cursor.execute(fastsql.CHARGE_DOMAIN, {"size": size, "id": mailbox.domain_id})
-        if cursor.rowcount != 1:
-            cursor.execute(fastsql.UNCHARGE_MAILBOX, charge)  # its UID stays used: UIDs are never reused
-            return None
-    next_uid, used_bytes = row
-    uidl = format_uidl(next_uid - 1, mailbox.uid_validity)
-    return _insert_message(mailbox, message, prefix, uidl, used_bytes, envelope_sender)
+        if cursor.rowcount == 1:
+            next_uid, used_bytes = row
+            return next_uid - 1, used_bytes
+    _uncharge(mailbox.pk, size, 1, uids=0)  # its UID stays used: UIDs are never reused
+    return None
+
+
+def _uncharge(mailbox_id: int, size: int, messages: int, *, uids: int) -> None:
+    """Undo a charge whose domain refused it; ``uids`` of the UIDs it took go back (those of a
+    charge in this very transaction, under its lock, from which no UIDL was made)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            fastsql.UNCHARGE_MAILBOX, {"size": size, "messages": messages, "uids": uids, "id": mailbox_id}
+        )
+
+
+def _require_transaction() -> None:
+    if not connection.in_atomic_block:
+        raise RuntimeError("a group's messages are stored in the caller's transaction")
 
 
 def mark_quota_warning(mailbox_id: int, percent: int) -> bool:
@@ -134,32 +229,69 @@ def lock_group(mailboxes: Iterable[Mailbox]) -> None:
             cursor.execute(f"SELECT id FROM {table} WHERE id IN ({placeholders}) ORDER BY id FOR UPDATE", ids)
 
 
-def _insert_message(
-    mailbox: Mailbox,
-    message: SpooledMessage,
-    prefix: bytes,
-    uidl: str,
-    mailbox_used_bytes: int,
-    envelope_sender: str,
-    received_at: datetime | None = None,
-    import_key: str | None = None,
-) -> StoredMessage:
-    """The message row and its chunks, once the quota has been charged."""
-    size = len(prefix) + message.size_bytes
-    message_id = fastsql.insert_returning_pk(
-        Message,
-        mailbox_id=mailbox.pk,
-        uidl=uidl,
-        size_bytes=size,
-        received_at=received_at or timezone.now(),
-        envelope_sender=_storable(envelope_sender, "envelope_sender"),
-        header_size_bytes=len(prefix) + message.header_size_bytes,
-        subject=_storable(message.summary.subject, "subject"),
-        from_header=_storable(message.summary.from_header, "from_header"),
-        import_key=import_key,
+@dataclass(frozen=True)
+class _NewMessage:
+    """A message row to insert, once its quota is charged, with the bytes of its chunks."""
+
+    mailbox: Mailbox
+    message: SpooledMessage
+    prefix: bytes
+    uidl: str
+    mailbox_used_bytes: int
+    envelope_sender: str
+    received_at: datetime | None = None
+    import_key: str | None = None
+
+    COLUMNS = (
+        "mailbox_id",
+        "uidl",
+        "size_bytes",
+        "received_at",
+        "envelope_sender",
+        "header_size_bytes",
+        "subject",
+        "from_header",
+        "import_key",
     )
-    fastsql.write_chunks(message_id, _prefixed(prefix, message))
-    return StoredMessage(message_id, uidl, size, mailbox_used_bytes)
+
+    @classmethod
+    def of(cls, copy: GroupCopy, charge: _Charge) -> "_NewMessage":
+        uid, used_bytes = charge
+        uidl = format_uidl(uid, copy.mailbox.uid_validity)
+        return cls(copy.mailbox, copy.message, copy.prefix, uidl, used_bytes, copy.envelope_sender)
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.prefix) + self.message.size_bytes
+
+    def row(self) -> tuple:
+        """The values of ``COLUMNS``."""
+        return (
+            self.mailbox.pk,
+            self.uidl,
+            self.size_bytes,
+            self.received_at or timezone.now(),
+            _storable(self.envelope_sender, "envelope_sender"),
+            len(self.prefix) + self.message.header_size_bytes,
+            _storable(self.message.summary.subject, "subject"),
+            _storable(self.message.summary.from_header, "from_header"),
+            self.import_key,
+        )
+
+
+def _insert_messages(new: Sequence[_NewMessage]) -> list[StoredMessage]:
+    """The message rows (one INSERT) and their chunks, once their quota has been charged."""
+    if not new:
+        return []
+    ids = fastsql.insert_returning_pks(Message, _NewMessage.COLUMNS, [message.row() for message in new])
+    fastsql.write_chunks(
+        (message_id, _prefixed(message.prefix, message.message))
+        for message_id, message in zip(ids, new, strict=True)
+    )
+    return [
+        StoredMessage(message_id, message.uidl, message.size_bytes, message.mailbox_used_bytes)
+        for message_id, message in zip(ids, new, strict=True)
+    ]
 
 
 def _storable(value: str, column: str) -> str:
