@@ -424,14 +424,21 @@ def pipelined(bench: Bench, server: Server | Dovecot) -> dict:
             client.expect_ok(client.line())
 
     exchange()  # the first round warms the code paths
+    user_before, system_before = server.cpu_times()
     samples = [_timed(exchange) for _ in range(bench.options.repeats)]
+    user_after, system_after = server.cpu_times()
     client.quit()
+    cpu = Cpu(user_after - user_before, system_after - system_before)
     return {
         "mailbox": user,
         "commands": len(commands),
         "bytes_sent": len(batch),
         "seconds": round(statistics.median(samples), 6),
         "samples_s": [round(s, 6) for s in samples],
+        **cpu.figures(),
+        # The server's CPU per round: what the load average moves least (clock ticks of 10 ms,
+        # so only meaningful over many rounds: --repeats 30 or more).
+        "cpu_ms_per_round": ratio(cpu.total * 1000, len(samples)),
     }
 
 
