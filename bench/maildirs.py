@@ -1,14 +1,16 @@
-"""``python -m bench.maildirs SPEC.json DIR [--expected-only]``: the fleet as Dovecot reads it.
+"""``python -m bench.maildirs SPEC.json DIR [fleet|corpus] [--expected-only]``: mailboxes as
+Dovecot reads them.
 
 Run in a child with Django set up, after the corpus is built, it reads the bench database and
-writes, under DIR:
+writes, under DIR, for one set of users: ``fleet`` (the default: the fleet and the LMTP sinks)
+or ``corpus`` (``user00``-``09``, which the login and pipelining scenarios use):
 
-- ``passwd``: the fleet and sink users with their stored argon2 hashes as Dovecot's
-  ``{ARGON2ID}`` (the same hashes runpop3 checks), and ``passwd-plain`` with ``{PLAIN}``
-  passwords, what Dovecot's side of the throughput scenarios logs in with (see bench.dovecot);
-- ``mail/<address>/Maildir``: every fleet message's stored bytes (CRLF, trace headers
-  included: what runpop3 sends), one file each, with a ``dovecot-uidlist`` giving Dovecot the
-  same UIDs and UID validity, so message numbers and UIDLs agree;
+- ``passwd``: the users with their stored argon2 hashes as Dovecot's ``{ARGON2ID}`` (the same
+  hashes runpop3 checks), and ``passwd-plain`` with ``{PLAIN}`` passwords, what Dovecot's side
+  of the warm scenarios logs in with (see bench.dovecot);
+- ``mail/<address>/Maildir``: every message's stored bytes (CRLF, trace headers included: what
+  runpop3 sends), one file each, with a ``dovecot-uidlist`` giving Dovecot the same UIDs and
+  UID validity, so message numbers and UIDLs agree;
 - ``expected.json``: per fleet user, the (size, CRC-32) of each message in order, which the
   clients check on both servers.
 """
@@ -22,6 +24,13 @@ from bench import corpus
 
 DOVECOT_ARGON2_PREFIX = "{ARGON2ID}"
 EXPECTED_ONLY = "--expected-only"  # only expected.json: Dovecot's side does not run
+FLEET, CORPUS = "fleet", "corpus"
+
+
+def users_of(spec: corpus.CorpusSpec, which: str) -> list[str]:
+    if which == CORPUS:
+        return spec.corpus_users
+    return spec.fleet + [spec.sink_user(i) for i in range(spec.sink_users)]
 
 
 def dovecot_hash(django_hash: str) -> str:
@@ -47,12 +56,12 @@ def write_maildir(directory: Path, mailbox, messages: list[tuple[int, bytes]]) -
     return expected
 
 
-def export(spec: corpus.CorpusSpec, root: Path, maildirs: bool = True) -> dict:
+def export(spec: corpus.CorpusSpec, root: Path, which: str = FLEET, maildirs: bool = True) -> dict:
     from mailadmin.hosting import store
     from mailadmin.models import Message
 
     passwd, plain, expected = [], [], {}
-    for user in spec.fleet + [spec.sink_user(i) for i in range(spec.sink_users)]:
+    for user in users_of(spec, which):
         mailbox = store.get_mailbox(user)
         passwd.append(f"{user}:{dovecot_hash(mailbox.user.password)}::::::")
         plain.append(f"{user}:{{PLAIN}}{corpus.PASSWORD}::::::")
@@ -75,7 +84,8 @@ def main(argv: list[str]) -> None:
 
     django.setup()
     spec = corpus.CorpusSpec(**json.loads(Path(argv[0]).read_text()))
-    print(json.dumps(export(spec, Path(argv[1]), maildirs=argv[2:] != [EXPECTED_ONLY])))
+    which = CORPUS if CORPUS in argv[2:] else FLEET
+    print(json.dumps(export(spec, Path(argv[1]), which, maildirs=EXPECTED_ONLY not in argv[2:])))
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from bench import api, console, console_pages, corpus, live
 from bench.clients import Pop3, ProtocolError, tls_context
-from bench.dovecot import Dovecot, make_root, missing, remove_root
+from bench.dovecot import ARGON2_HASHES, PLAIN_PASSWORDS, Dovecot, make_root, missing, remove_root
 from bench.load import Tally, Task, Workers, fleet_worker, lmtp_worker, login_worker, retr_worker
+from bench.maildirs import CORPUS, FLEET
 from bench.servers import PROJECT_DIR, Environment, Server, start_lmtp, start_pop3, start_web
 
 MB = 1_000_000  # rates are in decimal megabytes, as Dovecot's figures are
@@ -102,15 +103,25 @@ class Bench:
             yield server
 
     @contextmanager
-    def dovecot(self) -> Iterator[Dovecot]:
-        """Dovecot on the fleet's Maildirs (exported from the bench database first)."""
+    def dovecot(self, users: str = FLEET, passwd: str = PLAIN_PASSWORDS) -> Iterator[Dovecot]:
+        """Dovecot on the Maildirs of ``users`` (``bench.maildirs``: exported from the bench
+        database first), logging them in with the passwd-file ``passwd``."""
         root = make_root()
         try:
-            self.env.run("-m", "bench.maildirs", str(self.spec_path), str(root))
-            with self._running(Dovecot.start(root, self.certificate)) as server:
+            self.env.run("-m", "bench.maildirs", str(self.spec_path), str(root), users)
+            with self._running(Dovecot.start(root, self.certificate, passwd)) as server:
                 yield server
         finally:
             remove_root(root, self.env.var_dir)
+
+    def dovecot_beside(self, stack: ExitStack, scenarios: tuple[str, ...], passwd: str) -> Dovecot | None:
+        """Dovecot on the corpus users, entered on ``stack`` if any of its ``scenarios`` is to run
+        and it is installed; its indexes built by one login per user."""
+        if missing() or not any(self.wants(name) for name in scenarios):
+            return None
+        dovecot = stack.enter_context(self.dovecot(CORPUS, passwd))
+        warm_up(dovecot, self.spec.corpus_users, dovecot.worker_count())
+        return dovecot
 
     @property
     def spec_path(self) -> Path:
@@ -300,20 +311,35 @@ def logins(bench: Bench, server: Server) -> dict:
     }
 
 
+def beside(dovecot: Dovecot | None, action: Callable[[Dovecot], dict]) -> Callable[[], dict]:
+    """A Dovecot scenario: ``action`` on it, or why it was skipped."""
+    return lambda: action(dovecot) if dovecot is not None else _skipped(missing())
+
+
 def group_cold(bench: Bench) -> dict[str, dict]:
-    """POP3_AUTH_CACHE_TTL=0: every login pays a full argon2 verification."""
+    """POP3_AUTH_CACHE_TTL=0: every login pays a full argon2 verification; Dovecot beside it
+    checks the same argon2 hashes (it has no cache unless configured)."""
     results: dict[str, dict] = {}
-    with bench.pop3("runpop3-cold", cache_ttl="0") as server:
-        login_once(server.ports["plain"], bench.spec.user(0))  # imports and first queries paid here
+    with ExitStack() as stack:
+        server = stack.enter_context(bench.pop3("runpop3-cold", cache_ttl="0"))
+        dovecot = bench.dovecot_beside(stack, ("dovecot_logins_cold",), ARGON2_HASHES)
+        # Imports and first queries paid here, and both hashing threads' argon2 memory mapped.
+        first_two = bench.spec.corpus_users[:2]
+        with ThreadPoolExecutor(len(first_two)) as pool:
+            list(pool.map(lambda user: login_once(server.ports["plain"], user), first_two))
         _run(results, bench, "logins_cold", lambda: logins(bench, server))
+        _run(results, bench, "dovecot_logins_cold", beside(dovecot, lambda it: logins(bench, it)))
         _run(results, bench, "retr_cold", lambda: retr(bench, server))
     return results
 
 
 def group_warm(bench: Bench) -> dict[str, dict]:
-    """The credential cache on and warmed: logins skip argon2, as polling clients' do."""
+    """The credential cache on and warmed: logins skip argon2, as polling clients' do. Dovecot
+    beside it logs in with {PLAIN} passwords."""
     results: dict[str, dict] = {}
-    with bench.pop3("runpop3-warm", cache_ttl=AS_SHIPPED, workers=AS_SHIPPED) as server:
+    with ExitStack() as stack:
+        server = stack.enter_context(bench.pop3("runpop3-warm", cache_ttl=AS_SHIPPED, workers=AS_SHIPPED))
+        dovecot = bench.dovecot_beside(stack, ("dovecot_logins_warm", "dovecot_pipelined"), PLAIN_PASSWORDS)
         users = bench.spec.corpus_users
         if bench.spec.large_mailbox_messages:
             users = users + [bench.spec.large_mailbox_user]
@@ -324,11 +350,13 @@ def group_warm(bench: Bench) -> dict[str, dict]:
             "logins_warm",
             lambda: {**logins(bench, server), "warm_up_seconds": warm_up_seconds},
         )
+        _run(results, bench, "dovecot_logins_warm", beside(dovecot, lambda it: logins(bench, it)))
         _run(results, bench, "retr_plain", lambda: retr(bench, server))
         _run(results, bench, "retr_tls", lambda: retr(bench, server, tls=True))
         if bench.spec.large_mailbox_messages:
             _run(results, bench, "large_mailbox", lambda: large_mailbox(bench, server))
         _run(results, bench, "pipelined", lambda: pipelined(bench, server))
+        _run(results, bench, "dovecot_pipelined", beside(dovecot, lambda it: pipelined(bench, it)))
     return results
 
 
@@ -375,9 +403,13 @@ def large_mailbox(bench: Bench, server: Server) -> dict:
     return figures
 
 
-def pipelined(bench: Bench, server: Server) -> dict:
-    """``pipelined`` alternating LIST n / UIDL n in one write: time until every reply arrived."""
-    user = bench.spec.large_mailbox_user if bench.spec.large_mailbox_messages else bench.spec.user(0)
+def pipelined(bench: Bench, server: Server | Dovecot) -> dict:
+    """``pipelined`` alternating LIST n / UIDL n in one write: time until every reply arrived.
+
+    On ``user00`` (40 messages), which Dovecot serves too: looking a message up costs neither
+    server more in a larger mailbox, and the large one is not exported to Dovecot.
+    """
+    user = bench.spec.user(0)
     client = Pop3.connect(server.ports["plain"])
     client.login(user, corpus.PASSWORD)
     count, _ = client.stat()
@@ -392,14 +424,21 @@ def pipelined(bench: Bench, server: Server) -> dict:
             client.expect_ok(client.line())
 
     exchange()  # the first round warms the code paths
+    user_before, system_before = server.cpu_times()
     samples = [_timed(exchange) for _ in range(bench.options.repeats)]
+    user_after, system_after = server.cpu_times()
     client.quit()
+    cpu = Cpu(user_after - user_before, system_after - system_before)
     return {
         "mailbox": user,
         "commands": len(commands),
         "bytes_sent": len(batch),
         "seconds": round(statistics.median(samples), 6),
         "samples_s": [round(s, 6) for s in samples],
+        **cpu.figures(),
+        # The server's CPU per round: what the load average moves least (clock ticks of 10 ms,
+        # so only meaningful over many rounds: --repeats 30 or more).
+        "cpu_ms_per_round": ratio(cpu.total * 1000, len(samples)),
     }
 
 
@@ -496,7 +535,11 @@ def group_sessions(bench: Bench) -> dict[str, dict]:
             opened.extend(sessions)
             return figures
 
-        login_once(server.ports["plain"], bench.spec.user(0))
+        # Two logins at once: both hashing threads map their argon2 memory, kept for the life of
+        # the process, before the baseline is read; then one over TLS.
+        first_two = bench.spec.corpus_users[:2]
+        with ThreadPoolExecutor(len(first_two)) as pool:
+            list(pool.map(lambda user: login_once(server.ports["plain"], user), first_two))
         login_once(server.ports["tls"], bench.spec.user(0), bench.certificate[0])
         time.sleep(SETTLE_SECONDS)
         try:
@@ -947,8 +990,19 @@ def _run(results: dict[str, dict], bench: Bench, scenario: str, action: Callable
 
 
 GROUPS: dict[str, tuple[tuple[str, ...], Callable[[Bench], dict[str, dict]]]] = {
-    "cold": (("logins_cold", "retr_cold"), group_cold),
-    "warm": (("logins_warm", "retr_plain", "retr_tls", "large_mailbox", "pipelined"), group_warm),
+    "cold": (("logins_cold", "dovecot_logins_cold", "retr_cold"), group_cold),
+    "warm": (
+        (
+            "logins_warm",
+            "dovecot_logins_warm",
+            "retr_plain",
+            "retr_tls",
+            "large_mailbox",
+            "pipelined",
+            "dovecot_pipelined",
+        ),
+        group_warm,
+    ),
     "fleet": (
         ("fleet_plain", "dovecot_fleet_plain", "fleet_tls", "dovecot_fleet_tls", "dovecot_lmtp"),
         group_fleet,

@@ -34,9 +34,9 @@ POOL_WAIT_SECONDS = 30
 class BoundedExecutor:
     """A fixed number of threads; work beyond them queues instead of running at once."""
 
-    def __init__(self, threads: int, name: str) -> None:
+    def __init__(self, threads: int, name: str, initializer: Callable[[], object] | None = None) -> None:
         self.threads = threads
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name, initializer=initializer)
 
     async def run(self, function: Callable[..., T], *args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, _database_unit, function, args)

@@ -197,7 +197,8 @@ else:
 
 # --- Authentication -------------------------------------------------------------------------
 PASSWORD_HASHERS = [
-    "django.contrib.auth.hashers.Argon2PasswordHasher",
+    # Django's argon2, checked in memory kept between checks on runpop3's hashing threads.
+    "mailadmin.hosting.argon2hasher.Argon2PasswordHasher",
     "django.contrib.auth.hashers.PBKDF2PasswordHasher",
     "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher",
     "django.contrib.auth.hashers.ScryptPasswordHasher",

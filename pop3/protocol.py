@@ -686,9 +686,11 @@ def _utf8_or_none(data: bytes) -> str | None:
         return None
 
 
-_AUTHORIZATION = frozenset({State.AUTHORIZATION})
-_TRANSACTION = frozenset({State.TRANSACTION})
-_BOTH = frozenset({State.AUTHORIZATION, State.TRANSACTION})
+# Tuples, not sets: membership then compares identities, where a set would call Enum.__hash__,
+# a Python function, once per command.
+_AUTHORIZATION = (State.AUTHORIZATION,)
+_TRANSACTION = (State.TRANSACTION,)
+_BOTH = (State.AUTHORIZATION, State.TRANSACTION)
 
 # Which commands are legal in which state (RFC 1939 sections 4-6, RFC 2449, 2595, 5034, 6856).
 _HANDLERS = {

@@ -45,7 +45,7 @@ def test_local_defaults_sqlite_in_var_with_wal_immediate_transactions_and_argon2
     assert "journal_mode=WAL" in loaded["options"]["init_command"]
     assert loaded["options"]["timeout"] == 30
     assert loaded["layer"] == "channels.layers.InMemoryChannelLayer"
-    assert loaded["hasher"] == "django.contrib.auth.hashers.Argon2PasswordHasher"
+    assert loaded["hasher"] == "mailadmin.hosting.argon2hasher.Argon2PasswordHasher"
     key = (tmp_path / "secret_key").read_text()
     assert len(key) >= 50
     assert load_settings(tmp_path, DEBUG="1").returncode == 0

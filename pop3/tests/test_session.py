@@ -40,8 +40,10 @@ from pop3.protocol import (
     TEXT_STLS_PIPELINED,
     TEXT_TOO_MANY_COMMANDS,
     TEXT_WRONG_STATE,
+    Credentials,
     Policy,
     ResponseCode,
+    Retr,
     err,
     ok,
 )
@@ -498,7 +500,7 @@ def test_pipelined_login_and_commands_in_one_chunk_are_all_answered_in_order():
 
 
 def test_pipelined_replies_leave_a_turn_at_a_time_and_nothing_is_held_behind_a_login():
-    assert COMMANDS_PER_TURN == 32
+    assert COMMANDS_PER_TURN == 128
     pipelined = b"LIST 1\r\nUIDL 1\r\n" * 100
     io = ScriptedIO(b"USER alice\r\nPASS secret\r\n", pipelined)
     assert run(make_session(io, alice_store())) is EndReason.DROPPED
@@ -506,11 +508,49 @@ def test_pipelined_replies_leave_a_turn_at_a_time_and_nothing_is_held_behind_a_l
         GREETING_LINE,
         b"+OK\r\n",  # sent before the password check, which may take a while
         b"+OK Logged in.\r\n",
-        # 200 replies, 32 commands to a write (USER and PASS were two of the first 32)
-        b"+OK 1 23\r\n+OK 1 uid-1\r\n" * 15,
-        *[b"+OK 1 23\r\n+OK 1 uid-1\r\n" * 16] * 5,
-        b"+OK 1 23\r\n+OK 1 uid-1\r\n" * 5,
+        # 200 replies, 128 commands to a write (USER and PASS were two of the first 128)
+        b"+OK 1 23\r\n+OK 1 uid-1\r\n" * 63,
+        b"+OK 1 23\r\n+OK 1 uid-1\r\n" * 37,
     ]
+
+
+def test_a_thousand_pipelined_commands_are_answered_in_eight_writes():
+    # The bench's pipelined round: LIST n / UIDL n alternating, in one chunk after the login.
+    commands = b"".join(b"%s %d\r\n" % (b"UIDL" if i % 2 else b"LIST", i // 2 % 3 + 1) for i in range(1000))
+    io = ScriptedIO(LOGIN, commands)
+    assert run(make_session(io, alice_store())) is EndReason.DROPPED
+    replies = io.writes[3:]  # after the greeting, USER's +OK and PASS's
+    assert [write.count(b"\r\n") for write in replies] == [126, 128, 128, 128, 128, 128, 128, 106]
+    assert b"".join(replies).startswith(b"+OK 1 23\r\n+OK 1 uid-1\r\n+OK 2 47\r\n+OK 2 uid-2\r\n")
+
+
+def test_pipelined_commands_answered_from_the_snapshot_never_wait(monkeypatch):
+    # LIST n, UIDL n, STAT, NOOP, DELE and RSET are answered in the command loop itself: none of
+    # them goes through the awaited dispatch (a coroutine and a walk through its patterns each).
+    waited: list[type] = []
+    dispatch = Session._dispatch
+
+    async def counting_dispatch(session, event):
+        waited.append(type(event))
+        await dispatch(session, event)
+
+    monkeypatch.setattr(Session, "_dispatch", counting_dispatch)
+    commands = b"LIST 2\r\nUIDL 2\r\nSTAT\r\nNOOP\r\nDELE 1\r\nLIST 1\r\nRSET\r\nLIST 4\r\nRETR 1\r\n"
+    written = transcript(LOGIN, commands)
+    assert waited == [Credentials, Retr]
+    assert written == (
+        GREETING_LINE
+        + LOGGED_IN
+        + b"+OK 2 47\r\n"
+        + b"+OK 2 uid-2\r\n"
+        + b"+OK 3 106\r\n"
+        + b"+OK\r\n"
+        + ok(TEXT_MARKED)
+        + err(TEXT_DELETED)
+        + ok("maildrop has 3 messages (106 octets)")
+        + err(TEXT_NO_SUCH_MESSAGE)
+        + b"+OK 23 octets\r\nSubject: one\r\n\r\nhello\r\n.\r\n"
+    )
 
 
 def test_a_pipelined_burst_lets_other_tasks_run_every_few_commands():

@@ -16,6 +16,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from mailadmin import checks
 from mailadmin.executors import BoundedExecutor, keep_connections_open
+from mailadmin.hosting import argon2hasher
 from mailadmin.pop3d import feed
 from mailadmin.pop3d.authenticator import AuthPolicy, Pop3Authenticator
 from mailadmin.pop3d.leases import LeaseKeeper
@@ -195,7 +196,9 @@ class Command(BaseCommand):
         keep_connections_open(settings.DAEMON_DB_CONN_MAX_AGE)
         node = node_name()
         database = BoundedExecutor(settings.POP3_DB_THREADS, "pop3-db")
-        hashing = BoundedExecutor(settings.POP3_AUTH_THREADS, "pop3-auth")
+        hashing = BoundedExecutor(
+            settings.POP3_AUTH_THREADS, "pop3-auth", initializer=argon2hasher.keep_memory_in_this_thread
+        )
         leases = LeaseKeeper(database, node=node, ttl_seconds=settings.POP3_LEASE_TTL)
         stop = asyncio.Event()
         monitor = Pop3Monitor(
