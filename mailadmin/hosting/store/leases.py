@@ -1,9 +1,10 @@
 """POP3 maildrop leases: the lock on a mailbox, and the UPDATE state that checks it."""
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import DateTimeField, ExpressionWrapper, F
 from django.db.models.functions import Now
 
@@ -16,13 +17,45 @@ def _lease_expiry(ttl_seconds: float):
     return ExpressionWrapper(Now() + timedelta(seconds=ttl_seconds), output_field=DateTimeField())
 
 
+@contextlib.contextmanager
+def _not_waiting_for_the_disk() -> Iterator[None]:
+    """A transaction whose commit is not flushed to disk before it returns (SQLite in WAL mode:
+    ``synchronous=NORMAL``, no fsync; PostgreSQL: ``synchronous_commit`` off), for the writes
+    that take and give back a lease, which every login and every QUIT waits for.
+
+    Either commit is atomic and seen by every other connection at once; a crash of the
+    database's host may forget the last ones (up to ~0.6 s on PostgreSQL, the writes since the
+    last checkpoint on SQLite), as it ends the sessions that made them: a forgotten taking
+    leaves a mailbox unlocked whose holder's UPDATE state still checks its lease and so removes
+    nothing (:func:`commit_maildrop`), a forgotten giving back leaves a lease that lapses at its
+    expiry. Inside a caller's transaction, that transaction decides.
+    """
+    if connection.in_atomic_block:
+        yield
+    elif connection.vendor == "postgresql":
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
+            yield
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA synchronous")
+            (level,) = cursor.fetchone()
+            cursor.execute("PRAGMA synchronous = NORMAL")  # not inside a transaction: SQLite refuses
+            try:
+                with transaction.atomic():
+                    yield
+            finally:
+                cursor.execute(f"PRAGMA synchronous = {int(level)}")
+
+
 def acquire_lease(mailbox_id: int, owner: str, node: str, ttl_seconds: float) -> bool:
     """Lock a mailbox for one POP3 session; False when another live session holds it.
 
     A lapsed lease is taken over with one conditional UPDATE; otherwise the INSERT either
     creates the lease or hits the unique mailbox and fails. Either way only one taker wins.
     """
-    with transaction.atomic():
+    with _not_waiting_for_the_disk():
         taken_over = MaildropLease.objects.filter(mailbox_id=mailbox_id, expires_at__lt=Now()).update(
             owner=owner, node=node, acquired_at=Now(), expires_at=_lease_expiry(ttl_seconds)
         )
@@ -53,7 +86,8 @@ def renew_leases(owners: Iterable[str], ttl_seconds: float) -> int:
 
 
 def release_lease(owner: str) -> None:
-    MaildropLease.objects.filter(owner=owner).delete()
+    with _not_waiting_for_the_disk():
+        MaildropLease.objects.filter(owner=owner).delete()
 
 
 def release_node_leases(node: str) -> int:
