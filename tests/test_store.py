@@ -1,8 +1,12 @@
 """Store and delivery rules: exact sizes, CRLF, UIDLs, counters, quota."""
 
+from datetime import timedelta
+
 import pytest
 from django.db import DatabaseError, connection
 from django.db.models import Sum
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from mailadmin.hosting import services, store
 from mailadmin.hosting.actors import Actor
@@ -403,3 +407,27 @@ def test_taking_and_giving_back_a_lease_commit_without_waiting_for_the_disk(make
         assert levels == ["off", "off", "on"]
     else:
         assert levels == ["1", "1", "2"]
+
+
+def lease_statements(queries: CaptureQueriesContext) -> list[str]:
+    """The statements on the lease table, without the transaction's and durability's own."""
+    return [query["sql"].split()[0] for query in queries.captured_queries if "maildroplease" in query["sql"]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lease_is_taken_new_or_lapsed_and_refused_live_in_one_statement_each(make_mailbox):
+    mailbox = make_mailbox()
+    with CaptureQueriesContext(connection) as queries:
+        assert store.acquire_lease(mailbox.pk, "first", "node-a", 60)
+        assert not store.acquire_lease(mailbox.pk, "second", "node-b", 60)
+    assert lease_statements(queries) == ["INSERT", "INSERT"]
+    assert list(MaildropLease.objects.values_list("owner", "node")) == [("first", "node-a")]
+
+    MaildropLease.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+    with CaptureQueriesContext(connection) as queries:
+        assert store.acquire_lease(mailbox.pk, "second", "node-b", 60)
+        store.release_lease("first")  # the old holder's late release leaves the new lease alone
+    assert lease_statements(queries) == ["INSERT", "DELETE"]
+    lease = MaildropLease.objects.get()
+    assert (lease.owner, lease.node) == ("second", "node-b")
+    assert timedelta(seconds=59) < lease.expires_at - lease.acquired_at <= timedelta(seconds=60)

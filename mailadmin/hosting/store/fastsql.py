@@ -7,15 +7,18 @@ millisecond per delivery); each statement here is built once per process and bac
 import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import psycopg
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.backends.utils import CursorWrapper
+from django.db.models import DateTimeField, ExpressionWrapper
 from django.db.models.expressions import Col
+from django.db.models.functions import Now
 
-from mailadmin.models import Domain, Mailbox, Message, MessageChunk
+from mailadmin.models import Domain, Mailbox, MaildropLease, Message, MessageChunk
 
 
 def find_mailbox(address: str) -> Mailbox | None:
@@ -247,3 +250,40 @@ _SNAPSHOT = (
     f"SELECT id, size_bytes, uidl, header_size_bytes FROM {Message._meta.db_table} "
     "WHERE mailbox_id = %s ORDER BY id"
 )
+
+
+def lease_expiry(ttl_seconds: float) -> ExpressionWrapper:
+    """When a lease taken or renewed now lapses, by the database's clock."""
+    return ExpressionWrapper(Now() + timedelta(seconds=ttl_seconds), output_field=DateTimeField())
+
+
+def take_lease(mailbox_id: int, owner: str, node: str, ttl_seconds: float) -> bool:
+    """Insert the mailbox's lease, or take over a lapsed one: one statement, its SQL built once.
+
+    False when a live lease holds the mailbox (the conflict's UPDATE finds it unexpired).
+    """
+    sql, params = _take_lease_sql(connection.vendor, ttl_seconds)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [mailbox_id, owner, node, *params])
+        return cursor.rowcount == 1
+
+
+@functools.cache
+def _take_lease_sql(vendor: str, ttl_seconds: float) -> tuple[str, tuple]:
+    """The statement and its trailing parameters, with the clock's SQL as Django writes it."""
+    query = MaildropLease.objects.none().query
+    compiler = query.get_compiler(connection=connection)
+    now, now_params = compiler.compile(Now())
+    expiry, expiry_params = compiler.compile(lease_expiry(ttl_seconds).resolve_expression(query))
+    table = connection.ops.quote_name(LEASE_TABLE)
+    sql = (
+        f"INSERT INTO {table} (mailbox_id, owner, node, acquired_at, expires_at) "
+        f"VALUES (%s, %s, %s, {now}, {expiry}) ON CONFLICT (mailbox_id) DO UPDATE SET "
+        "owner = excluded.owner, node = excluded.node, acquired_at = excluded.acquired_at, "
+        f"expires_at = excluded.expires_at WHERE {table}.expires_at < {now}"
+    )
+    return sql, (*now_params, *expiry_params, *now_params)
+
+
+LEASE_TABLE = MaildropLease._meta.db_table
+RELEASE_LEASE = f"DELETE FROM {LEASE_TABLE} WHERE owner = %s"

@@ -2,19 +2,14 @@
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from datetime import timedelta
 
-from django.db import IntegrityError, connection, transaction
-from django.db.models import DateTimeField, ExpressionWrapper, F
-from django.db.models.functions import Now
+from django.db import connection, transaction
+from django.db.models import F
 
+from mailadmin.hosting.store import fastsql
 from mailadmin.hosting.store.errors import LeaseLost
 from mailadmin.hosting.store.messages import ID_BATCH_SIZE, delete_messages
 from mailadmin.models import Mailbox, MaildropLease
-
-
-def _lease_expiry(ttl_seconds: float):
-    return ExpressionWrapper(Now() + timedelta(seconds=ttl_seconds), output_field=DateTimeField())
 
 
 @contextlib.contextmanager
@@ -52,27 +47,11 @@ def _not_waiting_for_the_disk() -> Iterator[None]:
 def acquire_lease(mailbox_id: int, owner: str, node: str, ttl_seconds: float) -> bool:
     """Lock a mailbox for one POP3 session; False when another live session holds it.
 
-    A lapsed lease is taken over with one conditional UPDATE; otherwise the INSERT either
-    creates the lease or hits the unique mailbox and fails. Either way only one taker wins.
+    One statement inserts the lease or takes a lapsed one over; the unique mailbox makes
+    concurrent takers wait for each other, and only one wins.
     """
     with _not_waiting_for_the_disk():
-        taken_over = MaildropLease.objects.filter(mailbox_id=mailbox_id, expires_at__lt=Now()).update(
-            owner=owner, node=node, acquired_at=Now(), expires_at=_lease_expiry(ttl_seconds)
-        )
-        if taken_over:
-            return True
-        try:
-            with transaction.atomic():
-                MaildropLease.objects.create(
-                    mailbox_id=mailbox_id,
-                    owner=owner,
-                    node=node,
-                    acquired_at=Now(),
-                    expires_at=_lease_expiry(ttl_seconds),
-                )
-        except IntegrityError:
-            return False
-    return True
+        return fastsql.take_lease(mailbox_id, owner, node, ttl_seconds)
 
 
 def renew_leases(owners: Iterable[str], ttl_seconds: float) -> int:
@@ -81,13 +60,15 @@ def renew_leases(owners: Iterable[str], ttl_seconds: float) -> int:
     renewed = 0
     for start in range(0, len(owners), ID_BATCH_SIZE):
         batch = owners[start : start + ID_BATCH_SIZE]
-        renewed += MaildropLease.objects.filter(owner__in=batch).update(expires_at=_lease_expiry(ttl_seconds))
+        renewed += MaildropLease.objects.filter(owner__in=batch).update(
+            expires_at=fastsql.lease_expiry(ttl_seconds)
+        )
     return renewed
 
 
 def release_lease(owner: str) -> None:
-    with _not_waiting_for_the_disk():
-        MaildropLease.objects.filter(owner=owner).delete()
+    with _not_waiting_for_the_disk(), connection.cursor() as cursor:
+        cursor.execute(fastsql.RELEASE_LEASE, [owner])
 
 
 def release_node_leases(node: str) -> int:
