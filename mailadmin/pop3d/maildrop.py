@@ -130,9 +130,11 @@ class _FirstChunks:
 
     async def _read_ahead(self, keys: list) -> dict[object, bytes]:
         """A batch read before it is asked for; one that fails reads nothing: its messages are
-        read again when asked for, and that read reports the failure."""
+        read again when asked for, and that read reports the failure. So it skips the health
+        check (on PostgreSQL a round trip of its own): a dropped connection fails it, is
+        replaced after it, and the RETR reads again on the new one."""
         try:
-            return await self._maildrop._database(store.read_first_chunks, keys)
+            return await self._maildrop._database(store.read_first_chunks, keys, False)
         except MaildropError:
             return {}
 

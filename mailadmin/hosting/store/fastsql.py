@@ -191,7 +191,7 @@ def write_chunks(message_id: int, pieces: Iterable[bytes]) -> None:
             cursor.execute(INSERT_CHUNK, [message_id, seq, bytes(buffer)])
 
 
-def chunk_cursor() -> CursorWrapper:
+def chunk_cursor(health_check: bool = True) -> CursorWrapper:
     """A cursor for chunk rows that keeps them out of DEBUG's query log.
 
     With DEBUG on, Django's cursor renders every statement with its parameters into a log of
@@ -199,8 +199,11 @@ def chunk_cursor() -> CursorWrapper:
 
     The connection is health-checked first, as Django's own ``cursor()`` does: a connection
     the server dropped (a PostgreSQL restart) is replaced here instead of failing this read.
+    Without ``health_check`` a dropped connection fails the read instead (and is replaced after
+    it, as after any error): on PostgreSQL the check is a round trip of its own.
     """
-    connection.close_if_health_check_failed()
+    if health_check:
+        connection.close_if_health_check_failed()
     connection.ensure_connection()
     if connection.vendor == "postgresql":
         # Parameters bound on the server and results in binary: a chunk travels as its bytes,
@@ -225,13 +228,15 @@ def read_chunk(message_id: int, seq: int) -> bytes | None:
     return None if row is None else bytes(row[0])
 
 
-def read_first_chunks(message_ids: Sequence[int]) -> dict[int, bytes]:
-    """Chunk 0 of each message, in one query: the read-ahead of small messages for RETR.
+def read_first_chunks(message_ids: Sequence[int], health_check: bool = True) -> dict[int, bytes]:
+    """Chunk 0 of each message, in one query: RETR's read-ahead.
 
-    Messages that are gone are missing from the result.
+    Messages that are gone are missing from the result. ``health_check``: see
+    :func:`chunk_cursor`; a read ahead goes without, since the RETR that needs a read that
+    failed reads it again, checked.
     """
     placeholders = ", ".join(["%s"] * len(message_ids))
-    with chunk_cursor() as cursor:
+    with chunk_cursor(health_check) as cursor:
         cursor.execute(f"{SELECT_FIRST_CHUNKS} ({placeholders})", list(message_ids))
         return {message_id: bytes(data) for message_id, data in cursor.fetchall()}
 
