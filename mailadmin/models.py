@@ -340,7 +340,7 @@ class MessageChunk(models.Model):
 class MaildropLease(models.Model):
     """The POP3 lock on a mailbox: one row per locked mailbox, valid until ``expires_at``.
 
-    Taken with a conditional UPDATE (or an INSERT that the unique mailbox refuses), kept alive
+    Taken with one INSERT that, on the unique mailbox, takes over only a lapsed lease, kept alive
     by the holder's heartbeat, checked by owner token in the UPDATE-state transaction. A holder
     that dies stops heartbeating and the lease lapses; times come from the database clock so
     hosts with skewed clocks agree.

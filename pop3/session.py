@@ -433,24 +433,26 @@ class Session:
         status = ok(f"{found.size} octets") if limiter is None else ok()
         sent = len(status)
         self._write(status)
-        chunk = first
+        chunk, read = first, 0
         try:
             while chunk is not None:
-                piece = limiter.feed(chunk) if limiter else chunk
-                out = stuffer.feed(piece)
+                read += len(chunk)
+                out = stuffer.feed(limiter.feed(chunk) if limiter else chunk)
+                if read >= found.size or (limiter and limiter.done):
+                    break  # the last bytes leave with the terminating line: one send, not two
                 sent += len(out)
                 self._write(out)
                 await self._drain()
-                if limiter and limiter.done:
-                    break
                 chunk = await anext(chunks, None)
+            else:
+                out = b""
         except MaildropError as error:
             raise ReplyCutShort(f"message {number} could not be read to its end ({error})") from None
         finally:
             await chunks.aclose()
-        tail = stuffer.finish()
-        sent += len(tail)
-        self._write(tail)
+        out += stuffer.finish()
+        sent += len(out)
+        self._write(out)
         if limiter is None:
             self.stats.retr_count += 1
             self.stats.retr_bytes += sent

@@ -5,12 +5,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from django.db import InterfaceError
+from django.db import InterfaceError, OperationalError
 
 from mailadmin.executors import BoundedExecutor
 from mailadmin.hosting import store
 from mailadmin.mailin.delivery import deliver
 from mailadmin.models import Mailbox, MaildropLease, Message
+from mailadmin.pop3d import maildrop as maildrop_module
 from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.maildrop import OrmMaildrop, snapshot
 from pop3.mailbox import Maildrop, MaildropError, MemoryStore, MessageGone
@@ -189,11 +190,11 @@ def counting(monkeypatch, name: str) -> list[tuple]:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_orm_reads_small_messages_ahead_in_one_query(make_mailbox, settings, monkeypatch):
+def test_orm_reads_first_chunks_ahead_in_one_query(make_mailbox, settings, monkeypatch):
     settings.MAILADMIN_CHUNK_SIZE_BYTES = 1024
     mailbox = make_mailbox("ahead@example.test")
     bodies = [f"Subject: {n}\r\n\r\n{'y' * 200}\r\n".encode() for n in range(8)]
-    bodies[5] = b"Subject: big\r\n\r\n" + b"z" * 40_000 + b"\r\n"  # above the read-ahead size
+    bodies[5] = b"Subject: big\r\n\r\n" + b"z" * 40_000 + b"\r\n"  # 40 chunks
     for body in bodies:
         deliver([mailbox.address], [body])
     maildrop = unleased_maildrop(mailbox.pk)
@@ -204,8 +205,211 @@ def test_orm_reads_small_messages_ahead_in_one_query(make_mailbox, settings, mon
 
     assert [data.endswith(body) for data, body in zip(read, bodies, strict=True)] == [True] * 8
     keys = [info.key for info in maildrop.messages]
-    assert runs == [(keys[0:5],), (keys[6:8],)]  # the big message stops the first run
-    assert [seq for _, seq in singles] == list(range(40))  # the big one, 1 KiB chunk by chunk
+    assert runs == [(keys,)]  # every first chunk, the big message's included, in one query
+    assert [seq for _, seq in singles] == list(range(1, 40))  # the rest of the big one
+
+
+class InlineExecutor(BoundedExecutor):
+    """Runs each unit at once on the event loop's thread, so when each read starts is exact."""
+
+    async def run(self, function, *args):
+        return function(*args)
+
+
+class ReadLog(list):
+    """Every chunk query, as ("first", message numbers), ("ahead", message numbers) for a read
+    ahead (no health check), or ("chunk", seq), among the test's own entries, in order."""
+
+    def watch(self, monkeypatch, maildrop: OrmMaildrop) -> None:
+        numbers = {info.key: n for n, info in enumerate(maildrop.messages, start=1)}
+        first_chunks, chunk = store.read_first_chunks, store.read_chunk
+
+        def read_first_chunks(keys, health_check=True):
+            self.append(("first" if health_check else "ahead", [numbers[key] for key in keys]))
+            return first_chunks(keys, health_check)
+
+        def read_chunk(key, seq):
+            self.append(("chunk", seq))
+            return chunk(key, seq)
+
+        monkeypatch.setattr(store, "read_first_chunks", read_first_chunks)
+        monkeypatch.setattr(store, "read_chunk", read_chunk)
+
+
+@dataclass
+class Inline:
+    """A maildrop reading through the InlineExecutor, and the log of its queries."""
+
+    mailbox: Mailbox
+    monkeypatch: pytest.MonkeyPatch
+    log: ReadLog
+
+    def deliver(self, size: int, subject: str = "x") -> None:
+        """A message of exactly ``size`` bytes, as stored (trace headers included)."""
+        trace = len(f"Return-Path: <>\r\nDelivered-To: {self.mailbox.address}\r\n")
+        head = f"Subject: {subject}\r\n\r\n".encode()
+        deliver([self.mailbox.address], [head + b"b" * (size - trace - len(head) - 2) + b"\r\n"])
+
+    def open(self) -> OrmMaildrop:
+        executor = InlineExecutor(1, "test-db")
+        lease = LeaseKeeper(executor, node="test", ttl_seconds=60).lease(self.mailbox.pk)
+        maildrop = OrmMaildrop(executor, lease, snapshot(self.mailbox.pk))
+        self.log.watch(self.monkeypatch, maildrop)
+        return maildrop
+
+
+@pytest.fixture
+def inline(monkeypatch, settings, make_mailbox) -> Inline:
+    """Chunks of 1 KiB, batches of at most 1,000 bytes of first chunks."""
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # the InlineExecutor's queries
+    monkeypatch.setattr(maildrop_module, "READAHEAD_BYTES", 1000)
+    settings.MAILADMIN_CHUNK_SIZE_BYTES = 1024
+    return Inline(make_mailbox("inline@example.test"), monkeypatch, ReadLog())
+
+
+@pytest.fixture
+def nine(inline) -> tuple[OrmMaildrop, ReadLog]:
+    """Nine messages of 300 bytes: three to a batch."""
+    for n in range(1, 10):
+        inline.deliver(300, str(n))
+    maildrop = inline.open()
+    assert [info.size for info in maildrop.messages] == [300] * 9
+    return maildrop, inline.log
+
+
+async def retr_in_order(maildrop: OrmMaildrop, log: list, numbers) -> None:
+    """What a client fetching in order causes: each message read whole, then a turn of the
+    event loop (the client's round trip) before the next."""
+    for number in numbers:
+        data = await read_all(maildrop, number)
+        log.append(("sent", number, len(data)))
+        await asyncio.sleep(0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_reads_the_next_batch_while_the_last_messages_are_sent(nine):
+    maildrop, log = nine
+    asyncio.run(retr_in_order(maildrop, log, range(1, 10)))
+    assert log == [
+        ("first", [1, 2, 3]),  # the one wait for the database: the first RETR
+        ("sent", 1, 300),
+        ("sent", 2, 300),
+        ("ahead", [4, 5, 6]),  # under half a batch left: the next, before it is asked for
+        ("sent", 3, 300),
+        ("sent", 4, 300),
+        ("sent", 5, 300),
+        ("ahead", [7, 8, 9]),
+        ("sent", 6, 300),
+        ("sent", 7, 300),
+        ("sent", 8, 300),
+        ("sent", 9, 300),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_reads_from_where_a_client_jumps_to(nine):
+    maildrop, log = nine
+    asyncio.run(retr_in_order(maildrop, log, [1, 8, 2]))
+    assert log == [
+        ("first", [1, 2, 3]),
+        ("sent", 1, 300),
+        ("first", [8, 9]),
+        ("sent", 8, 300),
+        ("first", [2, 3, 4]),
+        ("sent", 2, 300),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_release_abandons_the_batch_not_yet_read(nine):
+    maildrop, log = nine
+
+    async def two_then_quit() -> None:
+        for number in (1, 2):
+            await read_all(maildrop, number)  # the batch of 4-6 is asked for after 2...
+        await maildrop.release()  # ...and the session ends before the loop got to it
+        await asyncio.sleep(0)
+
+    asyncio.run(two_then_quit())
+    assert log == [("first", [1, 2, 3])]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_asks_for_the_next_chunk_while_the_last_is_sent(inline):
+    inline.deliver(3000)  # chunks of 1024, 1024 and 952 bytes
+    maildrop, log = inline.open(), inline.log
+
+    async def send(lines: int | None) -> None:
+        """As the session sends a reply: a chunk, then a turn while the transport drains."""
+        reader = maildrop.read(maildrop.messages[0])
+        try:
+            while True:
+                log.append("ask")
+                chunk = await anext(reader, None)
+                if chunk is None:
+                    return
+                log.append(("sent", len(chunk)))
+                await asyncio.sleep(0)
+                if lines is not None:
+                    return  # TOP: the head was in the first chunk
+        finally:
+            await reader.aclose()
+
+    asyncio.run(send(None))
+    assert log == [
+        "ask",
+        ("first", [1]),
+        ("sent", 1024),
+        ("chunk", 1),
+        "ask",
+        ("sent", 1024),
+        ("chunk", 2),
+        "ask",
+        ("sent", 952),
+        "ask",
+    ]
+    log.clear()
+    asyncio.run(send(lines=0))
+    assert log == ["ask", ("first", [1]), ("sent", 1024), ("chunk", 1)]  # read ahead, then dropped
+
+
+class FailingExecutor(InlineExecutor):
+    """Fails the calls numbered in ``failing`` (from 1) as a database outage would."""
+
+    def __init__(self, failing) -> None:
+        super().__init__(1, "test-db")
+        self.failing = failing
+        self.calls = 0
+
+    async def run(self, function, *args):
+        self.calls += 1
+        if self.calls in self.failing:
+            raise OperationalError("the database went away")
+        return await super().run(function, *args)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_a_failed_read_ahead_is_read_again_when_asked_for(nine):
+    maildrop, log = nine
+    maildrop.executor = FailingExecutor(failing={2})  # the read ahead of 4-6
+    asyncio.run(retr_in_order(maildrop, log, range(1, 5)))
+    assert log == [
+        ("first", [1, 2, 3]),
+        ("sent", 1, 300),
+        ("sent", 2, 300),
+        ("sent", 3, 300),
+        ("first", [4, 5, 6]),  # read again, now
+        ("sent", 4, 300),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_a_read_ahead_that_keeps_failing_fails_the_retr_that_needs_it(nine):
+    maildrop, log = nine
+    maildrop.executor = FailingExecutor(failing={2, 3})
+    with pytest.raises(MaildropError, match="^the database went away$"):
+        asyncio.run(retr_in_order(maildrop, log, range(1, 5)))
+    assert log == [("first", [1, 2, 3]), ("sent", 1, 300), ("sent", 2, 300), ("sent", 3, 300)]
 
 
 @pytest.mark.django_db(transaction=True)

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from django.conf import settings
 from django.core.management import call_command
-from django.db import InterfaceError, OperationalError, connection
+from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connection, connections
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -21,6 +21,7 @@ from mailadmin.mailin.delivery import deliver
 from mailadmin.management.commands import runpop3
 from mailadmin.management.commands.runpop3 import TEXT_LOCKS_LOST
 from mailadmin.models import MaildropLease, Message, Pop3Session
+from mailadmin.pop3d import maildrop as maildrop_module
 from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.maildrop import OrmMaildrop, snapshot
 from mailadmin.pop3d.registry import Pop3Monitor, backoff_delay, printable
@@ -44,12 +45,13 @@ def monitor_on(
     return Pop3Monitor(executor, leases, node=NODE, interval=interval, on_give_up=lambda: None)
 
 
-def terminate_other_backends() -> None:
+def terminate_other_backends(ours=connection) -> None:
     """What a PostgreSQL restart does to every open connection of the test database but ours.
 
     Each call waits until the backend has gone (PostgreSQL 14+), so the next query finds it gone.
+    Inside an event loop ``connection`` is another one than the test's: pass the test's own.
     """
-    with connection.cursor() as cursor:
+    with ours.cursor() as cursor:
         cursor.execute(
             "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
@@ -412,6 +414,51 @@ def test_a_chunk_read_after_the_server_dropped_the_connection_reconnects(make_ma
     terminate_other_backends()
     assert read() == first
     assert first.endswith(b"first chunk\r\n")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_read_ahead_on_a_dropped_connection_costs_the_client_nothing(
+    make_mailbox, daemon_connections, monkeypatch
+):
+    needs_postgresql()
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # the backends are dropped from the loop's thread
+    monkeypatch.setattr(maildrop_module, "READAHEAD_BYTES", 1000)  # three of these messages a batch
+    mailbox = make_mailbox()
+    bodies = [f"Subject: {n}\r\n\r\n{'b' * 250}\r\n".encode() for n in range(6)]
+    for body in bodies:
+        deliver([mailbox.address], [body])
+    executor = BoundedExecutor(1, "test-db")
+    maildrop = OrmMaildrop(
+        executor, LeaseKeeper(executor, node=NODE, ttl_seconds=60).lease(mailbox.pk), snapshot(mailbox.pk)
+    )
+    reads: list[tuple[bool, str]] = []
+    read_first_chunks = store.read_first_chunks
+
+    def recorded(keys, health_check=True):
+        try:
+            found = read_first_chunks(keys, health_check)
+        except OperationalError:
+            reads.append((health_check, "failed"))
+            raise
+        reads.append((health_check, "read"))
+        return found
+
+    monkeypatch.setattr(store, "read_first_chunks", recorded)
+
+    async def retr(number: int) -> bytes:
+        return b"".join([chunk async for chunk in maildrop.read(maildrop.messages[number - 1])])
+
+    ours = connections[DEFAULT_DB_ALIAS]
+
+    async def session() -> list[bytes]:
+        got = [await retr(1), await retr(2)]  # 2 leaves less than half a batch: 4-6 are asked for...
+        terminate_other_backends(ours)  # ...and meet a connection the server dropped
+        await asyncio.sleep(0)
+        return got + [await retr(n) for n in range(3, 7)]
+
+    got = asyncio.run(session())
+    assert [data.endswith(body) for data, body in zip(got, bodies, strict=True)] == [True] * 6
+    assert reads == [(True, "read"), (False, "failed"), (True, "read")]  # 4-6 read again, checked
 
 
 def every_thread_connected(executor: BoundedExecutor) -> None:

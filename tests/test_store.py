@@ -1,8 +1,12 @@
 """Store and delivery rules: exact sizes, CRLF, UIDLs, counters, quota."""
 
+from datetime import timedelta
+
 import pytest
-from django.db import DatabaseError
+from django.db import DatabaseError, connection
 from django.db.models import Sum
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from mailadmin.hosting import services, store
 from mailadmin.hosting.actors import Actor
@@ -17,7 +21,7 @@ from mailadmin.mailin.delivery import (
     trace_headers,
 )
 from mailadmin.mailin.messagefile import normalise, spool_message, summarise_headers
-from mailadmin.models import Domain, Mailbox, Message, MessageChunk
+from mailadmin.models import Domain, Mailbox, MaildropLease, Message, MessageChunk
 
 pytestmark = pytest.mark.django_db
 
@@ -368,3 +372,59 @@ def test_the_quota_warning_mark_is_raised_once_and_lowered_by_the_store(make_mai
     assert Mailbox.objects.get(pk=mailbox.pk).quota_warning_percent == 0
     assert store.mark_quota_warning(mailbox.pk, 95) is True
     assert Mailbox.objects.get(pk=mailbox.pk).quota_warning_percent == 95
+
+
+def durability_of_each_commit(monkeypatch) -> list[str]:
+    """What each commit of the default connection waits for: SQLite's ``synchronous`` level
+    (2 FULL: an fsync; 1 NORMAL: none in WAL mode), PostgreSQL's ``synchronous_commit``."""
+    levels: list[str] = []
+    commit = connection._commit
+
+    def recording_commit():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SHOW synchronous_commit" if connection.vendor == "postgresql" else "PRAGMA synchronous"
+            )
+            levels.append(str(cursor.fetchone()[0]))
+        return commit()
+
+    monkeypatch.setattr(connection, "_commit", recording_commit)
+    return levels
+
+
+@pytest.mark.django_db(transaction=True)
+def test_taking_and_giving_back_a_lease_commit_without_waiting_for_the_disk(make_mailbox, monkeypatch):
+    mailbox = make_mailbox()
+    levels = durability_of_each_commit(monkeypatch)
+    assert store.acquire_lease(mailbox.pk, "owner-1", "node", 60)
+    store.release_lease("owner-1")
+    deliver([mailbox.address], [b"Subject: after\r\n\r\nbody\r\n"])  # mail stays durable
+    assert not MaildropLease.objects.exists()
+    if connection.vendor == "postgresql":
+        assert levels == ["off", "off", "on"]
+    else:
+        assert levels == ["1", "1", "2"]
+
+
+def lease_statements(queries: CaptureQueriesContext) -> list[str]:
+    """The statements on the lease table, without the transaction's and durability's own."""
+    return [query["sql"].split()[0] for query in queries.captured_queries if "maildroplease" in query["sql"]]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lease_is_taken_new_or_lapsed_and_refused_live_in_one_statement_each(make_mailbox):
+    mailbox = make_mailbox()
+    with CaptureQueriesContext(connection) as queries:
+        assert store.acquire_lease(mailbox.pk, "first", "node-a", 60)
+        assert not store.acquire_lease(mailbox.pk, "second", "node-b", 60)
+    assert lease_statements(queries) == ["INSERT", "INSERT"]
+    assert list(MaildropLease.objects.values_list("owner", "node")) == [("first", "node-a")]
+
+    MaildropLease.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+    with CaptureQueriesContext(connection) as queries:
+        assert store.acquire_lease(mailbox.pk, "second", "node-b", 60)
+        store.release_lease("first")  # the old holder's late release leaves the new lease alone
+    assert lease_statements(queries) == ["INSERT", "DELETE"]
+    lease = MaildropLease.objects.get()
+    assert (lease.owner, lease.node) == ("second", "node-b")
+    assert timedelta(seconds=59) < lease.expires_at - lease.acquired_at <= timedelta(seconds=60)

@@ -1,17 +1,34 @@
-"""The ORM implementation of ``pop3.mailbox.Maildrop``: a leased mailbox for one session."""
+"""The ORM implementation of ``pop3.mailbox.Maildrop``: a leased mailbox for one session.
 
+Reading ahead. Clients fetch in order, and a RETR is latency-bound: the client sends the next
+one only once it has the whole of the last. So the maildrop reads before it is asked, on a
+database thread while the event loop sends:
+
+* the first chunks of the messages after the one asked for, several in one query (up to
+  READAHEAD_BYTES), fetching the next batch in the background while what is left of the last
+  one runs low: a RETR of a message read ahead starts sending at once, with no database round
+  trip;
+* chunk n + 1 of a long message while chunk n is being sent.
+
+A client that jumps (RETR 7 after RETR 2) just meets a read of its own; what was read ahead for
+the old place is dropped.
+"""
+
+import asyncio
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Sequence
 from operator import attrgetter
+
+from django.conf import settings
 
 from mailadmin.executors import TRANSIENT_DB_ERRORS, BoundedExecutor
 from mailadmin.hosting import store
 from mailadmin.pop3d.leases import Lease
 from pop3.mailbox import MaildropError, MessageGone, MessageInfo
 
-# Clients fetch in order, and most mail is small: the first RETR of a small message reads the
-# small messages after it in the same query, so the next RETRs cost no database round trip.
-READAHEAD_BYTES = 32 * 1024
+# First chunks held ahead of the client per session, at most (one chunk beyond it when a
+# single first chunk is larger); a batch is fetched when less than half of it is left.
+READAHEAD_BYTES = 128 * 1024
 READAHEAD_MESSAGES = 64
 
 
@@ -36,36 +53,28 @@ class OrmMaildrop:
         # What the password hash looked like at login: the monitor kicks the session if it changes.
         self.password_fingerprint = password_fingerprint
         self.messages = messages
-        self._readahead: dict[int, bytes] = {}
+        self._ahead = _FirstChunks(self)
 
     async def read(self, info: MessageInfo) -> AsyncIterator[bytes]:
         """Chunk by chunk, stopping at the known size: no query just to find the end."""
-        seq, remaining = 0, info.size
-        while remaining > 0:
-            chunk = await self._chunk(info, seq)
-            if chunk is None:
-                raise MessageGone(f"message {info.uidl} is gone")
-            yield chunk
-            remaining -= len(chunk)
-            seq += 1
-
-    async def _chunk(self, info: MessageInfo, seq: int) -> bytes | None:
-        if seq == 0 and info.size <= READAHEAD_BYTES:
-            if info.key not in self._readahead:
-                self._readahead = await self._database(store.read_first_chunks, self._small_run(info))
-            return self._readahead.pop(info.key, None)
-        return await self._database(store.read_chunk, info.key, seq)
-
-    def _small_run(self, info: MessageInfo) -> list[int]:
-        """``info`` and the messages after it, while they fit in READAHEAD_BYTES together."""
-        keys, total = [info.key], info.size
-        start = bisect_left(self.messages, info.key, key=attrgetter("key")) + 1
-        for following in self.messages[start : start + READAHEAD_MESSAGES - 1]:
-            total += following.size
-            if total > READAHEAD_BYTES:
-                break
-            keys.append(following.key)
-        return keys
+        if not info.size:
+            return
+        chunk = await self._ahead.take(info)
+        remaining, seq = info.size, 0
+        following: asyncio.Task | None = None
+        try:
+            while chunk is not None:
+                remaining -= len(chunk)
+                seq += 1
+                if remaining > 0:  # read on while this one is sent
+                    following = asyncio.ensure_future(self._database(store.read_chunk, info.key, seq))
+                yield chunk
+                if following is None:
+                    return
+                chunk, following = await following, None
+            raise MessageGone(f"message {info.uidl} is gone")
+        finally:
+            _abandon(following)
 
     async def commit(self, deleted: Sequence[MessageInfo]) -> None:
         await self._database(
@@ -73,6 +82,7 @@ class OrmMaildrop:
         )
 
     async def release(self) -> None:
+        self._ahead.drop()
         await self.lease.release()
 
     async def _database(self, function, *args):
@@ -80,3 +90,103 @@ class OrmMaildrop:
             return await self.executor.run(function, *args)
         except (*TRANSIENT_DB_ERRORS, store.StoreError) as error:
             raise MaildropError(str(error)) from error
+
+
+class _FirstChunks:
+    """The first chunks read ahead of one session's client (see the module docstring)."""
+
+    def __init__(self, maildrop: OrmMaildrop) -> None:
+        self._maildrop = maildrop
+        self._messages = maildrop.messages
+        self._chunk_size = settings.MAILADMIN_CHUNK_SIZE_BYTES
+        self._ready: dict[object, bytes] = {}
+        self._ready_bytes = 0
+        self._pending: asyncio.Task | None = None  # the batch in flight
+        self._pending_keys: frozenset = frozenset()
+        self._next = 0  # where in the snapshot the next batch starts
+
+    async def take(self, info: MessageInfo) -> bytes | None:
+        """The first chunk of ``info``, or None when the message is gone."""
+        if info.key not in self._ready and info.key in self._pending_keys:
+            await self._settle()
+        if info.key not in self._ready:
+            self._restart(await self._read_from(info))
+        chunk = self._ready.pop(info.key, None)
+        if chunk is not None:
+            self._ready_bytes -= len(chunk)
+        self._top_up()
+        return chunk
+
+    def _top_up(self) -> None:
+        """Start reading the next batch once less than half of READAHEAD_BYTES is left ahead."""
+        if self._pending is not None or self._next >= len(self._messages):
+            return
+        if self._ready_bytes >= READAHEAD_BYTES // 2:
+            return
+        keys = self._batch(self._next)
+        self._next += len(keys)
+        self._pending_keys = frozenset(keys)
+        self._pending = asyncio.ensure_future(self._read_ahead(keys))
+
+    async def _read_ahead(self, keys: list) -> dict[object, bytes]:
+        """A batch read before it is asked for; one that fails reads nothing: its messages are
+        read again when asked for, and that read reports the failure. So it skips the health
+        check (on PostgreSQL a round trip of its own): a dropped connection fails it, is
+        replaced after it, and the RETR reads again on the new one."""
+        try:
+            return await self._maildrop._database(store.read_first_chunks, keys, False)
+        except MaildropError:
+            return {}
+
+    def drop(self) -> None:
+        """Forget what was read ahead: the session is over."""
+        _abandon(self._pending)
+        self._pending, self._pending_keys = None, frozenset()
+        self._ready, self._ready_bytes = {}, 0
+
+    async def _read_from(self, info: MessageInfo) -> dict[object, bytes]:
+        """A batch starting at ``info``, read now; raises MaildropError."""
+        index = bisect_left(self._messages, info.key, key=attrgetter("key"))
+        if index == len(self._messages) or self._messages[index].key != info.key:
+            return await self._maildrop._database(store.read_first_chunks, [info.key])
+        keys = self._batch(index)
+        chunks = await self._maildrop._database(store.read_first_chunks, keys)
+        self._next = index + len(keys)
+        return chunks
+
+    def _restart(self, chunks: dict[object, bytes]) -> None:
+        """The client is somewhere that was not read ahead: what was is of no more use."""
+        self.drop()
+        self._ready = chunks
+        self._ready_bytes = sum(map(len, chunks.values()))
+
+    async def _settle(self) -> None:
+        """Wait for the batch in flight; a batch that failed or was cancelled (its event loop
+        closed) is as if never asked for."""
+        pending, self._pending = self._pending, None
+        self._pending_keys = frozenset()
+        chunks = {} if pending.cancelled() else await pending
+        self._ready.update(chunks)
+        self._ready_bytes += sum(map(len, chunks.values()))
+
+    def _batch(self, index: int) -> list:
+        """Keys from ``index`` on whose first chunks fit in READAHEAD_BYTES (at least one)."""
+        first = self._messages[index]
+        keys, total = [first.key], min(first.size, self._chunk_size)
+        for following in self._messages[index + 1 : index + READAHEAD_MESSAGES]:
+            total += min(following.size, self._chunk_size)
+            if total > READAHEAD_BYTES:
+                break
+            keys.append(following.key)
+        return keys
+
+
+def _abandon(task: asyncio.Task | None) -> None:
+    """Stop waiting for ``task``; a failure it already met is taken, so none is logged as lost."""
+    if task is None:
+        return
+    if task.done():
+        if not task.cancelled():
+            task.exception()
+    else:
+        task.cancel()

@@ -683,6 +683,17 @@ def test_retr_dot_stuffs_and_unstuffed_size_equals_list_size(chunk_size: int):
     assert len(unstuffed) == 47
 
 
+def test_a_long_message_leaves_a_chunk_a_write_with_the_terminating_line_in_the_last():
+    message = b"Subject: long\r\n\r\n" + b"x" * 40_000 + b"\r\n"
+    io = ScriptedIO(LOGIN, b"RETR 1\r\n")
+    run(make_session(io, CustomStore([("uid-long", message)], chunk_size=16_384)))
+    assert io.writes[-3:] == [
+        b"+OK 40019 octets\r\n" + message[:16_384],
+        message[16_384:32_768],
+        message[32_768:] + b".\r\n",  # not a send of its own: the client reads one reply a packet sooner
+    ]
+
+
 def test_retr_of_an_empty_message():
     written = transcript(LOGIN, b"LIST 1\r\nRETR 1\r\n", store=CustomStore([("empty", b"")]))
     assert written == GREETING_LINE + LOGGED_IN + b"+OK 1 0\r\n" + b"+OK 0 octets\r\n.\r\n"

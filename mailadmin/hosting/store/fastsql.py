@@ -7,15 +7,18 @@ millisecond per delivery); each statement here is built once per process and bac
 import functools
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import psycopg
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.backends.utils import CursorWrapper
+from django.db.models import DateTimeField, ExpressionWrapper
 from django.db.models.expressions import Col
+from django.db.models.functions import Now
 
-from mailadmin.models import Domain, Mailbox, Message, MessageChunk
+from mailadmin.models import Domain, Mailbox, MaildropLease, Message, MessageChunk
 
 
 def find_mailbox(address: str) -> Mailbox | None:
@@ -258,7 +261,7 @@ def _insert_chunks(cursor: CursorWrapper, rows: list[tuple[int, int, bytes]]) ->
     cursor.execute(f"{INSERT_CHUNKS} {values_sql(len(rows), 3)}", _flat(rows))
 
 
-def chunk_cursor() -> CursorWrapper:
+def chunk_cursor(health_check: bool = True) -> CursorWrapper:
     """A cursor for chunk rows that keeps them out of DEBUG's query log.
 
     With DEBUG on, Django's cursor renders every statement with its parameters into a log of
@@ -266,8 +269,11 @@ def chunk_cursor() -> CursorWrapper:
 
     The connection is health-checked first, as Django's own ``cursor()`` does: a connection
     the server dropped (a PostgreSQL restart) is replaced here instead of failing this read.
+    Without ``health_check`` a dropped connection fails the read instead (and is replaced after
+    it, as after any error): on PostgreSQL the check is a round trip of its own.
     """
-    connection.close_if_health_check_failed()
+    if health_check:
+        connection.close_if_health_check_failed()
     connection.ensure_connection()
     if connection.vendor == "postgresql":
         # Parameters bound on the server and results in binary: a chunk travels as its bytes,
@@ -292,13 +298,15 @@ def read_chunk(message_id: int, seq: int) -> bytes | None:
     return None if row is None else bytes(row[0])
 
 
-def read_first_chunks(message_ids: Sequence[int]) -> dict[int, bytes]:
-    """Chunk 0 of each message, in one query: the read-ahead of small messages for RETR.
+def read_first_chunks(message_ids: Sequence[int], health_check: bool = True) -> dict[int, bytes]:
+    """Chunk 0 of each message, in one query: RETR's read-ahead.
 
-    Messages that are gone are missing from the result.
+    Messages that are gone are missing from the result. ``health_check``: see
+    :func:`chunk_cursor`; a read ahead goes without, since the RETR that needs a read that
+    failed reads it again, checked.
     """
     placeholders = ", ".join(["%s"] * len(message_ids))
-    with chunk_cursor() as cursor:
+    with chunk_cursor(health_check) as cursor:
         cursor.execute(f"{SELECT_FIRST_CHUNKS} ({placeholders})", list(message_ids))
         return {message_id: bytes(data) for message_id, data in cursor.fetchall()}
 
@@ -317,3 +325,40 @@ _SNAPSHOT = (
     f"SELECT id, size_bytes, uidl, header_size_bytes FROM {Message._meta.db_table} "
     "WHERE mailbox_id = %s ORDER BY id"
 )
+
+
+def lease_expiry(ttl_seconds: float) -> ExpressionWrapper:
+    """When a lease taken or renewed now lapses, by the database's clock."""
+    return ExpressionWrapper(Now() + timedelta(seconds=ttl_seconds), output_field=DateTimeField())
+
+
+def take_lease(mailbox_id: int, owner: str, node: str, ttl_seconds: float) -> bool:
+    """Insert the mailbox's lease, or take over a lapsed one: one statement, its SQL built once.
+
+    False when a live lease holds the mailbox (the conflict's UPDATE finds it unexpired).
+    """
+    sql, params = _take_lease_sql(connection.vendor, ttl_seconds)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [mailbox_id, owner, node, *params])
+        return cursor.rowcount == 1
+
+
+@functools.cache
+def _take_lease_sql(vendor: str, ttl_seconds: float) -> tuple[str, tuple]:
+    """The statement and its trailing parameters, with the clock's SQL as Django writes it."""
+    query = MaildropLease.objects.none().query
+    compiler = query.get_compiler(connection=connection)
+    now, now_params = compiler.compile(Now())
+    expiry, expiry_params = compiler.compile(lease_expiry(ttl_seconds).resolve_expression(query))
+    table = connection.ops.quote_name(LEASE_TABLE)
+    sql = (
+        f"INSERT INTO {table} (mailbox_id, owner, node, acquired_at, expires_at) "
+        f"VALUES (%s, %s, %s, {now}, {expiry}) ON CONFLICT (mailbox_id) DO UPDATE SET "
+        "owner = excluded.owner, node = excluded.node, acquired_at = excluded.acquired_at, "
+        f"expires_at = excluded.expires_at WHERE {table}.expires_at < {now}"
+    )
+    return sql, (*now_params, *expiry_params, *now_params)
+
+
+LEASE_TABLE = MaildropLease._meta.db_table
+RELEASE_LEASE = f"DELETE FROM {LEASE_TABLE} WHERE owner = %s"
