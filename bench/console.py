@@ -9,7 +9,8 @@
 test client: the server's time for each request, from the URL to the finished response, with
 no network in it. ``python -m bench.console writer OUT.json STOP`` stands in for runpop3's
 monitor: every ``WRITE_EVERY_SECONDS`` one transaction inserting and updating session rows,
-timed, until the file STOP appears; the prune scenario runs it beside ``prunehistory``.
+timed, until the file STOP appears; the prune scenario runs it alone for a while (the control),
+then beside ``prunehistory``.
 """
 
 import json
@@ -25,6 +26,8 @@ QUOTA_BYTES = 100 * 1024 * 1024
 SESSION_SECONDS = 30
 WRITE_EVERY_SECONDS = 0.02
 ROWS_PER_WRITE = 5
+# Left out of the figures: the first writes pay for the connection, imports and new files.
+WARM_UP_WRITES = 10
 
 
 @dataclass(frozen=True)
@@ -204,16 +207,19 @@ def _timed_requests(client, url: str, count: int) -> dict:
 
 
 def write_until(stop: Path) -> dict:
-    """runpop3's monitor, roughly: a small transaction of session inserts and updates, on and on."""
+    """runpop3's monitor, roughly: a small transaction of session inserts and updates, on and on.
+
+    Returns every write as ``[wall-clock start, seconds]``, so that the caller can tell the
+    writes beside the prune from those made without it."""
     from django.db import transaction
     from django.db.models.functions import Now
     from django.utils import timezone
 
     from mailadmin.models import Pop3Session
 
-    latencies = []
+    samples = []
     while not stop.exists():
-        started = time.perf_counter()
+        wall, started = time.time(), time.perf_counter()
         with transaction.atomic():
             rows = [
                 Pop3Session(
@@ -230,14 +236,30 @@ def write_until(stop: Path) -> dict:
             Pop3Session.objects.bulk_create(rows)
             for row in rows:
                 Pop3Session.objects.filter(pk=row.pk).update(commands=1, updated_at=Now())
-        latencies.append(time.perf_counter() - started)
+        samples.append([wall, time.perf_counter() - started])
         time.sleep(WRITE_EVERY_SECONDS)
-    ordered = sorted(latencies[1:])  # the first write pays for the connection and imports
+    return {"samples": samples[WARM_UP_WRITES:]}
+
+
+def write_figures(samples: list[list[float]], prune_started: float, prune_ended: float) -> dict:
+    """The writes that overlapped the prune, and as a control those made with no prune beside
+    them (before it started), each as count, median, p99 and longest."""
+    beside = [took for start, took in samples if start < prune_ended and start + took > prune_started]
+    alone = [took for start, took in samples if start + took <= prune_started]
+    return {**_write_figures(beside, ""), **_write_figures(alone, "control_")}
+
+
+def _write_figures(latencies: list[float], prefix: str) -> dict:
+    ordered = sorted(latencies)
+
+    def ms(rank: int) -> float | None:
+        return round(ordered[rank] * 1000, 1) if ordered else None
+
     return {
-        "writes": len(latencies),
-        "write_p50_ms": round(ordered[len(ordered) // 2] * 1000, 1) if ordered else None,
-        "write_p99_ms": round(ordered[int(len(ordered) * 0.99)] * 1000, 1) if ordered else None,
-        "longest_write_stall_ms": round(ordered[-1] * 1000, 1) if ordered else None,
+        f"{prefix}writes": len(ordered),
+        f"{prefix}write_p50_ms": ms(len(ordered) // 2),
+        f"{prefix}write_p99_ms": ms(int(len(ordered) * 0.99)),
+        f"{prefix}longest_write_stall_ms": ms(-1),
     }
 
 

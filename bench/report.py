@@ -168,6 +168,9 @@ CHECKS = (
         100,
         at_least=False,
     ),  # fmt: skip
+    Check(
+        "console_prune", "control_longest_write_stall_ms", "", "ms longest write, no prune", None, kind=INFO
+    ),
     Check("console_prune", "rows_per_s", "", "rows/s pruned", None, kind=INFO),
     Check(
         "lmtp", "msg_per_s", "LMTP, ratio to Dovecot this run", "msg/s", None, 1.5, reference="dovecot_lmtp"

@@ -40,8 +40,11 @@ CACHE_ON_TTL = "300"
 # are the whole server and the hashing threads are the two the README describes.
 AS_SHIPPED = None
 ONE_PROCESS = 1
-# The writer beside prunehistory runs this long alone before and after it.
-WRITER_LEAD_SECONDS = 2.0
+# The writer beside prunehistory runs alone this long before it (its control window) and
+# a little after it.
+WRITER_CONTROL_SECONDS = 30.0
+SMOKE_CONTROL_SECONDS = 1.0
+WRITER_TAIL_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -741,11 +744,11 @@ def console_prune(bench: Bench) -> dict:
         env=bench.env.variables(),
     )
     try:
-        time.sleep(WRITER_LEAD_SECONDS)
-        started = time.perf_counter()
+        time.sleep(SMOKE_CONTROL_SECONDS if bench.options.smoke else WRITER_CONTROL_SECONDS)
+        started, wall_started = time.perf_counter(), time.time()
         pruned = bench.env.run("manage.py", "prunehistory", "--days", "0").stdout.strip()
-        seconds = time.perf_counter() - started
-        time.sleep(WRITER_LEAD_SECONDS)
+        seconds, wall_ended = time.perf_counter() - started, time.time()
+        time.sleep(WRITER_TAIL_SECONDS)
     finally:
         stop.touch()
         writer.wait(timeout=120)
@@ -755,7 +758,7 @@ def console_prune(bench: Bench) -> dict:
         "rows_removed": sum(removed[:2]),
         "prune_seconds": round(seconds, 1),
         "rows_per_s": ratio(sum(removed[:2]), seconds),
-        **json.loads(out.read_text()),
+        **console.write_figures(json.loads(out.read_text())["samples"], wall_started, wall_ended),
     }
 
 

@@ -1,6 +1,7 @@
 """Session and failed-login rows for a console: their domain, a change marker, an open index, pruning."""
 
 import asyncio
+import gc
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -11,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from mailadmin.executors import BoundedExecutor
-from mailadmin.hosting import services
+from mailadmin.hosting import figures, services
 from mailadmin.hosting.actors import Actor, ActorKind
 from mailadmin.hosting.history import Pruned, prune_history
 from mailadmin.models import AuditEntry, AuthFailure, Domain, Pop3Node, Pop3Session
@@ -264,6 +265,35 @@ def test_pruning_deletes_in_transactions_of_one_batch_each():
         *["mailadmin_authfailure"] * 3,
     ]
     assert not Pop3Session.objects.exists() and not AuthFailure.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_each_batch_runs_with_the_garbage_collector_off_and_commits_without_waiting_for_the_disk(
+    monkeypatch,
+):
+    """runpop3's writers wait out a batch: no full collection and no fsync inside it."""
+    for _ in range(3):
+        session_row(started=days_ago(41), ended=days_ago(40))
+    seen = []
+
+    def roll_up(rows):
+        with connection.cursor() as cursor:
+            if connection.vendor == "sqlite":
+                cursor.execute("PRAGMA synchronous")
+            else:
+                cursor.execute("SHOW synchronous_commit")
+            seen.append((len(rows), gc.isenabled(), cursor.fetchone()[0]))
+
+    monkeypatch.setattr(figures, "roll_up_sessions", roll_up)
+    assert gc.isenabled()
+    assert prune_history(30, batch_size=2) == Pruned(sessions=3, failures=0)
+    not_waiting = 1 if connection.vendor == "sqlite" else "off"  # 1: NORMAL, no fsync in WAL mode
+    assert seen == [(2, False, not_waiting), (1, False, not_waiting)]
+    assert gc.isenabled()
+    if connection.vendor == "sqlite":
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA synchronous")
+            assert cursor.fetchone()[0] == 2  # FULL again for every other commit
 
 
 @pytest.mark.django_db

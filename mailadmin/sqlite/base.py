@@ -12,6 +12,14 @@ The wait is bounded by the same busy timeout (OPTIONS ``timeout``): a transactio
 (a forgotten shell session) makes writers fail with "database is locked", as SQLite would,
 rather than hang; hence the polling rather than a blocking ``flock()``.
 
+SQLite's own WAL checkpoint runs inside the commit that takes the log past 1,000 pages, while
+that writer still holds the write turn: copying those pages into the database file took 85 ms
+and more, and every other writer waited (runpop3's monitor beside ``prunehistory``, say). Here a
+commit only wakes a checkpointer thread of the process, which runs a passive checkpoint on a
+connection of its own, at most every CHECKPOINT_EVERY_SECONDS: no writer waits for it, and
+writers go on appending to the log meanwhile. SQLite's own stays as a backstop at
+BACKSTOP_CHECKPOINT_PAGES, for a log that no commit of ours follows.
+
 With OPTIONS ``pool`` (a number), a closed connection is parked for the next one this process
 opens instead of being closed, up to that many: under ASGI every request has a connection of its
 own, and opening one (the file, the PRAGMAs, Django's SQL functions) cost a web worker a fifth
@@ -19,17 +27,25 @@ of its CPU per API request. Only a connection outside any transaction is parked.
 """
 
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from typing import BinaryIO
 
 from django.db import OperationalError
 from django.db.backends.sqlite3 import base
 
+logger = logging.getLogger(__name__)
+
 POLL_SECONDS = 0.0005
 DEFAULT_TIMEOUT_SECONDS = 5.0  # sqlite3.connect's own default
+# Often, so that each checkpoint's flush is small: a commit's fsync waits behind it in the
+# disk's queue (1 s between checkpoints made prunehistory's commits wait 100 ms and more).
+CHECKPOINT_EVERY_SECONDS = 0.1
+BACKSTOP_CHECKPOINT_PAGES = 10_000
 
 
 def _create_private(path: str | os.PathLike) -> None:
@@ -43,6 +59,45 @@ def _create_private(path: str | os.PathLike) -> None:
 # Parked connections by database file, each with its writer lock's file: (connection, lock).
 _parked: dict[str, list[tuple[sqlite3.Connection, BinaryIO]]] = {}
 _parked_lock = threading.Lock()
+
+
+class Checkpointer:
+    """One thread per process and database file that checkpoints the log when a commit asks."""
+
+    def __init__(self, path: str, pause: Callable[[float], None] = time.sleep) -> None:
+        self.path = path
+        self.pause = pause
+        self.wanted = threading.Event()
+        thread = threading.Thread(target=self._run, name=f"sqlite-checkpoint {path}", daemon=True)
+        thread.start()
+
+    def request(self) -> None:
+        self.wanted.set()
+
+    def _run(self) -> None:
+        connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        while True:
+            self.wanted.wait()
+            self.wanted.clear()
+            try:
+                # PASSIVE: never waits for a writer or a reader, never calls the busy handler.
+                connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                logger.exception("WAL checkpoint of %s failed; SQLite's own will follow", self.path)
+            self.pause(CHECKPOINT_EVERY_SECONDS)
+
+
+# Each process's checkpointers by database file; a forked child starts its own.
+_checkpointers: dict[tuple[int, str], Checkpointer] = {}
+_checkpointers_lock = threading.Lock()
+
+
+def _checkpointer(path: str) -> Checkpointer:
+    key = (os.getpid(), path)
+    with _checkpointers_lock:
+        if key not in _checkpointers:
+            _checkpointers[key] = Checkpointer(path)
+        return _checkpointers[key]
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
@@ -67,6 +122,7 @@ class DatabaseWrapper(base.DatabaseWrapper):
             _create_private(self.settings_dict["NAME"])
         connection = super().get_new_connection(conn_params)
         if not self.is_in_memory_db():
+            connection.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_CHECKPOINT_PAGES}")
             lock_path = f"{self.settings_dict['NAME']}-writer.lock"
             _create_private(lock_path)
             self.writer_lock = open(lock_path, "ab")  # noqa: SIM115
@@ -85,6 +141,8 @@ class DatabaseWrapper(base.DatabaseWrapper):
             super()._commit()
         finally:
             self._unlock_writers()
+        if self.writer_lock is not None:
+            _checkpointer(self.settings_dict["NAME"]).request()
 
     def _rollback(self):
         try:

@@ -1,47 +1,21 @@
 """POP3 maildrop leases: the lock on a mailbox, and the UPDATE state that checks it."""
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 from django.db import connection, transaction
 from django.db.models import F
 
+from mailadmin.hosting.commits import not_waiting_for_the_disk
 from mailadmin.hosting.store import fastsql
 from mailadmin.hosting.store.errors import LeaseLost
 from mailadmin.hosting.store.messages import ID_BATCH_SIZE, delete_messages
 from mailadmin.models import Mailbox, MaildropLease
 
-
-@contextlib.contextmanager
-def _not_waiting_for_the_disk() -> Iterator[None]:
-    """A transaction whose commit is not flushed to disk before it returns (SQLite in WAL mode:
-    ``synchronous=NORMAL``, no fsync; PostgreSQL: ``synchronous_commit`` off), for the writes
-    that take and give back a lease, which every login and every QUIT waits for.
-
-    Either commit is atomic and seen by every other connection at once; a crash of the
-    database's host may forget the last ones (up to ~0.6 s on PostgreSQL, the writes since the
-    last checkpoint on SQLite), as it ends the sessions that made them: a forgotten taking
-    leaves a mailbox unlocked whose holder's UPDATE state still checks its lease and so removes
-    nothing (:func:`commit_maildrop`), a forgotten giving back leaves a lease that lapses at its
-    expiry. Inside a caller's transaction, that transaction decides.
-    """
-    if connection.in_atomic_block:
-        yield
-    elif connection.vendor == "postgresql":
-        with transaction.atomic():
-            with connection.cursor() as cursor:
-                cursor.execute("SET LOCAL synchronous_commit TO OFF")
-            yield
-    else:
-        with connection.cursor() as cursor:
-            cursor.execute("PRAGMA synchronous")
-            (level,) = cursor.fetchone()
-            cursor.execute("PRAGMA synchronous = NORMAL")  # not inside a transaction: SQLite refuses
-            try:
-                with transaction.atomic():
-                    yield
-            finally:
-                cursor.execute(f"PRAGMA synchronous = {int(level)}")
+# Taking and giving back a lease, which every login and every QUIT waits for, commit without
+# waiting for the disk (commits.not_waiting_for_the_disk). A crash of the database's host that
+# forgets them also ends the sessions that made them: a forgotten taking leaves a mailbox
+# unlocked whose holder's UPDATE state still checks its lease and so removes nothing
+# (:func:`commit_maildrop`); a forgotten giving back leaves a lease that lapses at its expiry.
 
 
 def acquire_lease(mailbox_id: int, owner: str, node: str, ttl_seconds: float) -> bool:
@@ -50,7 +24,7 @@ def acquire_lease(mailbox_id: int, owner: str, node: str, ttl_seconds: float) ->
     One statement inserts the lease or takes a lapsed one over; the unique mailbox makes
     concurrent takers wait for each other, and only one wins.
     """
-    with _not_waiting_for_the_disk():
+    with not_waiting_for_the_disk():
         return fastsql.take_lease(mailbox_id, owner, node, ttl_seconds)
 
 
@@ -67,7 +41,7 @@ def renew_leases(owners: Iterable[str], ttl_seconds: float) -> int:
 
 
 def release_lease(owner: str) -> None:
-    with _not_waiting_for_the_disk(), connection.cursor() as cursor:
+    with not_waiting_for_the_disk(), connection.cursor() as cursor:
         cursor.execute(fastsql.RELEASE_LEASE, [owner])
 
 

@@ -1,0 +1,35 @@
+"""Transactions whose commit does not wait for the disk."""
+
+import contextlib
+from collections.abc import Iterator
+
+from django.db import connection, transaction
+
+
+@contextlib.contextmanager
+def not_waiting_for_the_disk() -> Iterator[None]:
+    """A transaction whose commit is not flushed to disk before it returns (SQLite in WAL mode:
+    ``synchronous=NORMAL``, no fsync; PostgreSQL: ``synchronous_commit`` off).
+
+    The commit is still atomic and seen by every other connection at once; a crash of the
+    database's host may forget the last ones (up to ~0.6 s on PostgreSQL, the writes since the
+    last checkpoint on SQLite), whole. Only for writes whose loss that way is harmless; each
+    caller says why. Inside a caller's transaction, that transaction decides.
+    """
+    if connection.in_atomic_block:
+        yield
+    elif connection.vendor == "postgresql":
+        with transaction.atomic():
+            with connection.cursor() as cursor:
+                cursor.execute("SET LOCAL synchronous_commit TO OFF")
+            yield
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA synchronous")
+            (level,) = cursor.fetchone()
+            cursor.execute("PRAGMA synchronous = NORMAL")  # not inside a transaction: SQLite refuses
+            try:
+                with transaction.atomic():
+                    yield
+            finally:
+                cursor.execute(f"PRAGMA synchronous = {int(level)}")
