@@ -1,6 +1,7 @@
 """SQLite's WAL is checkpointed by a thread of each process, never inside a writer's turn."""
 
 import fcntl
+import os
 import sqlite3
 import threading
 
@@ -91,3 +92,18 @@ def _rows_in_the_database_file(path: str) -> int | None:
         return None
     finally:
         reader.close()
+
+
+def test_a_forked_child_starts_a_checkpointer_of_its_own(tmp_path):
+    """runpop3 and runlmtp fork their workers: the parent's thread does not live on in them."""
+    path = str(tmp_path / "forked.sqlite3")
+    parents = sqlite_backend._checkpointer(path)
+    assert sqlite_backend._checkpointer(path) is parents
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child answers through the pipe
+        os.write(write_end, b"own" if sqlite_backend._checkpointer(path) is not parents else b"parent's")
+        os._exit(0)
+    os.close(write_end)
+    assert os.read(read_end, 16) == b"own"
+    os.waitpid(child, 0)

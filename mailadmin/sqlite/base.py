@@ -87,17 +87,26 @@ class Checkpointer:
             self.pause(CHECKPOINT_EVERY_SECONDS)
 
 
-# Each process's checkpointers by database file; a forked child starts its own.
-_checkpointers: dict[tuple[int, str], Checkpointer] = {}
+# This process's checkpointers by database file.
+_checkpointers: dict[str, Checkpointer] = {}
 _checkpointers_lock = threading.Lock()
 
 
 def _checkpointer(path: str) -> Checkpointer:
-    key = (os.getpid(), path)
     with _checkpointers_lock:
-        if key not in _checkpointers:
-            _checkpointers[key] = Checkpointer(path)
-        return _checkpointers[key]
+        if path not in _checkpointers:
+            _checkpointers[path] = Checkpointer(path)
+        return _checkpointers[path]
+
+
+def _forget_the_parents_checkpointers() -> None:
+    """A forked child has none of its parent's threads: it starts checkpointers of its own."""
+    global _checkpointers_lock
+    _checkpointers_lock = threading.Lock()
+    _checkpointers.clear()
+
+
+os.register_at_fork(after_in_child=_forget_the_parents_checkpointers)
 
 
 class DatabaseWrapper(base.DatabaseWrapper):
