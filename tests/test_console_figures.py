@@ -336,6 +336,7 @@ def test_each_batch_is_sized_from_how_long_the_last_one_took(history_rows, monke
     monkeypatch.setattr(history.time, "monotonic", monotonic)
     monkeypatch.setattr(history.time, "sleep", lambda seconds: None)
     monkeypatch.setattr(history.figures, "roll_up_sessions", roll_up)
+    monkeypatch.setattr(history, "BATCH_SECONDS", 0.03)
     monkeypatch.setattr(history, "FIRST_BATCH_SIZE", 4)
     monkeypatch.setattr(history, "MIN_BATCH_SIZE", 1)
     history.prune_history(30)
