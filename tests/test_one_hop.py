@@ -6,13 +6,14 @@ import json
 
 import asgiref.sync
 import pytest
+from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler
 from django.db import connections
 
 from mailadmin.hosting import services
 from mailadmin.hosting.actors import Actor
 from mailadmin.models import AuditEntry, Mailbox
-from mailadmin.onehop import OneHopHandler
+from mailadmin.onehop import BROWSER_MIDDLEWARE, OneHopHandler, api_middleware
 from mailadmin.requestthreads import RequestThreads
 from tests.api_helpers import PASSWORD_HASH, make_token
 
@@ -139,6 +140,29 @@ def test_an_api_request_makes_no_asgiref_hop(token, monkeypatch):
     assert status == 200
     assert headers[b"X-Frame-Options"] == b"DENY"  # the middleware ran
     assert hops == []
+
+
+def test_api_requests_skip_only_the_browsers_middleware():
+    assert BROWSER_MIDDLEWARE < set(settings.MIDDLEWARE)  # names that are in use
+    assert api_middleware() == [
+        "django.middleware.security.SecurityMiddleware",
+        "django.middleware.locale.LocaleMiddleware",
+        "django.middleware.common.CommonMiddleware",
+        "django.middleware.clickjacking.XFrameOptionsMiddleware",
+        "mailadmin.middleware.SyncMiddlewareChain",
+    ]
+    OneHopHandler()
+    assert len(settings.MIDDLEWARE) == len(api_middleware()) + len(BROWSER_MIDDLEWARE)
+
+
+def test_an_api_answer_in_another_language_sets_no_cookie(token):
+    request_scope = scope("GET", "/api/v1/mailboxes/nobody@example.test", token)
+    request_scope["headers"].append((b"accept-language", b"id"))
+    expected = serve(ASGIHandler(), request_scope)
+    status, headers, content = serve(one_hop(), request_scope)
+    assert (status, headers, content) == expected
+    assert headers[b"Content-Language"] == b"id"
+    assert b"Set-Cookie" not in headers
 
 
 def test_other_paths_keep_djangos_handler():
