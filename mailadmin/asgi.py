@@ -19,11 +19,12 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.conf import settings  # noqa: E402
 
 from mailadmin.console.routing import websocket_urlpatterns  # noqa: E402
+from mailadmin.onehop import OneHopHandler  # noqa: E402
 from mailadmin.requestthreads import RequestThreads  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": RequestThreads(django_asgi_app, settings.WEB_THREADS),
+        "http": RequestThreads(django_asgi_app, settings.WEB_THREADS, direct=OneHopHandler()),
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )

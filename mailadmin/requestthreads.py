@@ -7,6 +7,9 @@ at once as requests arrive. ``RequestThreads`` enters each request into a contex
 executor is one of ``size`` long-lived one-thread executors, free at the time; a request that
 finds none free waits for one. Django's own context then defers to it (the outermost context
 with an executor wins), so views, middleware and the ORM run as before, one request per thread.
+
+A request ``direct`` serves (``direct.serves(scope)``: the API, ``mailadmin.onehop``) is
+handed to ``direct.handle_on`` with its thread instead, which runs it there in one hop.
 """
 
 import asyncio
@@ -18,9 +21,10 @@ from asgiref.sync import ThreadSensitiveContext
 class RequestThreads:
     """ASGI middleware for HTTP: each request's sync work on one of ``size`` threads."""
 
-    def __init__(self, application, size: int) -> None:
+    def __init__(self, application, size: int, direct=None) -> None:
         self.application = application
         self.size = size
+        self.direct = direct
         self._idle: list[ThreadPoolExecutor] = []
         self._made = 0
         self._freed: asyncio.Condition | None = None
@@ -28,8 +32,11 @@ class RequestThreads:
     async def __call__(self, scope, receive, send) -> None:
         executor = await self._take()
         try:
-            async with ThreadSensitiveContext(executor=executor):
-                await self.application(scope, receive, send)
+            if self.direct is not None and self.direct.serves(scope):
+                await self.direct.handle_on(executor, scope, receive, send)
+            else:
+                async with ThreadSensitiveContext(executor=executor):
+                    await self.application(scope, receive, send)
         finally:
             await self._give_back(executor)
 

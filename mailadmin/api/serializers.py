@@ -24,6 +24,46 @@ class InputSerializer(serializers.Serializer):
         return super().to_internal_value(data)
 
 
+class RowSerializer(serializers.Serializer):
+    """An output serializer that reads a row through its declared fields, prepared once per class.
+
+    A ``Serializer`` deep-copies and binds every declared field for each instance it makes:
+    most of a mailbox ``GET``'s serializer time. Here each readable field's source path and its
+    ``to_representation`` are taken once from the class's declared fields (read-only fields,
+    each with a plain attribute ``source`` or a ``SerializerMethodField``), and a row is read
+    through them; the answer is the one ``Serializer.to_representation`` gives for the same row.
+    The declared fields still describe the schema.
+    """
+
+    @classmethod
+    def _readers(cls) -> list[tuple[str, tuple[str, ...] | None, object]]:
+        readers = cls.__dict__.get("_prepared_readers")
+        if readers is None:
+            readers = []
+            for name, field in cls._declared_fields.items():
+                if isinstance(field, serializers.SerializerMethodField):
+                    readers.append((name, None, field.method_name or f"get_{name}"))
+                else:
+                    readers.append((name, tuple((field.source or name).split(".")), field.to_representation))
+            cls._prepared_readers = readers
+        return readers
+
+    def to_representation(self, instance) -> dict:
+        row = {}
+        for name, path, show in self._readers():
+            if path is None:
+                row[name] = getattr(self, show)(instance)
+                continue
+            value = instance
+            for attribute in path:
+                value = getattr(value, attribute)
+            row[name] = None if value is None else show(value)
+        return row
+
+
+DATETIME = serializers.DateTimeField()
+
+
 # --- Mailboxes -------------------------------------------------------------------------------
 
 
@@ -32,8 +72,8 @@ class LastLoginSerializer(serializers.Serializer):
     client_address = serializers.CharField()
 
 
-class MailboxSerializer(serializers.Serializer):
-    """A plain serializer (not a ModelSerializer, which builds its fields again for every
+class MailboxSerializer(RowSerializer):
+    """A row serializer (not a ModelSerializer, which builds its fields again for every
     response): a mailbox is what the busiest clients read."""
 
     address = serializers.CharField(source="user.username", read_only=True)
@@ -51,7 +91,7 @@ class MailboxSerializer(serializers.Serializer):
         if mailbox.last_login_at is None:
             return None
         return {
-            "time": serializers.DateTimeField().to_representation(mailbox.last_login_at),
+            "time": DATETIME.to_representation(mailbox.last_login_at),
             "client_address": mailbox.last_login_from,
         }
 
@@ -130,7 +170,7 @@ class DomainInputSerializer(InputSerializer):
 # --- Aliases ---------------------------------------------------------------------------------
 
 
-class AliasSerializer(serializers.Serializer):
+class AliasSerializer(RowSerializer):
     """An alias or catch-all, from a row annotated by ``aliases.with_recent_counts`` with its
     destinations prefetched."""
 

@@ -13,13 +13,13 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import identify_hasher, make_password
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, F, Max, Sum
 from django.utils.translation import gettext
 
 from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.hosting import dovecothashes
-from mailadmin.hosting.store.aliases import require_address_free, require_not_alias_domain
+from mailadmin.hosting.store.aliases import require_new_mailbox_address, require_not_alias_domain
 from mailadmin.hosting.store.errors import (
     AlreadyExists,
     DomainNotFound,
@@ -29,7 +29,7 @@ from mailadmin.hosting.store.errors import (
     StillInUse,
     StoreError,
 )
-from mailadmin.hosting.store.fastsql import find_mailbox
+from mailadmin.hosting.store.fastsql import find_mailbox, lock_domain
 from mailadmin.models import (
     Domain,
     Mailbox,
@@ -97,13 +97,11 @@ def create_mailbox(
         password_hash = storable_password_hash(password_hash)
     else:
         password_hash = hash_new_password(password, normalised)
-    with transaction.atomic():
+    # Inside a caller's transaction (the service's, with its audit entry) no savepoint of its own.
+    with transaction.atomic(savepoint=False):
         domain = _domain_for_new_mailbox(domain_of(normalised), create_domain)
-        user_model = get_user_model()
-        if user_model.objects.filter(username=normalised).exists():
-            raise AlreadyExists(gettext("mailbox %(address)s already exists") % {"address": normalised})
-        require_address_free(normalised)
-        user = user_model(username=normalised, email=normalised, password=password_hash)
+        require_new_mailbox_address(normalised)
+        user = get_user_model()(username=normalised, email=normalised, password=password_hash)
         user.save()
         mailbox = Mailbox.objects.create(
             user=user,
@@ -117,7 +115,7 @@ def create_mailbox(
 
 def _domain_for_new_mailbox(domain_name: str, create_missing: bool) -> Domain:
     """The domain, row-locked so two concurrent creations cannot both take its last slot."""
-    domain = Domain.objects.select_for_update().filter(name=domain_name).first()
+    domain = lock_domain(domain_name)
     if domain is None:
         if not create_missing:
             raise DomainNotFound(
@@ -604,23 +602,28 @@ def next_uid_validity(count: int = 1) -> int:
     """A ``uid_validity`` for a new mailbox: the clock in seconds, or one more than the last given.
 
     Strictly increasing, so a mailbox deleted and re-created within one second never repeats
-    its predecessor's UIDLs. The conditional UPDATE succeeds for one taker of each value; the
-    others read again. ``count`` takes that many consecutive values in one step and returns
-    the first.
+    its predecessor's UIDLs. One UPDATE of the counter row takes the value and returns it: the
+    row's lock (PostgreSQL) or the write transaction (SQLite) orders concurrent takers.
+    ``count`` takes that many consecutive values in one step and returns the first.
     """
-    counter = UidValidityCounter.objects.filter(pk=UidValidityCounter.ROW_ID)
     while True:
-        last = counter.values_list("last_given", flat=True).first()
-        if last is None:
-            # The row went with a flushed table; start after every mailbox still here.
-            last = Mailbox.objects.aggregate(last=Max("uid_validity"))["last"] or 0
-            UidValidityCounter.objects.get_or_create(
-                pk=UidValidityCounter.ROW_ID, defaults={"last_given": last}
+        with connection.cursor() as cursor:
+            cursor.execute(
+                _TAKE_UID_VALIDITY, {"now": int(time.time()), "count": count, "id": UidValidityCounter.ROW_ID}
             )
-            continue
-        given = max(int(time.time()), last + 1)
-        if counter.filter(last_given=last).update(last_given=given + count - 1):
-            return given
+            taken = cursor.fetchone()
+        if taken is not None:
+            return taken[0] - count + 1
+        # The row went with a flushed table; start after every mailbox still here.
+        last = Mailbox.objects.aggregate(last=Max("uid_validity"))["last"] or 0
+        UidValidityCounter.objects.get_or_create(pk=UidValidityCounter.ROW_ID, defaults={"last_given": last})
+
+
+# The value given is max(now, last + 1); the row keeps the last of the ``count`` taken.
+_TAKE_UID_VALIDITY = (
+    f"UPDATE {UidValidityCounter._meta.db_table} SET last_given = CASE WHEN last_given >= %(now)s "
+    "THEN last_given + %(count)s ELSE %(now)s + %(count)s - 1 END WHERE id = %(id)s RETURNING last_given"
+)
 
 
 def create_domain(

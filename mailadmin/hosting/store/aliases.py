@@ -5,8 +5,10 @@ Expansion asks first whether an address is a mailbox (``fastsql.find_recipient``
 query) and reads the alias tables only when it is not, so a plain mailbox costs what it did.
 """
 
+import functools
 from datetime import date, timedelta
 
+from django.contrib.auth import get_user_model
 from django.db import connection
 from django.utils import timezone
 from django.utils.translation import gettext
@@ -76,6 +78,32 @@ def require_address_free(address: str) -> None:
         raise AlreadyExists(
             gettext("%(address)s is an alias; delete it first to use its address") % {"address": address}
         )
+
+
+def require_new_mailbox_address(address: str) -> None:
+    """What a new mailbox's address needs: no login has it (so no mailbox either) and no alias,
+    asked in one statement. The refusals are ``create_mailbox``'s and ``require_address_free``'s."""
+    with connection.cursor() as cursor:
+        cursor.execute(_address_use_sql(connection.vendor), {"address": address})
+        login_exists, alias_exists = cursor.fetchone()
+    if login_exists:
+        raise AlreadyExists(gettext("mailbox %(address)s already exists") % {"address": address})
+    if alias_exists:
+        raise AlreadyExists(
+            gettext("%(address)s is an alias; delete it first to use its address") % {"address": address}
+        )
+
+
+@functools.cache
+def _address_use_sql(vendor: str) -> str:
+    quote = connection.ops.quote_name
+    user = get_user_model()._meta
+    username = quote(user.get_field("username").column)
+    source = quote(Alias._meta.get_field("source").column)
+    return (
+        f"SELECT EXISTS (SELECT 1 FROM {quote(user.db_table)} WHERE {username} = %(address)s), "
+        f"EXISTS (SELECT 1 FROM {quote(Alias._meta.db_table)} WHERE {source} = %(address)s)"
+    )
 
 
 def require_domain_name_free(name: str) -> None:

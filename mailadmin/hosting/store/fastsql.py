@@ -59,6 +59,30 @@ def _fetch_mailbox(lookup: "_Lookup", params: dict) -> tuple[Mailbox, tuple] | N
     return mailbox, tuple(values)
 
 
+def lock_domain(name: str) -> Domain | None:
+    """The domain named ``name``, row-locked until the transaction ends (``SELECT ... FOR
+    UPDATE`` where the database has it; SQLite's write transaction already excludes other
+    writers), or None: what ``Domain.objects.select_for_update().filter(name=name).first()``
+    gives, with its SQL built once. A mailbox ``PUT`` asks it inside its write transaction."""
+    db = connections[DEFAULT_DB_ALIAS]
+    sql, names, converted = _domain_lock(db.vendor)
+    values = fetch_converted_row(sql, [name], converted)
+    return None if values is None else Domain.from_db(db.alias, names, values)
+
+
+@functools.cache
+def _domain_lock(vendor: str) -> tuple[str, list[str], list[tuple[int, Col]]]:
+    db = connections[DEFAULT_DB_ALIAS]
+    fields = Domain._meta.concrete_fields
+    quote = db.ops.quote_name
+    selected = ", ".join(quote(field.column) for field in fields)
+    lock = " FOR UPDATE" if db.features.has_select_for_update else ""
+    name = quote(Domain._meta.get_field("name").column)
+    sql = f"SELECT {selected} FROM {quote(Domain._meta.db_table)} WHERE {name} = %s{lock}"
+    columns = [field.get_col(Domain._meta.db_table) for field in fields]
+    return sql, [field.attname for field in fields], converted_columns(columns)
+
+
 @dataclass(frozen=True)
 class _Lookup:
     sql: str
