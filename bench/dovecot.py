@@ -214,7 +214,7 @@ class Dovecot:
         for pid in [self.pid, *_descendants(self.pid)]:
             try:
                 stat = Path(f"/proc/{pid}/stat").read_text()
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):  # gone, or exiting as it is read
                 continue
             fields = stat[stat.rindex(")") + 2 :].split()
             user += int(fields[11]) + int(fields[13])  # utime, cutime
