@@ -26,12 +26,13 @@ import shutil
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.db import connections
 
 from tests.conftest import PROJECT_DIR
 from tests.daemons import HOST, STARTUP_TIMEOUT, DaemonProcess, free_port, running_daemon, start_daemon
@@ -108,16 +109,21 @@ def web_server_fixture(tmp_path: Path, transactional_db) -> Iterator[WebProcess]
         yield web
 
 
-@pytest.fixture(name="browser")
-def browser_fixture(monkeypatch) -> Iterator["object"]:
-    """A headless Chromium for one test; skips when Playwright or Chromium is missing."""
+@contextmanager
+def headless_chromium() -> Iterator["object"]:
+    """A headless Chromium for a ``with`` block; skips when Playwright or Chromium is missing.
+
+    While it is open, Playwright marks an event loop as running in this thread, and Django then
+    hands the block's ORM calls connections of their own, apart from the thread's: pytest-django
+    closes only the thread's after a test. Those are closed here, on the way out, or they would
+    outlive the test, and the next browser test would find them ended by a test since then.
+    """
     try:
         from playwright.sync_api import expect, sync_playwright
     except ImportError:
         pytest.skip("Playwright is not installed (pip install -r requirements-dev.txt)")
     if not (CHROMIUM.exists() or shutil.which("chromium")):
         pytest.skip(f"Chromium is not installed at {CHROMIUM} (make system-deps installs Debian's)")
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     expect.set_options(timeout=EXPECT_TIMEOUT_MS)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
@@ -125,6 +131,15 @@ def browser_fixture(monkeypatch) -> Iterator["object"]:
             yield browser
         finally:
             browser.close()
+            connections.close_all()
+
+
+@pytest.fixture(name="browser")
+def browser_fixture(monkeypatch) -> Iterator["object"]:
+    """A headless Chromium for one test (``headless_chromium``)."""
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with headless_chromium() as browser:
+        yield browser
 
 
 def make_staff_user():
