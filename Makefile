@@ -13,12 +13,12 @@ TLS_DIR := var/tls
 export DEBUG ?= 1
 
 # Real mail clients the end-to-end tests talk to, the tools that make the Dovecot hashes the
-# migration tests import, the Dovecot the bench runs beside ours, and gettext for the catalogue
-# (Debian package: command, or a file it installs).
+# migration tests import, the Dovecot the bench runs beside ours, the bench's HTTP load generator
+# (wrk) and gettext for the catalogue (Debian package: command, or a file it installs).
 CLIENT_PACKAGES := fetchmail:fetchmail getmail6:getmail mpop:mpop curl:curl openssl:openssl \
 	postfix:postfix swaks:swaks chromium:chromium dovecot-core:doveadm whois:mkpasswd \
 	dovecot-pop3d:/usr/lib/dovecot/pop3 dovecot-lmtpd:/usr/lib/dovecot/lmtp gettext:xgettext \
-	postfix-pgsql:/usr/lib/postfix/postfix-pgsql.so
+	postfix-pgsql:/usr/lib/postfix/postfix-pgsql.so wrk:wrk
 
 .PHONY: install system-deps run test test-only lint bench clean
 

@@ -3,16 +3,21 @@
 ``PUT`` creates mailboxes with a pre-hashed (argon2) password, ``GET`` reads them back, one
 ``POST mailboxes/import`` creates ``import_rows`` pre-hashed mailboxes, and ``bench.tokencheck``
 times the Bearer check itself (CPU per request, database look-ups included). Clients are
-threads keeping one HTTP/1.1 connection each.
+threads keeping one HTTP/1.1 connection each; the GET load comes from wrk where it is installed,
+whose client costs the shared cores far less than a Python one.
 """
 
 import http.client
 import json
+import re
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import argon2
 
@@ -110,6 +115,63 @@ def api_server(bench) -> Iterator[tuple[Server, str]]:
     ]
     with bench._running(start_web(bench.env, "daphne")) as server:
         yield server, token
+
+
+# wrk (Debian's package): a load generator in C, so that the GET rate is the server's, not
+# that of a Python client taking a share of the same two cores.
+WRK = "wrk"
+WRK_SCRIPT = """\
+local paths = {%(paths)s}
+local n = 0
+wrk.headers["Authorization"] = "Bearer %(token)s"
+request = function()
+  n = n + 1
+  return wrk.format("GET", paths[(n %% #paths) + 1])
+end
+"""
+
+
+def wrk_missing() -> str:
+    return "" if shutil.which(WRK) else "wrk is not installed (make system-deps installs Debian's)"
+
+
+@dataclass(frozen=True)
+class WrkReport:
+    requests: int
+    errors: int  # answers other than 2xx/3xx, and socket errors
+    p50_seconds: float
+    p99_seconds: float
+    error_samples: list[str]
+
+
+def run_wrk(
+    port: int, token: str, paths: list[str], connections: int, seconds: float, script: Path
+) -> WrkReport:
+    """``connections`` keep-alive connections of one wrk thread GETting ``paths`` in turn."""
+    quoted = ", ".join(json.dumps(f"/api/v1/{path}") for path in paths)
+    script.write_text(WRK_SCRIPT % {"paths": quoted, "token": token})
+    duration = max(1, round(seconds))
+    command = [WRK, "-t", "1", "-c", str(connections), "-d", f"{duration}s", "--latency", "-s", str(script)]
+    result = subprocess.run(
+        [*command, f"http://{HOST}:{port}"], capture_output=True, text=True, timeout=duration + 60
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"wrk exited {result.returncode}: {result.stderr[-500:]}")
+    return parse_wrk(result.stdout)
+
+
+def parse_wrk(report: str) -> WrkReport:
+    requests = int(re.search(r"^\s*(\d+) requests in", report, re.M).group(1))
+    not_ok = re.search(r"Non-2xx or 3xx responses: (\d+)", report)
+    failed = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", report)
+    errors = (int(not_ok.group(1)) if not_ok else 0) + (sum(map(int, failed.groups())) if failed else 0)
+    p50, p99 = (_seconds(re.search(rf"^\s*{p}%\s+(\S+)", report, re.M).group(1)) for p in (50, 99))
+    return WrkReport(requests, errors, p50, p99, [] if errors == 0 else [report[-500:]])
+
+
+def _seconds(text: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()
+    return float(number) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
 
 
 def figures(tally: Tally, seconds: float, cpu, percentile, ms, ratio) -> dict:

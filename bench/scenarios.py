@@ -655,16 +655,39 @@ def api_put(bench: Bench, server: Server, token: str, password_hash: str) -> dic
 
 
 def api_get(bench: Bench, server: Server, token: str, created: dict[int, int]) -> dict:
-    """GET of the mailboxes the PUT scenario created (``created``: how many by each client)."""
+    """GET of the mailboxes the PUT scenario created (``created``: how many by each client),
+    driven by wrk where it is installed, by the Python clients otherwise."""
     made = [(client, count) for client, count in sorted(created.items()) if count]
     if not made:
         raise RuntimeError("api_get reads what api_put created: run them together")
+    if api.wrk_missing():
+        return {**_api_window(bench, server, token, _get_of(made)), "client": "python threads"}
+    paths = [f"mailboxes/put-{owner}-{n}@{api.DOMAIN}" for owner, count in made for n in range(count)]
+    seconds, port = bench.options.seconds, server.ports["http"]
+    user_before, system_before = server.cpu_times()
+    report = api.run_wrk(port, token, paths, bench.options.clients, seconds, bench.env.var_dir / "get.lua")
+    user_after, system_after = server.cpu_times()
+    cpu = Cpu(user_after - user_before, system_after - system_before)
+    return {
+        "client": "wrk",
+        "requests": report.requests,
+        "req_per_s": ratio(report.requests, seconds),
+        "p50_ms": ms(report.p50_seconds),
+        "p99_ms": ms(report.p99_seconds),
+        **cpu.figures(),
+        "cpu_ms_per_request": ratio(cpu.total * 1000, report.requests),
+        "seconds": seconds,
+        "errors": report.errors,
+        "error_samples": report.error_samples,
+    }
 
+
+def _get_of(made: list[tuple[int, int]]):
     def request(client: int, n: int) -> tuple:
         owner, count = made[client % len(made)]
         return "GET", f"mailboxes/put-{owner}-{n % count}@{api.DOMAIN}", None, {200}
 
-    return _api_window(bench, server, token, request)
+    return request
 
 
 def _api_window(bench: Bench, server: Server, token: str, request) -> dict:
