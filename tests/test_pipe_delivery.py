@@ -152,6 +152,18 @@ def scripted_lmtp(replies_after_data: list[bytes], close_after_dot: bool) -> tup
     return listener.getsockname()[1], received
 
 
+def test_the_final_dot_is_not_held_back_for_runlmtps_delayed_ack() -> None:
+    """The dot is a small write right after the message's last block: with Nagle's algorithm
+    on, it waited for runlmtp's delayed ACK (40 ms) before runlmtp could commit."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        where = {"LMTP_BIND": "127.0.0.1", "LMTP_PORT": str(listener.getsockname()[1]), "LMTP_SOCKET": ""}
+        client = pipe.LmtpClient.connect(where)
+        try:
+            assert client.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        finally:
+            client.close()
+
+
 @pytest.fixture
 def stdin_holding(monkeypatch):
     def hold(message: bytes) -> None:

@@ -109,6 +109,10 @@ class LmtpClient:
                     raise
             else:
                 sock = socket.create_connection((_reachable(bind), port), timeout=CONNECT_TIMEOUT_SECONDS)
+                # The final dot leaves in a write of its own after the message: under Nagle's
+                # algorithm it would wait for runlmtp's delayed ACK of the last block (40 ms
+                # on Linux), and runlmtp, waiting for the dot, has nothing to send sooner.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, ValueError) as error:
             raise FallBack(f"runlmtp not reachable: {error}") from error
         sock.settimeout(REPLY_TIMEOUT_SECONDS)
