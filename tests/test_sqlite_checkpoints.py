@@ -1,4 +1,5 @@
-"""SQLite's WAL is checkpointed by a thread of each process, never inside a writer's turn."""
+"""SQLite's WAL is checkpointed by a thread of each process, outside the writers' turn but for
+what they appended meanwhile, so that the log starts again."""
 
 import fcntl
 import os
@@ -82,6 +83,106 @@ def test_the_checkpointer_copies_the_log_into_the_database_file(tmp_path):
     assert rested.wait(timeout=30)
     assert _rows_in_the_database_file(path) == 500
     writer.close()
+
+
+class CommitsMeanwhile:
+    """The checkpointer's connection, with a writer committing while its first checkpoint runs
+    (as runpop3's monitor does beside prunehistory); notes whether each later statement ran
+    while the write turn was taken."""
+
+    def __init__(self, connection: sqlite3.Connection, writer: sqlite3.Connection, lock_path: str) -> None:
+        self.connection, self.writer, self.lock_path = connection, writer, lock_path
+        self.statements = 0
+        self.turn_taken: list[bool] = []
+
+    def execute(self, sql: str):
+        self.statements += 1
+        if self.statements > 1:
+            self.turn_taken.append(_write_turn_taken(self.lock_path))
+            return self.connection.execute(sql)
+        # Its transaction began before the checkpoint and commits after it.
+        self.writer.execute("BEGIN IMMEDIATE")
+        self.writer.execute("INSERT INTO probe VALUES (-1, zeroblob(3000))")
+        rows = self.connection.execute(sql).fetchall()
+        self.writer.execute("COMMIT")
+        return FetchedRows(rows)
+
+
+class FetchedRows(list):
+    def fetchall(self) -> list:
+        return self
+
+
+def _write_turn_taken(lock_path: str) -> bool:
+    with open(lock_path, "ab") as other:
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(other, fcntl.LOCK_UN)
+        return False
+
+
+def one_passive_checkpoint(connection, writer_lock) -> None:
+    """What the checkpointer did before: the log never started again under steady writes."""
+    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+
+@pytest.mark.parametrize(
+    "checkpoint, log_starts_again", [(sqlite_backend.checkpoint, True), (one_passive_checkpoint, False)]
+)
+def test_a_long_log_starts_again_though_a_writer_committed_during_the_checkpoint(
+    tmp_path, checkpoint, log_starts_again
+):
+    path = str(tmp_path / "restarted.sqlite3")
+    lock_path = f"{path}-writer.lock"
+    writer = _writer_of_a_long_log(path)
+    checkpointer = CommitsMeanwhile(sqlite3.connect(path, isolation_level=None), writer, lock_path)
+    with open(lock_path, "ab") as writer_lock:
+        checkpoint(checkpointer, writer_lock)
+    writer.execute("INSERT INTO probe VALUES (-2, NULL)")  # the next writer
+
+    frames = _frames_in_the_log(path)
+    assert (frames < 10) is log_starts_again, frames
+    if log_starts_again:
+        assert checkpointer.turn_taken == [True]  # what came meanwhile: copied in the write turn
+        assert not _write_turn_taken(lock_path)  # and the turn given back
+    writer.close()
+
+
+def test_the_checkpointer_leaves_the_rest_for_later_when_a_writer_keeps_the_turn(tmp_path, monkeypatch):
+    path = str(tmp_path / "busy.sqlite3")
+    lock_path = f"{path}-writer.lock"
+    writer = _writer_of_a_long_log(path)
+    monkeypatch.setattr(sqlite_backend, "CHECKPOINTER_TURN_SECONDS", 0.01)
+    checkpointer = CommitsMeanwhile(sqlite3.connect(path, isolation_level=None), writer, lock_path)
+    with open(lock_path, "ab") as holder, open(lock_path, "ab") as writer_lock:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        sqlite_backend.checkpoint(checkpointer, writer_lock)
+        assert checkpointer.statements == 1  # the first checkpoint only; no second without the turn
+        assert _write_turn_taken(lock_path)  # still the holder's
+    writer.close()
+
+
+def _writer_of_a_long_log(path: str) -> sqlite3.Connection:
+    """A connection that has written more than RESTART_FRAMES frames (a page a row) to the log."""
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute(f"PRAGMA wal_autocheckpoint = {sqlite_backend.BACKSTOP_CHECKPOINT_PAGES}")
+    writer.execute("CREATE TABLE probe (n INTEGER, padding BLOB)")
+    rows = [(n,) for n in range(sqlite_backend.RESTART_FRAMES + 100)]
+    writer.executemany("INSERT INTO probe VALUES (?, zeroblob(3000))", rows)
+    return writer
+
+
+def _frames_in_the_log(path: str) -> int:
+    """The frames in the log now (a checkpoint on a connection of its own reports them)."""
+    probe = sqlite3.connect(path, isolation_level=None)
+    try:
+        ((_, frames, _),) = probe.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        return frames
+    finally:
+        probe.close()
 
 
 def _rows_in_the_database_file(path: str) -> int | None:

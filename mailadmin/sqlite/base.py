@@ -20,6 +20,14 @@ connection of its own, at most every CHECKPOINT_EVERY_SECONDS: no writer waits f
 writers go on appending to the log meanwhile. SQLite's own stays as a backstop at
 BACKSTOP_CHECKPOINT_PAGES, for a log that no commit of ours follows.
 
+The log starts again from its beginning only when a writer begins after a checkpoint that
+copied all of it. Under a steady stream of writes (``prunehistory``'s batches beside runpop3's
+monitor) some commit always lands while the checkpoint runs, so the log never started again,
+grew to the backstop, and SQLite's checkpoint then ran inside a commit after all (40-70 ms of
+the write turn, bench ``console_prune``). So once the log holds RESTART_FRAMES, the checkpointer
+copies what was appended meanwhile inside the write turn (a transaction's pages or two), and the
+next writer starts the log again.
+
 With OPTIONS ``pool`` (a number), a closed connection is parked for the next one this process
 opens instead of being closed, up to that many: under ASGI every request has a connection of its
 own, and opening one (the file, the PRAGMAs, Django's SQL functions) cost a web worker a fifth
@@ -46,6 +54,9 @@ DEFAULT_TIMEOUT_SECONDS = 5.0  # sqlite3.connect's own default
 # disk's queue (1 s between checkpoints made prunehistory's commits wait 100 ms and more).
 CHECKPOINT_EVERY_SECONDS = 0.1
 BACKSTOP_CHECKPOINT_PAGES = 10_000
+RESTART_FRAMES = 1000
+# The checkpointer waits this long for the write turn, then leaves the rest to its next round.
+CHECKPOINTER_TURN_SECONDS = 1.0
 
 
 def _create_private(path: str | os.PathLike) -> None:
@@ -76,15 +87,45 @@ class Checkpointer:
 
     def _run(self) -> None:
         connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        while True:
-            self.wanted.wait()
-            self.wanted.clear()
-            try:
-                # PASSIVE: never waits for a writer or a reader, never calls the busy handler.
-                connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error:
-                logger.exception("WAL checkpoint of %s failed; SQLite's own will follow", self.path)
-            self.pause(CHECKPOINT_EVERY_SECONDS)
+        lock_path = f"{self.path}-writer.lock"
+        _create_private(lock_path)
+        with open(lock_path, "ab") as writer_lock:
+            while True:
+                self.wanted.wait()
+                self.wanted.clear()
+                try:
+                    checkpoint(connection, writer_lock)
+                except sqlite3.Error:
+                    logger.exception("WAL checkpoint of %s failed; SQLite's own will follow", self.path)
+                self.pause(CHECKPOINT_EVERY_SECONDS)
+
+
+def checkpoint(connection: sqlite3.Connection, writer_lock: BinaryIO) -> None:
+    """Copy the log into the database file beside the writers; once it is long, copy what they
+    appended meanwhile in the write turn, so that the next writer starts the log again.
+
+    PASSIVE: never waits for a writer or a reader, never calls the busy handler."""
+    ((_, frames, _),) = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    if frames < RESTART_FRAMES or not take_write_turn(writer_lock, CHECKPOINTER_TURN_SECONDS):
+        return
+    try:
+        connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    finally:
+        fcntl.flock(writer_lock, fcntl.LOCK_UN)
+
+
+def take_write_turn(writer_lock: BinaryIO, timeout: float) -> bool:
+    """Take the exclusive lock on the writer lock file, tried every POLL_SECONDS; False if it
+    stayed taken for ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(writer_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_SECONDS)
 
 
 # This process's checkpointers by database file.
@@ -185,15 +226,8 @@ class DatabaseWrapper(base.DatabaseWrapper):
         if self.writer_lock is None:
             return
         timeout = self.settings_dict.get("OPTIONS", {}).get("timeout", DEFAULT_TIMEOUT_SECONDS)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(self.writer_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise OperationalError(f"database is locked: no write turn within {timeout} s") from None
-                time.sleep(POLL_SECONDS)
+        if not take_write_turn(self.writer_lock, timeout):
+            raise OperationalError(f"database is locked: no write turn within {timeout} s")
 
     def _unlock_writers(self) -> None:
         if self.writer_lock is not None:
