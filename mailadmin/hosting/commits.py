@@ -1,4 +1,4 @@
-"""Transactions whose commit does not wait for the disk."""
+"""Transactions whose commit does not wait for the disk, and where that helps other writers."""
 
 import contextlib
 from collections.abc import Iterator
@@ -33,3 +33,19 @@ def not_waiting_for_the_disk() -> Iterator[None]:
                     yield
             finally:
                 cursor.execute(f"PRAGMA synchronous = {int(level)}")
+
+
+def leaving_no_flush_to_others() -> contextlib.AbstractContextManager[None]:
+    """A transaction of background bulk work (``prunehistory``'s batches) whose commit leaves
+    no flush for runpop3's commits to wait out.
+
+    SQLite: a commit's fsync happens inside the write turn that every writer queues for, so the
+    batch does not wait for the disk, and the checkpointer flushes outside the turn.
+    PostgreSQL: writers share no turn but share the WAL, and a commit not waiting for the disk
+    leaves its WAL for the next commit that does: runpop3's, which then flushed a prune's
+    backlog (2 s, bench ``console_prune``, in the minute after a checkpoint began, when each
+    page's first change writes the whole page). So there the batch waits for its own.
+    """
+    if connection.vendor == "postgresql":
+        return transaction.atomic()
+    return not_waiting_for_the_disk()

@@ -20,7 +20,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from mailadmin.hosting import figures
-from mailadmin.hosting.commits import not_waiting_for_the_disk
+from mailadmin.hosting.commits import leaving_no_flush_to_others
 from mailadmin.models import AuthFailure, Pop3Session
 
 # A batch holds SQLite's writer lock, or PostgreSQL's row locks, for about this long: the next
@@ -69,10 +69,9 @@ def _delete_in_batches(rows: QuerySet, batch_size: int | None, roll_up: Callable
     removed, size = 0, batch_size or FIRST_BATCH_SIZE
     while True:
         started = time.monotonic()
-        # Not waiting for the disk: the commit's fsync is no longer part of the write turn that
-        # runpop3's writers wait for. A batch a crash forgets is forgotten whole, figures and
-        # deletions together, and the next run prunes its rows again.
-        with _collector_paused(), not_waiting_for_the_disk():
+        # A batch a crash forgets (on SQLite, whose commits here do not wait for the disk) is
+        # forgotten whole, figures and deletions together, and the next run prunes its rows again.
+        with _collector_paused(), leaving_no_flush_to_others():
             batch = list(rows.values_list("pk", "domain_id")[:size])
             if not batch:
                 return removed
