@@ -39,14 +39,7 @@ class RecordingCheckpointer:
         self.turn_free_when_asked: list[bool] = []
 
     def request(self) -> None:
-        with open(self.lock_path, "ab") as other_process:
-            try:
-                fcntl.flock(other_process, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.turn_free_when_asked.append(False)
-            else:
-                fcntl.flock(other_process, fcntl.LOCK_UN)
-                self.turn_free_when_asked.append(True)
+        self.turn_free_when_asked.append(not _write_turn_taken(self.lock_path))
 
 
 @pytest.mark.django_db(transaction=True)
@@ -123,7 +116,7 @@ def _write_turn_taken(lock_path: str) -> bool:
         return False
 
 
-def one_passive_checkpoint(connection, writer_lock) -> None:
+def one_passive_checkpoint(connection, path, writer_lock) -> None:
     """What the checkpointer did before: the log never started again under steady writes."""
     connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
@@ -139,12 +132,14 @@ def test_a_long_log_starts_again_though_a_writer_committed_during_the_checkpoint
     writer = _writer_of_a_long_log(path)
     checkpointer = CommitsMeanwhile(sqlite3.connect(path, isolation_level=None), writer, lock_path)
     with open(lock_path, "ab") as writer_lock:
-        checkpoint(checkpointer, writer_lock)
-    writer.execute("INSERT INTO probe VALUES (-2, NULL)")  # the next writer
+        checkpoint(checkpointer, path, writer_lock)
+    writer.execute("INSERT INTO probe VALUES (-2, NULL)")  # the next writer: one page
 
     frames = _frames_in_the_log(path)
-    assert (frames < 10) is log_starts_again, frames
-    if log_starts_again:
+    if not log_starts_again:
+        assert frames > sqlite_backend.LOG_RESTART_FRAMES
+    else:
+        assert frames == 1
         assert checkpointer.turn_taken == [True]  # what came meanwhile: copied in the write turn
         assert not _write_turn_taken(lock_path)  # and the turn given back
     writer.close()
@@ -158,19 +153,38 @@ def test_the_checkpointer_leaves_the_rest_for_later_when_a_writer_keeps_the_turn
     checkpointer = CommitsMeanwhile(sqlite3.connect(path, isolation_level=None), writer, lock_path)
     with open(lock_path, "ab") as holder, open(lock_path, "ab") as writer_lock:
         fcntl.flock(holder, fcntl.LOCK_EX)
-        sqlite_backend.checkpoint(checkpointer, writer_lock)
+        sqlite_backend.checkpoint(checkpointer, path, writer_lock)
         assert checkpointer.statements == 1  # the first checkpoint only; no second without the turn
         assert _write_turn_taken(lock_path)  # still the holder's
     writer.close()
 
 
+def test_the_write_turn_is_left_alone_while_a_reader_holds_back_the_copy(tmp_path):
+    """A reader on an older snapshot stops the copy short: the log cannot start again anyway."""
+    path = str(tmp_path / "read.sqlite3")
+    lock_path = f"{path}-writer.lock"
+    writer = _writer_of_a_long_log(path)
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    (rows,) = reader.execute("SELECT count(*) FROM probe").fetchone()
+    assert rows == sqlite_backend.LOG_RESTART_FRAMES + 100  # its snapshot: the log as it is now
+    writer.executemany("INSERT INTO probe VALUES (?, zeroblob(3000))", [(n,) for n in range(100)])
+    checkpointer = CommitsMeanwhile(sqlite3.connect(path, isolation_level=None), writer, lock_path)
+    with open(lock_path, "ab") as writer_lock:
+        sqlite_backend.checkpoint(checkpointer, path, writer_lock)
+    assert checkpointer.statements == 1
+    assert checkpointer.turn_taken == []
+    reader.execute("COMMIT")
+    writer.close()
+
+
 def _writer_of_a_long_log(path: str) -> sqlite3.Connection:
-    """A connection that has written more than RESTART_FRAMES frames (a page a row) to the log."""
+    """A connection that has written more than LOG_RESTART_FRAMES frames (a page a row) to the log."""
     writer = sqlite3.connect(path, isolation_level=None)
     writer.execute("PRAGMA journal_mode=WAL")
     writer.execute(f"PRAGMA wal_autocheckpoint = {sqlite_backend.BACKSTOP_CHECKPOINT_PAGES}")
     writer.execute("CREATE TABLE probe (n INTEGER, padding BLOB)")
-    rows = [(n,) for n in range(sqlite_backend.RESTART_FRAMES + 100)]
+    rows = [(n,) for n in range(sqlite_backend.LOG_RESTART_FRAMES + 100)]
     writer.executemany("INSERT INTO probe VALUES (?, zeroblob(3000))", rows)
     return writer
 

@@ -40,7 +40,7 @@ def leaving_no_flush_to_others() -> contextlib.AbstractContextManager[None]:
     no flush for runpop3's commits to wait out.
 
     SQLite: a commit's fsync happens inside the write turn that every writer queues for, so the
-    batch does not wait for the disk, and the checkpointer flushes outside the turn.
+    batch does not wait for the disk, and the checkpointer flushes it, almost all outside the turn.
     PostgreSQL: writers share no turn but share the WAL, and a commit not waiting for the disk
     leaves its WAL for the next commit that does: runpop3's, which then flushed a prune's
     backlog (2 s, bench ``console_prune``, in the minute after a checkpoint began, when each

@@ -28,10 +28,12 @@ from mailadmin.models import AuthFailure, Pop3Session
 # every disk: 250 rows made runpop3's longest wait 107 ms on SQLite (bench, console_prune,
 # 1,000,000 rows, quiet machine), where a faster disk or engine could take far more. The
 # slowest batches take three times their aim (the CPU, a checkpoint's flush ahead in the
-# disk's queue), and a writer may wait out a whole one: hence well under 100 ms.
-BATCH_SECONDS = 0.02
+# disk's queue), and a writer may wait out a whole one and the checkpointer's turn after it:
+# hence well under 100 ms. At 20 ms, and up to 5,000 rows, a whole bench run's prune (2.4
+# million rows) still kept 6 writes in 22,000 waiting 100-200 ms.
+BATCH_SECONDS = 0.01
 FIRST_BATCH_SIZE = 100
-MIN_BATCH_SIZE, MAX_BATCH_SIZE = 10, 5000
+MIN_BATCH_SIZE, MAX_BATCH_SIZE = 10, 1000
 # After each batch the prune waits as long as the batch took (up to this): a writer waiting
 # for the lock (runpop3's monitor, on SQLite polling for the writer lock every half
 # millisecond) gets in, instead of losing every race to the prune's next batch and waiting

@@ -21,12 +21,13 @@ writers go on appending to the log meanwhile. SQLite's own stays as a backstop a
 BACKSTOP_CHECKPOINT_PAGES, for a log that no commit of ours follows.
 
 The log starts again from its beginning only when a writer begins after a checkpoint that
-copied all of it. Under a steady stream of writes (``prunehistory``'s batches beside runpop3's
-monitor) some commit always lands while the checkpoint runs, so the log never started again,
-grew to the backstop, and SQLite's checkpoint then ran inside a commit after all (40-70 ms of
-the write turn, bench ``console_prune``). So once the log holds RESTART_FRAMES, the checkpointer
-copies what was appended meanwhile inside the write turn (a transaction's pages or two), and the
-next writer starts the log again.
+copied all of it, with no reader still on the log. Under a steady stream of writes
+(``prunehistory``'s batches beside runpop3's monitor) some commit always lands while the
+checkpoint runs, so the log never started again, grew to the backstop, and SQLite's checkpoint
+then ran inside a commit after all (40-70 ms of the write turn, bench ``console_prune``). So once
+the log holds LOG_RESTART_FRAMES, the checkpointer flushes what it copied, then copies what was
+appended meanwhile inside the write turn (a transaction's pages or two), and the next writer
+starts the log again.
 
 With OPTIONS ``pool`` (a number), a closed connection is parked for the next one this process
 opens instead of being closed, up to that many: under ASGI every request has a connection of its
@@ -54,7 +55,8 @@ DEFAULT_TIMEOUT_SECONDS = 5.0  # sqlite3.connect's own default
 # disk's queue (1 s between checkpoints made prunehistory's commits wait 100 ms and more).
 CHECKPOINT_EVERY_SECONDS = 0.1
 BACKSTOP_CHECKPOINT_PAGES = 10_000
-RESTART_FRAMES = 1000
+# A log this long (4 MB of 4 KiB pages) is copied to its end in the write turn, so that it starts again.
+LOG_RESTART_FRAMES = 1000
 # The checkpointer waits this long for the write turn, then leaves the rest to its next round.
 CHECKPOINTER_TURN_SECONDS = 1.0
 
@@ -87,31 +89,50 @@ class Checkpointer:
 
     def _run(self) -> None:
         connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        lock_path = f"{self.path}-writer.lock"
-        _create_private(lock_path)
-        with open(lock_path, "ab") as writer_lock:
+        _create_private(writer_lock_path(self.path))
+        with open(writer_lock_path(self.path), "ab") as writer_lock:
             while True:
                 self.wanted.wait()
                 self.wanted.clear()
                 try:
-                    checkpoint(connection, writer_lock)
-                except sqlite3.Error:
+                    checkpoint(connection, self.path, writer_lock)
+                except (sqlite3.Error, OSError):
                     logger.exception("WAL checkpoint of %s failed; SQLite's own will follow", self.path)
                 self.pause(CHECKPOINT_EVERY_SECONDS)
 
 
-def checkpoint(connection: sqlite3.Connection, writer_lock: BinaryIO) -> None:
-    """Copy the log into the database file beside the writers; once it is long, copy what they
-    appended meanwhile in the write turn, so that the next writer starts the log again.
+def writer_lock_path(database: str) -> str:
+    return f"{database}-writer.lock"
 
-    PASSIVE: never waits for a writer or a reader, never calls the busy handler."""
-    ((_, frames, _),) = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-    if frames < RESTART_FRAMES or not take_write_turn(writer_lock, CHECKPOINTER_TURN_SECONDS):
+
+def checkpoint(connection: sqlite3.Connection, path: str, writer_lock: BinaryIO) -> None:
+    """Copy the log into the database file beside the writers. Once it is long, flush that,
+    and what they appended meanwhile, beside them too; then copy the rest in the write turn, so
+    that the next writer starts the log again.
+
+    PASSIVE: never waits for a writer or a reader (one on an older snapshot stops the copy short:
+    then the log cannot start again, and nothing is done in the turn)."""
+    ((busy, frames, copied),) = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    if busy or copied < frames or frames < LOG_RESTART_FRAMES:
+        return
+    # SQLite fsyncs the database file only after a copy that reached the log's end: if a commit
+    # landed meanwhile, the copy in the turn would flush this one's pages too.
+    for file in (path, f"{path}-wal"):
+        _flush(file)
+    if not take_write_turn(writer_lock, CHECKPOINTER_TURN_SECONDS):
         return
     try:
         connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
     finally:
         fcntl.flock(writer_lock, fcntl.LOCK_UN)
+
+
+def _flush(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def take_write_turn(writer_lock: BinaryIO, timeout: float) -> bool:
@@ -173,7 +194,7 @@ class DatabaseWrapper(base.DatabaseWrapper):
         connection = super().get_new_connection(conn_params)
         if not self.is_in_memory_db():
             connection.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_CHECKPOINT_PAGES}")
-            lock_path = f"{self.settings_dict['NAME']}-writer.lock"
+            lock_path = writer_lock_path(self.settings_dict["NAME"])
             _create_private(lock_path)
             self.writer_lock = open(lock_path, "ab")  # noqa: SIM115
         return connection
