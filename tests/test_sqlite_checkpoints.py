@@ -116,7 +116,7 @@ def _write_turn_taken(lock_path: str) -> bool:
         return False
 
 
-def one_passive_checkpoint(connection, path, writer_lock) -> None:
+def one_passive_checkpoint(connection, writer_lock) -> None:
     """What the checkpointer did before: the log never started again under steady writes."""
     connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
@@ -132,7 +132,7 @@ def test_a_long_log_starts_again_though_a_writer_committed_during_the_checkpoint
     writer = _writer_of_a_long_log(path)
     checkpointer = CommitsMeanwhile(sqlite3.connect(path, isolation_level=None), writer, lock_path)
     with open(lock_path, "ab") as writer_lock:
-        checkpoint(checkpointer, path, writer_lock)
+        checkpoint(checkpointer, writer_lock)
     writer.execute("INSERT INTO probe VALUES (-2, NULL)")  # the next writer: one page
 
     frames = _frames_in_the_log(path)
@@ -153,7 +153,7 @@ def test_the_checkpointer_leaves_the_rest_for_later_when_a_writer_keeps_the_turn
     checkpointer = CommitsMeanwhile(sqlite3.connect(path, isolation_level=None), writer, lock_path)
     with open(lock_path, "ab") as holder, open(lock_path, "ab") as writer_lock:
         fcntl.flock(holder, fcntl.LOCK_EX)
-        sqlite_backend.checkpoint(checkpointer, path, writer_lock)
+        sqlite_backend.checkpoint(checkpointer, writer_lock)
         assert checkpointer.statements == 1  # the first checkpoint only; no second without the turn
         assert _write_turn_taken(lock_path)  # still the holder's
     writer.close()
@@ -171,7 +171,7 @@ def test_the_write_turn_is_left_alone_while_a_reader_holds_back_the_copy(tmp_pat
     writer.executemany("INSERT INTO probe VALUES (?, zeroblob(3000))", [(n,) for n in range(100)])
     checkpointer = CommitsMeanwhile(sqlite3.connect(path, isolation_level=None), writer, lock_path)
     with open(lock_path, "ab") as writer_lock:
-        sqlite_backend.checkpoint(checkpointer, path, writer_lock)
+        sqlite_backend.checkpoint(checkpointer, writer_lock)
     assert checkpointer.statements == 1
     assert checkpointer.turn_taken == []
     reader.execute("COMMIT")
