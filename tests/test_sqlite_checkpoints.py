@@ -128,7 +128,7 @@ def test_a_long_log_starts_again_though_a_writer_committed_during_the_checkpoint
     tmp_path, checkpoint, log_starts_again
 ):
     path = str(tmp_path / "restarted.sqlite3")
-    lock_path = f"{path}-writer.lock"
+    lock_path = sqlite_backend.writer_lock_path(path)
     writer = _writer_of_a_long_log(path)
     checkpointer = CommitsMeanwhile(sqlite3.connect(path, isolation_level=None), writer, lock_path)
     with open(lock_path, "ab") as writer_lock:
@@ -147,7 +147,7 @@ def test_a_long_log_starts_again_though_a_writer_committed_during_the_checkpoint
 
 def test_the_checkpointer_leaves_the_rest_for_later_when_a_writer_keeps_the_turn(tmp_path, monkeypatch):
     path = str(tmp_path / "busy.sqlite3")
-    lock_path = f"{path}-writer.lock"
+    lock_path = sqlite_backend.writer_lock_path(path)
     writer = _writer_of_a_long_log(path)
     monkeypatch.setattr(sqlite_backend, "CHECKPOINTER_TURN_SECONDS", 0.01)
     checkpointer = CommitsMeanwhile(sqlite3.connect(path, isolation_level=None), writer, lock_path)
@@ -162,7 +162,7 @@ def test_the_checkpointer_leaves_the_rest_for_later_when_a_writer_keeps_the_turn
 def test_the_write_turn_is_left_alone_while_a_reader_holds_back_the_copy(tmp_path):
     """A reader on an older snapshot stops the copy short: the log cannot start again anyway."""
     path = str(tmp_path / "read.sqlite3")
-    lock_path = f"{path}-writer.lock"
+    lock_path = sqlite_backend.writer_lock_path(path)
     writer = _writer_of_a_long_log(path)
     reader = sqlite3.connect(path, isolation_level=None)
     reader.execute("BEGIN")
