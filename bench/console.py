@@ -7,10 +7,10 @@
 
 ``python -m bench.console pages SPEC.json OUT.json`` times the pages in-process with Django's
 test client: the server's time for each request, from the URL to the finished response, with
-no network in it. ``python -m bench.console writer OUT.json STOP`` stands in for runpop3's
-monitor: every ``WRITE_EVERY_SECONDS`` one transaction inserting and updating session rows,
-timed, until the file STOP appears; the prune scenario runs it alone for a while (the control),
-then beside ``prunehistory``.
+no network in it. ``python -m bench.console writer OUT.json STOP`` writes as runpop3's
+monitor does, with its code: every ``WRITE_EVERY_SECONDS`` one tick's session rows, timed,
+until the file STOP appears; the prune scenario runs it alone for a while (the control), then
+beside ``prunehistory``.
 """
 
 import json
@@ -207,35 +207,34 @@ def _timed_requests(client, url: str, count: int) -> dict:
 
 
 def write_until(stop: Path) -> dict:
-    """runpop3's monitor, roughly: a small transaction of session inserts and updates, on and on.
+    """runpop3's monitor, through its own code: each write is one tick's session rows
+    (``registry.write_session_rows``), new rows and updates to them, on and on.
 
     Returns every write as ``[wall-clock start, seconds]``, so that the caller can tell the
     writes beside the prune from those made without it."""
-    from django.db import transaction
-    from django.db.models.functions import Now
     from django.utils import timezone
 
-    from mailadmin.models import Pop3Session
+    from mailadmin.pop3d import registry
 
     samples = []
     while not stop.exists():
+        ids = [uuid.uuid4().hex for _ in range(ROWS_PER_WRITE)]
+        inserts = [
+            {
+                "id": session_id,
+                "node": "bench-writer:1",
+                "peer_host": "192.0.2.1",
+                "peer_port": 1,
+                "local_host": "127.0.0.1",
+                "local_port": 110,
+                "started_at": timezone.now(),
+            }
+            for session_id in ids
+        ]
+        # Each tick updates the rows of the sessions that ran commands since the last one.
+        outbox = registry.Outbox(inserts=inserts, updates={session_id: {"commands": 1} for session_id in ids})
         wall, started = time.time(), time.perf_counter()
-        with transaction.atomic():
-            rows = [
-                Pop3Session(
-                    id=uuid.uuid4(),
-                    node="bench-writer:1",
-                    peer_host="192.0.2.1",
-                    peer_port=1,
-                    local_host="127.0.0.1",
-                    local_port=110,
-                    started_at=timezone.now(),
-                )
-                for _ in range(ROWS_PER_WRITE)
-            ]
-            Pop3Session.objects.bulk_create(rows)
-            for row in rows:
-                Pop3Session.objects.filter(pk=row.pk).update(commands=1, updated_at=Now())
+        registry.write_session_rows(outbox)
         samples.append([wall, time.perf_counter() - started])
         time.sleep(WRITE_EVERY_SECONDS)
     return {"samples": samples[WARM_UP_WRITES:]}

@@ -120,3 +120,23 @@ def redis_layer(settings) -> str:
         "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [url]}}
     }
     return url
+
+
+@pytest.fixture
+def commit_durability(monkeypatch) -> list[str]:
+    """What each later commit of the default connection waits for, in order: SQLite's
+    ``synchronous`` level ("2" FULL: an fsync; "1" NORMAL: none in WAL mode), PostgreSQL's
+    ``synchronous_commit`` ("on", "off")."""
+    levels: list[str] = []
+    commit = connection._commit
+
+    def recording_commit():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SHOW synchronous_commit" if connection.vendor == "postgresql" else "PRAGMA synchronous"
+            )
+            levels.append(str(cursor.fetchone()[0]))
+        return commit()
+
+    monkeypatch.setattr(connection, "_commit", recording_commit)
+    return levels

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -131,6 +131,24 @@ def test_every_registry_write_moves_the_change_marker():
     asyncio.run(pop3.tick())
     assert row(recorder).updated_at > LONG_AGO
     assert list(Pop3Session.objects.changed_since(LONG_AGO).values_list("end_reason", flat=True)) == ["quit"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_monitor_tick_commits_its_heartbeat_and_rows_without_waiting_for_the_disk(commit_durability):
+    """Accounting, not mail: a tick's commits queue nothing behind an fsync (SQLite's write
+    turn) or a WAL flush (PostgreSQL), while a delivery still waits for the disk."""
+    pop3 = monitor()
+    recorder = opened(pop3)
+    recorder.closed(EndReason.QUIT, SessionStats(commands=3))
+    registry.sync_node(pop3.node, pop3.outbox, {}, pop3.leases, [], interval=1.0, sweep=False)
+    with transaction.atomic():
+        Domain.objects.create(name="after.test")  # any other commit waits for the disk again
+    assert (row(recorder).end_reason, row(recorder).commands) == ("quit", 3)
+    assert Pop3Node.objects.filter(name=pop3.node).exists()
+    if connection.vendor == "postgresql":
+        assert commit_durability == ["off", "off", "on"]
+    else:
+        assert commit_durability == ["1", "1", "2"]
 
 
 def session_row(*, started: datetime, ended: datetime | None = None, node: str = "testhost:1") -> Pop3Session:

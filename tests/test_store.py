@@ -374,28 +374,11 @@ def test_the_quota_warning_mark_is_raised_once_and_lowered_by_the_store(make_mai
     assert Mailbox.objects.get(pk=mailbox.pk).quota_warning_percent == 95
 
 
-def durability_of_each_commit(monkeypatch) -> list[str]:
-    """What each commit of the default connection waits for: SQLite's ``synchronous`` level
-    (2 FULL: an fsync; 1 NORMAL: none in WAL mode), PostgreSQL's ``synchronous_commit``."""
-    levels: list[str] = []
-    commit = connection._commit
-
-    def recording_commit():
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SHOW synchronous_commit" if connection.vendor == "postgresql" else "PRAGMA synchronous"
-            )
-            levels.append(str(cursor.fetchone()[0]))
-        return commit()
-
-    monkeypatch.setattr(connection, "_commit", recording_commit)
-    return levels
-
-
 @pytest.mark.django_db(transaction=True)
-def test_taking_and_giving_back_a_lease_commit_without_waiting_for_the_disk(make_mailbox, monkeypatch):
+def test_taking_and_giving_back_a_lease_commit_without_waiting_for_the_disk(make_mailbox, commit_durability):
     mailbox = make_mailbox()
-    levels = durability_of_each_commit(monkeypatch)
+    levels = commit_durability
+    levels.clear()  # the mailbox's own commits
     assert store.acquire_lease(mailbox.pk, "owner-1", "node", 60)
     store.release_lease("owner-1")
     deliver([mailbox.address], [b"Subject: after\r\n\r\nbody\r\n"])  # mail stays durable
