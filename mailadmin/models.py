@@ -413,6 +413,9 @@ class Pop3Session(models.Model):
     username = models.CharField(
         _("username"), max_length=320, blank=True, help_text=_("The login name given, if any.")
     )
+    # No index of its own on mailbox or domain: the indexes below that begin with them serve
+    # every look-up, and each index is more pages to write per row runpop3 adds and prunehistory
+    # deletes.
     mailbox = models.ForeignKey(
         Mailbox,
         null=True,
@@ -420,10 +423,17 @@ class Pop3Session(models.Model):
         on_delete=models.SET_NULL,
         related_name="pop3_sessions",
         verbose_name=_("mailbox"),
+        db_index=False,
     )
     # The domain of the login (or of the name tried), so a domain's administrators see its sessions.
     domain = models.ForeignKey(
-        Domain, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", verbose_name=_("domain")
+        Domain,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        verbose_name=_("domain"),
+        db_index=False,
     )
     peer_host = models.CharField(_("client address"), max_length=64)
     peer_port = models.PositiveIntegerField(_("client port"))
@@ -490,19 +500,28 @@ class AuthFailure(models.Model):
 
     created_at = models.DateTimeField(_("created"), db_index=True)
     # No database constraint: the failure row may be written before its session row is flushed.
+    # No index either: nothing looks failures up by session (as with domain below, whose
+    # look-ups the history index beginning with it serves).
     session = models.ForeignKey(
         Pop3Session,
         null=True,
         blank=True,
         on_delete=models.DO_NOTHING,
         db_constraint=False,
+        db_index=False,
         related_name="+",
         verbose_name=_("POP3 session"),
     )
     username = models.CharField(_("username"), max_length=320, blank=True)
     # The domain of the name tried, when it is one of ours: what a domain's administrators see.
     domain = models.ForeignKey(
-        Domain, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", verbose_name=_("domain")
+        Domain,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        verbose_name=_("domain"),
+        db_index=False,
     )
     peer_host = models.CharField(_("client address"), max_length=64)
     source = models.CharField(_("source"), max_length=64)

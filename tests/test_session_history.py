@@ -192,6 +192,41 @@ def test_open_sessions_have_a_partial_index_of_their_own():
     assert definition.replace('"', "").replace("(", "").replace(")", "").endswith("WHERE ended_at IS NULL")
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize("model", [Pop3Session, AuthFailure])
+def test_no_history_index_is_the_start_of_another(model):
+    """Every index is pages to write for each row runpop3 adds and prunehistory deletes: one
+    whose columns begin another (a foreign key's own, say) serves nothing the other does not."""
+    partial = {index.name for index in model._meta.indexes if index.condition is not None}
+    with connection.cursor() as cursor:
+        constraints = connection.introspection.get_constraints(cursor, model._meta.db_table)
+    indexes = {
+        name: tuple(details["columns"])
+        for name, details in constraints.items()
+        if (details["index"] or details["unique"]) and name not in partial
+    }
+    covered = {
+        name: other
+        for name, columns in indexes.items()
+        for other, longer in indexes.items()
+        if len(longer) > len(columns) and longer[: len(columns)] == columns
+    }
+    assert covered == {}
+    time_field = "started_at" if model is Pop3Session else "created_at"
+    by_value = {(name, time_field) for name in ["username", "domain_id", "peer_host"]}
+    by_other_columns = {
+        Pop3Session: {
+            ("end_reason", "started_at"),
+            ("mailbox_id", "ended_at"),
+            ("node", "ended_at"),
+            ("started_at",),
+            ("updated_at",),
+        },
+        AuthFailure: {("created_at",), ("reason", "created_at"), ("source", "created_at")},
+    }
+    assert set(indexes.values()) - {("id",)} == by_value | by_other_columns[model]
+
+
 def days_ago(days: int) -> datetime:
     return timezone.now() - timedelta(days=days)
 
