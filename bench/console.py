@@ -10,7 +10,8 @@ test client: the server's time for each request, from the URL to the finished re
 no network in it. ``python -m bench.console writer OUT.json STOP`` writes as runpop3's
 monitor does, with its code: every ``WRITE_EVERY_SECONDS`` one tick's session rows, timed,
 until the file STOP appears; the prune scenario runs it alone for a while (the control), then
-beside ``prunehistory``.
+beside ``python -m bench.console prune OUT.json``: ``prunehistory`` with when its batches and
+its checkpointer held the write turn, to tell what the longest writes waited for.
 """
 
 import json
@@ -28,6 +29,7 @@ WRITE_EVERY_SECONDS = 0.02
 ROWS_PER_WRITE = 5
 # Left out of the figures: the first writes pay for the connection, imports and new files.
 WARM_UP_WRITES = 10
+LONGEST_WRITES_SHOWN = 5
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,7 @@ def write_until(stop: Path) -> dict:
     from mailadmin.pop3d import registry
 
     samples = []
+    turn_waits = _timing_turn_waits()
     while not stop.exists():
         ids = [uuid.uuid4().hex for _ in range(ROWS_PER_WRITE)]
         inserts = [
@@ -234,18 +237,126 @@ def write_until(stop: Path) -> dict:
         # Each tick updates the rows of the sessions that ran commands since the last one.
         outbox = registry.Outbox(inserts=inserts, updates={session_id: {"commands": 1} for session_id in ids})
         wall, started = time.time(), time.perf_counter()
+        turn_waits.clear()
         registry.write_session_rows(outbox)
-        samples.append([wall, time.perf_counter() - started])
+        samples.append([wall, time.perf_counter() - started, sum(turn_waits)])
         time.sleep(WRITE_EVERY_SECONDS)
     return {"samples": samples[WARM_UP_WRITES:]}
 
 
-def write_figures(samples: list[list[float]], prune_started: float, prune_ended: float) -> dict:
+def _timing_turn_waits() -> list[float]:
+    """On SQLite, the seconds each write then waits for the write turn (``mailadmin.sqlite``),
+    appended to the list returned; on PostgreSQL, which has no turn, nothing."""
+    from django.db import connection
+
+    waits: list[float] = []
+    if connection.vendor != "sqlite":
+        return waits
+    lock_writers = connection._lock_writers
+
+    def timed():
+        started = time.perf_counter()
+        try:
+            lock_writers()
+        finally:
+            waits.append(time.perf_counter() - started)
+
+    connection._lock_writers = timed
+    return waits
+
+
+def prune_traced() -> dict:
+    """``prunehistory --days 0``, in this process, with when each of its batches held its
+    transaction (on SQLite, the write turn) and, on SQLite, when its checkpointer held the turn:
+    ``{"output": ..., "holds": [[kind, wall-clock start, seconds], ...]}``."""
+    import contextlib
+    import io
+    import threading
+
+    from django.core.management import call_command
+
+    from mailadmin.hosting import history
+
+    holds: list[list] = []
+    batch = history.leaving_no_flush_to_others
+
+    @contextlib.contextmanager
+    def timed_batch():
+        wall, started = time.time(), time.perf_counter()
+        with batch():
+            yield
+        holds.append(["batch", wall, time.perf_counter() - started])
+
+    history.leaving_no_flush_to_others = timed_batch
+    _trace_checkpointer_turns(holds, threading)
+    output = io.StringIO()
+    call_command("prunehistory", "--days", "0", stdout=output)
+    return {"output": output.getvalue().strip(), "holds": holds}
+
+
+def _trace_checkpointer_turns(holds: list[list], threading) -> None:
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        return
+    from mailadmin.sqlite import base
+
+    taken: dict[int, tuple[float, float]] = {}
+    take_write_turn, checkpoint = base.take_write_turn, base.checkpoint
+
+    def timed_take(writer_lock, timeout):
+        got = take_write_turn(writer_lock, timeout)
+        if got and threading.current_thread() is not threading.main_thread():
+            taken[threading.get_ident()] = (time.time(), time.perf_counter())
+        return got
+
+    def timed_checkpoint(connection, writer_lock):
+        try:
+            checkpoint(connection, writer_lock)
+        finally:
+            turn = taken.pop(threading.get_ident(), None)
+            if turn is not None:
+                holds.append(["checkpointer", turn[0], time.perf_counter() - turn[1]])
+
+    base.take_write_turn, base.checkpoint = timed_take, timed_checkpoint
+
+
+def write_figures(
+    samples: list[list[float]], prune_started: float, prune_ended: float, holds: list[list] | None = None
+) -> dict:
     """The writes that overlapped the prune, and as a control those made with no prune beside
-    them (before it started), each as count, median, p99 and longest."""
-    beside = [took for start, took in samples if start < prune_ended and start + took > prune_started]
-    alone = [took for start, took in samples if start + took <= prune_started]
-    return {**_write_figures(beside, ""), **_write_figures(alone, "control_")}
+    them (before it started), each as count, median, p99 and longest; and what the longest
+    writes beside the prune waited for (``longest_writes``)."""
+    beside = [sample for sample in samples if sample[0] < prune_ended and sum(sample[:2]) > prune_started]
+    alone = [sample[1] for sample in samples if sum(sample[:2]) <= prune_started]
+    figures = {**_write_figures([sample[1] for sample in beside], ""), **_write_figures(alone, "control_")}
+    figures["longest_writes"] = _longest_writes(beside, holds or [], prune_started)
+    if holds:
+        for kind in ("batch", "checkpointer"):
+            longest = max((seconds for what, _, seconds in holds if what == kind), default=None)
+            figures[f"longest_{kind}_hold_ms"] = None if longest is None else round(longest * 1000, 1)
+    return figures
+
+
+def _longest_writes(beside: list[list[float]], holds: list[list], prune_started: float) -> list[dict]:
+    """The LONGEST_WRITES_SHOWN longest writes: when (seconds into the prune), how long, how much
+    of it waiting for the write turn, and the prune's holds of the turn that overlapped it."""
+    shown = []
+    for start, took, *wait in sorted(beside, key=lambda sample: -sample[1])[:LONGEST_WRITES_SHOWN]:
+        overlapping = [
+            [kind, round(seconds * 1000, 1)]
+            for kind, held, seconds in holds
+            if held < start + took and held + seconds > start
+        ]
+        shown.append(
+            {
+                "at_s": round(start - prune_started, 2),
+                "ms": round(took * 1000, 1),
+                "turn_wait_ms": round(wait[0] * 1000, 1) if wait else None,
+                "prune_holds_ms": overlapping,
+            }
+        )
+    return shown
 
 
 def _write_figures(latencies: list[float], prefix: str) -> dict:
@@ -273,6 +384,8 @@ def main(argv: list[str]) -> None:
         Path(argv[2]).write_text(json.dumps(time_pages(ConsoleSpec(**json.loads(Path(argv[1]).read_text())))))
     elif command == "writer":
         Path(argv[1]).write_text(json.dumps(write_until(Path(argv[2]))))
+    elif command == "prune":
+        Path(argv[1]).write_text(json.dumps(prune_traced()))
     else:
         raise SystemExit(f"unknown command {command!r}")
 

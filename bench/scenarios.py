@@ -760,6 +760,7 @@ def console_dashboard(bench: Bench, spec: console.ConsoleSpec) -> dict:
 def console_prune(bench: Bench) -> dict:
     """``prunehistory --days 0`` (every ended session, every failed login) while a writer writes."""
     stop, out = bench.env.var_dir / "writer.stop", bench.env.var_dir / "writer.json"
+    traced = bench.env.var_dir / "prune.json"
     stop.unlink(missing_ok=True)
     writer = subprocess.Popen(
         [sys.executable, "-m", "bench.console", "writer", str(out), str(stop)],
@@ -769,19 +770,21 @@ def console_prune(bench: Bench) -> dict:
     try:
         time.sleep(SMOKE_CONTROL_SECONDS if bench.options.smoke else WRITER_CONTROL_SECONDS)
         started, wall_started = time.perf_counter(), time.time()
-        pruned = bench.env.run("manage.py", "prunehistory", "--days", "0").stdout.strip()
+        bench.env.run("-m", "bench.console", "prune", str(traced))
         seconds, wall_ended = time.perf_counter() - started, time.time()
         time.sleep(WRITER_TAIL_SECONDS)
     finally:
         stop.touch()
         writer.wait(timeout=120)
-    removed = [int(word) for word in pruned.split() if word.isdigit()]
+    prune = json.loads(traced.read_text())
+    removed = [int(word) for word in prune["output"].split() if word.isdigit()]
+    samples = json.loads(out.read_text())["samples"]
     return {
-        "output": pruned,
+        "output": prune["output"],
         "rows_removed": sum(removed[:2]),
         "prune_seconds": round(seconds, 1),
         "rows_per_s": ratio(sum(removed[:2]), seconds),
-        **console.write_figures(json.loads(out.read_text())["samples"], wall_started, wall_ended),
+        **console.write_figures(samples, wall_started, wall_ended, prune["holds"]),
     }
 
 

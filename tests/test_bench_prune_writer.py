@@ -26,3 +26,18 @@ def test_no_writes_give_no_figures():
     assert figures["writes"] == 0
     assert figures["longest_write_stall_ms"] is None
     assert figures["control_writes"] == 0
+
+
+def test_the_longest_writes_show_their_wait_for_the_turn_and_the_prunes_holds_beside_them():
+    samples = [
+        [110.0, 0.004, 0.001],
+        [120.0, 0.300, 0.290],  # waited out a checkpointer's turn
+        [130.0, 0.050, 0.045],  # waited out a batch
+    ]
+    holds = [["batch", 119.0, 0.010], ["checkpointer", 120.01, 0.280], ["batch", 129.99, 0.040]]
+    figures = write_figures(samples, prune_started=100.0, prune_ended=200.0, holds=holds)
+    assert figures["longest_writes"][:2] == [
+        {"at_s": 20.0, "ms": 300.0, "turn_wait_ms": 290.0, "prune_holds_ms": [["checkpointer", 280.0]]},
+        {"at_s": 30.0, "ms": 50.0, "turn_wait_ms": 45.0, "prune_holds_ms": [["batch", 40.0]]},
+    ]
+    assert (figures["longest_batch_hold_ms"], figures["longest_checkpointer_hold_ms"]) == (40.0, 280.0)
