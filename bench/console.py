@@ -268,7 +268,8 @@ def _timing_turn_waits() -> list[float]:
 def prune_traced() -> dict:
     """``prunehistory --days 0``, in this process, with when each of its batches held its
     transaction (on SQLite, the write turn) and, on SQLite, when its checkpointer held the turn:
-    ``{"output": ..., "holds": [[kind, wall-clock start, seconds], ...]}``."""
+    ``{"output": ..., "holds": [[kind, wall-clock start, seconds, of which committing], ...]}``
+    (the checkpointer's, without the last)."""
     import contextlib
     import io
     import threading
@@ -279,19 +280,39 @@ def prune_traced() -> dict:
 
     holds: list[list] = []
     batch = history.leaving_no_flush_to_others
+    commits = _timing_commits()
 
     @contextlib.contextmanager
     def timed_batch():
         wall, started = time.time(), time.perf_counter()
+        commits.clear()
         with batch():
             yield
-        holds.append(["batch", wall, time.perf_counter() - started])
+        holds.append(["batch", wall, time.perf_counter() - started, sum(commits)])
 
     history.leaving_no_flush_to_others = timed_batch
     _trace_checkpointer_turns(holds, threading)
     output = io.StringIO()
     call_command("prunehistory", "--days", "0", stdout=output)
     return {"output": output.getvalue().strip(), "holds": holds}
+
+
+def _timing_commits() -> list[float]:
+    """The seconds each later commit of this thread's connection takes, appended to the list."""
+    from django.db import connection
+
+    seconds: list[float] = []
+    commit = connection._commit
+
+    def timed():
+        started = time.perf_counter()
+        try:
+            commit()
+        finally:
+            seconds.append(time.perf_counter() - started)
+
+    connection._commit = timed
+    return seconds
 
 
 def _trace_checkpointer_turns(holds: list[list], threading) -> None:
@@ -333,20 +354,21 @@ def write_figures(
     figures["longest_writes"] = _longest_writes(beside, holds or [], prune_started)
     if holds:
         for kind in ("batch", "checkpointer"):
-            longest = max((seconds for what, _, seconds in holds if what == kind), default=None)
+            longest = max((hold[2] for hold in holds if hold[0] == kind), default=None)
             figures[f"longest_{kind}_hold_ms"] = None if longest is None else round(longest * 1000, 1)
     return figures
 
 
 def _longest_writes(beside: list[list[float]], holds: list[list], prune_started: float) -> list[dict]:
     """The LONGEST_WRITES_SHOWN longest writes: when (seconds into the prune), how long, how much
-    of it waiting for the write turn, and the prune's holds of the turn that overlapped it."""
+    of it waiting for the write turn, and the prune's holds of the turn that overlapped it (in
+    ms; a batch's with the part of it spent committing)."""
     shown = []
     for start, took, *wait in sorted(beside, key=lambda sample: -sample[1])[:LONGEST_WRITES_SHOWN]:
         overlapping = [
-            [kind, round(seconds * 1000, 1)]
-            for kind, held, seconds in holds
-            if held < start + took and held + seconds > start
+            [kind, *(round(seconds * 1000, 1) for seconds in durations)]
+            for kind, held, *durations in holds
+            if held < start + took and held + durations[0] > start
         ]
         shown.append(
             {
