@@ -323,18 +323,21 @@ def _trace_checkpointer_turns(holds: list[list], threading) -> None:
     from mailadmin.sqlite import base
 
     taken: dict[int, tuple[float, float]] = {}
+    checkpointing: set[int] = set()  # threads in a checkpoint (the checkpointer's, and the prune's own)
     take_write_turn, checkpoint = base.take_write_turn, base.checkpoint
 
     def timed_take(writer_lock, timeout):
         got = take_write_turn(writer_lock, timeout)
-        if got and threading.current_thread() is not threading.main_thread():
+        if got and threading.get_ident() in checkpointing:
             taken[threading.get_ident()] = (time.time(), time.perf_counter())
         return got
 
     def timed_checkpoint(connection, writer_lock):
+        checkpointing.add(threading.get_ident())
         try:
             checkpoint(connection, writer_lock)
         finally:
+            checkpointing.discard(threading.get_ident())
             turn = taken.pop(threading.get_ident(), None)
             if turn is not None:
                 holds.append(["checkpointer", turn[0], time.perf_counter() - turn[1]])

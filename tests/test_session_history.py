@@ -350,6 +350,21 @@ def test_each_batch_runs_with_the_garbage_collector_off_and_leaves_no_flush_to_t
             assert cursor.fetchone()[0] == 2  # FULL again for every other commit
 
 
+@pytest.mark.django_db(transaction=True)
+def test_on_sqlite_each_batch_waits_for_the_log_to_be_copied_before_the_next(monkeypatch):
+    for _ in range(3):
+        session_row(started=days_ago(41), ended=days_ago(40))
+    events = []
+    monkeypatch.setattr(figures, "roll_up_sessions", lambda rows: events.append(f"batch of {len(rows)}"))
+    if connection.vendor == "sqlite":
+        monkeypatch.setattr(connection, "checkpoint_now", lambda: events.append("log copied"))
+    assert prune_history(30, batch_size=2) == Pruned(sessions=3, failures=0)
+    if connection.vendor == "sqlite":
+        assert events == ["batch of 2", "log copied", "batch of 1", "log copied"]
+    else:
+        assert events == ["batch of 2", "batch of 1"]
+
+
 @pytest.mark.django_db
 def test_a_kick_moves_the_change_marker():
     now = timezone.now()

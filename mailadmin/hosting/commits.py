@@ -49,3 +49,16 @@ def leaving_no_flush_to_others() -> contextlib.AbstractContextManager[None]:
     if connection.vendor == "postgresql":
         return transaction.atomic()
     return not_waiting_for_the_disk()
+
+
+def letting_the_log_catch_up() -> None:
+    """After a transaction of background bulk work (a ``prunehistory`` batch), before the next:
+    on SQLite, the log copied into the database file in this thread, outside the write turn.
+
+    The checkpointer thread copies at most every 0.1 s; a prune's batches, a few hundred pages
+    each, fifty a second, can append faster than it copies on a busy disk, and the log then
+    grows to SQLite's own checkpoint, which runs inside a commit, holding the write turn. Here
+    the batches wait for the disk instead of the writers. PostgreSQL: nothing to do.
+    """
+    if connection.vendor == "sqlite":
+        connection.checkpoint_now()

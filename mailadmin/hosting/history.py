@@ -20,7 +20,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from mailadmin.hosting import figures
-from mailadmin.hosting.commits import leaving_no_flush_to_others
+from mailadmin.hosting.commits import leaving_no_flush_to_others, letting_the_log_catch_up
 from mailadmin.models import AuthFailure, Pop3Session
 
 # A batch holds SQLite's writer lock, or PostgreSQL's row locks, for about this long: the next
@@ -81,6 +81,7 @@ def _delete_in_batches(rows: QuerySet, batch_size: int | None, roll_up: Callable
             _, per_model = rows.model.objects.filter(pk__in=[pk for pk, _ in batch]).delete()
         removed += per_model.get(rows.model._meta.label, 0)
         took = time.monotonic() - started
+        letting_the_log_catch_up()
         if batch_size is None:
             size = next_batch_size(size, took)
         time.sleep(min(MAX_PAUSE_SECONDS, took))

@@ -233,6 +233,17 @@ class DatabaseWrapper(base.DatabaseWrapper):
         self.writer_lock = None
         return True
 
+    def checkpoint_now(self) -> None:
+        """Copy the log into the database file in this thread, now, as the checkpointer thread
+        does (``checkpoint``): for bulk work that should append to the log no faster than the
+        disk takes it in (``commits.letting_the_log_catch_up``). Inside a transaction, nothing:
+        SQLite refuses to checkpoint there, and the work is not committed yet."""
+        if self.in_atomic_block:
+            return
+        self.ensure_connection()
+        if self.writer_lock is not None:
+            checkpoint(self.connection, self.writer_lock)
+
     def _lock_writers(self) -> None:
         if self.writer_lock is None:
             return
