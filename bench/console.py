@@ -267,9 +267,10 @@ def _timing_turn_waits() -> list[float]:
 
 def prune_traced() -> dict:
     """``prunehistory --days 0``, in this process, with when each of its batches held its
-    transaction (on SQLite, the write turn) and, on SQLite, when its checkpointer held the turn:
-    ``{"output": ..., "holds": [[kind, wall-clock start, seconds, of which committing], ...]}``
-    (the checkpointer's, without the last)."""
+    transaction (on SQLite, the write turn, from when it got it) and, on SQLite, when its
+    checkpointer thread (``checkpointer``) or its own checkpoints after each batch (``prune
+    checkpoint``) held the turn: ``{"output": ..., "holds": [[kind, wall-clock start, seconds,
+    of which committing], ...]}`` (the checkpoints', without the last)."""
     import contextlib
     import io
     import threading
@@ -280,14 +281,17 @@ def prune_traced() -> dict:
 
     holds: list[list] = []
     batch = history.leaving_no_flush_to_others
-    commits = _timing_commits()
+    commits, turns_taken = _timing_commits(), _noting_turns_taken()
 
     @contextlib.contextmanager
     def timed_batch():
-        wall, started = time.time(), time.perf_counter()
         commits.clear()
+        turns_taken.clear()
+        wall, started = time.time(), time.perf_counter()
         with batch():
             yield
+        # On SQLite the hold begins once the turn is taken, not while the batch waits for it.
+        wall, started = turns_taken[0] if turns_taken else (wall, started)
         holds.append(["batch", wall, time.perf_counter() - started, sum(commits)])
 
     history.leaving_no_flush_to_others = timed_batch
@@ -295,6 +299,24 @@ def prune_traced() -> dict:
     output = io.StringIO()
     call_command("prunehistory", "--days", "0", stdout=output)
     return {"output": output.getvalue().strip(), "holds": holds}
+
+
+def _noting_turns_taken() -> list[tuple[float, float]]:
+    """On SQLite, when (wall clock, perf counter) each later write transaction of this thread's
+    connection got the write turn, appended to the list; on PostgreSQL, nothing."""
+    from django.db import connection
+
+    taken: list[tuple[float, float]] = []
+    if connection.vendor != "sqlite":
+        return taken
+    lock_writers = connection._lock_writers
+
+    def noted():
+        lock_writers()
+        taken.append((time.time(), time.perf_counter()))
+
+    connection._lock_writers = noted
+    return taken
 
 
 def _timing_commits() -> list[float]:
@@ -340,7 +362,9 @@ def _trace_checkpointer_turns(holds: list[list], threading) -> None:
             checkpointing.discard(threading.get_ident())
             turn = taken.pop(threading.get_ident(), None)
             if turn is not None:
-                holds.append(["checkpointer", turn[0], time.perf_counter() - turn[1]])
+                prunes_own = threading.current_thread() is threading.main_thread()
+                kind = "prune checkpoint" if prunes_own else "checkpointer"
+                holds.append([kind, turn[0], time.perf_counter() - turn[1]])
 
     base.take_write_turn, base.checkpoint = timed_take, timed_checkpoint
 
@@ -356,9 +380,10 @@ def write_figures(
     figures = {**_write_figures([sample[1] for sample in beside], ""), **_write_figures(alone, "control_")}
     figures["longest_writes"] = _longest_writes(beside, holds or [], prune_started)
     if holds:
-        for kind in ("batch", "checkpointer"):
+        for kind in ("batch", "checkpointer", "prune checkpoint"):
             longest = max((hold[2] for hold in holds if hold[0] == kind), default=None)
-            figures[f"longest_{kind}_hold_ms"] = None if longest is None else round(longest * 1000, 1)
+            name = f"longest_{kind.replace(' ', '_')}_hold_ms"
+            figures[name] = None if longest is None else round(longest * 1000, 1)
     return figures
 
 

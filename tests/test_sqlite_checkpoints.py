@@ -222,3 +222,27 @@ def test_a_forked_child_starts_a_checkpointer_of_its_own(tmp_path):
     os.close(write_end)
     assert os.read(read_end, 16) == b"own"
     os.waitpid(child, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_checkpoint_now_copies_only_what_is_committed(sqlite_connection, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sqlite_backend, "checkpoint", lambda raw, lock: calls.append(raw) or True)
+    with transaction.atomic():
+        Domain.objects.create(name="copied.test")
+        sqlite_connection.checkpoint_now()  # inside a transaction: nothing to copy yet
+    assert calls == []
+    sqlite_connection.checkpoint_now()
+    assert calls == [sqlite_connection.connection]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_checkpoint_now_is_logged_and_the_work_goes_on(sqlite_connection, monkeypatch, caplog):
+    def failing(raw_connection, writer_lock):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(sqlite_backend, "checkpoint", failing)
+    with caplog.at_level("ERROR", logger="mailadmin.sqlite.base"):
+        sqlite_connection.checkpoint_now()
+    assert [record.getMessage().split(";")[1] for record in caplog.records] == [" SQLite's own will follow"]
+    assert Domain.objects.create(name="still-writable.test").pk

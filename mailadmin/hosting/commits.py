@@ -51,9 +51,24 @@ def leaving_no_flush_to_others() -> contextlib.AbstractContextManager[None]:
     return not_waiting_for_the_disk()
 
 
+def forgotten_only_with_this_host() -> contextlib.AbstractContextManager[None]:
+    """A transaction whose commit may be forgotten only when the processes that made it stop too.
+
+    SQLite (WAL mode): it does not wait for the disk (``synchronous=NORMAL``); only a crash of
+    the operating system or a power cut forgets it, and those end every process using the file.
+    PostgreSQL: it waits. Its asynchronous commits are forgotten also when the server alone
+    restarts (a crash of one backend, an immediate stop), while the client carries on, never
+    knowing to write them again.
+    """
+    if connection.vendor == "postgresql":
+        return transaction.atomic()
+    return not_waiting_for_the_disk()
+
+
 def letting_the_log_catch_up() -> None:
     """After a transaction of background bulk work (a ``prunehistory`` batch), before the next:
-    on SQLite, the log copied into the database file in this thread, outside the write turn.
+    on SQLite, the log copied into the database file in this thread, mostly outside the write
+    turn (``mailadmin.sqlite.base.checkpoint``).
 
     The checkpointer thread copies at most every 0.1 s; a prune's batches, a few hundred pages
     each, fifty a second, can append faster than it copies on a busy disk, and the log then

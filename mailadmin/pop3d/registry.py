@@ -39,7 +39,7 @@ from django.utils import timezone
 
 from mailadmin.addresses import domain_of_login
 from mailadmin.executors import TRANSIENT_DB_ERRORS, BoundedExecutor
-from mailadmin.hosting.commits import not_waiting_for_the_disk
+from mailadmin.hosting.commits import forgotten_only_with_this_host, not_waiting_for_the_disk
 from mailadmin.models import Domain, Mailbox, Pop3Node, Pop3Session
 from mailadmin.pop3d import feed
 from mailadmin.pop3d.leases import LeaseKeeper
@@ -379,9 +379,8 @@ def sync_node(
     the notice about the session rows written, or None when none were.
 
     The heartbeat and lease renewal come first and never depend on the row writes: a row that
-    cannot be written must not stop this process from holding its locks. Like the leases and the
-    rows, the heartbeat commits without waiting for the disk: the next tick writes again one
-    that a crash of the database's host forgot.
+    cannot be written must not stop this process from holding its locks. The heartbeat commits
+    without waiting for the disk: the next tick writes again one that a crash forgot.
     """
     now = timezone.now()
     with not_waiting_for_the_disk():
@@ -403,13 +402,12 @@ def sync_node(
 def write_session_rows(outbox: Outbox) -> None:
     """Apply the queued inserts and updates; on a conflict, row by row, dropping bad ones.
 
-    Accounting, not mail: the commits do not wait for the disk (``not_waiting_for_the_disk``),
-    so a tick never queues the write turn (SQLite) or the WAL (PostgreSQL) behind a flush. A
-    crash of the database's host (not of runpop3's) may forget the last ticks' rows, up to about
-    0.6 s of them on PostgreSQL: a session's row or its latest counters go missing from the
-    console and the history, never mail, whose deletions the store commits waiting for the disk."""
+    On SQLite the commits do not wait for the disk (``forgotten_only_with_this_host``), so a
+    tick does not hold the write turn through an fsync; on PostgreSQL they wait: a row forgotten
+    while runpop3 goes on would never be written again, and a session whose row is missing
+    cannot be kicked, nor ended when its password changes (``sessions_to_end`` reads the rows)."""
     try:
-        with not_waiting_for_the_disk():
+        with forgotten_only_with_this_host():
             _apply(outbox.inserts, outbox.updates.items())
     except IntegrityError:
         for fields in outbox.inserts:
@@ -444,7 +442,7 @@ def _record_last_login(mailbox: QuerySet, session_id: str, when: datetime) -> No
 
 def _apply_alone(inserts: list[dict], updates) -> None:
     try:
-        with not_waiting_for_the_disk():
+        with forgotten_only_with_this_host():
             _apply(inserts, updates)
     except IntegrityError:
         logger.exception("dropped a POP3 session row write that the database refused")

@@ -104,25 +104,29 @@ def writer_lock_path(database: str) -> str:
     return f"{database}-writer.lock"
 
 
-def checkpoint(connection: sqlite3.Connection, writer_lock: BinaryIO) -> None:
+def checkpoint(connection: sqlite3.Connection, writer_lock: BinaryIO) -> bool:
     """Copy the log into the database file beside the writers; once it is long, copy what they
-    appended meanwhile in the write turn, so that the next writer starts the log again.
+    appended meanwhile in the write turn, so that the next writer starts the log again. False
+    when another connection's checkpoint was running, and this one did nothing.
 
     PASSIVE: never waits for a writer or a reader (one on an older snapshot stops the copy short:
     then the log cannot start again, and nothing is done in the turn)."""
     ((busy, frames, copied),) = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-    if busy or copied < frames or frames < LOG_RESTART_FRAMES:
-        return
+    if busy:
+        return False
+    if copied < frames or frames < LOG_RESTART_FRAMES:
+        return True
     # The copy in the turn also fsyncs the database file, this copy's pages with its own (SQLite
     # fsyncs it only after a copy that reached the log's end). Flushing them first, outside the
     # turn, made the writers' own fsyncs wait behind that flush instead: longest write beside
     # prunehistory 177 ms against 55 ms (bench database, 1,099,000 rows).
     if not take_write_turn(writer_lock, CHECKPOINTER_TURN_SECONDS):
-        return
+        return True
     try:
         connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
     finally:
         fcntl.flock(writer_lock, fcntl.LOCK_UN)
+    return True
 
 
 def take_write_turn(writer_lock: BinaryIO, timeout: float) -> bool:
@@ -236,13 +240,23 @@ class DatabaseWrapper(base.DatabaseWrapper):
     def checkpoint_now(self) -> None:
         """Copy the log into the database file in this thread, now, as the checkpointer thread
         does (``checkpoint``): for bulk work that should append to the log no faster than the
-        disk takes it in (``commits.letting_the_log_catch_up``). Inside a transaction, nothing:
-        SQLite refuses to checkpoint there, and the work is not committed yet."""
-        if self.in_atomic_block:
+        disk takes it in (``commits.letting_the_log_catch_up``). When another connection's
+        checkpoint is running, nothing: that one copies the log. (Waiting it out, up to
+        CHECKPOINTER_TURN_SECONDS, cut a prune to a twentieth of its pace, bench smoke run.)
+
+        Inside a transaction, nothing: SQLite refuses to checkpoint there, and the work is not
+        committed yet. A failure is logged, as the checkpointer thread's are: the committed
+        work stands, and the next checkpoint copies the log."""
+        if self.in_atomic_block or not self.get_autocommit():
             return
         self.ensure_connection()
-        if self.writer_lock is not None:
+        if self.writer_lock is None:
+            return
+        try:
             checkpoint(self.connection, self.writer_lock)
+        except (sqlite3.Error, OSError):
+            name = self.settings_dict["NAME"]
+            logger.exception("WAL checkpoint of %s failed; SQLite's own will follow", name)
 
     def _lock_writers(self) -> None:
         if self.writer_lock is None:
