@@ -249,20 +249,26 @@ def _timing_turn_waits() -> list[float]:
     appended to the list returned; on PostgreSQL, which has no turn, nothing."""
     from django.db import connection
 
-    waits: list[float] = []
-    if connection.vendor != "sqlite":
-        return waits
-    lock_writers = connection._lock_writers
+    return _timing("_lock_writers") if connection.vendor == "sqlite" else []
+
+
+def _timing(method: str) -> list[float]:
+    """The seconds each later call of ``method`` of this thread's connection takes, appended to
+    the list returned."""
+    from django.db import connection
+
+    seconds: list[float] = []
+    untimed = getattr(connection, method)
 
     def timed():
         started = time.perf_counter()
         try:
-            lock_writers()
+            untimed()
         finally:
-            waits.append(time.perf_counter() - started)
+            seconds.append(time.perf_counter() - started)
 
-    connection._lock_writers = timed
-    return waits
+    setattr(connection, method, timed)
+    return seconds
 
 
 def prune_traced() -> dict:
@@ -281,7 +287,7 @@ def prune_traced() -> dict:
 
     holds: list[list] = []
     batch = history.leaving_no_flush_to_others
-    commits, turns_taken = _timing_commits(), _noting_turns_taken()
+    commits, turns_taken = _timing("_commit"), _noting_turns_taken()
 
     @contextlib.contextmanager
     def timed_batch():
@@ -317,24 +323,6 @@ def _noting_turns_taken() -> list[tuple[float, float]]:
 
     connection._lock_writers = noted
     return taken
-
-
-def _timing_commits() -> list[float]:
-    """The seconds each later commit of this thread's connection takes, appended to the list."""
-    from django.db import connection
-
-    seconds: list[float] = []
-    commit = connection._commit
-
-    def timed():
-        started = time.perf_counter()
-        try:
-            commit()
-        finally:
-            seconds.append(time.perf_counter() - started)
-
-    connection._commit = timed
-    return seconds
 
 
 def _trace_checkpointer_turns(holds: list[list], threading) -> None:
