@@ -30,6 +30,8 @@ ROWS_PER_WRITE = 5
 # Left out of the figures: the first writes pay for the connection, imports and new files.
 WARM_UP_WRITES = 10
 LONGEST_WRITES_SHOWN = 5
+# A prune batch's statements, timed apart: the next rows, the roll-up into the figures, the delete.
+BATCH_VERBS = ("SELECT", "INSERT", "DELETE")
 
 
 @dataclass(frozen=True)
@@ -276,34 +278,49 @@ def prune_traced() -> dict:
     transaction (on SQLite, the write turn, from when it got it) and, on SQLite, when its
     checkpointer thread (``checkpointer``) or its own checkpoints after each batch (``prune
     checkpoint``) held the turn: ``{"output": ..., "holds": [[kind, wall-clock start, seconds,
-    of which committing], ...]}`` (the checkpoints', without the last)."""
+    of which committing, then in its statements by BATCH_VERBS], ...]}`` (the checkpoints',
+    without the last four)."""
     import contextlib
     import io
     import threading
 
     from django.core.management import call_command
+    from django.db import connection
 
     from mailadmin.hosting import history
 
     holds: list[list] = []
     batch = history.leaving_no_flush_to_others
     commits, turns_taken = _timing("_commit"), _noting_turns_taken()
+    statements: dict[str, float] = {}
+
+    def timed_statement(execute, sql, params, many, context):
+        started = time.perf_counter()
+        try:
+            return execute(sql, params, many, context)
+        finally:
+            verb = sql.split(None, 1)[0].upper()
+            statements[verb] = statements.get(verb, 0.0) + time.perf_counter() - started
 
     @contextlib.contextmanager
     def timed_batch():
         commits.clear()
         turns_taken.clear()
+        statements.clear()
         wall, started = time.time(), time.perf_counter()
         with batch():
             yield
         # On SQLite the hold begins once the turn is taken, not while the batch waits for it.
         wall, started = turns_taken[0] if turns_taken else (wall, started)
-        holds.append(["batch", wall, time.perf_counter() - started, sum(commits)])
+        held = time.perf_counter() - started
+        in_statements = [statements.get(verb, 0.0) for verb in BATCH_VERBS]
+        holds.append(["batch", wall, held, sum(commits), *in_statements])
 
     history.leaving_no_flush_to_others = timed_batch
     _trace_checkpointer_turns(holds, threading)
     output = io.StringIO()
-    call_command("prunehistory", "--days", "0", stdout=output)
+    with connection.execute_wrapper(timed_statement):
+        call_command("prunehistory", "--days", "0", stdout=output)
     return {"output": output.getvalue().strip(), "holds": holds}
 
 
@@ -378,7 +395,7 @@ def write_figures(
 def _longest_writes(beside: list[list[float]], holds: list[list], prune_started: float) -> list[dict]:
     """The LONGEST_WRITES_SHOWN longest writes: when (seconds into the prune), how long, how much
     of it waiting for the write turn, and the prune's holds of the turn that overlapped it (in
-    ms; a batch's with the part of it spent committing)."""
+    ms; a batch's with the parts of it spent committing, then in BATCH_VERBS statements)."""
     shown = []
     for start, took, *wait in sorted(beside, key=lambda sample: -sample[1])[:LONGEST_WRITES_SHOWN]:
         overlapping = [

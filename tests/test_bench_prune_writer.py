@@ -34,10 +34,19 @@ def test_the_longest_writes_show_their_wait_for_the_turn_and_the_prunes_holds_be
         [120.0, 0.300, 0.290],  # waited out a checkpointer's turn
         [130.0, 0.050, 0.045],  # waited out a batch
     ]
-    holds = [["batch", 119.0, 0.010, 0.001], ["checkpointer", 120.01, 0.280], ["batch", 129.99, 0.040, 0.035]]
+    holds = [
+        ["batch", 119.0, 0.010, 0.001],
+        ["checkpointer", 120.01, 0.280],
+        ["batch", 129.99, 0.040, 0.002, 0.001, 0.003, 0.030],
+    ]
     figures = write_figures(samples, prune_started=100.0, prune_ended=200.0, holds=holds)
     assert figures["longest_writes"][:2] == [
         {"at_s": 20.0, "ms": 300.0, "turn_wait_ms": 290.0, "prune_holds_ms": [["checkpointer", 280.0]]},
-        {"at_s": 30.0, "ms": 50.0, "turn_wait_ms": 45.0, "prune_holds_ms": [["batch", 40.0, 35.0]]},
+        {
+            "at_s": 30.0,
+            "ms": 50.0,
+            "turn_wait_ms": 45.0,
+            "prune_holds_ms": [["batch", 40.0, 2.0, 1.0, 3.0, 30.0]],
+        },
     ]
     assert (figures["longest_batch_hold_ms"], figures["longest_checkpointer_hold_ms"]) == (40.0, 280.0)
