@@ -45,10 +45,9 @@ def leaving_no_flush_to_others() -> contextlib.AbstractContextManager[None]:
     leaves its WAL for the next commit that does: runpop3's. So there the batch waits for its
     own. (A whole bench run, ``console_prune``: the writer's longest commit beside the prune went
     from 2.0 s to 555 ms; what is left comes in the minute after a WAL checkpoint begins.)
+    The same commits as ``forgotten_only_with_this_host``, for this other reason.
     """
-    if connection.vendor == "postgresql":
-        return transaction.atomic()
-    return not_waiting_for_the_disk()
+    return forgotten_only_with_this_host()
 
 
 def forgotten_only_with_this_host() -> contextlib.AbstractContextManager[None]:

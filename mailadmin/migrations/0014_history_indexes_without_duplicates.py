@@ -39,22 +39,22 @@ class Migration(migrations.Migration):
                 ),
             ],
             database_operations=[
-            migrations.RunSQL(
-                'DROP INDEX IF EXISTS "mailadmin_pop3session_mailbox_id_8913dc21"',
-                reverse_sql='CREATE INDEX "mailadmin_pop3session_mailbox_id_8913dc21" ON "mailadmin_pop3session" ("mailbox_id")',
-            ),
-            migrations.RunSQL(
-                'DROP INDEX IF EXISTS "mailadmin_pop3session_domain_id_9b8b78cd"',
-                reverse_sql='CREATE INDEX "mailadmin_pop3session_domain_id_9b8b78cd" ON "mailadmin_pop3session" ("domain_id")',
-            ),
-            migrations.RunSQL(
-                'DROP INDEX IF EXISTS "mailadmin_authfailure_domain_id_73e7fda0"',
-                reverse_sql='CREATE INDEX "mailadmin_authfailure_domain_id_73e7fda0" ON "mailadmin_authfailure" ("domain_id")',
-            ),
-            migrations.RunSQL(
-                'DROP INDEX IF EXISTS "mailadmin_authfailure_session_id_975b4bc8"',
-                reverse_sql='CREATE INDEX "mailadmin_authfailure_session_id_975b4bc8" ON "mailadmin_authfailure" ("session_id")',
-            ),
+                migrations.RunSQL(
+                    'DROP INDEX IF EXISTS "mailadmin_pop3session_mailbox_id_8913dc21"',
+                    reverse_sql='CREATE INDEX "mailadmin_pop3session_mailbox_id_8913dc21" ON "mailadmin_pop3session" ("mailbox_id")',
+                ),
+                migrations.RunSQL(
+                    'DROP INDEX IF EXISTS "mailadmin_pop3session_domain_id_9b8b78cd"',
+                    reverse_sql='CREATE INDEX "mailadmin_pop3session_domain_id_9b8b78cd" ON "mailadmin_pop3session" ("domain_id")',
+                ),
+                migrations.RunSQL(
+                    'DROP INDEX IF EXISTS "mailadmin_authfailure_domain_id_73e7fda0"',
+                    reverse_sql='CREATE INDEX "mailadmin_authfailure_domain_id_73e7fda0" ON "mailadmin_authfailure" ("domain_id")',
+                ),
+                migrations.RunSQL(
+                    'DROP INDEX IF EXISTS "mailadmin_authfailure_session_id_975b4bc8"',
+                    reverse_sql='CREATE INDEX "mailadmin_authfailure_session_id_975b4bc8" ON "mailadmin_authfailure" ("session_id")',
+                ),
             ],
         ),
     ]

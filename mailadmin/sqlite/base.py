@@ -104,29 +104,25 @@ def writer_lock_path(database: str) -> str:
     return f"{database}-writer.lock"
 
 
-def checkpoint(connection: sqlite3.Connection, writer_lock: BinaryIO) -> bool:
+def checkpoint(connection: sqlite3.Connection, writer_lock: BinaryIO) -> None:
     """Copy the log into the database file beside the writers; once it is long, copy what they
-    appended meanwhile in the write turn, so that the next writer starts the log again. False
-    when another connection's checkpoint was running, and this one did nothing.
+    appended meanwhile in the write turn, so that the next writer starts the log again.
 
     PASSIVE: never waits for a writer or a reader (one on an older snapshot stops the copy short:
     then the log cannot start again, and nothing is done in the turn)."""
     ((busy, frames, copied),) = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-    if busy:
-        return False
-    if copied < frames or frames < LOG_RESTART_FRAMES:
-        return True
+    if busy or copied < frames or frames < LOG_RESTART_FRAMES:
+        return
     # The copy in the turn also fsyncs the database file, this copy's pages with its own (SQLite
     # fsyncs it only after a copy that reached the log's end). Flushing them first, outside the
     # turn, made the writers' own fsyncs wait behind that flush instead: longest write beside
     # prunehistory 177 ms against 55 ms (bench database, 1,099,000 rows).
     if not take_write_turn(writer_lock, CHECKPOINTER_TURN_SECONDS):
-        return True
+        return
     try:
         connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
     finally:
         fcntl.flock(writer_lock, fcntl.LOCK_UN)
-    return True
 
 
 def take_write_turn(writer_lock: BinaryIO, timeout: float) -> bool:
