@@ -73,10 +73,12 @@ def _delete_in_batches(
     """Delete ``rows`` oldest first, each batch going on from the time where the last stopped.
 
     Rows a batch passes over stay (an old session still open) and would otherwise be read
-    again by every later batch, as would, on PostgreSQL, the index entries of every row already
-    deleted, until a vacuum: at the end of a large prune, batches of hundreds of milliseconds.
-    A row passed over cannot come due during the run: a session that ends now ends after the
-    cutoff."""
+    again by every later batch, as would, on PostgreSQL, the index entries of the rows already
+    deleted, until a vacuum or a later scan marks them dead: at the end of a large prune,
+    batches of hundreds of milliseconds. ``>=``, not ``>``: a batch may end inside a run of
+    rows of the same time. Once nothing is left ahead, one last look from the oldest row finds
+    what came due behind (a lost session swept closed, whose end is its start).
+    """
     removed, size, since = 0, batch_size or FIRST_BATCH_SIZE, None
     while True:
         started = time.monotonic()
@@ -85,10 +87,14 @@ def _delete_in_batches(
         # forgotten whole, figures and deletions together, and the next run prunes its rows again.
         with _collector_paused(), leaving_no_flush_to_others():
             batch = list(todo.order_by(time_field).values_list("pk", "domain_id", time_field)[:size])
-            if not batch:
+            if batch:
+                roll_up([(pk, domain_id) for pk, domain_id, _ in batch])
+                _, per_model = rows.model.objects.filter(pk__in=[pk for pk, _, _ in batch]).delete()
+        if not batch:
+            if since is None:
                 return removed
-            roll_up([(pk, domain_id) for pk, domain_id, _ in batch])
-            _, per_model = rows.model.objects.filter(pk__in=[pk for pk, _, _ in batch]).delete()
+            since = None
+            continue
         removed += per_model.get(rows.model._meta.label, 0)
         since = batch[-1][2]
         took = time.monotonic() - started
