@@ -5,7 +5,6 @@ import http.client
 import io
 import os
 import signal
-import sqlite3
 import time
 from types import SimpleNamespace
 
@@ -14,6 +13,7 @@ from django.core.management import call_command
 from django.db import connection
 
 from mailadmin import executors
+from mailadmin.sqlite import dbapi2 as sqlite3
 from tests.conftest import run_manage
 from tests.daemons import HOST, STARTUP_TIMEOUT, DaemonProcess, free_port, running_daemon, start_daemon
 

@@ -3,14 +3,15 @@ what they appended meanwhile, so that the log starts again."""
 
 import fcntl
 import os
-import sqlite3
 import threading
 
 import pytest
 from django.db import connection, transaction
 
+from mailadmin import sqlite as sqlite_library
 from mailadmin.models import Domain
 from mailadmin.sqlite import base as sqlite_backend
+from mailadmin.sqlite import dbapi2 as sqlite3
 
 SQLITE_DEFAULT_CHECKPOINT_PAGES = 1000
 
@@ -21,6 +22,39 @@ def sqlite_connection():
         pytest.skip("the checkpointer is SQLite's")
     connection.ensure_connection()
     return connection
+
+
+@pytest.mark.parametrize(
+    ("version", "affected"),
+    [
+        ((3, 6, 23), False),  # before WAL
+        ((3, 7, 0), True),
+        ((3, 40, 1), True),  # Debian 12's
+        ((3, 44, 5), True),
+        ((3, 44, 6), False),
+        ((3, 45, 0), True),
+        ((3, 50, 6), True),
+        ((3, 50, 7), False),
+        ((3, 51, 2), True),
+        ((3, 51, 3), False),
+        ((3, 53, 4), False),
+    ],
+)
+def test_the_sqlite_versions_with_the_wal_reset_bug(version, affected):
+    assert sqlite_library.has_the_wal_reset_bug(version) is affected
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_connection_and_checkpoint_uses_one_sqlite_without_the_wal_reset_bug(sqlite_connection):
+    """A bench run's database was left corrupt by the WAL-reset race on Debian 12's SQLite."""
+    with sqlite_connection.cursor() as cursor:
+        cursor.execute("SELECT sqlite_version()")
+        (version,) = cursor.fetchone()
+    assert tuple(int(part) for part in version.split(".")) == sqlite3.sqlite_version_info
+    assert not sqlite_library.has_the_wal_reset_bug(sqlite3.sqlite_version_info)
+    assert isinstance(sqlite_connection.connection, sqlite3.Connection)
+    assert sqlite_backend.sqlite3 is sqlite3
+    assert sqlite_backend.base.Database is sqlite3
 
 
 @pytest.mark.django_db(transaction=True)

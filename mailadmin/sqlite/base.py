@@ -37,7 +37,6 @@ of its CPU per API request. Only a connection outside any transaction is parked.
 import fcntl
 import logging
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +44,8 @@ from typing import BinaryIO
 
 from django.db import OperationalError
 from django.db.backends.sqlite3 import base
+
+from mailadmin.sqlite import dbapi2 as sqlite3
 
 logger = logging.getLogger(__name__)
 
