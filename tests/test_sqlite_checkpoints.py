@@ -6,6 +6,7 @@ import os
 import threading
 
 import pytest
+from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 
 from mailadmin import sqlite as sqlite_library
@@ -55,6 +56,32 @@ def test_every_connection_and_checkpoint_uses_one_sqlite_without_the_wal_reset_b
     assert isinstance(sqlite_connection.connection, sqlite3.Connection)
     assert sqlite_backend.sqlite3 is sqlite3
     assert sqlite_backend.base.Database is sqlite3
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("version", "refused"), [("3.40.1", True), ("3.51.3", False)])
+def test_dbshell_refuses_a_sqlite3_shell_with_the_wal_reset_bug(
+    sqlite_connection, tmp_path, monkeypatch, version, refused
+):
+    ran = tmp_path / "ran"
+    shell = tmp_path / "sqlite3"
+    shell.write_text(
+        f'#!/bin/sh\nif [ "$1" = --version ]; then echo "{version} 2026-03-13 10:00:00 0123abcd"; '
+        f'else echo "opened $1" > {ran}; fi\n'
+    )
+    shell.chmod(0o755)
+    monkeypatch.setattr(sqlite_backend.DatabaseClient, "executable_name", str(shell))
+    if refused:
+        with pytest.raises(CommandError, match=f"uses SQLite {version}, which has the WAL-reset bug"):
+            call_command("dbshell")
+        assert not ran.exists()
+    else:
+        call_command("dbshell")
+        assert ran.read_text() == f"opened {sqlite_connection.settings_dict['NAME']}\n"
+
+
+def test_a_sqlite3_shell_that_is_not_there_has_no_version():
+    assert sqlite_backend.shell_version("/nonexistent/sqlite3") is None
 
 
 @pytest.mark.django_db(transaction=True)

@@ -23,14 +23,14 @@ FIXED_IN = {(3, 44): (3, 44, 6), (3, 50): (3, 50, 7)}  # the fix's backports
 FIXED_FROM = (3, 51, 3)
 
 
-def has_the_wal_reset_bug(version: tuple[int, int, int]) -> bool:
+def has_the_wal_reset_bug(version: tuple[int, ...]) -> bool:
     if version >= FIXED_FROM or version < (3, 7, 0):
         return False
     backport = FIXED_IN.get(version[:2])
     return backport is None or version < backport
 
 
-if "django.db.backends.sqlite3.base" in sys.modules:
+if any(name.startswith("django.db.backends.sqlite3") for name in sys.modules):
     raise ImproperlyConfigured("Django's SQLite backend was imported before mailadmin.sqlite chose a library")
 if has_the_wal_reset_bug(dbapi2.sqlite_version_info):
     raise ImproperlyConfigured(

@@ -37,15 +37,18 @@ of its CPU per API request. Only a connection outside any transaction is parked.
 import fcntl
 import logging
 import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from typing import BinaryIO
 
+from django.core.management.base import CommandError
 from django.db import OperationalError
-from django.db.backends.sqlite3 import base
+from django.db.backends.sqlite3 import base, client
 
 from mailadmin.sqlite import dbapi2 as sqlite3
+from mailadmin.sqlite import has_the_wal_reset_bug
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +165,34 @@ def _forget_the_parents_checkpointers() -> None:
 os.register_at_fork(after_in_child=_forget_the_parents_checkpointers)
 
 
+class DatabaseClient(client.DatabaseClient):
+    """``manage.py dbshell``: the ``sqlite3`` shell, on the system's SQLite library, refused
+    when that has the WAL-reset bug (``mailadmin.sqlite``): its writes and checkpoints beside
+    the running servers' could meet the race."""
+
+    def runshell(self, parameters):
+        version = shell_version(self.executable_name)
+        if version is not None and has_the_wal_reset_bug(version):
+            shown = ".".join(map(str, version))
+            raise CommandError(
+                f"{self.executable_name} uses SQLite {shown}, which has the WAL-reset bug "
+                "(https://sqlite.org/wal.html#walresetbug): use a sqlite3 shell of 3.51.3 or later"
+            )
+        super().runshell(parameters)
+
+
+def shell_version(executable: str) -> tuple[int, ...] | None:
+    """The SQLite version ``executable --version`` reports, or None when it is not there."""
+    try:
+        output = subprocess.run([executable, "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    first = output.split(maxsplit=1)[0] if output.strip() else ""
+    return tuple(int(part) for part in first.split(".")) if first.replace(".", "").isdigit() else None
+
+
 class DatabaseWrapper(base.DatabaseWrapper):
+    client_class = DatabaseClient
     writer_lock: BinaryIO | None = None
     pool_size = 0
 
