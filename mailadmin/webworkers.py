@@ -1,11 +1,16 @@
-"""``runweb``: daphne in ``WEB_WORKERS`` processes sharing one listening socket.
+"""``runweb``: daphne in ``WEB_WORKERS`` processes behind one listening socket.
 
 One daphne process serves the console and the API on one core: its Twisted loop and Django's
 request threads share one interpreter lock. ``runweb`` binds the port, starts ``WEB_WORKERS``
-daphne processes that each accept on it (the kernel hands every new connection to one of
-them) and stays behind as a small supervisor, as runpop3 and runlmtp do with their workers.
-Nothing the web workers share lives in memory: signed-in sessions, the live page's rows and
-the API's failure counts are rows (or Redis, with ``REDIS_URL``).
+daphne processes and stays behind as a small supervisor, as runpop3 and runlmtp do with their
+workers. Nothing the web workers share lives in memory: signed-in sessions, the live page's
+rows and the API's failure counts are rows (or Redis, with ``REDIS_URL``).
+
+``runweb`` accepts the connections itself and hands each to the next worker in turn, over a
+Unix socket of its own (``SCM_RIGHTS``). Left to the kernel, whichever worker woke first took
+every connection waiting: four keep-alive clients starting together all landed on one worker
+one run in eight, three on one in half of them, and that worker's core set the rate (an API
+``GET`` at 330-650 a second beside 1,050 when they were shared out).
 
 The workers are new interpreters, not forks of this one: importing daphne installs its Twisted
 reactor on an event loop, and a forked loop would share its epoll instance with its siblings.
@@ -13,67 +18,182 @@ Each says it is serving by writing a byte to a pipe (``READY_FD_VARIABLE`` names
 its reactor runs; ``started()`` is called when every worker has, so "listening" means served.
 """
 
+import logging
 import os
 import select
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
+
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.main import CONNECTION_DONE
+from zope.interface import implementer
 
 from mailadmin.prefork import STOP_SIGNALS, die_with_parent, stop_children
 
+logger = logging.getLogger(__name__)
+
 APPLICATION = "mailadmin.asgi:application"
 READY_FD_VARIABLE = "MAILADMIN_WEB_READY_FD"
+# The daphne endpoint of a worker's channel from runweb: ``handoff:fileno=N``.
+HANDOFF_ENDPOINT = "handoff:fileno="
+# Connections accepted (runweb) or taken over (a worker) in one go before looking around again.
+ACCEPT_BATCH = 64
 STOP_GRACE_SECONDS = 10
 POLL_SECONDS = 0.2
 
 
 def bind(address: str, port: int) -> socket.socket:
-    """An IPv4 listening socket the workers inherit. (Twisted's ``fd:`` endpoint, which daphne
-    adopts it through, takes IPv4 sockets only; put a proxy in front for IPv6.)"""
+    """An IPv4 listening socket, on which ``runweb`` accepts for its workers."""
     listener = socket.create_server((address, port), family=socket.AF_INET, backlog=socket.SOMAXCONN)
-    listener.set_inheritable(True)
+    listener.setblocking(False)
     return listener
 
 
-def worker_command(listener: socket.socket, daphne_args: list[str]) -> list[str]:
-    """A web worker: ``python -m mailadmin.webworker``, accepting on the inherited socket."""
-    endpoint = f"fd:fileno={listener.fileno()}"
+def worker_command(channel: socket.socket, daphne_args: list[str]) -> list[str]:
+    """A web worker: ``python -m mailadmin.webworker``, serving what arrives on ``channel``."""
+    endpoint = f"{HANDOFF_ENDPOINT}{channel.fileno()}"
     return [sys.executable, "-m", "mailadmin.webworker", "-e", endpoint, *daphne_args, APPLICATION]
 
 
 def run(listener: socket.socket, workers: int, daphne_args: list[str], started: Callable[[], None]) -> int:
-    """Start ``workers`` daphne processes on ``listener``, call ``started()`` once all of them
-    serve, and wait until they end: 0 when they were stopped (SIGTERM, SIGINT, passed on to
-    each), 1 when one ended by itself, after the others have been stopped, so that a supervisor
-    restarts the service whole."""
-    command = worker_command(listener, daphne_args)
+    """Start ``workers`` daphne processes, call ``started()`` once all of them serve, and hand
+    them the connections to ``listener`` until they end: 0 when they were stopped (SIGTERM,
+    SIGINT, passed on to each), 1 when one ended by itself, after the others have been
+    stopped, so that a supervisor restarts the service whole."""
     supervisor = _Supervisor()
     previous = {signum: signal.signal(signum, supervisor.forward) for signum in STOP_SIGNALS}
     ready, ready_writer = os.pipe()
     environment = {**os.environ, READY_FD_VARIABLE: str(ready_writer)}
+    channels: list[socket.socket] = []
     try:
         for _ in range(workers):
-            supervisor.children.append(
-                subprocess.Popen(
-                    command,
-                    env=environment,
-                    pass_fds=[listener.fileno(), ready_writer],
-                    preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            ours.setblocking(False)
+            channels.append(ours)
+            with theirs:
+                supervisor.children.append(
+                    subprocess.Popen(
+                        worker_command(theirs, daphne_args),
+                        env=environment,
+                        pass_fds=[theirs.fileno(), ready_writer],
+                        preexec_fn=lambda: die_with_parent(signal.SIGTERM),
+                    )
                 )
-            )
-        listener.close()  # the workers hold it now
         os.close(ready_writer)
         if supervisor.await_ready(ready, workers):
             started()
-        return supervisor.wait()
+        return supervisor.wait(Dispatcher(listener, channels))
     finally:
         os.close(ready)
         supervisor.stop()
+        listener.close()
+        for channel in channels:
+            channel.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+class Dispatcher:
+    """``runweb``'s accept loop: each new connection goes to the next worker in turn.
+
+    A worker that cannot take one now (its channel full, or it has ended) is passed over for the
+    next; when none can, the connection is closed, and the client sees it reset.
+    """
+
+    def __init__(self, listener: socket.socket, channels: list[socket.socket]) -> None:
+        self.listener = listener
+        self.channels = channels
+        self.next = 0
+
+    def serve(self, seconds: float) -> None:
+        """Wait up to ``seconds`` for connections, and hand over those waiting."""
+        readable, _, _ = select.select([self.listener], [], [], seconds)
+        if readable:
+            self.hand_over_waiting()
+
+    def hand_over_waiting(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                connection, _ = self.listener.accept()
+            except (BlockingIOError, ConnectionAbortedError):
+                return
+            except OSError as error:  # out of descriptors, say: the kernel keeps the rest queued
+                sys.stderr.write(f"runweb cannot accept a connection: {error}\n")
+                return
+            with connection:
+                self.hand_over(connection)
+
+    def hand_over(self, connection: socket.socket) -> bool:
+        """Pass ``connection`` to a worker (our copy is closed by the caller); whether one took it."""
+        for _ in range(len(self.channels)):
+            channel = self.channels[self.next]
+            self.next = (self.next + 1) % len(self.channels)
+            try:
+                socket.send_fds(channel, [b"c"], [connection.fileno()])
+            except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+                continue
+            return True
+        return False
+
+
+def serve_handed_connections(server, reactor) -> None:
+    """In a worker: serve, with daphne's HTTP and websocket protocol, the connections ``runweb``
+    hands over on the channels its ``handoff:fileno=N`` endpoints name (daphne itself listens
+    on its other endpoints, if any). Called with daphne's ``Server`` before it runs."""
+    channels = [int(e[len(HANDOFF_ENDPOINT) :]) for e in server.endpoints if e.startswith(HANDOFF_ENDPOINT)]
+    server.endpoints = [e for e in server.endpoints if not e.startswith(HANDOFF_ENDPOINT)]
+    announce = server.ready_callable
+
+    def start() -> None:  # daphne calls it once its protocol factory exists, before its reactor runs
+        for descriptor in channels:
+            reactor.addReader(_HandedConnections(descriptor, server.http_factory, reactor))
+            logger.info("Serving the connections runweb hands over on descriptor %d", descriptor)
+        if announce:
+            announce()
+
+    server.ready_callable = start
+
+
+@implementer(IReadDescriptor)
+class _HandedConnections:
+    """The worker's end of a channel: each message carries one accepted connection."""
+
+    def __init__(self, descriptor: int, factory, reactor) -> None:
+        self.channel = socket.socket(fileno=descriptor)
+        self.channel.setblocking(False)
+        self.factory = factory
+        self.reactor = reactor
+
+    def fileno(self) -> int:
+        return self.channel.fileno()
+
+    def logPrefix(self) -> str:  # noqa: N802 (Twisted's name)
+        return "runweb-handoff"
+
+    def doRead(self):  # noqa: N802 (Twisted's name)
+        for _ in range(ACCEPT_BATCH):
+            try:
+                data, descriptors, _, _ = socket.recv_fds(self.channel, 1, 1)
+            except BlockingIOError:
+                return None
+            if not data and not descriptors:  # runweb has gone (its worker follows: die_with_parent)
+                return CONNECTION_DONE
+            for descriptor in descriptors:
+                self._adopt(descriptor)
+        return None
+
+    def _adopt(self, descriptor: int) -> None:
+        with socket.socket(fileno=descriptor) as connection:  # closed here: Twisted takes a copy
+            try:
+                self.reactor.adoptStreamConnection(connection.fileno(), connection.family, self.factory)
+            except OSError:  # the client left before we got to it
+                pass
+
+    def connectionLost(self, reason) -> None:  # noqa: N802 (Twisted's name)
+        self.channel.close()
 
 
 def announce_ready() -> None:
@@ -111,7 +231,7 @@ class _Supervisor:
                 said += len(os.read(ready, workers))
         return said == workers
 
-    def wait(self) -> int:
+    def wait(self, dispatcher: Dispatcher) -> int:
         while not self.stopping:
             ended = self._ended()
             if ended is not None:
@@ -120,7 +240,7 @@ class _Supervisor:
                     "stopping the others\n"
                 )
                 return 1
-            time.sleep(POLL_SECONDS)
+            dispatcher.serve(POLL_SECONDS)
         self.stop()
         stopped = (0, -signal.SIGTERM, -signal.SIGINT)
         return 0 if all(child.returncode in stopped for child in self.children) else 1

@@ -5,14 +5,16 @@ import http.client
 import io
 import os
 import signal
+import socket
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from django.core.management import call_command
 from django.db import connection
 
-from mailadmin import executors
+from mailadmin import executors, webworkers
 from mailadmin.sqlite import dbapi2 as sqlite3
 from tests.conftest import run_manage
 from tests.daemons import HOST, STARTUP_TIMEOUT, DaemonProcess, free_port, running_daemon, start_daemon
@@ -72,7 +74,7 @@ def test_workers_serve_one_port_and_stop_together_on_sigterm(tmp_path):
 def test_runweb_says_it_listens_once_every_worker_serves(tmp_path):
     """It said so as soon as it had started the workers, seconds before they served."""
     with running_daemon(tmp_path, lambda attempt: start_runweb(tmp_path, "--workers", "2")[0]) as web:
-        assert web.stderr_text().count("Listening on TCP address") == 2
+        assert web.stderr_text().count("Serving the connections runweb hands over") == 2
         assert web.stdout_lines[0] == f"Web listening on 127.0.0.1:{web_port(web)} (2 daphne processes)"
 
 
@@ -89,6 +91,84 @@ def test_the_workers_count_comes_from_web_workers(tmp_path):
     with running_daemon(tmp_path, lambda attempt: start_runweb(tmp_path, WEB_WORKERS="3")[0]) as web:
         assert len(web.workers()) == 3
         assert web.stdout_lines[0].endswith("(3 daphne processes)")
+
+
+def test_connections_are_shared_out_among_the_workers_in_turn(tmp_path):
+    """Left to the kernel, the first worker to wake took every connection waiting: with both
+    workers stopped while four clients connected, one of them got all four."""
+    with running_daemon(tmp_path, lambda attempt: start_runweb(tmp_path, "--workers", "2")[0]) as web:
+        port = web_port(web)
+        workers = web.workers()
+        for worker in workers:
+            os.kill(worker, signal.SIGSTOP)
+        try:
+            clients = [socket.create_connection((HOST, port), timeout=10) for _ in range(4)]
+        finally:
+            for worker in workers:
+                os.kill(worker, signal.SIGCONT)
+        try:
+            for client in clients:
+                client.sendall(b"GET /admin/login/ HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                assert client.recv(64).startswith(b"HTTP/1.1 200 ")
+            holders = [worker_holding(workers, client) for client in clients]
+        finally:
+            for client in clients:
+                client.close()
+        assert sorted(holders.count(worker) for worker in workers) == [2, 2]
+
+
+def worker_holding(workers: list[int], client: socket.socket) -> int:
+    """The worker process whose socket is the other end of ``client`` (from /proc)."""
+    client_port = client.getsockname()[1]
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == client_port:  # the server side: remote = client
+            inodes.add(fields[9])
+    for worker in workers:
+        for descriptor in Path(f"/proc/{worker}/fd").iterdir():
+            if os.readlink(descriptor) in {f"socket:[{inode}]" for inode in inodes}:
+                return worker
+    raise AssertionError(f"no worker holds the connection from port {client_port}")
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    return ours, theirs
+
+
+def received(channel: socket.socket) -> int:
+    """How many connections are waiting on a worker's end of a channel (each then closed)."""
+    channel.setblocking(False)
+    count = 0
+    while True:
+        try:
+            _, descriptors, _, _ = socket.recv_fds(channel, 1, 1)
+        except BlockingIOError:
+            return count
+        for descriptor in descriptors:
+            os.close(descriptor)
+        count += 1
+
+
+def test_a_worker_that_cannot_take_a_connection_is_passed_over():
+    (full, full_end), (gone, gone_end), (free, free_end) = channel_pair(), channel_pair(), channel_pair()
+    gone_end.close()
+    filled = 0
+    with socket.socket() as connection, socket.socket() as listener:
+        while True:  # a worker that stopped reading: its channel is full
+            try:
+                socket.send_fds(full, [b"c"], [connection.fileno()])
+            except BlockingIOError:
+                break
+            filled += 1
+        dispatcher = webworkers.Dispatcher(listener, [full, gone, free])
+        assert [dispatcher.hand_over(connection) for _ in range(3)] == [True, True, True]
+        assert (received(full_end), received(free_end)) == (filled, 3)
+        full_end.close()
+        free_end.close()
+        assert dispatcher.hand_over(connection) is False  # no worker left: the caller closes it
 
 
 def test_a_port_in_use_is_refused_naming_it(tmp_path):
