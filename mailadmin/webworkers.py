@@ -8,9 +8,9 @@ rows and the API's failure counts are rows (or Redis, with ``REDIS_URL``).
 
 ``runweb`` accepts the connections itself and hands each to the next worker in turn, over a
 Unix socket of its own (``SCM_RIGHTS``). Left to the kernel, whichever worker woke first took
-every connection waiting: four keep-alive clients starting together all landed on one worker
-one run in eight, three on one in half of them, and that worker's core set the rate (an API
-``GET`` at 330-650 a second beside 1,050 when they were shared out).
+every connection waiting: four keep-alive clients starting together all landed on one worker in
+about one run of six, and that worker's core set the rate (an API ``GET`` at 360 a second
+against 650-710 in the same minute when both workers had some).
 
 The workers are new interpreters, not forks of this one: importing daphne installs its Twisted
 reactor on an event loop, and a forked loop would share its epoll instance with its siblings.
