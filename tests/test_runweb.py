@@ -94,8 +94,9 @@ def test_the_workers_count_comes_from_web_workers(tmp_path):
 
 
 def test_connections_are_shared_out_among_the_workers_in_turn(tmp_path):
-    """Left to the kernel, the first worker to wake took every connection waiting: with both
-    workers stopped while four clients connected, one of them got all four."""
+    """runweb hands the connections over in turn. When the workers accepted on the shared
+    socket themselves, the first to wake took every connection waiting: with both stopped
+    while four clients connected, one of them got three or four."""
     with running_daemon(tmp_path, lambda attempt: start_runweb(tmp_path, "--workers", "2")[0]) as web:
         port = web_port(web)
         workers = web.workers()
@@ -132,12 +133,6 @@ def worker_holding(workers: list[int], client: socket.socket) -> int:
     raise AssertionError(f"no worker holds the connection from port {client_port}")
 
 
-def channel_pair() -> tuple[socket.socket, socket.socket]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ours.setblocking(False)
-    return ours, theirs
-
-
 def received(channel: socket.socket) -> int:
     """How many connections are waiting on a worker's end of a channel (each then closed)."""
     channel.setblocking(False)
@@ -153,7 +148,7 @@ def received(channel: socket.socket) -> int:
 
 
 def test_a_worker_that_cannot_take_a_connection_is_passed_over():
-    (full, full_end), (gone, gone_end), (free, free_end) = channel_pair(), channel_pair(), channel_pair()
+    (full, full_end), (gone, gone_end), (free, free_end) = (webworkers.channel_pair() for _ in range(3))
     gone_end.close()
     filled = 0
     with socket.socket() as connection, socket.socket() as listener:
@@ -168,7 +163,65 @@ def test_a_worker_that_cannot_take_a_connection_is_passed_over():
         assert (received(full_end), received(free_end)) == (filled, 3)
         full_end.close()
         free_end.close()
-        assert dispatcher.hand_over(connection) is False  # no worker left: the caller closes it
+        assert dispatcher.hand_over(connection) is False  # no worker can take it: it waits
+
+
+def answered(client: socket.socket) -> bool:
+    return client.recv(64).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_stopped_worker_holds_only_a_few_connections_and_serves_them_once_it_goes_on(tmp_path):
+    """The others serve the rest meanwhile; nothing is lost."""
+    with running_daemon(tmp_path, lambda attempt: start_runweb(tmp_path, "--workers", "2")[0]) as web:
+        port = web_port(web)
+        stopped, _ = web.workers()
+        os.kill(stopped, signal.SIGSTOP)
+        clients = []
+        try:
+            for _ in range(20):
+                client = socket.create_connection((HOST, port), timeout=10)
+                clients.append(client)
+                client.sendall(b"GET /admin/login/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            client_timeout = 2
+            held = []
+            for client in clients:
+                client.settimeout(client_timeout)
+                try:
+                    assert answered(client)
+                except TimeoutError:
+                    held.append(client)
+                    client_timeout = 0.2  # the others have had their time by now
+        finally:
+            os.kill(stopped, signal.SIGCONT)
+        for client in held:
+            client.settimeout(10)
+        assert 1 <= len(held) <= 8
+        assert [answered(client) for client in held] == [True] * len(held)
+        for client in clients:
+            client.close()
+
+
+def test_stopping_runweb_closes_the_port_before_the_workers_stop(tmp_path):
+    web, port = start_runweb(tmp_path, "--workers", "2")
+    assert get(port, "/admin/login/") == 200
+    workers = web.workers()
+    for worker in workers:
+        os.kill(worker, signal.SIGSTOP)  # slow to stop: the port must not wait for them
+    os.kill(web.pid, signal.SIGTERM)
+    try:
+        refused = False
+        for _ in range(100):
+            try:
+                socket.create_connection((HOST, port), timeout=1).close()
+            except ConnectionRefusedError:
+                refused = True
+                break
+            time.sleep(0.05)
+        assert refused
+    finally:
+        for worker in workers:
+            os.kill(worker, signal.SIGCONT)
+    assert web.process.wait(timeout=30) == 0
 
 
 def test_a_port_in_use_is_refused_naming_it(tmp_path):

@@ -13,8 +13,9 @@ from mailadmin.prefork import worker_count_argument
 
 class Command(BaseCommand):
     help = (
-        "Serve the web admin, the console and the API with daphne in several processes sharing "
-        "one port; options after -- are passed to each daphne (e.g. -- --proxy-headers)."
+        "Serve the web admin, the console and the API with daphne in several processes on one "
+        "port, handing each connection to the next in turn; options after -- are passed to each "
+        "daphne (e.g. -- --proxy-headers)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
