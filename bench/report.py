@@ -99,6 +99,7 @@ CHECKS = (
         0.25,
         at_least=False,
     ),
+    Check("large_mailbox", "first_login_to_stat_s", "", "s PASS..STAT, read", None, kind=INFO),
     Check("large_mailbox", "list_s", "", "s LIST", 0.02, 0.02, at_least=False),
     Check("large_mailbox", "uidl_s", "", "s UIDL", 0.13, 0.13, at_least=False),
     Check(

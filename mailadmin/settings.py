@@ -319,6 +319,11 @@ POP3_AUTH_THREADS = _env_int("POP3_AUTH_THREADS", 2)
 # Seconds a successful password verification is remembered (keyed hash, in memory); 0 = off.
 POP3_AUTH_CACHE_TTL = _env_float("POP3_AUTH_CACHE_TTL", 300.0)
 POP3_DB_THREADS = _env_int("POP3_DB_THREADS", 8)
+# Messages of large mailboxes' login snapshots each runpop3 process keeps between sessions
+# (about 250 bytes each; 0 keeps none): mailadmin.pop3d.snapshots.
+POP3_SNAPSHOT_CACHE_MESSAGES = _env_int("POP3_SNAPSHOT_CACHE_MESSAGES", 200_000)
+# Smaller mailboxes are read afresh at every login: it costs about what checking the kept copy does.
+POP3_SNAPSHOT_CACHE_MIN_MESSAGES = max(1, _env_int("POP3_SNAPSHOT_CACHE_MIN_MESSAGES", 5000))
 # Processes serving the listeners; "auto" (the default) is one per CPU this process may use.
 POP3_WORKERS = _env_workers("POP3_WORKERS")
 # daphne processes ``runweb`` (and so ``runall``) starts on the web port; "auto" is one per CPU.

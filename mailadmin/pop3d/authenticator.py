@@ -50,7 +50,7 @@ import secrets
 import threading
 import time
 import unicodedata
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -391,7 +391,7 @@ def current_user(username: str) -> VerifiedUser | None:
     return VerifiedUser(mailbox_id, name, registry.password_fingerprint(password))
 
 
-def open_maildrop(lease: Lease, policy: AuthPolicy) -> tuple[LoginFailure | None, list[MessageInfo]]:
+def open_maildrop(lease: Lease, policy: AuthPolicy) -> tuple[LoginFailure | None, Sequence[MessageInfo]]:
     """LOGIN-DELAY, then the lease and the snapshot; in that order."""
     mailbox_id = lease.mailbox_id
     if policy.login_delay_seconds:

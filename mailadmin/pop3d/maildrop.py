@@ -15,6 +15,7 @@ the old place is dropped.
 """
 
 import asyncio
+import functools
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Sequence
 from operator import attrgetter
@@ -24,6 +25,7 @@ from django.conf import settings
 from mailadmin.executors import TRANSIENT_DB_ERRORS, BoundedExecutor
 from mailadmin.hosting import store
 from mailadmin.pop3d.leases import Lease
+from mailadmin.pop3d.snapshots import SnapshotCache
 from pop3.mailbox import MaildropError, MessageGone, MessageInfo
 
 # First chunks held ahead of the client per session, at most (one chunk beyond it when a
@@ -32,9 +34,19 @@ READAHEAD_BYTES = 128 * 1024
 READAHEAD_MESSAGES = 64
 
 
-def snapshot(mailbox_id: int) -> list[MessageInfo]:
-    """The login snapshot; call it on a database thread: 100,000 messages take a while."""
-    return list(map(MessageInfo._make, store.maildrop_snapshot(mailbox_id)))
+def snapshot(mailbox_id: int) -> Sequence[MessageInfo]:
+    """The login snapshot; call it on a database thread: 100,000 messages take a while, unless
+    the process kept them from the mailbox's last login (``snapshots``)."""
+    return _snapshots().snapshot(mailbox_id, store.maildrop_version, _read_snapshot)
+
+
+def _read_snapshot(mailbox_id: int) -> tuple[MessageInfo, ...]:
+    return tuple(map(MessageInfo._make, store.maildrop_snapshot(mailbox_id)))
+
+
+@functools.cache
+def _snapshots() -> SnapshotCache:
+    return SnapshotCache(settings.POP3_SNAPSHOT_CACHE_MESSAGES, settings.POP3_SNAPSHOT_CACHE_MIN_MESSAGES)
 
 
 class OrmMaildrop:

@@ -60,6 +60,7 @@ from mailadmin.hosting.store.fastsql import (
     find_mailbox,
     find_recipient,
     maildrop_snapshot,
+    maildrop_version,
     read_chunk,
     read_first_chunks,
 )
@@ -138,6 +139,7 @@ __all__ = [
     "lock_group",
     "mark_quota_warning",
     "maildrop_snapshot",
+    "maildrop_version",
     "next_uid_validity",
     "normalised_or_refused",
     "read_chunk",

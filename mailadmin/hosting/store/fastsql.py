@@ -345,6 +345,16 @@ def maildrop_snapshot(mailbox_id: int) -> list[tuple[int, int, str, int]]:
         return cursor.fetchall()
 
 
+def maildrop_version(mailbox_id: int) -> tuple[int, int, int] | None:
+    """(uid_validity, next_uid, used_messages) of a mailbox, or None if it is gone: what moves
+    whenever its messages change (``mailadmin.pop3d.snapshots``)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_VERSION, [mailbox_id])
+        return cursor.fetchone()
+
+
+_VERSION = f"SELECT uid_validity, next_uid, used_messages FROM {MAILBOX_TABLE} WHERE id = %s"
+
 _SNAPSHOT = (
     f"SELECT id, size_bytes, uidl, header_size_bytes FROM {Message._meta.db_table} "
     "WHERE mailbox_id = %s ORDER BY id"
