@@ -115,7 +115,7 @@ class Environment:
             **extra,
         }
 
-    def run(self, *args: str, timeout: float = 3600) -> subprocess.CompletedProcess:
+    def run(self, *args: str, timeout: float = 3600, input: str | None = None) -> subprocess.CompletedProcess:
         """Run a Python module or script with the project's interpreter; fail loudly."""
         result = subprocess.run(
             [sys.executable, *args],
@@ -124,6 +124,7 @@ class Environment:
             capture_output=True,
             text=True,
             timeout=timeout,
+            input=input,
         )
         if result.returncode:
             raise SystemExit(

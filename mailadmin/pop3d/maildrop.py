@@ -25,7 +25,7 @@ from django.conf import settings
 from mailadmin.executors import TRANSIENT_DB_ERRORS, BoundedExecutor
 from mailadmin.hosting import store
 from mailadmin.pop3d.leases import Lease
-from mailadmin.pop3d.snapshots import SnapshotCache
+from mailadmin.pop3d.snapshots import SnapshotCache, collection_paused
 from pop3.mailbox import MaildropError, MessageGone, MessageInfo
 
 # First chunks held ahead of the client per session, at most (one chunk beyond it when a
@@ -41,7 +41,8 @@ def snapshot(mailbox_id: int) -> Sequence[MessageInfo]:
 
 
 def _read_snapshot(mailbox_id: int) -> tuple[MessageInfo, ...]:
-    return tuple(map(MessageInfo._make, store.maildrop_snapshot(mailbox_id)))
+    with collection_paused():
+        return tuple(map(MessageInfo._make, store.maildrop_snapshot(mailbox_id)))
 
 
 @functools.cache
