@@ -12,7 +12,7 @@ from mailadmin.hosting import store
 from mailadmin.mailin.delivery import deliver
 from mailadmin.models import Mailbox, Message
 from mailadmin.pop3d import maildrop
-from mailadmin.pop3d.snapshots import SnapshotCache, collection_paused
+from mailadmin.pop3d.snapshots import SnapshotCache
 from tests.pop3_server import running_pop3
 
 PASSWORD = "correct horse"
@@ -157,27 +157,6 @@ def test_runpop3_keeps_a_snapshot_and_still_sees_what_another_process_changed(la
         store.delete_messages(large, [Message.objects.filter(mailbox=large).order_by("pk").first().pk])
         assert pop3_uidls(port, large.address) == uidls(large)
         assert len(uidls(large)) == 3
-
-
-def test_the_collector_is_paused_while_any_snapshot_is_built_and_resumes_after_the_last():
-    assert gc.isenabled()
-    first, second = collection_paused(), collection_paused()
-    first.__enter__()
-    second.__enter__()
-    first.__exit__(None, None, None)
-    assert not gc.isenabled()  # the second is still being built
-    second.__exit__(None, None, None)
-    assert gc.isenabled()
-
-
-def test_a_collector_switched_off_before_stays_off():
-    gc.disable()
-    try:
-        with collection_paused():
-            pass
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
 
 
 @pytest.mark.django_db

@@ -7,10 +7,8 @@ deleted, however old. Each batch is added to the hourly figures (``figures``) in
 that deletes it, so the charts keep counting what went.
 """
 
-import contextlib
-import gc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -19,6 +17,7 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from mailadmin.collector import collection_paused
 from mailadmin.hosting import figures
 from mailadmin.hosting.commits import leaving_no_flush_to_others, letting_the_log_catch_up
 from mailadmin.models import AuthFailure, Pop3Session
@@ -85,7 +84,7 @@ def _delete_in_batches(
         todo = rows if since is None else rows.filter(**{f"{time_field}__gte": since})
         # A batch a crash forgets (on SQLite, whose commits here do not wait for the disk) is
         # forgotten whole, figures and deletions together, and the next run prunes its rows again.
-        with _collector_paused(), leaving_no_flush_to_others():
+        with collection_paused(), leaving_no_flush_to_others():
             batch = list(todo.order_by(time_field).values_list("pk", "domain_id", time_field)[:size])
             if batch:
                 roll_up([(pk, domain_id) for pk, domain_id, _ in batch])
@@ -102,20 +101,6 @@ def _delete_in_batches(
         if batch_size is None:
             size = next_batch_size(size, took)
         time.sleep(min(MAX_PAUSE_SECONDS, took))
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's garbage collector off for one batch: a full collection (70 ms in a prune
-    process, bench console_prune) inside a batch held the write turn that long. Turned back on
-    after the commit, it collects what it missed before the next batch begins."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def next_batch_size(size: int, took: float) -> int:

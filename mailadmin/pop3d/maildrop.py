@@ -22,10 +22,11 @@ from operator import attrgetter
 
 from django.conf import settings
 
+from mailadmin.collector import collection_paused
 from mailadmin.executors import TRANSIENT_DB_ERRORS, BoundedExecutor
 from mailadmin.hosting import store
 from mailadmin.pop3d.leases import Lease
-from mailadmin.pop3d.snapshots import SnapshotCache, collection_paused
+from mailadmin.pop3d.snapshots import SnapshotCache
 from pop3.mailbox import MaildropError, MessageGone, MessageInfo
 
 # First chunks held ahead of the client per session, at most (one chunk beyond it when a

@@ -21,11 +21,9 @@ later login read its version first; small mailboxes pay no extra query. At most
 going first.
 """
 
-import gc
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 from pop3.mailbox import MessageInfo
 
@@ -92,33 +90,3 @@ class SnapshotCache:
         entry = self._entries.pop(mailbox_id, None)
         if entry is not None:
             self.kept -= len(entry[1])
-
-
-_pauses = 0
-_pauses_lock = threading.Lock()
-_enabled_before = True
-
-
-@contextmanager
-def collection_paused() -> Iterator[None]:
-    """Python's cycle collector held off while a snapshot is built, in every thread.
-
-    Each of 100,000 new message tuples counts towards the collector's thresholds, and the
-    collections they set off walk every object of the process again and again: about two thirds
-    of reading a 100,000-message snapshot (0.25-0.3 s against 0.12 s without). Nothing a
-    snapshot makes has cycles; the collector starts again once the last snapshot being built
-    is done, as it was before the first.
-    """
-    global _pauses, _enabled_before
-    with _pauses_lock:
-        if _pauses == 0:
-            _enabled_before = gc.isenabled()
-            gc.disable()
-        _pauses += 1
-    try:
-        yield
-    finally:
-        with _pauses_lock:
-            _pauses -= 1
-            if _pauses == 0 and _enabled_before:
-                gc.enable()
