@@ -207,6 +207,9 @@ class Mailbox(StoreCounters, models.Model):
     # the store gives each new mailbox one from UidValidityCounter, larger than any before.
     next_uid = models.BigIntegerField(_("next UID"), default=1, editable=False)
     uid_validity = models.BigIntegerField(_("UID validity"), default=_unix_time_now, editable=False)
+    # Moved on in every transaction that stores or deletes any of the mailbox's messages (and by
+    # recalcquota): runpop3 takes a login snapshot it kept only while this has not moved.
+    changes = models.BigIntegerField(_("changes to its messages"), default=0, editable=False)
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     # The last successful POP3 login, written by the session registry with the session's row;
     # kept here because session rows are pruned and a mailbox's last login must outlive them.
@@ -218,6 +221,7 @@ class Mailbox(StoreCounters, models.Model):
         "used_messages",
         "next_uid",
         "uid_validity",
+        "changes",
         "quota_warning_percent",
         "last_login_at",
         "last_login_from",

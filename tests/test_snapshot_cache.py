@@ -10,7 +10,8 @@ from django.test.utils import CaptureQueriesContext
 
 from mailadmin.hosting import store
 from mailadmin.mailin.delivery import deliver
-from mailadmin.models import Mailbox, Message
+from mailadmin.mailin.messagefile import spool_message
+from mailadmin.models import Mailbox, Message, MessageChunk
 from mailadmin.pop3d import maildrop
 from mailadmin.pop3d.snapshots import SnapshotCache
 from tests.pop3_server import running_pop3
@@ -61,6 +62,28 @@ def test_a_delivery_or_a_deletion_since_the_last_login_is_seen(large):
     after_deletion = login_snapshot(cache, large)
     assert after_deletion == (uidls(large), 2) and len(after_deletion[0]) == 3
     assert login_snapshot(cache, large) == (uidls(large), 1)
+
+
+@pytest.mark.django_db
+def test_an_import_below_next_uid_then_a_deletion_is_seen(large):
+    """An imported message with its old UID (below next_uid) leaves next_uid where it was; with
+    one deletion after it, next_uid and the message count were back where they had been."""
+    cache = SnapshotCache(budget_messages=100, min_messages=3)
+    login_snapshot(cache, large)
+    login_snapshot(cache, large)
+    with spool_message([b"Subject: imported\r\n\r\nold\r\n"]) as message:
+        store.append_message(large, message, uidl="imported-uidl", uid=1)
+    store.delete_messages(large, [Message.objects.filter(mailbox=large).order_by("pk").first().pk])
+    after = login_snapshot(cache, large)
+    assert after == (uidls(large), 2) and "imported-uidl" in after[0]
+
+
+@pytest.mark.django_db
+def test_recalcquota_correcting_a_count_moves_the_version(large):
+    Mailbox.objects.filter(pk=large.pk).update(used_messages=99)
+    before = store.maildrop_version(large.pk)
+    store.recalculate_quota()
+    assert store.maildrop_version(large.pk) == (before[0], before[1] + 1)
 
 
 @pytest.mark.django_db
@@ -127,6 +150,27 @@ def test_the_least_recently_used_mailbox_goes_first_once_the_budget_is_spent():
     ]
 
 
+def test_a_mailbox_larger_than_the_budget_is_read_at_every_login():
+    reads: list = []
+    cache = SnapshotCache(budget_messages=3, min_messages=3)
+    read_version, read_messages = fake_mailboxes({1: (1, 1)}, {1: 5}, reads)
+    assert [len(cache.snapshot(1, read_version, read_messages)) for _ in range(4)] == [5] * 4
+    assert reads == [("messages", 1)] + [("version", 1), ("messages", 1)] * 3
+    assert cache.kept == 0
+
+
+def test_a_mailbox_no_longer_large_is_forgotten():
+    reads: list = []
+    sizes = {1: 4}
+    cache = SnapshotCache(budget_messages=100, min_messages=3)
+    read_version, read_messages = fake_mailboxes({1: (1, 1)}, sizes, reads)
+    cache.snapshot(1, read_version, read_messages)
+    sizes[1] = 2
+    for _ in range(3):
+        cache.snapshot(1, read_version, read_messages)
+    assert reads == [("messages", 1), ("version", 1), ("messages", 1), ("messages", 1), ("messages", 1)]
+
+
 def test_a_budget_of_nothing_keeps_nothing_and_reads_no_version():
     reads: list = []
     cache = SnapshotCache(budget_messages=0, min_messages=3)
@@ -152,11 +196,19 @@ def test_runpop3_keeps_a_snapshot_and_still_sees_what_another_process_changed(la
     with running_pop3(tmp_path / "pop3", **settings) as server:
         port = server.port
         assert [pop3_uidls(port, large.address) for _ in range(3)] == [uidls(large)] * 3
+        kept = uidls(large)
+        gone = Message.objects.filter(mailbox=large).last().pk
+        with connection.cursor() as cursor:  # behind the store's back: no version moves
+            cursor.execute(f"DELETE FROM {MessageChunk._meta.db_table} WHERE message_id = %s", [gone])
+            cursor.execute(f"DELETE FROM {Message._meta.db_table} WHERE id = %s", [gone])
+        assert pop3_uidls(port, large.address) == kept  # so runpop3 served the snapshot it kept
+        store.recalculate_quota()  # which notices the missing message
+        assert pop3_uidls(port, large.address) == uidls(large) == kept[:-1]
         deliver([large.address], [b"Subject: new\r\n\r\nbody\r\n"])  # this process, not runpop3
         assert pop3_uidls(port, large.address) == uidls(large)
         store.delete_messages(large, [Message.objects.filter(mailbox=large).order_by("pk").first().pk])
         assert pop3_uidls(port, large.address) == uidls(large)
-        assert len(uidls(large)) == 3
+        assert len(uidls(large)) == 2
 
 
 @pytest.mark.django_db

@@ -15,6 +15,7 @@ STORE_OWNED = {
         "used_messages",
         "next_uid",
         "uid_validity",
+        "changes",
         "quota_warning_percent",
         "last_login_at",
         "last_login_from",

@@ -194,7 +194,8 @@ def domain_fits(alias: str = "", size: str = "%(size)s") -> str:
 MAILBOX_TABLE = Mailbox._meta.db_table
 CHARGE = (
     f"UPDATE {MAILBOX_TABLE} SET used_bytes = used_bytes + %(size)s, used_messages = used_messages + 1, "
-    "next_uid = next_uid + %(uid_step)s WHERE id = %(id)s{condition} RETURNING next_uid, used_bytes"
+    "next_uid = next_uid + %(uid_step)s, changes = changes + 1 WHERE id = %(id)s{condition} "
+    "RETURNING next_uid, used_bytes"
 )
 CHARGE_MAILBOX = CHARGE.format(condition=f" AND {mailbox_fits()}")
 CHARGE_MAILBOX_UNCHECKED = CHARGE.format(condition="")
@@ -212,7 +213,7 @@ CHARGE_DOMAIN = f"{CHARGE_DOMAIN_UNCHECKED} AND {domain_fits()}"
 CHARGE_MAILBOXES = (
     "WITH charge (mailbox_id, add_bytes, add_messages) AS (VALUES {values}) "
     f"UPDATE {MAILBOX_TABLE} SET used_bytes = used_bytes + add_bytes, "
-    "used_messages = used_messages + add_messages, next_uid = next_uid + add_messages "
+    "used_messages = used_messages + add_messages, next_uid = next_uid + add_messages, changes = changes + 1 "
     f"FROM charge WHERE id = mailbox_id AND {mailbox_fits(size='add_bytes', messages='add_messages')} "
     "RETURNING id, next_uid, used_bytes"
 )
@@ -345,15 +346,15 @@ def maildrop_snapshot(mailbox_id: int) -> list[tuple[int, int, str, int]]:
         return cursor.fetchall()
 
 
-def maildrop_version(mailbox_id: int) -> tuple[int, int, int] | None:
-    """(uid_validity, next_uid, used_messages) of a mailbox, or None if it is gone: what moves
-    whenever its messages change (``mailadmin.pop3d.snapshots``)."""
+def maildrop_version(mailbox_id: int) -> tuple[int, int] | None:
+    """(uid_validity, changes) of a mailbox, or None if it is gone: what moves whenever its
+    messages change (``mailadmin.pop3d.snapshots``)."""
     with connection.cursor() as cursor:
         cursor.execute(_VERSION, [mailbox_id])
         return cursor.fetchone()
 
 
-_VERSION = f"SELECT uid_validity, next_uid, used_messages FROM {MAILBOX_TABLE} WHERE id = %s"
+_VERSION = f"SELECT uid_validity, changes FROM {MAILBOX_TABLE} WHERE id = %s"
 
 _SNAPSHOT = (
     f"SELECT id, size_bytes, uidl, header_size_bytes FROM {Message._meta.db_table} "

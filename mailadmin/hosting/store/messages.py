@@ -375,7 +375,9 @@ def delete_messages(mailbox: Mailbox, message_ids: Iterable[int]) -> tuple[int, 
             size += totals["size"] or 0
         if count:
             Mailbox.objects.filter(pk=mailbox.pk).update(
-                used_bytes=F("used_bytes") - size, used_messages=F("used_messages") - count
+                used_bytes=F("used_bytes") - size,
+                used_messages=F("used_messages") - count,
+                changes=F("changes") + 1,
             )
             Domain.objects.filter(pk=mailbox.domain_id).update(used_bytes=F("used_bytes") - size)
     return count, size

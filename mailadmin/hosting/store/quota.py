@@ -4,7 +4,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from django.db import transaction
-from django.db.models import Count, Sum
+from django.db.models import Count, F, Sum
 
 from mailadmin.hosting.store.accounts import get_mailbox
 from mailadmin.models import Domain, Mailbox, Message
@@ -71,8 +71,8 @@ def _recalculate_mailbox(mailbox_id: int, record: Record | None) -> list[Drift]:
             for counter, value in actual.items()
             if getattr(mailbox, counter) != value
         ]
-        if drifts:
-            Mailbox.objects.filter(pk=mailbox_id).update(**actual)
+        if drifts:  # changes too: a corrected count must not make a kept snapshot look current
+            Mailbox.objects.filter(pk=mailbox_id).update(**actual, changes=F("changes") + 1)
             if record is not None:
                 record(drifts)
     return drifts
