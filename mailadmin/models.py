@@ -208,8 +208,9 @@ class Mailbox(StoreCounters, models.Model):
     next_uid = models.BigIntegerField(_("next UID"), default=1, editable=False)
     uid_validity = models.BigIntegerField(_("UID validity"), default=_unix_time_now, editable=False)
     # Moved on in every transaction that stores or deletes any of the mailbox's messages (and by
-    # recalcquota): runpop3 takes a login snapshot it kept only while this has not moved.
-    changes = models.BigIntegerField(_("changes to its messages"), default=0, editable=False)
+    # recalcquota): runpop3 takes a login snapshot it kept only while this has not moved. A default
+    # in the database too, for rows inserted by SQL of their own (a bulk load, the bench's seeds).
+    changes = models.BigIntegerField(_("changes to its messages"), default=0, db_default=0, editable=False)
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     # The last successful POP3 login, written by the session registry with the session's row;
     # kept here because session rows are pruned and a mailbox's last login must outlive them.
