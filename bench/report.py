@@ -101,6 +101,7 @@ CHECKS = (
     ),
     Check("large_mailbox", "first_login_to_stat_s", "", "s PASS..STAT, read", None, kind=INFO),
     Check("large_mailbox", "list_s", "", "s LIST", 0.02, 0.02, at_least=False),
+    Check("large_mailbox", "first_list_s", "", "s LIST, made", None, kind=INFO),
     Check("large_mailbox", "uidl_s", "", "s UIDL", 0.13, 0.13, at_least=False),
     Check(
         "large_mailbox", "retr_last_s", "", "ms RETR last", 1, 1, at_least=False, kind=REFERENCE, scale=1000

@@ -7,7 +7,7 @@ locked :class:`Maildrop` (or a failure), and the maildrop is all the session tou
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -62,6 +62,20 @@ class Maildrop(Protocol):
     async def commit(self, deleted: Sequence[MessageInfo]) -> None: ...
 
     async def release(self) -> None: ...
+
+
+class SharedSnapshot(tuple):
+    """A login snapshot that several sessions may be given (a server keeping it between them).
+
+    It keeps the whole LIST and UIDL replies once a session has made them with no message marked
+    deleted: a session's listing depends on nothing else, and 100,000 lines take ~20 ms to make.
+    """
+
+    def listing(self, field: str, make: Callable[[], bytes]) -> bytes:
+        listings = self.__dict__.setdefault("listings", {})
+        if field not in listings:
+            listings[field] = make()
+        return listings[field]
 
 
 class LoginFailure(enum.Enum):

@@ -30,6 +30,7 @@ from pop3.mailbox import (
     NullObserver,
     SessionObserver,
     SessionStats,
+    SharedSnapshot,
 )
 from pop3.protocol import ResponseCode, err, multiline, ok
 
@@ -392,6 +393,11 @@ class Session:
 
     def _listing(self, field: str) -> bytes:
         """LIST or UIDL of every message not marked deleted (100,000 lines: kept to one pass)."""
+        if isinstance(self._messages, SharedSnapshot) and not self._deleted:
+            return self._messages.listing(field, lambda: self._make_listing(field))
+        return self._make_listing(field)
+
+    def _make_listing(self, field: str) -> bytes:
         numbered = zip(count(1), map(attrgetter(field), self._messages))
         if self._deleted:
             numbered = ((n, value) for n, value in numbered if n not in self._deleted)

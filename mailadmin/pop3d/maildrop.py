@@ -27,7 +27,7 @@ from mailadmin.executors import TRANSIENT_DB_ERRORS, BoundedExecutor
 from mailadmin.hosting import store
 from mailadmin.pop3d.leases import Lease
 from mailadmin.pop3d.snapshots import SnapshotCache
-from pop3.mailbox import MaildropError, MessageGone, MessageInfo
+from pop3.mailbox import MaildropError, MessageGone, MessageInfo, SharedSnapshot
 
 # First chunks held ahead of the client per session, at most (one chunk beyond it when a
 # single first chunk is larger); a batch is fetched when less than half of it is left.
@@ -41,9 +41,9 @@ def snapshot(mailbox_id: int) -> Sequence[MessageInfo]:
     return _snapshots().snapshot(mailbox_id, store.maildrop_version, _read_snapshot)
 
 
-def _read_snapshot(mailbox_id: int) -> tuple[MessageInfo, ...]:
+def _read_snapshot(mailbox_id: int) -> SharedSnapshot:
     with collection_paused():
-        return tuple(map(MessageInfo._make, store.maildrop_snapshot(mailbox_id)))
+        return SharedSnapshot(map(MessageInfo._make, store.maildrop_snapshot(mailbox_id)))
 
 
 @functools.cache

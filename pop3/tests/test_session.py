@@ -28,6 +28,7 @@ from pop3.mailbox import (
     MessageInfo,
     SessionObserver,
     SessionStats,
+    SharedSnapshot,
 )
 from pop3.protocol import (
     MAX_COMMANDS_BEFORE_LOGIN,
@@ -756,6 +757,40 @@ def test_listings_skip_deleted_messages_and_keep_numbers():
         + M3
         + b".\r\n"
     )
+
+
+class SharedSnapshotMaildrop(MemoryMaildrop):
+    """Every session of the store gets one snapshot, as runpop3 gives a kept one."""
+
+    shared: SharedSnapshot | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if SharedSnapshotMaildrop.shared is None:
+            SharedSnapshotMaildrop.shared = SharedSnapshot(self.messages)
+        self.messages = SharedSnapshotMaildrop.shared
+
+
+def test_a_shared_snapshot_keeps_its_whole_listings_and_a_session_with_deletions_makes_its_own(
+    monkeypatch,
+):
+    monkeypatch.setattr(SharedSnapshotMaildrop, "shared", None)
+    store = alice_store(maildrop_class=SharedSnapshotMaildrop)
+    whole_list = b"+OK 3 messages (106 octets)\r\n1 23\r\n2 47\r\n3 36\r\n.\r\n"
+    whole_uidl = b"+OK 3 messages (106 octets)\r\n1 uid-1\r\n2 uid-2\r\n3 uid-3\r\n.\r\n"
+    first = transcript(LOGIN, b"LIST\r\nUIDL\r\nQUIT\r\n", store=store)
+    assert GREETING_LINE + LOGGED_IN + whole_list + whole_uidl in first
+    assert SharedSnapshotMaildrop.shared.__dict__["listings"] == {"size": whole_list, "uidl": whole_uidl}
+    second = transcript(LOGIN, b"DELE 2\r\nLIST\r\nUIDL\r\nRSET\r\nLIST\r\n", store=store)
+    assert second.startswith(
+        GREETING_LINE
+        + LOGGED_IN
+        + ok(TEXT_MARKED)
+        + b"+OK 2 messages (59 octets)\r\n1 23\r\n3 36\r\n.\r\n"
+        + b"+OK 2 messages (59 octets)\r\n1 uid-1\r\n3 uid-3\r\n.\r\n+OK "
+    )
+    assert second.endswith(whole_list)  # after RSET: the whole listing again
+    assert SharedSnapshotMaildrop.shared.__dict__["listings"] == {"size": whole_list, "uidl": whole_uidl}
 
 
 def test_rset_unmarks_everything_and_quit_then_deletes_nothing():
