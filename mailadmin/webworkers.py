@@ -177,10 +177,14 @@ class Dispatcher:
             return True
         return False
 
-    def stop_accepting(self) -> None:
-        """Close the port (clients still queued on it are refused) and the connections not yet
-        handed over: none goes to a worker that is stopping."""
+    def close_port(self) -> None:
+        """Close the port: clients still queued on it are refused. Safe in a signal handler,
+        which may run in the middle of a hand-over (``waiting`` is left to the main flow)."""
         self.listener.close()
+
+    def stop_accepting(self) -> None:
+        """Close the port and the connections not yet handed over."""
+        self.close_port()
         while self.waiting:
             self.waiting.popleft().close()
 
@@ -277,7 +281,7 @@ class _Supervisor:
 
     def forward(self, signum: int, frame: object) -> None:
         self.stopping = True
-        self.dispatcher.stop_accepting()
+        self.dispatcher.close_port()
         for child in self.children:
             if child.poll() is None:
                 child.send_signal(signum)
