@@ -398,8 +398,8 @@ def large_mailbox(bench: Bench, server: Server) -> dict:
 
     A message is delivered to the mailbox first, so the first session's snapshot is read from
     the database and its LIST made afresh (``first_login_to_stat_s``, ``first_list_s``), as
-    after any delivery or deletion. Nothing changes
-    after it, so once each worker has read it again runpop3 takes the snapshot it kept
+    after any delivery or deletion. Nothing changes after it, so once each worker has read it
+    again runpop3 takes the snapshot it kept, with its LIST and UIDL replies
     (``mailadmin.pop3d.snapshots``): the median is a client returning to find nothing new.
     """
     user = bench.spec.large_mailbox_user
