@@ -7,6 +7,7 @@ nor a database is in the transcripts (``test_lmtp_protocol``) and the in-process
 (``test_lmtp_server``).
 """
 
+import ctypes
 import hashlib
 import os
 import signal
@@ -328,6 +329,72 @@ def test_server_killed_mid_data_stores_nothing_leaves_no_spool_file_and_a_new_on
         with server.smtplib_client() as lmtp:
             assert lmtp.sendmail(SENDER, ["alice@example.test"], SMALL_MESSAGE) == {}
     assert stored_messages("alice@example.test") == [trace(SENDER, "alice@example.test") + SMALL_MESSAGE]
+
+
+IN_CREATE = 0x100  # <sys/inotify.h>
+INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
+
+
+class EntriesCreated:
+    """The names created in one directory while watched (inotify): counted, not timed."""
+
+    def __init__(self, directory: Path) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0 or libc.inotify_add_watch(self._fd, str(directory).encode(), IN_CREATE) < 0:
+            raise OSError(ctypes.get_errno(), "inotify")
+
+    def names(self) -> list[str]:
+        try:
+            data = os.read(self._fd, 65536)
+        except BlockingIOError:
+            return []
+        names, offset = [], 0
+        while offset < len(data):
+            *_, length = INOTIFY_EVENT.unpack_from(data, offset)
+            offset += INOTIFY_EVENT.size
+            names.append(data[offset : offset + length].rstrip(b"\0").decode())
+            offset += length
+        return names
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def supports_unnamed_files(directory: Path) -> bool:
+    try:
+        os.close(os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_spooled_message_never_has_a_name_in_the_temporary_directory(
+    tmp_path: Path, make_mailbox, workers: str
+) -> None:
+    """A server killed at any moment leaves nothing in TMPDIR.
+
+    Spool files are opened without a name (``O_TMPFILE``). Python's first look for the
+    temporary directory writes and removes a probe file: runlmtp does that before it listens,
+    not in the middle of the first large message, where a kill would leave the probe behind.
+    """
+    make_mailbox("alice@example.test", quota_bytes=10**8)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    if not supports_unnamed_files(spool):
+        pytest.skip("this filesystem has no O_TMPFILE: spool files get a name for a moment")
+    message = b"Subject: spooled\r\n\r\n" + (b"s" * 998 + b"\r\n") * 3000
+    with running_lmtp(tmp_path / "lmtp", TMPDIR=str(spool), LMTP_WORKERS=workers) as server:
+        created = EntriesCreated(spool)
+        try:
+            for _ in range(2):  # two connections: with two workers, most likely one on each
+                with server.smtplib_client() as lmtp:
+                    assert lmtp.sendmail(SENDER, ["alice@example.test"], message) == {}
+            assert created.names() == []
+        finally:
+            created.close()
+    assert len(stored_messages("alice@example.test")) == 2
 
 
 def test_sigterm_ends_an_idle_session_with_421_and_the_server_exits_0(lmtp_server: LmtpProcess) -> None:

@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import stat
+import tempfile
 from pathlib import Path
 
 from django.conf import settings
@@ -45,6 +46,10 @@ class Command(BaseCommand):
         if workers < 1:
             raise CommandError("--workers must be at least 1")
         config = lmtp_config()
+        # Python finds its temporary directory on first use by writing and removing a probe
+        # file there; done now, before the workers fork, a kill in the middle of a large
+        # message cannot leave that probe behind (the spool files themselves have no name).
+        tempfile.gettempdir()
         try:
             if socket_path:
                 listener, where = _bind_unix(Path(socket_path))
