@@ -185,10 +185,10 @@ class StoreCalls:
         monkeypatch.setattr(store, "append_messages_in_group", self.append_group)
         monkeypatch.setattr(store, "append_message_in_group", self.append_one)
 
-    def append_group(self, copies):
+    def append_group(self, copies, domains_last=None):
         addresses = [copy.mailbox.address for copy in copies]
         self.calls.append(("group", addresses))
-        stored = self._group(copies)
+        stored = self._group(copies, domains_last)
         self._fail_if_any(addresses)
         return stored
 

@@ -2,13 +2,22 @@
 results storing them one at a time would give."""
 
 import re
+import threading
 from contextlib import contextmanager
 
 import pytest
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 
 from mailadmin.hosting import store
-from mailadmin.mailin.delivery import Delivery, Recipient, deliver_group, look_up_recipient
+from mailadmin.hosting.store import fastsql
+from mailadmin.mailin.delivery import (
+    Delivery,
+    DeliveryStatus,
+    Recipient,
+    deliver_group,
+    look_up_recipient,
+    trace_headers,
+)
 from mailadmin.mailin.messagefile import spool_message
 from mailadmin.models import DeliveryFigures, Domain, Mailbox, Message, MessageChunk
 
@@ -21,12 +30,12 @@ def statements():
 
     Through an execute wrapper, which also sees the chunk writes that DEBUG's query log leaves out.
     Savepoints are left out: inside the test's transaction they stand for the BEGIN and COMMIT
-    of the group's own.
+    (or ROLLBACK) of the group's own.
     """
     seen: list[str] = []
 
     def record(execute, sql, params, many, context):
-        if not sql.startswith(("SAVEPOINT", "RELEASE SAVEPOINT")):
+        if not sql.startswith(("SAVEPOINT", "RELEASE SAVEPOINT", "ROLLBACK TO SAVEPOINT")):
             seen.append(summary(sql))
         return execute(sql, params, many, context)
 
@@ -52,7 +61,7 @@ def recipient(address: str) -> Recipient:
 
 
 @pytest.mark.parametrize("messages", [2, 8, 32])
-def test_a_group_to_3_mailboxes_in_2_domains_is_five_statements_whatever_its_size(
+def test_a_group_to_3_mailboxes_in_2_domains_is_five_statements_and_charges_domains_last(
     make_mailbox, settings, messages
 ):
     settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
@@ -69,16 +78,18 @@ def test_a_group_to_3_mailboxes_in_2_domains_is_five_statements_whatever_its_siz
         results = deliver_group(deliveries)
 
     assert all(result.delivered for group in results for result in group)
-    # PostgreSQL first locks the group's mailboxes, then its domains, each in id order: see lock_group.
-    row_locks = (
-        [f"SELECT {table(Mailbox)}", f"SELECT {table(Domain)}"] if connection.vendor == "postgresql" else []
-    )
+    # PostgreSQL locks the group's mailboxes first, in id order (lock_group), and its domains
+    # (two, once a copy goes to c@two.test) in id order just before charging them: last, so that
+    # their rows, which every delivery to the domain charges, stay locked only for the charge,
+    # the figures and the commit.
+    postgresql = connection.vendor == "postgresql"
     assert seen == [
-        *row_locks,
+        *([f"SELECT {table(Mailbox)}"] if postgresql else []),
         f"UPDATE {table(Mailbox)}",
-        f"UPDATE {table(Domain)}",
         f"INSERT INTO {table(Message)}",
         f"INSERT INTO {table(MessageChunk)}",
+        *([f"SELECT {table(Domain)}"] if postgresql and messages > 2 else []),
+        f"UPDATE {table(Domain)}",
         f"INSERT INTO {table(DeliveryFigures)}",
     ]
     assert Message.objects.count() == messages
@@ -176,3 +187,87 @@ def test_a_groups_chunks_are_cut_exactly_and_written_a_chunks_worth_of_bytes_per
     assert [b"".join(bytes(data) for _, data in message) for message in chunks] == bodies
     # 40 + 64 bytes, then 64, then 22 + 30 at the end
     assert seen.count(f"INSERT INTO {table(MessageChunk)}") == 3
+
+
+SENDER = "s@remote.test"
+
+
+def test_a_domain_found_full_when_charged_last_gets_the_group_again_domain_first(make_mailbox, settings):
+    """Room for two of three copies when the domain's charge comes, last: the group is rolled
+    back and stored again charging the domain with each mailbox, which refuses the third."""
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
+    addresses = ["a@small.test", "b@small.test", "c@small.test"]
+    for address in addresses:
+        make_mailbox(address)
+    message = spool_message([b"Subject: s\r\n\r\nbody\r\n"])
+    size = len(trace_headers(SENDER, addresses[0])) + message.size_bytes
+    Domain.objects.filter(name="small.test").update(quota_bytes=2 * size + size // 2)
+
+    with statements() as seen:
+        results = deliver_group([Delivery([recipient(address) for address in addresses], message, SENDER)])
+
+    assert [(result.recipient, result.status) for result in results[0]] == [
+        ("a@small.test", DeliveryStatus.DELIVERED),
+        ("b@small.test", DeliveryStatus.DELIVERED),
+        ("c@small.test", DeliveryStatus.OVER_QUOTA),
+    ]
+    domain_charges = [n for n, statement in enumerate(seen) if statement == f"UPDATE {table(Domain)}"]
+    assert seen[domain_charges[0] - 1] == f"INSERT INTO {table(MessageChunk)}"  # first: last
+    assert len(domain_charges) >= 2  # then again, with the mailboxes
+    assert Domain.objects.get(name="small.test").used_bytes == 2 * size
+    assert [Message.objects.filter(mailbox__user__username=a).count() for a in addresses] == [1, 1, 0]
+    assert [
+        (mailbox.used_bytes, mailbox.used_messages) for mailbox in Mailbox.objects.order_by("user__username")
+    ] == [(size, 1), (size, 1), (0, 0)]
+    assert DeliveryFigures.objects.get(outcome=DeliveryFigures.DELIVERED).messages == 2
+
+
+def test_a_single_copy_to_a_full_domain_is_refused_and_charges_nothing(make_mailbox, settings):
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
+    mailbox = make_mailbox("a@full.test")
+    Domain.objects.filter(pk=mailbox.domain_id).update(quota_bytes=10)
+    message = spool_message([b"Subject: s\r\n\r\nbody\r\n"])
+
+    results = deliver_group([Delivery([recipient("a@full.test")], message, SENDER)])
+
+    assert [result.status for result in results[0]] == [DeliveryStatus.OVER_QUOTA]
+    assert Domain.objects.get(pk=mailbox.domain_id).used_bytes == 0
+    mailbox.refresh_from_db()
+    assert (mailbox.used_bytes, mailbox.used_messages, Message.objects.count()) == (0, 0, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_domain_row_stays_unlocked_while_a_group_inserts_its_messages(make_mailbox, monkeypatch):
+    """Every delivery to a domain charges the domain's row, which stays locked until the commit:
+    charged last, it does not hold the domain's other deliveries back while the copies go in."""
+    if not connection.features.has_select_for_update:
+        pytest.skip("row locks are PostgreSQL's: SQLite has one writer at a time")
+    mailbox = make_mailbox("a@busy.test")
+    seen_from_elsewhere: list[str] = []
+    write_chunks = fastsql.write_chunks
+
+    def lock_domain_from_another_connection() -> None:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute(
+                    f"SELECT id FROM {table(Domain)} WHERE id = %s FOR UPDATE NOWAIT", [mailbox.domain_id]
+                )
+            seen_from_elsewhere.append("free")
+        except OperationalError:
+            seen_from_elsewhere.append("locked")
+        finally:
+            connection.close()
+
+    def checking_the_domain_first(*args, **kwargs):
+        elsewhere = threading.Thread(target=lock_domain_from_another_connection)
+        elsewhere.start()
+        elsewhere.join()
+        return write_chunks(*args, **kwargs)
+
+    monkeypatch.setattr(fastsql, "write_chunks", checking_the_domain_first)
+    message = spool_message([b"Subject: s\r\n\r\nbody\r\n"])
+    results = deliver_group([Delivery([recipient("a@busy.test")], message, SENDER)])
+
+    assert [result.status for result in results[0]] == [DeliveryStatus.DELIVERED]
+    assert seen_from_elsewhere == ["free"]
+    assert Domain.objects.get(pk=mailbox.domain_id).used_bytes == Message.objects.get().size_bytes

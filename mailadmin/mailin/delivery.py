@@ -206,7 +206,10 @@ def deliver_group(
     """Store several deliveries in one transaction: one commit (one fsync) for all of them.
 
     The copies go in together (``store.append_messages_in_group``: a few statements for the
-    whole group). A copy that no longer fits (or whose mailbox went away since it was looked
+    whole group), and their domains are charged last, just before the figures and the commit
+    (``store.DomainChargesLast``: a domain's row is every delivery's to it); a domain without
+    room by then has the group stored again with each domain charged along with its mailbox.
+    A copy that no longer fits (or whose mailbox went away since it was looked
     up) is refused on its own without a savepoint; the others are stored, unless
     ``all_or_none``: then one refusal rolls everything back and the other copies are
     NOT_ATTEMPTED. When storing them together fails in a way that may be one copy's
@@ -221,9 +224,14 @@ def deliver_group(
     """
     failed: set[_Position] = set()  # copies that failed
     one_by_one = False
+    domains_last = True
     while True:
         try:
-            return _store_group(deliveries, failed, all_or_none, tally or figures.DeliveryTally(), one_by_one)
+            return _store_group(
+                deliveries, failed, all_or_none, tally or figures.DeliveryTally(), one_by_one, domains_last
+            )
+        except _DomainFull:
+            domains_last = False  # again, each domain charged with its mailbox: see DomainChargesLast
         except _GroupFailed as failure:
             logger.warning(
                 "a group of %d deliveries failed; storing its copies one at a time",
@@ -257,19 +265,28 @@ class _GroupFailed(Exception):
     """Storing the group's copies together failed with what may be one copy's error."""
 
 
+class _DomainFull(Exception):
+    """A domain had no room for the group's copies when its charge came, last."""
+
+
 def _store_group(
     deliveries: Sequence[Delivery],
     failed: set[_Position],
     all_or_none: bool,
     tally: figures.DeliveryTally,
     one_by_one: bool,
+    domains_last: bool,
 ) -> list[list[RecipientResult]]:
-    """One attempt at :func:`deliver_group`, skipping the copies in ``failed``."""
+    """One attempt at :func:`deliver_group`, skipping the copies in ``failed``; with
+    ``domains_last``, the domains are charged after every copy is in (``store.DomainChargesLast``)."""
     copies: list[_Copy] = []
     planned = _planned_copies(deliveries, failed)
+    domain_charges = store.DomainChargesLast() if domains_last else None
     with tally.pending() as waiting, transaction.atomic():
-        store.lock_group(mailbox for _, mailbox, _ in planned)
-        outcomes = _store_copies(planned, copies, one_by_one)
+        store.lock_group((mailbox for _, mailbox, _ in planned), domains=not domains_last)
+        outcomes = _store_copies(planned, copies, one_by_one, domain_charges)
+        if domain_charges is not None and not domain_charges.charge():
+            raise _DomainFull()
         results = [_delivery_results(d, delivery, outcomes) for d, delivery in enumerate(deliveries)]
         refused = any(not result.delivered for group in results for result in group)
         if all_or_none and refused:
@@ -306,12 +323,15 @@ def _planned_copies(
 
 
 def _store_copies(
-    planned: list[tuple[_Position, Mailbox, Delivery]], copies: list["_Copy"], one_by_one: bool
+    planned: list[tuple[_Position, Mailbox, Delivery]],
+    copies: list["_Copy"],
+    one_by_one: bool,
+    domain_charges: store.DomainChargesLast | None,
 ) -> dict[_Position, RecipientResult]:
     """Each planned copy's result: together, or (a group of one, or to find a failing copy) one at a time."""
     if one_by_one or len(planned) == 1:
         return {
-            position: _store_copy(position, mailbox, delivery, copies)
+            position: _store_copy(position, mailbox, delivery, copies, domain_charges)
             for position, mailbox, delivery in planned
         }
     group = [
@@ -321,7 +341,7 @@ def _store_copies(
         for _, mailbox, delivery in planned
     ]
     try:
-        stored = store.append_messages_in_group(group)
+        stored = store.append_messages_in_group(group, domain_charges)
     except COPY_ERRORS as error:
         raise _GroupFailed() from error
     except DATABASE_ERRORS:
@@ -392,7 +412,11 @@ def _recipient_result(recipient: Recipient, copies: list[RecipientResult]) -> Re
 
 
 def _store_copy(
-    position: _Position, mailbox: Mailbox, delivery: Delivery, copies: list["_Copy"]
+    position: _Position,
+    mailbox: Mailbox,
+    delivery: Delivery,
+    copies: list["_Copy"],
+    domain_charges: store.DomainChargesLast | None,
 ) -> RecipientResult:
     """One copy stored on its own; any error but the database's is this copy's."""
     try:
@@ -401,6 +425,7 @@ def _store_copy(
             delivery.message,
             prefix=trace_headers(delivery.sender, mailbox.address),
             envelope_sender=delivery.sender,
+            domains_last=domain_charges,
         )
     except COPY_ERRORS as error:
         raise _CopyFailed(position, mailbox.address) from error

@@ -73,6 +73,7 @@ from mailadmin.hosting.store.leases import (
 )
 from mailadmin.hosting.store.messages import (
     ID_BATCH_SIZE,
+    DomainChargesLast,
     ExportEntry,
     GroupCopy,
     StoredMessage,
@@ -114,6 +115,7 @@ __all__ = [
     "StoredMessage",
     "acquire_lease",
     "append_message",
+    "DomainChargesLast",
     "GroupCopy",
     "append_message_in_group",
     "append_messages_in_group",

@@ -76,18 +76,53 @@ def append_message(
 
 
 def append_message_in_group(
-    mailbox: Mailbox, message: SpooledMessage, *, prefix: bytes, envelope_sender: str
+    mailbox: Mailbox,
+    message: SpooledMessage,
+    *,
+    prefix: bytes,
+    envelope_sender: str,
+    domains_last: "DomainChargesLast | None" = None,
 ) -> StoredMessage | None:
     """:func:`append_message` for one of many deliveries stored in the caller's transaction.
 
     A refusal (mailbox or domain quota, or a mailbox deleted since it was looked up) returns
     None, having undone its own partial charge, instead of raising: the transaction goes on
     without a savepoint per message. Database errors still raise, for the caller to roll back.
+    With ``domains_last`` the domain's charge waits there instead (see :class:`DomainChargesLast`).
     """
     _require_transaction()
     copy = GroupCopy(mailbox, message, prefix, envelope_sender)
-    charge = _charge_copy(copy)
+    charge = _charge_copy(copy, domains_last)
     return None if charge is None else _insert_messages([_NewMessage.of(copy, charge)])[0]
+
+
+class DomainChargesLast:
+    """The domain charges of a group's copies, held back to the end of its transaction.
+
+    Every delivery to a domain charges the domain's row, and on PostgreSQL that row stays
+    locked until the commit. Charged along with the mailbox, it kept every other delivery to
+    the domain waiting through the rest of the transaction (the message and chunk inserts, the
+    figures): a busy domain's deliveries went one at a time. Charged by :meth:`charge`, after the
+    copies are in, the lock is held only for the last statements and the commit.
+
+    The mailbox rows are still taken first, as every writer takes them. When a domain has no
+    room left for its copies at the end, :meth:`charge` says so and the caller rolls the group
+    back and stores it again charging each domain with its mailbox, which refuses exactly the
+    copies that do not fit.
+    """
+
+    def __init__(self) -> None:
+        self._bytes: Counter[int] = Counter()
+
+    def add(self, domain_id: int, size_bytes: int) -> None:
+        self._bytes[domain_id] += size_bytes
+
+    def charge(self) -> bool:
+        """Charge every domain its copies' bytes (locked in id order); False if one has no room."""
+        charges = sorted(self._bytes.items())
+        if len(charges) > 1:
+            _lock_rows(fastsql.DOMAIN_TABLE, [domain_id for domain_id, _ in charges])
+        return len(fastsql.charge_domains(charges)) == len(charges)
 
 
 @dataclass(frozen=True)
@@ -104,7 +139,9 @@ class GroupCopy:
         return len(self.prefix) + self.message.size_bytes
 
 
-def append_messages_in_group(copies: Sequence[GroupCopy]) -> list[StoredMessage | None]:
+def append_messages_in_group(
+    copies: Sequence[GroupCopy], domains_last: DomainChargesLast | None = None
+) -> list[StoredMessage | None]:
     """:func:`append_message_in_group` for many copies, in the same few statements however many.
 
     The copies of each mailbox are charged together (one UPDATE for all mailboxes, one for all
@@ -114,10 +151,11 @@ def append_messages_in_group(copies: Sequence[GroupCopy]) -> list[StoredMessage 
     Returns one result per copy, None for a refused one.
 
     A database error here cannot say which copy caused it (a UIDL that collides, a value
-    refused): the caller rolls back and stores the copies one at a time to find out.
+    refused): the caller rolls back and stores the copies one at a time to find out. With
+    ``domains_last`` the domains' charges wait there instead (see :class:`DomainChargesLast`).
     """
     _require_transaction()
-    charges = _charge_group(copies)
+    charges = _charge_group(copies, domains_last)
     stored = iter(
         _insert_messages(
             [_NewMessage.of(copy, charge) for copy, charge in zip(copies, charges, strict=True) if charge]
@@ -130,10 +168,13 @@ def append_messages_in_group(copies: Sequence[GroupCopy]) -> list[StoredMessage 
 _Charge = tuple[int, int]
 
 
-def _charge_group(copies: Sequence[GroupCopy]) -> list[_Charge | None]:
+def _charge_group(
+    copies: Sequence[GroupCopy], domains_last: DomainChargesLast | None
+) -> list[_Charge | None]:
     """Charge the group's copies: mailboxes and domains that have room for all of theirs at once
     in one statement each, the others copy by copy. Writes mailboxes before domains, as every
-    writer does (on PostgreSQL the caller has locked them all first: ``lock_group``)."""
+    writer does (on PostgreSQL the caller has locked them all first: ``lock_group``); with
+    ``domains_last``, only the mailboxes, leaving the domains' charges there."""
     by_mailbox: dict[int, list[int]] = {}  # mailbox id -> its copies' places, in group order
     for index, copy in enumerate(copies):
         by_mailbox.setdefault(copy.mailbox.pk, []).append(index)
@@ -147,7 +188,12 @@ def _charge_group(copies: Sequence[GroupCopy]) -> list[_Charge | None]:
     domain_total: Counter[int] = Counter()
     for mailbox_id in charged:
         domain_total[domain_of[mailbox_id]] += total[mailbox_id]
-    refused_domains = set(domain_total) - fastsql.charge_domains(sorted(domain_total.items()))
+    if domains_last is None:
+        refused_domains = set(domain_total) - fastsql.charge_domains(sorted(domain_total.items()))
+    else:
+        refused_domains = set()
+        for domain_id, size_bytes in domain_total.items():
+            domains_last.add(domain_id, size_bytes)
     charges: list[_Charge | None] = [None] * len(copies)
     for mailbox_id, (next_uid, used_bytes) in charged.items():
         places = by_mailbox[mailbox_id]
@@ -161,21 +207,25 @@ def _charge_group(copies: Sequence[GroupCopy]) -> list[_Charge | None]:
             uid += 1
     for place, copy in enumerate(copies):
         if copy.mailbox.pk not in charged or domain_of[copy.mailbox.pk] in refused_domains:
-            charges[place] = _charge_copy(copy)
+            charges[place] = _charge_copy(copy, domains_last)
     return charges
 
 
-def _charge_copy(copy: GroupCopy) -> _Charge | None:
-    """Charge one copy to its mailbox and domain; None, with nothing charged, if either is full."""
+def _charge_copy(copy: GroupCopy, domains_last: DomainChargesLast | None) -> _Charge | None:
+    """Charge one copy to its mailbox and domain (or leave the domain's to ``domains_last``);
+    None, with nothing charged, if either is full."""
     mailbox, size = copy.mailbox, copy.size_bytes
     with connection.cursor() as cursor:
         cursor.execute(fastsql.CHARGE_MAILBOX, {"size": size, "id": mailbox.pk, "uid_step": 1})
         row = cursor.fetchone()
         if row is None:
             return None
+        next_uid, used_bytes = row
+        if domains_last is not None:
+            domains_last.add(mailbox.domain_id, size)
+            return next_uid - 1, used_bytes
         cursor.execute(fastsql.CHARGE_DOMAIN, {"size": size, "id": mailbox.domain_id})
         if cursor.rowcount == 1:
-            next_uid, used_bytes = row
             return next_uid - 1, used_bytes
     _uncharge(mailbox.pk, size, 1, uids=0)  # its UID stays used: UIDs are never reused
     return None
@@ -209,8 +259,9 @@ def mark_quota_warning(mailbox_id: int, percent: int) -> bool:
     return False
 
 
-def lock_group(mailboxes: Iterable[Mailbox]) -> None:
-    """Row-lock every mailbox of a group, then every domain, each in id order.
+def lock_group(mailboxes: Iterable[Mailbox], *, domains: bool = True) -> None:
+    """Row-lock every mailbox of a group, then (unless ``domains`` is False, for a group whose
+    domains are charged last: :class:`DomainChargesLast`) every domain, each in id order.
 
     Writers take a mailbox's row before its domain's (``append_message``, the POP3 UPDATE
     state). A group charging several mailboxes would otherwise take them in delivery order,
@@ -220,13 +271,20 @@ def lock_group(mailboxes: Iterable[Mailbox]) -> None:
     """
     mailboxes = list(mailboxes)
     mailbox_ids = sorted({mailbox.pk for mailbox in mailboxes})
-    if len(mailbox_ids) < 2 or not connection.features.has_select_for_update:
+    if len(mailbox_ids) < 2:
         return
-    domain_ids = sorted({mailbox.domain_id for mailbox in mailboxes})
+    _lock_rows(fastsql.MAILBOX_TABLE, mailbox_ids)
+    if domains:
+        _lock_rows(fastsql.DOMAIN_TABLE, sorted({mailbox.domain_id for mailbox in mailboxes}))
+
+
+def _lock_rows(table: str, ids: list[int]) -> None:
+    """Row-lock ``ids`` of ``table`` in id order (PostgreSQL; SQLite has no row locks)."""
+    if not connection.features.has_select_for_update:
+        return
+    placeholders = ", ".join(["%s"] * len(ids))
     with connection.cursor() as cursor:
-        for table, ids in ((fastsql.MAILBOX_TABLE, mailbox_ids), (fastsql.DOMAIN_TABLE, domain_ids)):
-            placeholders = ", ".join(["%s"] * len(ids))
-            cursor.execute(f"SELECT id FROM {table} WHERE id IN ({placeholders}) ORDER BY id FOR UPDATE", ids)
+        cursor.execute(f"SELECT id FROM {table} WHERE id IN ({placeholders}) ORDER BY id FOR UPDATE", ids)
 
 
 @dataclass(frozen=True)
