@@ -6,9 +6,11 @@ import threading
 from contextlib import contextmanager
 
 import pytest
-from django.db import OperationalError, connection, transaction
+from django.db import DatabaseError, OperationalError, connection, transaction
+from django.utils import timezone
 
-from mailadmin.hosting import store
+from mailadmin.hosting import aliases, store
+from mailadmin.hosting.actors import Actor
 from mailadmin.hosting.store import fastsql
 from mailadmin.mailin.delivery import (
     Delivery,
@@ -46,7 +48,7 @@ def statements():
 def summary(sql: str) -> str:
     if selected := re.match(r'SELECT .*? FROM "?(\w+)', sql):
         return f"SELECT {selected[1]}"
-    written = re.search(r'\b(UPDATE|INSERT INTO) "?(\w+)', sql)
+    written = re.search(r'\b(UPDATE|INSERT INTO|DELETE FROM) "?(\w+)', sql)
     return f"{written[1]} {written[2]}"
 
 
@@ -271,3 +273,118 @@ def test_the_domain_row_stays_unlocked_while_a_group_inserts_its_messages(make_m
     assert [result.status for result in results[0]] == [DeliveryStatus.DELIVERED]
     assert seen_from_elsewhere == ["free"]
     assert Domain.objects.get(pk=mailbox.domain_id).used_bytes == Message.objects.get().size_bytes
+
+
+def test_an_alias_reaching_a_mailbox_full_at_rcpt_has_its_group_written_once(make_mailbox, settings):
+    """A mailbox full at RCPT is kept in an alias's expansion, to be tried at commit, where its
+    domain is likely still full: the group charges its domains first rather than writing
+    everything, finding the domain full at the end, and writing it all again."""
+    settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
+    make_mailbox("ann@ours.test")
+    make_mailbox("bob@full.test")
+    make_mailbox("carol@other.test")
+    Domain.objects.filter(name="full.test").update(quota_bytes=10)
+    aliases.create_alias(Actor.cli(), "team@ours.test", ["ann@ours.test", "bob@full.test"])
+    message = spool_message([b"Subject: s\r\n\r\nbody\r\n"])
+    team = look_up_recipient("team@ours.test", message.size_bytes)
+    assert isinstance(team, Recipient) and not team.all_had_room
+
+    with statements() as seen:
+        results = deliver_group(
+            [Delivery([recipient("carol@other.test")], message, SENDER), Delivery([team], message, SENDER)]
+        )
+
+    assert [[result.status for result in group] for group in results] == [
+        [DeliveryStatus.DELIVERED],
+        [DeliveryStatus.DELIVERED],  # through the alias: ann's copy; bob's is among its missed
+    ]
+    assert [r.recipient for r in results[1][0].missed] == ["bob@full.test"]
+    assert seen.count(f"INSERT INTO {table(Message)}") == 1
+    assert Message.objects.count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_deleting_a_mailbox_while_it_receives_a_message_waits_for_the_delivery(make_mailbox, monkeypatch):
+    """delete_mailbox locks the mailbox before its domain, as a delivery does: it waits for the
+    delivery's commit instead of holding the domain the delivery charges last (a deadlock)."""
+    if not connection.features.has_select_for_update:
+        pytest.skip("row locks are PostgreSQL's: SQLite has one writer at a time")
+    make_mailbox("a@gone.test")
+    deleted: dict[str, object] = {}
+    deleter_pid: list[int] = []
+
+    def delete() -> None:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                deleter_pid.append(cursor.fetchone()[0])
+            deleted["messages"] = store.delete_mailbox("a@gone.test")
+        except DatabaseError as error:
+            deleted["error"] = error
+        finally:
+            connection.close()
+
+    deleter = threading.Thread(target=delete)
+    write_chunks = fastsql.write_chunks
+
+    def delete_meanwhile(*args, **kwargs):
+        deleter.start()
+        for _ in range(600):  # until the deleter waits for a lock this delivery holds
+            if deleter_pid and _waits_for_a_lock(deleter_pid[0]):
+                break
+            threading.Event().wait(0.05)
+        else:
+            pytest.fail("the deletion never waited for the delivery")
+        return write_chunks(*args, **kwargs)
+
+    monkeypatch.setattr(fastsql, "write_chunks", delete_meanwhile)
+    message = spool_message([b"Subject: s\r\n\r\nbody\r\n"])
+    results = deliver_group([Delivery([recipient("a@gone.test")], message, SENDER)])
+    deleter.join(timeout=60)
+
+    assert [result.status for result in results[0]] == [DeliveryStatus.DELIVERED]
+    assert deleted == {"messages": 1}
+    assert Domain.objects.get(name="gone.test").used_bytes == 0
+    assert Message.objects.count() == 0
+
+
+def _waits_for_a_lock(pid: int) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [pid])
+        row = cursor.fetchone()
+    return row is not None and row[0] == "Lock"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_groups_row_locks_let_others_add_figures_for_the_locked_domain(make_mailbox):
+    """The group's domain locks are the UPDATE's own strength (``FOR NO KEY UPDATE``): a row
+    that refers to the domain (another group's figures) can still be inserted meanwhile. With
+    ``FOR UPDATE`` that insert waited, and two groups each holding a domain could deadlock."""
+    if not connection.features.has_select_for_update:
+        pytest.skip("row locks are PostgreSQL's: SQLite has one writer at a time")
+    first, second = make_mailbox("a@locked.test"), make_mailbox("b@locked.test")
+    inserted: list[str] = []
+
+    def add_figures_elsewhere() -> None:
+        try:
+            with transaction.atomic(), connection.cursor() as cursor:
+                cursor.execute("SET LOCAL lock_timeout = '2s'")
+                DeliveryFigures.objects.create(
+                    hour=timezone.now().replace(minute=0, second=0, microsecond=0),
+                    domain_id=first.domain_id,
+                    outcome=DeliveryFigures.DELIVERED,
+                    messages=1,
+                )
+            inserted.append("inserted")
+        except OperationalError as error:
+            inserted.append(type(error.__cause__).__name__)
+        finally:
+            connection.close()
+
+    with transaction.atomic():
+        store.lock_group([first, second])
+        elsewhere = threading.Thread(target=add_figures_elsewhere)
+        elsewhere.start()
+        elsewhere.join()
+
+    assert inserted == ["inserted"]

@@ -136,6 +136,9 @@ class Recipient:
     address: str
     mailboxes: tuple[Mailbox, ...]
     alias_ids: tuple[int, ...] = ()
+    # Whether every one of them had room at RCPT; an alias keeps one that had not, to be tried
+    # at commit, where its domain may well still be full: see deliver_group.
+    all_had_room: bool = True
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,8 @@ def _accepted(
         return DeliveryStatus.MAILBOX_INACTIVE
     if not any(fits for _, fits in usable):
         return DeliveryStatus.OVER_QUOTA
-    return Recipient(recipient, tuple(mailbox for mailbox, _ in usable), alias_ids)
+    all_had_room = all(fits for _, fits in usable)
+    return Recipient(recipient, tuple(mailbox for mailbox, _ in usable), alias_ids, all_had_room)
 
 
 # Outcomes that are not refusals of their own: the recipient's copy was not even tried.
@@ -208,7 +212,8 @@ def deliver_group(
     The copies go in together (``store.append_messages_in_group``: a few statements for the
     whole group), and their domains are charged last, just before the figures and the commit
     (``store.DomainChargesLast``: a domain's row is every delivery's to it); a domain without
-    room by then has the group stored again with each domain charged along with its mailbox.
+    room by then has the group stored again with each domain charged along with its mailbox,
+    as a group is stored from the start when a mailbox of it had no room at RCPT.
     A copy that no longer fits (or whose mailbox went away since it was looked
     up) is refused on its own without a savepoint; the others are stored, unless
     ``all_or_none``: then one refusal rolls everything back and the other copies are
@@ -224,7 +229,9 @@ def deliver_group(
     """
     failed: set[_Position] = set()  # copies that failed
     one_by_one = False
-    domains_last = True
+    # A copy for a mailbox that was full at RCPT is likely refused again: charging its domain
+    # last would only find that out after writing the whole group, and write it twice.
+    domains_last = all(recipient.all_had_room for delivery in deliveries for recipient in delivery.recipients)
     while True:
         try:
             return _store_group(

@@ -279,12 +279,18 @@ def lock_group(mailboxes: Iterable[Mailbox], *, domains: bool = True) -> None:
 
 
 def _lock_rows(table: str, ids: list[int]) -> None:
-    """Row-lock ``ids`` of ``table`` in id order (PostgreSQL; SQLite has no row locks)."""
+    """Row-lock ``ids`` of ``table`` in id order (PostgreSQL; SQLite has no row locks).
+
+    ``FOR NO KEY UPDATE``, the lock the charges' UPDATEs take anyway: it still lets another
+    transaction insert a row that refers to a locked one (a figures row for the domain).
+    """
     if not connection.features.has_select_for_update:
         return
     placeholders = ", ".join(["%s"] * len(ids))
     with connection.cursor() as cursor:
-        cursor.execute(f"SELECT id FROM {table} WHERE id IN ({placeholders}) ORDER BY id FOR UPDATE", ids)
+        cursor.execute(
+            f"SELECT id FROM {table} WHERE id IN ({placeholders}) ORDER BY id FOR NO KEY UPDATE", ids
+        )
 
 
 @dataclass(frozen=True)
