@@ -195,10 +195,11 @@ SENDER = "s@remote.test"
 
 
 def test_a_domain_found_full_when_charged_last_gets_the_group_again_domain_first(make_mailbox, settings):
-    """Room for two of three copies when the domain's charge comes, last: the group is rolled
-    back and stored again charging the domain with each mailbox, which refuses the third."""
+    """Room for two of three copies when small.test's charge comes, last: the group is rolled
+    back and stored again charging each domain with its mailbox, which refuses the third; the
+    copy to the other domain is stored all the same."""
     settings.MAILADMIN_QUOTA_WARNING_PERCENTS = ""
-    addresses = ["a@small.test", "b@small.test", "c@small.test"]
+    addresses = ["a@small.test", "b@small.test", "c@small.test", "d@roomy.test"]
     for address in addresses:
         make_mailbox(address)
     message = spool_message([b"Subject: s\r\n\r\nbody\r\n"])
@@ -212,16 +213,26 @@ def test_a_domain_found_full_when_charged_last_gets_the_group_again_domain_first
         ("a@small.test", DeliveryStatus.DELIVERED),
         ("b@small.test", DeliveryStatus.DELIVERED),
         ("c@small.test", DeliveryStatus.OVER_QUOTA),
+        ("d@roomy.test", DeliveryStatus.DELIVERED),
     ]
     domain_charges = [n for n, statement in enumerate(seen) if statement == f"UPDATE {table(Domain)}"]
-    assert seen[domain_charges[0] - 1] == f"INSERT INTO {table(MessageChunk)}"  # first: last
-    assert len(domain_charges) >= 2  # then again, with the mailboxes
+    written_before = [
+        statement for statement in seen[: domain_charges[0]] if not statement.startswith("SELECT")
+    ]
+    assert written_before[-1] == f"INSERT INTO {table(MessageChunk)}"  # first attempt: domains last
+    # Then once more: both domains together (small.test refused), and small.test's copies one by one.
+    assert len(domain_charges) == 1 + 1 + 3
+    assert seen.count(f"INSERT INTO {table(Message)}") == 2
     assert Domain.objects.get(name="small.test").used_bytes == 2 * size
-    assert [Message.objects.filter(mailbox__user__username=a).count() for a in addresses] == [1, 1, 0]
+    assert (
+        Domain.objects.get(name="roomy.test").used_bytes
+        == Message.objects.get(mailbox__user__username="d@roomy.test").size_bytes
+    )
+    assert [Message.objects.filter(mailbox__user__username=a).count() for a in addresses] == [1, 1, 0, 1]
     assert [
         (mailbox.used_bytes, mailbox.used_messages) for mailbox in Mailbox.objects.order_by("user__username")
-    ] == [(size, 1), (size, 1), (0, 0)]
-    assert DeliveryFigures.objects.get(outcome=DeliveryFigures.DELIVERED).messages == 2
+    ][:3] == [(size, 1), (size, 1), (0, 0)]
+    assert sum(f.messages for f in DeliveryFigures.objects.filter(outcome=DeliveryFigures.DELIVERED)) == 3
 
 
 def test_a_single_copy_to_a_full_domain_is_refused_and_charges_nothing(make_mailbox, settings):
