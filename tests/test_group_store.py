@@ -250,12 +250,17 @@ def test_a_single_copy_to_a_full_domain_is_refused_and_charges_nothing(make_mail
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_domain_row_stays_unlocked_while_a_group_inserts_its_messages(make_mailbox, monkeypatch):
+@pytest.mark.parametrize(
+    "addresses", [["a@busy.test"], ["a@busy.test", "b@busy.test"]], ids=["one copy", "a group of copies"]
+)
+def test_the_domain_row_stays_unlocked_while_a_group_inserts_its_messages(
+    make_mailbox, monkeypatch, addresses
+):
     """Every delivery to a domain charges the domain's row, which stays locked until the commit:
     charged last, it does not hold the domain's other deliveries back while the copies go in."""
     if not connection.features.has_select_for_update:
         pytest.skip("row locks are PostgreSQL's: SQLite has one writer at a time")
-    mailbox = make_mailbox("a@busy.test")
+    mailbox = [make_mailbox(address) for address in addresses][0]
     seen_from_elsewhere: list[str] = []
     write_chunks = fastsql.write_chunks
 
@@ -279,11 +284,13 @@ def test_the_domain_row_stays_unlocked_while_a_group_inserts_its_messages(make_m
 
     monkeypatch.setattr(fastsql, "write_chunks", checking_the_domain_first)
     message = spool_message([b"Subject: s\r\n\r\nbody\r\n"])
-    results = deliver_group([Delivery([recipient("a@busy.test")], message, SENDER)])
+    results = deliver_group([Delivery([recipient(address) for address in addresses], message, SENDER)])
 
-    assert [result.status for result in results[0]] == [DeliveryStatus.DELIVERED]
+    assert [result.status for result in results[0]] == [DeliveryStatus.DELIVERED] * len(addresses)
     assert seen_from_elsewhere == ["free"]
-    assert Domain.objects.get(pk=mailbox.domain_id).used_bytes == Message.objects.get().size_bytes
+    stored = Message.objects.filter(mailbox__domain_id=mailbox.domain_id)
+    assert stored.count() == len(addresses)
+    assert Domain.objects.get(pk=mailbox.domain_id).used_bytes == sum(m.size_bytes for m in stored)
 
 
 def test_an_alias_reaching_a_mailbox_full_at_rcpt_has_its_group_written_once(make_mailbox, settings):
