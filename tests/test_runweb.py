@@ -218,6 +218,8 @@ def test_stopping_runweb_closes_the_port_before_the_workers_stop(tmp_path):
                 break
             except ConnectionResetError:
                 pass  # queued as the port closed: the kernel resets what nobody will accept
+            except TimeoutError:
+                pass  # not answered within the second on a loaded machine: not a refusal either
             time.sleep(0.05)
         assert refused
     finally:
