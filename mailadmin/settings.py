@@ -51,6 +51,17 @@ def _env_float(name: str, default: float) -> float:
     return _env_number(name, default, float)
 
 
+def _env_prepare_threshold(name: str, default: int) -> int | None:
+    """psycopg's ``prepare_threshold``: a whole number of runs, or ``off`` (None: never prepare)."""
+    value = (os.environ.get(name) or "").strip().lower()
+    if value == "off":
+        return None
+    threshold = _env_int(name, default)
+    if threshold < 0:
+        raise ImproperlyConfigured(f"{name} must be 0 or more, or 'off'")
+    return threshold
+
+
 def _env_list(name: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
 
@@ -178,6 +189,10 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         "keepalives_idle": _env_int("DATABASE_KEEPALIVES_IDLE", 60),
         "keepalives_interval": _env_int("DATABASE_KEEPALIVES_INTERVAL", 10),
         "keepalives_count": _env_int("DATABASE_KEEPALIVES_COUNT", 6),
+        # The store's hot statements (``fastsql.prepared_cursor``) bind their parameters on the
+        # server and are prepared once they have run this many times on a connection; the ORM's
+        # cursors bind on the client and are never prepared, whatever this says.
+        "prepare_threshold": _env_prepare_threshold("DATABASE_PREPARE_THRESHOLD", 5),
         **DATABASES["default"].get("OPTIONS", {}),
     }
 

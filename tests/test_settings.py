@@ -76,6 +76,7 @@ def test_postgresql_connections_time_out_and_keep_alive_settable_by_environment(
         "keepalives_idle": 60,
         "keepalives_interval": 10,
         "keepalives_count": 6,
+        "prepare_threshold": 5,
     }
     changed = load_settings(
         tmp_path,
@@ -85,6 +86,7 @@ def test_postgresql_connections_time_out_and_keep_alive_settable_by_environment(
         DATABASE_KEEPALIVES_IDLE="20",
         DATABASE_KEEPALIVES_INTERVAL="5",
         DATABASE_KEEPALIVES_COUNT="2",
+        DATABASE_PREPARE_THRESHOLD="off",
     )
     assert changed.returncode == 0, changed.stderr
     assert json.loads(changed.stdout)["options"] == {
@@ -93,6 +95,7 @@ def test_postgresql_connections_time_out_and_keep_alive_settable_by_environment(
         "keepalives_idle": 20,
         "keepalives_interval": 5,
         "keepalives_count": 2,
+        "prepare_threshold": None,
         "sslmode": "require",
     }
 

@@ -12,7 +12,7 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.models.expressions import Col
 
 from mailadmin.api.models import ApiToken
-from mailadmin.hosting.store.fastsql import converted_columns, fetch_converted_row
+from mailadmin.hosting.store.fastsql import converted_columns, fetch_converted_row, prepared_cursor
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,8 @@ def token_domain_ids(token: ApiToken) -> list[int]:
     """The ids of the domains a token is confined to (none for a token of every domain)."""
     if token.all_domains:
         return []
-    db = connections[DEFAULT_DB_ALIAS]
-    with db.cursor() as cursor:
-        cursor.execute(_domains_sql(db.vendor), [token.pk])
+    with prepared_cursor() as cursor:
+        cursor.execute(_domains_sql(connections[DEFAULT_DB_ALIAS].vendor), [token.pk])
         return [domain_id for (domain_id,) in cursor.fetchall()]
 
 

@@ -25,6 +25,7 @@ from django.db import connection
 from django.db.models import Count, DateTimeField, Func, QuerySet, Sum, Value
 from django.utils import timezone
 
+from mailadmin.hosting.store import fastsql
 from mailadmin.models import AuthFailure, DeliveryFigures, Domain, HourlyFigures, Pop3Session
 
 SESSION_COLUMNS = ("sessions", "logins", "failed_logins", "retr_messages", "retr_bytes")
@@ -256,7 +257,7 @@ def _add(
             for hour, domain_id, values in chosen
             for value in (connection.ops.adapt_datetimefield_value(hour), domain_id, *values)
         ]
-        with connection.cursor() as cursor:
+        with fastsql.prepared_cursor() as cursor:
             cursor.execute(
                 f"INSERT INTO {table} ({', '.join(all_columns)}) VALUES {placeholders} "
                 f"ON CONFLICT ({target}) WHERE {condition} DO UPDATE SET {increments}",

@@ -2,7 +2,7 @@
 
 from collections.abc import Iterable
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import F
 
 from mailadmin.hosting.commits import not_waiting_for_the_disk
@@ -41,7 +41,7 @@ def renew_leases(owners: Iterable[str], ttl_seconds: float) -> int:
 
 
 def release_lease(owner: str) -> None:
-    with not_waiting_for_the_disk(), connection.cursor() as cursor:
+    with not_waiting_for_the_disk(), fastsql.prepared_cursor() as cursor:
         cursor.execute(fastsql.RELEASE_LEASE, [owner])
 
 

@@ -215,7 +215,7 @@ def _charge_copy(copy: GroupCopy, domains_last: DomainChargesLast | None) -> _Ch
     """Charge one copy to its mailbox and domain (or leave the domain's to ``domains_last``);
     None, with nothing charged, if either is full."""
     mailbox, size = copy.mailbox, copy.size_bytes
-    with connection.cursor() as cursor:
+    with fastsql.prepared_cursor() as cursor:
         cursor.execute(fastsql.CHARGE_MAILBOX, {"size": size, "id": mailbox.pk, "uid_step": 1})
         row = cursor.fetchone()
         if row is None:
@@ -234,7 +234,7 @@ def _charge_copy(copy: GroupCopy, domains_last: DomainChargesLast | None) -> _Ch
 def _uncharge(mailbox_id: int, size: int, messages: int, *, uids: int) -> None:
     """Undo a charge whose domain refused it; ``uids`` of the UIDs it took go back (those of a
     charge in this very transaction, under its lock, from which no UIDL was made)."""
-    with connection.cursor() as cursor:
+    with fastsql.prepared_cursor() as cursor:
         cursor.execute(
             fastsql.UNCHARGE_MAILBOX, {"size": size, "messages": messages, "uids": uids, "id": mailbox_id}
         )
@@ -287,7 +287,7 @@ def _lock_rows(table: str, ids: list[int]) -> None:
     if not connection.features.has_select_for_update:
         return
     placeholders = ", ".join(["%s"] * len(ids))
-    with connection.cursor() as cursor:
+    with fastsql.prepared_cursor() as cursor:
         cursor.execute(
             f"SELECT id FROM {table} WHERE id IN ({placeholders}) ORDER BY id FOR NO KEY UPDATE", ids
         )
@@ -380,7 +380,7 @@ def _charge_quota(mailbox: Mailbox, size: int, *, imported_uid: int | None, enfo
     if imported_uid is not None:
         # Keep new UIDs above every imported one; Greatest() is not portable to older SQLite.
         Mailbox.objects.filter(pk=mailbox.pk, next_uid__lte=imported_uid).update(next_uid=imported_uid + 1)
-    with connection.cursor() as cursor:
+    with fastsql.prepared_cursor() as cursor:
         cursor.execute(
             fastsql.CHARGE_MAILBOX if enforce else fastsql.CHARGE_MAILBOX_UNCHECKED,
             {"size": size, "id": mailbox.pk, "uid_step": 0 if imported_uid is not None else 1},
@@ -388,7 +388,7 @@ def _charge_quota(mailbox: Mailbox, size: int, *, imported_uid: int | None, enfo
         row = cursor.fetchone()
     if row is None:
         raise OverQuota(gettext("mailbox %(address)s is over quota") % {"address": mailbox.address})
-    with connection.cursor() as cursor:
+    with fastsql.prepared_cursor() as cursor:
         cursor.execute(
             fastsql.CHARGE_DOMAIN if enforce else fastsql.CHARGE_DOMAIN_UNCHECKED,
             {"size": size, "id": mailbox.domain_id},
