@@ -190,7 +190,7 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
         "keepalives_interval": _env_int("DATABASE_KEEPALIVES_INTERVAL", 10),
         "keepalives_count": _env_int("DATABASE_KEEPALIVES_COUNT", 6),
         # The store's hot statements (``fastsql.prepared_cursor``) bind their parameters on the
-        # server and are prepared once they have run this many times on a connection; the ORM's
+        # server and are prepared after they have run this many times on a connection; the ORM's
         # cursors bind on the client and are never prepared, whatever this says.
         "prepare_threshold": _env_prepare_threshold("DATABASE_PREPARE_THRESHOLD", 5),
         **DATABASES["default"].get("OPTIONS", {}),

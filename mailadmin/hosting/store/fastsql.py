@@ -319,8 +319,9 @@ def prepared_cursor() -> CursorWrapper:
     text can never be prepared: planning was half of PostgreSQL's CPU for an LMTP delivery
     (a three-table join at RCPT, the charges, the inserts and the figures; 1.0 ms a delivery
     before, 0.55 ms prepared). Only for SQL of our own whose parameters PostgreSQL can type
-    from where they stand (a column, an operator with a typed side). SQLite: Django's cursor
-    (sqlite3 keeps its own cache of compiled statements).
+    from where they stand (a column, an operator with a typed side). DEBUG's query log shows
+    these statements with ``$1``-style placeholders. SQLite: Django's cursor (sqlite3 keeps its
+    own cache of compiled statements).
     """
     if connection.vendor != "postgresql":
         return connection.cursor()
@@ -335,7 +336,32 @@ def prepared_cursor() -> CursorWrapper:
 def _server_binding_cursor() -> psycopg.Cursor:
     """A psycopg cursor on Django's connection that binds parameters on the server: prepared
     after ``prepare_threshold`` runs, which client-side binding (Django's cursors) never is."""
-    return psycopg.Cursor(connection.connection)
+    return _PreparingCursor(connection.connection)
+
+
+class _PreparingCursor(psycopg.Cursor):
+    """A server-binding cursor that gives its connection up when a prepared statement has gone
+    stale.
+
+    A migration that changes the type of a column a prepared statement returns (a longer
+    varchar, say) makes PostgreSQL refuse to run it ("cached plan must not change result type").
+    psycopg forgets its prepared statements only on a rollback, so outside a transaction (a
+    look-up at RCPT or login, in autocommit) the statement would fail at every run for as long
+    as the connection lived. Closed instead, the connection is replaced before the next unit of
+    work (``close_old_connections``, as after any error): one unit fails, as one in a
+    transaction does.
+    """
+
+    def execute(self, query, params=None, **kwargs):
+        try:
+            return super().execute(query, params, **kwargs)
+        except psycopg.errors.FeatureNotSupported as error:
+            if STALE_PLAN in str(error):
+                self.connection.close()
+            raise
+
+
+STALE_PLAN = "cached plan must not change result type"
 
 
 CHUNK_TABLE = MessageChunk._meta.db_table
