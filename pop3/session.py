@@ -469,23 +469,33 @@ class Session:
     # UPDATE ----------------------------------------------------------------------------------
 
     async def _update(self) -> None:
+        """The UPDATE state (RFC 1939 section 6): remove the deleted messages, give the maildrop
+        back, and only then answer. A client that logs in again as soon as it has read the
+        answer (poplib's ``quit()`` closes at once) then finds the maildrop free, not in use."""
         self.conn.quit_in_transaction()
         assert self._maildrop is not None
         deleted = [self._messages[n - 1] for n in sorted(self._deleted)]
         self._updating = True
         self._flush()
         try:
+            reply = await self._commit(deleted)
+            await self._release()
+        finally:
+            self._updating = False
+        self._write(reply)
+
+    async def _commit(self, deleted: list[MessageInfo]) -> bytes:
+        """Remove ``deleted`` from the maildrop; the answer to QUIT."""
+        assert self._maildrop is not None
+        try:
             if deleted:
                 await self._maildrop.commit(deleted)
         except MaildropError:
             logger.warning("UPDATE failed for <%s>", log_text(self.username))
-            self._write(err(TEXT_COMMIT_FAILED, ResponseCode.SYS_TEMP))
-            return
-        finally:
-            self._updating = False
+            return err(TEXT_COMMIT_FAILED, ResponseCode.SYS_TEMP)
         self.stats.deleted_count = len(deleted)
         self.stats.deleted_bytes = sum(info.size for info in deleted)
-        self._write(ok(TEXT_LOGOUT_DELETED if deleted else TEXT_LOGOUT))
+        return ok(TEXT_LOGOUT_DELETED if deleted else TEXT_LOGOUT)
 
 
 # The commands answered at once from the session's state and the login snapshot, by event type:

@@ -919,6 +919,25 @@ def test_quit_commits_deletions_and_sends_nothing_more():
     assert io.closed
 
 
+def test_quit_gives_the_maildrop_back_before_its_answer_leaves():
+    """poplib's quit() closes as soon as it reads the answer: a login right after it found the
+    maildrop still locked (``-ERR [IN-USE]``) when the lock went back only after the answer."""
+    store = alice_store()
+    written_at_release: list[bytes] = []
+
+    class WatchedMaildrop(MemoryMaildrop):
+        async def release(self) -> None:
+            written_at_release.append(bytes(io.written))
+            await super().release()
+
+    store.maildrop_class = WatchedMaildrop
+    io = ScriptedIO(LOGIN, b"DELE 1\r\nQUIT\r\n")
+    assert run(make_session(io, store)) is EndReason.QUIT
+    assert written_at_release == [GREETING_LINE + LOGGED_IN + ok(TEXT_MARKED)]
+    assert bytes(io.written) == GREETING_LINE + LOGGED_IN + ok(TEXT_MARKED) + ok(TEXT_LOGOUT_DELETED)
+    assert store.lock_owner is None
+
+
 def test_quit_with_arguments_is_accepted():
     store = alice_store()
     written = transcript(LOGIN, b"DELE 2\r\nQUIT now\r\n", store=store)
