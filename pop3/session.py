@@ -479,10 +479,21 @@ class Session:
         self._flush()
         try:
             reply = await self._commit(deleted)
-            await self._release()
+            await self._give_back()
         finally:
             self._updating = False
         self._write(reply)
+
+    async def _give_back(self) -> None:
+        """:meth:`_release` for QUIT, whose answer goes out whatever becomes of the release: the
+        deletions are done. A release that fails is logged (the lease lapses at its expiry); one
+        the server's shutdown cancels goes on, shielded, while the session ends with its answer."""
+        try:
+            await self._release()
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            logger.exception("POP3 session %s: releasing the maildrop failed", self.io.info.session_id)
 
     async def _commit(self, deleted: list[MessageInfo]) -> bytes:
         """Remove ``deleted`` from the maildrop; the answer to QUIT."""

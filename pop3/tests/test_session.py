@@ -1180,6 +1180,50 @@ def test_every_teardown_step_runs_when_release_raises(caplog):
     ]
 
 
+def test_quit_is_answered_when_the_release_raises(caplog):
+    store = alice_store(maildrop_class=ReleaseFailsMaildrop)
+    io = ScriptedIO(LOGIN, b"DELE 1\r\nQUIT\r\n")
+    with caplog.at_level(logging.ERROR, logger="pop3.session"):
+        reason = run(make_session(io, store))
+    assert reason is EndReason.QUIT
+    assert bytes(io.written) == GREETING_LINE + LOGGED_IN + ok(TEXT_MARKED) + ok(TEXT_LOGOUT_DELETED)
+    assert [uidl for uidl, _ in store.messages] == ["uid-2", "uid-3"]
+    assert [(record.getMessage(), record.exc_info[0]) for record in caplog.records] == [
+        ("POP3 session 0123abcd: releasing the maildrop failed", RuntimeError)
+    ]
+
+
+def test_quit_is_answered_when_the_session_is_cancelled_during_its_release():
+    """The server's shutdown cancels what is left after its grace period: a QUIT whose deletions
+    are done still says so, and its release goes on."""
+    store = alice_store()
+    releasing, released = asyncio.Event(), asyncio.Event()
+
+    class SlowReleaseMaildrop(MemoryMaildrop):
+        async def release(self) -> None:
+            releasing.set()
+            await released.wait()
+            await super().release()
+
+    store.maildrop_class = SlowReleaseMaildrop
+    io = ScriptedIO(LOGIN, b"DELE 1\r\nQUIT\r\n")
+    session = make_session(io, store)
+
+    async def scenario() -> EndReason:
+        task = asyncio.create_task(session.run())
+        await until_set(releasing, task)
+        task.cancel()
+        reason = await task
+        released.set()
+        await asyncio.sleep(0)  # the shielded release finishes
+        return reason
+
+    assert asyncio.run(scenario()) is EndReason.QUIT
+    assert bytes(io.written) == GREETING_LINE + LOGGED_IN + ok(TEXT_MARKED) + ok(TEXT_LOGOUT_DELETED)
+    assert store.lock_owner is None
+    assert [uidl for uidl, _ in store.messages] == ["uid-2", "uid-3"]
+
+
 # --- Log lines (P9) -------------------------------------------------------------------------
 
 
