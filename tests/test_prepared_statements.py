@@ -60,6 +60,22 @@ def test_a_deliverys_statements_are_prepared_after_a_few_deliveries(postgresql, 
     assert Message.objects.count() == threshold + 2
 
 
+def test_a_groups_row_locks_are_one_statement_whatever_the_number_of_mailboxes(postgresql, make_mailbox):
+    if postgresql.connection.prepare_threshold is None:
+        pytest.skip("DATABASE_PREPARE_THRESHOLD is off here")
+    addresses = [f"m{n}@one.test" for n in range(4)]
+    for address in addresses:
+        make_mailbox(address)
+    for n in range(12):
+        recipients = [look_up_recipient(address) for address in addresses[: 2 + n % 3]]
+        with spool_message([b"Subject: %d\r\n\r\nbody\r\n" % n]) as message:
+            (results,) = deliver_group([Delivery(recipients, message, "s@remote.test")])
+        assert all(result.delivered for result in results)
+    assert prepared(f"SELECT id FROM {Mailbox._meta.db_table} WHERE id") == [
+        f"SELECT id FROM {Mailbox._meta.db_table} WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE"
+    ]
+
+
 def test_the_orms_statements_are_never_prepared(postgresql, make_mailbox):
     """Django's cursors bind on the client: whatever the threshold, its SQL is never prepared."""
     make_mailbox("a@one.test")

@@ -282,15 +282,13 @@ def _lock_rows(table: str, ids: list[int]) -> None:
     """Row-lock ``ids`` of ``table`` in id order (PostgreSQL; SQLite has no row locks).
 
     ``FOR NO KEY UPDATE``, the lock the charges' UPDATEs take anyway: it still lets another
-    transaction insert a row that refers to a locked one (a figures row for the domain).
+    transaction insert a row that refers to a locked one (a figures row for the domain). The ids
+    go as one array, so the statement is the same (and prepared once) however many there are.
     """
     if not connection.features.has_select_for_update:
         return
-    placeholders = ", ".join(["%s"] * len(ids))
     with fastsql.prepared_cursor() as cursor:
-        cursor.execute(
-            f"SELECT id FROM {table} WHERE id IN ({placeholders}) ORDER BY id FOR NO KEY UPDATE", ids
-        )
+        cursor.execute(f"SELECT id FROM {table} WHERE id = ANY(%s) ORDER BY id FOR NO KEY UPDATE", [ids])
 
 
 @dataclass(frozen=True)
