@@ -59,10 +59,13 @@ from mailadmin.hosting.store.errors import (
 from mailadmin.hosting.store.fastsql import (
     find_mailbox,
     find_recipient,
+    insert_session_rows,
     maildrop_snapshot,
     maildrop_version,
     read_chunk,
     read_first_chunks,
+    record_last_login,
+    update_session_row,
 )
 from mailadmin.hosting.store.leases import (
     acquire_lease,
@@ -131,6 +134,9 @@ __all__ = [
     "existing_import_markers",
     "find_mailbox",
     "find_recipient",
+    "insert_session_rows",
+    "record_last_login",
+    "update_session_row",
     "format_uidl",
     "generate_password",
     "get_domain",

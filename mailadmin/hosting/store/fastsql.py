@@ -18,7 +18,7 @@ from django.db.models import DateTimeField, ExpressionWrapper
 from django.db.models.expressions import Col
 from django.db.models.functions import Now
 
-from mailadmin.models import Domain, Mailbox, MaildropLease, Message, MessageChunk
+from mailadmin.models import Domain, Mailbox, MaildropLease, Message, MessageChunk, Pop3Session
 
 
 def find_mailbox(address: str) -> Mailbox | None:
@@ -156,11 +156,36 @@ def insert_returning_pks(model: type, names: tuple[str, ...], rows: Sequence[Seq
 
 
 @functools.lru_cache(maxsize=256)
-def insert_sql(model: type, names: tuple[str, ...], vendor: str, rows: int) -> str:
+def insert_sql(model: type, names: tuple[str, ...], vendor: str, rows: int, returning: bool = True) -> str:
+    """The INSERT of ``rows`` rows; ``RETURNING`` their pks, or else skipping a row whose unique
+    key is taken (``ON CONFLICT DO NOTHING``, on SQLite as well: only a uniqueness conflict is
+    skipped, where the ORM's ``INSERT OR IGNORE`` would skip a NOT NULL violation too)."""
     quote = connections[DEFAULT_DB_ALIAS].ops.quote_name
     columns = ", ".join(quote(model._meta.get_field(name).column) for name in names)
     table, pk = quote(model._meta.db_table), quote(model._meta.pk.column)
-    return f"INSERT INTO {table} ({columns}) VALUES {values_sql(rows, len(names))} RETURNING {pk}"
+    ending = f"RETURNING {pk}" if returning else "ON CONFLICT DO NOTHING"
+    return f"INSERT INTO {table} ({columns}) VALUES {values_sql(rows, len(names))} {ending}"
+
+
+def insert_ignoring_conflicts(model: type, names: tuple[str, ...], rows: Sequence[Sequence]) -> None:
+    """``bulk_create(ignore_conflicts=True)`` without compiling the INSERT each time: ``rows``
+    (values for the fields ``names``) in statements of at most INSERT_BATCH_ROWS rows, each
+    row whose unique key is taken skipped. Only for models without save() logic or signals."""
+    db = connections[DEFAULT_DB_ALIAS]
+    fields = [model._meta.get_field(name) for name in names]
+    with prepared_cursor() as cursor:
+        for start in range(0, len(rows), INSERT_BATCH_ROWS):
+            batch = rows[start : start + INSERT_BATCH_ROWS]
+            params = [
+                field.get_db_prep_save(value, db)
+                for row in batch
+                for field, value in zip(fields, row, strict=True)
+            ]
+            cursor.execute(insert_sql(model, names, db.vendor, len(batch), returning=False), params)
+
+
+# Rows per INSERT: well inside SQLite's 32,766 parameters for any table of ours.
+INSERT_BATCH_ROWS = 500
 
 
 @functools.lru_cache(maxsize=256)
@@ -451,4 +476,100 @@ def _take_lease_sql(vendor: str, ttl_seconds: float) -> tuple[str, tuple]:
 
 
 LEASE_TABLE = MaildropLease._meta.db_table
+
+# --- POP3 session rows ---------------------------------------------------------------------
+
+SESSION_TABLE = Pop3Session._meta.db_table
+# Keys of a session row's update that the statement itself resolves (:func:`update_session_row`).
+TRIED_DOMAIN = "tried_domain"
+MAILBOX_ID = "mailbox_id"
+
+
+def insert_session_rows(rows: list[dict]) -> None:
+    """New session rows (field name to value; the others take their defaults, as
+    ``bulk_create`` gives them), skipping those already written: a tick that failed after its
+    commit queues its rows again."""
+    values = [[fields.get(name, default) for name, default in _session_defaults().items()] for fields in rows]
+    insert_ignoring_conflicts(Pop3Session, tuple(_session_defaults()), values)
+
+
+@functools.cache
+def _session_defaults() -> dict[str, object]:
+    """Each column of a session row that the INSERT names, with its default (``updated_at``,
+    left out, takes the database's clock)."""
+    fields = Pop3Session._meta.concrete_fields
+    return {field.attname: field.get_default() for field in fields if not field.has_db_default()}
+
+
+def update_session_row(session_id: str, fields: dict) -> None:
+    """``Pop3Session.objects.filter(pk=session_id).update(**fields, updated_at=Now())``, its SQL
+    built once per set of field names: what runpop3's monitor writes for every session.
+
+    Two keys are resolved by the statement: ``tried_domain``, a name, sets the row's domain to
+    ours of that name (NULL if it is not ours); ``mailbox_id`` sets the mailbox and the domain
+    from the mailbox's row, both NULL for a mailbox deleted since the login (its domain wins
+    over one tried before).
+    """
+    db = connections[DEFAULT_DB_ALIAS]
+    if MAILBOX_ID in fields:
+        fields = {name: value for name, value in fields.items() if name != TRIED_DOMAIN}
+    names = tuple(sorted(fields))
+    params = []
+    for name in names:
+        value = fields[name]
+        if name == MAILBOX_ID:
+            params += [value, value]
+        elif name == TRIED_DOMAIN:
+            params.append(value)
+        else:
+            params.append(Pop3Session._meta.get_field(name).get_db_prep_save(value, db))
+    params.append(Pop3Session._meta.pk.get_db_prep_value(session_id, db))
+    with prepared_cursor() as cursor:
+        cursor.execute(_session_update_sql(db.vendor, names), params)
+
+
+@functools.lru_cache(maxsize=64)
+def _session_update_sql(vendor: str, names: tuple[str, ...]) -> str:
+    quote = connection.ops.quote_name
+    mailbox, domain = quote(MAILBOX_TABLE), quote(DOMAIN_TABLE)
+    assignments = []
+    for name in names:
+        if name == MAILBOX_ID:
+            assignments.append(f"mailbox_id = (SELECT id FROM {mailbox} WHERE id = %s)")
+            assignments.append(f"domain_id = (SELECT domain_id FROM {mailbox} WHERE id = %s)")
+        elif name == TRIED_DOMAIN:
+            assignments.append(f"domain_id = (SELECT id FROM {domain} WHERE name = %s)")
+        else:
+            assignments.append(f"{quote(Pop3Session._meta.get_field(name).column)} = %s")
+    assignments.append(f"updated_at = {_now_sql(vendor)}")
+    return f"UPDATE {quote(SESSION_TABLE)} SET {', '.join(assignments)} WHERE id = %s"
+
+
+def record_last_login(mailbox_id: int, session_id: str, when) -> None:
+    """The mailbox's last login: ``when``, and the client address of the session's row (which
+    exists by then; an empty address if it does not)."""
+    db = connections[DEFAULT_DB_ALIAS]
+    params = [
+        Mailbox._meta.get_field("last_login_at").get_db_prep_save(when, db),
+        Pop3Session._meta.pk.get_db_prep_value(session_id, db),
+        mailbox_id,
+    ]
+    with prepared_cursor() as cursor:
+        cursor.execute(_LAST_LOGIN, params)
+
+
+_LAST_LOGIN = (
+    f"UPDATE {MAILBOX_TABLE} SET last_login_at = %s, "
+    f"last_login_from = COALESCE((SELECT peer_host FROM {SESSION_TABLE} WHERE id = %s), '') WHERE id = %s"
+)
+
+
+@functools.cache
+def _now_sql(vendor: str) -> str:
+    """The database's clock as Django writes ``Now()`` (no parameters on either backend)."""
+    compiler = Pop3Session.objects.none().query.get_compiler(connection=connection)
+    sql, _ = compiler.compile(Now())
+    return sql
+
+
 RELEASE_LEASE = f"DELETE FROM {LEASE_TABLE} WHERE owner = %s"
