@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 from django.core.management import call_command
+from django.db import connection
 
 from mailadmin.hosting import store
-from mailadmin.mailin.delivery import DeliveryStatus, deliver
+from mailadmin.mailin import messagefile
+from mailadmin.mailin.delivery import Delivery, DeliveryStatus, deliver, deliver_group, look_up_recipient
 from mailadmin.models import Message
 from tests.conftest import run_manage
 from tests.lmtp_replies import RECIPIENT_OK, SAVED, SENDER_OK, START_DATA
@@ -133,3 +135,25 @@ def test_importmail_mbox_stores_a_nul_subject_from_an_odd_sender(
     call_command("importmail", ADDRESS, "--mbox", str(tmp_path / "in.mbox"), stdout=out)
     assert out.getvalue() == f"{ADDRESS}: 1 imported, 0 already present\n"
     assert stored_row() == (subject, from_header, stored_sender, headers + BODY)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_subject_and_from_are_parsed_before_the_delivery_transaction_begins(make_mailbox, monkeypatch):
+    """On SQLite every writer of every process waits while a transaction is open: the header
+    parsing is done before it, not inside it."""
+    make_mailbox(ADDRESS)
+    parsed_in_a_transaction = []
+    summarise = messagefile.summarise_headers
+
+    def noting_the_transaction(header_block: bytes) -> messagefile.HeaderSummary:
+        parsed_in_a_transaction.append(connection.in_atomic_block)
+        return summarise(header_block)
+
+    monkeypatch.setattr(messagefile, "summarise_headers", noting_the_transaction)
+    found = look_up_recipient(ADDRESS)
+    with messagefile.spool_message([b"Subject: hello\r\nFrom: x@remote.test\r\n\r\nbody\r\n"]) as message:
+        (results,) = deliver_group([Delivery([found], message, SENDER)])
+
+    assert [result.status for result in results] == [DeliveryStatus.DELIVERED]
+    assert parsed_in_a_transaction == [False]
+    assert list(Message.objects.values_list("subject", "from_header")) == [("hello", "x@remote.test")]

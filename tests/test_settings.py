@@ -231,7 +231,7 @@ class FakeClock:
 
     def sleep(self, seconds: float) -> None:
         self.sleeps.append(seconds)
-        self.now = len(self.sleeps) * seconds
+        self.now += seconds
 
 
 @pytest.mark.django_db(transaction=True)
@@ -251,8 +251,11 @@ def test_a_write_transaction_waits_for_the_writer_lock_only_up_to_the_busy_timeo
             with transaction.atomic():
                 Domain.objects.create(name="waits.test")
         monkeypatch.undo()
-    # Polled every half millisecond until the 0.3 s timeout, then given up.
-    assert clock.sleeps == [sqlite_backend.POLL_SECONDS] * 600
+    # Polled every tenth of a millisecond 50 times, then every half millisecond until the 0.3 s
+    # timeout, then given up.
+    assert (sqlite_backend.POLL_SECONDS, sqlite_backend.SLOW_POLL_SECONDS) == (0.0001, 0.0005)
+    assert clock.sleeps[:50] == [0.0001] * 50
+    assert clock.sleeps[50:] == [0.0005] * 590
     with transaction.atomic():  # the lock is free again: the write goes through
         Domain.objects.create(name="after.test")
     assert list(Domain.objects.values_list("name", flat=True)) == ["after.test"]

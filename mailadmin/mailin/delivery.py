@@ -227,6 +227,7 @@ def deliver_group(
     The group's stored copies and refusals, and the refusals waiting in ``tally``, are added to
     the delivery figures in the same transaction: counting costs no commit of its own.
     """
+    _summarise_before_the_transaction(deliveries)
     failed: set[_Position] = set()  # copies that failed
     one_by_one = False
     # A copy for a mailbox that was full at RCPT is likely refused again: charging its domain
@@ -249,6 +250,13 @@ def deliver_group(
         except _CopyFailed as failure:
             logger.error("delivery to %s failed", log_text(failure.address), exc_info=failure.__cause__)
             failed.add(failure.position)
+
+
+def _summarise_before_the_transaction(deliveries: Sequence[Delivery]) -> None:
+    """Parse each message's Subject and From for its row now: inside the transaction, on
+    SQLite, every other writer of every process would wait for the parsing too."""
+    for delivery in deliveries:
+        _ = delivery.message.summary
 
 
 # What one copy's store may raise without saying anything about the others: its row breaks a
