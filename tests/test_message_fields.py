@@ -157,3 +157,20 @@ def test_subject_and_from_are_parsed_before_the_delivery_transaction_begins(make
     assert [result.status for result in results] == [DeliveryStatus.DELIVERED]
     assert parsed_in_a_transaction == [False]
     assert list(Message.objects.values_list("subject", "from_header")) == [("hello", "x@remote.test")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_header_python_cannot_decode_fails_no_delivery_of_its_group(make_mailbox):
+    """``=?idna?q?...?=`` makes Python's idna codec raise instead of replacing: parsed before the
+    transaction, it failed every delivery of the group with a temporary failure."""
+    make_mailbox(ADDRESS)
+    found = look_up_recipient(ADDRESS)
+    undecodable = b"Subject: =?idna?q?abc?=\r\nFrom: x@remote.test\r\n\r\nbody\r\n"
+    with (
+        messagefile.spool_message([undecodable]) as first,
+        messagefile.spool_message([b"Subject: fine\r\n\r\nbody\r\n"]) as second,
+    ):
+        results = deliver_group([Delivery([found], first, SENDER), Delivery([found], second, SENDER)])
+
+    assert [[result.status for result in group] for group in results] == [[DeliveryStatus.DELIVERED]] * 2
+    assert list(Message.objects.order_by("pk").values_list("subject", flat=True)) == ["abc", "fine"]

@@ -133,9 +133,10 @@ def summarise_headers(header_block: bytes) -> HeaderSummary:
     """
     try:
         parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(header_block)
+        subject, from_header = _decoded(parsed.get("Subject")), _decoded(parsed.get("From"))
     except Exception:  # noqa: BLE001 - a summary must never stop a delivery
         return HeaderSummary("", "")
-    return HeaderSummary(_one_line(_decoded(parsed.get("Subject"))), _one_line(_decoded(parsed.get("From"))))
+    return HeaderSummary(_one_line(subject), _one_line(from_header))
 
 
 def _decoded(value: str | email.header.Header | None) -> str:
@@ -152,7 +153,7 @@ def _decoded(value: str | email.header.Header | None) -> str:
 def _text(data: bytes, charset: str | None) -> str:
     try:
         return data.decode(charset if charset and charset != "unknown-8bit" else "utf-8", "replace")
-    except LookupError:  # a charset Python does not know
+    except (LookupError, UnicodeError):  # a charset Python does not know, or one that cannot replace
         return data.decode("utf-8", "replace")
 
 

@@ -4,8 +4,8 @@ SQLite lets one writer in at a time and makes the others poll: its busy handler 
 10, 15... ms between tries. Several processes writing the same database (``runlmtp --workers``,
 runpop3 beside runlmtp) then lose milliseconds asleep while the lock is long free, and
 short transactions pile up behind the sleepers. Here every write transaction first takes an
-exclusive ``flock()`` on ``<database>-writer.lock``, tried every half millisecond, so the next
-writer starts within that of the previous commit; ``BEGIN IMMEDIATE`` then finds the database
+exclusive ``flock()`` on ``<database>-writer.lock``, tried every tenth of a millisecond, so the
+next writer starts within that of the previous commit; ``BEGIN IMMEDIATE`` then finds the database
 free. Statements outside a transaction keep SQLite's own busy timeout.
 
 The wait is bounded by the same busy timeout (OPTIONS ``timeout``): a transaction left open
@@ -52,14 +52,12 @@ from mailadmin.sqlite import has_the_wal_reset_bug
 
 logger = logging.getLogger(__name__)
 
-# How often a writer tries for the write turn. The turn usually comes back within a millisecond
-# or two (an LMTP group's statements and commit), and each poll that comes late leaves the
-# database idle meanwhile: every half millisecond, two LMTP workers delivered 783 messages a
-# second, every tenth 990. Past FAST_POLLS tries the wait is a long one (a prune batch, a
-# checkpoint's copy), and polling as often would only spend CPU.
+# How often a waiter tries for the write turn. The turn usually comes back within a millisecond
+# or two (an LMTP group's statements and commit), and a poll that comes late leaves the database
+# idle meanwhile: two LMTP workers delivered 841 messages a second polling every half
+# millisecond, 990 every tenth. The same for every waiter: flock() keeps no queue, so a waiter
+# that polled less often (the checkpointer's copy, a prune batch) would lose most hand-overs.
 POLL_SECONDS = 0.0001
-SLOW_POLL_SECONDS = 0.0005
-FAST_POLLS = 50
 DEFAULT_TIMEOUT_SECONDS = 5.0  # sqlite3.connect's own default
 # Often, so that each checkpoint's flush is small: a commit's fsync waits behind it in the
 # disk's queue (1 s between checkpoints made prunehistory's commits wait 100 ms and more).
@@ -137,10 +135,9 @@ def checkpoint(connection: sqlite3.Connection, writer_lock: BinaryIO) -> None:
 
 
 def take_write_turn(writer_lock: BinaryIO, timeout: float) -> bool:
-    """Take the exclusive lock on the writer lock file, tried every POLL_SECONDS (after
-    FAST_POLLS tries, every SLOW_POLL_SECONDS); False if it stayed taken for ``timeout`` seconds."""
+    """Take the exclusive lock on the writer lock file, tried every POLL_SECONDS; False if it
+    stayed taken for ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    tries = 0
     while True:
         try:
             fcntl.flock(writer_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -148,8 +145,7 @@ def take_write_turn(writer_lock: BinaryIO, timeout: float) -> bool:
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 return False
-            tries += 1
-            time.sleep(POLL_SECONDS if tries <= FAST_POLLS else SLOW_POLL_SECONDS)
+            time.sleep(POLL_SECONDS)
 
 
 # This process's checkpointers by database file.

@@ -169,23 +169,16 @@ def insert_sql(model: type, names: tuple[str, ...], vendor: str, rows: int, retu
 
 def insert_ignoring_conflicts(model: type, names: tuple[str, ...], rows: Sequence[Sequence]) -> None:
     """``bulk_create(ignore_conflicts=True)`` without compiling the INSERT each time: ``rows``
-    (values for the fields ``names``) in statements of at most INSERT_BATCH_ROWS rows, each
-    row whose unique key is taken skipped. Only for models without save() logic or signals."""
+    (values for the fields ``names``) by one single-row statement run for each (so one prepared
+    statement on PostgreSQL, however many rows), each row whose unique key is taken skipped.
+    Only for models without save() logic or signals of their own."""
     db = connections[DEFAULT_DB_ALIAS]
     fields = [model._meta.get_field(name) for name in names]
+    params = [
+        [field.get_db_prep_save(value, db) for field, value in zip(fields, row, strict=True)] for row in rows
+    ]
     with prepared_cursor() as cursor:
-        for start in range(0, len(rows), INSERT_BATCH_ROWS):
-            batch = rows[start : start + INSERT_BATCH_ROWS]
-            params = [
-                field.get_db_prep_save(value, db)
-                for row in batch
-                for field, value in zip(fields, row, strict=True)
-            ]
-            cursor.execute(insert_sql(model, names, db.vendor, len(batch), returning=False), params)
-
-
-# Rows per INSERT: well inside SQLite's 32,766 parameters for any table of ours.
-INSERT_BATCH_ROWS = 500
+        cursor.executemany(insert_sql(model, names, db.vendor, 1, returning=False), params)
 
 
 @functools.lru_cache(maxsize=256)
