@@ -7,24 +7,12 @@ import uuid
 import pytest
 from django.db import connection
 
-from mailadmin.executors import BoundedExecutor
 from mailadmin.hosting import store
 from mailadmin.models import Mailbox, Pop3Session
 from mailadmin.pop3d import registry
-from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.maildrop import OrmMaildrop
 from pop3.mailbox import ConnectionInfo, EndReason, SessionStats
-
-
-class FakeSession:
-    def kick(self, reason: EndReason) -> bool:
-        return True
-
-
-def monitor() -> registry.Pop3Monitor:
-    executor = BoundedExecutor(1, "test-db")
-    leases = LeaseKeeper(executor, node="testhost:1", ttl_seconds=60)
-    return registry.Pop3Monitor(executor, leases, node="testhost:1", interval=1.0, on_give_up=lambda: None)
+from tests.test_session_history import FakeSession, monitor
 
 
 def short_session(pop3: registry.Pop3Monitor, mailbox: Mailbox, port: int) -> registry.SessionRecorder:
@@ -41,31 +29,6 @@ def short_session(pop3: registry.Pop3Monitor, mailbox: Mailbox, port: int) -> re
     return recorder
 
 
-ROW_FIELDS = (
-    "node",
-    "username",
-    "mailbox_id",
-    "domain_id",
-    "peer_host",
-    "peer_port",
-    "local_host",
-    "local_port",
-    "implicit_tls",
-    "tls_version",
-    "tls_cipher",
-    "end_reason",
-    "kick_requested_at",
-    "commands",
-    "bytes_in",
-    "bytes_out",
-    "retr_count",
-    "retr_bytes",
-    "top_count",
-    "deleted_count",
-    "message_count",
-)
-
-
 @pytest.mark.django_db(transaction=True)
 def test_a_short_sessions_row_is_written_whole_in_one_tick(make_mailbox):
     mailbox = make_mailbox("alice@example.test")
@@ -74,10 +37,7 @@ def test_a_short_sessions_row_is_written_whole_in_one_tick(make_mailbox):
 
     asyncio.run(pop3.tick())
 
-    row = Pop3Session.objects.values(
-        *ROW_FIELDS, "started_at", "authenticated_at", "ended_at", "updated_at"
-    ).get(pk=recorder.session_id)
-    assert {name: row[name] for name in ROW_FIELDS} == {
+    expected = {
         "node": "testhost:1",
         "username": "alice@example.test",
         "mailbox_id": mailbox.pk,
@@ -100,6 +60,9 @@ def test_a_short_sessions_row_is_written_whole_in_one_tick(make_mailbox):
         "deleted_count": 0,
         "message_count": 0,
     }
+    times = ("started_at", "authenticated_at", "ended_at", "updated_at")
+    row = Pop3Session.objects.values(*expected, *times).get(pk=recorder.session_id)
+    assert {name: row[name] for name in expected} == expected
     assert row["started_at"] <= row["authenticated_at"] <= row["ended_at"]
     assert row["updated_at"] is not None
     mailbox.refresh_from_db()
