@@ -473,7 +473,6 @@ class Session:
         back, and only then answer. A client that logs in again as soon as it has read the
         answer (poplib's ``quit()`` closes at once) then finds the maildrop free, not in use."""
         self.conn.quit_in_transaction()
-        assert self._maildrop is not None
         deleted = [self._messages[n - 1] for n in sorted(self._deleted)]
         self._updating = True
         self._flush()

@@ -482,16 +482,17 @@ def insert_session_rows(rows: list[dict]) -> None:
     """New session rows (field name to value; the others take their defaults, as
     ``bulk_create`` gives them), skipping those already written: a tick that failed after its
     commit queues its rows again."""
-    values = [[fields.get(name, default) for name, default in _session_defaults().items()] for fields in rows]
-    insert_ignoring_conflicts(Pop3Session, tuple(_session_defaults()), values)
+    # Asked at every call, not kept: a field's default may be a callable (a time, say).
+    defaults = {field.attname: field.get_default() for field in _session_insert_fields()}
+    values = [[row.get(name, default) for name, default in defaults.items()] for row in rows]
+    insert_ignoring_conflicts(Pop3Session, tuple(defaults), values)
 
 
 @functools.cache
-def _session_defaults() -> dict[str, object]:
-    """Each column of a session row that the INSERT names, with its default (``updated_at``,
-    left out, takes the database's clock)."""
-    fields = Pop3Session._meta.concrete_fields
-    return {field.attname: field.get_default() for field in fields if not field.has_db_default()}
+def _session_insert_fields() -> tuple:
+    """The fields of a session row that the INSERT names (``updated_at``, left out, takes the
+    database's clock)."""
+    return tuple(field for field in Pop3Session._meta.concrete_fields if not field.has_db_default())
 
 
 def update_session_row(session_id: str, fields: dict) -> None:
