@@ -9,7 +9,7 @@ from django.db import NotSupportedError, close_old_connections, connection
 
 from mailadmin import settings as project_settings
 from mailadmin.hosting.store import fastsql
-from mailadmin.mailin.delivery import Delivery, Recipient, deliver_group, look_up_recipient
+from mailadmin.mailin.delivery import Delivery, DeliveryStatus, Recipient, deliver_group, look_up_recipient
 from mailadmin.mailin.messagefile import spool_message
 from mailadmin.models import DeliveryFigures, Domain, Mailbox, Message, MessageChunk
 
@@ -91,6 +91,18 @@ def test_a_threshold_of_off_prepares_nothing(postgresql, make_mailbox, monkeypat
     assert prepared("UPDATE") == []
     assert prepared("INSERT") == []
     assert prepared("SELECT m.") == []
+
+
+def test_a_prepared_statement_still_sees_a_changed_quota(postgresql, make_mailbox):
+    """A prepared plan keeps no values: the charge's quota check reads the row as it is now."""
+    if postgresql.connection.prepare_threshold is None:
+        pytest.skip("DATABASE_PREPARE_THRESHOLD is off here")
+    mailbox = make_mailbox("a@one.test")
+    deliver("a@one.test", 7)
+    assert len(prepared(f"UPDATE {Mailbox._meta.db_table} SET used_bytes")) == 1
+    Mailbox.objects.filter(pk=mailbox.pk).update(quota_messages=7)
+
+    assert look_up_recipient("a@one.test") == DeliveryStatus.OVER_QUOTA
 
 
 @pytest.mark.django_db(transaction=True)
