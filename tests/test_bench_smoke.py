@@ -53,10 +53,13 @@ def test_bench_smoke_runs_every_scenario(tmp_path):
         assert results["dovecot_logins_cold"]["errors"] == 0
         assert results["dovecot_logins_warm"]["logins"] > 0
         assert results["dovecot_pipelined"]["commands"] == results["pipelined"]["commands"]
+        # CPU is read in clock ticks of 10 ms, and a smoke window's few rounds may cost Dovecot
+        # none: only the figures that count work or time are held to a ratio here.
         ratios = {
             (entry["scenario"], entry["figure"]): entry["ratio"]
             for entry in payload["checks"]
             if entry["scenario"] in {"fleet_plain", "logins_warm", "pipelined"}
+            and not entry["figure"].startswith("cpu_")
         }
         assert all(ratio is not None and ratio > 0 for ratio in ratios.values()), ratios
     # Each delivery took the path it was meant to (the scenario fails otherwise).
