@@ -344,6 +344,7 @@ class _Sasl(enum.Enum):
 # class (``State.CLOSED``) costs several times a global's look-up in Python 3.11, and it took
 # five of those per pipelined command.
 _CLOSED, _READING_LOGIN, _NO_SASL = State.CLOSED, State.AUTHORIZATION, _Sasl.NONE
+_IN_TRANSACTION = State.TRANSACTION
 
 
 class Connection:
@@ -433,6 +434,24 @@ class Connection:
     # Commands --------------------------------------------------------------------------------
 
     def _command(self, line: bytes) -> Event:
+        # What a pipelining client sends by the thousand, ``LIST 12`` and the like, is parsed
+        # from the bytes; any other line, or one of these with another argument or in another
+        # state, takes the general path, which gives the same event for these.
+        keyword, _, argument = line.partition(b" ")
+        event_type = _NUMBERED.get(keyword.upper())
+        if (
+            event_type is not None
+            and self.state is _IN_TRANSACTION
+            and argument.isdigit()  # ASCII digits only, for bytes
+            and len(argument) <= MAX_NUMBER_DIGITS
+        ):
+            number = int(argument)
+            if number:
+                self._bad_commands = 0
+                return event_type(number)
+        return self._parsed_command(line)
+
+    def _parsed_command(self, line: bytes) -> Event:
         if b"\x00" in line:
             return self._bad(err(TEXT_NUL))
         try:
@@ -697,6 +716,9 @@ def _utf8_or_none(data: bytes) -> str | None:
     except UnicodeDecodeError:
         return None
 
+
+# The commands of one message number that Connection._command parses from the line's bytes.
+_NUMBERED = {b"LIST": ListMessages, b"UIDL": Uidl, b"RETR": Retr, b"DELE": Dele}
 
 # Tuples, not sets: membership then compares identities, where a set would call Enum.__hash__,
 # a Python function, once per command.

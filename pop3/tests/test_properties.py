@@ -127,6 +127,41 @@ def assert_clean_reply(data: bytes) -> None:
 # --- (a) the line parser --------------------------------------------------------------------
 
 
+# The one-number commands, which Connection._command parses from the bytes, and what could
+# make a line of them differ from its general path.
+NUMBERED_KEYWORDS = [b"LIST", b"list", b"UiDl", b"RETR", b"DELE", b"dele", b"TOP", b"STAT", b"LIS"]
+NUMBERED_KEYWORDS += ["\u017ftat".encode(), "l\u0131st".encode()]  # long s, dotless i: upper() to ASCII
+# Full-width 5, Arabic-Indic 3 and a superscript 2 are digits to str.isdigit(), not to parse_number.
+UNICODE_DIGITS = ["\uff15".encode(), "\u0663".encode(), "\u00b2".encode()]
+NUMBERED_ARGUMENTS = [
+    *(b"1", b"7", b"07", b"0", b"00", b"4294967295", b"12345678901"),
+    *(b"", b" 1", b"1 ", b"1 2", b"\x00", b"-1", b"+1", b"\xb2"),
+    *UNICODE_DIGITS,
+]
+numbered_line = st.tuples(
+    st.sampled_from(NUMBERED_KEYWORDS),
+    st.sampled_from([b" ", b" ", b"  ", b"", b"\t"]),
+    st.one_of(st.sampled_from(NUMBERED_ARGUMENTS), st.binary(max_size=12)),
+).map(b"".join)
+
+
+@MODEST
+@given(
+    st.lists(numbered_line, min_size=1, max_size=30),
+    st.booleans(),
+)
+def test_the_one_number_commands_parse_as_the_general_path_does(commands: list[bytes], logged_in: bool):
+    fast, general = Connection(Policy(cleartext_trusted=True)), Connection(Policy(cleartext_trusted=True))
+    if logged_in:
+        fast.login_succeeded()
+        general.login_succeeded()
+    for line in commands:
+        if State.CLOSED in (fast.state, general.state):
+            break
+        assert fast._command(line) == general._parsed_command(line), line
+        assert (fast.state, fast._bad_commands) == (general.state, general._bad_commands)
+
+
 @MODEST
 @given(input_and_split())
 def test_events_do_not_depend_on_how_input_is_split(case: tuple[bytes, list[bytes]]):
