@@ -95,11 +95,15 @@ class LiveSessionsConsumer(AsyncJsonWebsocketConsumer):
             with suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), RESYNC_SECONDS)
             self.changed.clear()
+            # Updates at most a second apart from start to start, not a second after each ends:
+            # the page then keeps to the beat of the ticks and looks (``feed.seconds_to_beat``).
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             try:
                 await self.send_changes()
             except TRANSIENT_DB_ERRORS as error:
                 logger.warning("live sessions: cannot read the session rows (%s); retrying", error)
-            await asyncio.sleep(MIN_SECONDS_BETWEEN_UPDATES)
+            await asyncio.sleep(max(0.0, started + MIN_SECONDS_BETWEEN_UPDATES - loop.time()))
 
     async def send_page(self) -> None:
         async with self.sending:

@@ -7,6 +7,7 @@ one to leave stops it. With Redis, runpop3 rings the bell itself and no poller r
 
 import asyncio
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 
 from channels.layers import get_channel_layer
@@ -19,9 +20,11 @@ from mailadmin.pop3d import feed
 
 logger = logging.getLogger("mailadmin.console")
 
-# Looks per second: a login reaches an open page within a look, plus the page's own limit of one
-# message a second (bench live_page, 1,000 sessions churning: p95 1.99 s at one look a second).
+# A look every POLL_SECONDS on the wall clock's beat, LOOK_AFTER_TICK seconds after runpop3's
+# monitors tick (``feed.seconds_to_beat``), when their rows are likely committed: a login then
+# reaches an open page about a look after the tick that wrote it.
 POLL_SECONDS = 0.5
+LOOK_AFTER_TICK = 0.15
 # A write is stamped (database time) when its statement runs but seen only once its transaction
 # commits: each read looks this far behind the newest stamp seen, and skips rows already told.
 OVERLAP = timedelta(seconds=2)
@@ -92,9 +95,7 @@ class SessionPoller:
     async def _run(self) -> None:
         layer = get_channel_layer()
         reader = ChangeReader()
-        loop = asyncio.get_running_loop()
         while True:
-            next_look = loop.time() + POLL_SECONDS  # a look every POLL_SECONDS, however long each takes
             try:
                 message = await console_database.run(reader.read)
             except TRANSIENT_DB_ERRORS as error:
@@ -105,7 +106,7 @@ class SessionPoller:
                 message = None
             if message is not None:
                 await layer.group_send(feed.SESSIONS_GROUP, message)
-            await asyncio.sleep(max(0.0, next_look - loop.time()))
+            await asyncio.sleep(feed.seconds_to_beat(POLL_SECONDS, time.time(), after=LOOK_AFTER_TICK))
 
 
 session_poller = SessionPoller()

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -105,17 +106,16 @@ def domain_named(name: str | None) -> Subquery | None:
     return Subquery(Domain.objects.filter(name=name).order_by().values("pk"))
 
 
-def backoff_delay(failures: int, interval: float, lease_ttl: float, took: float = 0.0) -> float:
-    """Seconds until the next tick after ``failures`` failed ticks in a row, the last of which
-    took ``took`` seconds.
+def backoff_delay(failures: int, interval: float, lease_ttl: float, now: float) -> float:
+    """Seconds until the next tick after ``failures`` failed ticks in a row, ``now`` being the
+    wall-clock time (``time.time()``).
 
-    Ticks that succeed start every ``interval``, however long each takes (a tick's writes are
-    what the live page waits for: on PostgreSQL, 1,000 sessions' tick took long enough that
-    waiting a whole interval after it made a login take 2.9 s to reach the page at p95), but
+    Ticks that succeed start at each multiple of ``interval`` on the wall clock, however long
+    each takes (``feed.seconds_to_beat``: a tick's writes are what the live page waits for), but
     never less than a quarter of the interval apart, so a slow database is not asked back at once.
     """
     if not failures:
-        return max(interval - took, interval * MIN_GAP_SHARE_OF_INTERVAL)
+        return feed.seconds_to_beat(interval, now, at_least=interval * MIN_GAP_SHARE_OF_INTERVAL)
     ceiling = max(interval, lease_ttl * MAX_BACKOFF_SHARE_OF_TTL)
     return min(interval * 2 ** min(failures, MAX_BACKOFF_DOUBLINGS), ceiling)
 
@@ -262,12 +262,11 @@ class Pop3Monitor:
     async def _run(self) -> None:
         failures = 0
         tick: asyncio.Future | None = None
-        loop = asyncio.get_running_loop()
         while True:
             # A tick that hangs (a database that neither answers nor fails) is waited for only
             # until a held lease would lapse.
             if tick is None:
-                tick, tick_started = asyncio.ensure_future(self.tick()), loop.time()
+                tick = asyncio.ensure_future(self.tick())
             done, _ = await asyncio.wait({tick}, timeout=self.leases.seconds_left())
             if done:
                 failures = 0 if tick.result() else failures + 1
@@ -283,8 +282,7 @@ class Pop3Monitor:
                 return
             if tick is not None:
                 continue  # the lease that would have lapsed was given back meanwhile
-            took = loop.time() - tick_started
-            delay = backoff_delay(failures, self.interval, self.leases.ttl_seconds, took)
+            delay = backoff_delay(failures, self.interval, self.leases.ttl_seconds, time.time())
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay)
                 return
