@@ -2,9 +2,11 @@
 
 A websocket client plays the operator's browser: signed in (a session cookie), it searches the
 page for the next probe's address, then the probe logs in over POP3, and the delay is from the
-reply to PASS until the row (logged in) arrives on the socket. Meanwhile one thread churns
-through the held sessions, ending each and logging it in again, so the session table changes
-all the time, as it does with many clients polling.
+reply to PASS until the row (logged in) arrives on the socket. Each probe logs in after a wait
+drawn between 0 and 1 s: one sent as soon as the last row arrived would log in just after a
+monitor tick every time, and measure one phase of the ticks, looks and page updates only.
+Meanwhile one thread churns through the held sessions, ending each and logging it in again, so
+the session table changes all the time, as it does with many clients polling.
 """
 
 import json
@@ -126,9 +128,11 @@ class Churn:
         self.thread.join()
 
 
-def probe(page: LivePage, port: int, address: str) -> float | None:
-    """Seconds from a login of ``address`` to its row on the page; None if it never came."""
+def probe(page: LivePage, port: int, address: str, wait: float = 0.0) -> float | None:
+    """Seconds from a login of ``address``, ``wait`` seconds after the page showed its search,
+    to its row on the page; None if it never came."""
     page.search(address)
+    time.sleep(wait)
     client = Pop3.connect(port)
     client.login(address, corpus.PASSWORD)
     logged_in = time.perf_counter()

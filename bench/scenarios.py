@@ -970,11 +970,12 @@ def live_page(bench: Bench, pop3: Server, web: Server) -> dict:
     probes = bench.options.live_probes
     delays: list[float] = []
     missed = 0
+    waits = random.Random(bench.spec.seed)  # the same waits in every run
     churn.start()
     started = time.perf_counter()
     try:
         for n in range(probes):
-            delay = live.probe(page, port, bench.spec.user(n % bench.spec.users))
+            delay = live.probe(page, port, bench.spec.user(n % bench.spec.users), waits.uniform(0.0, 1.0))
             if delay is None:
                 missed += 1
             else:
