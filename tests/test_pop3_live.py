@@ -166,7 +166,7 @@ def test_the_back_off_doubles_per_failed_tick_up_to_a_quarter_of_the_lease_ttl()
 
 def test_ticks_that_succeed_start_on_the_wall_clocks_beat_however_long_each_took():
     """Every process ticks at the same instants, so the live page's look after them finds the
-    rows of all of them (free-running ticks made a login's p95 to the page 1.0-2.0 s)."""
+    rows of all of them (free-running ticks made a login's p95 to the page up to 2.04 s)."""
     assert backoff_delay(0, 1.0, 60.0, 1000.25) == 0.75
     assert backoff_delay(0, 1.0, 60.0, 1000.5) == 0.5
     assert backoff_delay(0, 1.0, 60.0, 1000.875) == 1.125  # a quarter of the interval at least
