@@ -51,6 +51,14 @@ def _env_float(name: str, default: float) -> float:
     return _env_number(name, default, float)
 
 
+def _env_period(name: str, default: float) -> float:
+    """Seconds between two runs of something periodic: more than 0."""
+    seconds = _env_float(name, default)
+    if not seconds > 0:
+        raise ImproperlyConfigured(f"{name} must be a number of seconds above 0, got {seconds!r}")
+    return seconds
+
+
 def _env_prepare_threshold(name: str, default: int) -> int | None:
     """psycopg's ``prepare_threshold``: a whole number of runs, or ``off`` (None: never prepare)."""
     value = (os.environ.get(name) or "").strip().lower()
@@ -352,7 +360,7 @@ POP3_LOGIN_DELAY = _env_int("POP3_LOGIN_DELAY", 0)
 # A mailbox lock lapses this many seconds after its holder's last heartbeat.
 POP3_LEASE_TTL = _env_float("POP3_LEASE_TTL", 60.0)
 # How often a runpop3 process writes session rows, heartbeats and looks for kicks.
-POP3_MONITOR_INTERVAL = _env_float("POP3_MONITOR_INTERVAL", 1.0)
+POP3_MONITOR_INTERVAL = _env_period("POP3_MONITOR_INTERVAL", 1.0)
 
 # --- LMTP (runlmtp) -------------------------------------------------------------------------
 # Read through a module of its own: the pipe's fast path finds runlmtp without these settings.

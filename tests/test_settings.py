@@ -219,6 +219,15 @@ def test_a_malformed_number_is_named(tmp_path):
     assert "POP3_PORT must be a number (int), got 'eleven'" in result.stderr
 
 
+@pytest.mark.parametrize("interval", ["0", "-1"])
+def test_a_monitor_interval_of_no_time_is_refused(tmp_path, interval):
+    """runpop3's monitor ticks on the beat of this interval: 0 would end it, below 0 hang it."""
+    result = load_settings(tmp_path, DEBUG="1", POP3_MONITOR_INTERVAL=interval)
+    assert result.returncode == 1
+    message = f"POP3_MONITOR_INTERVAL must be a number of seconds above 0, got {float(interval)!r}"
+    assert message in result.stderr
+
+
 class FakeClock:
     """Stands in for the ``time`` module of the SQLite backend: sleeping moves the clock."""
 

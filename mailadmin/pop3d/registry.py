@@ -112,10 +112,11 @@ def backoff_delay(failures: int, interval: float, lease_ttl: float, now: float) 
 
     Ticks that succeed start at each multiple of ``interval`` on the wall clock, however long
     each takes (``feed.seconds_to_beat``: a tick's writes are what the live page waits for), but
-    never less than a quarter of the interval apart, so a slow database is not asked back at once.
+    never less than a quarter of the interval apart, so a slow database is not asked back at once:
+    a tick that ends just before a beat is followed a quarter interval later, just after it.
     """
     if not failures:
-        return feed.seconds_to_beat(interval, now, at_least=interval * MIN_GAP_SHARE_OF_INTERVAL)
+        return max(feed.seconds_to_beat(interval, now), interval * MIN_GAP_SHARE_OF_INTERVAL)
     ceiling = max(interval, lease_ttl * MAX_BACKOFF_SHARE_OF_TTL)
     return min(interval * 2 ** min(failures, MAX_BACKOFF_DOUBLINGS), ceiling)
 
