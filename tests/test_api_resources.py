@@ -8,6 +8,7 @@ import hashlib
 import pytest
 import yaml
 from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import check_password
 from django.utils import timezone
 from openapi_spec_validator import validate
 
@@ -31,7 +32,8 @@ def api(make_mailbox) -> Api:
 
 
 def login_works(address: str, password: str) -> bool:
-    return get_user_model().objects.get(username=address).check_password(password)
+    """Whether the password checks, leaving the stored hash as it is (no upgrade)."""
+    return check_password(password, stored_hash(address))
 
 
 # --- Mailboxes -------------------------------------------------------------------------------
@@ -56,6 +58,33 @@ def test_the_same_put_twice_creates_then_updates_to_the_same_state(api):
     }
     assert Mailbox.objects.count() == 1
     assert login_works("carol@example.test", PASSWORD)
+    assert stored_hash("carol@example.test") == PASSWORD_HASH
+    assert mailbox_actions("carol@example.test") == ["create"]
+
+
+def test_a_repeated_put_with_a_plain_password_writes_no_new_hash(api):
+    """Re-running the call must not change the state: a new hash (a new salt) would end the
+    mailbox's open sessions and audit a password change that is none."""
+    body = {"password": "a fine long passphrase", "quota_bytes": 7000}
+    assert api.put("mailboxes/fay@example.test", body).status_code == 201
+    first_hash = stored_hash("fay@example.test")
+    assert api.put("mailboxes/fay@example.test", body).status_code == 200
+    assert stored_hash("fay@example.test") == first_hash
+    assert mailbox_actions("fay@example.test") == ["create"]
+    changed = api.put("mailboxes/fay@example.test", {"password": "another long passphrase"})
+    assert changed.status_code == 200
+    assert stored_hash("fay@example.test") != first_hash
+    assert login_works("fay@example.test", "another long passphrase")
+    assert mailbox_actions("fay@example.test") == ["create", "set password"]
+
+
+def stored_hash(address: str) -> str:
+    return get_user_model().objects.get(username=address).password
+
+
+def mailbox_actions(address: str) -> list[str]:
+    entries = AuditEntry.objects.filter(object_name=address).order_by("id")
+    return list(entries.values_list("action", flat=True))
 
 
 def test_put_takes_a_dovecot_hash_as_imports_do(api):

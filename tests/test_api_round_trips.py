@@ -5,6 +5,7 @@ import asyncio
 
 import asgiref.sync
 import pytest
+from django.contrib.auth.hashers import PBKDF2PasswordHasher
 from django.db import connection, connections
 from django.test import AsyncClient
 from django.test.utils import CaptureQueriesContext
@@ -17,6 +18,7 @@ from tests.api_helpers import PASSWORD_HASH, Api, make_token
 pytestmark = pytest.mark.django_db
 
 CLIENT = "198.51.100.30"
+OTHER_HASH = PBKDF2PasswordHasher().encode("another walrus", "fixedsalt", iterations=1000)
 
 
 @pytest.fixture
@@ -39,7 +41,7 @@ def test_get_reads_the_token_its_domains_and_the_mailbox(api):
 
 
 def test_put_of_an_existing_mailbox_locks_it_once_without_nested_savepoints(api):
-    body = {"password_hash": PASSWORD_HASH, "quota_bytes": 10**6}
+    body = {"password_hash": OTHER_HASH, "quota_bytes": 10**6}
     sent = statements(lambda: api.put("mailboxes/a@example.test", body))
     # token, its domains, the mailbox; then one transaction (a savepoint inside the test's own):
     # the row locked, its settings, its login's hash, the two audit entries.
@@ -60,6 +62,13 @@ def test_put_of_an_existing_mailbox_locks_it_once_without_nested_savepoints(api)
         "update",
     ]
     assert api.get("mailboxes/a@example.test").json()["quota_bytes"] == 10**6
+
+
+def test_put_of_the_hash_a_mailbox_has_writes_only_the_settings(api):
+    body = {"password_hash": PASSWORD_HASH, "quota_bytes": 10**6}
+    sent = statements(lambda: api.put("mailboxes/a@example.test", body))
+    assert sent == ["SELECT", "SELECT", "SELECT", "SAVEPOINT", "SELECT", "UPDATE", "INSERT", "RELEASE"]
+    assert AuditEntry.objects.order_by("-id").values_list("action", flat=True)[0] == "update"
 
 
 def test_put_creating_a_mailbox_opens_one_transaction(api):

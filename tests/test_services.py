@@ -549,6 +549,19 @@ def test_kick_by_session_id_is_scoped(ours_admin, make_mailbox):
         services.kick_sessions(ours_admin, address="b@theirs.test")
 
 
+def test_a_person_without_the_password_permission_cannot_test_a_password(domains, make_mailbox):
+    """``save_mailbox`` leaves a mailbox's current password alone; the comparison that tells it
+    so must not answer someone who may not set passwords (it would be a password oracle)."""
+    viewer = get_user_model().objects.create_user("quota-only", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="change_mailbox"))
+    DomainAdministrator.objects.create(user=viewer, domain=domains[0])
+    make_mailbox("a@ours.test")
+    for guess in ("correct horse", "wrong horse"):
+        with pytest.raises(services.NotPermitted, match="password"):
+            services.save_mailbox(Actor.for_user(viewer), "a@ours.test", password=guess, quota_bytes=1)
+    assert Mailbox.objects.get().quota_bytes == 0
+
+
 def test_a_person_needs_the_kick_permission_to_kick(domains, make_mailbox):
     """Viewing sessions is not enough: a view-only staff user within scope cannot kick."""
     viewer = get_user_model().objects.create_user("viewer", is_staff=True)

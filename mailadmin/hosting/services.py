@@ -416,7 +416,8 @@ def save_mailbox(
 
     Safe to repeat after a timeout: the second call leaves the same state. Creating needs a
     password or a password hash; on an existing mailbox either one, if given, replaces the
-    password, and settings not given are left alone.
+    password (the one it has already is left as it is, its sessions open), and settings not
+    given are left alone.
     """
     if password is not None and password_hash is not None:
         raise store.InvalidInput(
@@ -427,6 +428,10 @@ def save_mailbox(
     except store.MailboxNotFound:
         existing = None
     address = existing.address if existing is not None else address
+    if existing is not None and password is not None:
+        _require(may_set_password(actor), PASSWORD_PERMISSION_MISSING)  # before any comparison
+        if store.is_current_password(existing, password):
+            password = None  # a repeated PUT: nothing to write, no session to end
     if password is not None:
         password_hash = store.hash_new_password(password, normalise_address(address))
     elif password_hash is not None:
@@ -461,14 +466,15 @@ def _update_mailbox_and_password(
     actor: Actor, mailbox: Mailbox, password_hash: str | None, settings: dict
 ) -> Mailbox:
     """``update_mailbox`` and then ``set_password_hash`` of ``mailbox`` (found in the actor's scope),
-    in one transaction that locks its row once."""
+    in one transaction that locks its row once. A hash the login already has is not written
+    again: that would audit a change that is none and end the mailbox's sessions."""
     _require_settings_permitted(actor, settings)
     if password_hash is not None:
         _require(may_set_password(actor), PASSWORD_PERMISSION_MISSING)
     with transaction.atomic():
         locked = _locked_mailbox(mailbox)
         _apply_mailbox_settings(actor, locked, settings)
-        if password_hash is not None:
+        if password_hash is not None and password_hash != locked.user.password:
             _apply_password_hash(actor, locked, password_hash)
     return locked
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from django.conf import settings as django_settings
 from django.contrib.auth import get_user_model
-from django.contrib.auth.hashers import identify_hasher, make_password
+from django.contrib.auth.hashers import check_password, identify_hasher, make_password
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
@@ -601,6 +601,12 @@ def hash_new_password(password: str, username: str) -> str:
     """
     validate_new_password(password, username)
     return make_password(password)
+
+
+def is_current_password(mailbox: Mailbox, password: str) -> bool:
+    """Whether ``password`` is the one the mailbox's login has now (a hash check, as costly as
+    hashing it: call this before opening a transaction)."""
+    return check_password(password, mailbox.user.password)
 
 
 def next_uid_validity(count: int = 1) -> int:
