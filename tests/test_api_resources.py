@@ -13,9 +13,9 @@ from django.utils import timezone
 from openapi_spec_validator import validate
 
 from mailadmin.api.models import IdempotencyRecord
-from mailadmin.hosting import services
+from mailadmin.hosting import aliases, services
 from mailadmin.hosting.actors import Actor
-from mailadmin.models import AuditEntry, Domain, Mailbox
+from mailadmin.models import Alias, AliasDomain, AuditEntry, Domain, Mailbox
 from tests.api_helpers import PASSWORD, PASSWORD_HASH, Api, make_token
 from tests.conftest import open_session_row
 
@@ -257,6 +257,28 @@ def test_domains_put_creates_then_updates_and_delete_needs_force_with_mailboxes(
     assert not Domain.objects.filter(name="new.test").exists()
     deleted = AuditEntry.objects.filter(action="delete").values_list("object_type", "object_name")
     assert list(deleted.order_by("id")) == [("mailbox", "x@new.test"), ("domain", "new.test")]
+
+
+def test_a_forced_domain_delete_takes_its_aliases_and_alias_domains_too(make_mailbox):
+    api = Api(make_token())
+    api.put("domains/gone.test", {})
+    api.put("mailboxes/x@gone.test", {"password_hash": PASSWORD_HASH})
+    aliases.create_alias(Actor.cli(), "sales@gone.test", ["x@gone.test"])
+    aliases.set_catch_all(Actor.cli(), "gone.test", ["x@gone.test"])
+    aliases.create_alias_domain(Actor.cli(), "gone.example", "gone.test")
+    refused = api.delete("domains/gone.test")
+    assert (refused.status_code, refused.json()["code"]) == (409, "still_in_use")
+    assert api.delete("domains/gone.test?force=true").status_code == 204
+    assert not Domain.objects.filter(name="gone.test").exists()
+    assert (Alias.objects.count(), AliasDomain.objects.count()) == (0, 0)
+    deleted = AuditEntry.objects.filter(action="delete").values_list("object_type", "object_name")
+    assert list(deleted.order_by("id")) == [
+        ("mailbox", "x@gone.test"),
+        ("catch-all", "@gone.test"),
+        ("alias", "sales@gone.test"),
+        ("alias domain", "gone.example"),
+        ("domain", "gone.test"),
+    ]
 
 
 def test_a_domain_token_cannot_create_a_domain(make_mailbox):

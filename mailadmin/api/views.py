@@ -35,7 +35,9 @@ DRY_RUN_PARAMETER = OpenApiParameter(
     "dry_run", OpenApiTypes.BOOL, description="Check every row, write nothing."
 )
 FORCE_PARAMETER = OpenApiParameter(
-    "force", OpenApiTypes.BOOL, description="Also delete the domain's mailboxes and their mail."
+    "force",
+    OpenApiTypes.BOOL,
+    description="Also delete the domain's mailboxes with their mail, its aliases and alias domains.",
 )
 
 

@@ -42,7 +42,16 @@ from mailadmin.addresses import domain_of, normalise_address, normalise_domain
 from mailadmin.api.models import ApiToken
 from mailadmin.hosting import audit, history, mailboxcsv, scopes, store, tokens
 from mailadmin.hosting.actors import Actor, ActorKind
-from mailadmin.models import Alias, AuditEntry, Domain, DomainAdministrator, Mailbox, Message, Pop3Session
+from mailadmin.models import (
+    Alias,
+    AliasDomain,
+    AuditEntry,
+    Domain,
+    DomainAdministrator,
+    Mailbox,
+    Message,
+    Pop3Session,
+)
 
 DOMAIN_CREATION_SETTINGS = ("quota_bytes", "max_mailboxes", "default_mailbox_quota_bytes")
 DOMAIN_ADMINISTRATOR_SETTINGS = frozenset(
@@ -271,17 +280,29 @@ def set_domain_active(actor: Actor, name: str, active: bool) -> Domain:
 
 
 def delete_domain(actor: Actor, name: str, *, force: bool = False) -> None:
-    """Delete a domain; refused while it has mailboxes, unless ``force`` deletes them first (each
-    with its mail and its own audit entry, in the same transaction)."""
+    """Delete a domain; refused while anything is still in it (see
+    ``store.domain_deletion_refusal``), unless ``force`` deletes that first in the same
+    transaction, each thing with its own audit entry."""
     _domain_in_scope(actor, name)  # another's domain is refused alike, whether or not it exists
     _require_domain_manager(actor, DELETING_DOMAINS_REFUSED)
     with transaction.atomic():
         if force:
-            for mailbox in list_mailboxes(actor, name):
-                delete_mailbox(actor, mailbox.address)
+            _delete_domain_contents(actor, name)
         domain = store.delete_domain(name)
         changes = _deleted(domain)
         audit.record(actor, "delete", "domain", domain.name, domain_name=domain.name, changes=changes)
+
+
+def _delete_domain_contents(actor: Actor, name: str) -> None:
+    """The domain's mailboxes with their mail, its aliases and catch-all, and its alias domains."""
+    from mailadmin.hosting import aliases  # built on this module's scope checks: imported late
+
+    for mailbox in list_mailboxes(actor, name):
+        delete_mailbox(actor, mailbox.address)
+    for alias in aliases.list_aliases(actor, name):
+        aliases.delete_alias(actor, alias.source)
+    for alias_domain in AliasDomain.objects.filter(target__name=name).order_by("name"):
+        aliases.delete_alias_domain(actor, alias_domain.name)
 
 
 def domain_deletion_refusal(actor: Actor, name: str) -> str | None:
