@@ -123,7 +123,8 @@ def test_a_wrong_expired_revoked_or_missing_token_gets_401_everywhere(two_domain
     unchanged(two_domains)
 
 
-def test_a_token_used_from_outside_its_networks_gets_403(two_domains):
+def test_a_token_used_from_outside_its_networks_gets_403(two_domains, settings):
+    settings.API_AUTH_FAILURE_LIMIT = 100
     token = make_token(allowed_networks=["198.51.100.0/24", "2001:db8::/32"])
     for method, path, body in [*every_request(two_domains), *(("GET", path, None) for path in LISTS)]:
         response = Api(token, address="192.0.2.10").call(method, path, body)
@@ -176,6 +177,17 @@ def test_failed_authentications_are_recorded_without_the_token(two_domains):
         "203.0.113.5",
         False,
     )
+
+
+def test_a_use_from_outside_the_networks_is_recorded_and_counts_to_the_limit(two_domains, settings):
+    """A token used from elsewhere may have leaked: the operator sees it, and its user is slowed."""
+    settings.API_AUTH_FAILURE_LIMIT = 2
+    token = make_token(allowed_networks=["198.51.100.0/24"])
+    elsewhere = Api(token, address="192.0.2.10")
+    assert [elsewhere.get("domains/").status_code for _ in range(3)] == [403, 403, 429]
+    failures = AuthFailure.objects.values_list("reason", "username", "source", "mechanism")
+    assert list(failures) == [("outside networks", token[4:12], "192.0.2.10", "bearer")] * 2
+    assert Api(token, address="198.51.100.7").get("domains/").status_code == 200
 
 
 def test_a_flood_of_bad_tokens_from_one_source_is_throttled_while_another_is_served(two_domains, settings):

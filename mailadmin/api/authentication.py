@@ -1,10 +1,11 @@
 """``Authorization: Bearer mat_...``: the token's row, its limits, and the record of failures.
 
 A request is the token's actor (``services.token_actor``) from its client address. A wrong,
-expired or revoked token is answered 401 and recorded as a failed login (mechanism
-``bearer``); a source with ``API_AUTH_FAILURE_LIMIT`` failures within the window gets 429
-instead, without another row, until its oldest failure leaves the window. The count lives in
-the database, so every daphne process on every host applies the same limit.
+expired or revoked token is answered 401, a token used from outside its networks 403; each is
+recorded as a failed login (mechanism ``bearer``), and a source with
+``API_AUTH_FAILURE_LIMIT`` failures within the window gets 429 instead, without another row,
+until its oldest failure leaves the window. The count lives in the database, so every daphne
+process on every host applies the same limit.
 """
 
 from datetime import timedelta
@@ -25,6 +26,12 @@ from mailadmin.models import AuthFailure
 MECHANISM = "bearer"
 
 
+REFUSALS = {
+    "revoked token": _("This token has been revoked."),
+    "expired token": _("This token has expired."),
+}
+
+
 class OutsideNetworks(exceptions.PermissionDenied):
     default_detail = _("This token may not be used from your address.")
     default_code = "outside_networks"
@@ -38,11 +45,17 @@ class BearerTokenAuthentication(BaseAuthentication):
         if not words or words[0].lower() != self.keyword:
             return None
         client = client_address(request)
-        token, reason = _find_token(words[1].decode("latin-1") if len(words) == 2 else "")
+        text = words[1].decode("latin-1") if len(words) == 2 else ""
+        tried = tokens.prefix_of(text)
+        token, reason = _find_token(text)
         if token is None:
-            _refuse(client, reason, words)
+            _record_failure(client, reason, tried)
+            raise exceptions.AuthenticationFailed(
+                REFUSALS.get(reason, _("Invalid token.")), code=reason.replace(" ", "_")
+            )
         networks = token.network_list()
         if networks and not in_networks(client, networks):
+            _record_failure(client, "outside networks", tried)  # a token used elsewhere may have leaked
             raise OutsideNetworks()
         _note_use(token, client)
         return services.token_actor(token, client, token_domain_ids(token)), token
@@ -64,7 +77,9 @@ def _find_token(text: str) -> tuple[ApiToken | None, str]:
     return token, ""
 
 
-def _refuse(client: str, reason: str, words: list[bytes]) -> None:
+def _record_failure(client: str, reason: str, tried: str | None) -> None:
+    """Record a failed authentication from ``client``, or raise Throttled (429) without a row
+    once its source has ``API_AUTH_FAILURE_LIMIT`` failures within the window."""
     source = source_of(client)
     window = timedelta(seconds=settings.API_AUTH_FAILURE_WINDOW)
     now = timezone.now()
@@ -72,7 +87,6 @@ def _refuse(client: str, reason: str, words: list[bytes]) -> None:
     if recent.count() >= settings.API_AUTH_FAILURE_LIMIT:
         oldest = recent.aggregate(oldest=Min("created_at"))["oldest"]
         raise exceptions.Throttled(wait=max(1, (oldest + window - now).total_seconds()))
-    tried = tokens.prefix_of(words[1].decode("latin-1")) if len(words) == 2 else None
     AuthFailure.objects.create(
         created_at=now,
         username=tried or "",
@@ -81,13 +95,6 @@ def _refuse(client: str, reason: str, words: list[bytes]) -> None:
         mechanism=MECHANISM,
         reason=reason,
         penalised=False,
-    )
-    messages = {
-        "revoked token": _("This token has been revoked."),
-        "expired token": _("This token has expired."),
-    }
-    raise exceptions.AuthenticationFailed(
-        messages.get(reason, _("Invalid token.")), code=reason.replace(" ", "_")
     )
 
 
