@@ -15,6 +15,19 @@ from mailadmin.hosting import store
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # Signed-in clients for the console's pages.
 pytest_plugins = ["tests.console_fixtures"]
+# How a test says a peer program or service it talks to is missing. With MAILADMIN_REQUIRE_PEERS=1
+# (.ci/run, which installs them all) such a skip fails instead: a peer test must not pass unrun.
+MISSING_PEER_REASONS = ("is not installed", "no Redis answers", "Postfix has no pgsql")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.skipped and os.environ.get("MAILADMIN_REQUIRE_PEERS") == "1":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if any(missing in reason for missing in MISSING_PEER_REASONS):
+            report.outcome = "failed"
+            report.longrepr = f"MAILADMIN_REQUIRE_PEERS=1, but a peer is missing: {reason}"
 
 
 @pytest.fixture(autouse=True)
