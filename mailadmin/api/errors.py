@@ -42,7 +42,7 @@ _REFUSALS: list[tuple[type[store.StoreError], type[exceptions.APIException], str
 def handle_exception(exc: Exception, context: dict):
     refusal = exc
     if isinstance(exc, store.StoreError):
-        refusal = _api_exception(exc)
+        refusal = api_exception(exc)
     elif isinstance(exc, Http404):
         refusal = exceptions.NotFound()
     elif isinstance(exc, DjangoPermissionDenied):
@@ -54,7 +54,7 @@ def handle_exception(exc: Exception, context: dict):
     return response
 
 
-def _api_exception(error: store.StoreError) -> exceptions.APIException:
+def api_exception(error: store.StoreError) -> exceptions.APIException:
     for kind, api_kind, code in _REFUSALS:
         if isinstance(error, kind):
             return api_kind(str(error), code=code)

@@ -1,14 +1,36 @@
 """The filters of each list (``?domain=...&active=...``), as django-filter sets."""
 
 import django_filters
+from django import forms
 from django.db.models import F, QuerySet
+from django.utils.translation import gettext_lazy as _
 
 from mailadmin.models import Alias, AliasDestination, AuditEntry, Domain, Mailbox, Pop3Session
+
+# What a yes-or-no query parameter (a filter, ``?dry_run=``, ``?force=``) may say.
+FLAGS = {"true": True, "1": True, "false": False, "0": False}
+NOT_A_FLAG = _("Give true or false.")
+
+
+class FlagField(forms.Field):
+    """true/false/1/0, any case; anything else is refused rather than ignored."""
+
+    def to_python(self, value: str | None) -> bool | None:
+        if value in (None, ""):
+            return None
+        try:
+            return FLAGS[value.strip().lower()]
+        except KeyError:
+            raise forms.ValidationError(NOT_A_FLAG, code="invalid") from None
+
+
+class BooleanFilter(django_filters.BooleanFilter):
+    field_class = FlagField
 
 
 class MailboxFilter(django_filters.FilterSet):
     domain = django_filters.CharFilter(field_name="domain__name")
-    active = django_filters.BooleanFilter()
+    active = BooleanFilter()
     over_percent = django_filters.NumberFilter(
         method="filter_over_percent", label="Mailboxes using at least this percentage of their quota."
     )
@@ -26,7 +48,7 @@ class MailboxFilter(django_filters.FilterSet):
 
 
 class DomainFilter(django_filters.FilterSet):
-    active = django_filters.BooleanFilter()
+    active = BooleanFilter()
 
     class Meta:
         model = Domain
@@ -35,7 +57,7 @@ class DomainFilter(django_filters.FilterSet):
 
 class AliasFilter(django_filters.FilterSet):
     domain = django_filters.CharFilter(field_name="domain__name")
-    active = django_filters.BooleanFilter()
+    active = BooleanFilter()
     destination = django_filters.CharFilter(
         method="filter_destination", label="Aliases with this address among their destinations."
     )
@@ -53,7 +75,7 @@ class SessionFilter(django_filters.FilterSet):
     mailbox = django_filters.CharFilter(field_name="username", lookup_expr="iexact")
     domain = django_filters.CharFilter(field_name="domain__name")
     client_address = django_filters.CharFilter(field_name="peer_host")
-    open = django_filters.BooleanFilter(field_name="ended_at", lookup_expr="isnull")
+    open = BooleanFilter(field_name="ended_at", lookup_expr="isnull")
     since = django_filters.IsoDateTimeFilter(field_name="started_at", lookup_expr="gte")
     until = django_filters.IsoDateTimeFilter(field_name="started_at", lookup_expr="lt")
 

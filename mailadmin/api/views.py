@@ -18,10 +18,10 @@ from rest_framework.parsers import BaseParser, JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from mailadmin.api import filters, serializers
+from mailadmin.api import errors, filters, serializers
 from mailadmin.api.idempotency import HEADER as IDEMPOTENCY_HEADER
 from mailadmin.api.idempotency import idempotent
-from mailadmin.hosting import aliases, audit, mailboxcsv, scopes, services
+from mailadmin.hosting import aliases, audit, mailboxcsv, scopes, services, store
 from mailadmin.hosting.actors import Actor
 from mailadmin.models import Alias, AuditEntry, Domain, Mailbox, Pop3Session
 
@@ -55,9 +55,9 @@ class CsvParser(BaseParser):
 
 def flag(request: Request, name: str) -> bool:
     value = request.query_params.get(name, "false").strip().lower()
-    if value not in {"true", "false", "1", "0"}:
-        raise exceptions.ValidationError({name: [_("Give true or false.")]})
-    return value in {"true", "1"}
+    if value not in filters.FLAGS:
+        raise exceptions.ValidationError({name: [filters.NOT_A_FLAG]})
+    return filters.FLAGS[value]
 
 
 class BodyTooLarge(exceptions.APIException):
@@ -112,6 +112,14 @@ class MailboxViewSet(mixins.ListModelMixin, ResourceViewSet):
     filterset_class = filters.MailboxFilter
     lookup_field = "address"
     lookup_value_regex = "[^/]+@[^/]+"
+
+    def get_object(self) -> Mailbox:
+        """The URL's mailbox in the token's scope (DRF's OPTIONS asks for it); the address is the
+        login's username, not a field of the mailbox's own row."""
+        try:
+            return services.get_mailbox(self.actor, self.kwargs[self.lookup_field])
+        except store.StoreError as error:  # as an API refusal, which OPTIONS expects
+            raise errors.api_exception(error) from None
 
     def retrieve(self, request: Request, address: str) -> Response:
         return self.render(services.get_mailbox(self.actor, address))
