@@ -18,8 +18,8 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from mailadmin.asgi import application
-from mailadmin.console import sessions
-from mailadmin.console.consumers import differences
+from mailadmin.console import consumers, sessions
+from mailadmin.console.consumers import LiveSessionsConsumer, differences
 from mailadmin.console.poller import ChangeReader, SessionPoller
 from mailadmin.console.routing import LIVE_SESSIONS_SOCKET_PATH
 from mailadmin.executors import BoundedExecutor
@@ -206,6 +206,37 @@ def test_differences_name_new_changed_and_gone_rows_and_the_order():
         "order": ["c", "a"],
     }
     assert differences(after, after) is None
+
+
+def test_a_page_is_updated_a_second_apart_from_start_to_start(monkeypatch):
+    """An update that took 0.3 s is followed 0.7 s later, one that took 1.4 s at once: the
+    page keeps the ticks' beat instead of drifting a read's length off it each time."""
+    clock = {"now": 100.0}
+    reads = iter([0.3, 1.4])
+    pauses = []
+
+    async def send_changes():
+        clock["now"] += next(reads)
+
+    async def pause(seconds):
+        pauses.append(round(seconds, 6))
+        clock["now"] += seconds
+        consumer.changed.set()
+        if len(pauses) == 2:
+            raise asyncio.CancelledError
+
+    async def follow():
+        asyncio.get_running_loop().time = lambda: clock["now"]
+        consumer.changed = asyncio.Event()
+        consumer.changed.set()
+        with pytest.raises(asyncio.CancelledError):
+            await consumer.follow()
+
+    consumer = LiveSessionsConsumer.__new__(LiveSessionsConsumer)
+    consumer.send_changes = send_changes
+    monkeypatch.setattr(consumers.asyncio, "sleep", pause)
+    asyncio.run(follow())
+    assert pauses == [0.7, 0.0]
 
 
 # --- The embedded doorbell ------------------------------------------------------------------
