@@ -549,6 +549,26 @@ def test_kick_by_session_id_is_scoped(ours_admin, make_mailbox):
         services.kick_sessions(ours_admin, address="b@theirs.test")
 
 
+def test_a_forced_domain_delete_locks_every_mailbox_before_it_changes_the_domain(make_mailbox):
+    """Mailbox rows before the domain's, as deliveries take them: no deadlock with one in flight."""
+    if not connection.features.has_select_for_update:
+        pytest.skip("row locks are PostgreSQL's: SQLite has one writer at a time")
+    for address in ("b@gone.test", "a@gone.test"):
+        make_mailbox(address)
+    with CaptureQueriesContext(connection) as queries:
+        services.delete_domain(CLI, "gone.test", force=True)
+    sql = [query["sql"] for query in queries.captured_queries]
+    first_domain_write = next(i for i, text in enumerate(sql) if text.startswith('UPDATE "mailadmin_domain"'))
+    locks_of_the_domains_mailboxes = [
+        i
+        for i, text in enumerate(sql)
+        if 'FOR UPDATE OF "mailadmin_mailbox"' in text and '"mailadmin_domain"."name" =' in text
+    ]
+    assert len(locks_of_the_domains_mailboxes) == 1
+    assert locks_of_the_domains_mailboxes[0] < first_domain_write
+    assert not Domain.objects.filter(name="gone.test").exists()
+
+
 def test_a_person_without_the_password_permission_cannot_test_a_password(domains, make_mailbox):
     """``save_mailbox`` leaves a mailbox's current password alone; the comparison that tells it
     so must not answer someone who may not set passwords (it would be a password oracle)."""

@@ -297,6 +297,10 @@ def _delete_domain_contents(actor: Actor, name: str) -> None:
     """The domain's mailboxes with their mail, its aliases and catch-all, and its alias domains."""
     from mailadmin.hosting import aliases  # built on this module's scope checks: imported late
 
+    # Every mailbox locked first, in id order, before the first delete charges the domain's row
+    # back: mailbox then domain, the order a delivery and a POP3 QUIT take them in.
+    in_domain = Mailbox.objects.select_for_update(of=("self",)).filter(domain__name=name)
+    list(in_domain.order_by("pk").values_list("pk", flat=True))
     for mailbox in list_mailboxes(actor, name):
         delete_mailbox(actor, mailbox.address)
     for alias in aliases.list_aliases(actor, name):
