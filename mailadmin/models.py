@@ -211,6 +211,17 @@ class Mailbox(StoreCounters, models.Model):
     # recalcquota): runpop3 takes a login snapshot it kept only while this has not moved. A default
     # in the database too, for rows inserted by SQL of their own (a bulk load, the bench's seeds).
     changes = models.BigIntegerField(_("changes to its messages"), default=0, db_default=0, editable=False)
+    # The SHA-256 of the password hash last set (as stored), which the first login's upgrade to
+    # argon2 leaves: setting that hash again (a provisioning system repeating its call) is then
+    # known for what it is, no change.
+    password_set_digest = models.CharField(
+        _("digest of the password hash set"),
+        max_length=64,
+        blank=True,
+        default="",
+        db_default="",
+        editable=False,
+    )
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     # The last successful POP3 login, written by the session registry with the session's row;
     # kept here because session rows are pruned and a mailbox's last login must outlive them.

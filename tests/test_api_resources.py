@@ -78,6 +78,27 @@ def test_a_repeated_put_with_a_plain_password_writes_no_new_hash(api):
     assert mailbox_actions("fay@example.test") == ["create", "set password"]
 
 
+def test_a_repeated_put_of_a_hash_the_first_login_upgraded_changes_nothing(api):
+    """A provisioning system re-sends the hash it moved over; the login has replaced it with
+    argon2 meanwhile. Writing the old hash back would end the sessions on every re-run."""
+    salt = b"8bytesal"
+    ssha = "{SSHA}" + base64.b64encode(hashlib.sha1(PASSWORD.encode() + salt).digest() + salt).decode()
+    assert api.put("mailboxes/moved@example.test", {"password_hash": ssha}).status_code == 201
+    user = get_user_model().objects.get(username="moved@example.test")
+    assert user.check_password(PASSWORD)  # the login's upgrade, as runpop3's backend makes it
+    upgraded = stored_hash("moved@example.test")
+    assert upgraded.startswith("argon2$")
+    assert (
+        api.put("mailboxes/moved@example.test", {"password_hash": ssha, "quota_bytes": 9}).status_code == 200
+    )
+    assert stored_hash("moved@example.test") == upgraded
+    assert mailbox_actions("moved@example.test") == ["create", "update"]
+    other = "{SSHA}" + base64.b64encode(hashlib.sha1(b"another" + salt).digest() + salt).decode()
+    assert api.put("mailboxes/moved@example.test", {"password_hash": other}).status_code == 200
+    assert login_works("moved@example.test", "another")
+    assert mailbox_actions("moved@example.test") == ["create", "update", "set password"]
+
+
 def stored_hash(address: str) -> str:
     return get_user_model().objects.get(username=address).password
 

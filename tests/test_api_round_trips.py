@@ -44,7 +44,8 @@ def test_put_of_an_existing_mailbox_locks_it_once_without_nested_savepoints(api)
     body = {"password_hash": OTHER_HASH, "quota_bytes": 10**6}
     sent = statements(lambda: api.put("mailboxes/a@example.test", body))
     # token, its domains, the mailbox; then one transaction (a savepoint inside the test's own):
-    # the row locked, its settings, its login's hash, the two audit entries.
+    # the row and its login locked, its settings, its login's hash and the hash's digest, the two
+    # audit entries.
     assert sent == [
         "SELECT",
         "SELECT",
@@ -53,6 +54,7 @@ def test_put_of_an_existing_mailbox_locks_it_once_without_nested_savepoints(api)
         "SELECT",
         "UPDATE",
         "INSERT",
+        "UPDATE",
         "UPDATE",
         "INSERT",
         "RELEASE",

@@ -569,6 +569,25 @@ def test_a_forced_domain_delete_locks_every_mailbox_before_it_changes_the_domain
     assert not Domain.objects.filter(name="gone.test").exists()
 
 
+def test_a_password_set_between_the_comparison_and_the_lock_is_replaced_by_the_one_given(
+    domains, make_mailbox, monkeypatch
+):
+    """save_mailbox compares a password given with the login's hash before its transaction; if
+    another writer sets a password in between, the one given is still set, as if after it."""
+    make_mailbox("a@ours.test")
+    compare = store.is_current_password
+
+    def compare_then_change(mailbox, password):
+        matches = compare(mailbox, password)
+        services.set_password(CLI, "a@ours.test", "set meanwhile by another")
+        return matches
+
+    monkeypatch.setattr(store, "is_current_password", compare_then_change)
+    services.save_mailbox(CLI, "a@ours.test", password="correct horse", quota_bytes=7)
+    user = get_user_model().objects.get(username="a@ours.test")
+    assert (user.check_password("correct horse"), Mailbox.objects.get().quota_bytes) == (True, 7)
+
+
 def test_a_person_without_the_password_permission_cannot_test_a_password(domains, make_mailbox):
     """``save_mailbox`` leaves a mailbox's current password alone; the comparison that tells it
     so must not answer someone who may not set passwords (it would be a password oracle)."""

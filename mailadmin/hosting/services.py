@@ -407,8 +407,9 @@ def _require_settings_permitted(actor: Actor, settings: dict) -> None:
 
 
 def _locked_mailbox(mailbox: Mailbox) -> Mailbox:
-    """The mailbox's row as it is now, locked until the transaction ends, with its login and domain."""
-    locked = Mailbox.objects.select_for_update(of=("self",)).select_related("user", "domain")
+    """The mailbox's row and its login's as they are now, locked until the transaction ends, with
+    its domain."""
+    locked = Mailbox.objects.select_for_update(of=("self", "user")).select_related("user", "domain")
     try:
         return locked.get(pk=mailbox.pk)
     except Mailbox.DoesNotExist:  # deleted since it was found
@@ -455,8 +456,12 @@ def save_mailbox(
     address = existing.address if existing is not None else address
     if existing is not None and password is not None:
         _require(may_set_password(actor), PASSWORD_PERMISSION_MISSING)  # before any comparison
-        if store.is_current_password(existing, password):
-            password = None  # a repeated PUT: nothing to write, no session to end
+        if store.is_current_password(existing, password):  # a repeated PUT: no hash to write
+            try:
+                kept = _update_mailbox_and_password(actor, existing, None, settings, existing.user.password)
+                return Saved(kept, created=False)
+            except _PasswordChangedMeanwhile:
+                pass  # another writer set a password since the comparison: set this one after all
     if password is not None:
         password_hash = store.hash_new_password(password, normalise_address(address))
     elif password_hash is not None:
@@ -487,19 +492,28 @@ def save_mailbox(
     return Saved(mailbox, created=True)
 
 
+class _PasswordChangedMeanwhile(Exception):
+    """The login's hash is no longer the one a password was compared with."""
+
+
 def _update_mailbox_and_password(
-    actor: Actor, mailbox: Mailbox, password_hash: str | None, settings: dict
+    actor: Actor, mailbox: Mailbox, password_hash: str | None, settings: dict, compared_with: str = ""
 ) -> Mailbox:
     """``update_mailbox`` and then ``set_password_hash`` of ``mailbox`` (found in the actor's scope),
-    in one transaction that locks its row once. A hash the login already has is not written
-    again: that would audit a change that is none and end the mailbox's sessions."""
+    in one transaction that locks its row and its login's once. The mailbox's own hash is not
+    written again (``store.is_current_password_hash``): that would audit a change that is none
+    and end the mailbox's sessions. ``compared_with``: the hash a password given was found to
+    match; if the login's is another by the time it is locked, nothing is written and
+    _PasswordChangedMeanwhile is raised."""
     _require_settings_permitted(actor, settings)
     if password_hash is not None:
         _require(may_set_password(actor), PASSWORD_PERMISSION_MISSING)
     with transaction.atomic():
         locked = _locked_mailbox(mailbox)
+        if compared_with and locked.user.password != compared_with:
+            raise _PasswordChangedMeanwhile()
         _apply_mailbox_settings(actor, locked, settings)
-        if password_hash is not None and password_hash != locked.user.password:
+        if password_hash is not None and not store.is_current_password_hash(locked, password_hash):
             _apply_password_hash(actor, locked, password_hash)
     return locked
 

@@ -106,6 +106,7 @@ def create_mailbox(
         mailbox = Mailbox.objects.create(
             user=user,
             domain=domain,
+            password_set_digest=hash_digest(password_hash),
             uid_validity=next_uid_validity(),
             quota_bytes=domain.default_mailbox_quota_bytes if quota_bytes is None else quota_bytes,
             quota_messages=quota_messages,
@@ -232,6 +233,7 @@ def create_mailboxes(batch: list[NewMailbox]) -> list[Mailbox]:
             Mailbox(
                 user=user,
                 domain=domain,
+                password_set_digest=hash_digest(user.password),
                 uid_validity=first_uid_validity + offset,
                 quota_bytes=quota_bytes,
                 quota_messages=new.quota_messages,
@@ -457,6 +459,20 @@ def replace_password_hash(mailbox: Mailbox, password_hash: str) -> None:
     """``set_password_hash`` of a mailbox already found."""
     stored = storable_password_hash(password_hash)
     get_user_model().objects.filter(pk=mailbox.user_id).update(password=stored)
+    mailbox.password_set_digest = hash_digest(stored)
+    Mailbox.objects.filter(pk=mailbox.pk).update(password_set_digest=mailbox.password_set_digest)
+
+
+def hash_digest(stored: str) -> str:
+    """``Mailbox.password_set_digest`` of a hash as stored."""
+    return hashlib.sha256(stored.encode()).hexdigest()
+
+
+def is_current_password_hash(mailbox: Mailbox, stored: str) -> bool:
+    """Whether ``stored`` (as ``storable_password_hash`` gives it) is the mailbox's password hash:
+    the one its login has, or the one last set, which only the first login's upgrade to argon2
+    (the same password) has replaced since."""
+    return stored == mailbox.user.password or hash_digest(stored) == mailbox.password_set_digest
 
 
 def upgrade_password_hash(user_id: int, old_hash: str, new_hash: str) -> bool:
