@@ -1,5 +1,7 @@
 """The service layer: each function's rule, its scope for a domain administrator, its audit row."""
 
+import hashlib
+import importlib
 import io
 import threading
 import uuid
@@ -7,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from django.apps import apps as django_apps
 from django.contrib.auth import get_user_model
 from django.contrib.auth.hashers import MD5PasswordHasher, PBKDF2PasswordHasher
 from django.contrib.auth.models import Permission
@@ -586,6 +589,51 @@ def test_a_password_set_between_the_comparison_and_the_lock_is_replaced_by_the_o
     services.save_mailbox(CLI, "a@ours.test", password="correct horse", quota_bytes=7)
     user = get_user_model().objects.get(username="a@ours.test")
     assert (user.check_password("correct horse"), Mailbox.objects.get().quota_bytes) == (True, 7)
+
+
+def test_a_login_upgrading_the_hash_between_the_comparison_and_the_lock_is_no_password_change(
+    domains, monkeypatch
+):
+    """The first login's upgrade to argon2 keeps the password: a PUT of that password stays a
+    no-op, writes no hash and ends no session."""
+    weak = PBKDF2PasswordHasher().encode("correct horse", "saltsalt", iterations=1000)
+    store.create_mailbox("a@ours.test", password_hash=weak, create_domain=True)
+    compare = store.is_current_password
+
+    def compare_then_log_in(mailbox, password):
+        matches = compare(mailbox, password)
+        assert get_user_model().objects.get(username="a@ours.test").check_password(password)  # upgrades
+        return matches
+
+    monkeypatch.setattr(store, "is_current_password", compare_then_log_in)
+    upgraded_before = AuditEntry.objects.filter(action="set password").count()
+    services.save_mailbox(CLI, "a@ours.test", password="correct horse", quota_bytes=7)
+    stored = get_user_model().objects.get(username="a@ours.test").password
+    assert (stored.split("$")[0], Mailbox.objects.get().quota_bytes) == ("argon2", 7)
+    assert AuditEntry.objects.filter(action="set password").count() == upgraded_before
+
+
+def test_setting_a_password_locks_the_mailbox_before_its_login(make_mailbox):
+    """Mailbox row, then login row, as deleting a mailbox takes them: no deadlock between the two."""
+    if not connection.features.has_select_for_update:
+        pytest.skip("row locks are PostgreSQL's: SQLite has one writer at a time")
+    make_mailbox("a@ours.test")
+    with CaptureQueriesContext(connection) as queries:
+        services.set_password_hash(CLI, "a@ours.test", CHEAP_HASH)
+    sql = [query["sql"] for query in queries.captured_queries]
+    lock = next(i for i, text in enumerate(sql) if 'FOR UPDATE OF "mailadmin_mailbox", "auth_user"' in text)
+    login_write = next(i for i, text in enumerate(sql) if text.startswith('UPDATE "auth_user"'))
+    assert lock < login_write
+
+
+def test_the_migration_takes_each_logins_hash_as_the_one_last_set(make_mailbox):
+    migration = importlib.import_module("mailadmin.migrations.0016_mailbox_password_set_digest")
+    for address in ("a@ours.test", "b@ours.test"):
+        make_mailbox(address)
+    Mailbox.objects.update(password_set_digest="")
+    migration.fill_digests(django_apps, None)
+    for mailbox in Mailbox.objects.select_related("user"):
+        assert mailbox.password_set_digest == hashlib.sha256(mailbox.user.password.encode()).hexdigest()
 
 
 def test_a_person_without_the_password_permission_cannot_test_a_password(domains, make_mailbox):

@@ -458,7 +458,7 @@ def save_mailbox(
         _require(may_set_password(actor), PASSWORD_PERMISSION_MISSING)  # before any comparison
         if store.is_current_password(existing, password):  # a repeated PUT: no hash to write
             try:
-                kept = _update_mailbox_and_password(actor, existing, None, settings, existing.user.password)
+                kept = _update_mailbox_and_password(actor, existing, None, settings, compared_with=existing)
                 return Saved(kept, created=False)
             except _PasswordChangedMeanwhile:
                 pass  # another writer set a password since the comparison: set this one after all
@@ -497,20 +497,24 @@ class _PasswordChangedMeanwhile(Exception):
 
 
 def _update_mailbox_and_password(
-    actor: Actor, mailbox: Mailbox, password_hash: str | None, settings: dict, compared_with: str = ""
+    actor: Actor,
+    mailbox: Mailbox,
+    password_hash: str | None,
+    settings: dict,
+    compared_with: Mailbox | None = None,
 ) -> Mailbox:
     """``update_mailbox`` and then ``set_password_hash`` of ``mailbox`` (found in the actor's scope),
     in one transaction that locks its row and its login's once. The mailbox's own hash is not
     written again (``store.is_current_password_hash``): that would audit a change that is none
-    and end the mailbox's sessions. ``compared_with``: the hash a password given was found to
-    match; if the login's is another by the time it is locked, nothing is written and
+    and end the mailbox's sessions. ``compared_with``: the mailbox as read when a password given
+    was found to be its own; if another password has been set since, nothing is written and
     _PasswordChangedMeanwhile is raised."""
     _require_settings_permitted(actor, settings)
     if password_hash is not None:
         _require(may_set_password(actor), PASSWORD_PERMISSION_MISSING)
     with transaction.atomic():
         locked = _locked_mailbox(mailbox)
-        if compared_with and locked.user.password != compared_with:
+        if compared_with is not None and store.password_set_since(compared_with, locked):
             raise _PasswordChangedMeanwhile()
         _apply_mailbox_settings(actor, locked, settings)
         if password_hash is not None and not store.is_current_password_hash(locked, password_hash):
@@ -552,7 +556,7 @@ def set_password(actor: Actor, address: str, password: str) -> Mailbox:
 def set_password_hash(actor: Actor, address: str, password_hash: str) -> Mailbox:
     _require(may_set_password(actor), PASSWORD_PERMISSION_MISSING)
     with transaction.atomic():
-        mailbox = _mailbox_in_scope(actor, address)
+        mailbox = _locked_mailbox(_mailbox_in_scope(actor, address))  # mailbox, then login: as all do
         _apply_password_hash(actor, mailbox, password_hash)
     return mailbox
 

@@ -456,16 +456,27 @@ def set_password_hash(address: str, password_hash: str) -> None:
 
 
 def replace_password_hash(mailbox: Mailbox, password_hash: str) -> None:
-    """``set_password_hash`` of a mailbox already found."""
+    """``set_password_hash`` of a mailbox already found: its row written before its login's, the
+    order every writer of both takes them in."""
     stored = storable_password_hash(password_hash)
-    get_user_model().objects.filter(pk=mailbox.user_id).update(password=stored)
     mailbox.password_set_digest = hash_digest(stored)
-    Mailbox.objects.filter(pk=mailbox.pk).update(password_set_digest=mailbox.password_set_digest)
+    with transaction.atomic(savepoint=False):
+        Mailbox.objects.filter(pk=mailbox.pk).update(password_set_digest=mailbox.password_set_digest)
+        get_user_model().objects.filter(pk=mailbox.user_id).update(password=stored)
 
 
 def hash_digest(stored: str) -> str:
     """``Mailbox.password_set_digest`` of a hash as stored."""
     return hashlib.sha256(stored.encode()).hexdigest()
+
+
+def password_set_since(before: Mailbox, now: Mailbox) -> bool:
+    """Whether a password was set on the mailbox between two reads of it. Setting one always
+    moves the digest (a new hash, a new salt); the first login's upgrade to argon2 does not. A
+    mailbox with no digest yet (made before it was kept) compares its hashes instead."""
+    if before.password_set_digest:
+        return before.password_set_digest != now.password_set_digest
+    return before.user.password != now.user.password
 
 
 def is_current_password_hash(mailbox: Mailbox, stored: str) -> bool:
