@@ -493,7 +493,7 @@ def save_mailbox(
 
 
 class _PasswordChangedMeanwhile(Exception):
-    """The login's hash is no longer the one a password was compared with."""
+    """A password was set on the mailbox after a given one was compared with its login's hash."""
 
 
 def _update_mailbox_and_password(
