@@ -289,7 +289,7 @@ def test_a_forced_domain_delete_takes_its_aliases_and_alias_domains_too(make_mai
     aliases.create_alias_domain(Actor.cli(), "gone.example", "gone.test")
     refused = api.delete("domains/gone.test")
     assert (refused.status_code, refused.json()["code"]) == (409, "still_in_use")
-    assert api.delete("domains/gone.test?force=true").status_code == 204
+    assert api.delete("domains/Gone.TEST?force=true").status_code == 204  # the name in any case
     assert not Domain.objects.filter(name="gone.test").exists()
     assert (Alias.objects.count(), AliasDomain.objects.count()) == (0, 0)
     deleted = AuditEntry.objects.filter(action="delete").values_list("object_type", "object_name")

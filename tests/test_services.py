@@ -565,7 +565,7 @@ def test_a_forced_domain_delete_locks_every_mailbox_before_it_changes_the_domain
     locks_of_the_domains_mailboxes = [
         i
         for i, text in enumerate(sql)
-        if 'FOR UPDATE OF "mailadmin_mailbox"' in text and '"mailadmin_domain"."name" =' in text
+        if 'FOR UPDATE OF "mailadmin_mailbox"' in text and '"mailadmin_mailbox"."domain_id" =' in text
     ]
     assert len(locks_of_the_domains_mailboxes) == 1
     assert locks_of_the_domains_mailboxes[0] < first_domain_write

@@ -283,29 +283,29 @@ def delete_domain(actor: Actor, name: str, *, force: bool = False) -> None:
     """Delete a domain; refused while anything is still in it (see
     ``store.domain_deletion_refusal``), unless ``force`` deletes that first in the same
     transaction, each thing with its own audit entry."""
-    _domain_in_scope(actor, name)  # another's domain is refused alike, whether or not it exists
+    found = _domain_in_scope(actor, name)  # another's domain is refused alike, existing or not
     _require_domain_manager(actor, DELETING_DOMAINS_REFUSED)
     with transaction.atomic():
         if force:
-            _delete_domain_contents(actor, name)
-        domain = store.delete_domain(name)
+            _delete_domain_contents(actor, found)
+        domain = store.delete_domain(found.name)
         changes = _deleted(domain)
         audit.record(actor, "delete", "domain", domain.name, domain_name=domain.name, changes=changes)
 
 
-def _delete_domain_contents(actor: Actor, name: str) -> None:
+def _delete_domain_contents(actor: Actor, domain: Domain) -> None:
     """The domain's mailboxes with their mail, its aliases and catch-all, and its alias domains."""
     from mailadmin.hosting import aliases  # built on this module's scope checks: imported late
 
     # Every mailbox locked first, in id order, before the first delete charges the domain's row
     # back: mailbox then domain, the order a delivery and a POP3 QUIT take them in.
-    in_domain = Mailbox.objects.select_for_update(of=("self",)).filter(domain__name=name)
+    in_domain = Mailbox.objects.select_for_update(of=("self",)).filter(domain=domain)
     list(in_domain.order_by("pk").values_list("pk", flat=True))
-    for mailbox in list_mailboxes(actor, name):
+    for mailbox in list_mailboxes(actor, domain.name):
         delete_mailbox(actor, mailbox.address)
-    for alias in aliases.list_aliases(actor, name):
+    for alias in aliases.list_aliases(actor, domain.name):
         aliases.delete_alias(actor, alias.source)
-    for alias_domain in AliasDomain.objects.filter(target__name=name).order_by("name"):
+    for alias_domain in AliasDomain.objects.filter(target=domain).order_by("name"):
         aliases.delete_alias_domain(actor, alias_domain.name)
 
 

@@ -471,7 +471,7 @@ def hash_digest(stored: str) -> str:
 
 
 def password_set_since(before: Mailbox, now: Mailbox) -> bool:
-    """Whether a password was set on the mailbox between two reads of it. Setting one always
+    """Whether another password was set on the mailbox between two reads of it. Setting one
     moves the digest (a new hash, a new salt); the first login's upgrade to argon2 does not. A
     mailbox with no digest yet (made before it was kept) compares its hashes instead."""
     if before.password_set_digest:
