@@ -139,8 +139,9 @@ def redis_layer(settings) -> str:
 @pytest.fixture
 def commit_durability(monkeypatch) -> list[str]:
     """What each later commit of the default connection waits for, in order: SQLite's
-    ``synchronous`` level ("2" FULL: an fsync; "1" NORMAL: none in WAL mode), PostgreSQL's
-    ``synchronous_commit`` ("on", "off")."""
+    ``synchronous`` level ("2" FULL: an fsync; "1" NORMAL: none in WAL mode; "flushed": NORMAL,
+    and the log flushed once the write turn is handed on), PostgreSQL's ``synchronous_commit``
+    ("on", "off")."""
     levels: list[str] = []
     commit = connection._commit
 
@@ -149,7 +150,8 @@ def commit_durability(monkeypatch) -> list[str]:
             cursor.execute(
                 "SHOW synchronous_commit" if connection.vendor == "postgresql" else "PRAGMA synchronous"
             )
-            levels.append(str(cursor.fetchone()[0]))
+            level = str(cursor.fetchone()[0])
+        levels.append("flushed" if getattr(connection, "flush_log_after_commit", False) else level)
         return commit()
 
     monkeypatch.setattr(connection, "_commit", recording_commit)

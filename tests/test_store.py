@@ -386,7 +386,7 @@ def test_taking_and_giving_back_a_lease_commit_without_waiting_for_the_disk(make
     if connection.vendor == "postgresql":
         assert levels == ["off", "off", "on"]
     else:
-        assert levels == ["1", "1", "2"]
+        assert levels == ["1", "1", "flushed"]
 
 
 def lease_statements(queries: CaptureQueriesContext) -> list[str]:

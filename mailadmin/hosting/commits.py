@@ -64,6 +64,18 @@ def forgotten_only_with_this_host() -> contextlib.AbstractContextManager[None]:
     return not_waiting_for_the_disk()
 
 
+def flushed_outside_the_write_turn() -> contextlib.AbstractContextManager[None]:
+    """A transaction as durable as any when it returns, whose commit on SQLite waits for the disk
+    only after handing the write turn to the next writer (see
+    ``mailadmin.sqlite.base.DatabaseWrapper.flushing_after_the_turn``). For the deliveries,
+    which every process's writers queue behind. PostgreSQL has no write turn: a plain
+    transaction. Inside a caller's transaction, that transaction decides.
+    """
+    if connection.vendor == "sqlite" and not connection.in_atomic_block:
+        return connection.flushing_after_the_turn()
+    return contextlib.nullcontext()
+
+
 def letting_the_log_catch_up() -> None:
     """After a transaction of background bulk work (a ``prunehistory`` batch), before the next:
     on SQLite, the log copied into the database file in this thread, mostly outside the write

@@ -16,8 +16,8 @@ from django.utils import translation
 
 from mailadmin.addresses import domain_of_login, normalise_address
 from mailadmin.executors import DATABASE_ERRORS
+from mailadmin.hosting import commits, figures, store
 from mailadmin.hosting import expansion as expansion_rules
-from mailadmin.hosting import figures, store
 from mailadmin.mailin.messagefile import MessageTooLarge, Readable, SpooledMessage, spool_message
 from mailadmin.mailin.status import DeliveryStatus
 from mailadmin.models import Mailbox
@@ -297,7 +297,7 @@ def _store_group(
     copies: list[_Copy] = []
     planned = _planned_copies(deliveries, failed)
     domain_charges = store.DomainChargesLast() if domains_last else None
-    with tally.pending() as waiting, transaction.atomic():
+    with tally.pending() as waiting, commits.flushed_outside_the_write_turn(), transaction.atomic():
         store.lock_group((mailbox for _, mailbox, _ in planned), domains=not domains_last)
         outcomes = _store_copies(planned, copies, one_by_one, domain_charges)
         if domain_charges is not None and not domain_charges.charge():

@@ -34,13 +34,14 @@ own, and opening one (the file, the PRAGMAs, Django's SQL functions) cost a web 
 of its CPU per API request. Only a connection outside any transaction is parked.
 """
 
+import contextlib
 import fcntl
 import logging
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from django.core.management.base import CommandError
@@ -134,6 +135,27 @@ def checkpoint(connection: sqlite3.Connection, writer_lock: BinaryIO) -> None:
         fcntl.flock(writer_lock, fcntl.LOCK_UN)
 
 
+# Database files whose log's directory entry this process has flushed (see flush_log).
+_flushed_directories: set[str] = set()
+
+
+def flush_log(database: str) -> None:
+    """Flush ``database``'s write-ahead log to disk (``fdatasync``), and once per process its
+    directory, where the log's name was written when it was created."""
+    log = os.open(f"{database}-wal", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fdatasync(log)
+    finally:
+        os.close(log)
+    if database not in _flushed_directories:
+        directory = os.open(os.path.dirname(os.path.abspath(database)), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        _flushed_directories.add(database)
+
+
 def take_write_turn(writer_lock: BinaryIO, timeout: float) -> bool:
     """Take the exclusive lock on the writer lock file, tried every POLL_SECONDS; False if it
     stayed taken for ``timeout`` seconds."""
@@ -200,6 +222,9 @@ class DatabaseWrapper(base.DatabaseWrapper):
     client_class = DatabaseClient
     writer_lock: BinaryIO | None = None
     pool_size = 0
+    # Set by flushing_after_the_turn(): commit without an fsync, then flush the log outside the turn.
+    flush_log_after_commit = False
+    _journal_is_wal: tuple[sqlite3.Connection, bool] | None = None
 
     def get_connection_params(self):
         params = super().get_connection_params()
@@ -239,7 +264,56 @@ class DatabaseWrapper(base.DatabaseWrapper):
         finally:
             self._unlock_writers()
         if self.writer_lock is not None:
+            if self.flush_log_after_commit:
+                self._flush_log()
             _checkpointer(self.settings_dict["NAME"]).request()
+
+    @contextlib.contextmanager
+    def flushing_after_the_turn(self) -> Iterator[None]:
+        """Transactions whose commits reach the disk after the write turn is handed on, and are
+        as durable when they return as any other commit.
+
+        A commit's fsync inside the turn (``synchronous=FULL``) keeps every other writer of every
+        process waiting for the disk. Here SQLite commits without it (``synchronous=NORMAL``),
+        the turn goes to the next writer, and the log is flushed (``fdatasync``) before the
+        commit returns: the next writer's statements run during this one's flush, and one flush
+        covers every commit appended before it. SQLite itself still flushes the log before a
+        checkpoint copies it and the database file after, so a log that starts again never
+        drops a commit whose own flush is yet to come.
+
+        What differs from a commit at FULL: in the moment between a commit and its flush, other
+        connections can already read it, before its caller learns that it is durable.
+        A database not in WAL mode keeps its own commits (they need the fsync inside).
+        """
+        self.ensure_connection()
+        if self.writer_lock is None or not self._in_wal_mode():
+            yield
+            return
+        (level,) = self.connection.execute("PRAGMA synchronous").fetchone()
+        self.connection.execute("PRAGMA synchronous = NORMAL")  # not inside a transaction: SQLite refuses
+        self.flush_log_after_commit = True
+        try:
+            yield
+        finally:
+            self.flush_log_after_commit = False
+            if self.connection is not None:
+                self.connection.execute(f"PRAGMA synchronous = {int(level)}")
+
+    def _in_wal_mode(self) -> bool:
+        """Whether the database's journal is the write-ahead log (asked once per connection)."""
+        if self._journal_is_wal is None or self._journal_is_wal[0] is not self.connection:
+            (mode,) = self.connection.execute("PRAGMA journal_mode").fetchone()
+            self._journal_is_wal = (self.connection, mode.lower() == "wal")
+        return self._journal_is_wal[1]
+
+    def _flush_log(self) -> None:
+        try:
+            flush_log(self.settings_dict["NAME"])
+        except OSError as error:
+            # Committed but maybe not on disk: the caller must not report it durable.
+            raise OperationalError(f"the committed transaction's log could not be flushed: {error}") from (
+                error
+            )
 
     def _rollback(self):
         try:

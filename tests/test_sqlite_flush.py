@@ -1,0 +1,119 @@
+"""SQLite deliveries commit without an fsync inside the write turn, and flush the log after it."""
+
+import errno
+import fcntl
+import os
+
+import pytest
+from django.db import OperationalError, connection, transaction
+
+from mailadmin.hosting import commits
+from mailadmin.mailin.delivery import Delivery, DeliveryStatus, deliver_group, look_up_recipient
+from mailadmin.mailin.messagefile import spool_message
+from mailadmin.models import Domain, Message
+from mailadmin.sqlite import base as sqlite_backend
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SYNCHRONOUS_NORMAL, SYNCHRONOUS_FULL = 1, 2
+
+
+@pytest.fixture
+def flushes(monkeypatch):
+    """Each fdatasync of this process from now on: (the file's path, whether the write turn was
+    free at that moment)."""
+    if connection.vendor != "sqlite":
+        pytest.skip("the write turn and its log are SQLite's")
+    connection.ensure_connection()
+    name = connection.settings_dict["NAME"]
+    seen: list[tuple[str, bool]] = []
+    fdatasync = os.fdatasync
+
+    def recording(fd: int) -> None:
+        seen.append((os.readlink(f"/proc/self/fd/{fd}"), _turn_is_free(name)))
+        fdatasync(fd)
+
+    monkeypatch.setattr(sqlite_backend.os, "fdatasync", recording)
+    return seen
+
+
+def _turn_is_free(database: str) -> bool:
+    with open(sqlite_backend.writer_lock_path(database), "ab") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return True
+
+
+def _synchronous() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("PRAGMA synchronous")
+        return cursor.fetchone()[0]
+
+
+def _log_path() -> str:
+    return os.path.realpath(connection.settings_dict["NAME"]) + "-wal"
+
+
+def test_a_commit_flushes_the_log_once_the_write_turn_is_handed_on(flushes):
+    with commits.flushed_outside_the_write_turn():
+        with transaction.atomic():
+            Domain.objects.create(name="flushed.test")
+            inside = _synchronous()
+            assert flushes == []
+    assert inside == SYNCHRONOUS_NORMAL  # no fsync inside the turn
+    assert flushes == [(_log_path(), True)]
+    assert _synchronous() == SYNCHRONOUS_FULL  # every other transaction as it was
+
+
+def test_a_rolled_back_transaction_flushes_nothing_and_the_level_comes_back(flushes):
+    with pytest.raises(ZeroDivisionError):
+        with commits.flushed_outside_the_write_turn():
+            with transaction.atomic():
+                Domain.objects.create(name="undone.test")
+                raise ZeroDivisionError
+    assert flushes == []
+    assert _synchronous() == SYNCHRONOUS_FULL
+    assert not Domain.objects.filter(name="undone.test").exists()
+
+
+def test_a_database_not_in_wal_mode_keeps_the_fsync_in_its_commit(flushes, monkeypatch):
+    monkeypatch.setattr(sqlite_backend.DatabaseWrapper, "_in_wal_mode", lambda self: False)
+    with commits.flushed_outside_the_write_turn():
+        with transaction.atomic():
+            Domain.objects.create(name="journal.test")
+            assert _synchronous() == SYNCHRONOUS_FULL
+    assert flushes == []
+
+
+def test_a_delivery_group_is_flushed_after_its_turn(flushes, make_mailbox):
+    make_mailbox("alice@example.test")
+    recipient = look_up_recipient("alice@example.test")
+    with spool_message([b"Subject: hello\n\nbody\n"]) as message:
+        (results,) = deliver_group([Delivery([recipient], message, "sender@example.test")])
+    assert [result.status for result in results] == [DeliveryStatus.DELIVERED]
+    assert flushes == [(_log_path(), True)]
+    assert Message.objects.filter(mailbox__user__username="alice@example.test").count() == 1
+
+
+def test_a_log_that_cannot_be_flushed_fails_the_delivery_rather_than_acknowledge_it(flushes, monkeypatch):
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(sqlite_backend.os, "fdatasync", failing)
+    with pytest.raises(OperationalError, match="could not be flushed: .*Input/output error"):
+        with commits.flushed_outside_the_write_turn():
+            with transaction.atomic():
+                Domain.objects.create(name="unflushed.test")
+    assert _synchronous() == SYNCHRONOUS_FULL
+    assert _turn_is_free(connection.settings_dict["NAME"])
+
+
+def test_inside_a_callers_transaction_the_caller_decides(flushes):
+    with transaction.atomic():
+        with commits.flushed_outside_the_write_turn():
+            Domain.objects.create(name="outer.test")
+            assert _synchronous() == SYNCHRONOUS_FULL
+    assert flushes == []
