@@ -376,7 +376,8 @@ LMTP_MAX_LINE_BYTES = _env_int("LMTP_MAX_LINE_BYTES", 64 * 1024)
 # so the MTA retries while the user makes room; on, it is permanent (552 5.2.2) and bounces.
 LMTP_OVER_QUOTA_PERMANENT = _env_bool("LMTP_OVER_QUOTA_PERMANENT", False)
 LMTP_IDLE_TIMEOUT = _env_float("LMTP_IDLE_TIMEOUT", 300.0)
-LMTP_DB_THREADS = _env_int("LMTP_DB_THREADS", 4)
+# Threads per runlmtp process for its database work; 0: by database (see runlmtp.lmtp_config).
+LMTP_DB_THREADS = _env_int("LMTP_DB_THREADS", 0)
 LMTP_WORKERS = _env_workers("LMTP_WORKERS")
 # Messages stored in one transaction at most when deliveries queue up (one commit for all).
 LMTP_GROUP_COMMIT_MAX = max(1, _env_int("LMTP_GROUP_COMMIT_MAX", 64))

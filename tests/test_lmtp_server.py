@@ -57,6 +57,7 @@ def config(*, over_quota_permanent: bool = False) -> LmtpConfig:
         idle_timeout=30.0,
         max_group=64,
         group_writers=1,
+        db_threads=2,
     )
 
 
@@ -252,7 +253,7 @@ def test_runlmtp_builds_the_listener_configuration_from_settings(settings):
     settings.LMTP_GROUP_COMMIT_MAX = 5
     settings.LMTP_GROUP_WRITERS = 3
     writers = 1 if connection.vendor == "sqlite" else 3
-    assert lmtp_config() == LmtpConfig(
+    expected = LmtpConfig(
         policy=Policy(
             hostname="mx.example.test", max_message_bytes=12345, max_recipients=7, max_data_line_bytes=999
         ),
@@ -260,4 +261,8 @@ def test_runlmtp_builds_the_listener_configuration_from_settings(settings):
         idle_timeout=42.0,
         max_group=5,
         group_writers=writers,
+        db_threads=2 if connection.vendor == "sqlite" else 5,  # by database: the writers and look-ups'
     )
+    assert lmtp_config() == expected
+    settings.LMTP_DB_THREADS = 7
+    assert lmtp_config() == dataclasses.replace(expected, db_threads=7)

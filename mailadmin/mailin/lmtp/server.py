@@ -81,6 +81,7 @@ class LmtpConfig:
     idle_timeout: float
     max_group: int  # messages committed together at most (GroupCommitter)
     group_writers: int  # groups committing at once (GroupCommitter)
+    db_threads: int  # the database executor's threads: the writers', and RCPT look-ups'
 
 
 class GroupCommitter:

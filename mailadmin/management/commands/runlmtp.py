@@ -87,7 +87,7 @@ class Command(BaseCommand):
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        executor = BoundedExecutor(settings.LMTP_DB_THREADS, "lmtp-db")
+        executor = BoundedExecutor(config.db_threads, "lmtp-db")
         server = LmtpServer(config, executor)
         heartbeat = LmtpHeartbeat(
             executor, server.committer.tally, node=node_name(), interval=settings.LMTP_HEARTBEAT_INTERVAL
@@ -102,6 +102,8 @@ class Command(BaseCommand):
 
 def lmtp_config() -> LmtpConfig:
     """The listener's configuration, from settings: their defaults are the only ones."""
+    # SQLite has one writer at a time: a second group would only wait for the first.
+    group_writers = 1 if connection.vendor == "sqlite" else settings.LMTP_GROUP_WRITERS
     return LmtpConfig(
         policy=Policy(
             hostname=settings.LMTP_HOSTNAME,
@@ -112,9 +114,20 @@ def lmtp_config() -> LmtpConfig:
         over_quota_permanent=settings.LMTP_OVER_QUOTA_PERMANENT,
         idle_timeout=settings.LMTP_IDLE_TIMEOUT,
         max_group=settings.LMTP_GROUP_COMMIT_MAX,
-        # SQLite has one writer at a time: a second group would only wait for the first.
-        group_writers=1 if connection.vendor == "sqlite" else settings.LMTP_GROUP_WRITERS,
+        group_writers=group_writers,
+        db_threads=settings.LMTP_DB_THREADS or _db_threads(group_writers),
     )
+
+
+def _db_threads(group_writers: int) -> int:
+    """Threads for the database work when LMTP_DB_THREADS leaves it to us.
+
+    SQLite: the one writer and one thread beside it for RCPT look-ups. More threads only spread
+    the same work over more threads and connections, and cost CPU per delivery (docs/benchmarks.md,
+    "LMTP on SQLite: the flush outside the write turn, two threads").
+    PostgreSQL: the writers and two threads for look-ups.
+    """
+    return group_writers + (1 if connection.vendor == "sqlite" else 2)
 
 
 def _bind_unix(path: Path) -> tuple[socket.socket, str]:
