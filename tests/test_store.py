@@ -1,5 +1,6 @@
 """Store and delivery rules: exact sizes, CRLF, UIDLs, counters, quota."""
 
+import threading
 from datetime import timedelta
 
 import pytest
@@ -282,6 +283,31 @@ def test_find_mailbox_loads_what_the_orm_loads(make_mailbox):
     assert found.created_at.tzinfo is not None
     assert found.used_bytes == expected.used_bytes > 0
     assert store.find_mailbox("nobody@example.test") is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_find_mailbox_converts_on_another_threads_connection_with_the_converters_found_once(make_mailbox):
+    """The look-up's converters are found once, on the first thread's connection, and serve the
+    daemons' other threads' connections."""
+    make_mailbox("found@example.test")
+    store.find_mailbox("found@example.test")  # the look-up built here
+    found: list = []
+
+    def look_up() -> None:
+        found.append(store.find_mailbox("found@example.test"))
+        connection.close()
+
+    thread = threading.Thread(target=look_up)
+    thread.start()
+    thread.join()
+    (mailbox,) = found
+    expected = Mailbox.objects.select_related("user", "domain").get(pk=mailbox.pk)
+    assert (mailbox.created_at, mailbox.active, mailbox.user.date_joined) == (
+        expected.created_at,
+        True,
+        expected.user.date_joined,
+    )
+    assert mailbox.created_at.tzinfo is not None  # converted, not SQLite's text
 
 
 @pytest.mark.parametrize(

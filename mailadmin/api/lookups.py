@@ -9,17 +9,21 @@ import functools
 from dataclasses import dataclass
 
 from django.db import DEFAULT_DB_ALIAS, connections
-from django.db.models.expressions import Col
 
 from mailadmin.api.models import ApiToken
-from mailadmin.hosting.store.fastsql import converted_columns, fetch_converted_row, prepared_cursor
+from mailadmin.hosting.store.fastsql import (
+    ConvertedColumn,
+    converted_columns,
+    fetch_converted_row,
+    prepared_cursor,
+)
 
 
 @dataclass(frozen=True)
 class _Lookup:
     sql: str
     names: list[str]  # the fields' attnames, in column order
-    converted: list[tuple[int, Col]]  # the columns whose values this backend converts
+    converted: list[ConvertedColumn]  # the columns whose values this backend converts
 
 
 def find_token(prefix: str) -> ApiToken | None:

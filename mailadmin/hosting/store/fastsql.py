@@ -5,7 +5,7 @@ millisecond per delivery); each statement here is built once per process and bac
 """
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -19,6 +19,10 @@ from django.db.models.expressions import Col
 from django.db.models.functions import Now
 
 from mailadmin.models import Domain, Mailbox, MaildropLease, Message, MessageChunk, Pop3Session
+
+# A column whose values this backend converts on reading: its place in the row, the column, and
+# its converters (as a queryset's compiler finds them, once per query it compiles; here once).
+ConvertedColumn = tuple[int, Col, tuple[Callable, ...]]
 
 
 def find_mailbox(address: str) -> Mailbox | None:
@@ -71,7 +75,7 @@ def lock_domain(name: str) -> Domain | None:
 
 
 @functools.cache
-def _domain_lock(vendor: str) -> tuple[str, list[str], list[tuple[int, Col]]]:
+def _domain_lock(vendor: str) -> tuple[str, list[str], list[ConvertedColumn]]:
     db = connections[DEFAULT_DB_ALIAS]
     fields = Domain._meta.concrete_fields
     quote = db.ops.quote_name
@@ -87,7 +91,7 @@ def _domain_lock(vendor: str) -> tuple[str, list[str], list[tuple[int, Col]]]:
 class _Lookup:
     sql: str
     models: list[tuple[type, list[str]]]  # each model with its fields' attnames, in column order
-    converted: list[tuple[int, Col]]  # the columns whose values this backend converts
+    converted: list[ConvertedColumn]  # the columns whose values this backend converts
 
 
 @functools.cache
@@ -112,17 +116,20 @@ def _mailbox_lookup(vendor: str, fits: bool = False) -> _Lookup:
     )
 
 
-def converted_columns(columns: list[Col]) -> list[tuple[int, Col]]:
-    """The columns (with their places in the row) whose values this backend converts on reading."""
+def converted_columns(columns: list[Col]) -> list[ConvertedColumn]:
+    """The columns (with their places in the row) whose values this backend converts on reading.
+
+    Each converter takes the connection it converts for, so the ones found here, on one
+    thread's connection, serve every thread's (their own state is the settings')."""
     db = connections[DEFAULT_DB_ALIAS]
-    return [
-        (index, column)
+    found = [
+        (index, column, tuple(db.ops.get_db_converters(column) + column.get_db_converters(db)))
         for index, column in enumerate(columns)
-        if db.ops.get_db_converters(column) + column.get_db_converters(db)
     ]
+    return [(index, column, converters) for index, column, converters in found if converters]
 
 
-def fetch_converted_row(sql: str, params, converted: list[tuple[int, Col]]) -> list | None:
+def fetch_converted_row(sql: str, params, converted: list[ConvertedColumn]) -> list | None:
     """The first row of ``sql`` with its values converted as a queryset would convert them."""
     db = connections[DEFAULT_DB_ALIAS]
     with prepared_cursor() as cursor:
@@ -131,8 +138,8 @@ def fetch_converted_row(sql: str, params, converted: list[tuple[int, Col]]) -> l
     if row is None:
         return None
     values = list(row)
-    for index, column in converted:
-        for convert in db.ops.get_db_converters(column) + column.get_db_converters(db):
+    for index, column, converters in converted:
+        for convert in converters:
             values[index] = convert(values[index], column, db)
     return values
 
