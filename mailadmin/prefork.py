@@ -37,10 +37,14 @@ def worker_count_argument(value: str) -> int:
         raise argparse.ArgumentTypeError(expected) from None
 
 
-def run_workers(count: int, serve: Callable[[], None], started: Callable[[], None]) -> int:
+def run_workers(
+    count: int, serve: Callable[[], None], started: Callable[[], None], *, pin_to_cpus: bool = False
+) -> int:
     """Fork ``count`` workers that each run ``serve()``; return once all have ended.
 
     ``started()`` runs in the parent once every worker exists (to announce the listeners).
+    With ``pin_to_cpus``, worker *i* and every thread it starts run on the *i*-th CPU this
+    process may use (round robin): see :func:`_pin_to_one_cpu`.
 
     SIGTERM, SIGINT and SIGHUP are passed on to every worker. A worker that ends while nothing
     asked it to stop takes the others down with it, and the result is 1: a supervisor
@@ -58,9 +62,11 @@ def run_workers(count: int, serve: Callable[[], None], started: Callable[[], Non
     try:
         try:
             parent = os.getpid()
-            for _ in range(count):
+            for index in range(count):
                 pid = os.fork()
                 if pid == 0:
+                    if pin_to_cpus:
+                        _pin_to_one_cpu(index)
                     os._exit(_worker(serve, parent))
                 supervisor.workers.add(pid)
         except OSError:  # out of processes or memory: take back the workers already started
@@ -75,6 +81,23 @@ def run_workers(count: int, serve: Callable[[], None], started: Callable[[], Non
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _pin_to_one_cpu(index: int) -> None:
+    """Keep this worker, and the threads it starts (they inherit it), on one CPU: the
+    ``index``-th of those this process may use, round robin.
+
+    A worker's event loop hands every unit of database work to a thread of its own and takes
+    the result back: two wake-ups of another thread per unit, and the interpreter lock passed
+    between them. Across two CPUs each wake-up is an interrupt from one to the other, which on
+    a virtual machine costs a trip through the hypervisor: a hop to a thread and back took 85
+    microseconds of CPU with the two threads free to run anywhere, 47 on one CPU. Only one of
+    a worker's threads runs Python at a time anyway. With each worker on a CPU of its own, the
+    bench's LMTP deliveries and POP3 RETRs took less CPU each, and more went through a second
+    (docs/benchmarks.md, "Workers pinned to CPUs").
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[index % len(cpus)]})
 
 
 def stop_children(children: Iterable[subprocess.Popen], grace_seconds: float) -> None:

@@ -353,6 +353,8 @@ POP3_WORKERS = _env_workers("POP3_WORKERS")
 WEB_WORKERS = _env_workers("WEB_WORKERS")
 # Requests a web worker serves at once (its threads), and the database connections it keeps for them.
 WEB_THREADS = max(1, _env_int("WEB_THREADS", 8))
+# runpop3 and runlmtp with several workers keep each worker on one CPU (mailadmin.prefork).
+DAEMON_PIN_WORKERS = _env_bool("DAEMON_PIN_WORKERS", True)
 # runpop3 and runlmtp keep their worker threads' database connections this long (seconds).
 DAEMON_DB_CONN_MAX_AGE = _env_int("DAEMON_DB_CONN_MAX_AGE", 600)
 # Minimum seconds between two logins of one mailbox; advertised as LOGIN-DELAY. 0 = off.

@@ -14,7 +14,7 @@ from mailadmin.prefork import worker_count_argument
 from mailadmin.workercount import parse_worker_count, usable_cpus
 from tests.conftest import PROJECT_DIR, child_environment
 from tests.lmtp_server import running_lmtp
-from tests.pop3_server import wait_for
+from tests.pop3_server import running_pop3, wait_for
 
 
 def test_auto_is_the_number_of_cpus_this_process_may_use() -> None:
@@ -109,3 +109,47 @@ def test_workers_die_with_a_supervisor_killed_by_sigkill(tmp_path: Path, make_ma
         assert wait_for(lambda: not any(map(running, workers)), timeout=10)
         # The last worker's listener closes as it exits: a connection queued just then is reset.
         assert wait_for(lambda: refused(server.port, address), timeout=10)
+
+
+DAEMONS = {"runlmtp": (running_lmtp, "LMTP_WORKERS"), "runpop3": (running_pop3, "POP3_WORKERS")}
+
+
+def cpus_of_threads(pid: int) -> list[frozenset[int]]:
+    """The CPUs each thread of process ``pid`` may run on."""
+    return [frozenset(os.sched_getaffinity(int(task.name))) for task in Path(f"/proc/{pid}/task").iterdir()]
+
+
+def use_some_threads(daemon: str, server, address: str) -> None:
+    """A few units of database work, so that the workers have started their threads."""
+    for _ in range(4):
+        if daemon == "runlmtp":
+            with server.smtplib_client() as lmtp:
+                assert lmtp.sendmail("s@remote.test", [address], b"Subject: x\r\n\r\nx\r\n") == {}
+        else:
+            with server.connect() as client:
+                client.command("USER " + address)
+                assert client.command("PASS correct horse").startswith(b"+OK")
+                client.command("QUIT")
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.slow
+@pytest.mark.parametrize("daemon", ["runlmtp", "runpop3"])
+@pytest.mark.parametrize("pin", ["on", "off"])
+def test_each_worker_and_its_threads_keep_to_a_cpu_of_their_own(tmp_path: Path, make_mailbox, daemon, pin):
+    address = make_mailbox("pinned@example.test").address
+    cpus = sorted(os.sched_getaffinity(0))
+    running, workers = (
+        (running_lmtp, "LMTP_WORKERS") if daemon == "runlmtp" else (running_pop3, "POP3_WORKERS")
+    )
+    with running(tmp_path / daemon, **{workers: "2", "DAEMON_PIN_WORKERS": pin}) as server:
+        use_some_threads(daemon, server, address)
+        threads = [cpus_of_threads(pid) for pid in server.workers()]
+        supervisor = cpus_of_threads(server.pid)
+    assert all(len(each) > 1 for each in threads)  # the loop's and the database work's
+    if pin == "on":  # worker i on the i-th CPU, round robin
+        expected = sorted([{frozenset({cpus[0]})}, {frozenset({cpus[1 % len(cpus)]})}], key=min)
+        assert sorted((set(each) for each in threads), key=min) == expected
+    else:
+        assert [set(each) for each in threads] == [{frozenset(cpus)}] * 2
+    assert set(supervisor) == {frozenset(cpus)}  # the supervisor is not pinned

@@ -74,7 +74,12 @@ class Command(BaseCommand):
             if workers == 1:
                 announce()
                 asyncio.run(self._serve(config, listener))
-            elif run_workers(workers, lambda: asyncio.run(self._serve(config, listener)), started):
+            elif run_workers(
+                workers,
+                lambda: asyncio.run(self._serve(config, listener)),
+                started,
+                pin_to_cpus=settings.DAEMON_PIN_WORKERS,
+            ):
                 raise CommandError("a worker failed")
         finally:
             listener.close()

@@ -170,7 +170,10 @@ class Command(BaseCommand):
                     listener.close()
 
             if run_workers(
-                workers, lambda: self._serve_until_stopped(config, sockets, announce=False), started
+                workers,
+                lambda: self._serve_until_stopped(config, sockets, announce=False),
+                started,
+                pin_to_cpus=settings.DAEMON_PIN_WORKERS,
             ):
                 raise CommandError("a worker failed")
         finally:
