@@ -8,9 +8,10 @@ import pytest
 from django.db import OperationalError, connection, transaction
 
 from mailadmin.hosting import commits
+from mailadmin.hosting.figures import DeliveryTally
 from mailadmin.mailin.delivery import Delivery, DeliveryStatus, deliver_group, look_up_recipient
 from mailadmin.mailin.messagefile import spool_message
-from mailadmin.models import Domain, Message
+from mailadmin.models import DeliveryFigures, Domain, Message
 from mailadmin.sqlite import base as sqlite_backend
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -98,17 +99,60 @@ def test_a_delivery_group_is_flushed_after_its_turn(flushes, make_mailbox):
     assert Message.objects.filter(mailbox__user__username="alice@example.test").count() == 1
 
 
-def test_a_log_that_cannot_be_flushed_fails_the_delivery_rather_than_acknowledge_it(flushes, monkeypatch):
-    def failing(fd: int) -> None:
-        raise OSError(errno.EIO, "Input/output error")
+def _failing_flush(fd: int) -> None:
+    raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(sqlite_backend.os, "fdatasync", failing)
-    with pytest.raises(OperationalError, match="could not be flushed: .*Input/output error"):
+
+def test_a_log_that_cannot_be_flushed_fails_the_commit_that_others_may_already_read(flushes, monkeypatch):
+    """Unlike a commit at FULL, which SQLite would not publish: the caller must not call it
+    durable (the MTA is told to try again), and knows it was committed."""
+    monkeypatch.setattr(sqlite_backend.os, "fdatasync", _failing_flush)
+    with pytest.raises(
+        sqlite_backend.LogNotFlushed, match="could not be flushed: .*Input/output error"
+    ) as raised:
         with commits.flushed_outside_the_write_turn():
             with transaction.atomic():
                 Domain.objects.create(name="unflushed.test")
+    assert isinstance(raised.value, OperationalError) and raised.value.committed
+    assert Domain.objects.filter(name="unflushed.test").exists()
     assert _synchronous() == SYNCHRONOUS_FULL
     assert _turn_is_free(connection.settings_dict["NAME"])
+
+
+def test_a_group_whose_log_was_not_flushed_fails_and_its_written_figures_are_not_counted_again(
+    flushes, monkeypatch, make_mailbox
+):
+    make_mailbox("alice@example.test")
+    recipient = look_up_recipient("alice@example.test")
+    tally = DeliveryTally()
+    tally.add("example.test", "no_such_mailbox")  # a refusal counted before the group
+    monkeypatch.setattr(sqlite_backend.os, "fdatasync", _failing_flush)
+    with spool_message([b"Subject: hello\n\nbody\n"]) as message, pytest.raises(sqlite_backend.LogNotFlushed):
+        deliver_group([Delivery([recipient], message, "sender@example.test")], tally)
+    assert len(tally) == 0  # written with the group: not put back to be written twice
+    figures = DeliveryFigures.objects.filter(domain__name="example.test")
+    assert sorted(figures.values_list("outcome", "messages")) == [("delivered", 1), ("no_such_mailbox", 1)]
+
+
+def test_a_nested_block_leaves_the_enclosing_one_flushing(flushes):
+    with commits.flushed_outside_the_write_turn():
+        with connection.flushing_after_the_turn():
+            pass
+        assert (_synchronous(), connection.flush_log_after_commit) == (SYNCHRONOUS_NORMAL, True)
+        with transaction.atomic():
+            Domain.objects.create(name="nested.test")
+    assert flushes == [(_log_path(), True)]
+    assert _synchronous() == SYNCHRONOUS_FULL
+
+
+def test_a_connection_closed_inside_the_block_is_not_parked_at_its_lowered_level(flushes, monkeypatch):
+    monkeypatch.setattr(connection, "pool_size", 1)  # as a web worker's connections are pooled
+    name = connection.settings_dict["NAME"]
+    parked_before = len(sqlite_backend._parked.get(name, []))
+    with commits.flushed_outside_the_write_turn():
+        connection.close()
+    assert len(sqlite_backend._parked.get(name, [])) == parked_before
+    assert _synchronous() == SYNCHRONOUS_FULL  # a new connection, as every one starts
 
 
 def test_inside_a_callers_transaction_the_caller_decides(flushes):

@@ -186,12 +186,14 @@ class DeliveryTally:
 
     @contextmanager
     def pending(self) -> Iterator[Counter]:
-        """The counts so far, taken out of the tally, and put back if the block writing them fails."""
+        """The counts so far, taken out of the tally, and put back if the block writing them fails
+        before its commit (an error raised after it says ``committed``: the counts are written)."""
         counts = self.drain()
         try:
             yield counts
-        except BaseException:
-            self.restore(counts)
+        except BaseException as error:
+            if not getattr(error, "committed", False):
+                self.restore(counts)
             raise
 
     def restore(self, counts: Mapping) -> None:

@@ -135,25 +135,51 @@ def checkpoint(connection: sqlite3.Connection, writer_lock: BinaryIO) -> None:
         fcntl.flock(writer_lock, fcntl.LOCK_UN)
 
 
-# Database files whose log's directory entry this process has flushed (see flush_log).
-_flushed_directories: set[str] = set()
+# Each database file's log, open for flushing as long as the process runs (see flush_log).
+_logs: dict[str, int] = {}
+_logs_lock = threading.Lock()
+
+
+class LogNotFlushed(OperationalError):
+    """A transaction was committed, and other connections may read it, but its log could not be
+    flushed: it may not survive a crash. Raised from the commit, so that the caller does not
+    report it durable (an MTA is answered with a temporary failure and delivers again)."""
+
+    committed = True
 
 
 def flush_log(database: str) -> None:
-    """Flush ``database``'s write-ahead log to disk (``fdatasync``), and once per process its
-    directory, where the log's name was written when it was created."""
-    log = os.open(f"{database}-wal", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fdatasync(log)
-    finally:
+    """Flush ``database``'s write-ahead log to disk (``fdatasync``).
+
+    On a descriptor the process keeps open: the kernel reports a failed write-back once to each
+    open file, and one opened afresh after another had been told would never hear of it. The
+    first flush of a process also flushes the directory, where the log's name was written when
+    it was created. The log itself stays as long as the process, whose checkpointer keeps a
+    connection to the database open."""
+    with _logs_lock:
+        log = _logs.get(database)
+        if log is None:
+            log = os.open(f"{database}-wal", os.O_RDONLY | os.O_CLOEXEC)
+            directory = os.open(os.path.dirname(os.path.abspath(database)), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+            _logs[database] = log
+    os.fdatasync(log)
+
+
+def _forget_the_parents_logs() -> None:
+    """A forked child opens its own: an open file's write-back errors are told once, to whichever
+    process asks first."""
+    global _logs_lock
+    _logs_lock = threading.Lock()
+    for log in _logs.values():
         os.close(log)
-    if database not in _flushed_directories:
-        directory = os.open(os.path.dirname(os.path.abspath(database)), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-        _flushed_directories.add(database)
+    _logs.clear()
+
+
+os.register_at_fork(after_in_child=_forget_the_parents_logs)
 
 
 def take_write_turn(writer_lock: BinaryIO, timeout: float) -> bool:
@@ -286,18 +312,21 @@ class DatabaseWrapper(base.DatabaseWrapper):
         A database not in WAL mode keeps its own commits (they need the fsync inside).
         """
         self.ensure_connection()
-        if self.writer_lock is None or not self._in_wal_mode():
-            yield
+        if self.flush_log_after_commit or self.writer_lock is None or not self._in_wal_mode():
+            yield  # already flushing (an enclosing block), or a commit that keeps its own fsync
             return
-        (level,) = self.connection.execute("PRAGMA synchronous").fetchone()
-        self.connection.execute("PRAGMA synchronous = NORMAL")  # not inside a transaction: SQLite refuses
+        raw = self.connection
+        with self.wrap_database_errors:
+            (level,) = raw.execute("PRAGMA synchronous").fetchone()
+            raw.execute("PRAGMA synchronous = NORMAL")  # not inside a transaction: SQLite refuses
         self.flush_log_after_commit = True
         try:
             yield
         finally:
             self.flush_log_after_commit = False
-            if self.connection is not None:
-                self.connection.execute(f"PRAGMA synchronous = {int(level)}")
+            if self.connection is raw:  # else closed meanwhile (never parked while flushing: _park)
+                with self.wrap_database_errors:
+                    raw.execute(f"PRAGMA synchronous = {int(level)}")
 
     def _in_wal_mode(self) -> bool:
         """Whether the database's journal is the write-ahead log (asked once per connection)."""
@@ -310,10 +339,8 @@ class DatabaseWrapper(base.DatabaseWrapper):
         try:
             flush_log(self.settings_dict["NAME"])
         except OSError as error:
-            # Committed but maybe not on disk: the caller must not report it durable.
-            raise OperationalError(f"the committed transaction's log could not be flushed: {error}") from (
-                error
-            )
+            logger.error("a transaction was committed but its log could not be flushed: %s", error)
+            raise LogNotFlushed(f"the committed transaction's log could not be flushed: {error}") from error
 
     def _rollback(self):
         try:
@@ -333,7 +360,12 @@ class DatabaseWrapper(base.DatabaseWrapper):
 
     def _park(self) -> bool:
         """Keep the open connection for the next one, if pooling and there is room."""
-        if not self.pool_size or self.writer_lock is None or self.connection.in_transaction:
+        if (
+            not self.pool_size
+            or self.writer_lock is None
+            or self.connection.in_transaction
+            or self.flush_log_after_commit  # its synchronous level is not the one it started with
+        ):
             return False
         with _parked_lock:
             parked = _parked.setdefault(self.settings_dict["NAME"], [])
