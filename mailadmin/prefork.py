@@ -43,8 +43,8 @@ def run_workers(
     """Fork ``count`` workers that each run ``serve()``; return once all have ended.
 
     ``started()`` runs in the parent once every worker exists (to announce the listeners).
-    With ``pin_to_cpus``, worker *i* and every thread it starts run on the *i*-th CPU this
-    process may use (round robin): see :func:`_pin_to_one_cpu`.
+    With ``pin_to_cpus``, and as many workers as CPUs this process may use, worker *i* and every
+    thread it starts run on the *i*-th of those CPUs: see :func:`_pin_to_one_cpu`.
 
     SIGTERM, SIGINT and SIGHUP are passed on to every worker. A worker that ends while nothing
     asked it to stop takes the others down with it, and the result is 1: a supervisor
@@ -62,12 +62,11 @@ def run_workers(
     try:
         try:
             parent = os.getpid()
+            cpus = sorted(os.sched_getaffinity(0)) if pin_to_cpus else []
             for index in range(count):
                 pid = os.fork()
                 if pid == 0:
-                    if pin_to_cpus:
-                        _pin_to_one_cpu(index)
-                    os._exit(_worker(serve, parent))
+                    os._exit(_worker(serve, parent, cpus[index] if len(cpus) == count else None))
                 supervisor.workers.add(pid)
         except OSError:  # out of processes or memory: take back the workers already started
             supervisor.stop_all()
@@ -83,21 +82,44 @@ def run_workers(
             signal.signal(signum, handler)
 
 
-def _pin_to_one_cpu(index: int) -> None:
-    """Keep this worker, and the threads it starts (they inherit it), on one CPU: the
-    ``index``-th of those this process may use, round robin.
+# The CPUs this worker could use before it was pinned to one (None: not pinned).
+_cpus_before_pinning: set[int] | None = None
+
+
+def _pin_to_one_cpu(cpu: int) -> None:
+    """Keep this worker, and the threads it starts (they inherit it), on ``cpu``.
 
     A worker's event loop hands every unit of database work to a thread of its own and takes
     the result back: two wake-ups of another thread per unit, and the interpreter lock passed
     between them. Across two CPUs each wake-up is an interrupt from one to the other, which on
     a virtual machine costs a trip through the hypervisor: a hop to a thread and back took 85
     microseconds of CPU with the two threads free to run anywhere, 47 on one CPU. Only one of
-    a worker's threads runs Python at a time anyway. With each worker on a CPU of its own, the
-    bench's LMTP deliveries and POP3 RETRs took less CPU each, and more went through a second
-    (docs/benchmarks.md, "Workers pinned to CPUs").
+    a worker's threads runs Python at a time; work outside the interpreter lock that wants CPUs
+    of its own (argon2's lanes) runs in threads that call :func:`unpin_this_thread`. With each
+    worker on a CPU of its own, the bench's LMTP deliveries and POP3 RETRs took less CPU each,
+    and more went through a second (docs/benchmarks.md, "Workers pinned to CPUs").
+
+    An optional speed-up: where the kernel refuses (a sandbox, a cpuset that changed), the
+    worker says so and runs where the kernel puts it.
     """
-    cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+    global _cpus_before_pinning
+    try:
+        allowed = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {cpu})
+    except OSError as error:
+        logger.warning("worker %d not pinned to CPU %d: %s", os.getpid(), cpu, error)
+        return
+    _cpus_before_pinning = allowed
+
+
+def unpin_this_thread() -> None:
+    """Let this thread, and the threads it starts, run on any CPU the worker could use before it
+    was pinned: for work that needs no event loop and may use CPUs of its own (argon2's lanes)."""
+    if _cpus_before_pinning is not None:
+        try:
+            os.sched_setaffinity(0, _cpus_before_pinning)
+        except OSError as error:
+            logger.warning("thread not unpinned: %s", error)
 
 
 def stop_children(children: Iterable[subprocess.Popen], grace_seconds: float) -> None:
@@ -120,7 +142,7 @@ def die_with_parent(signum: int) -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
 
 
-def _worker(serve: Callable[[], None], parent: int) -> int:
+def _worker(serve: Callable[[], None], parent: int, cpu: int | None) -> int:
     # A daemon killed with SIGKILL takes its workers with it, as a single process would go:
     # none is left holding the listeners, its sessions or their leases.
     die_with_parent(signal.SIGKILL)
@@ -130,6 +152,8 @@ def _worker(serve: Callable[[], None], parent: int) -> int:
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     try:
+        if cpu is not None:
+            _pin_to_one_cpu(cpu)
         serve()
     except SystemExit as exit:
         return exit.code if isinstance(exit.code, int) else 1

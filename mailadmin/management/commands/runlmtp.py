@@ -93,15 +93,18 @@ class Command(BaseCommand):
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         executor = BoundedExecutor(config.db_threads, "lmtp-db")
+        # A thread of its own: its write waits for the write turn like any, and look-ups must not.
+        beats = BoundedExecutor(1, "lmtp-heartbeat")
         server = LmtpServer(config, executor)
         heartbeat = LmtpHeartbeat(
-            executor, server.committer.tally, node=node_name(), interval=settings.LMTP_HEARTBEAT_INTERVAL
+            beats, server.committer.tally, node=node_name(), interval=settings.LMTP_HEARTBEAT_INTERVAL
         )
         await server.listen(listener)
         heartbeat.start()
         await stop.wait()
         await server.shutdown(SHUTDOWN_GRACE_SECONDS)
         await heartbeat.stop()
+        beats.shutdown()
         executor.shutdown()
 
 
@@ -127,9 +130,9 @@ def lmtp_config() -> LmtpConfig:
 def _db_threads(group_writers: int) -> int:
     """Threads for the database work when LMTP_DB_THREADS leaves it to us.
 
-    SQLite: the one writer and one thread beside it for RCPT look-ups. More threads only spread
-    the same work over more threads and connections, and cost CPU per delivery (docs/benchmarks.md,
-    "LMTP on SQLite: the flush outside the write turn, two threads").
+    SQLite: the one writer and one thread beside it for RCPT look-ups (the heartbeat has a thread
+    of its own). More threads only spread the same work over more threads and connections, and
+    cost CPU per delivery (docs/benchmarks.md, "Workers pinned to CPUs, two database threads").
     PostgreSQL: the writers and two threads for look-ups.
     """
     return group_writers + (1 if connection.vendor == "sqlite" else 2)

@@ -21,7 +21,7 @@ from mailadmin.pop3d import feed
 from mailadmin.pop3d.authenticator import AuthPolicy, Pop3Authenticator
 from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.registry import Pop3Monitor, node_name
-from mailadmin.prefork import run_workers, worker_count_argument
+from mailadmin.prefork import run_workers, unpin_this_thread, worker_count_argument
 from pop3.server import Pop3Server, ServerConfig, listening_socket
 from pop3.session import Timeouts
 
@@ -199,9 +199,7 @@ class Command(BaseCommand):
         keep_connections_open(settings.DAEMON_DB_CONN_MAX_AGE)
         node = node_name()
         database = BoundedExecutor(settings.POP3_DB_THREADS, "pop3-db")
-        hashing = BoundedExecutor(
-            settings.POP3_AUTH_THREADS, "pop3-auth", initializer=argon2hasher.keep_memory_in_this_thread
-        )
+        hashing = BoundedExecutor(settings.POP3_AUTH_THREADS, "pop3-auth", initializer=_start_hashing_thread)
         leases = LeaseKeeper(database, node=node, ttl_seconds=settings.POP3_LEASE_TTL)
         stop = asyncio.Event()
         monitor = Pop3Monitor(
@@ -236,3 +234,10 @@ class Command(BaseCommand):
         await leases.release_all()
         database.shutdown()
         return True
+
+
+def _start_hashing_thread() -> None:
+    """A password-hashing thread: argon2's lanes may use every CPU (not only its worker's), and
+    its argon2 memory is kept between checks."""
+    unpin_this_thread()
+    argon2hasher.keep_memory_in_this_thread()
