@@ -9,7 +9,7 @@ from django.db import OperationalError, connection, transaction
 
 from mailadmin.hosting import commits
 from mailadmin.hosting.figures import DeliveryTally
-from mailadmin.mailin.delivery import Delivery, DeliveryStatus, deliver_group, look_up_recipient
+from mailadmin.mailin.delivery import Delivery, DeliveryStatus, deliver, deliver_group, look_up_recipient
 from mailadmin.mailin.messagefile import spool_message
 from mailadmin.models import DeliveryFigures, Domain, Message
 from mailadmin.sqlite import base as sqlite_backend
@@ -20,7 +20,17 @@ SYNCHRONOUS_NORMAL, SYNCHRONOUS_FULL = 1, 2
 
 
 @pytest.fixture
-def flushes(monkeypatch):
+def flush_state(monkeypatch):
+    """flush_log's per-process state (the open logs, the failed flushes) fresh for one test."""
+    monkeypatch.setattr(sqlite_backend, "_logs", {})
+    monkeypatch.setattr(sqlite_backend, "_failed_flushes", {})
+    yield
+    for log in sqlite_backend._logs.values():
+        os.close(log)
+
+
+@pytest.fixture
+def flushes(monkeypatch, flush_state):
     """Each fdatasync of this process from now on: (the file's path, whether the write turn was
     free at that moment)."""
     if connection.vendor != "sqlite":
@@ -161,3 +171,62 @@ def test_inside_a_callers_transaction_the_caller_decides(flushes):
             Domain.objects.create(name="outer.test")
             assert _synchronous() == SYNCHRONOUS_FULL
     assert flushes == []
+
+
+def test_a_pipe_delivery_all_or_none_commits_at_full_so_that_a_failure_stores_nothing(flushes, make_mailbox):
+    make_mailbox("alice@example.test")
+    (result,) = deliver(["alice@example.test"], [b"Subject: piped\n\nbody\n"], all_or_none=True)
+    assert result.status is DeliveryStatus.DELIVERED
+    assert flushes == []  # SQLite's own fsync, inside the commit
+
+
+@pytest.fixture
+def log_file(tmp_path, flush_state):
+    """A database path whose log exists."""
+    (tmp_path / "db.sqlite3-wal").write_bytes(b"frames")
+    return str(tmp_path / "db.sqlite3")
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_the_log_stays_open_between_flushes_and_is_opened_again_once_sqlite_made_it_anew(log_file):
+    sqlite_backend.flush_log(log_file)
+    log = sqlite_backend._logs[log_file]
+    sqlite_backend.flush_log(log_file)
+    assert sqlite_backend._logs[log_file] == log  # the same open file
+    os.unlink(f"{log_file}-wal")  # the last connection closed; a new one makes the log anew
+    with open(f"{log_file}-wal", "wb") as anew:
+        anew.write(b"new frames")
+    sqlite_backend.flush_log(log_file)
+    assert os.fstat(sqlite_backend._logs[log_file]).st_ino == os.stat(f"{log_file}-wal").st_ino
+
+
+def test_after_a_failed_flush_every_later_one_fails_until_a_restart(log_file, monkeypatch):
+    with monkeypatch.context() as failing:
+        failing.setattr(sqlite_backend.os, "fdatasync", _failing_flush)
+        with pytest.raises(OSError, match="Input/output error"):
+            sqlite_backend.flush_log(log_file)
+    # The disk answers again: the pages it lost are still lost.
+    with pytest.raises(
+        OSError, match=r"an earlier flush of this log failed \(.*Input/output error\): restart"
+    ):
+        sqlite_backend.flush_log(log_file)
+
+
+def test_a_directory_that_cannot_be_flushed_leaves_no_descriptor_open(log_file, monkeypatch):
+    before = _open_descriptors()
+    monkeypatch.setattr(sqlite_backend.os, "fsync", _failing_flush)
+    with pytest.raises(OSError, match="Input/output error"):
+        sqlite_backend.flush_log(log_file)
+    assert (_open_descriptors(), sqlite_backend._logs) == (before, {})
+
+
+def test_a_forked_child_opens_the_log_for_itself(log_file):
+    sqlite_backend.flush_log(log_file)
+    child = os.fork()
+    if child == 0:
+        os._exit(0 if sqlite_backend._logs == {} else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

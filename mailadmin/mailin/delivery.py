@@ -4,6 +4,7 @@ It knows nothing of LMTP or exit codes; the doors (``manage.py deliver``, the LM
 translate its per-recipient results with small tables of their own.
 """
 
+import contextlib
 import email.header
 import email.utils
 import logging
@@ -222,7 +223,9 @@ def deliver_group(
     back and stored again one copy at a time, which finds the copy: the group is rolled back
     once more and stored without it, so it alone is a TEMPORARY_FAILURE (one retry per failing
     copy). Returns one result list per delivery once the commit is done. When the database
-    itself fails, raises DatabaseError and nothing of the group was stored.
+    itself fails, raises DatabaseError and nothing of the group was stored; but for SQLite's
+    ``LogNotFlushed``: committed, and not known to be durable (not with ``all_or_none``, which
+    commits at FULL). Either way none of its copies may be acknowledged.
 
     The group's stored copies and refusals, and the refusals waiting in ``tally``, are added to
     the delivery figures in the same transaction: counting costs no commit of its own.
@@ -297,7 +300,10 @@ def _store_group(
     copies: list[_Copy] = []
     planned = _planned_copies(deliveries, failed)
     domain_charges = store.DomainChargesLast() if domains_last else None
-    with tally.pending() as waiting, commits.flushed_outside_the_write_turn(), transaction.atomic():
+    # All or none (the pipe's one delivery): a commit at FULL, never published unflushed, so that
+    # a failure leaves nothing stored and the MTA's retry never duplicates (see LogNotFlushed).
+    flushing = contextlib.nullcontext() if all_or_none else commits.flushed_outside_the_write_turn()
+    with tally.pending() as waiting, flushing, transaction.atomic():
         store.lock_group((mailbox for _, mailbox, _ in planned), domains=not domains_last)
         outcomes = _store_copies(planned, copies, one_by_one, domain_charges)
         if domain_charges is not None and not domain_charges.charge():

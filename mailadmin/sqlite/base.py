@@ -135,8 +135,10 @@ def checkpoint(connection: sqlite3.Connection, writer_lock: BinaryIO) -> None:
         fcntl.flock(writer_lock, fcntl.LOCK_UN)
 
 
-# Each database file's log, open for flushing as long as the process runs (see flush_log).
+# Each database file's log, open for flushing as long as the process runs (see flush_log), and
+# the logs whose flush failed.
 _logs: dict[str, int] = {}
+_failed_flushes: dict[str, OSError] = {}
 _logs_lock = threading.Lock()
 
 
@@ -152,21 +154,42 @@ def flush_log(database: str) -> None:
     """Flush ``database``'s write-ahead log to disk (``fdatasync``).
 
     On a descriptor the process keeps open: the kernel reports a failed write-back once to each
-    open file, and one opened afresh after another had been told would never hear of it. The
-    first flush of a process also flushes the directory, where the log's name was written when
-    it was created. The log itself stays as long as the process, whose checkpointer keeps a
-    connection to the database open."""
+    open file, and one opened afresh after another had been told would never hear of it. Once a
+    flush has failed, every later one of the process fails too (as PostgreSQL stops at a failed
+    fsync): the pages it lost are not written again, and a later flush that succeeded would
+    not make them durable. A log that SQLite removed (its last connection closed) and made anew
+    is opened again. The first flush of a log also flushes its directory, where its name was
+    written when it was created."""
     with _logs_lock:
+        if database in _failed_flushes:
+            raise OSError(f"an earlier flush of this log failed ({_failed_flushes[database]}): restart")
         log = _logs.get(database)
-        if log is None:
-            log = os.open(f"{database}-wal", os.O_RDONLY | os.O_CLOEXEC)
-            directory = os.open(os.path.dirname(os.path.abspath(database)), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
-            _logs[database] = log
-    os.fdatasync(log)
+        if log is None or os.fstat(log).st_nlink == 0:
+            if log is not None:
+                os.close(log)
+                del _logs[database]
+            _logs[database] = _open_log(database)
+            log = _logs[database]
+        try:
+            os.fdatasync(log)
+        except OSError as error:
+            _failed_flushes[database] = error
+            raise
+
+
+def _open_log(database: str) -> int:
+    """The log of ``database`` opened, its directory flushed."""
+    log = os.open(f"{database}-wal", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        directory = os.open(os.path.dirname(os.path.abspath(database)), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError:
+        os.close(log)
+        raise
+    return log
 
 
 def _forget_the_parents_logs() -> None:
@@ -290,9 +313,11 @@ class DatabaseWrapper(base.DatabaseWrapper):
         finally:
             self._unlock_writers()
         if self.writer_lock is not None:
-            if self.flush_log_after_commit:
-                self._flush_log()
-            _checkpointer(self.settings_dict["NAME"]).request()
+            try:
+                if self.flush_log_after_commit:
+                    self._flush_log()
+            finally:  # a checkpoint copies what was committed, flushed or not
+                _checkpointer(self.settings_dict["NAME"]).request()
 
     @contextlib.contextmanager
     def flushing_after_the_turn(self) -> Iterator[None]:
@@ -325,13 +350,22 @@ class DatabaseWrapper(base.DatabaseWrapper):
         finally:
             self.flush_log_after_commit = False
             if self.connection is raw:  # else closed meanwhile (never parked while flushing: _park)
-                with self.wrap_database_errors:
-                    raw.execute(f"PRAGMA synchronous = {int(level)}")
+                self._restore_synchronous(level)
+
+    def _restore_synchronous(self, level: int) -> None:
+        """Best effort, so as not to hide the block's own error: a connection that cannot be put
+        back to its level is closed (the next starts at the level of every connection)."""
+        try:
+            self.connection.execute(f"PRAGMA synchronous = {int(level)}")
+        except sqlite3.Error:
+            logger.exception("synchronous level not restored; closing the connection")
+            self.close()
 
     def _in_wal_mode(self) -> bool:
         """Whether the database's journal is the write-ahead log (asked once per connection)."""
         if self._journal_is_wal is None or self._journal_is_wal[0] is not self.connection:
-            (mode,) = self.connection.execute("PRAGMA journal_mode").fetchone()
+            with self.wrap_database_errors:
+                (mode,) = self.connection.execute("PRAGMA journal_mode").fetchone()
             self._journal_is_wal = (self.connection, mode.lower() == "wal")
         return self._journal_is_wal[1]
 
