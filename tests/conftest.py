@@ -1,5 +1,6 @@
 """Shared fixtures: mailboxes made through the store, and a URL for worker processes."""
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -157,3 +158,14 @@ def commit_durability(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(connection, "_commit", recording_commit)
     return levels
+
+
+def write_turn_taken(lock_path: str) -> bool:
+    """Whether another open file holds SQLite's write turn (``<database>-writer.lock``) now."""
+    with open(lock_path, "ab") as other:
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(other, fcntl.LOCK_UN)
+        return False

@@ -13,6 +13,7 @@ from mailadmin import sqlite as sqlite_library
 from mailadmin.models import Domain
 from mailadmin.sqlite import base as sqlite_backend
 from mailadmin.sqlite import dbapi2 as sqlite3
+from tests.conftest import write_turn_taken
 
 SQLITE_DEFAULT_CHECKPOINT_PAGES = 1000
 
@@ -100,7 +101,7 @@ class RecordingCheckpointer:
         self.turn_free_when_asked: list[bool] = []
 
     def request(self) -> None:
-        self.turn_free_when_asked.append(not _write_turn_taken(self.lock_path))
+        self.turn_free_when_asked.append(not write_turn_taken(self.lock_path))
 
 
 @pytest.mark.django_db(transaction=True)
@@ -152,7 +153,7 @@ class CommitsMeanwhile:
     def execute(self, sql: str):
         self.statements += 1
         if self.statements > 1:
-            self.turn_taken.append(_write_turn_taken(self.lock_path))
+            self.turn_taken.append(write_turn_taken(self.lock_path))
             return self.connection.execute(sql)
         # Its transaction began before the checkpoint and commits after it.
         self.writer.execute("BEGIN IMMEDIATE")
@@ -165,16 +166,6 @@ class CommitsMeanwhile:
 class FetchedRows(list):
     def fetchall(self) -> list:
         return self
-
-
-def _write_turn_taken(lock_path: str) -> bool:
-    with open(lock_path, "ab") as other:
-        try:
-            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(other, fcntl.LOCK_UN)
-        return False
 
 
 def one_passive_checkpoint(connection, writer_lock) -> None:
@@ -202,7 +193,7 @@ def test_a_long_log_starts_again_though_a_writer_committed_during_the_checkpoint
     else:
         assert frames == 1
         assert checkpointer.turn_taken == [True]  # what came meanwhile: copied in the write turn
-        assert not _write_turn_taken(lock_path)  # and the turn given back
+        assert not write_turn_taken(lock_path)  # and the turn given back
     writer.close()
 
 
@@ -216,7 +207,7 @@ def test_the_checkpointer_leaves_the_rest_for_later_when_a_writer_keeps_the_turn
         fcntl.flock(holder, fcntl.LOCK_EX)
         sqlite_backend.checkpoint(checkpointer, writer_lock)
         assert checkpointer.statements == 1  # the first checkpoint only; no second without the turn
-        assert _write_turn_taken(lock_path)  # still the holder's
+        assert write_turn_taken(lock_path)  # still the holder's
     writer.close()
 
 

@@ -1,7 +1,6 @@
 """SQLite deliveries commit without an fsync inside the write turn, and flush the log after it."""
 
 import errno
-import fcntl
 import os
 
 import pytest
@@ -13,6 +12,7 @@ from mailadmin.mailin.delivery import Delivery, DeliveryStatus, deliver, deliver
 from mailadmin.mailin.messagefile import spool_message
 from mailadmin.models import DeliveryFigures, Domain, Message
 from mailadmin.sqlite import base as sqlite_backend
+from tests.conftest import write_turn_taken
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -49,13 +49,7 @@ def flushes(monkeypatch, flush_state):
 
 
 def _turn_is_free(database: str) -> bool:
-    with open(sqlite_backend.writer_lock_path(database), "ab") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(lock, fcntl.LOCK_UN)
-        return True
+    return not write_turn_taken(sqlite_backend.writer_lock_path(database))
 
 
 def _synchronous() -> int:
