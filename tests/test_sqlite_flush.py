@@ -149,11 +149,12 @@ def test_a_nested_block_leaves_the_enclosing_one_flushing(flushes):
     assert _synchronous() == SYNCHRONOUS_FULL
 
 
-def test_a_connection_closed_inside_the_block_is_not_parked_at_its_lowered_level(flushes, monkeypatch):
+@pytest.mark.parametrize("block", [commits.flushed_outside_the_write_turn, commits.not_waiting_for_the_disk])
+def test_a_connection_closed_inside_the_block_is_not_parked_at_its_lowered_level(flushes, monkeypatch, block):
     monkeypatch.setattr(connection, "pool_size", 1)  # as a web worker's connections are pooled
     name = connection.settings_dict["NAME"]
     parked_before = len(sqlite_backend._parked.get(name, []))
-    with commits.flushed_outside_the_write_turn():
+    with block():
         connection.close()
     assert len(sqlite_backend._parked.get(name, [])) == parked_before
     assert _synchronous() == SYNCHRONOUS_FULL  # a new connection, as every one starts

@@ -24,15 +24,8 @@ def not_waiting_for_the_disk() -> Iterator[None]:
                 cursor.execute("SET LOCAL synchronous_commit TO OFF")
             yield
     else:
-        with connection.cursor() as cursor:
-            cursor.execute("PRAGMA synchronous")
-            (level,) = cursor.fetchone()
-            cursor.execute("PRAGMA synchronous = NORMAL")  # not inside a transaction: SQLite refuses
-            try:
-                with transaction.atomic():
-                    yield
-            finally:
-                cursor.execute(f"PRAGMA synchronous = {int(level)}")
+        with connection.synchronous_normal(), transaction.atomic():
+            yield
 
 
 def leaving_no_flush_to_others() -> contextlib.AbstractContextManager[None]:

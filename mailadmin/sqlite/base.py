@@ -274,6 +274,7 @@ class DatabaseWrapper(base.DatabaseWrapper):
     # Set by flushing_after_the_turn(): commit without an fsync, then flush the log outside the turn.
     flush_log_after_commit = False
     _journal_is_wal: tuple[sqlite3.Connection, bool] | None = None
+    _lowered_synchronous: sqlite3.Connection | None = None  # inside synchronous_normal()
 
     def get_connection_params(self):
         params = super().get_connection_params()
@@ -340,16 +341,30 @@ class DatabaseWrapper(base.DatabaseWrapper):
         if self.flush_log_after_commit or self.writer_lock is None or not self._in_wal_mode():
             yield  # already flushing (an enclosing block), or a commit that keeps its own fsync
             return
+        with self.synchronous_normal():
+            self.flush_log_after_commit = True
+            try:
+                yield
+            finally:
+                self.flush_log_after_commit = False
+
+    @contextlib.contextmanager
+    def synchronous_normal(self) -> Iterator[None]:
+        """This connection's commits without their fsync (``synchronous=NORMAL``; in WAL mode, no
+        fsync at all) for the block, then at its level again. Outside a transaction: SQLite
+        refuses to change the level inside one. A connection closed meanwhile is gone, never
+        parked at this level (``_park``)."""
+        self.ensure_connection()
         raw = self.connection
         with self.wrap_database_errors:
             (level,) = raw.execute("PRAGMA synchronous").fetchone()
-            raw.execute("PRAGMA synchronous = NORMAL")  # not inside a transaction: SQLite refuses
-        self.flush_log_after_commit = True
+            raw.execute("PRAGMA synchronous = NORMAL")
+        enclosing, self._lowered_synchronous = self._lowered_synchronous, raw
         try:
             yield
         finally:
-            self.flush_log_after_commit = False
-            if self.connection is raw:  # else closed meanwhile (never parked while flushing: _park)
+            self._lowered_synchronous = enclosing
+            if self.connection is raw:
                 self._restore_synchronous(level)
 
     def _restore_synchronous(self, level: int) -> None:
@@ -398,7 +413,7 @@ class DatabaseWrapper(base.DatabaseWrapper):
             not self.pool_size
             or self.writer_lock is None
             or self.connection.in_transaction
-            or self.flush_log_after_commit  # its synchronous level is not the one it started with
+            or self._lowered_synchronous is self.connection  # not at the level it started with
         ):
             return False
         with _parked_lock:
