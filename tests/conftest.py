@@ -12,6 +12,7 @@ from django.db import connection
 from django.utils import timezone, translation
 
 from mailadmin.hosting import store
+from mailadmin.hosting.store import fastsql
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # Signed-in clients for the console's pages.
@@ -142,11 +143,13 @@ def commit_durability(monkeypatch) -> list[str]:
     """What each later commit of the default connection waits for, in order: SQLite's
     ``synchronous`` level ("2" FULL: an fsync; "1" NORMAL: none in WAL mode; "flushed": NORMAL,
     and the log flushed once the write turn is handed on), PostgreSQL's ``synchronous_commit``
-    ("on", "off")."""
+    ("on", "off"). A delivery stored by one statement of its own (``fastsql.store_lone_copy``,
+    outside a transaction) commits as it runs: it is recorded then."""
     levels: list[str] = []
     commit = connection._commit
+    store_lone_copy = fastsql.store_lone_copy
 
-    def recording_commit():
+    def record_level():
         with connection.cursor() as cursor:
             cursor.execute(
                 "SHOW synchronous_commit" if connection.vendor == "postgresql" else "PRAGMA synchronous"
@@ -154,9 +157,19 @@ def commit_durability(monkeypatch) -> list[str]:
             level = str(cursor.fetchone()[0])
         flushing = getattr(connection, "flush_log_after_commit", False)
         levels.append("flushed" if flushing and level == "1" else level)
+
+    def recording_commit():
+        record_level()
         return commit()
 
+    def recording_lone_copy(copy):
+        stored = store_lone_copy(copy)
+        if stored is not None and not connection.in_atomic_block:
+            record_level()
+        return stored
+
     monkeypatch.setattr(connection, "_commit", recording_commit)
+    monkeypatch.setattr(fastsql, "store_lone_copy", recording_lone_copy)
     return levels
 
 

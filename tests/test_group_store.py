@@ -254,12 +254,14 @@ def test_a_single_copy_to_a_full_domain_is_refused_and_charges_nothing(make_mail
     "addresses", [["a@busy.test"], ["a@busy.test", "b@busy.test"]], ids=["one copy", "a group of copies"]
 )
 def test_the_domain_row_stays_unlocked_while_a_group_inserts_its_messages(
-    make_mailbox, monkeypatch, addresses
+    make_mailbox, monkeypatch, settings, addresses
 ):
     """Every delivery to a domain charges the domain's row, which stays locked until the commit:
-    charged last, it does not hold the domain's other deliveries back while the copies go in."""
+    charged last, it does not hold the domain's other deliveries back while the copies go in.
+    (The message is larger than a chunk: a smaller one alone is one statement, test_lone_copy.)"""
     if not connection.features.has_select_for_update:
         pytest.skip("row locks are PostgreSQL's: SQLite has one writer at a time")
+    settings.MAILADMIN_CHUNK_SIZE_BYTES = 8
     mailbox = [make_mailbox(address) for address in addresses][0]
     seen_from_elsewhere: list[str] = []
     write_chunks = fastsql.write_chunks
@@ -322,11 +324,16 @@ def test_an_alias_reaching_a_mailbox_full_at_rcpt_has_its_group_written_once(mak
 
 
 @pytest.mark.django_db(transaction=True)
-def test_deleting_a_mailbox_while_it_receives_a_message_waits_for_the_delivery(make_mailbox, monkeypatch):
+def test_deleting_a_mailbox_while_it_receives_a_message_waits_for_the_delivery(
+    make_mailbox, monkeypatch, settings
+):
     """delete_mailbox locks the mailbox before its domain, as a delivery does: it waits for the
-    delivery's commit instead of holding the domain the delivery charges last (a deadlock)."""
+    delivery's commit instead of holding the domain the delivery charges last (a deadlock).
+    (The message is larger than a chunk, so stored by the group's transaction: test_lone_copy
+    has the one statement's order.)"""
     if not connection.features.has_select_for_update:
         pytest.skip("row locks are PostgreSQL's: SQLite has one writer at a time")
+    settings.MAILADMIN_CHUNK_SIZE_BYTES = 8
     make_mailbox("a@gone.test")
     deleted: dict[str, object] = {}
     deleter_pid: list[int] = []

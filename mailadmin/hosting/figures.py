@@ -124,9 +124,6 @@ def _roll_up(model, rows: list[tuple], time_field: str, **amounts) -> None:
     """Sum ``rows`` per hour and domain into the figures with ``INSERT ... SELECT``: the rows
     never leave the database, which keeps a prune batch (and the write lock) short. Rows with
     a domain and rows without go in one statement each (each meets its own unique index)."""
-    table = connection.ops.quote_name(HourlyFigures._meta.db_table)
-    columns = ", ".join(("hour", "domain_id", *SESSION_COLUMNS))
-    increments = ", ".join(f"{name} = {table}.{name} + excluded.{name}" for name in SESSION_COLUMNS)
     for with_domain in (True, False):
         ids = [pk for pk, domain_id in rows if (domain_id is not None) == with_domain]
         if not ids:
@@ -137,11 +134,11 @@ def _roll_up(model, rows: list[tuple], time_field: str, **amounts) -> None:
             .values_list("hour", "domain_id", *SESSION_COLUMNS)
         )
         select, params = sums.query.sql_with_params()
-        target, condition = _conflict_target(("hour",), with_domain)
         with connection.cursor() as cursor:
             cursor.execute(
-                f"INSERT INTO {table} ({columns}) {select} "
-                f"ON CONFLICT ({target}) WHERE {condition} DO UPDATE SET {increments}",
+                fastsql.counter_upsert_sql(
+                    HourlyFigures, ("hour",), SESSION_COLUMNS, select, with_domain=with_domain
+                ),
                 params,
             )
 
@@ -244,31 +241,19 @@ def _add(
     unique index (a NULL never conflicts in a plain one). Sorted, so two writers adding to the
     same rows lock them in one order (PostgreSQL), and never deadlock on each other.
     """
-    table = connection.ops.quote_name(model._meta.db_table)
     rows = sorted(rows, key=lambda row: (row[0], row[1] is None, row[1] or 0, row[2][:key_values]))
-    all_columns = ("hour", "domain_id", *key[1:], *columns)
-    increments = ", ".join(f"{name} = {table}.{name} + excluded.{name}" for name in columns)
+    width = 2 + len(key) - 1 + len(columns)
     for with_domain in (True, False):
         chosen = [row for row in rows if (row[1] is not None) == with_domain]
         if not chosen:
             continue
-        target, condition = _conflict_target(key, with_domain)
-        placeholders = ", ".join(["(" + ", ".join(["%s"] * len(all_columns)) + ")"] * len(chosen))
         params = [
             value
             for hour, domain_id, values in chosen
             for value in (connection.ops.adapt_datetimefield_value(hour), domain_id, *values)
         ]
+        rows_sql = f"VALUES {fastsql.values_sql(len(chosen), width)}"
         with fastsql.prepared_cursor() as cursor:
             cursor.execute(
-                f"INSERT INTO {table} ({', '.join(all_columns)}) VALUES {placeholders} "
-                f"ON CONFLICT ({target}) WHERE {condition} DO UPDATE SET {increments}",
-                params,
+                fastsql.counter_upsert_sql(model, key, columns, rows_sql, with_domain=with_domain), params
             )
-
-
-def _conflict_target(key: tuple[str, ...], with_domain: bool) -> tuple[str, str]:
-    """The columns and predicate of the partial unique index an upsert of these rows meets."""
-    if with_domain:
-        return ", ".join(("hour", "domain_id", *key[1:])), "domain_id IS NOT NULL"
-    return ", ".join(key), "domain_id IS NULL"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from django.conf import settings
 from django.db import DataError, IntegrityError, transaction
-from django.utils import translation
+from django.utils import timezone, translation
 
 from mailadmin.addresses import domain_of_login, normalise_address
 from mailadmin.executors import DATABASE_ERRORS
@@ -231,6 +231,9 @@ def deliver_group(
     the delivery figures in the same transaction: counting costs no commit of its own.
     """
     _summarise_before_the_transaction(deliveries)
+    alone = _stored_alone(deliveries, tally)
+    if alone is not None:
+        return alone
     failed: set[_Position] = set()  # copies that failed
     one_by_one = False
     # A copy for a mailbox that was full at RCPT is likely refused again: charging its domain
@@ -260,6 +263,47 @@ def _summarise_before_the_transaction(deliveries: Sequence[Delivery]) -> None:
     SQLite, every other writer of every process would wait for the parsing too."""
     for delivery in deliveries:
         _ = delivery.message.summary
+
+
+def _stored_alone(
+    deliveries: Sequence[Delivery], tally: figures.DeliveryTally | None
+) -> list[list[RecipientResult]] | None:
+    """The results of a group that is one copy and nothing else, stored by a statement of its
+    own (``store.append_lone_copy``); None when the group is more, or the copy was not stored.
+
+    One delivery to one mailbox, reached by address (not through an alias), that had room at
+    RCPT, with no refusals waiting to be counted, outside any transaction: the usual LMTP
+    delivery. Whatever this path does not store, it leaves as it was, for the group's
+    transaction to store or refuse as any other.
+    """
+    if (
+        len(deliveries) != 1
+        or (tally is not None and len(tally))
+        or transaction.get_connection().in_atomic_block
+    ):
+        return None
+    delivery = deliveries[0]
+    mailboxes = {mailbox.pk: mailbox for recipient in delivery.recipients for mailbox in recipient.mailboxes}
+    if len(mailboxes) != 1 or any(r.alias_ids or not r.all_had_room for r in delivery.recipients):
+        return None
+    (mailbox,) = mailboxes.values()
+    prefix = trace_headers(delivery.sender, mailbox.address)
+    copy = store.GroupCopy(mailbox, delivery.message, prefix, delivery.sender)
+    try:
+        stored = store.append_lone_copy(copy, figures.hour_of(timezone.now()))
+    except COPY_ERRORS:
+        return None  # the group's transaction stores it again, and finds the copy at fault
+    except DATABASE_ERRORS:
+        raise
+    except Exception:
+        return None  # as a copy's error: see COPY_ERRORS
+    if stored is None:
+        return None
+    copies: list[_Copy] = []
+    result = _copy_result(mailbox, stored, copies)
+    results = [_delivery_results(0, delivery, {(0, mailbox.pk): result})]
+    _warn_if_quota_crossed(copies[0])
+    return results
 
 
 # What one copy's store may raise without saying anything about the others: its row breaks a
