@@ -671,7 +671,8 @@ class DeliveryFigures(models.Model):
     """Deliveries per hour, domain and outcome (``delivered`` or the reason of a refusal).
 
     Counted by the delivering processes in writes they make anyway: the LMTP group commit's
-    transaction (stored copies, and refusals batched since the last one) or runlmtp's heartbeat.
+    transaction (stored copies, and refusals batched since the last one), the one statement
+    that stores a lone copy on PostgreSQL, or runlmtp's heartbeat.
     The domain is that of the recipient when it is ours, else NULL.
     """
 

@@ -342,6 +342,8 @@ POP3_AUTH_THREADS = _env_int("POP3_AUTH_THREADS", 2)
 # Seconds a successful password verification is remembered (keyed hash, in memory); 0 = off.
 POP3_AUTH_CACHE_TTL = _env_float("POP3_AUTH_CACHE_TTL", 300.0)
 POP3_DB_THREADS = _env_int("POP3_DB_THREADS", 8)
+# First chunks of the next messages a session holds ahead of its client: mailadmin.pop3d.maildrop.
+POP3_READAHEAD_BYTES = max(0, _env_int("POP3_READAHEAD_BYTES", 512 * 1024))
 # Messages of large mailboxes' login snapshots each runpop3 process keeps between sessions
 # (about 250 bytes each; 0 keeps none): mailadmin.pop3d.snapshots.
 POP3_SNAPSHOT_CACHE_MESSAGES = _env_int("POP3_SNAPSHOT_CACHE_MESSAGES", 200_000)

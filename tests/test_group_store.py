@@ -258,7 +258,9 @@ def test_the_domain_row_stays_unlocked_while_a_group_inserts_its_messages(
 ):
     """Every delivery to a domain charges the domain's row, which stays locked until the commit:
     charged last, it does not hold the domain's other deliveries back while the copies go in.
-    (The message is larger than a chunk: a smaller one alone is one statement, test_lone_copy.)"""
+    (The message is larger than a chunk, so even alone it goes by the group's transaction. A
+    smaller one alone is one statement, which holds the domain's row from its charge to its
+    commit, all on the server: test_lone_copy.)"""
     if not connection.features.has_select_for_update:
         pytest.skip("row locks are PostgreSQL's: SQLite has one writer at a time")
     settings.MAILADMIN_CHUNK_SIZE_BYTES = 8

@@ -7,10 +7,18 @@ from contextlib import contextmanager
 
 import pytest
 from django.db import OperationalError, connection, connections, transaction
+from django.db.models import Sum
 
 from mailadmin.hosting import figures, store
 from mailadmin.hosting.store import fastsql
-from mailadmin.mailin.delivery import Delivery, DeliveryStatus, Recipient, deliver_group, look_up_recipient
+from mailadmin.mailin.delivery import (
+    Delivery,
+    DeliveryStatus,
+    Recipient,
+    deliver_group,
+    look_up_recipient,
+    trace_headers,
+)
 from mailadmin.mailin.messagefile import spool_message
 from mailadmin.models import DeliveryFigures, Domain, Mailbox, Message, MessageChunk
 
@@ -218,7 +226,9 @@ def test_the_mailbox_is_locked_before_the_statement_waits_for_the_domain(make_ma
                 with connection.cursor() as cursor:
                     cursor.execute("SELECT pg_backend_pid()")
                     outcome["pid"] = cursor.fetchone()[0]
-                outcome["results"] = deliver_group([Delivery([found], spool_message([BODY]), SENDER)])
+                with statements() as seen:
+                    outcome["results"] = deliver_group([Delivery([found], spool_message([BODY]), SENDER)])
+                outcome["statements"] = seen
             finally:
                 connection.close()
 
@@ -234,7 +244,50 @@ def test_the_mailbox_is_locked_before_the_statement_waits_for_the_domain(make_ma
 
     assert locked, "the statement waited for the domain without holding its mailbox"
     assert [result.status for result in outcome["results"][0]] == [DeliveryStatus.DELIVERED]
+    assert [sql[:26] for sql in outcome["statements"]] == ["WITH room AS MATERIALIZED "]
     assert Message.objects.count() == 1
+
+
+@pytest.mark.parametrize("full", ["mailbox", "domain"])
+def test_two_lone_copies_racing_for_the_last_room_store_one(make_mailbox, full):
+    """Both had room at RCPT; the one statement checks under the mailbox's lock and charges the
+    domain only if it still has room, so exactly one copy gets in, whichever it is."""
+    addresses = ["ann@race.test", "ann@race.test" if full == "mailbox" else "bob@race.test"]
+    for address in sorted(set(addresses)):
+        make_mailbox(address)
+    found = [recipient(address) for address in addresses]
+    size = len(trace_headers(SENDER, "ann@race.test")) + len(BODY) + 10  # room for one copy, not two
+    if full == "mailbox":
+        Mailbox.objects.filter(user__username="ann@race.test").update(quota_bytes=size)
+    else:
+        Domain.objects.filter(name="race.test").update(quota_bytes=size)
+    start = threading.Barrier(2)
+    statuses: list[DeliveryStatus] = []
+
+    def deliver(to: Recipient) -> None:
+        try:
+            start.wait(timeout=30)
+            [[result]] = deliver_group([Delivery([to], spool_message([BODY]), SENDER)])
+            statuses.append(result.status)
+        finally:
+            connection.close()
+
+    racers = [threading.Thread(target=deliver, args=(to,)) for to in found]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(timeout=60)
+
+    assert sorted(status.value for status in statuses) == sorted(
+        [DeliveryStatus.DELIVERED.value, DeliveryStatus.OVER_QUOTA.value]
+    )
+    stored = Message.objects.get()
+    assert Mailbox.objects.aggregate(Sum("used_bytes"), Sum("used_messages")) == {
+        "used_bytes__sum": stored.size_bytes,
+        "used_messages__sum": 1,
+    }
+    assert Domain.objects.get(name="race.test").used_bytes == stored.size_bytes
+    assert delivered_figures() == [(1, stored.size_bytes)]
 
 
 def _until_waiting_for_a_lock(prober, outcome: dict) -> bool:

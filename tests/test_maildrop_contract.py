@@ -11,7 +11,6 @@ from mailadmin.executors import BoundedExecutor
 from mailadmin.hosting import store
 from mailadmin.mailin.delivery import deliver
 from mailadmin.models import Mailbox, MaildropLease, Message
-from mailadmin.pop3d import maildrop as maildrop_module
 from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.maildrop import OrmMaildrop, snapshot
 from pop3.mailbox import Maildrop, MaildropError, MemoryStore, MessageGone
@@ -262,7 +261,7 @@ class Inline:
 def inline(monkeypatch, settings, make_mailbox) -> Inline:
     """Chunks of 1 KiB, batches of at most 1,000 bytes of first chunks."""
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # the InlineExecutor's queries
-    monkeypatch.setattr(maildrop_module, "READAHEAD_BYTES", 1000)
+    settings.POP3_READAHEAD_BYTES = 1000
     settings.MAILADMIN_CHUNK_SIZE_BYTES = 1024
     return Inline(make_mailbox("inline@example.test"), monkeypatch, ReadLog())
 

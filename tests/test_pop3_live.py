@@ -22,7 +22,6 @@ from mailadmin.management.commands import runpop3
 from mailadmin.management.commands.runpop3 import TEXT_LOCKS_LOST
 from mailadmin.models import MaildropLease, Message, Pop3Session
 from mailadmin.pop3d import feed
-from mailadmin.pop3d import maildrop as maildrop_module
 from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.maildrop import OrmMaildrop, snapshot
 from mailadmin.pop3d.registry import Pop3Monitor, backoff_delay, printable
@@ -433,11 +432,11 @@ def test_a_chunk_read_after_the_server_dropped_the_connection_reconnects(make_ma
 
 @pytest.mark.django_db(transaction=True)
 def test_a_read_ahead_on_a_dropped_connection_costs_the_client_nothing(
-    make_mailbox, daemon_connections, monkeypatch
+    make_mailbox, daemon_connections, monkeypatch, settings
 ):
     needs_postgresql()
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # the backends are dropped from the loop's thread
-    monkeypatch.setattr(maildrop_module, "READAHEAD_BYTES", 1000)  # three of these messages a batch
+    settings.POP3_READAHEAD_BYTES = 1000  # three of these messages a batch
     mailbox = make_mailbox()
     bodies = [f"Subject: {n}\r\n\r\n{'b' * 250}\r\n".encode() for n in range(6)]
     for body in bodies:

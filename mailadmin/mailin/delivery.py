@@ -210,6 +210,10 @@ def deliver_group(
 ) -> list[list[RecipientResult]]:
     """Store several deliveries in one transaction: one commit (one fsync) for all of them.
 
+    A group that is one copy and nothing else, the usual LMTP delivery, is stored on
+    PostgreSQL by one statement committed on its own instead (:func:`_stored_alone`), with the
+    same charges, rows and figures; a copy that statement does not store goes as below.
+
     The copies go in together (``store.append_messages_in_group``: a few statements for the
     whole group), and their domains are charged last, just before the figures and the commit
     (``store.DomainChargesLast``: a domain's row is every delivery's to it); a domain without
@@ -292,11 +296,10 @@ def _stored_alone(
     try:
         stored = store.append_lone_copy(copy, figures.hour_of(timezone.now()))
     except COPY_ERRORS:
-        return None  # the group's transaction stores it again, and finds the copy at fault
-    except DATABASE_ERRORS:
-        raise
-    except Exception:
-        return None  # as a copy's error: see COPY_ERRORS
+        # Refused with its statement, which wrote nothing: the group's transaction stores the
+        # copy again and finds it at fault. Any other error is raised, as the group's are: one
+        # after the commit, caught here, would have the group store the copy twice.
+        return None
     if stored is None:
         return None
     copies: list[_Copy] = []

@@ -5,9 +5,9 @@ one only once it has the whole of the last. So the maildrop reads before it is a
 database thread while the event loop sends:
 
 * the first chunks of the messages after the one asked for, several in one query (up to
-  READAHEAD_BYTES), fetching the next batch in the background while what is left of the last
-  one runs low: a RETR of a message read ahead starts sending at once, with no database round
-  trip;
+  ``POP3_READAHEAD_BYTES``), fetching the next batch in the background while what is left of
+  the last one runs low: a RETR of a message read ahead starts sending at once, with no
+  database round trip;
 * chunk n + 1 of a long message while chunk n is being sent.
 
 A client that jumps (RETR 7 after RETR 2) just meets a read of its own; what was read ahead for
@@ -29,12 +29,12 @@ from mailadmin.pop3d.leases import Lease
 from mailadmin.pop3d.snapshots import SnapshotCache
 from pop3.mailbox import MaildropError, MessageGone, MessageInfo, SharedSnapshot
 
-# First chunks held ahead of the client per session, at most (one chunk beyond it when a
-# single first chunk is larger); a batch is fetched when less than half of it is left. Each
-# batch is a query and two thread hand-overs: at 128 KiB, about one per message of ordinary
-# mail (70 KB on average), and runpop3 spent a tenth more CPU per MB retrieved on PostgreSQL
-# than at 512 KiB. Held only by sessions retrieving mail, never by idle ones.
-READAHEAD_BYTES = 512 * 1024
+# Messages whose first chunks one batch reads at most; its bytes are bounded by the setting
+# POP3_READAHEAD_BYTES. A batch is read when less than half of that is left ahead, so a session
+# holds up to one and a half times the setting (and a chunk), from its first RETR until it ends:
+# at 512 KiB, up to 768 KiB, or 3 GiB for 4,000 sessions doing so at once. Each batch is a query
+# and two thread hand-overs: at 128 KiB about one a message of ordinary mail (70 KB on average),
+# and runpop3 spent a tenth more CPU per MB retrieved on PostgreSQL than at 512 KiB.
 READAHEAD_MESSAGES = 64
 
 
@@ -116,6 +116,7 @@ class _FirstChunks:
         self._maildrop = maildrop
         self._messages = maildrop.messages
         self._chunk_size = settings.MAILADMIN_CHUNK_SIZE_BYTES
+        self._budget = settings.POP3_READAHEAD_BYTES
         self._ready: dict[object, bytes] = {}
         self._ready_bytes = 0
         self._pending: asyncio.Task | None = None  # the batch in flight
@@ -135,10 +136,10 @@ class _FirstChunks:
         return chunk
 
     def _top_up(self) -> None:
-        """Start reading the next batch once less than half of READAHEAD_BYTES is left ahead."""
+        """Start reading the next batch once less than half of the budget is left ahead."""
         if self._pending is not None or self._next >= len(self._messages):
             return
-        if self._ready_bytes >= READAHEAD_BYTES // 2:
+        if self._ready_bytes >= self._budget // 2:
             return
         keys = self._batch(self._next)
         self._next += len(keys)
@@ -187,12 +188,12 @@ class _FirstChunks:
         self._ready_bytes += sum(map(len, chunks.values()))
 
     def _batch(self, index: int) -> list:
-        """Keys from ``index`` on whose first chunks fit in READAHEAD_BYTES (at least one)."""
+        """Keys from ``index`` on whose first chunks fit in the budget (at least one)."""
         first = self._messages[index]
         keys, total = [first.key], min(first.size, self._chunk_size)
         for following in self._messages[index + 1 : index + READAHEAD_MESSAGES]:
             total += min(following.size, self._chunk_size)
-            if total > READAHEAD_BYTES:
+            if total > self._budget:
                 break
             keys.append(following.key)
         return keys

@@ -313,10 +313,10 @@ def store_lone_copy(copy: LoneCopy) -> LoneCopyStored | None:
     delivery figures. None, with nothing written, when the mailbox or the domain has no room
     (or the mailbox is gone).
 
-    What a group of one copy, the usual LMTP delivery on PostgreSQL, does in seven round trips
-    (BEGIN, ``CHARGE_MAILBOX``, the two INSERTs, ``CHARGE_DOMAIN``, the figures, COMMIT): on a
-    busy machine each one costs both processes a wake-up. Outside a transaction (autocommit)
-    the statement is its own; inside one, it is part of the caller's.
+    What a group's transaction does in seven round trips for one copy, the usual LMTP
+    delivery on PostgreSQL (BEGIN, the mailbox's charge, the two INSERTs, the domain's charge,
+    the figures, COMMIT): on a busy machine each one costs both processes a wake-up. Outside a
+    transaction (autocommit) the statement is its own; inside one, it is part of the caller's.
     """
     with prepared_cursor() as cursor:
         cursor.execute(

@@ -99,7 +99,8 @@ def append_message_in_group(
 def append_lone_copy(copy: "GroupCopy", counted_hour: datetime) -> StoredMessage | None:
     """Store a delivery of one copy in one statement of its own, counted in the delivery
     figures of ``counted_hour``; None, with nothing written, when it does not fit (the
-    mailbox's quota or its domain's) or the mailbox is gone, or is larger than a chunk.
+    mailbox's quota or its domain's) or the mailbox is gone, when it is larger than a chunk,
+    and always on SQLite, which has no such statement.
 
     The usual LMTP delivery on PostgreSQL (see ``fastsql.store_lone_copy``), for which a
     group's transaction would cost seven round trips where this costs one. The caller stores
