@@ -250,35 +250,54 @@ def test_the_mailbox_is_locked_before_the_statement_waits_for_the_domain(make_ma
 
 @pytest.mark.parametrize("full", ["mailbox", "domain"])
 def test_two_lone_copies_racing_for_the_last_room_store_one(make_mailbox, full):
-    """Both had room at RCPT; the one statement checks under the mailbox's lock and charges the
-    domain only if it still has room, so exactly one copy gets in, whichever it is."""
+    """Both had room at RCPT, and both statements are made to wait at the full row at once (held
+    by a third connection): the mailbox's room is checked under its lock, the domain's by its
+    charge, so exactly one copy gets in and the other statement writes nothing."""
     addresses = ["ann@race.test", "ann@race.test" if full == "mailbox" else "bob@race.test"]
     for address in sorted(set(addresses)):
         make_mailbox(address)
     found = [recipient(address) for address in addresses]
     size = len(trace_headers(SENDER, "ann@race.test")) + len(BODY) + 10  # room for one copy, not two
-    if full == "mailbox":
-        Mailbox.objects.filter(user__username="ann@race.test").update(quota_bytes=size)
+    full_row = Mailbox.objects.get(user__username="ann@race.test") if full == "mailbox" else None
+    if full_row is not None:
+        Mailbox.objects.filter(pk=full_row.pk).update(quota_bytes=size)
     else:
-        Domain.objects.filter(name="race.test").update(quota_bytes=size)
-    start = threading.Barrier(2)
-    statuses: list[DeliveryStatus] = []
+        full_row = Domain.objects.get(name="race.test")
+        Domain.objects.filter(pk=full_row.pk).update(quota_bytes=size)
+    racers = [{} for _ in found]
+    holder = connections.create_connection("default")
+    prober = connections.create_connection("default")
 
-    def deliver(to: Recipient) -> None:
+    def deliver(to: Recipient, outcome: dict) -> None:
         try:
-            start.wait(timeout=30)
-            [[result]] = deliver_group([Delivery([to], spool_message([BODY]), SENDER)])
-            statuses.append(result.status)
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                outcome["pid"] = cursor.fetchone()[0]
+            with statements() as seen:
+                [[result]] = deliver_group([Delivery([to], spool_message([BODY]), SENDER)])
+            outcome["status"], outcome["first statement"] = result.status, seen[0][:26]
         finally:
             connection.close()
 
-    racers = [threading.Thread(target=deliver, args=(to,)) for to in found]
-    for racer in racers:
-        racer.start()
-    for racer in racers:
-        racer.join(timeout=60)
+    try:
+        holder.set_autocommit(False)
+        with holder.cursor() as cursor:
+            table = full_row._meta.db_table
+            cursor.execute(f"SELECT id FROM {table} WHERE id = %s FOR UPDATE", [full_row.pk])
+        threads = [threading.Thread(target=deliver, args=pair) for pair in zip(found, racers, strict=True)]
+        for thread in threads:
+            thread.start()
+        waiting = [_until_waiting_for_a_lock(prober, outcome) for outcome in racers]
+        holder.commit()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        holder.close()
+        prober.close()
 
-    assert sorted(status.value for status in statuses) == sorted(
+    assert waiting == [True, True]
+    assert [outcome["first statement"] for outcome in racers] == ["WITH room AS MATERIALIZED "] * 2
+    assert sorted(outcome["status"].value for outcome in racers) == sorted(
         [DeliveryStatus.DELIVERED.value, DeliveryStatus.OVER_QUOTA.value]
     )
     stored = Message.objects.get()

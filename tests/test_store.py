@@ -12,6 +12,7 @@ from django.utils import timezone
 from mailadmin.hosting import services, store
 from mailadmin.hosting.actors import Actor
 from mailadmin.hosting.store import fastsql
+from mailadmin.mailin import delivery as delivery_module
 from mailadmin.mailin.delivery import (
     Delivery,
     DeliveryStatus,
@@ -272,6 +273,22 @@ def test_crossing_80_then_95_percent_delivers_exactly_two_warnings(make_mailbox)
     assert "From: postmaster@example.test\r\n" in text
     assert "Your mailbox w@example.test uses" in text
     assert_counters_exact(mailbox)
+
+
+def test_a_quota_warning_that_fails_leaves_the_delivery_answered_as_stored(make_mailbox, monkeypatch):
+    """The warning comes after the commit: an error in it must not turn a stored copy into a
+    temporary failure, which the MTA would answer by delivering the message again."""
+    mailbox = make_mailbox("broken@example.test", quota_bytes=1_000)
+
+    def failing_warning(*args) -> None:
+        raise RuntimeError("the warning's template is broken")
+
+    monkeypatch.setattr(delivery_module, "_deliver_warning", failing_warning)
+    [result] = deliver([mailbox.address], [b"x" * 900])
+    assert result.status is DeliveryStatus.DELIVERED
+    assert Message.objects.filter(mailbox=mailbox).count() == 1
+    mailbox.refresh_from_db()
+    assert mailbox.quota_warning_percent == 95  # marked, so the next delivery does not try again
 
 
 def test_a_warning_repeats_after_usage_falls_and_crosses_again(make_mailbox):

@@ -7,8 +7,9 @@ Two writers, each adding to counters in a write it makes anyway:
   rule: a row is counted exactly once, either in the figures or still in its table; a batch
   that rolls back leaves both as they were, so running the prune again never counts twice.
 * Delivery adds stored copies and refusals to :class:`DeliveryFigures` inside its group
-  commit's transaction; refusals made outside one (at RCPT, of a message too large) wait in a
-  per-process :class:`DeliveryTally` for the next commit or runlmtp's next heartbeat.
+  commit's transaction (or, for a lone copy on PostgreSQL, the one statement that stores it);
+  refusals made outside one (at RCPT, of a message too large) wait in a per-process
+  :class:`DeliveryTally` for the next commit or runlmtp's next heartbeat.
 
 Both add with ``INSERT ... ON CONFLICT DO UPDATE`` (SQLite and PostgreSQL alike), one statement
 per partial unique index; delivery rows go in sorted, so concurrent deliveries lock the same

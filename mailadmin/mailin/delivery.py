@@ -227,7 +227,8 @@ def deliver_group(
     back and stored again one copy at a time, which finds the copy: the group is rolled back
     once more and stored without it, so it alone is a TEMPORARY_FAILURE (one retry per failing
     copy). Returns one result list per delivery once the commit is done. When the database
-    itself fails, raises DatabaseError and nothing of the group was stored; but for SQLite's
+    itself fails (or, on the one-statement path, anything but the statement's refusal), raises,
+    and nothing of the group was stored unless it raised after the commit; or for SQLite's
     ``LogNotFlushed``: committed, and not known to be durable (not with ``all_or_none``, which
     commits at FULL). Either way none of its copies may be acknowledged.
 
@@ -297,8 +298,10 @@ def _stored_alone(
         stored = store.append_lone_copy(copy, figures.hour_of(timezone.now()))
     except COPY_ERRORS:
         # Refused with its statement, which wrote nothing: the group's transaction stores the
-        # copy again and finds it at fault. Any other error is raised, as the group's are: one
-        # after the commit, caught here, would have the group store the copy twice.
+        # copy again and finds it at fault. Any other error is raised (the group path would
+        # make a copy's own error a TEMPORARY_FAILURE): one after the commit, caught here, would
+        # have the group store the copy twice, and the group answers as its caller answers a
+        # database error, with temporary failures.
         return None
     if stored is None:
         return None
@@ -537,21 +540,21 @@ def _warn_if_quota_crossed(copy: _Copy) -> None:
 
     The announced percentage is moved with a conditional UPDATE, so concurrent deliveries
     crossing the same line send one warning between them. When usage falls (mail was
-    fetched and deleted) the mark falls with it, and the next crossing warns again.
+    fetched and deleted) the mark falls with it, and the next crossing warns again. It comes
+    after the copy's commit: whatever fails here is logged, never raised, since the MTA would
+    take an error for a delivery to make again.
     """
     mailbox = copy.mailbox
     if not mailbox.quota_bytes:
         return
-    reached = [
-        p for p in mailbox.domain.warning_percents() if 100 * copy.used_bytes >= p * mailbox.quota_bytes
-    ]
-    percent = max(reached, default=0)
-    if percent == mailbox.quota_warning_percent:
-        return
     try:
-        if store.mark_quota_warning(mailbox.pk, percent):
+        reached = [
+            p for p in mailbox.domain.warning_percents() if 100 * copy.used_bytes >= p * mailbox.quota_bytes
+        ]
+        percent = max(reached, default=0)
+        if percent != mailbox.quota_warning_percent and store.mark_quota_warning(mailbox.pk, percent):
             _deliver_warning(mailbox, percent, copy.used_bytes)
-    except DATABASE_ERRORS:
+    except Exception:
         logger.exception("quota warning for %s failed", mailbox.address)
 
 
