@@ -243,7 +243,7 @@ def _add(
     same rows lock them in one order (PostgreSQL), and never deadlock on each other.
     """
     rows = sorted(rows, key=lambda row: (row[0], row[1] is None, row[1] or 0, row[2][:key_values]))
-    width = 2 + len(key) - 1 + len(columns)
+    width = 1 + len(key) + len(columns)  # hour, domain id, the rest of the key, the amounts
     for with_domain in (True, False):
         chosen = [row for row in rows if (row[1] is not None) == with_domain]
         if not chosen:
