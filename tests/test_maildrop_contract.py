@@ -198,14 +198,15 @@ def test_orm_reads_first_chunks_ahead_in_one_query(make_mailbox, settings, monke
         deliver([mailbox.address], [body])
     maildrop = unleased_maildrop(mailbox.pk)
     runs = counting(monkeypatch, "read_first_chunks")
-    singles = counting(monkeypatch, "read_chunk")
+    following = counting(monkeypatch, "read_chunks")
 
     read = [asyncio.run(read_all(maildrop, n)) for n in range(1, 9)]
 
     assert [data.endswith(body) for data, body in zip(read, bodies, strict=True)] == [True] * 8
     keys = [info.key for info in maildrop.messages]
     assert runs == [(keys,)]  # every first chunk, the big message's included, in one query
-    assert [seq for _, seq in singles] == list(range(1, 40))  # the rest of the big one
+    # The rest of the big one, as many chunks a query as the read-ahead's 512 KiB hold.
+    assert [(seq, count) for _, seq, count in following] == [(1, 39)]
 
 
 class InlineExecutor(BoundedExecutor):
@@ -217,22 +218,23 @@ class InlineExecutor(BoundedExecutor):
 
 class ReadLog(list):
     """Every chunk query, as ("first", message numbers), ("ahead", message numbers) for a read
-    ahead (no health check), or ("chunk", seq), among the test's own entries, in order."""
+    ahead (no health check), or ("chunks", first seq, count), among the test's own entries, in
+    order."""
 
     def watch(self, monkeypatch, maildrop: OrmMaildrop) -> None:
         numbers = {info.key: n for n, info in enumerate(maildrop.messages, start=1)}
-        first_chunks, chunk = store.read_first_chunks, store.read_chunk
+        first_chunks, chunks = store.read_first_chunks, store.read_chunks
 
         def read_first_chunks(keys, health_check=True):
             self.append(("first" if health_check else "ahead", [numbers[key] for key in keys]))
             return first_chunks(keys, health_check)
 
-        def read_chunk(key, seq):
-            self.append(("chunk", seq))
-            return chunk(key, seq)
+        def read_chunks(key, first_seq, count):
+            self.append(("chunks", first_seq, count))
+            return chunks(key, first_seq, count)
 
         monkeypatch.setattr(store, "read_first_chunks", read_first_chunks)
-        monkeypatch.setattr(store, "read_chunk", read_chunk)
+        monkeypatch.setattr(store, "read_chunks", read_chunks)
 
 
 @dataclass
@@ -359,17 +361,64 @@ def test_orm_asks_for_the_next_chunk_while_the_last_is_sent(inline):
         "ask",
         ("first", [1]),
         ("sent", 1024),
-        ("chunk", 1),
+        ("chunks", 1, 1),
         "ask",
         ("sent", 1024),
-        ("chunk", 2),
+        ("chunks", 2, 1),
         "ask",
         ("sent", 952),
         "ask",
     ]
     log.clear()
     asyncio.run(send(lines=0))
-    assert log == ["ask", ("first", [1]), ("sent", 1024), ("chunk", 1)]  # read ahead, then dropped
+    assert log == ["ask", ("first", [1]), ("sent", 1024), ("chunks", 1, 1)]  # read ahead, then dropped
+
+
+def send_whole(maildrop: OrmMaildrop, log: list) -> None:
+    """As the session sends a RETR: each chunk, then a turn while the transport drains."""
+
+    async def send() -> None:
+        async for chunk in maildrop.read(maildrop.messages[0]):
+            log.append(("sent", len(chunk)))
+            await asyncio.sleep(0)
+
+    asyncio.run(send())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_reads_on_as_many_chunks_as_the_read_ahead_holds_in_one_query(inline, settings):
+    settings.POP3_READAHEAD_BYTES = 2048  # two chunks of 1 KiB
+    inline.deliver(5000)  # four chunks of 1024 bytes and one of 904
+    maildrop, log = inline.open(), inline.log
+    send_whole(maildrop, log)
+    assert log == [
+        ("first", [1]),
+        ("sent", 1024),
+        ("chunks", 1, 2),  # while chunk 0 is sent
+        ("sent", 1024),
+        ("sent", 1024),
+        ("chunks", 3, 2),  # while the last of those is sent: the rest, no query past the end
+        ("sent", 1024),
+        ("sent", 904),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_a_long_message_deleted_while_it_is_sent_raises_message_gone(inline, settings):
+    settings.POP3_READAHEAD_BYTES = 2048
+    inline.deliver(5000)
+    maildrop, log = inline.open(), inline.log
+    key = maildrop.messages[0].key
+
+    async def send() -> None:
+        async for chunk in maildrop.read(maildrop.messages[0]):
+            log.append(("sent", len(chunk)))
+            Message.objects.filter(pk=key).delete()  # before the read on of chunks 1 and 2
+            await asyncio.sleep(0)
+
+    with pytest.raises(MessageGone, match="is gone"):
+        asyncio.run(send())
+    assert log == [("first", [1]), ("sent", 1024), ("chunks", 1, 2)]
 
 
 class FailingExecutor(InlineExecutor):

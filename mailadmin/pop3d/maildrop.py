@@ -8,7 +8,8 @@ database thread while the event loop sends:
   ``POP3_READAHEAD_BYTES``), fetching the next batch in the background while what is left of
   the last one runs low: a RETR of a message read ahead starts sending at once, with no
   database round trip;
-* chunk n + 1 of a long message while chunk n is being sent.
+* the following chunks of a long message, as many as ``POP3_READAHEAD_BYTES`` holds in one
+  query (at least one), while the last of those before is being sent.
 
 A client that jumps (RETR 7 after RETR 2) just meets a read of its own; what was read ahead for
 the old place is dropped.
@@ -17,6 +18,7 @@ the old place is dropped.
 import asyncio
 import functools
 from bisect import bisect_left
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from operator import attrgetter
 
@@ -31,8 +33,9 @@ from pop3.mailbox import MaildropError, MessageGone, MessageInfo, SharedSnapshot
 
 # Messages whose first chunks one batch reads at most; its bytes are bounded by the setting
 # POP3_READAHEAD_BYTES. A batch is read when less than half of that is left ahead, so a session
-# holds up to one and a half times the setting (and a chunk), from its first RETR until it ends:
-# at 512 KiB, up to 768 KiB, or 3 GiB for 4,000 sessions doing so at once. Each batch is a query
+# holds up to one and a half times the setting from its first RETR until it ends, and while it
+# sends a message longer than a chunk, the chunk being sent and up to the setting read on (see
+# ``OrmMaildrop.read``): at 512 KiB and chunks of 256 KiB, up to 1.5 MiB. Each batch is a query
 # and two thread hand-overs: at 128 KiB about one a message of ordinary mail (70 KB on average),
 # and runpop3 spent a tenth more CPU per MB retrieved on PostgreSQL than at 512 KiB.
 READAHEAD_MESSAGES = 64
@@ -71,24 +74,33 @@ class OrmMaildrop:
         self.password_fingerprint = password_fingerprint
         self.messages = messages
         self._ahead = _FirstChunks(self)
+        # A long message's following chunks are read up to POP3_READAHEAD_BYTES at a time.
+        self._chunks_a_read = max(1, settings.POP3_READAHEAD_BYTES // self._ahead.chunk_size)
 
     async def read(self, info: MessageInfo) -> AsyncIterator[bytes]:
         """Chunk by chunk, stopping at the known size: no query just to find the end."""
         if not info.size:
             return
-        chunk = await self._ahead.take(info)
-        remaining, seq = info.size, 0
+        first = await self._ahead.take(info)
+        ready = deque() if first is None else deque([first])
+        remaining, next_seq = info.size, 1
         following: asyncio.Task | None = None
         try:
-            while chunk is not None:
+            while ready:
+                chunk = ready.popleft()
                 remaining -= len(chunk)
-                seq += 1
-                if remaining > 0:  # read on while this one is sent
-                    following = asyncio.ensure_future(self._database(store.read_chunk, info.key, seq))
+                if remaining > 0 and not ready:  # read on while this one is sent
+                    count = min(self._chunks_a_read, -(-remaining // self._ahead.chunk_size))
+                    following = asyncio.ensure_future(
+                        self._database(store.read_chunks, info.key, next_seq, count)
+                    )
+                    next_seq += count
                 yield chunk
-                if following is None:
+                if remaining <= 0:
                     return
-                chunk, following = await following, None
+                if not ready:
+                    ready.extend(await following)
+                    following = None
             raise MessageGone(f"message {info.uidl} is gone")
         finally:
             _abandon(following)
@@ -115,7 +127,7 @@ class _FirstChunks:
     def __init__(self, maildrop: OrmMaildrop) -> None:
         self._maildrop = maildrop
         self._messages = maildrop.messages
-        self._chunk_size = settings.MAILADMIN_CHUNK_SIZE_BYTES
+        self.chunk_size = settings.MAILADMIN_CHUNK_SIZE_BYTES
         self._budget = settings.POP3_READAHEAD_BYTES
         self._ready: dict[object, bytes] = {}
         self._ready_bytes = 0
@@ -190,9 +202,9 @@ class _FirstChunks:
     def _batch(self, index: int) -> list:
         """Keys from ``index`` on whose first chunks fit in the budget (at least one)."""
         first = self._messages[index]
-        keys, total = [first.key], min(first.size, self._chunk_size)
+        keys, total = [first.key], min(first.size, self.chunk_size)
         for following in self._messages[index + 1 : index + READAHEAD_MESSAGES]:
-            total += min(following.size, self._chunk_size)
+            total += min(following.size, self.chunk_size)
             if total > self._budget:
                 break
             keys.append(following.key)

@@ -521,6 +521,9 @@ STALE_PLAN = "cached plan must not change result type"
 CHUNK_TABLE = MessageChunk._meta.db_table
 INSERT_CHUNKS = f"INSERT INTO {CHUNK_TABLE} (message_id, seq, data) VALUES"
 SELECT_CHUNK = f"SELECT data FROM {CHUNK_TABLE} WHERE message_id = %s AND seq = %s"
+SELECT_CHUNKS = (
+    f"SELECT data FROM {CHUNK_TABLE} WHERE message_id = %s AND seq >= %s AND seq < %s ORDER BY seq"
+)
 SELECT_FIRST_CHUNKS = f"SELECT message_id, data FROM {CHUNK_TABLE} WHERE seq = 0 AND message_id IN"
 
 
@@ -530,6 +533,14 @@ def read_chunk(message_id: int, seq: int) -> bytes | None:
         cursor.execute(SELECT_CHUNK, [message_id, seq])
         row = cursor.fetchone()
     return None if row is None else bytes(row[0])
+
+
+def read_chunks(message_id: int, first_seq: int, count: int) -> list[bytes]:
+    """Chunks ``first_seq`` to ``first_seq + count - 1`` of a message, in one query: fewer at
+    its end, none when the message is gone. RETR of a long message reads on this way."""
+    with chunk_cursor() as cursor:
+        cursor.execute(SELECT_CHUNKS, [message_id, first_seq, first_seq + count])
+        return [bytes(data) for (data,) in cursor.fetchall()]
 
 
 def read_first_chunks(message_ids: Sequence[int], health_check: bool = True) -> dict[int, bytes]:
