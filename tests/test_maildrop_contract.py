@@ -205,8 +205,8 @@ def test_orm_reads_first_chunks_ahead_in_one_query(make_mailbox, settings, monke
     assert [data.endswith(body) for data, body in zip(read, bodies, strict=True)] == [True] * 8
     keys = [info.key for info in maildrop.messages]
     assert runs == [(keys,)]  # every first chunk, the big message's included, in one query
-    # The rest of the big one, as many chunks a query as the read-ahead's 512 KiB hold.
-    assert [(seq, count) for _, seq, count in following] == [(1, 39)]
+    # The rest of the big one: chunk 1 alone, then as many a query as 512 KiB hold.
+    assert [(seq, count) for _, seq, count in following] == [(1, 1), (2, 38)]
 
 
 class InlineExecutor(BoundedExecutor):
@@ -249,7 +249,9 @@ class Inline:
         """A message of exactly ``size`` bytes, as stored (trace headers included)."""
         trace = len(f"Return-Path: <>\r\nDelivered-To: {self.mailbox.address}\r\n")
         head = f"Subject: {subject}\r\n\r\n".encode()
-        deliver([self.mailbox.address], [head + b"b" * (size - trace - len(head) - 2) + b"\r\n"])
+        # No two chunks alike (37 is prime to the chunk sizes): one sent out of order shows.
+        filler = b"abcdefghijklmnopqrstuvwxyz0123456789 " * (size // 37 + 1)
+        deliver([self.mailbox.address], [head + filler[: size - trace - len(head) - 2] + b"\r\n"])
 
     def open(self) -> OrmMaildrop:
         executor = InlineExecutor(1, "test-db")
@@ -374,33 +376,56 @@ def test_orm_asks_for_the_next_chunk_while_the_last_is_sent(inline):
     assert log == ["ask", ("first", [1]), ("sent", 1024), ("chunks", 1, 1)]  # read ahead, then dropped
 
 
-def send_whole(maildrop: OrmMaildrop, log: list) -> None:
+def send_whole(maildrop: OrmMaildrop, log: list) -> bytes:
     """As the session sends a RETR: each chunk, then a turn while the transport drains."""
 
-    async def send() -> None:
+    async def send() -> bytes:
+        sent = []
         async for chunk in maildrop.read(maildrop.messages[0]):
             log.append(("sent", len(chunk)))
+            sent.append(chunk)
             await asyncio.sleep(0)
+        return b"".join(sent)
 
-    asyncio.run(send())
+    return asyncio.run(send())
+
+
+def stored_bytes(maildrop: OrmMaildrop) -> bytes:
+    return b"".join(store.iter_message_bytes(maildrop.messages[0].key))
+
+
+# A message of 5,000 bytes in chunks of 1 KiB (four of 1,024 bytes and one of 904), read on
+# two chunks a query at most: the read-ahead's 2,048 bytes.
+READ_ON_IN_TWOS = [
+    ("first", [1]),
+    ("sent", 1024),
+    ("chunks", 1, 1),  # while chunk 0 is sent: one chunk, all that a TOP might drop
+    ("sent", 1024),
+    ("chunks", 2, 2),  # while chunk 1 is sent: two
+    ("sent", 1024),
+    ("sent", 1024),
+    ("chunks", 4, 1),  # while the last of those is sent: only what is left
+    ("sent", 904),
+]
 
 
 @pytest.mark.django_db(transaction=True)
 def test_orm_reads_on_as_many_chunks_as_the_read_ahead_holds_in_one_query(inline, settings):
-    settings.POP3_READAHEAD_BYTES = 2048  # two chunks of 1 KiB
-    inline.deliver(5000)  # four chunks of 1024 bytes and one of 904
+    settings.POP3_READAHEAD_BYTES = 2048
+    inline.deliver(5000)
     maildrop, log = inline.open(), inline.log
-    send_whole(maildrop, log)
-    assert log == [
-        ("first", [1]),
-        ("sent", 1024),
-        ("chunks", 1, 2),  # while chunk 0 is sent
-        ("sent", 1024),
-        ("sent", 1024),
-        ("chunks", 3, 2),  # while the last of those is sent: the rest, no query past the end
-        ("sent", 1024),
-        ("sent", 904),
-    ]
+    assert send_whole(maildrop, log) == stored_bytes(maildrop)
+    assert log == READ_ON_IN_TWOS
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_reads_on_in_the_chunks_a_message_was_stored_with(inline, settings):
+    settings.POP3_READAHEAD_BYTES = 2048
+    inline.deliver(5000)  # in chunks of 1 KiB
+    settings.MAILADMIN_CHUNK_SIZE_BYTES = 256  # then the setting changed
+    maildrop, log = inline.open(), inline.log
+    assert send_whole(maildrop, log) == stored_bytes(maildrop)
+    assert log == READ_ON_IN_TWOS  # not eight chunks of 1 KiB a query
 
 
 @pytest.mark.django_db(transaction=True)
@@ -413,12 +438,12 @@ def test_orm_a_long_message_deleted_while_it_is_sent_raises_message_gone(inline,
     async def send() -> None:
         async for chunk in maildrop.read(maildrop.messages[0]):
             log.append(("sent", len(chunk)))
-            Message.objects.filter(pk=key).delete()  # before the read on of chunks 1 and 2
+            Message.objects.filter(pk=key).delete()  # before chunk 1 is read on
             await asyncio.sleep(0)
 
     with pytest.raises(MessageGone, match="is gone"):
         asyncio.run(send())
-    assert log == [("first", [1]), ("sent", 1024), ("chunks", 1, 2)]
+    assert log == [("first", [1]), ("sent", 1024), ("chunks", 1, 1)]
 
 
 class FailingExecutor(InlineExecutor):
@@ -458,6 +483,16 @@ def test_orm_a_read_ahead_that_keeps_failing_fails_the_retr_that_needs_it(nine):
     with pytest.raises(MaildropError, match="^the database went away$"):
         asyncio.run(retr_in_order(maildrop, log, range(1, 5)))
     assert log == [("first", [1, 2, 3]), ("sent", 1, 300), ("sent", 2, 300), ("sent", 3, 300)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_a_failed_read_on_of_a_long_message_fails_its_retr(inline):
+    inline.deliver(3000)
+    maildrop, log = inline.open(), inline.log
+    maildrop.executor = FailingExecutor(failing={2})  # chunk 1's read
+    with pytest.raises(MaildropError, match="^the database went away$"):
+        send_whole(maildrop, log)
+    assert log == [("first", [1]), ("sent", 1024)]
 
 
 @pytest.mark.django_db(transaction=True)

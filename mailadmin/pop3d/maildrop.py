@@ -9,7 +9,7 @@ database thread while the event loop sends:
   the last one runs low: a RETR of a message read ahead starts sending at once, with no
   database round trip;
 * the following chunks of a long message, as many as ``POP3_READAHEAD_BYTES`` holds in one
-  query (at least one), while the last of those before is being sent.
+  query (at least one), while the last of those before is being sent (``OrmMaildrop.read``).
 
 A client that jumps (RETR 7 after RETR 2) just meets a read of its own; what was read ahead for
 the old place is dropped.
@@ -34,10 +34,11 @@ from pop3.mailbox import MaildropError, MessageGone, MessageInfo, SharedSnapshot
 # Messages whose first chunks one batch reads at most; its bytes are bounded by the setting
 # POP3_READAHEAD_BYTES. A batch is read when less than half of that is left ahead, so a session
 # holds up to one and a half times the setting from its first RETR until it ends, and while it
-# sends a message longer than a chunk, the chunk being sent and up to the setting read on (see
-# ``OrmMaildrop.read``): at 512 KiB and chunks of 256 KiB, up to 1.5 MiB. Each batch is a query
-# and two thread hand-overs: at 128 KiB about one a message of ordinary mail (70 KB on average),
-# and runpop3 spent a tenth more CPU per MB retrieved on PostgreSQL than at 512 KiB.
+# sends a message longer than a chunk, the chunk being sent and the larger of the setting and a
+# chunk read on (``OrmMaildrop.read``): at 512 KiB and chunks of 256 KiB, up to 1.5 MiB. Each
+# batch is a query and two thread hand-overs: at 128 KiB about one a message of ordinary mail
+# (70 KB on average), and runpop3 spent a tenth more CPU per MB retrieved on PostgreSQL than at
+# 512 KiB.
 READAHEAD_MESSAGES = 64
 
 
@@ -74,23 +75,31 @@ class OrmMaildrop:
         self.password_fingerprint = password_fingerprint
         self.messages = messages
         self._ahead = _FirstChunks(self)
-        # A long message's following chunks are read up to POP3_READAHEAD_BYTES at a time.
-        self._chunks_a_read = max(1, settings.POP3_READAHEAD_BYTES // self._ahead.chunk_size)
+        self._readahead_bytes = settings.POP3_READAHEAD_BYTES
 
     async def read(self, info: MessageInfo) -> AsyncIterator[bytes]:
-        """Chunk by chunk, stopping at the known size: no query just to find the end."""
+        """Chunk by chunk, stopping at the known size: no query just to find the end.
+
+        While a chunk is sent the next are read: chunk 1 alone (a TOP of a long message
+        mostly ends within chunk 0, and drops what was read on), then as many a query as
+        ``POP3_READAHEAD_BYTES`` holds, each time the last of the chunks before is sent.
+        """
         if not info.size:
             return
         first = await self._ahead.take(info)
         ready = deque() if first is None else deque([first])
+        # Counted in the chunks the message was stored with, whatever the setting is now:
+        # chunk 0 of a message longer than a chunk is a whole one.
+        stored_chunk = max(1, len(first or b""))
+        per_read = max(1, self._readahead_bytes // stored_chunk)
         remaining, next_seq = info.size, 1
         following: asyncio.Task | None = None
         try:
             while ready:
                 chunk = ready.popleft()
                 remaining -= len(chunk)
-                if remaining > 0 and not ready:  # read on while this one is sent
-                    count = min(self._chunks_a_read, -(-remaining // self._ahead.chunk_size))
+                if remaining > 0 and not ready:
+                    count = 1 if next_seq == 1 else min(per_read, -(-remaining // stored_chunk))
                     following = asyncio.ensure_future(
                         self._database(store.read_chunks, info.key, next_seq, count)
                     )
@@ -127,7 +136,7 @@ class _FirstChunks:
     def __init__(self, maildrop: OrmMaildrop) -> None:
         self._maildrop = maildrop
         self._messages = maildrop.messages
-        self.chunk_size = settings.MAILADMIN_CHUNK_SIZE_BYTES
+        self._chunk_size = settings.MAILADMIN_CHUNK_SIZE_BYTES
         self._budget = settings.POP3_READAHEAD_BYTES
         self._ready: dict[object, bytes] = {}
         self._ready_bytes = 0
@@ -202,9 +211,9 @@ class _FirstChunks:
     def _batch(self, index: int) -> list:
         """Keys from ``index`` on whose first chunks fit in the budget (at least one)."""
         first = self._messages[index]
-        keys, total = [first.key], min(first.size, self.chunk_size)
+        keys, total = [first.key], min(first.size, self._chunk_size)
         for following in self._messages[index + 1 : index + READAHEAD_MESSAGES]:
-            total += min(following.size, self.chunk_size)
+            total += min(following.size, self._chunk_size)
             if total > self._budget:
                 break
             keys.append(following.key)
