@@ -287,7 +287,7 @@ WHITENOISE_USE_FINDERS = DEBUG
 # --- Mail store -----------------------------------------------------------------------------
 # Bodies live in chunk rows of this size: large enough that a 50 MiB message is ~200 rows,
 # small enough that no code path holds a whole message in memory (RETR holds the chunk being
-# sent and up to POP3_READAHEAD_BYTES read on).
+# sent and the larger of POP3_READAHEAD_BYTES and a chunk read on).
 MAILADMIN_CHUNK_SIZE_BYTES = _env_int("MAILADMIN_CHUNK_SIZE_BYTES", 256 * 1024)
 MAILADMIN_MAX_MESSAGE_SIZE_BYTES = _env_int("MAILADMIN_MAX_MESSAGE_SIZE_BYTES", 50 * 1024 * 1024)
 # Crossing one of these usage percentages delivers a warning into the mailbox (per-domain

@@ -10,7 +10,7 @@ from django.db import InterfaceError, OperationalError
 from mailadmin.executors import BoundedExecutor
 from mailadmin.hosting import store
 from mailadmin.mailin.delivery import deliver
-from mailadmin.models import Mailbox, MaildropLease, Message
+from mailadmin.models import Mailbox, MaildropLease, Message, MessageChunk
 from mailadmin.pop3d.leases import LeaseKeeper
 from mailadmin.pop3d.maildrop import OrmMaildrop, snapshot
 from pop3.mailbox import Maildrop, MaildropError, MemoryStore, MessageGone
@@ -426,6 +426,49 @@ def test_orm_reads_on_in_the_chunks_a_message_was_stored_with(inline, settings):
     maildrop, log = inline.open(), inline.log
     assert send_whole(maildrop, log) == stored_bytes(maildrop)
     assert log == READ_ON_IN_TWOS  # not eight chunks of 1 KiB a query
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_reads_on_no_query_past_an_exact_multiple_of_a_chunk(inline, settings):
+    settings.POP3_READAHEAD_BYTES = 4096
+    inline.deliver(4096)  # four whole chunks
+    maildrop, log = inline.open(), inline.log
+    assert send_whole(maildrop, log) == stored_bytes(maildrop)
+    assert log == [
+        ("first", [1]),
+        ("sent", 1024),
+        ("chunks", 1, 1),
+        ("sent", 1024),
+        ("chunks", 2, 2),  # what is left: two, though four would fit
+        ("sent", 1024),
+        ("sent", 1024),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_a_message_of_one_chunk_is_not_read_on(inline):
+    inline.deliver(1024)
+    maildrop, log = inline.open(), inline.log
+    assert send_whole(maildrop, log) == stored_bytes(maildrop)
+    assert log == [("first", [1]), ("sent", 1024)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_orm_a_missing_chunk_ends_the_retr_with_message_gone_not_the_next_in_its_place(inline, settings):
+    settings.POP3_READAHEAD_BYTES = 4096
+    inline.deliver(5000)
+    maildrop, log = inline.open(), inline.log
+    MessageChunk.objects.filter(message_id=maildrop.messages[0].key, seq=3).delete()
+    with pytest.raises(MessageGone, match="is gone"):
+        send_whole(maildrop, log)
+    assert log == [
+        ("first", [1]),
+        ("sent", 1024),
+        ("chunks", 1, 1),
+        ("sent", 1024),
+        ("chunks", 2, 3),  # chunk 2, then none: 4 is not sent in 3's place
+        ("sent", 1024),
+    ]
 
 
 @pytest.mark.django_db(transaction=True)

@@ -33,12 +33,12 @@ from pop3.mailbox import MaildropError, MessageGone, MessageInfo, SharedSnapshot
 
 # Messages whose first chunks one batch reads at most; its bytes are bounded by the setting
 # POP3_READAHEAD_BYTES. A batch is read when less than half of that is left ahead, so a session
-# holds up to one and a half times the setting from its first RETR until it ends, and while it
-# sends a message longer than a chunk, the chunk being sent and the larger of the setting and a
-# chunk read on (``OrmMaildrop.read``): at 512 KiB and chunks of 256 KiB, up to 1.5 MiB. Each
-# batch is a query and two thread hand-overs: at 128 KiB about one a message of ordinary mail
-# (70 KB on average), and runpop3 spent a tenth more CPU per MB retrieved on PostgreSQL than at
-# 512 KiB.
+# holds up to one and a half times the setting (and a chunk) from its first RETR until it ends,
+# and while it sends a message longer than a chunk, the chunk being sent and the larger of the
+# setting and a chunk read on (``OrmMaildrop.read``): at 512 KiB and chunks of 256 KiB, up to
+# 1.5 MiB. Each batch is a query and two thread hand-overs: at 128 KiB about one a message of
+# ordinary mail (70 KB on average), and runpop3 spent a tenth more CPU per MB retrieved on
+# PostgreSQL than at 512 KiB.
 READAHEAD_MESSAGES = 64
 
 
@@ -76,6 +76,7 @@ class OrmMaildrop:
         self.messages = messages
         self._ahead = _FirstChunks(self)
         self._readahead_bytes = settings.POP3_READAHEAD_BYTES
+        self._chunk_size = settings.MAILADMIN_CHUNK_SIZE_BYTES
 
     async def read(self, info: MessageInfo) -> AsyncIterator[bytes]:
         """Chunk by chunk, stopping at the known size: no query just to find the end.
@@ -88,17 +89,17 @@ class OrmMaildrop:
             return
         first = await self._ahead.take(info)
         ready = deque() if first is None else deque([first])
-        # Counted in the chunks the message was stored with, whatever the setting is now:
-        # chunk 0 of a message longer than a chunk is a whole one.
-        stored_chunk = max(1, len(first or b""))
+        # Counted in the chunks the message was stored with when the setting has grown since
+        # (chunk 0 of a message longer than a chunk is a whole one), never in smaller ones.
+        stored_chunk = max(len(first or b""), self._chunk_size)
         per_read = max(1, self._readahead_bytes // stored_chunk)
-        remaining, next_seq = info.size, 1
+        remaining, next_seq, count = info.size, 1, 0
         following: asyncio.Task | None = None
         try:
             while ready:
                 chunk = ready.popleft()
                 remaining -= len(chunk)
-                if remaining > 0 and not ready:
+                if remaining > 0 and not ready and next_seq > 0:
                     count = 1 if next_seq == 1 else min(per_read, -(-remaining // stored_chunk))
                     following = asyncio.ensure_future(
                         self._database(store.read_chunks, info.key, next_seq, count)
@@ -107,9 +108,11 @@ class OrmMaildrop:
                 yield chunk
                 if remaining <= 0:
                     return
-                if not ready:
-                    ready.extend(await following)
-                    following = None
+                if not ready and following is not None:
+                    batch, following = await following, None
+                    if len(batch) < count:
+                        next_seq = 0  # the stored chunks end here, short of the size
+                    ready.extend(batch)
             raise MessageGone(f"message {info.uidl} is gone")
         finally:
             _abandon(following)

@@ -522,7 +522,7 @@ CHUNK_TABLE = MessageChunk._meta.db_table
 INSERT_CHUNKS = f"INSERT INTO {CHUNK_TABLE} (message_id, seq, data) VALUES"
 SELECT_CHUNK = f"SELECT data FROM {CHUNK_TABLE} WHERE message_id = %s AND seq = %s"
 SELECT_CHUNKS = (
-    f"SELECT data FROM {CHUNK_TABLE} WHERE message_id = %s AND seq >= %s AND seq < %s ORDER BY seq"
+    f"SELECT seq, data FROM {CHUNK_TABLE} WHERE message_id = %s AND seq >= %s AND seq < %s ORDER BY seq"
 )
 SELECT_FIRST_CHUNKS = f"SELECT message_id, data FROM {CHUNK_TABLE} WHERE seq = 0 AND message_id IN"
 
@@ -537,10 +537,16 @@ def read_chunk(message_id: int, seq: int) -> bytes | None:
 
 def read_chunks(message_id: int, first_seq: int, count: int) -> list[bytes]:
     """Chunks ``first_seq`` to ``first_seq + count - 1`` of a message, in one query: fewer at
-    its end, none when the message is gone. RETR of a long message reads on this way."""
+    its end (or before a missing one, never after it), none when the message is gone. RETR of
+    a long message reads on this way."""
+    chunks: list[bytes] = []
     with chunk_cursor() as cursor:
         cursor.execute(SELECT_CHUNKS, [message_id, first_seq, first_seq + count])
-        return [bytes(data) for (data,) in cursor.fetchall()]
+        for seq, data in cursor.fetchall():
+            if seq != first_seq + len(chunks):
+                break
+            chunks.append(bytes(data))
+    return chunks
 
 
 def read_first_chunks(message_ids: Sequence[int], health_check: bool = True) -> dict[int, bytes]:
