@@ -89,17 +89,19 @@ class OrmMaildrop:
             return
         first = await self._ahead.take(info)
         ready = deque() if first is None else deque([first])
-        # Counted in the chunks the message was stored with when the setting has grown since
-        # (chunk 0 of a message longer than a chunk is a whole one), never in smaller ones.
+        # Counted in the larger of chunk 0 and the setting's chunk: a message stored in larger
+        # chunks than the setting's now is counted in its own (chunk 0 of a message longer
+        # than a chunk is a whole one), and a short chunk 0 never makes a query read more.
         stored_chunk = max(len(first or b""), self._chunk_size)
         per_read = max(1, self._readahead_bytes // stored_chunk)
         remaining, next_seq, count = info.size, 1, 0
+        stored_end = False  # a read on came back short: no chunk follows the last one read
         following: asyncio.Task | None = None
         try:
             while ready:
                 chunk = ready.popleft()
                 remaining -= len(chunk)
-                if remaining > 0 and not ready and next_seq > 0:
+                if remaining > 0 and not ready and not stored_end:
                     count = 1 if next_seq == 1 else min(per_read, -(-remaining // stored_chunk))
                     following = asyncio.ensure_future(
                         self._database(store.read_chunks, info.key, next_seq, count)
@@ -110,8 +112,7 @@ class OrmMaildrop:
                     return
                 if not ready and following is not None:
                     batch, following = await following, None
-                    if len(batch) < count:
-                        next_seq = 0  # the stored chunks end here, short of the size
+                    stored_end = len(batch) < count
                     ready.extend(batch)
             raise MessageGone(f"message {info.uidl} is gone")
         finally:
