@@ -640,3 +640,33 @@ def test_runlmtp_refuses_port_25() -> None:
     result = run_manage("runlmtp", "--port", "25")
     assert result.returncode == 1
     assert result.stderr.decode().strip() == f"CommandError: {PORT_25_REFUSED}"
+
+
+# --- Scheduling ----------------------------------------------------------------------------------
+
+SCHED_BATCH = 3  # Linux's policy number, as /proc shows it
+
+
+def thread_policies(pid: int) -> Counter:
+    """How many of the process's threads run under each scheduling policy (``/proc``'s 41st field)."""
+    policies: Counter = Counter()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        policies[int(fields[38])] += 1
+    return policies
+
+
+def test_the_database_threads_defer_to_the_loop_and_the_loop_does_not(
+    lmtp_server: LmtpProcess, make_mailbox
+) -> None:
+    make_mailbox("alice@example.test")
+    with lmtp_server.connect() as client:
+        client.send(b"LHLO client.test\r\n")
+        client.reply()
+        assert transaction(client, ["alice@example.test"], WIRE_MESSAGE) == [
+            SAVED.format(rcpt="alice@example.test")
+        ]
+    workers = lmtp_server.workers()
+    policies = sum((thread_policies(pid) for pid in workers), Counter())
+    assert policies[SCHED_BATCH] >= 1  # the threads that did the look-up and the commit
+    assert policies[os.SCHED_OTHER] >= 2 * len(workers)  # each worker's loop and heartbeat thread

@@ -92,7 +92,7 @@ class Command(BaseCommand):
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        executor = BoundedExecutor(config.db_threads, "lmtp-db")
+        executor = BoundedExecutor(config.db_threads, "lmtp-db", defer_to_the_loop=True)
         # A thread of its own: its write waits for the write turn like any, and look-ups must not.
         beats = BoundedExecutor(1, "lmtp-heartbeat")
         server = LmtpServer(config, executor)
