@@ -7,7 +7,6 @@ connection (a PostgreSQL restart) is dropped and the next unit reconnects.
 """
 
 import asyncio
-import os
 import select
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +15,8 @@ from typing import TypeVar
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connections
 from psycopg import pq
+
+from mailadmin import scheduling
 
 T = TypeVar("T")
 
@@ -41,12 +42,12 @@ class BoundedExecutor:
         name: str,
         initializer: Callable[[], object] | None = None,
         *,
-        defer_to_the_loop: bool = False,
+        batch_threads: bool = False,
     ) -> None:
-        """``defer_to_the_loop``: threads that never take the CPU from the loop when they wake
-        (:func:`defer_to_the_loop`)."""
+        """``batch_threads``: threads that never take the CPU from the loop when they wake
+        (:func:`mailadmin.scheduling.run_as_batch_thread`)."""
         self.threads = threads
-        start = _deferring(initializer) if defer_to_the_loop else initializer
+        start = _as_batch_thread(initializer) if batch_threads else initializer
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name, initializer=start)
 
     async def run(self, function: Callable[..., T], *args) -> T:
@@ -56,31 +57,13 @@ class BoundedExecutor:
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
 
-def _deferring(initializer: Callable[[], object] | None) -> Callable[[], None]:
+def _as_batch_thread(initializer: Callable[[], object] | None) -> Callable[[], None]:
     def start() -> None:
-        defer_to_the_loop()
+        scheduling.run_as_batch_thread()
         if initializer is not None:
             initializer()
 
     return start
-
-
-def defer_to_the_loop() -> None:
-    """Make this thread one that never preempts another when it wakes (Linux's ``SCHED_BATCH``).
-
-    A pool thread wakes when the loop hands it work and when its database answers. As an
-    ordinary thread it often takes the CPU there and then from the loop it shares a CPU with (a
-    worker is pinned to one) while the loop still holds the GIL: it finds the GIL held, sleeps
-    again, and the loop resumes. Two context switches per wake-up, for nothing. A batch thread
-    waits for the loop to block or use up its slice, and then finds the GIL free; its share of
-    the CPU is unchanged. For runlmtp's database threads, which wake twice for each delivery:
-    its CPU per message went down 5 % in the bench; runpop3's RETR showed no gain, and keeps
-    ordinary threads. Where there is no such policy (or it is not allowed), nothing changes.
-    """
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError):
-        pass
 
 
 def _database_unit(function: Callable[..., T], args: tuple) -> T:

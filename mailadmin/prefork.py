@@ -112,6 +112,11 @@ def _pin_to_one_cpu(cpu: int) -> None:
     _cpus_before_pinning = allowed
 
 
+def pinned() -> bool:
+    """Whether this process is a worker kept to one CPU (:func:`_pin_to_one_cpu`)."""
+    return _cpus_before_pinning is not None
+
+
 def unpin_this_thread() -> None:
     """Let this thread, and the threads it starts, run on any CPU the worker could use before it
     was pinned: for work that needs no event loop and may use CPUs of its own (argon2's lanes)."""

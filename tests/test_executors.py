@@ -1,16 +1,23 @@
-"""The thread pools' ``defer_to_the_loop``: threads that never preempt the loop when they wake
-(``SCHED_BATCH``), still running the pool's own initializer; other pools keep ordinary threads."""
+"""Batch threads (``mailadmin.scheduling``): a pool's threads that never preempt the loop when
+they wake, still running the pool's own initializer; other pools keep ordinary threads; a
+refused policy changes nothing but a warning; the SQLite checkpointer runs under the process's
+policy whichever thread starts it."""
 
 import asyncio
+import logging
 import os
+import queue
 import sys
 import threading
 
 import pytest
 
+from mailadmin import scheduling
 from mailadmin.executors import BoundedExecutor
+from mailadmin.sqlite.base import Checkpointer
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SCHED_BATCH is Linux's")
+BATCH, OTHER = getattr(os, "SCHED_BATCH", None), getattr(os, "SCHED_OTHER", None)
 
 
 def policy_and_mark(marks: threading.local) -> tuple[int, str]:
@@ -27,18 +34,53 @@ def answers_of_two_units(executor: BoundedExecutor, marks: threading.local) -> l
         executor.shutdown()
 
 
-@pytest.mark.parametrize(
-    ("defer", "policy"), [(True, os.SCHED_BATCH), (False, os.SCHED_OTHER)], ids=["deferring", "ordinary"]
-)
-def test_pool_threads_run_under_their_policy_and_run_the_initializer(defer, policy):
-    marks = threading.local()
-    executor = BoundedExecutor(
-        2, "test-pool", initializer=lambda: setattr(marks, "mark", "started"), defer_to_the_loop=defer
+def marking_pool(marks: threading.local, batch_threads: bool) -> BoundedExecutor:
+    return BoundedExecutor(
+        2, "test-pool", initializer=lambda: setattr(marks, "mark", "started"), batch_threads=batch_threads
     )
-    assert answers_of_two_units(executor, marks) == [(policy, "started"), (policy, "started")]
 
 
-def test_the_thread_that_starts_a_deferring_pool_keeps_its_policy():
-    executor = BoundedExecutor(1, "test-pool", defer_to_the_loop=True)
-    assert answers_of_two_units(executor, threading.local()) == [(os.SCHED_BATCH, "none")] * 2
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+@pytest.mark.parametrize(("batch", "policy"), [(True, BATCH), (False, OTHER)], ids=["batch", "ordinary"])
+def test_pool_threads_run_under_their_policy_and_run_the_initializer(batch, policy):
+    marks = threading.local()
+    assert answers_of_two_units(marking_pool(marks, batch), marks) == [(policy, "started")] * 2
+
+
+def test_the_thread_that_starts_a_batch_pool_keeps_its_policy():
+    executor = BoundedExecutor(1, "test-pool", batch_threads=True)
+    assert answers_of_two_units(executor, threading.local()) == [(BATCH, "none")] * 2
+    assert os.sched_getscheduler(0) == OTHER
+
+
+def test_a_refused_policy_leaves_the_threads_as_they_were_and_says_so(monkeypatch, caplog):
+    def refuse(*_args) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    marks = threading.local()
+    with caplog.at_level(logging.WARNING, logger="mailadmin.scheduling"):
+        assert answers_of_two_units(marking_pool(marks, True), marks) == [(OTHER, "started")] * 2
+    assert [record.getMessage().split(": ", 1)[1] for record in caplog.records] == [
+        "[Errno 1] Operation not permitted"
+    ] * 2
+
+
+def test_a_checkpointer_started_by_a_batch_thread_runs_under_the_process_policy(tmp_path):
+    """Threads inherit their starter's policy; the checkpointer serves the whole process."""
+    policies: queue.Queue[int] = queue.Queue()
+
+    def pause(_seconds: float) -> None:  # runs in the checkpointer's thread, after a checkpoint
+        policies.put(os.sched_getscheduler(0))
+        threading.Event().wait()  # a daemon thread: it stays here until the tests end
+
+    started: list[Checkpointer] = []
+
+    def start_from_a_batch_thread() -> None:
+        scheduling.run_as_batch_thread()
+        started.append(Checkpointer(str(tmp_path / "mail.sqlite3"), pause=pause))
+
+    starter = threading.Thread(target=start_from_a_batch_thread)
+    starter.start()
+    starter.join()
+    started[0].request()
+    assert policies.get(timeout=10) == OTHER

@@ -48,6 +48,7 @@ from django.core.management.base import CommandError
 from django.db import OperationalError
 from django.db.backends.sqlite3 import base, client
 
+from mailadmin import scheduling
 from mailadmin.sqlite import dbapi2 as sqlite3
 from mailadmin.sqlite import has_the_wal_reset_bug
 
@@ -97,6 +98,7 @@ class Checkpointer:
         self.wanted.set()
 
     def _run(self) -> None:
+        scheduling.run_as_the_process()  # not that of the thread that happened to start it
         connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         _create_private(writer_lock_path(self.path))
         with open(writer_lock_path(self.path), "ab") as writer_lock:

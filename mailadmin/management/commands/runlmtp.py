@@ -17,7 +17,7 @@ from mailadmin.mailin.lmtp.heartbeat import LmtpHeartbeat
 from mailadmin.mailin.lmtp.protocol import Policy
 from mailadmin.mailin.lmtp.server import LmtpConfig, LmtpServer
 from mailadmin.pop3d.registry import node_name
-from mailadmin.prefork import run_workers, worker_count_argument
+from mailadmin.prefork import pinned, run_workers, worker_count_argument
 from pop3.server import LISTEN_BACKLOG, listening_socket
 
 SHUTDOWN_GRACE_SECONDS = 30.0
@@ -92,7 +92,8 @@ class Command(BaseCommand):
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        executor = BoundedExecutor(config.db_threads, "lmtp-db", defer_to_the_loop=True)
+        # A pinned worker's loop and database threads share its CPU: see run_as_batch_thread.
+        executor = BoundedExecutor(config.db_threads, "lmtp-db", batch_threads=pinned())
         # A thread of its own: its write waits for the write turn like any, and look-ups must not.
         beats = BoundedExecutor(1, "lmtp-heartbeat")
         server = LmtpServer(config, executor)
