@@ -8,6 +8,7 @@ happened to start it.
 import logging
 import os
 import threading
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -21,26 +22,25 @@ def run_as_batch_thread() -> None:
     it often takes the CPU from the loop there and then, mostly while the loop is running
     Python, holding the interpreter lock; it finds the lock held, sleeps again, and the loop
     resumes: two context switches for nothing. A batch thread runs once the loop blocks or its
-    time slice ends. Where there is no such policy, nothing changes; where it is refused, the
-    thread says so and stays as it was.
+    time slice ends. Where the system has no such policy, nothing changes; where it is refused,
+    the thread says so and stays as it was.
     """
-    _set_policy("SCHED_BATCH", lambda: (os.SCHED_BATCH, os.sched_param(0)))
+    if hasattr(os, "SCHED_BATCH"):
+        _set_policy("SCHED_BATCH", lambda: (os.SCHED_BATCH, os.sched_param(0)))
 
 
 def run_as_the_process() -> None:
-    """Give this thread the policy and priority of the process's main thread."""
-    pid = os.getpid()
-    _set_policy("the process's", lambda: (os.sched_getscheduler(pid), os.sched_getparam(pid)))
+    """Give this thread the policy and real-time priority of the process's main thread."""
+    if hasattr(os, "sched_getscheduler"):
+        pid = os.getpid()
+        _set_policy("the process's", lambda: (os.sched_getscheduler(pid), os.sched_getparam(pid)))
 
 
-def _set_policy(name: str, policy) -> None:
+def _set_policy(name: str, wanted: Callable[[], tuple[int, object]]) -> None:
+    """Set the policy and parameters ``wanted()`` gives; a refusal, reading or setting, is a warning."""
     try:
-        wanted, parameters = policy()
-        setter = os.sched_setscheduler
-    except AttributeError:  # not Linux: no such policies
-        return
-    try:
-        setter(0, wanted, parameters)
+        policy, parameters = wanted()
+        os.sched_setscheduler(0, policy, parameters)
     except OSError as error:
         logger.warning(
             "thread %d keeps its scheduling policy, not %s: %s", threading.get_native_id(), name, error

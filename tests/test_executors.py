@@ -17,7 +17,13 @@ from mailadmin.executors import BoundedExecutor
 from mailadmin.sqlite.base import Checkpointer
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="SCHED_BATCH is Linux's")
-BATCH, OTHER = getattr(os, "SCHED_BATCH", None), getattr(os, "SCHED_OTHER", None)
+BATCH = getattr(os, "SCHED_BATCH", None)
+
+
+@pytest.fixture
+def own_policy() -> int:
+    """The policy the tests run under, which new threads inherit (ordinary, unless run under batch)."""
+    return os.sched_getscheduler(0)
 
 
 def policy_and_mark(marks: threading.local) -> tuple[int, str]:
@@ -34,39 +40,52 @@ def answers_of_two_units(executor: BoundedExecutor, marks: threading.local) -> l
         executor.shutdown()
 
 
-def marking_pool(marks: threading.local, batch_threads: bool) -> BoundedExecutor:
+def marking_pool(marks: threading.local, batch_threads: bool, threads: int = 2) -> BoundedExecutor:
     return BoundedExecutor(
-        2, "test-pool", initializer=lambda: setattr(marks, "mark", "started"), batch_threads=batch_threads
+        threads,
+        "test-pool",
+        initializer=lambda: setattr(marks, "mark", "started"),
+        batch_threads=batch_threads,
     )
 
 
-@pytest.mark.parametrize(("batch", "policy"), [(True, BATCH), (False, OTHER)], ids=["batch", "ordinary"])
-def test_pool_threads_run_under_their_policy_and_run_the_initializer(batch, policy):
+def test_a_batch_pools_threads_are_batch_threads_and_run_the_initializer():
     marks = threading.local()
-    assert answers_of_two_units(marking_pool(marks, batch), marks) == [(policy, "started")] * 2
+    assert answers_of_two_units(marking_pool(marks, True), marks) == [(BATCH, "started")] * 2
 
 
-def test_the_thread_that_starts_a_batch_pool_keeps_its_policy():
+def test_an_ordinary_pools_threads_keep_the_policy_and_run_the_initializer(own_policy):
+    marks = threading.local()
+    assert answers_of_two_units(marking_pool(marks, False), marks) == [(own_policy, "started")] * 2
+
+
+def test_the_thread_that_starts_a_batch_pool_keeps_its_policy(own_policy):
     executor = BoundedExecutor(1, "test-pool", batch_threads=True)
     assert answers_of_two_units(executor, threading.local()) == [(BATCH, "none")] * 2
-    assert os.sched_getscheduler(0) == OTHER
+    assert os.sched_getscheduler(0) == own_policy
 
 
-def test_a_refused_policy_leaves_the_threads_as_they_were_and_says_so(monkeypatch, caplog):
+@pytest.mark.parametrize("refused", ["sched_setscheduler", "sched_getscheduler"])
+def test_a_refused_policy_leaves_the_thread_as_it_was_and_says_so(refused, monkeypatch, caplog, own_policy):
     def refuse(*_args) -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    monkeypatch.setattr(os, refused, refuse)
     marks = threading.local()
     with caplog.at_level(logging.WARNING, logger="mailadmin.scheduling"):
-        assert answers_of_two_units(marking_pool(marks, True), marks) == [(OTHER, "started")] * 2
+        if refused == "sched_setscheduler":  # a pool of one thread: one warning
+            assert answers_of_two_units(marking_pool(marks, True, 1), marks) == [(own_policy, "started")] * 2
+        else:  # reading the process's policy refused
+            scheduling.run_as_the_process()
     assert [record.getMessage().split(": ", 1)[1] for record in caplog.records] == [
         "[Errno 1] Operation not permitted"
-    ] * 2
+    ]
 
 
-def test_a_checkpointer_started_by_a_batch_thread_runs_under_the_process_policy(tmp_path):
+def test_a_checkpointer_started_by_a_batch_thread_runs_under_the_process_policy(tmp_path, own_policy):
     """Threads inherit their starter's policy; the checkpointer serves the whole process."""
+    if own_policy == BATCH:
+        pytest.skip("the tests run as batch threads: the checkpointer's policy would tell nothing")
     policies: queue.Queue[int] = queue.Queue()
 
     def pause(_seconds: float) -> None:  # runs in the checkpointer's thread, after a checkpoint
@@ -83,4 +102,4 @@ def test_a_checkpointer_started_by_a_batch_thread_runs_under_the_process_policy(
     starter.start()
     starter.join()
     started[0].request()
-    assert policies.get(timeout=10) == OTHER
+    assert policies.get(timeout=10) == own_policy

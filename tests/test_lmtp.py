@@ -640,35 +640,3 @@ def test_runlmtp_refuses_port_25() -> None:
     result = run_manage("runlmtp", "--port", "25")
     assert result.returncode == 1
     assert result.stderr.decode().strip() == f"CommandError: {PORT_25_REFUSED}"
-
-
-# --- Scheduling ----------------------------------------------------------------------------------
-
-
-def thread_policies(pid: int) -> Counter:
-    """How many of the process's threads run under each scheduling policy (``/proc``'s 41st field)."""
-    policies: Counter = Counter()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        fields = (task / "stat").read_text().rsplit(")", 1)[1].split()  # from the 3rd field on
-        policies[int(fields[41 - 3])] += 1
-    return policies
-
-
-@pytest.mark.skipif(
-    len(os.sched_getaffinity(0)) < 2, reason="workers are pinned, one per CPU, only with two CPUs or more"
-)
-def test_a_pinned_workers_database_threads_are_batch_threads_and_its_loop_is_not(
-    lmtp_server: LmtpProcess, make_mailbox
-) -> None:
-    make_mailbox("alice@example.test")
-    with lmtp_server.connect() as client:
-        client.send(b"LHLO client.test\r\n")
-        client.reply()
-        assert transaction(client, ["alice@example.test"], WIRE_MESSAGE) == [
-            SAVED.format(rcpt="alice@example.test")
-        ]
-    workers = lmtp_server.workers()
-    assert len(workers) == len(os.sched_getaffinity(0))  # as many as CPUs (auto): each pinned
-    policies = sum((thread_policies(pid) for pid in workers), Counter())
-    assert policies[os.SCHED_BATCH] >= 1  # the threads that did the look-up and the commit
-    assert policies[os.SCHED_OTHER] >= len(workers)  # at least each worker's loop

@@ -125,6 +125,13 @@ def cpus_of_threads(pid: int) -> set[tuple[int, ...]]:
     }
 
 
+def policies_of_threads(pid: int) -> dict[int, int]:
+    """The scheduling policy of each thread of process ``pid``, by thread id."""
+    return {
+        int(task.name): os.sched_getscheduler(int(task.name)) for task in Path(f"/proc/{pid}/task").iterdir()
+    }
+
+
 def use_some_threads(daemon: str, server, address: str) -> None:
     """A few units of database work (and for runpop3 a password check), so that the workers
     have started their threads."""
@@ -152,9 +159,15 @@ def test_with_a_worker_per_cpu_each_keeps_to_its_own(tmp_path: Path, make_mailbo
     with running(tmp_path / daemon, **{workers: "auto", "DAEMON_PIN_WORKERS": pin}) as server:
         use_some_threads(daemon, server, address)
         threads = [cpus_of_threads(pid) for pid in server.workers()]
+        policies = {pid: policies_of_threads(pid) for pid in server.workers()}
         supervisor = cpus_of_threads(server.pid)
     assert len(threads) == len(cpus)
     assert supervisor == {cpus}  # the supervisor is not pinned
+    # Only a pinned runlmtp worker's database threads are batch threads; never a worker's loop.
+    own = os.sched_getscheduler(0)
+    assert [each[pid] for pid, each in policies.items()] == [own] * len(cpus)
+    batch = [tid for each in policies.values() for tid, policy in each.items() if policy == os.SCHED_BATCH]
+    assert bool(batch) == (daemon == "runlmtp" and pin == "on")
     if pin == "off":
         assert threads == [{cpus}] * len(cpus)
         return
