@@ -89,11 +89,11 @@ def _skip_health_checks_of_quiet_connections() -> None:
             continue
         if not db.health_check_enabled or db.health_check_done or db.connection.closed:
             continue
-        if db.connection.pgconn.status == pq.ConnStatus.OK and not _readable(db.connection.pgconn.socket):
+        if db.connection.pgconn.status == pq.ConnStatus.OK and not has_input(db.connection.pgconn.socket):
             db.health_check_done = True
 
 
-def _readable(fd: int) -> bool:
+def has_input(fd: int) -> bool:
     """Whether ``fd`` has input (or its end) waiting; poll, as a daemon's descriptors may pass 1024."""
     poller = select.poll()
     poller.register(fd, select.POLLIN)

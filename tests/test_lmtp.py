@@ -7,6 +7,7 @@ nor a database is in the transcripts (``test_lmtp_protocol``) and the in-process
 (``test_lmtp_server``).
 """
 
+import asyncio
 import ctypes
 import hashlib
 import os
@@ -22,10 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from django.db import connection
 
-from mailadmin.hosting import services
+from mailadmin.hosting import aliases, services
 from mailadmin.hosting.actors import Actor
-from mailadmin.hosting.store import iter_message_bytes
+from mailadmin.hosting.store import iter_message_bytes, loopsql
 from mailadmin.mailin.delivery import deliver
 from mailadmin.models import Mailbox, Message
 from tests.conftest import run_manage
@@ -640,3 +642,38 @@ def test_runlmtp_refuses_port_25() -> None:
     result = run_manage("runlmtp", "--port", "25")
     assert result.returncode == 1
     assert result.stderr.decode().strip() == f"CommandError: {PORT_25_REFUSED}"
+
+
+# --- The loop's statements (PostgreSQL) ----------------------------------------------------------
+
+
+def loop_connections_last_statements() -> list[str]:
+    """What each of runlmtp's loop connections to the test database sent last."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT query FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()",
+            [loopsql.APPLICATION_NAME],
+        )
+        return [query for (query,) in cursor.fetchall()]
+
+
+def test_on_postgresql_a_plain_delivery_goes_from_the_loop_and_an_alias_through_the_threads(
+    lmtp_server: LmtpProcess, make_mailbox
+) -> None:
+    if connection.vendor != "postgresql":
+        assert asyncio.run(loopsql.open_loop_statements(2)) is None  # SQLite: always the threads
+        return
+    make_mailbox("alice@example.test")
+    aliases.create_alias(Actor.cli(), "team@example.test", ["alice@example.test"])
+    with lmtp_server.connect() as client:
+        client.send(b"LHLO client.test\r\n")
+        client.reply()
+        assert transaction(client, ["alice@example.test"], WIRE_MESSAGE) == [
+            SAVED.format(rcpt="alice@example.test")
+        ]
+        sent = loop_connections_last_statements()
+        assert any(query.startswith("WITH room AS MATERIALIZED") for query in sent), sent
+        assert transaction(client, ["team@example.test"], WIRE_MESSAGE) == [
+            SAVED.format(rcpt="team@example.test")
+        ]
+    assert len(stored_messages("alice@example.test")) == 2

@@ -8,7 +8,7 @@ import contextlib
 import email.header
 import email.utils
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from django.conf import settings
@@ -178,6 +178,23 @@ def look_up_recipient(recipient: str, size_hint: int = 0) -> Recipient | Deliver
     return _accepted(recipient, list(expansion.mailboxes.values()), tuple(expansion.alias_ids))
 
 
+async def look_up_recipient_on_the_loop(
+    recipient: str, size_hint: int, statements: "store.LoopStatements"
+) -> Recipient | DeliveryStatus | None:
+    """:func:`look_up_recipient` for an address that is a mailbox, asked from the event loop
+    (``store.LoopStatements``, PostgreSQL); None when the address is no mailbox (an alias, or
+    unknown) or the statement went unanswered: :func:`look_up_recipient` then answers, in a
+    database thread, what it would have answered anyway."""
+    address = _normalised_or_none(recipient)
+    if address is None:
+        return DeliveryStatus.NO_SUCH_MAILBOX
+    try:
+        found = await statements.find_recipient(address, max(size_hint, 1))
+    except store.Unanswered:
+        return None
+    return None if found is None else _accepted(recipient, [found], ())
+
+
 def _accepted(
     recipient: str, found: list[tuple[Mailbox, bool]], alias_ids: tuple[int, ...]
 ) -> Recipient | DeliveryStatus:
@@ -276,24 +293,12 @@ def _stored_alone(
     """The results of a group that is one copy and nothing else, stored by a statement of its
     own (``store.append_lone_copy``); None when the group is more, or the copy was not stored.
 
-    One delivery to one mailbox, reached by address (not through an alias), that had room at
-    RCPT, with no refusals waiting to be counted, outside any transaction: the usual LMTP
-    delivery. Whatever this path does not store, it leaves as it was, for the group's
-    transaction to store or refuse as any other.
+    Outside any transaction only. Whatever this path does not store, it leaves as it was, for
+    the group's transaction to store or refuse as any other.
     """
-    if (
-        len(deliveries) != 1
-        or (tally is not None and len(tally))
-        or transaction.get_connection().in_atomic_block
-    ):
+    copy = lone_copy_of(deliveries, tally)
+    if copy is None or transaction.get_connection().in_atomic_block:
         return None
-    delivery = deliveries[0]
-    mailboxes = {mailbox.pk: mailbox for recipient in delivery.recipients for mailbox in recipient.mailboxes}
-    if len(mailboxes) != 1 or any(r.alias_ids or not r.all_had_room for r in delivery.recipients):
-        return None
-    (mailbox,) = mailboxes.values()
-    prefix = trace_headers(delivery.sender, mailbox.address)
-    copy = store.GroupCopy(mailbox, delivery.message, prefix, delivery.sender)
     try:
         stored = store.append_lone_copy(copy, figures.hour_of(timezone.now()))
     except COPY_ERRORS:
@@ -305,11 +310,72 @@ def _stored_alone(
         return None
     if stored is None:
         return None
-    copies: list[_Copy] = []
-    result = _copy_result(mailbox, stored, copies)
-    results = [_delivery_results(0, delivery, {(0, mailbox.pk): result})]
-    _warn_if_quota_crossed(copies[0])
+    results, stored_copy = lone_results(deliveries[0], copy, stored)
+    _warn_if_quota_crossed(stored_copy)
     return results
+
+
+async def stored_alone_on_the_loop(
+    deliveries: Sequence[Delivery],
+    tally: figures.DeliveryTally | None,
+    statements: "store.LoopStatements",
+    in_a_thread: Callable[..., Awaitable],
+) -> list[list[RecipientResult]] | None:
+    """:func:`_stored_alone` with the statement sent from the event loop (``store.LoopStatements``,
+    PostgreSQL); None, with nothing stored, for a group this cannot store, which goes on to
+    :func:`deliver_group` in a database thread as any other. ``in_a_thread(function, *args)``
+    runs the rare work that needs Django's connection: a quota warning to deliver.
+
+    Raises when the statement may have stored the copy and its answer was lost with the
+    connection: the caller answers it as a database error, with temporary failures.
+    """
+    copy = lone_copy_of(deliveries, tally)
+    lone = None if copy is None else store.lone_copy(copy, figures.hour_of(timezone.now()))
+    if lone is None:
+        return None
+    try:
+        stored = store.stored_lone_copy(copy, await statements.store_lone_copy(lone))
+    except store.Unanswered:
+        return None
+    if stored is None:
+        return None
+    results, stored_copy = lone_results(deliveries[0], copy, stored)
+    if quota_warning_due(stored_copy) is not None:
+        try:  # the copy is committed: from here on nothing may fail its delivery
+            await in_a_thread(_warn_if_quota_crossed, stored_copy)
+        except Exception:
+            logger.exception("quota warning for %s failed", copy.mailbox.address)
+    return results
+
+
+def lone_copy_of(
+    deliveries: Sequence[Delivery], tally: figures.DeliveryTally | None
+) -> store.GroupCopy | None:
+    """The one copy of a group that may be stored by a statement of its own, or None.
+
+    One delivery to one mailbox, reached by address (not through an alias), that had room at
+    RCPT, with no refusals waiting to be counted: the usual LMTP delivery. Its Subject and From
+    are parsed here, before any transaction (see :func:`_summarise_before_the_transaction`).
+    """
+    if len(deliveries) != 1 or (tally is not None and len(tally)):
+        return None
+    delivery = deliveries[0]
+    mailboxes = {mailbox.pk: mailbox for recipient in delivery.recipients for mailbox in recipient.mailboxes}
+    if len(mailboxes) != 1 or any(r.alias_ids or not r.all_had_room for r in delivery.recipients):
+        return None
+    (mailbox,) = mailboxes.values()
+    _ = delivery.message.summary
+    prefix = trace_headers(delivery.sender, mailbox.address)
+    return store.GroupCopy(mailbox, delivery.message, prefix, delivery.sender)
+
+
+def lone_results(
+    delivery: Delivery, copy: store.GroupCopy, stored: store.StoredMessage
+) -> tuple[list[list[RecipientResult]], "_Copy"]:
+    """The results of a lone copy stored, and the stored copy (for its quota warning)."""
+    copies: list[_Copy] = []
+    result = _copy_result(copy.mailbox, stored, copies)
+    return [_delivery_results(0, delivery, {(0, copy.mailbox.pk): result})], copies[0]
 
 
 # What one copy's store may raise without saying anything about the others: its row breaks a
@@ -545,17 +611,25 @@ def _warn_if_quota_crossed(copy: _Copy) -> None:
     take an error for a delivery to make again.
     """
     mailbox = copy.mailbox
-    if not mailbox.quota_bytes:
-        return
     try:
-        reached = [
-            p for p in mailbox.domain.warning_percents() if 100 * copy.used_bytes >= p * mailbox.quota_bytes
-        ]
-        percent = max(reached, default=0)
-        if percent != mailbox.quota_warning_percent and store.mark_quota_warning(mailbox.pk, percent):
+        percent = quota_warning_due(copy)
+        if percent is not None and store.mark_quota_warning(mailbox.pk, percent):
             _deliver_warning(mailbox, percent, copy.used_bytes)
     except Exception:
         logger.exception("quota warning for %s failed", mailbox.address)
+
+
+def quota_warning_due(copy: _Copy) -> int | None:
+    """The warning percentage the copy's mailbox has reached, when it is not the one announced
+    (up or down: see :func:`_warn_if_quota_crossed`); None when nothing is to be done."""
+    mailbox = copy.mailbox
+    if not mailbox.quota_bytes:
+        return None
+    reached = [
+        p for p in mailbox.domain.warning_percents() if 100 * copy.used_bytes >= p * mailbox.quota_bytes
+    ]
+    percent = max(reached, default=0)
+    return None if percent == mailbox.quota_warning_percent else percent
 
 
 def _deliver_warning(mailbox: Mailbox, percent: int, used_bytes: int) -> None:

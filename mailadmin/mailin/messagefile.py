@@ -175,7 +175,8 @@ class SpooledMessage:
 
     @functools.cached_property
     def summary(self) -> HeaderSummary:
-        """Parsed on first use, which is on a database thread, not on a listener's event loop."""
+        """Parsed on first use: on a database thread, or for runlmtp's lone copies on PostgreSQL
+        on its event loop (headers held in memory, at most ``MAILADMIN_HEADER_CACHE_BYTES``)."""
         return summarise_headers(self.headers)
 
     def chunks(self, chunk_size: int) -> Iterator[bytes]:

@@ -52,17 +52,32 @@ def find_recipient(address: str, size_bytes: int) -> tuple[Mailbox, bool] | None
     :func:`domain_fits`), asked in the same one query: LMTP's RCPT refuses exactly what the
     store would refuse at that moment.
     """
-    lookup = _mailbox_lookup(connections[DEFAULT_DB_ALIAS].vendor, fits=True)
+    lookup = recipient_lookup()
     found = _fetch_mailbox(lookup, {"address": address, "size": size_bytes})
-    return None if found is None else (found[0], bool(found[1][0]))
+    return None if found is None else recipient_of(found)
+
+
+def recipient_lookup() -> "_Lookup":
+    """The query of :func:`find_recipient` (parameters ``address`` and ``size``)."""
+    return _mailbox_lookup(connections[DEFAULT_DB_ALIAS].vendor, fits=True)
+
+
+def recipient_of(found: tuple[Mailbox, tuple]) -> tuple[Mailbox, bool]:
+    """:func:`find_recipient`'s answer from a row of :func:`recipient_lookup`."""
+    mailbox, extra = found
+    return mailbox, bool(extra[0])
 
 
 def _fetch_mailbox(lookup: "_Lookup", params: dict) -> tuple[Mailbox, tuple] | None:
     """The mailbox (with user and domain) of ``lookup``'s row, and the row's extra columns."""
-    db = connections[DEFAULT_DB_ALIAS]
     values = fetch_converted_row(lookup.sql, params, lookup.converted)
-    if values is None:
-        return None
+    return None if values is None else mailbox_of_row(lookup, values)
+
+
+def mailbox_of_row(lookup: "_Lookup", values: list) -> tuple[Mailbox, tuple]:
+    """The mailbox (with user and domain) of a row of ``lookup``, its values converted, and the
+    row's extra columns: as a queryset turns rows into instances (``Model.from_db``)."""
+    db = connections[DEFAULT_DB_ALIAS]
     instances = []
     for model, names in lookup.models:
         instances.append(model.from_db(db.alias, names, values[: len(names)]))
@@ -139,12 +154,15 @@ def converted_columns(columns: list[Col]) -> list[ConvertedColumn]:
 
 def fetch_converted_row(sql: str, params, converted: list[ConvertedColumn]) -> list | None:
     """The first row of ``sql`` with its values converted as a queryset would convert them."""
-    db = connections[DEFAULT_DB_ALIAS]
     with prepared_cursor() as cursor:
         cursor.execute(sql, params)
         row = cursor.fetchone()
-    if row is None:
-        return None
+    return None if row is None else converted_row(row, converted)
+
+
+def converted_row(row: Sequence, converted: list[ConvertedColumn]) -> list:
+    """A row's values converted as a queryset would convert them."""
+    db = connections[DEFAULT_DB_ALIAS]
     values = list(row)
     for index, column, converters in converted:
         for convert in converters:
@@ -319,22 +337,24 @@ def store_lone_copy(copy: LoneCopy) -> LoneCopyStored | None:
     transaction (autocommit) the statement is its own; inside one, it is part of the caller's.
     """
     with prepared_cursor() as cursor:
-        cursor.execute(
-            _lone_copy_sql(tuple(copy.fields)),
-            {
-                **copy.fields,
-                "id": copy.mailbox_id,
-                "domain_id": copy.domain_id,
-                "size": copy.fields["size_bytes"],
-                "uid_step": 1,
-                "uid_validity": copy.uid_validity,
-                "data": copy.data,
-                "hour": copy.hour,
-                "outcome": DeliveryFigures.DELIVERED,
-            },
-        )
+        cursor.execute(*lone_copy_statement(copy))
         row = cursor.fetchone()
     return None if row is None else LoneCopyStored(*row)
+
+
+def lone_copy_statement(copy: LoneCopy) -> tuple[str, dict]:
+    """The SQL and parameters of :func:`store_lone_copy`; a row of it is a :class:`LoneCopyStored`."""
+    return _lone_copy_sql(tuple(copy.fields)), {
+        **copy.fields,
+        "id": copy.mailbox_id,
+        "domain_id": copy.domain_id,
+        "size": copy.fields["size_bytes"],
+        "uid_step": 1,
+        "uid_validity": copy.uid_validity,
+        "data": copy.data,
+        "hour": copy.hour,
+        "outcome": DeliveryFigures.DELIVERED,
+    }
 
 
 @functools.lru_cache(maxsize=8)

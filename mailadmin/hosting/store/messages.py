@@ -106,21 +106,30 @@ def append_lone_copy(copy: "GroupCopy", counted_hour: datetime) -> StoredMessage
     group's transaction would cost seven round trips where this costs one. The caller stores
     a copy refused here as any other, which finds out why.
     """
+    lone = lone_copy(copy, counted_hour)
+    return None if lone is None else stored_lone_copy(copy, fastsql.store_lone_copy(lone))
+
+
+def lone_copy(copy: "GroupCopy", counted_hour: datetime) -> fastsql.LoneCopy | None:
+    """What :func:`append_lone_copy` stores of ``copy`` (its row's fields and its bytes, read
+    from a spool that holds a copy this small in memory), or None when it cannot be stored so."""
     if not fastsql.stores_lone_copies() or copy.size_bytes > settings.MAILADMIN_CHUNK_SIZE_BYTES:
         return None
     new = _NewMessage(copy.mailbox, copy.message, copy.prefix, "", 0, copy.envelope_sender)
     fields = dict(zip(_NewMessage.COLUMNS, new.row(), strict=True))
     del fields["uidl"], fields["import_key"]
-    stored = fastsql.store_lone_copy(
-        fastsql.LoneCopy(
-            copy.mailbox.pk,
-            copy.mailbox.domain_id,
-            copy.mailbox.uid_validity,
-            fields,
-            b"".join(_prefixed(copy.prefix, copy.message)),
-            counted_hour,
-        )
+    return fastsql.LoneCopy(
+        copy.mailbox.pk,
+        copy.mailbox.domain_id,
+        copy.mailbox.uid_validity,
+        fields,
+        b"".join(_prefixed(copy.prefix, copy.message)),
+        counted_hour,
     )
+
+
+def stored_lone_copy(copy: "GroupCopy", stored: fastsql.LoneCopyStored | None) -> StoredMessage | None:
+    """The stored message of a lone copy's statement, None when it stored nothing."""
     if stored is None:
         return None
     uidl = format_uidl(stored.uid, copy.mailbox.uid_validity)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from mailadmin.executors import DATABASE_ERRORS, BoundedExecutor
 from mailadmin.hosting.figures import DeliveryTally
+from mailadmin.hosting.store import LoopStatements
 from mailadmin.mailin.delivery import (
     Delivery,
     DeliveryStatus,
@@ -29,7 +30,9 @@ from mailadmin.mailin.delivery import (
     count_refusal,
     deliver_group,
     look_up_recipient,
+    look_up_recipient_on_the_loop,
     outcome_name,
+    stored_alone_on_the_loop,
 )
 from mailadmin.mailin.lmtp import protocol
 from mailadmin.mailin.lmtp.protocol import (
@@ -93,12 +96,19 @@ class GroupCommitter:
     per process never queues behind its own lock; on PostgreSQL, where a commit is mostly a
     wait for the server, ``writers`` groups commit at once. Each group's transaction also writes
     the refusals ``tally`` counted since the last one (see ``mailadmin.hosting.figures``).
+    With ``statements`` (PostgreSQL), a group of one plain copy is stored from the loop itself.
     """
 
     def __init__(
-        self, executor: BoundedExecutor, max_group: int, writers: int = 1, tally: DeliveryTally | None = None
+        self,
+        executor: BoundedExecutor,
+        max_group: int,
+        writers: int = 1,
+        tally: DeliveryTally | None = None,
+        statements: LoopStatements | None = None,
     ) -> None:
         self.executor = executor
+        self.statements = statements
         self.tally = tally or DeliveryTally()
         self.max_group = max_group
         self.writers = writers
@@ -130,7 +140,9 @@ class GroupCommitter:
             group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
             try:
                 deliveries = [delivery for delivery, _ in group]
-                results = await self.executor.run(deliver_group, deliveries, self.tally)
+                results = await self._stored_on_the_loop(deliveries)
+                if results is None:
+                    results = await self.executor.run(deliver_group, deliveries, self.tally)
             except Exception as error:  # every waiting session answers for its own recipients
                 for _, future in group:
                     if not future.done():
@@ -139,6 +151,13 @@ class GroupCommitter:
             for (_, future), result in zip(group, results, strict=True):
                 if not future.done():
                     future.set_result(result)
+
+    async def _stored_on_the_loop(self, deliveries: list[Delivery]) -> list[list[RecipientResult]] | None:
+        """A group of one copy stored by its statement sent from the loop (PostgreSQL), or None
+        for the database thread to store (``delivery.stored_alone_on_the_loop``)."""
+        if self.statements is None:
+            return None
+        return await stored_alone_on_the_loop(deliveries, self.tally, self.statements, self.executor.run)
 
 
 class ConnectionClosed(Exception):
@@ -275,7 +294,7 @@ class LmtpSession(asyncio.Protocol):
 
     async def _rcpt(self, event: RcptTo) -> bytes:
         try:
-            found = await self.executor.run(look_up_recipient, event.address, event.size_hint)
+            found = await self._look_up(event)
         except DATABASE_ERRORS:
             logger.warning("RCPT %s: database unavailable", log_text(event.address), exc_info=True)
             count_refusal(self.committer.tally, event.address, TEMPORARY_FAILURE)
@@ -284,6 +303,16 @@ class LmtpSession(asyncio.Protocol):
             return self.conn.accept_recipient(found)
         count_refusal(self.committer.tally, event.address, outcome_name(found))
         return self._status_reply(found, event.address)
+
+    async def _look_up(self, event: RcptTo) -> Recipient | DeliveryStatus:
+        """The recipient, from the event loop when it is a mailbox (PostgreSQL), else (or when the
+        loop's statement goes unanswered) from a database thread."""
+        statements = self.committer.statements
+        if statements is not None:
+            found = await look_up_recipient_on_the_loop(event.address, event.size_hint, statements)
+            if found is not None:
+                return found
+        return await self.executor.run(look_up_recipient, event.address, event.size_hint)
 
     def _spool(self, data: bytes) -> None:
         if self._spooler is None:
@@ -338,10 +367,14 @@ class LmtpSession(asyncio.Protocol):
 
 
 class LmtpServer:
-    def __init__(self, config: LmtpConfig, executor: BoundedExecutor) -> None:
+    def __init__(
+        self, config: LmtpConfig, executor: BoundedExecutor, statements: LoopStatements | None = None
+    ) -> None:
         self.config = config
         self.executor = executor
-        self.committer = GroupCommitter(executor, config.max_group, config.group_writers)
+        self.committer = GroupCommitter(
+            executor, config.max_group, config.group_writers, statements=statements
+        )
         self.sessions: set[LmtpSession] = set()
         self._server: asyncio.Server | None = None
 

@@ -13,6 +13,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connection
 
 from mailadmin.executors import BoundedExecutor, keep_connections_open
+from mailadmin.hosting.store import open_loop_statements
 from mailadmin.mailin.lmtp.heartbeat import LmtpHeartbeat
 from mailadmin.mailin.lmtp.protocol import Policy
 from mailadmin.mailin.lmtp.server import LmtpConfig, LmtpServer
@@ -96,7 +97,9 @@ class Command(BaseCommand):
         executor = BoundedExecutor(config.db_threads, "lmtp-db", batch_threads=pinned())
         # A thread of its own: its write waits for the write turn like any, and look-ups must not.
         beats = BoundedExecutor(1, "lmtp-heartbeat")
-        server = LmtpServer(config, executor)
+        # PostgreSQL: a plain delivery's two statements go from the loop (as many connections).
+        statements = await open_loop_statements(config.db_threads)
+        server = LmtpServer(config, executor, statements)
         heartbeat = LmtpHeartbeat(
             beats, server.committer.tally, node=node_name(), interval=settings.LMTP_HEARTBEAT_INTERVAL
         )
@@ -104,6 +107,8 @@ class Command(BaseCommand):
         heartbeat.start()
         await stop.wait()
         await server.shutdown(SHUTDOWN_GRACE_SECONDS)
+        if statements is not None:
+            await statements.close()
         await heartbeat.stop()
         beats.shutdown()
         executor.shutdown()
