@@ -673,6 +673,11 @@ def test_on_postgresql_a_plain_delivery_goes_from_the_loop_and_an_alias_through_
         ]
         sent = loop_connections_last_statements()
         assert any(query.startswith("WITH room AS MATERIALIZED") for query in sent), sent
+        assert client.command("MAIL FROM:<>") == SENDER_OK
+        assert client.command("RCPT TO:<alice@example.test>") == RECIPIENT_OK
+        assert client.command("RSET").startswith("250")
+        sent = loop_connections_last_statements()
+        assert any(query.startswith('SELECT m."id"') for query in sent), sent  # the look-up
         assert transaction(client, ["team@example.test"], WIRE_MESSAGE) == [
             SAVED.format(rcpt="team@example.test")
         ]

@@ -13,7 +13,7 @@ from mailadmin.hosting.store import fastsql, loopsql
 from mailadmin.mailin import delivery
 from mailadmin.mailin.delivery import Delivery, DeliveryStatus, Recipient, deliver_group, look_up_recipient
 from mailadmin.mailin.messagefile import spool_message
-from mailadmin.models import DeliveryFigures, Mailbox, Message
+from mailadmin.models import DeliveryFigures, Domain, Mailbox, Message
 from tests.test_lone_copy import BODY, SENDER, counters, statements
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -232,6 +232,14 @@ def test_a_quota_warning_that_cannot_be_handed_over_fails_no_delivery(make_mailb
     assert summary(results) == [[(DeliveryStatus.DELIVERED, first_uidl("ann@loop.test"))]]
 
 
+def test_a_quota_warning_that_cannot_be_worked_out_fails_no_delivery(make_mailbox):
+    make_mailbox("ann@loop.test", quota_bytes=1000)
+    Domain.objects.filter(name="loop.test").update(quota_warning_percents="eighty")
+
+    results = stored_on_the_loop([one_delivery("ann@loop.test")])
+    assert summary(results) == [[(DeliveryStatus.DELIVERED, first_uidl("ann@loop.test"))]]
+
+
 # --- Connections --------------------------------------------------------------------------------
 
 
@@ -250,15 +258,16 @@ class BrokenConnection(SimpleNamespace):
     [
         (psycopg.OperationalError("server closed the connection"), True, True, "raised", True),
         (psycopg.OperationalError("server closed the connection"), True, False, "unanswered", True),
+        (psycopg.errors.AdminShutdown("terminating connection"), False, True, "raised", True),
         (psycopg.errors.UniqueViolation("duplicate key"), False, True, "unanswered", False),
         (psycopg.errors.FeatureNotSupported(fastsql.STALE_PLAN), False, True, "unanswered", True),
     ],
-    ids=["lost-while-storing", "lost-while-looking-up", "refused", "stale-plan"],
+    ids=["lost-while-storing", "lost-while-looking-up", "ended-by-the-server", "refused", "stale-plan"],
 )
 def test_a_failed_statement_is_unanswered_unless_the_copy_may_be_stored(
     error, broken, writes, outcome, closed
 ):
-    connection = BrokenConnection(error=error, broken=broken, closed=False)
+    connection = BrokenConnection(error=error, broken=broken, closed=broken)
     try:
         asyncio.run(loopsql._fetch_one(connection, "SELECT 1", {}, writes))
         happened = "answered"
@@ -269,21 +278,28 @@ def test_a_failed_statement_is_unanswered_unless_the_copy_may_be_stored(
     assert (happened, connection.closed) == (outcome, closed)
 
 
-def test_a_connection_the_server_ended_is_not_handed_out(make_mailbox):
-    async def check(statements):
-        async with statements._pool.connection() as loop_connection:
-            await loopsql._check_quiet(loop_connection)  # in good standing
-            async with statements._pool.connection() as other:
-                await other.execute("SELECT pg_terminate_backend(%s)", [loop_connection.info.backend_pid])
-            for _ in range(200):  # the server's farewell arrives on the socket
-                if loopsql.has_input(loop_connection.pgconn.socket):
-                    break
-                await asyncio.sleep(0.01)
-            with pytest.raises(psycopg.OperationalError):
-                await loopsql._check_quiet(loop_connection)
-            await loop_connection.close()
+def test_a_connection_the_server_ended_is_replaced_before_it_is_handed_out(make_mailbox):
+    make_mailbox("ann@loop.test")
 
-    on_the_loop(check)
+    async def after_the_server_ended_it(statements):
+        async with statements._pool.connection() as loop_connection:
+            ended = loop_connection.info.backend_pid
+        with_one_more = loopsql.LoopStatements(1)  # a connection of its own to end the other
+        await with_one_more.open(wait=True)
+        async with with_one_more._pool.connection() as other:
+            await other.execute("SELECT pg_terminate_backend(%s)", [ended])
+        await with_one_more.close()
+        for _ in range(200):  # the server's farewell reaches the idle connection's socket
+            if loopsql.has_input(loop_connection.pgconn.socket):
+                break
+            await asyncio.sleep(0.01)
+        found = await statements.find_recipient("ann@loop.test", 100)
+        async with statements._pool.connection() as loop_connection:
+            return ended, loop_connection.info.backend_pid, found
+
+    ended, now, found = on_the_loop(after_the_server_ended_it, connections_at_most=1)
+    assert now != ended
+    assert (found[0].address, found[1]) == ("ann@loop.test", True)
 
 
 def test_the_loops_connections_are_named_and_in_the_time_zone_django_uses(make_mailbox):

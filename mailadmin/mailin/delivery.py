@@ -164,7 +164,7 @@ def look_up_recipient(recipient: str, size_hint: int = 0) -> Recipient | Deliver
     if address is None:
         return DeliveryStatus.NO_SUCH_MAILBOX
     try:
-        expansion = expansion_rules.expand(address, store.StoreDirectory(max(size_hint, 1)))
+        expansion = expansion_rules.expand(address, store.StoreDirectory(_size_asked(size_hint)))
     except expansion_rules.ExpansionError as error:
         logger.warning("RCPT %s refused: %s", log_text(recipient), error)
         return DeliveryStatus.ALIAS_LOOP
@@ -178,18 +178,23 @@ def look_up_recipient(recipient: str, size_hint: int = 0) -> Recipient | Deliver
     return _accepted(recipient, list(expansion.mailboxes.values()), tuple(expansion.alias_ids))
 
 
+def _size_asked(size_hint: int) -> int:
+    """The size a look-up asks room for: a client that named none (or 0) still needs a byte."""
+    return max(size_hint, 1)
+
+
 async def look_up_recipient_on_the_loop(
     recipient: str, size_hint: int, statements: "store.LoopStatements"
 ) -> Recipient | DeliveryStatus | None:
     """:func:`look_up_recipient` for an address that is a mailbox, asked from the event loop
     (``store.LoopStatements``, PostgreSQL); None when the address is no mailbox (an alias, or
-    unknown) or the statement went unanswered: :func:`look_up_recipient` then answers, in a
-    database thread, what it would have answered anyway."""
+    unknown: asked again there, one look-up more) or the statement went unanswered:
+    :func:`look_up_recipient` then answers, in a database thread, what it would have anyway."""
     address = _normalised_or_none(recipient)
     if address is None:
         return DeliveryStatus.NO_SUCH_MAILBOX
     try:
-        found = await statements.find_recipient(address, max(size_hint, 1))
+        found = await statements.find_recipient(address, _size_asked(size_hint))
     except store.Unanswered:
         return None
     return None if found is None else _accepted(recipient, [found], ())
@@ -340,11 +345,11 @@ async def stored_alone_on_the_loop(
     if stored is None:
         return None
     results, stored_copy = lone_results(deliveries[0], copy, stored)
-    if quota_warning_due(stored_copy) is not None:
-        try:  # the copy is committed: from here on nothing may fail its delivery
+    try:  # the copy is committed: from here on nothing may fail its delivery
+        if quota_warning_due(stored_copy) is not None:
             await in_a_thread(_warn_if_quota_crossed, stored_copy)
-        except Exception:
-            logger.exception("quota warning for %s failed", copy.mailbox.address)
+    except Exception:
+        logger.exception("quota warning for %s failed", copy.mailbox.address)
     return results
 
 

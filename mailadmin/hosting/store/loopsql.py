@@ -11,6 +11,7 @@ address is an alias, a copy was refused).
 """
 
 import psycopg
+import psycopg.sql
 from django.db import DEFAULT_DB_ALIAS, connections
 from psycopg import pq
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
@@ -49,6 +50,7 @@ class LoopStatements:
             min_size=1,
             max_size=connections_at_most,
             open=False,
+            configure=_configure,
             check=_check_quiet,
             timeout=CONNECTION_WAIT_SECONDS,
             name="runlmtp-loop",
@@ -77,10 +79,11 @@ class LoopStatements:
         """``fastsql.store_lone_copy``, on the loop, committed on its own (autocommit).
 
         :class:`Unanswered` when the statement surely stored nothing: no connection to send it
-        on, or the server refused it (a constraint, a value, a plan gone stale); the threads'
-        way then stores the copy or finds out why not. When the connection broke with the
-        statement sent, the copy may have been stored: that error is raised, and the delivery
-        is a temporary failure, as on the threads' way, rather than a copy stored twice.
+        on, or the server answered it with an error (whatever the error: a statement of its
+        own that failed committed nothing); the threads' way then stores the copy or finds out
+        why not. When the connection broke with the statement sent, the copy may have been
+        stored: that error is raised, and the delivery is a temporary failure, as on the
+        threads' way, rather than a copy stored twice.
         """
         row = await self._fetch_one(*fastsql.lone_copy_statement(copy), writes=True)
         return None if row is None else fastsql.LoneCopyStored(*row)
@@ -100,7 +103,7 @@ async def _fetch_one(
         cursor = await connection.execute(sql, params)
         return await cursor.fetchone()
     except psycopg.Error as error:
-        lost = connection.broken or connection.closed or (error.sqlstate or "").startswith("57")
+        lost = connection.broken or (error.sqlstate or "").startswith("57")  # 57: the server ended it
         if lost or fastsql.STALE_PLAN in str(error):
             await connection.close()  # the pool makes a new one
         if lost and writes:
@@ -110,20 +113,28 @@ async def _fetch_one(
 
 async def _check_quiet(connection: psycopg.AsyncConnection) -> None:
     """The pool's check before it hands a connection out, with no round trip: an idle connection
-    with something to read has been ended by the server (a restart, a terminated backend)."""
+    with something to read has been ended by the server (a restart, a terminated backend). It
+    is closed, so that the pool makes a new one rather than take it back."""
     if connection.pgconn.status != pq.ConnStatus.OK or has_input(connection.pgconn.socket):
+        await connection.close()
         raise psycopg.OperationalError("the server has ended the connection")
 
 
-def connection_parameters() -> dict:
-    """Django's connection parameters, for an asynchronous connection in autocommit, in the time
-    zone Django sets on its own, named in ``pg_stat_activity``."""
+async def _configure(connection: psycopg.AsyncConnection) -> None:
+    """What Django sets on a new connection of its own: its time zone, and the role of
+    ``OPTIONS["assume_role"]``."""
     db = connections[DEFAULT_DB_ALIAS]
-    parameters = db.get_connection_params()
-    for synchronous in ("cursor_factory", "context"):
-        parameters.pop(synchronous, None)
-    options = parameters.get("options", "")
-    parameters["options"] = f"{options} -c TimeZone={db.timezone_name}".strip()
+    if db.timezone_name and connection.info.parameter_status("TimeZone") != db.timezone_name:
+        await connection.execute(db.ops.set_time_zone_sql(), [db.timezone_name])
+    if role := db.settings_dict["OPTIONS"].get("assume_role"):
+        await connection.execute(psycopg.sql.SQL("SET ROLE {}").format(psycopg.sql.Literal(role)))
+
+
+def connection_parameters() -> dict:
+    """Django's connection parameters (its adapters included), for an asynchronous connection in
+    autocommit, named in ``pg_stat_activity`` unless ``OPTIONS`` names it."""
+    parameters = connections[DEFAULT_DB_ALIAS].get_connection_params()
+    del parameters["cursor_factory"]  # a synchronous cursor: the asynchronous one binds on the server too
     parameters.setdefault("application_name", APPLICATION_NAME)
     parameters["autocommit"] = True
     return parameters

@@ -10,8 +10,9 @@ The protocol (commands, replies, limits, dot-unstuffing) is :mod:`.protocol`; th
 reads and writes, looks recipients up at RCPT, spools the message as it arrives (each read
 once, into a :class:`~mailadmin.mailin.messagefile.MessageSpooler`: one chunk in memory, the
 rest in a temporary file) and stores deliveries through a :class:`GroupCommitter` on the
-database executor. Each ``250`` is sent only after its copy is committed; a connection that
-drops mid-DATA leaves nothing behind.
+database executor; on PostgreSQL a plain delivery's look-up and statement go from the loop
+itself (``store.LoopStatements``). Each ``250`` is sent only after its copy is committed; a
+connection that drops mid-DATA leaves nothing behind.
 """
 
 import asyncio
