@@ -658,26 +658,30 @@ def loop_connections_last_statements() -> list[str]:
 
 
 def test_on_postgresql_a_plain_delivery_goes_from_the_loop_and_an_alias_through_the_threads(
-    lmtp_server: LmtpProcess, make_mailbox
+    tmp_path: Path, make_mailbox
 ) -> None:
     if connection.vendor != "postgresql":
         assert asyncio.run(loopsql.open_loop_statements(2)) is None  # SQLite: always the threads
         return
     make_mailbox("alice@example.test")
     aliases.create_alias(Actor.cli(), "team@example.test", ["alice@example.test"])
-    with lmtp_server.connect() as client:
+    # One worker with one connection for the loop: its last statement is the one asked last.
+    with (
+        running_lmtp(tmp_path / "lmtp", LMTP_WORKERS="1", LMTP_DB_THREADS="1") as lmtp_server,
+        lmtp_server.connect() as client,
+    ):
         client.send(b"LHLO client.test\r\n")
         client.reply()
         assert transaction(client, ["alice@example.test"], WIRE_MESSAGE) == [
             SAVED.format(rcpt="alice@example.test")
         ]
-        sent = loop_connections_last_statements()
-        assert any(query.startswith("WITH room AS MATERIALIZED") for query in sent), sent
+        [sent] = loop_connections_last_statements()
+        assert sent.startswith("WITH room AS MATERIALIZED"), sent  # the copy's statement
         assert client.command("MAIL FROM:<>") == SENDER_OK
         assert client.command("RCPT TO:<alice@example.test>") == RECIPIENT_OK
         assert client.command("RSET").startswith("250")
-        sent = loop_connections_last_statements()
-        assert any(query.startswith('SELECT m."id"') for query in sent), sent  # the look-up
+        [sent] = loop_connections_last_statements()
+        assert sent.startswith('SELECT m."id"'), sent  # the look-up
         assert transaction(client, ["team@example.test"], WIRE_MESSAGE) == [
             SAVED.format(rcpt="team@example.test")
         ]

@@ -260,14 +260,22 @@ class BrokenConnection(SimpleNamespace):
         (psycopg.OperationalError("server closed the connection"), True, False, "unanswered", True),
         (psycopg.errors.AdminShutdown("terminating connection"), False, True, "raised", True),
         (psycopg.errors.UniqueViolation("duplicate key"), False, True, "unanswered", False),
+        (psycopg.errors.QueryCanceled("statement timeout"), False, True, "unanswered", False),
         (psycopg.errors.FeatureNotSupported(fastsql.STALE_PLAN), False, True, "unanswered", True),
     ],
-    ids=["lost-while-storing", "lost-while-looking-up", "ended-by-the-server", "refused", "stale-plan"],
+    ids=[
+        "lost-while-storing",
+        "lost-while-looking-up",
+        "ended-by-the-server",
+        "refused",
+        "timeout",
+        "stale-plan",
+    ],
 )
 def test_a_failed_statement_is_unanswered_unless_the_copy_may_be_stored(
     error, broken, writes, outcome, closed
 ):
-    connection = BrokenConnection(error=error, broken=broken, closed=broken)
+    connection = BrokenConnection(error=error, broken=broken, closed=False)
     try:
         asyncio.run(loopsql._fetch_one(connection, "SELECT 1", {}, writes))
         happened = "answered"
@@ -302,7 +310,10 @@ def test_a_connection_the_server_ended_is_replaced_before_it_is_handed_out(make_
     assert (found[0].address, found[1]) == ("ann@loop.test", True)
 
 
-def test_the_loops_connections_are_named_and_in_the_time_zone_django_uses(make_mailbox):
+def test_the_loops_connections_are_named_and_in_the_time_zone_django_uses(make_mailbox, monkeypatch):
+    elsewhere = loopsql.connection_parameters() | {"options": "-c TimeZone=Asia/Jakarta"}
+    monkeypatch.setattr(loopsql, "connection_parameters", lambda: elsewhere)  # the server's zone, say
+
     async def settings_of(statements):
         async with statements._pool.connection() as loop_connection:
             cursor = await loop_connection.execute(

@@ -359,8 +359,7 @@ def lone_copy_of(
     """The one copy of a group that may be stored by a statement of its own, or None.
 
     One delivery to one mailbox, reached by address (not through an alias), that had room at
-    RCPT, with no refusals waiting to be counted: the usual LMTP delivery. Its Subject and From
-    are parsed here, before any transaction (see :func:`_summarise_before_the_transaction`).
+    RCPT, with no refusals waiting to be counted: the usual LMTP delivery.
     """
     if len(deliveries) != 1 or (tally is not None and len(tally)):
         return None
@@ -369,7 +368,6 @@ def lone_copy_of(
     if len(mailboxes) != 1 or any(r.alias_ids or not r.all_had_room for r in delivery.recipients):
         return None
     (mailbox,) = mailboxes.values()
-    _ = delivery.message.summary
     prefix = trace_headers(delivery.sender, mailbox.address)
     return store.GroupCopy(mailbox, delivery.message, prefix, delivery.sender)
 

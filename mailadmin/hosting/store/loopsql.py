@@ -101,12 +101,20 @@ async def _fetch_one(
 ) -> tuple | None:
     try:
         cursor = await connection.execute(sql, params)
-        return await cursor.fetchone()
     except psycopg.Error as error:
-        lost = connection.broken or (error.sqlstate or "").startswith("57")  # 57: the server ended it
+        # The connection lost, or ended by the server (57P: a shutdown, a terminated backend):
+        # a write may have been committed. Any other error the server answered with (a
+        # constraint, a value, a timeout, a plan gone stale) committed nothing.
+        lost = connection.broken or (error.sqlstate or "").startswith("57P")
         if lost or fastsql.STALE_PLAN in str(error):
             await connection.close()  # the pool makes a new one
         if lost and writes:
+            raise
+        raise Unanswered() from error
+    try:
+        return await cursor.fetchone()
+    except psycopg.Error as error:  # reading the row, after the statement ran
+        if writes:
             raise
         raise Unanswered() from error
 
